@@ -1,0 +1,5 @@
+import sys
+
+from contimg_publisher.cli import main
+
+sys.exit(main())

@@ -1,0 +1,333 @@
+"""Load and validate the TOML configuration into an immutable object.
+
+A typo in a key must not pass silently, so every table is checked against the
+keys it may hold, and every error names the file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+DEFAULT_PATH = "/etc/contimg-publisher/config.toml"
+ENV_VAR = "CONTIMG_PUBLISHER_CONFIG"
+
+DEFAULT_IGNORE = (".*", "*.tmp", "*.part", "*~", ".nfs*")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message is one line naming file, key and reason."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, key: str, reason: str) -> None:
+        self.path = str(path) if path is not None else "<defaults>"
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{self.path}: {key}: {reason}")
+
+
+@dataclass(frozen=True)
+class ProductRule:
+    """Which staged paths are products of one type, and where they publish to."""
+
+    type: str
+    glob: str
+    destination: str
+    kind: str = "file"  # "file" or "directory"
+    sidecars: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()  # files a directory product must hold to count as complete
+
+    @property
+    def base(self) -> PurePosixPath:
+        """The part of the glob before its first wildcard: sub-paths below it are kept."""
+        parts = []
+        for part in PurePosixPath(self.glob).parts[:-1]:
+            if any(ch in part for ch in "*?["):
+                break
+            parts.append(part)
+        return PurePosixPath(*parts)
+
+
+DEFAULT_RULES = (
+    ProductRule(type="mosaic", glob="mosaics/**/*.fits", destination="mosaics",
+                sidecars=("{stem}.weights.fits", "{stem}.png", "{name}.png")),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon and the CLI need, resolved to absolute paths."""
+
+    source: str | None
+    # [paths]
+    stage_root: Path = Path("/stage/dsa110-contimg")
+    products_root: Path = Path("/data/dsa110-contimg/products")
+    registry: Path = Path("/var/lib/contimg-publisher/registry.sqlite3")
+    lock_file: Path | None = None  # default: beside the registry
+    # [registry]
+    busy_timeout_seconds: float = 10.0
+    # [detect]
+    settle_seconds: float = 2.0
+    rescan_seconds: float = 300.0
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    max_name_bytes: int = 240
+    # [publish]
+    max_attempts: int = 3
+    backoff_initial_seconds: float = 60.0
+    backoff_max_seconds: float = 3600.0
+    error_max_chars: int = 500
+    checksum_algorithm: str = "sha256"
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    lease_seconds: float = 120.0
+    reconcile_seconds: float = 600.0
+    lock_wait_seconds: float = 30.0
+    # [service]
+    stop_timeout_seconds: float = 60.0
+    # [log]
+    log_level: str = "info"
+    log_format: str = "auto"
+    # [[products]]
+    products: tuple[ProductRule, ...] = field(default=DEFAULT_RULES)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.lock_file or self.registry.with_name(self.registry.name + ".lock")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Effective values, for `check-config` and logs."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif f.name in ("file_mode", "dir_mode"):
+                value = f"{value:04o}"
+            elif f.name == "products":
+                value = [
+                    {"type": r.type, "glob": r.glob, "destination": r.destination,
+                     "kind": r.kind, "sidecars": list(r.sidecars), "required": list(r.required)}
+                    for r in value
+                ]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        out["lock_file"] = str(self.lock_path)
+        return out
+
+
+# (table, key) -> (Config field, kind). Kinds: path, posfloat, nonnegfloat, posint, str, mode,
+# strlist, level, format.
+_SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
+    "paths": {
+        "stage_root": ("stage_root", "path"),
+        "products_root": ("products_root", "path"),
+        "registry": ("registry", "path"),
+        "lock_file": ("lock_file", "path"),
+    },
+    "registry": {"busy_timeout_seconds": ("busy_timeout_seconds", "nonnegfloat")},
+    "detect": {
+        "settle_seconds": ("settle_seconds", "nonnegfloat"),
+        "rescan_seconds": ("rescan_seconds", "posfloat"),
+        "ignore": ("ignore", "strlist"),
+        "max_name_bytes": ("max_name_bytes", "posint"),
+    },
+    "publish": {
+        "max_attempts": ("max_attempts", "posint"),
+        "backoff_initial_seconds": ("backoff_initial_seconds", "nonnegfloat"),
+        "backoff_max_seconds": ("backoff_max_seconds", "nonnegfloat"),
+        "error_max_chars": ("error_max_chars", "posint"),
+        "checksum_algorithm": ("checksum_algorithm", "algorithm"),
+        "file_mode": ("file_mode", "mode"),
+        "dir_mode": ("dir_mode", "mode"),
+        "lease_seconds": ("lease_seconds", "posfloat"),
+        "reconcile_seconds": ("reconcile_seconds", "posfloat"),
+        "lock_wait_seconds": ("lock_wait_seconds", "nonnegfloat"),
+    },
+    "service": {"stop_timeout_seconds": ("stop_timeout_seconds", "nonnegfloat")},
+    "log": {"level": ("log_level", "level"), "format": ("log_format", "format")},
+}
+_PRODUCT_KEYS = {"type", "glob", "destination", "kind", "sidecars", "required"}
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+_FORMATS = ("auto", "console", "json", "journal")
+_ALGORITHMS = ("sha256", "sha512", "blake2b", "sha1")
+
+
+def default_path() -> str:
+    return os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a config file; ConfigError on any problem."""
+    path = Path(path if path is not None else default_path())
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(path, "-", "file not found") from None
+    except PermissionError:
+        raise ConfigError(path, "-", "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "-", "is a directory, not a file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
+    return from_mapping(data, source=path)
+
+
+def from_mapping(data: dict[str, Any], source: Path | None = None) -> Config:
+    """Validate a parsed TOML document; relative paths resolve against the file's folder."""
+    base = source.resolve().parent if source is not None else Path.cwd()
+    values: dict[str, Any] = {}
+    for table, content in data.items():
+        if table == "products":
+            values["products"] = _parse_products(content, source)
+            continue
+        if table not in _SCHEMA:
+            raise ConfigError(source, table, f"unknown table; known: {', '.join(sorted(_SCHEMA))}, "
+                                             "products")
+        if not isinstance(content, dict):
+            raise ConfigError(source, table, "must be a table")
+        for key, value in content.items():
+            dotted = f"{table}.{key}"
+            if key not in _SCHEMA[table]:
+                known = ", ".join(sorted(_SCHEMA[table]))
+                raise ConfigError(source, dotted, f"unknown key; known keys here: {known}")
+            field_name, kind = _SCHEMA[table][key]
+            values[field_name] = _convert(value, kind, dotted, source, base)
+    config = Config(source=str(source) if source else None, **values)
+    _check_relations(config, source)
+    return config
+
+
+def _convert(value: Any, kind: str, key: str, source: Path | None, base: Path) -> Any:
+    def fail(reason: str) -> ConfigError:
+        return ConfigError(source, key, reason)
+
+    if kind == "path":
+        if not isinstance(value, str) or not value:
+            raise fail(f"must be a non-empty string path, got {value!r}")
+        p = Path(value).expanduser()
+        return Path(os.path.normpath(p if p.is_absolute() else base / p))
+    if kind in ("posfloat", "nonnegfloat"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise fail(f"must be a number, got {type(value).__name__} {value!r}")
+        if value < 0 or (kind == "posfloat" and value == 0):
+            raise fail(f"must be {'> 0' if kind == 'posfloat' else '>= 0'}, got {value}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise fail(f"must be finite, got {value}")
+        return float(value)
+    if kind == "posint":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"must be an integer, got {type(value).__name__} {value!r}")
+        if value <= 0:
+            raise fail(f"must be > 0, got {value}")
+        return value
+    if kind == "mode":
+        if isinstance(value, str):
+            try:
+                value = int(value, 8)
+            except ValueError:
+                raise fail(f"must be an octal string like \"0644\", got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777:
+            raise fail(f"must be a file mode like \"0644\", got {value!r}")
+        return value
+    if kind == "strlist":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fail("must be a list of strings")
+        return tuple(value)
+    if kind == "level":
+        if value not in _LEVELS:
+            raise fail(f"must be one of {', '.join(_LEVELS)}, got {value!r}")
+        return value
+    if kind == "format":
+        if value not in _FORMATS:
+            raise fail(f"must be one of {', '.join(_FORMATS)}, got {value!r}")
+        return value
+    if kind == "algorithm":
+        if value not in _ALGORITHMS:
+            raise fail(f"must be one of {', '.join(_ALGORITHMS)}, got {value!r}")
+        return value
+    raise AssertionError(kind)
+
+
+def _parse_products(content: Any, source: Path | None) -> tuple[ProductRule, ...]:
+    if not isinstance(content, list) or not content:
+        raise ConfigError(source, "products", "must be a non-empty array of tables [[products]]")
+    rules: list[ProductRule] = []
+    seen_types: set[str] = set()
+    for i, item in enumerate(content):
+        where = f"products[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(source, where, "must be a table")
+        for key in item:
+            if key not in _PRODUCT_KEYS:
+                known = ", ".join(sorted(_PRODUCT_KEYS))
+                raise ConfigError(source, f"{where}.{key}",
+                                  f"unknown key; known keys here: {known}")
+        for key in ("type", "glob", "destination"):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise ConfigError(source, f"{where}.{key}", "required, a non-empty string")
+        kind = item.get("kind", "file")
+        if kind not in ("file", "directory"):
+            raise ConfigError(source, f"{where}.kind",
+                              f"must be \"file\" or \"directory\", got {kind!r}")
+        for key in ("sidecars", "required"):
+            value = item.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(source, f"{where}.{key}", "must be a list of non-empty strings")
+        for pattern in item.get("sidecars", []):
+            try:
+                pattern.format(stem="x", name="x")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(source, f"{where}.sidecars",
+                                  f"pattern {pattern!r} may use only {{stem}} and {{name}} ({exc})"
+                                  ) from None
+            if "/" in pattern:
+                raise ConfigError(source, f"{where}.sidecars",
+                                  f"pattern {pattern!r} must name a file beside the product")
+        for key in ("glob", "destination"):
+            value = item[key]
+            parts = PurePosixPath(value).parts
+            if value.startswith("/") or ".." in parts:
+                raise ConfigError(source, f"{where}.{key}",
+                                  f"must be a relative path inside its root, got {value!r}")
+        if item["type"] in seen_types:
+            raise ConfigError(source, f"{where}.type", f"type {item['type']!r} is defined twice")
+        seen_types.add(item["type"])
+        required = item.get("required")
+        if required is None and kind == "directory" and item["glob"].endswith(".image"):
+            required = ["table.dat"]
+        rules.append(ProductRule(type=item["type"], glob=item["glob"],
+                                 destination=item["destination"], kind=kind,
+                                 sidecars=tuple(item.get("sidecars", [])),
+                                 required=tuple(required or [])))
+    return tuple(rules)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _check_relations(config: Config, source: Path | None) -> None:
+    stage, products = config.stage_root, config.products_root
+    if stage == products:
+        raise ConfigError(source, "paths.products_root",
+                          f"is the same folder as stage_root ({stage})")
+    if _inside(products, stage):
+        raise ConfigError(source, "paths.products_root",
+                          f"{products} is inside stage_root {stage}; they must be separate")
+    if _inside(stage, products):
+        raise ConfigError(source, "paths.stage_root",
+                          f"{stage} is inside products_root {products}; they must be separate")
+    if _inside(config.registry, stage):
+        raise ConfigError(source, "paths.registry",
+                          f"{config.registry} is inside stage_root {stage}")
+    if _inside(config.registry, products):
+        raise ConfigError(source, "paths.registry",
+                          f"{config.registry} is inside products_root {products}")
+    if config.backoff_max_seconds < config.backoff_initial_seconds:
+        raise ConfigError(source, "publish.backoff_max_seconds",
+                          f"({config.backoff_max_seconds}) is less than backoff_initial_seconds "
+                          f"({config.backoff_initial_seconds})")

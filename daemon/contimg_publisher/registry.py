@@ -1,0 +1,868 @@
+"""The product registry: every SQL statement of the project lives here.
+
+The file is an SQLite database shared with older pipeline code that reads the
+legacy `data_registry`, `data_relationships` and `data_tags` tables, so those
+are adopted in place and only ever extended: nothing is dropped or renamed,
+and legacy columns keep their meaning.
+
+Each thread opens its own `Registry` (one APSW connection). Every write goes
+through `Registry.write()`, an explicit `BEGIN IMMEDIATE` transaction, so no
+statement depends on an implicit transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import apsw
+
+APPLICATION_ID = 0x43494D50  # "CIMP"
+SCHEMA_VERSION = 2
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+STATUSES = ("staging", "publishing", "published", "failed", "rejected")
+FAILURE_KINDS = ("no_space", "permission", "source_changed", "source_missing",
+                 "verify_mismatch", "interrupted", "other")
+# Kinds that say nothing about whether the product can be published, so they do
+# not use up an attempt.
+UNCOUNTED_KINDS = frozenset({"interrupted", "source_changed"})
+
+
+class RegistryError(Exception):
+    """The registry cannot be used; the message names the file and the reason."""
+
+
+class RegistryBusy(RegistryError):
+    """Another process held the write lock for longer than the busy timeout."""
+
+
+LEGACY_DDL = """
+CREATE TABLE IF NOT EXISTS data_registry (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    data_type TEXT NOT NULL,
+    data_id TEXT NOT NULL UNIQUE,
+    base_path TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'staging',
+    stage_path TEXT NOT NULL,
+    published_path TEXT,
+    created_at REAL NOT NULL,
+    staged_at REAL NOT NULL,
+    published_at REAL,
+    publish_mode TEXT,
+    metadata_json TEXT,
+    qa_status TEXT,
+    validation_status TEXT,
+    finalization_status TEXT DEFAULT 'pending',
+    auto_publish_enabled INTEGER DEFAULT 1,
+    publish_attempts INTEGER DEFAULT 0,
+    publish_error TEXT,
+    photometry_status TEXT,
+    photometry_job_id TEXT,
+    UNIQUE(data_type, data_id)
+);
+CREATE TABLE IF NOT EXISTS data_relationships (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent_data_id TEXT NOT NULL,
+    child_data_id TEXT NOT NULL,
+    relationship_type TEXT NOT NULL,
+    UNIQUE(parent_data_id, child_data_id, relationship_type)
+);
+CREATE TABLE IF NOT EXISTS data_tags (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    data_id TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    UNIQUE(data_id, tag)
+);
+"""
+
+# Columns older databases may lack; added with the legacy defaults.
+LEGACY_OPTIONAL_COLUMNS = {
+    "publish_attempts": "INTEGER DEFAULT 0",
+    "publish_error": "TEXT",
+    "photometry_status": "TEXT",
+    "photometry_job_id": "TEXT",
+}
+
+NEW_COLUMNS = {
+    "next_attempt_at": "REAL",          # NULL: due now
+    "lease_owner": "TEXT",
+    "lease_expires_at": "REAL",
+    "size_bytes": "INTEGER",
+    "checksum": "TEXT",                 # "algorithm:hex"; NULL until described
+    "stage_path_bytes": "BLOB",         # exact bytes of stage_path (names need not be UTF-8)
+    "stage_dev": "INTEGER",
+    "stage_ino": "INTEGER",
+    "stage_mtime_ns": "INTEGER",
+    "stage_ctime_ns": "INTEGER",
+    "publish_target": "TEXT",           # final name chosen by the publish in flight
+    "publish_temp": "TEXT",             # its temporary name, for reconciliation
+    "sidecars_json": "TEXT",            # names of sidecars published with the product
+    "publish_requested_at": "REAL",     # an operator asked for a publish now (`publish`)
+    "updated_at": "REAL",
+}
+
+SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS publish_failures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    data_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    error TEXT NOT NULL,
+    at REAL NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS publish_failures_by_product ON publish_failures(data_id, at);
+CREATE INDEX IF NOT EXISTS publish_failures_by_time ON publish_failures(at);
+CREATE INDEX IF NOT EXISTS data_registry_by_status
+    ON data_registry(status, next_attempt_at, staged_at);
+CREATE INDEX IF NOT EXISTS data_registry_by_type_status ON data_registry(data_type, status);
+CREATE INDEX IF NOT EXISTS data_registry_by_stage_path ON data_registry(stage_path);
+CREATE INDEX IF NOT EXISTS data_registry_by_published_path ON data_registry(published_path);
+CREATE INDEX IF NOT EXISTS data_registry_by_published_at ON data_registry(published_at);
+"""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a staged file was when it was described; a publish checks it again with fstat."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A described, finished product ready to be registered."""
+
+    data_id: str
+    data_type: str
+    base_path: str
+    stage_path: str             # display form
+    stage_path_bytes: bytes     # exact bytes
+    identity: Identity
+    checksum: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Product:
+    """One row of data_registry, with the fields the daemon uses."""
+
+    id: int
+    data_id: str
+    data_type: str
+    status: str
+    base_path: str
+    stage_path: str
+    stage_path_bytes: bytes | None
+    published_path: str | None
+    created_at: float
+    staged_at: float
+    published_at: float | None
+    publish_mode: str | None
+    metadata: dict[str, Any]
+    auto_publish_enabled: bool
+    publish_attempts: int
+    publish_error: str | None
+    next_attempt_at: float | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    size_bytes: int | None
+    checksum: str | None
+    identity: Identity | None
+    publish_target: str | None
+    publish_temp: str | None
+    sidecars: list[str]
+    publish_requested_at: float | None = None
+
+    @property
+    def stage_bytes(self) -> bytes:
+        return self.stage_path_bytes or os.fsencode(self.stage_path)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "data_id": self.data_id,
+            "data_type": self.data_type,
+            "status": self.status,
+            "stage_path": self.stage_path,
+            "published_path": self.published_path,
+            "publish_attempts": self.publish_attempts,
+            "publish_error": self.publish_error,
+            "size_bytes": self.size_bytes,
+            "checksum": self.checksum,
+            "metadata": self.metadata,
+            "held": not self.auto_publish_enabled,
+            "publish_mode": self.publish_mode,
+            "created_at": self.created_at,
+            "staged_at": self.staged_at,
+            "published_at": self.published_at,
+            "next_attempt_at": self.next_attempt_at,
+            "lease_owner": self.lease_owner,
+            "lease_expires_at": self.lease_expires_at,
+            "sidecars": self.sidecars,
+        }
+
+
+@dataclass(frozen=True)
+class Failure:
+    data_id: str
+    attempt: int
+    kind: str
+    error: str
+    at: float
+    host: str
+    pid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class FailureOutcome:
+    """What recording a failure did, so the caller can log it."""
+
+    attempts: int
+    status: str
+    next_attempt_at: float | None
+    counted: bool
+    error: str
+
+    @property
+    def exhausted(self) -> bool:
+        return self.status == "failed"
+
+
+def truncate(text: str, limit: int) -> str:
+    """At most `limit` characters; a cut is marked so nobody mistakes it for the whole text."""
+    if len(text) <= limit:
+        return text
+    marker = "…"
+    return text[: max(limit - len(marker), 0)] + marker[: limit]
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float = 0.1,
+                  rng: random.Random | None = None) -> float:
+    """min(max, initial * 2^(attempt-1)), spread by +-jitter so retries do not march in step."""
+    base = min(maximum, initial * (2 ** max(attempt - 1, 0)))
+    spread = (rng or random).uniform(-jitter, jitter) if jitter else 0.0
+    return min(maximum, max(0.0, base * (1.0 + spread)))
+
+
+def _check_file(path: str) -> None:
+    """Refuse a file that is not SQLite before SQLite touches it."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        raise RegistryError(f"registry {path}: is a directory, not an SQLite file") from None
+    except PermissionError as exc:
+        raise RegistryError(f"registry {path}: cannot read it ({exc.strerror})") from None
+    if head and head != SQLITE_MAGIC:
+        raise RegistryError(f"registry {path}: not an SQLite database (left untouched)")
+
+
+class Registry:
+    """One APSW connection to the registry file; open one per thread."""
+
+    def __init__(self, path: str | os.PathLike[str], busy_timeout_seconds: float = 10.0,
+                 migrate: bool = True, create: bool = True) -> None:
+        self.path = os.fspath(path)
+        self.busy_timeout_seconds = busy_timeout_seconds
+        _check_file(self.path)
+        if not create and not os.path.exists(self.path):
+            raise RegistryError(f"registry {self.path}: no such file")
+        parent = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.conn = apsw.Connection(self.path)
+        except (OSError, apsw.Error) as exc:
+            raise RegistryError(f"registry {self.path}: cannot open ({exc})") from None
+        self.conn.set_busy_timeout(int(busy_timeout_seconds * 1000))
+        try:
+            mode = self._scalar("PRAGMA journal_mode=WAL")
+        except apsw.NotADBError:
+            self.conn.close()
+            raise RegistryError(f"registry {self.path}: not an SQLite database (left untouched)"
+                                ) from None
+        except apsw.BusyError:
+            self.conn.close()
+            raise RegistryBusy(f"registry {self.path}: locked by another process "
+                               f"(waited {busy_timeout_seconds:g} s)") from None
+        if str(mode).lower() != "wal":
+            raise RegistryError(f"registry {self.path}: cannot switch to WAL mode ({mode})")
+        # FULL: in WAL mode a commit is then fsynced before COMMIT returns, so a row that says
+        # "published" survives a power cut before the staged source is removed. NORMAL would
+        # only promise consistency, and could roll such a commit back after a crash.
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        if migrate:
+            self.migrate()
+        else:
+            self._check_version()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transactions -------------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[apsw.Cursor]:
+        """One explicit BEGIN IMMEDIATE transaction: committed on success, rolled back on error."""
+        cursor = self.conn.cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        except apsw.BusyError:
+            raise RegistryBusy(
+                f"registry {self.path}: locked by another process for longer than the busy "
+                f"timeout ({self.busy_timeout_seconds:g} s); nothing was written") from None
+        try:
+            yield cursor
+        except BaseException:
+            if self.conn.in_transaction:
+                cursor.execute("ROLLBACK")
+            raise
+        try:
+            cursor.execute("COMMIT")
+        except apsw.BusyError:
+            cursor.execute("ROLLBACK")
+            raise RegistryBusy(f"registry {self.path}: commit blocked by another process; "
+                               "rolled back") from None
+
+    @contextmanager
+    def read(self) -> Iterator[apsw.Cursor]:
+        """A consistent snapshot for several SELECTs."""
+        cursor = self.conn.cursor()
+        cursor.execute("BEGIN")
+        try:
+            yield cursor
+        finally:
+            cursor.execute("COMMIT")
+
+    def _scalar(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        row = self.conn.execute(sql, args).fetchone()
+        return None if row is None else row[0]
+
+    # --- schema -------------------------------------------------------------------------------
+
+    def version(self) -> int:
+        return int(self._scalar("PRAGMA user_version"))
+
+    def _check_version(self) -> None:
+        version = self.version()
+        if version > SCHEMA_VERSION:
+            raise RegistryError(
+                f"registry {self.path}: schema version {version} is newer than this program "
+                f"understands ({SCHEMA_VERSION}); upgrade contimg-publisher")
+        app = int(self._scalar("PRAGMA application_id"))
+        if app not in (0, APPLICATION_ID):
+            raise RegistryError(f"registry {self.path}: belongs to another application "
+                                f"(application_id {app:#x}); left untouched")
+
+    def _columns(self, cursor: apsw.Cursor, table: str) -> set[str]:
+        return {row[1] for row in cursor.execute(f"PRAGMA table_info({table})")}
+
+    def migrate(self) -> list[int]:
+        """Bring the file to SCHEMA_VERSION, one transaction per step; returns steps applied."""
+        self._check_version()
+        applied = []
+        for target, step in ((1, self._migrate_legacy), (2, self._migrate_v2)):
+            with self.write() as cur:
+                # Re-read inside the write lock: another process may have migrated meanwhile.
+                if int(cur.execute("PRAGMA user_version").fetchone()[0]) >= target:
+                    continue
+                step(cur)
+                cur.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                cur.execute(f"PRAGMA user_version={target}")
+                applied.append(target)
+        return applied
+
+    def _migrate_legacy(self, cur: apsw.Cursor) -> None:
+        """Create the legacy tables where absent; add the legacy columns older files lack."""
+        cur.execute(LEGACY_DDL)
+        have = self._columns(cur, "data_registry")
+        for name, decl in LEGACY_OPTIONAL_COLUMNS.items():
+            if name not in have:
+                cur.execute(f"ALTER TABLE data_registry ADD COLUMN {name} {decl}")
+
+    def _migrate_v2(self, cur: apsw.Cursor) -> None:
+        have = self._columns(cur, "data_registry")
+        for name, decl in NEW_COLUMNS.items():
+            if name not in have:
+                cur.execute(f"ALTER TABLE data_registry ADD COLUMN {name} {decl}")
+        cur.execute(SCHEMA_V2)
+
+    # --- rows ---------------------------------------------------------------------------------
+
+    def _products(self, sql: str, args: Sequence[Any] = ()) -> list[Product]:
+        cursor = self.conn.cursor()
+        cursor.execute(sql, args)
+        try:
+            names = [d[0] for d in cursor.getdescription()]
+        except apsw.ExecutionCompleteError:
+            return []
+        return [_product(dict(zip(names, row, strict=True))) for row in cursor]
+
+    def get(self, data_id: str) -> Product | None:
+        rows = self._products("SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
+        return rows[0] if rows else None
+
+    def by_stage_path(self, stage_path: str) -> list[Product]:
+        return self._products("SELECT * FROM data_registry WHERE stage_path = ? ORDER BY id",
+                              (stage_path,))
+
+    def by_published_path(self, published_path: str) -> Product | None:
+        rows = self._products(
+            "SELECT * FROM data_registry WHERE published_path = ? AND status = 'published' "
+            "ORDER BY id DESC LIMIT 1", (published_path,))
+        return rows[0] if rows else None
+
+    def list(self, status: str | None = None, data_type: str | None = None,
+             limit: int | None = None, newest_first: bool = True) -> list[Product]:
+        where, args = [], []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if data_type:
+            where.append("data_type = ?")
+            args.append(data_type)
+        sql = "SELECT * FROM data_registry"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY id {'DESC' if newest_first else 'ASC'}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return self._products(sql, args)
+
+    def stage_index(self) -> dict[str, tuple[str, Identity | None]]:
+        """stage_path -> (status, identity) of every row not yet published, for fast rescans."""
+        out: dict[str, tuple[str, Identity | None]] = {}
+        for path, status, dev, ino, size, mtime, ctime in self.conn.execute(
+                "SELECT stage_path, status, stage_dev, stage_ino, size_bytes, stage_mtime_ns,"
+                " stage_ctime_ns FROM data_registry"):
+            ident = Identity(dev, ino, size, mtime, ctime) if ino is not None else None
+            previous = out.get(path)
+            # Several rows may share a stage path (versions); the unpublished one decides.
+            if previous is None or previous[0] == "published":
+                out[path] = (status, ident)
+        return out
+
+    def history(self, data_id: str) -> list[Failure]:
+        return [Failure(*row) for row in self.conn.execute(
+            "SELECT data_id, attempt, kind, error, at, host, pid FROM publish_failures "
+            "WHERE data_id = ? ORDER BY at, id", (data_id,))]
+
+    def relationships(self, data_id: str) -> list[dict[str, str]]:
+        return [{"parent": p, "child": c, "type": t} for p, c, t in self.conn.execute(
+            "SELECT parent_data_id, child_data_id, relationship_type FROM data_relationships "
+            "WHERE parent_data_id = ? OR child_data_id = ? ORDER BY id", (data_id, data_id))]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for status, n in self.conn.execute(
+                "SELECT status, COUNT(*) FROM data_registry GROUP BY status"):
+            counts[status] = n
+        return counts
+
+    def counts_by_type(self) -> dict[tuple[str, str], int]:
+        return {(t, s): n for t, s, n in self.conn.execute(
+            "SELECT data_type, status, COUNT(*) FROM data_registry GROUP BY data_type, status")}
+
+    def oldest_waiting(self) -> Product | None:
+        rows = self._products("SELECT * FROM data_registry WHERE status = 'staging' "
+                              "ORDER BY staged_at LIMIT 1")
+        return rows[0] if rows else None
+
+    def failures_since(self, since: float) -> int:
+        return int(self._scalar("SELECT COUNT(*) FROM publish_failures WHERE at >= ?", (since,)))
+
+    def published_since(self, since: float) -> int:
+        return int(self._scalar(
+            "SELECT COUNT(*) FROM data_registry WHERE published_at >= ?", (since,)))
+
+    def last_published(self) -> Product | None:
+        rows = self._products("SELECT * FROM data_registry WHERE published_at IS NOT NULL "
+                              "ORDER BY published_at DESC LIMIT 1")
+        return rows[0] if rows else None
+
+    def next_due_at(self) -> float | None:
+        """When the earliest waiting product becomes due (None: nothing waits)."""
+        row = self.conn.execute(
+            "SELECT MIN(COALESCE(next_attempt_at, 0)) FROM data_registry "
+            "WHERE status = 'staging' AND checksum IS NOT NULL "
+            "AND (COALESCE(auto_publish_enabled, 1) = 1 OR publish_requested_at IS NOT NULL)"
+            ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def publishing(self) -> list[Product]:
+        return self._products("SELECT * FROM data_registry WHERE status = 'publishing'")
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def register(self, c: Candidate, now: float | None = None) -> tuple[str, Product]:
+        """Record a finished product; idempotent.
+
+        Returns (outcome, row): "new", "updated" (content changed: waits again), "unchanged",
+        "busy" (a publish holds it), "published" (the same content was already published
+        from this path: the staged copy is a leftover), "conflict" (the data_id belongs to
+        another path or other content; the caller picks another id).
+        """
+        return self.register_many([c], now)[0]
+
+    def register_many(self, candidates: Sequence[Candidate],
+                      now: float | None = None) -> list[tuple[str, Product]]:
+        """register() for many products in one transaction (one fsync for a burst)."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            return [self._register(cur, c, now) for c in candidates]
+
+    def _register(self, cur: apsw.Cursor, c: Candidate, now: float) -> tuple[str, Product]:
+        row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (c.data_id,))
+        if row is None:
+            cur.execute(
+                "INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
+                " created_at, staged_at, metadata_json, auto_publish_enabled,"
+                " publish_attempts, size_bytes, checksum, stage_path_bytes, stage_dev,"
+                " stage_ino, stage_mtime_ns, stage_ctime_ns, updated_at)"
+                " VALUES (?, ?, ?, 'staging', ?, ?, ?, ?, 1, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (c.data_type, c.data_id, c.base_path, c.stage_path, now, now,
+                 json.dumps(c.metadata, sort_keys=True), c.identity.size, c.checksum,
+                 c.stage_path_bytes, c.identity.dev, c.identity.ino, c.identity.mtime_ns,
+                 c.identity.ctime_ns, now))
+            outcome = "new"
+        elif row["stage_path"] != c.stage_path:
+            outcome = "conflict"
+        elif row["status"] == "publishing":
+            outcome = "busy"
+        elif row["status"] == "published":
+            outcome = "published" if row["checksum"] == c.checksum else "conflict"
+        elif (row["checksum"] == c.checksum and row["stage_ino"] == c.identity.ino
+              and row["stage_mtime_ns"] == c.identity.mtime_ns
+              and row["status"] != "rejected"):
+            outcome = "unchanged"
+        else:
+            # New content (or a legacy row described for the first time, or a rejected
+            # file that was rewritten): it waits again with a fresh attempt budget.
+            # Earlier failures stay in publish_failures.
+            fresh = row["checksum"] is not None and row["checksum"] != c.checksum
+            cur.execute(
+                "UPDATE data_registry SET status = 'staging', size_bytes = ?, checksum = ?,"
+                " metadata_json = ?, stage_path_bytes = ?, stage_dev = ?, stage_ino = ?,"
+                " stage_mtime_ns = ?, stage_ctime_ns = ?, next_attempt_at = NULL,"
+                " staged_at = CASE WHEN ? THEN ? ELSE staged_at END,"
+                " publish_attempts = CASE WHEN ? OR status = 'rejected' THEN 0"
+                "   ELSE publish_attempts END,"
+                " publish_error = CASE WHEN status = 'rejected' THEN NULL"
+                "   ELSE publish_error END,"
+                " updated_at = ? WHERE id = ?",
+                (c.identity.size, c.checksum, json.dumps(c.metadata, sort_keys=True),
+                 c.stage_path_bytes, c.identity.dev, c.identity.ino, c.identity.mtime_ns,
+                 c.identity.ctime_ns, fresh, now, fresh, now, row["id"]))
+            outcome = "updated"
+        product = _product(_one(cur, "SELECT * FROM data_registry WHERE data_id = ?",
+                                (c.data_id,)))
+        return outcome, product
+
+    def reject(self, data_id: str, data_type: str, base_path: str, stage_path: str,
+               stage_path_bytes: bytes, reason: str, identity: Identity | None,
+               error_max_chars: int, now: float | None = None) -> tuple[str, Product | None]:
+        """Record bad input with the reason; never touches a published or publishing row.
+
+        Returns ("new" | "updated" | "unchanged" | "skipped", row).
+        """
+        now = time.time() if now is None else now
+        reason = truncate(reason, error_max_chars)
+        ident = identity or Identity(None, None, None, None, None)  # type: ignore[arg-type]
+        with self.write() as cur:
+            row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
+            if row is None:
+                cur.execute(
+                    "INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
+                    " created_at, staged_at, auto_publish_enabled, publish_attempts,"
+                    " publish_error, stage_path_bytes, size_bytes, stage_dev, stage_ino,"
+                    " stage_mtime_ns, stage_ctime_ns, updated_at)"
+                    " VALUES (?, ?, ?, 'rejected', ?, ?, ?, 1, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (data_type, data_id, base_path, stage_path, now, now, reason,
+                     stage_path_bytes, ident.size, ident.dev, ident.ino, ident.mtime_ns,
+                     ident.ctime_ns, now))
+                outcome = "new"
+            elif row["status"] in ("published", "publishing") or row["stage_path"] != stage_path:
+                return "skipped", _product(row)
+            elif (row["status"] == "rejected" and row["publish_error"] == reason
+                  and row["stage_ino"] == ident.ino and row["stage_mtime_ns"] == ident.mtime_ns):
+                return "unchanged", _product(row)
+            else:
+                cur.execute(
+                    "UPDATE data_registry SET status = 'rejected', publish_error = ?,"
+                    " checksum = NULL, size_bytes = ?, stage_dev = ?, stage_ino = ?,"
+                    " stage_mtime_ns = ?, stage_ctime_ns = ?, next_attempt_at = NULL,"
+                    " updated_at = ? WHERE id = ?",
+                    (reason, ident.size, ident.dev, ident.ino, ident.mtime_ns, ident.ctime_ns,
+                     now, row["id"]))
+                outcome = "updated"
+            product = _product(_one(cur, "SELECT * FROM data_registry WHERE data_id = ?",
+                                    (data_id,)))
+        return outcome, product
+
+    def invalidate(self, data_id: str, now: float | None = None) -> bool:
+        """The staged file changed before publishing: it must settle and be described again."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            cur.execute("UPDATE data_registry SET checksum = NULL, updated_at = ?"
+                        " WHERE data_id = ? AND status IN ('staging', 'failed')", (now, data_id))
+            return self.conn.changes() > 0
+
+    def claim(self, owner: str, lease_seconds: float, limit: int = 1, now: float | None = None,
+              data_id: str | None = None) -> list[Product]:
+        """Move due rows to `publishing` under a lease held by `owner`.
+
+        With data_id (a manual publish), that row is claimed whether due, held or failed,
+        as long as nobody holds a live lease on it.
+        """
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            if data_id is None:
+                ids = [r[0] for r in cur.execute(
+                    "SELECT id FROM data_registry WHERE status = 'staging'"
+                    " AND checksum IS NOT NULL AND (COALESCE(auto_publish_enabled, 1) = 1"
+                    "   OR publish_requested_at IS NOT NULL)"
+                    " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+                    " ORDER BY publish_requested_at IS NULL, COALESCE(next_attempt_at, 0),"
+                    " staged_at, id LIMIT ?", (now, limit))]
+            else:
+                ids = [r[0] for r in cur.execute(
+                    "SELECT id FROM data_registry WHERE data_id = ?"
+                    " AND status IN ('staging', 'failed') AND checksum IS NOT NULL",
+                    (data_id,))]
+            for row_id in ids:
+                cur.execute(
+                    "UPDATE data_registry SET status = 'publishing', lease_owner = ?,"
+                    " lease_expires_at = ?, publish_target = NULL, publish_temp = NULL,"
+                    " updated_at = ? WHERE id = ?", (owner, now + lease_seconds, now, row_id))
+            rows = [_product(_one(cur, "SELECT * FROM data_registry WHERE id = ?", (i,)))
+                    for i in ids]
+        return rows
+
+    def renew_lease(self, data_id: str, owner: str, lease_seconds: float,
+                    now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            cur.execute("UPDATE data_registry SET lease_expires_at = ? WHERE data_id = ?"
+                        " AND status = 'publishing' AND lease_owner = ?",
+                        (now + lease_seconds, data_id, owner))
+            return self.conn.changes() > 0
+
+    def set_publish_plan(self, data_id: str, owner: str, target: str, temp: str | None) -> bool:
+        """Remember the final and temporary names before writing them, for reconciliation."""
+        with self.write() as cur:
+            cur.execute("UPDATE data_registry SET publish_target = ?, publish_temp = ?"
+                        " WHERE data_id = ? AND status = 'publishing' AND lease_owner = ?",
+                        (target, temp, data_id, owner))
+            return self.conn.changes() > 0
+
+    def mark_published(self, data_id: str, owner: str | None, published_path: str,
+                       publish_mode: str, sidecars: Sequence[str] = (),
+                       supersedes: str | None = None, now: float | None = None) -> bool:
+        """Durably record a publish; with owner None the lease is not checked (reconciliation).
+
+        Attempt counts and the failure history are kept: they are the product's history.
+        """
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            cur.execute(
+                "UPDATE data_registry SET status = 'published', published_path = ?,"
+                " published_at = ?, sidecars_json = ?, lease_owner = NULL,"
+                " publish_mode = CASE WHEN publish_requested_at IS NOT NULL THEN 'manual'"
+                "   ELSE ? END, publish_requested_at = NULL,"
+                " lease_expires_at = NULL, publish_temp = NULL, next_attempt_at = NULL,"
+                " finalization_status = COALESCE(finalization_status, 'pending'),"
+                " updated_at = ? WHERE data_id = ? AND status = 'publishing'"
+                " AND (? IS NULL OR lease_owner = ?)",
+                (published_path, now, json.dumps(list(sidecars)), publish_mode, now, data_id,
+                 owner, owner))
+            done = self.conn.changes() > 0
+            if done and supersedes:
+                cur.execute(
+                    "INSERT OR IGNORE INTO data_relationships (parent_data_id, child_data_id,"
+                    " relationship_type) VALUES (?, ?, 'supersedes')", (data_id, supersedes))
+        return done
+
+    def record_failure(self, data_id: str, owner: str | None, kind: str, error: str,
+                       max_attempts: int, backoff_initial: float, backoff_max: float,
+                       error_max_chars: int, now: float | None = None,
+                       host: str | None = None, pid: int | None = None,
+                       rng: random.Random | None = None) -> FailureOutcome | None:
+        """Count a failed attempt (unless its kind says nothing about the product), keep it in
+        the history, and schedule the next try; `failed` once attempts reach max_attempts.
+
+        Returns None when the row is not (or no longer) ours to change.
+        """
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"unknown failure kind {kind!r}")
+        now = time.time() if now is None else now
+        text = truncate(error, error_max_chars)
+        counted = kind not in UNCOUNTED_KINDS
+        with self.write() as cur:
+            row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
+            if row is None or row["status"] != "publishing" or (
+                    owner is not None and row["lease_owner"] != owner):
+                return None
+            attempts = int(row["publish_attempts"] or 0) + (1 if counted else 0)
+            if counted and attempts >= max_attempts:
+                status, next_at = "failed", None
+            elif kind == "interrupted" or kind == "source_changed":
+                status, next_at = "staging", None
+            else:
+                status = "staging"
+                next_at = now + backoff_delay(attempts, backoff_initial, backoff_max, rng=rng)
+            cur.execute(
+                "UPDATE data_registry SET status = ?, publish_attempts = ?, publish_error = ?,"
+                " next_attempt_at = ?, lease_owner = NULL, lease_expires_at = NULL,"
+                " publish_target = NULL, publish_temp = NULL, publish_requested_at = NULL,"
+                " checksum = CASE WHEN ? THEN NULL ELSE checksum END, updated_at = ?"
+                " WHERE id = ?",
+                (status, attempts, text, next_at, kind == "source_changed", now, row["id"]))
+            cur.execute(
+                "INSERT INTO publish_failures (data_id, attempt, kind, error, at, host, pid)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (data_id, attempts if counted else int(row["publish_attempts"] or 0) + 1,
+                 kind, text, now, host or socket.gethostname(), pid or os.getpid()))
+        return FailureOutcome(attempts, status, next_at, counted, text)
+
+    def requeue(self, data_id: str, owner: str | None, now: float | None = None) -> bool:
+        """Give a claimed row back, due now, without counting an attempt (clean shutdown)."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            cur.execute(
+                "UPDATE data_registry SET status = 'staging', lease_owner = NULL,"
+                " lease_expires_at = NULL, publish_target = NULL, publish_temp = NULL,"
+                " next_attempt_at = NULL, updated_at = ? WHERE data_id = ?"
+                " AND status = 'publishing' AND (? IS NULL OR lease_owner = ?)",
+                (now, data_id, owner, owner))
+            return self.conn.changes() > 0
+
+    def forget_missing(self, data_id: str, reason: str, error_max_chars: int,
+                       now: float | None = None) -> bool:
+        """A waiting product's file is gone from staging: it is rejected, with the reason."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            cur.execute(
+                "UPDATE data_registry SET status = 'rejected', publish_error = ?, checksum = NULL,"
+                " updated_at = ? WHERE data_id = ? AND status IN ('staging', 'failed')",
+                (truncate(reason, error_max_chars), now, data_id))
+            return self.conn.changes() > 0
+
+    def retry(self, data_ids: Iterable[str] = (), all_failed: bool = False,
+              now: float | None = None) -> list[str]:
+        """Clear attempts and make products due again; rejected ones are examined afresh."""
+        now = time.time() if now is None else now
+        changed = []
+        with self.write() as cur:
+            if all_failed:
+                data_ids = [r[0] for r in cur.execute(
+                    "SELECT data_id FROM data_registry WHERE status = 'failed'")]
+            for data_id in data_ids:
+                cur.execute(
+                    "UPDATE data_registry SET publish_attempts = 0, next_attempt_at = NULL,"
+                    " checksum = CASE WHEN status = 'rejected' THEN NULL ELSE checksum END,"
+                    " status = 'staging', updated_at = ? WHERE data_id = ?"
+                    " AND status IN ('failed', 'staging', 'rejected')", (now, data_id))
+                if self.conn.changes():
+                    changed.append(data_id)
+        return changed
+
+    def request_publish(self, data_id: str, now: float | None = None) -> bool:
+        """Ask the running daemon to publish a product now, held or failed or not yet due."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            cur.execute(
+                "UPDATE data_registry SET publish_requested_at = ?, next_attempt_at = NULL,"
+                " status = CASE WHEN status = 'failed' THEN 'staging' ELSE status END,"
+                " updated_at = ? WHERE data_id = ? AND status IN ('staging', 'failed')",
+                (now, now, data_id))
+            return self.conn.changes() > 0
+
+    def set_hold(self, data_id: str, held: bool, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            cur.execute("UPDATE data_registry SET auto_publish_enabled = ?, updated_at = ?"
+                        " WHERE data_id = ?", (0 if held else 1, now, data_id))
+            return self.conn.changes() > 0
+
+    def mark_exhausted(self, max_attempts: int, now: float | None = None) -> list[str]:
+        """Rows waiting with attempts already at the limit (legacy rows, a lowered limit)
+        become `failed`, so they wait for an operator instead of retrying forever."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            ids = [r[0] for r in cur.execute(
+                "SELECT data_id FROM data_registry WHERE status = 'staging'"
+                " AND COALESCE(publish_attempts, 0) >= ?", (max_attempts,))]
+            cur.execute("UPDATE data_registry SET status = 'failed', updated_at = ?"
+                        " WHERE status = 'staging' AND COALESCE(publish_attempts, 0) >= ?",
+                        (now, max_attempts))
+        return ids
+
+    def size_bytes(self) -> int:
+        page_size = int(self._scalar("PRAGMA page_size"))
+        return page_size * int(self._scalar("PRAGMA page_count"))
+
+
+def _one(cur: apsw.Cursor, sql: str, args: Sequence[Any]) -> dict[str, Any] | None:
+    cur.execute(sql, args)
+    try:
+        names = [d[0] for d in cur.getdescription()]
+    except apsw.ExecutionCompleteError:
+        return None
+    row = cur.fetchone()
+    return None if row is None else dict(zip(names, row, strict=True))
+
+
+def _product(row: dict[str, Any]) -> Product:
+    try:
+        metadata = json.loads(row.get("metadata_json") or "{}")
+    except ValueError:
+        metadata = {"_unparsed": row.get("metadata_json")}
+    if not isinstance(metadata, dict):
+        metadata = {"_value": metadata}
+    try:
+        sidecars = json.loads(row.get("sidecars_json") or "[]")
+    except ValueError:
+        sidecars = []
+    ident = None
+    if row.get("stage_ino") is not None:
+        ident = Identity(row["stage_dev"], row["stage_ino"], row["size_bytes"],
+                         row["stage_mtime_ns"], row["stage_ctime_ns"])
+    enabled = row.get("auto_publish_enabled")
+    return Product(
+        id=row["id"], data_id=row["data_id"], data_type=row["data_type"], status=row["status"],
+        base_path=row["base_path"], stage_path=row["stage_path"],
+        stage_path_bytes=row.get("stage_path_bytes"), published_path=row["published_path"],
+        created_at=row["created_at"], staged_at=row["staged_at"],
+        published_at=row["published_at"], publish_mode=row["publish_mode"], metadata=metadata,
+        auto_publish_enabled=enabled is None or bool(enabled),
+        publish_attempts=int(row.get("publish_attempts") or 0),
+        publish_error=row.get("publish_error"), next_attempt_at=row.get("next_attempt_at"),
+        lease_owner=row.get("lease_owner"), lease_expires_at=row.get("lease_expires_at"),
+        size_bytes=row.get("size_bytes"), checksum=row.get("checksum"), identity=ident,
+        publish_target=row.get("publish_target"), publish_temp=row.get("publish_temp"),
+        sidecars=sidecars, publish_requested_at=row.get("publish_requested_at"))

@@ -1,0 +1,159 @@
+"""Shared test helpers: sandboxes with real folders, real FITS files, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_config(path: Path, tables: dict[str, dict[str, Any]],
+                 products: list[dict[str, Any]] | None = None) -> Path:
+    lines = []
+    for table, values in tables.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    for rule in products or []:
+        lines.append("[[products]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in rule.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Sandbox:
+    """A staging area, a products area and a registry in a temporary folder."""
+
+    def __init__(self, root: Path, products_root: Path | None = None, **overrides: Any) -> None:
+        self.root = root
+        self.stage = root / "stage"
+        self.products = products_root or root / "products"
+        self.registry = root / "state" / "registry.sqlite3"
+        self.mosaics = self.stage / "mosaics"
+        self.mosaics.mkdir(parents=True, exist_ok=True)
+        self.products.mkdir(parents=True, exist_ok=True)
+        self.config_path = root / "config.toml"
+        self.tables: dict[str, dict[str, Any]] = {
+            "paths": {"stage_root": str(self.stage), "products_root": str(self.products),
+                      "registry": str(self.registry)},
+            "detect": {"settle_seconds": 0.3, "rescan_seconds": 300},
+            "publish": {"backoff_initial_seconds": 1, "backoff_max_seconds": 10,
+                        "lock_wait_seconds": 30},
+            "log": {"format": "json", "level": "debug"},
+        }
+        self.products_rules: list[dict[str, Any]] | None = None
+        self.update(**overrides)
+
+    def update(self, products: list[dict[str, Any]] | None = None, **tables: dict[str, Any]
+               ) -> None:
+        for table, values in tables.items():
+            self.tables.setdefault(table, {}).update(values)
+        if products is not None:
+            self.products_rules = products
+        write_config(self.config_path, self.tables, self.products_rules)
+
+    def config(self):  # noqa: ANN201 - the Config type, imported lazily
+        from contimg_publisher import config
+        return config.load(self.config_path)
+
+    def cli(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+        return run_cli(self.config_path, *args, timeout=timeout, env=env, check=check)
+
+    def registry_rows(self) -> list[dict[str, Any]]:
+        out = self.cli("list", "--json", "--limit", "0", check=True)
+        return json.loads(out.stdout)
+
+    def row(self, data_id: str) -> dict[str, Any] | None:
+        out = self.cli("show", data_id, "--json")
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def run_cli(config_path: Path, *args: str, timeout: float = 120,
+            env: dict[str, str] | None = None, check: bool = False
+            ) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env.pop("NOTIFY_SOCKET", None)
+    full_env.pop("WATCHDOG_USEC", None)
+    full_env.update(env or {})
+    proc = subprocess.run([PYTHON, "-m", "contimg_publisher", "--config", str(config_path),
+                           *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"contimg-publisher {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def mosaic_hdu(pixels: int = 64, seed: int = 0) -> fits.PrimaryHDU:
+    rng = np.random.default_rng(seed)
+    hdu = fits.PrimaryHDU(rng.normal(0, 1e-4, size=(pixels, pixels)).astype(np.float32))
+    hdu.header["OBJECT"] = f"MOSAIC{seed}"
+    hdu.header["BUNIT"] = "Jy/beam"
+    hdu.header["NIMAGES"] = 10
+    hdu.header["MEDRMS"] = 1e-4
+    hdu.header["CRVAL1"] = 180.0
+    hdu.header["CRVAL2"] = 37.0
+    return hdu
+
+
+def write_fits(path: Path, pixels: int = 64, seed: int = 0, checksum: bool = True) -> bytes:
+    """A valid mosaic written in place, as the pipeline does; returns its bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mosaic_hdu(pixels, seed).writeto(path, overwrite=True, checksum=checksum)
+    return path.read_bytes()
+
+
+def fits_bytes(pixels: int = 64, seed: int = 0, checksum: bool = True) -> bytes:
+    import io
+    buf = io.BytesIO()
+    mosaic_hdu(pixels, seed).writeto(buf, checksum=checksum)
+    return buf.getvalue()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                   check=True)
+
+
+def umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], check=False)
