@@ -1,0 +1,371 @@
+"""Prove that an open file is one complete FITS file, and describe it, in one streaming read.
+
+The pipeline writes mosaics in place, in several writes, so a file that is still being
+written looks like a FITS file whose data stop short. The headers say exactly how long the
+file must be: every HDU is a header of 2880-byte blocks ending with an END card, followed by
+data whose size follows from BITPIX, NAXISn, PCOUNT and GCOUNT, padded to whole blocks. A
+file is complete only when it is exactly that long and every CHECKSUM/DATASUM it carries
+matches. The same pass hashes every byte, so the digest that is registered is the digest of
+the bytes that were checked.
+
+Reads use os.pread from explicit offsets, so the caller's file position never matters, in
+chunks of a bounded size. Headers are small and parsed card by card; data are only summed,
+with numpy, a chunk at a time, so checking costs little more than hashing alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from astropy.io import fits as afits
+
+BLOCK = 2880
+CARD = 80
+SIGNATURE = b"SIMPLE  ="
+METADATA_KEYS = ("OBJECT", "DATE-OBS", "MJD-OBS", "CRVAL1", "CRVAL2", "NAXIS1", "NAXIS2",
+                 "BUNIT", "NIMAGES", "MEDRMS", "EFFNOISE", "COVERAGE")
+# A header without an END card within this many bytes is rejected instead of being held in
+# memory: real headers are a few kilobytes.
+MAX_HEADER_BYTES = 3600 * BLOCK
+CHANGED = "file changed while being read"
+
+_BITPIX = (8, 16, 32, 64, -32, -64)
+_NOT_TEXT = re.compile(rb"[^\x20-\x7e]")
+_END = b"END     "
+_NEG_ZERO = 0xFFFFFFFF
+# Bytes summed per numpy call: (1 << 30) / 4 words of at most 2**32 - 1 fit in a uint64.
+_SUM_PIECE = 1 << 30
+
+
+@dataclass(frozen=True)
+class FitsReport:
+    size: int                 # bytes read == file size
+    hdus: int                 # number of HDUs found
+    checksum: str             # "<algorithm>:<hex>" of the whole file's bytes
+    metadata: dict[str, Any]  # METADATA_KEYS present in the primary header
+    fits_checksums: str       # "verified" or "absent"
+
+
+class FitsError(Exception):
+    """A file that is not a complete, valid FITS file; str(e) is a reason an operator can act
+    on, also kept as .reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_fits_signature(first_bytes: bytes) -> bool:
+    """True when the bytes start with the FITS primary card 'SIMPLE  =' (content, not name)."""
+    return bytes(first_bytes[:len(SIGNATURE)]) == SIGNATURE
+
+
+def hash_fd(fd: int, algorithm: str = "sha256", chunk_size: int = 8 << 20) -> tuple[int, str]:
+    """(size, "algorithm:hex") of any open file, read with os.pread from offset 0.
+
+    Reads up to the size fstat reports at the start and stops early if the file ends sooner,
+    so the size returned always counts exactly the bytes hashed; callers that must know the
+    file did not change compare its identity before and after.
+    """
+    hasher = hashlib.new(algorithm)
+    size = os.fstat(fd).st_size
+    chunk = max(1, chunk_size)
+    offset = 0
+    while offset < size:
+        data = os.pread(fd, min(chunk, size - offset), offset)
+        if not data:
+            break
+        hasher.update(data)
+        offset += len(data)
+    return offset, f"{algorithm}:{hasher.hexdigest()}"
+
+
+def scan_fits(fd: int, algorithm: str = "sha256", chunk_size: int = 8 << 20) -> FitsReport:
+    """Check an open file's FITS structure and checksums and hash it, in one pass.
+
+    Raises FitsError naming the reason for a file that is empty, does not start with
+    SIMPLE = T, has a header without END or that does not parse, is shorter or longer than
+    its headers say, fails a CHECKSUM/DATASUM, or changed size or mtime while being read.
+    OSError from reading passes through unchanged. Memory stays within one chunk plus the
+    headers.
+    """
+    hasher = hashlib.new(algorithm)
+    before = os.fstat(fd)
+    if before.st_size == 0:
+        raise FitsError("empty file (0 bytes)")
+    stream = _Stream(fd, before.st_size, hasher, chunk_size)
+    try:
+        hdus, metadata, checked = _walk(stream)
+    except FitsError as exc:
+        if exc.reason != CHANGED and _changed(fd, before):
+            raise FitsError(CHANGED) from None
+        raise
+    if _changed(fd, before):
+        raise FitsError(CHANGED)
+    return FitsReport(size=before.st_size, hdus=hdus,
+                      checksum=f"{algorithm}:{hasher.hexdigest()}", metadata=metadata,
+                      fits_checksums="verified" if checked else "absent")
+
+
+def _changed(fd: int, before: os.stat_result) -> bool:
+    after = os.fstat(fd)
+    return (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+class _Stream:
+    """The file read once, front to back, in chunks of whole blocks, each hashed as it
+    arrives. Chunks start at block offsets, so a 2880-byte block never spans two chunks."""
+
+    def __init__(self, fd: int, size: int, hasher: Any, chunk_size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.hasher = hasher
+        self.chunk = max(BLOCK, chunk_size // BLOCK * BLOCK)
+        self.offset = 0                   # the next byte not yet consumed
+        self._buf = memoryview(b"")
+        self._buf_start = 0               # file offset of _buf[0]
+
+    @property
+    def remaining(self) -> int:
+        return self.size - self.offset
+
+    def view(self, n: int) -> memoryview:
+        """Up to n bytes from the current offset, without consuming them; shorter only at the
+        end of the file or of a chunk (never for a block-aligned n <= BLOCK)."""
+        start = self.offset - self._buf_start
+        if start >= len(self._buf):
+            self._next_chunk()
+            start = 0
+        return self._buf[start:start + n]
+
+    def advance(self, n: int) -> None:
+        self.offset += n
+
+    def ones_sum(self, n: int) -> int:
+        """Consume n bytes (a multiple of 4, at a multiple of 4) and return their sum as
+        big-endian uint32 words, not yet folded."""
+        total = 0
+        end = self.offset + n
+        while self.offset < end:
+            piece = self.view(min(end - self.offset, _SUM_PIECE))
+            total += _word_sum(piece)
+            self.advance(len(piece))
+        return total
+
+    def _next_chunk(self) -> None:
+        start = self._buf_start + len(self._buf)
+        want = min(self.chunk, self.size - start)
+        data = os.pread(self.fd, want, start) if want > 0 else b""
+        if len(data) != want:
+            raise FitsError(CHANGED)
+        self.hasher.update(data)
+        self._buf = memoryview(data)
+        self._buf_start = start
+
+
+def _word_sum(data: memoryview | bytes) -> int:
+    return int(np.frombuffer(data, dtype=">u4").sum(dtype=np.uint64))
+
+
+def _fold(total: int) -> int:
+    """The 32-bit ones' complement value of a plain sum of words (end-around carries)."""
+    while total >> 32:
+        total = (total & 0xFFFFFFFF) + (total >> 32)
+    return total
+
+
+# --- structure --------------------------------------------------------------------------------
+
+def _walk(stream: _Stream) -> tuple[int, dict[str, Any], bool]:
+    """Walk every HDU; return (HDU count, primary metadata, whether any checksum was checked)."""
+    first = bytes(stream.view(BLOCK)[:len(SIGNATURE)])
+    if not is_fits_signature(first):
+        raise FitsError("not a FITS file: it does not start with the card 'SIMPLE  ='")
+    index = 0
+    metadata: dict[str, Any] = {}
+    checked = False
+    while True:
+        header, header_sum = _read_header(stream, index)
+        if index == 0:
+            if header.get("SIMPLE") is not True:
+                raise FitsError("not a standard FITS file: the primary header has SIMPLE = "
+                                f"{_show(header.get('SIMPLE'))}, not T")
+            metadata = _metadata(header)
+        data_bytes = _data_size(header, index)
+        padded = -(-data_bytes // BLOCK) * BLOCK
+        if padded > stream.remaining:
+            raise FitsError(
+                f"truncated: HDU {index} data needs {padded} bytes from byte {stream.offset}, "
+                f"file ends after {stream.remaining} of them (file size {stream.size})")
+        data_sum = stream.ones_sum(padded)
+        checked |= _verify(header, index, header_sum, data_sum)
+        index += 1
+        if stream.remaining == 0:
+            return index, metadata, checked
+        if bytes(stream.view(9)) != b"XTENSION=":
+            extra, at = stream.remaining, stream.offset
+            kind = " (all zero bytes)" if _all_zero(stream) else ""
+            raise FitsError(f"{extra} unexpected bytes after the last HDU, from byte {at}{kind}; "
+                            "FITS allows only whole HDUs there")
+
+
+def _all_zero(stream: _Stream) -> bool:
+    """Whether every byte from the current offset to the end of the file is zero."""
+    while stream.remaining:
+        piece = stream.view(stream.remaining)
+        if np.frombuffer(piece, dtype=np.uint8).any():
+            return False
+        stream.advance(len(piece))
+    return True
+
+
+def _read_header(stream: _Stream, index: int) -> tuple[afits.Header, int]:
+    """Read one header up to its END card; return it parsed, with the sum of its blocks."""
+    start = stream.offset
+    blocks: list[bytes] = []
+    while True:
+        at = stream.offset
+        block = bytes(stream.view(BLOCK))
+        if len(block) < BLOCK:
+            raise FitsError(f"truncated: HDU {index} header block at byte {at} has only "
+                            f"{len(block)} of {BLOCK} bytes (file size {stream.size})")
+        end = _end_card(block)
+        text_end = BLOCK if end is None else end + CARD
+        bad = _NOT_TEXT.search(block, 0, text_end)
+        if bad:
+            where = at + bad.start()
+            what = f"byte {where} is 0x{block[bad.start()]:02x}, not header text"
+            if not blocks and index > 0:
+                raise FitsError(f"HDU {index} header at byte {at} is not valid: {what}")
+            raise FitsError(f"HDU {index} header has no END card: {what}")
+        blocks.append(block)
+        stream.advance(BLOCK)
+        if end is not None:
+            break
+        if stream.offset - start >= MAX_HEADER_BYTES:
+            raise FitsError(f"HDU {index} header has no END card in its first "
+                            f"{MAX_HEADER_BYTES} bytes (header starts at byte {start})")
+        if stream.remaining == 0:
+            raise FitsError(
+                f"truncated: HDU {index} header has no END card and the file ends after "
+                f"{stream.size - start} of its bytes (header starts at byte {start})")
+    raw = b"".join(blocks)
+    text = raw[:len(raw) - BLOCK + text_end].decode("ascii")
+    return _parse_header(text, index), _word_sum(raw)
+
+
+def _end_card(block: bytes) -> int | None:
+    for pos in range(0, BLOCK, CARD):
+        if block[pos:pos + 8] == _END:
+            return pos
+    return None
+
+
+def _parse_header(text: str, index: int) -> afits.Header:
+    """Parse with astropy and force every card's value, so a malformed card is found now."""
+    try:
+        header = afits.Header.fromstring(text)
+    except Exception as exc:  # astropy raises several kinds for malformed text
+        raise FitsError(f"HDU {index} header cannot be parsed: {exc}") from None
+    for card in header.cards:
+        try:
+            card.value  # noqa: B018 - parsing is lazy; reading the value forces it
+        except Exception:
+            number, image = _raw_card(text, card.keyword)
+            raise FitsError(f"HDU {index} header card {number} ({card.keyword}) cannot be "
+                            f"parsed: {image!r}") from None
+    return header
+
+
+def _raw_card(text: str, keyword: str) -> tuple[int, str]:
+    """(1-based number, text) of the first card in the header text with this keyword."""
+    for pos in range(0, len(text), CARD):
+        if text[pos:pos + 8].rstrip() == keyword:
+            return pos // CARD + 1, text[pos:pos + CARD].rstrip()
+    return 0, keyword
+
+
+def _mandatory_int(header: afits.Header, key: str, index: int, low: int) -> int:
+    if key not in header:
+        raise FitsError(f"HDU {index} header lacks the mandatory keyword {key}")
+    value = header[key]
+    if type(value) is not int or value < low:
+        raise FitsError(f"HDU {index} header has {key} = {_show(value)}, "
+                        f"not an integer >= {low}")
+    return value
+
+
+def _data_size(header: afits.Header, index: int) -> int:
+    """Bytes of data (before padding) that the mandatory keywords announce."""
+    if "BITPIX" not in header:
+        raise FitsError(f"HDU {index} header lacks the mandatory keyword BITPIX")
+    bitpix = header["BITPIX"]
+    if type(bitpix) is not int or bitpix not in _BITPIX:
+        raise FitsError(f"HDU {index} header has BITPIX = {_show(bitpix)}, "
+                        f"not one of {', '.join(map(str, _BITPIX))}")
+    naxis = _mandatory_int(header, "NAXIS", index, 0)
+    if naxis > 999:
+        raise FitsError(f"HDU {index} header has NAXIS = {naxis}, more than 999")
+    axes = [_mandatory_int(header, f"NAXIS{n}", index, 0) for n in range(1, naxis + 1)]
+    if naxis == 0:
+        return 0
+    groups = index == 0 and header.get("GROUPS") is True and axes[0] == 0
+    if index == 0 and not groups:
+        return abs(bitpix) // 8 * math.prod(axes)
+    pcount = _mandatory_int(header, "PCOUNT", index, 0)
+    gcount = _mandatory_int(header, "GCOUNT", index, 0)
+    elements = math.prod(axes[1:]) if groups else math.prod(axes)
+    return abs(bitpix) // 8 * gcount * (pcount + elements)
+
+
+def _verify(header: afits.Header, index: int, header_sum: int, data_sum: int) -> bool:
+    """Check DATASUM and CHECKSUM where present; True when at least one was checked."""
+    datasum = _fold(data_sum)
+    has_datasum = "DATASUM" in header
+    if has_datasum:
+        stated = str(header["DATASUM"]).strip()
+        if not stated.isdigit() or int(stated) > 0xFFFFFFFF:
+            raise FitsError(f"HDU {index} DATASUM = {_show(header['DATASUM'])} is not "
+                            "an unsigned 32-bit integer")
+        if int(stated) != datasum:
+            raise FitsError(f"HDU {index} DATASUM mismatch: header says {int(stated)}, "
+                            f"data gives {datasum}")
+    if "CHECKSUM" in header:
+        total = _fold(header_sum + data_sum)
+        if total != _NEG_ZERO:
+            where = ("the header changed after CHECKSUM was written" if has_datasum
+                     else "header or data changed after CHECKSUM was written")
+            raise FitsError(f"HDU {index} CHECKSUM mismatch: header and data sum to "
+                            f"{total:#010x}, not -0 (0xffffffff); {where}")
+        return True
+    return has_datasum
+
+
+def _metadata(header: afits.Header) -> dict[str, Any]:
+    return {key: _json_value(header[key]) for key in METADATA_KEYS if key in header}
+
+
+def _json_value(value: Any) -> str | int | float | bool | None:
+    """A value JSON can carry exactly; None for undefined, NaN, infinite or complex values."""
+    if isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "T" if value else "F"
+    if value is None or isinstance(value, afits.card.Undefined):
+        return "(no value)"
+    return repr(value)
+
