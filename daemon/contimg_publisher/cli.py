@@ -1,0 +1,344 @@
+"""The operator command: thin wrappers over the modules that do the work.
+
+Exit status: 0 done, 1 the operation failed, 2 bad usage or bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from contimg_publisher import __version__, lock, logs, service
+from contimg_publisher import config as config_mod
+from contimg_publisher.config import Config, ConfigError
+from contimg_publisher.registry import SCHEMA_VERSION, STATUSES, Product, Registry, RegistryError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # exit 2 with one line, as for bad config
+        self.print_usage(sys.stderr)
+        raise SystemExit(f"{self.prog}: {message}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="contimg-publisher",
+                     description="Publish finished DSA-110 mosaics from staging to the archive.")
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"config file (default: ${config_mod.ENV_VAR}, else "
+                             f"{config_mod.DEFAULT_PATH})")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND",
+                                parser_class=_Parser)
+    sub.add_parser("run", help="the daemon, in the foreground (what systemd starts)")
+    sub.add_parser("scan", help="one pass: detect, register, publish what is due, reconcile")
+    p = sub.add_parser("status", help="counts per status, oldest waiting, recent failures")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("list", help="products, newest first")
+    p.add_argument("--status", choices=STATUSES)
+    p.add_argument("--type", dest="data_type")
+    p.add_argument("--limit", type=int, default=50, help="at most N rows (default 50; 0: all)")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("show", help="one product with its failure history")
+    p.add_argument("data_id")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("retry", help="clear attempts and make failed products due again")
+    p.add_argument("data_ids", nargs="*", metavar="DATA_ID")
+    p.add_argument("--all-failed", action="store_true")
+    p = sub.add_parser("publish", help="publish one product now (manual)")
+    p.add_argument("data_id")
+    p = sub.add_parser("hold", help="stop automatic publishing of a product")
+    p.add_argument("data_id")
+    p = sub.add_parser("release", help="allow automatic publishing of a product again")
+    p.add_argument("data_id")
+    sub.add_parser("migrate", help="bring the registry file to the current schema")
+    sub.add_parser("check-config", help="validate the config and print the effective values")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
+    path = args.config or config_mod.default_path()
+    try:
+        cfg = config_mod.load(path)
+    except ConfigError as exc:
+        print(f"contimg-publisher: bad config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "run":
+        return service.run(path)
+    logs.configure(cfg.log_level, "console" if cfg.log_format in ("auto", "journal")
+                   else cfg.log_format, cfg.error_max_chars)
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except UsageError as exc:
+        print(f"contimg-publisher: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RegistryError, lock.LockHeld, OSError) as exc:
+        print(f"contimg-publisher: {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    days, hours, minutes = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+              for r in rows]
+    return "\n".join(lines)
+
+
+def _one_line(text: str | None, limit: int = 80) -> str:
+    if not text:
+        return "-"
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _open(cfg: Config) -> Registry:
+    """Read commands use the registry as it is: an older file is not migrated behind the
+    operator's back."""
+    if not os.path.exists(cfg.registry):
+        return Registry(cfg.registry, cfg.busy_timeout_seconds)
+    registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False)
+    if registry.version() < SCHEMA_VERSION:
+        version = registry.version()
+        registry.close()
+        raise RegistryError(f"registry {cfg.registry} is at schema version {version}, this "
+                            f"program needs {SCHEMA_VERSION}: run `contimg-publisher migrate` "
+                            "(or start the daemon, which migrates)")
+    return registry
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    with _open(cfg) as registry:
+        now = time.time()
+        counts = registry.counts()
+        oldest = registry.oldest_waiting()
+        failures = registry.failures_since(now - 3600)
+        last = registry.last_published()
+    holder = lock.holder(str(cfg.lock_path))
+    data: dict[str, Any] = {
+        "counts": counts,
+        "oldest_waiting": None if oldest is None else {
+            "data_id": oldest.data_id, "staged_at": oldest.staged_at,
+            "age_seconds": round(now - oldest.staged_at, 3)},
+        "failures_last_hour": failures,
+        "last_published": None if last is None else {
+            "data_id": last.data_id, "published_at": last.published_at,
+            "published_path": last.published_path},
+        "lock": {"path": str(cfg.lock_path), "holder": holder},
+        "daemon_running": holder is not None and "daemon" in holder,
+        "registry": str(cfg.registry),
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"registry   {cfg.registry}")
+    print(f"daemon     {'running, ' + holder if data['daemon_running'] else 'not running'}"
+          + (f" (lock held by {holder})" if holder and not data["daemon_running"] else ""))
+    print("products   " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
+    if oldest is not None:
+        print(f"oldest waiting  {oldest.data_id} (waiting {_age(now - oldest.staged_at)})")
+    print(f"failures in the last hour  {failures}")
+    if last is not None:
+        print(f"last published  {last.data_id} at {_when(last.published_at)}")
+    return EXIT_OK
+
+
+def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise UsageError("--limit must be >= 0")
+    with _open(cfg) as registry:
+        rows = registry.list(status=args.status, data_type=args.data_type,
+                             limit=args.limit or None)
+    if args.json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+        return EXIT_OK
+    print(_table([[r.data_id, r.data_type, r.status, str(r.publish_attempts),
+                   _when(r.published_at or r.staged_at),
+                   _one_line(r.published_path if r.status == "published"
+                             else r.publish_error or r.stage_path, 70)] for r in rows],
+                 ["DATA_ID", "TYPE", "STATUS", "ATTEMPTS", "WHEN", "PATH / ERROR"]))
+    return EXIT_OK
+
+
+def _show_text(row: Product, history: list[Any], relations: list[dict[str, str]]) -> str:
+    out = [f"{row.data_id}  ({row.data_type}, {row.status}"
+           + (", held" if not row.auto_publish_enabled else "") + ")",
+           f"  staged      {row.stage_path}",
+           f"  published   {row.published_path or '-'}",
+           f"  size        {row.size_bytes if row.size_bytes is not None else '-'} bytes",
+           f"  checksum    {row.checksum or '-'}",
+           f"  staged at   {_when(row.staged_at)}",
+           f"  published at {_when(row.published_at)} ({row.publish_mode or '-'})",
+           f"  attempts    {row.publish_attempts}",
+           f"  next try    {_when(row.next_attempt_at) if row.status == 'staging' else '-'}",
+           f"  last error  {_one_line(row.publish_error, 200)}"]
+    if row.metadata:
+        pairs = ", ".join(f"{k}={v}" for k, v in sorted(row.metadata.items()))
+        out.append(f"  metadata    {pairs}")
+    if row.sidecars:
+        out.append("  sidecars    " + ", ".join(row.sidecars))
+    for rel in relations:
+        out.append(f"  {rel['parent']} {rel['type']} {rel['child']}")
+    if history:
+        out.append("  failure history:")
+        out.append(_table([[_when(f.at), str(f.attempt), f.kind, f"{f.host}:{f.pid}",
+                            _one_line(f.error, 100)] for f in history],
+                          ["    AT", "ATTEMPT", "KIND", "WHERE", "ERROR"]))
+    return "\n".join(out)
+
+
+def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
+    with _open(cfg) as registry:
+        row = registry.get(args.data_id)
+        if row is None:
+            print(f"contimg-publisher: show: no product {args.data_id!r}", file=sys.stderr)
+            return EXIT_FAILED
+        history = registry.history(row.data_id)
+        relations = registry.relationships(row.data_id)
+    if args.json:
+        data = row.to_json()
+        data["failures"] = [f.to_json() for f in history]
+        data["relationships"] = relations
+        print(json.dumps(data, indent=2))
+    else:
+        print(_show_text(row, history, relations))
+    return EXIT_OK
+
+
+def cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
+    if not args.data_ids and not args.all_failed:
+        raise UsageError("retry: name DATA_IDs or give --all-failed")
+    if args.data_ids and args.all_failed:
+        raise UsageError("retry: DATA_IDs and --all-failed exclude each other")
+    with _open(cfg) as registry:
+        changed = registry.retry(args.data_ids, all_failed=args.all_failed)
+        missing = [d for d in args.data_ids if d not in changed]
+        for data_id in changed:
+            print(f"{data_id}: due again")
+        for data_id in missing:
+            row = registry.get(data_id)
+            why = "no such product" if row is None else f"status {row.status}, nothing to retry"
+            print(f"{data_id}: {why}", file=sys.stderr)
+    return EXIT_FAILED if missing else EXIT_OK
+
+
+def cmd_publish(cfg: Config, args: argparse.Namespace) -> int:
+    result = service.publish_now(cfg, args.data_id, logs.get_logger())
+    if isinstance(result, str):
+        print(f"contimg-publisher: publish: {result}", file=sys.stderr)
+        return EXIT_FAILED
+    if result.status == "published":
+        print(f"{result.data_id}: published to {result.published_path}")
+        return EXIT_OK
+    print(f"contimg-publisher: publish: {result.data_id}: {result.status}"
+          f" ({result.kind or 'error'}: {result.error})", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _hold(cfg: Config, data_id: str, held: bool) -> int:
+    with _open(cfg) as registry:
+        if not registry.set_hold(data_id, held):
+            print(f"contimg-publisher: no product {data_id!r}", file=sys.stderr)
+            return EXIT_FAILED
+    print(f"{data_id}: {'held: not published automatically' if held else 'released'}")
+    return EXIT_OK
+
+
+def cmd_hold(cfg: Config, args: argparse.Namespace) -> int:
+    return _hold(cfg, args.data_id, True)
+
+
+def cmd_release(cfg: Config, args: argparse.Namespace) -> int:
+    return _hold(cfg, args.data_id, False)
+
+
+def cmd_migrate(cfg: Config, args: argparse.Namespace) -> int:
+    with Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False) as registry:
+        before = registry.version()
+        applied = registry.migrate()
+        after = registry.version()
+    if applied:
+        print(f"{cfg.registry}: migrated from schema version {before} to {after} "
+              f"(steps {', '.join(map(str, applied))})")
+    else:
+        print(f"{cfg.registry}: already at schema version {after}")
+    return EXIT_OK
+
+
+def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
+    print(f"# {cfg.source}: valid")
+    for key, value in cfg.as_dict().items():
+        if key == "source":
+            continue
+        print(f"{key} = {json.dumps(value)}")
+    return EXIT_OK
+
+
+def cmd_scan(cfg: Config, args: argparse.Namespace) -> int:
+    report = service.scan_once(cfg, logs.get_logger())
+    failed = 0
+    for outcome in report.detected:
+        if outcome.action in ("registered", "updated", "rejected", "vanished", "leftover"):
+            extra = f" ({outcome.reason})" if outcome.reason else ""
+            print(f"{outcome.action:10} {outcome.data_id}  {outcome.stage_path}{extra}")
+    for result in report.reconciled:
+        print(f"{'reconciled':10} {result.data_id}  -> {result.status}")
+    for result in report.published:
+        if result.status == "published":
+            print(f"{'published':10} {result.data_id}  -> {result.published_path}")
+        else:
+            failed += 1
+            print(f"{result.status:10} {result.data_id}  ({result.kind}: {result.error})")
+    print(f"scan: {sum(o.action in ('registered', 'updated') for o in report.detected)} "
+          f"registered, {sum(r.status == 'published' for r in report.published)} published, "
+          f"{failed} failed, "
+          f"{sum(o.action == 'rejected' for o in report.detected)} rejected, "
+          f"{report.waiting} still settling")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+COMMANDS = {
+    "status": cmd_status, "list": cmd_list, "show": cmd_show, "retry": cmd_retry,
+    "publish": cmd_publish, "hold": cmd_hold, "release": cmd_release, "migrate": cmd_migrate,
+    "check-config": cmd_check_config, "scan": cmd_scan,
+}

@@ -1,0 +1,601 @@
+"""Decide when a staged path is a finished product, describe it, and register it.
+
+The pipeline writes mosaics in place (no temporary name, no marker), often in
+several writes, so a product counts as finished only when nothing about it has
+changed for `settle_seconds` (its ctime, which every write moves, is the
+witness) and its content proves complete: a FITS file must be exactly as long
+as its headers say, with valid checksums where it carries them. The file is
+then described in one streaming read (size, checksum, header metadata) and its
+identity is checked again afterwards, so a file that changed while being read
+goes back to waiting instead of being registered with a stale checksum.
+
+`Detector` is owned by the main loop: it holds the paths waiting to settle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from contimg_publisher import fits, paths
+from contimg_publisher.config import Config, ProductRule
+from contimg_publisher.registry import Candidate, Identity, Product, Registry
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts")
+# How many paths one process() call describes; bounds the time the loop spends away.
+BATCH = 256
+
+
+# --- matching ---------------------------------------------------------------------------------
+
+def _match_parts(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Glob match on path components, where '**' spans zero or more folders."""
+    if not pattern:
+        return not parts
+    head = pattern[0]
+    if head == "**":
+        return any(_match_parts(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _match_parts(
+        pattern[1:], parts[1:])
+
+
+def _pattern(rule: ProductRule) -> tuple[str, ...]:
+    return tuple(p for p in rule.glob.split("/") if p)
+
+
+def sidecar_suffixes(rule: ProductRule) -> list[tuple[str, str]]:
+    """(placeholder, literal suffix) of each sidecar pattern: '{stem}.weights.fits' ->
+    ('stem', '.weights.fits')."""
+    out = []
+    for pattern in rule.sidecars:
+        for key in ("stem", "name"):
+            token = "{" + key + "}"
+            if pattern.startswith(token):
+                out.append((key, pattern[len(token):]))
+    return out
+
+
+def stem_of(name: str, rule: ProductRule) -> str:
+    """The name without its product suffix: 'nightly_20261128.fits' -> 'nightly_20261128'."""
+    last = _pattern(rule)[-1]
+    if last.startswith("*") and not any(ch in last[1:] for ch in "*?["):
+        suffix = last[1:]
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    root, ext = os.path.splitext(name)
+    return root if root else name
+
+
+def sidecar_names(name: str, rule: ProductRule) -> list[str]:
+    stem = stem_of(name, rule)
+    return [pattern.format(stem=stem, name=name) for pattern in rule.sidecars]
+
+
+def _is_sidecar(name: str, rule: ProductRule) -> bool:
+    """A weight map or preview that travels with its product is never a product itself."""
+    for _key, suffix in sidecar_suffixes(rule):
+        if suffix and name.endswith(suffix) and len(name) > len(suffix):
+            return True
+    return False
+
+
+def ignored(parts: Iterable[str], patterns: Iterable[str]) -> bool:
+    patterns = tuple(patterns)
+    return any(fnmatch.fnmatchcase(part, pat) for part in parts for pat in patterns)
+
+
+@dataclass(frozen=True)
+class Match:
+    rule: ProductRule
+    parts: tuple[bytes, ...]    # the product's components under stage_root
+
+
+def match(config: Config, parts: tuple[bytes, ...]) -> Match | None:
+    """The product a staged path belongs to: itself (file rules), the folder product that
+    contains it (directory rules), or the product whose sidecar it is."""
+    names = tuple(os.fsdecode(p) for p in parts)
+    if ignored(names, config.ignore):
+        return None
+    for rule in config.products:
+        pattern = _pattern(rule)
+        if rule.kind == "directory":
+            for end in range(1, len(names) + 1):
+                if _match_parts(pattern, names[:end]):
+                    return Match(rule, parts[:end])
+            continue
+        if _match_parts(pattern, names):
+            if _is_sidecar(names[-1], rule):
+                owner = _sidecar_owner(config, rule, parts)
+                return owner
+            return Match(rule, parts)
+        owner = _sidecar_owner(config, rule, parts)
+        if owner is not None:
+            return owner
+    return None
+
+
+def _sidecar_owner(config: Config, rule: ProductRule, parts: tuple[bytes, ...]) -> Match | None:
+    name = os.fsdecode(parts[-1])
+    pattern = _pattern(rule)
+    for key, suffix in sidecar_suffixes(rule):
+        if not suffix or not name.endswith(suffix) or len(name) <= len(suffix):
+            continue
+        head = name[: -len(suffix)]
+        last = pattern[-1]
+        guesses = [head] if key == "name" else [head + last[1:]] if last.startswith("*") else []
+        for guess in guesses:
+            owner_parts = parts[:-1] + (os.fsencode(guess),)
+            owner_names = tuple(os.fsdecode(p) for p in owner_parts)
+            if _match_parts(pattern, owner_names) and not _is_sidecar(guess, rule):
+                return Match(rule, owner_parts)
+    return None
+
+
+def data_id_for(rule: ProductRule, parts: tuple[bytes, ...]) -> str:
+    """The product's id: its sub-path below the rule's fixed prefix, without its suffix."""
+    base = len(rule.base.parts)
+    sub = parts[base:] if len(parts) > base else parts[-1:]
+    names = [paths.display(p) for p in sub]
+    names[-1] = stem_of(names[-1], rule)
+    return "/".join(names)
+
+
+# --- describing -------------------------------------------------------------------------------
+
+class Rejected(Exception):
+    """The path is bad input: recorded as `rejected` with this reason."""
+
+
+class NotReady(Exception):
+    """The path is still changing: look at it again later."""
+
+
+def _identity(st: os.stat_result) -> Identity:
+    return Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _same(a: Identity, b: Identity) -> bool:
+    return (a.dev, a.ino, a.size, a.mtime_ns) == (b.dev, b.ino, b.size, b.mtime_ns)
+
+
+_TYPE_NAMES = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+               stat.S_IFLNK: "a symbolic link",
+               stat.S_IFDIR: "a folder", stat.S_IFREG: "a regular file"}
+
+
+def type_name(mode: int) -> str:
+    return _TYPE_NAMES.get(stat.S_IFMT(mode), "an unknown kind of file")
+
+
+@dataclass(frozen=True)
+class Description:
+    identity: Identity
+    checksum: str
+    metadata: dict[str, Any]
+
+
+def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str) -> Description:
+    """Check a staged file's content and describe it in one streaming read."""
+    try:
+        fd, parent_fd = paths.open_file_under(root_fd, parts)
+    except paths.UnsafePath as exc:
+        raise Rejected(exc.reason) from None
+    try:
+        before = _identity(os.fstat(fd))
+        if before.size == 0:
+            raise Rejected("empty file (0 bytes)")
+        head = os.pread(fd, 80, 0)
+        name = os.fsdecode(parts[-1]).lower()
+        if fits.is_fits_signature(head):
+            try:
+                report = fits.scan_fits(fd, algorithm=algorithm)
+            except fits.FitsError as exc:
+                raise Rejected(f"invalid FITS: {exc.reason}") from None
+            checksum, metadata = report.checksum, dict(report.metadata)
+            metadata["fits_checksums"] = report.fits_checksums
+            metadata["hdus"] = report.hdus
+        elif name.endswith(FITS_SUFFIXES):
+            raise Rejected("not a FITS file: it does not start with the card 'SIMPLE  ='")
+        else:
+            _size, checksum = fits.hash_fd(fd, algorithm=algorithm)
+            metadata = {}
+        after = _identity(os.fstat(fd))
+        if not _same(before, after) or after.ctime_ns != before.ctime_ns:
+            raise NotReady("changed while being read")
+        # The name must still lead to the file that was read.
+        try:
+            now = _identity(os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False))
+        except FileNotFoundError:
+            raise NotReady("vanished while being read") from None
+        if not _same(now, after):
+            raise NotReady("replaced while being read")
+        return Description(after, checksum, metadata)
+    finally:
+        os.close(fd)
+        os.close(parent_fd)
+
+
+def tree_digest(dir_fd: int, algorithm: str) -> tuple[int, str, int]:
+    """(total bytes, "algorithm:hex" over a sorted manifest of the tree, newest ctime_ns).
+
+    The manifest holds each entry's relative path, type, size and content digest, so two
+    folders digest equally exactly when they hold the same files with the same bytes.
+    Raises Rejected on a link or special file inside.
+    """
+    lines: list[bytes] = []
+    total = 0
+    newest = os.fstat(dir_fd).st_ctime_ns
+    for top, dirs, files, top_fd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
+        rel_top = os.fsencode(top)
+        for name in sorted(dirs + files):
+            st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
+            newest = max(newest, st.st_ctime_ns)
+            rel = os.path.normpath(os.path.join(rel_top, os.fsencode(name)))
+            if stat.S_ISDIR(st.st_mode):
+                lines.append(b"d\0" + rel + b"\n")
+            elif stat.S_ISREG(st.st_mode):
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top_fd)
+                try:
+                    size, digest = fits.hash_fd(fd, algorithm=algorithm)
+                finally:
+                    os.close(fd)
+                total += size
+                lines.append(b"f\0" + rel + b"\0" + str(size).encode() + b"\0" +
+                             digest.encode() + b"\n")
+            else:
+                raise Rejected(f"{paths.display(rel)} inside the folder is {type_name(st.st_mode)}")
+    manifest = hashlib.new(algorithm)
+    for line in sorted(lines):
+        manifest.update(line)
+    return total, f"{algorithm}:{manifest.hexdigest()}", newest
+
+
+def describe_directory(root_fd: int, parts: tuple[bytes, ...], rule: ProductRule,
+                       algorithm: str) -> Description:
+    try:
+        dir_fd = paths.open_dir_under(root_fd, parts)
+    except paths.UnsafePath as exc:
+        raise Rejected(exc.reason) from None
+    try:
+        before = os.fstat(dir_fd)
+        for required in rule.required:
+            try:
+                st = os.stat(required, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise Rejected(f"incomplete {rule.type}: {required} is missing") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise Rejected(f"{required} is {type_name(st.st_mode)}, not a regular file")
+        total, checksum, newest = tree_digest(dir_fd, algorithm)
+        _t2, again, newest2 = tree_digest_quick(dir_fd)
+        if newest2 != newest:
+            raise NotReady("changed while being read")
+        ident = Identity(before.st_dev, before.st_ino, total, before.st_mtime_ns, newest)
+        return Description(ident, checksum, {"files": _count_files(dir_fd)})
+    finally:
+        os.close(dir_fd)
+
+
+def tree_digest_quick(dir_fd: int) -> tuple[int, int, int]:
+    """(total bytes, file count, newest ctime_ns) without reading content: the settle witness
+    of a folder product."""
+    total = count = 0
+    newest = os.fstat(dir_fd).st_ctime_ns
+    for _top, dirs, files, top_fd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
+        for name in dirs + files:
+            try:
+                st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+                count += 1
+    return total, count, newest
+
+
+def _count_files(dir_fd: int) -> int:
+    return tree_digest_quick(dir_fd)[1]
+
+
+# --- the detector -----------------------------------------------------------------------------
+
+@dataclass
+class Pending:
+    match: Match
+    check_at: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What happened to one path, for logs and for `scan`'s report."""
+
+    action: str                 # registered, updated, unchanged, rejected, leftover, vanished, ...
+    data_id: str
+    data_type: str
+    stage_path: str
+    reason: str | None = None
+    product: Product | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Detector:
+    """Paths waiting to settle, and the checks that turn them into registered products."""
+
+    def __init__(self, config: Config, registry: Registry,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.registry = registry
+        self.clock = clock
+        self.pending: dict[tuple[bytes, ...], Pending] = {}
+        self.root = os.fsencode(str(config.stage_root))
+
+    def reconfigure(self, config: Config) -> None:
+        if config.stage_root != self.config.stage_root:
+            self.pending.clear()
+        self.config = config
+        self.root = os.fsencode(str(config.stage_root))
+
+    # What to look at ------------------------------------------------------------------------
+
+    def note(self, path: str | bytes, now: float | None = None) -> Match | None:
+        """A path something happened to (an event, a scan): its product waits to settle."""
+        try:
+            parts = paths.relative_components(self.root, os.fsencode(path))
+        except paths.UnsafePath:
+            return None
+        found = match(self.config, parts)
+        if found is not None:
+            entry = self.pending.get(found.parts)
+            if entry is None:
+                self.pending[found.parts] = Pending(found, 0.0)
+            else:
+                entry.check_at = 0.0
+        return found
+
+    def note_folder(self, path: str | bytes) -> int:
+        """A folder appeared (created or moved in): everything below it is looked at, since
+        files may have been created before a watch on it existed."""
+        count = 0
+        for entry_path in self._walk(os.fsencode(path)):
+            if self.note(entry_path) is not None:
+                count += 1
+        return count
+
+    def _walk(self, top: bytes) -> Iterable[bytes]:
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = list(it)
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if ignored([os.fsdecode(entry.name)], self.config.ignore):
+                        continue
+                    yield entry.path  # folder products are matched by the folder itself
+                    stack.append(entry.path)
+                else:
+                    yield entry.path
+
+    def scan(self) -> dict[str, int]:
+        """Walk every rule's folder: new or changed paths wait to settle; registered rows whose
+        file is gone are recorded. Unchanged registered files cost one lstat."""
+        index = self.registry.stage_index()
+        seen: set[str] = set()
+        stats = {"walked": 0, "queued": 0, "known": 0, "leftover": 0}
+        bases = sorted({r.base for r in self.config.products}, key=lambda b: len(b.parts))
+        walked_tops: list[bytes] = []
+        for base in bases:
+            top = os.path.join(self.root, os.fsencode(str(base))) if base.parts else self.root
+            if any(top == t or top.startswith(t + b"/") for t in walked_tops):
+                continue
+            walked_tops.append(top)
+            for path in self._walk(top):
+                stats["walked"] += 1
+                try:
+                    parts = paths.relative_components(self.root, path)
+                except paths.UnsafePath:
+                    continue
+                found = match(self.config, parts)
+                if found is None:
+                    continue
+                key = paths.display(os.path.join(self.root, *found.parts))
+                if key in seen:
+                    continue
+                seen.add(key)
+                known = index.get(key)
+                if known is not None and known[1] is not None and found.rule.kind == "file":
+                    try:
+                        st = os.lstat(path)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode) and _same(known[1], _identity(st)):
+                        if known[0] == "published":
+                            stats["leftover"] += 1
+                            self.note(path)
+                        else:
+                            stats["known"] += 1
+                        continue
+                self.note(os.path.join(self.root, *found.parts))
+                stats["queued"] += 1
+        for stage_path, (status, _ident) in index.items():
+            if status in ("staging", "failed") and stage_path not in seen and \
+                    stage_path.startswith(paths.display(self.root) + "/"):
+                self._vanished(stage_path)
+        return stats
+
+    # Settling and checking -----------------------------------------------------------------
+
+    def next_check(self) -> float | None:
+        return min((p.check_at for p in self.pending.values()), default=None)
+
+    def forget(self, path: str | bytes) -> None:
+        """A path was deleted or moved away."""
+        try:
+            parts = paths.relative_components(self.root, os.fsencode(path))
+        except paths.UnsafePath:
+            return
+        found = match(self.config, parts)
+        if found is None:
+            return
+        if found.parts == parts:
+            self.pending.pop(found.parts, None)
+            self._vanished(paths.display(os.path.join(self.root, *parts)))
+        else:
+            self.note(os.path.join(self.root, *found.parts))  # a file inside a folder product
+
+    def _vanished(self, stage_path: str) -> Outcome | None:
+        for row in self.registry.by_stage_path(stage_path):
+            if row.status in ("staging", "failed") and self.registry.forget_missing(
+                    row.data_id, "the file left the staging area before it was published",
+                    self.config.error_max_chars):
+                return Outcome("vanished", row.data_id, row.data_type, stage_path)
+        return None
+
+    def process(self, now: float | None = None, limit: int = BATCH) -> list[Outcome]:
+        """Check every path whose settle time has come; register what is finished."""
+        now = self.clock() if now is None else now
+        ready = [p for p in self.pending.values() if p.check_at <= now][:limit]
+        if not ready:
+            return []
+        outcomes: list[Outcome] = []
+        candidates: list[tuple[Candidate, Match]] = []
+        root_fd = paths.open_root(self.root)
+        try:
+            for entry in ready:
+                result = self._check(root_fd, entry, now)
+                if isinstance(result, Outcome):
+                    self.pending.pop(entry.match.parts, None)
+                    outcomes.append(result)
+                elif isinstance(result, Candidate):
+                    self.pending.pop(entry.match.parts, None)
+                    candidates.append((result, entry.match))
+        finally:
+            os.close(root_fd)
+        outcomes.extend(self._register(candidates))
+        return outcomes
+
+    def _check(self, root_fd: int, entry: Pending, now: float) -> Outcome | Candidate | None:
+        m = entry.match
+        stage_path = paths.display(os.path.join(self.root, *m.parts))
+        data_id = data_id_for(m.rule, m.parts)
+        problem = self._name_problem(m.parts)
+        try:
+            st = paths.lstat_under(root_fd, m.parts)
+        except FileNotFoundError:
+            return self._vanished(stage_path) or Outcome("vanished", data_id, m.rule.type,
+                                                         stage_path)
+        except paths.UnsafePath as exc:
+            return self._reject(m, data_id, stage_path, exc.reason, None)
+        except OSError as exc:
+            if exc.errno == errno.ENOTDIR:
+                return self._vanished(stage_path)
+            raise
+        ident = _identity(st)
+        if problem:
+            return self._reject(m, data_id, stage_path, problem, ident)
+        want_dir = m.rule.kind == "directory"
+        if stat.S_ISLNK(st.st_mode):
+            return self._reject(m, data_id, stage_path,
+                                "is a symbolic link; stage the file itself, not a link", ident)
+        if want_dir != stat.S_ISDIR(st.st_mode):
+            wanted = "a folder" if want_dir else "a regular file"
+            return self._reject(m, data_id, stage_path,
+                                f"is {type_name(st.st_mode)}, not {wanted}", ident)
+        quiet_since = self._quiet_since(root_fd, m, st)
+        settle = self.config.settle_seconds
+        if now - quiet_since < settle:
+            entry.check_at = quiet_since + settle
+            return None
+        algorithm = self.config.checksum_algorithm
+        try:
+            if want_dir:
+                desc = describe_directory(root_fd, m.parts, m.rule, algorithm)
+            else:
+                desc = describe_file(root_fd, m.parts, algorithm)
+        except Rejected as exc:
+            return self._reject(m, data_id, stage_path, str(exc), ident)
+        except NotReady:
+            entry.check_at = now + max(settle, 0.05)
+            return None
+        except FileNotFoundError:
+            return self._vanished(stage_path) or Outcome("vanished", data_id, m.rule.type,
+                                                         stage_path)
+        except OSError as exc:
+            return self._reject(m, data_id, stage_path,
+                                f"cannot be read: {exc.strerror or exc}", ident)
+        return Candidate(data_id=data_id, data_type=m.rule.type,
+                         base_path=paths.display(self.root), stage_path=stage_path,
+                         stage_path_bytes=os.path.join(self.root, *m.parts),
+                         identity=desc.identity, checksum=desc.checksum, metadata=desc.metadata)
+
+    def _name_problem(self, parts: tuple[bytes, ...]) -> str | None:
+        for part in parts:
+            problem = paths.name_problem(part, self.config.max_name_bytes)
+            if problem:
+                return f"name {paths.display(part)!s}: {problem}"
+        return None
+
+    def _quiet_since(self, root_fd: int, m: Match, st: os.stat_result) -> float:
+        """When the product (with its sidecars) last changed."""
+        newest = max(st.st_ctime_ns, st.st_mtime_ns)
+        if m.rule.kind == "directory":
+            with contextlib.suppress(OSError, paths.UnsafePath):
+                dir_fd = paths.open_dir_under(root_fd, m.parts)
+                try:
+                    newest = max(newest, tree_digest_quick(dir_fd)[2])
+                finally:
+                    os.close(dir_fd)
+        else:
+            name = os.fsdecode(m.parts[-1])
+            for sidecar in sidecar_names(name, m.rule):
+                with contextlib.suppress(OSError, paths.UnsafePath):
+                    sst = paths.lstat_under(root_fd, m.parts[:-1] + (os.fsencode(sidecar),))
+                    newest = max(newest, sst.st_ctime_ns, sst.st_mtime_ns)
+        return newest / 1e9
+
+    def _reject(self, m: Match, data_id: str, stage_path: str, reason: str,
+                ident: Identity | None) -> Outcome:
+        outcome, row = self.registry.reject(
+            data_id, m.rule.type, paths.display(self.root), stage_path,
+            os.path.join(self.root, *m.parts), reason, ident, self.config.error_max_chars)
+        if outcome == "skipped" and row is not None and row.stage_path != stage_path:
+            # The id belongs to another path: keep this rejection under a path-qualified id.
+            outcome, row = self.registry.reject(
+                f"{m.rule.type}:{stage_path}", m.rule.type, paths.display(self.root),
+                stage_path, os.path.join(self.root, *m.parts), reason, ident,
+                self.config.error_max_chars)
+        action = "rejected" if outcome in ("new", "updated") else "rejected_unchanged"
+        return Outcome(action, row.data_id if row else data_id, m.rule.type, stage_path,
+                       reason=reason, product=row)
+
+    def _register(self, items: list[tuple[Candidate, Match]]) -> list[Outcome]:
+        if not items:
+            return []
+        outcomes: list[Outcome] = []
+        results = self.registry.register_many([c for c, _m in items])
+        for (cand, m), (outcome, row) in zip(items, results, strict=True):
+            version = 1
+            while outcome == "conflict" and version < 1000:
+                # The id is taken by another path, or by content already published from this
+                # path: the new content becomes the next version of the product.
+                version += 1
+                cand = Candidate(**{**cand.__dict__, "data_id": f"{data_id_for(m.rule, m.parts)}"
+                                                                f".v{version}"})
+                outcome, row = self.registry.register(cand)
+            action = {"new": "registered", "updated": "updated", "unchanged": "unchanged",
+                      "busy": "busy", "published": "leftover"}.get(outcome, outcome)
+            outcomes.append(Outcome(action, row.data_id, row.data_type, cand.stage_path,
+                                    product=row))
+        return outcomes

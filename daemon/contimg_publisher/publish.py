@@ -1,0 +1,742 @@
+"""Move one claimed product to the products area, so that no crash can lose,
+truncate, duplicate or overwrite it.
+
+The protocol, each step recoverable from what is on disk plus the row:
+  1. open the staged source without following links, walking from a descriptor of
+     stage_root, and check with fstat that it is the file that was registered;
+  2. choose the final name: never an existing one, unless it already holds the
+     same bytes (then the publish is idempotent); otherwise `<stem>.vN<suffix>`;
+  3. record the final and temporary names in the row (reconciliation reads them);
+  4. same filesystem: hard link (files) or no-replace rename (folders);
+     across filesystems: copy into a temporary name created O_EXCL in the
+     destination folder, hashing in the same pass, fsync, verify size and
+     checksum against the registry, rename without replacing, fsync the folder;
+  5. commit `published` durably (synchronous=FULL);
+  6. only then remove the source, if the name still leads to the same file.
+A failure removes the temporary file, leaves the source alone and is recorded
+with its kind; `reconcile` resolves publishes that a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import queue
+import signal
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from contimg_publisher import detect, fits, paths
+from contimg_publisher.config import Config, ProductRule
+from contimg_publisher.lock import owner_alive
+from contimg_publisher.registry import FailureOutcome, Identity, Product, Registry
+
+CHUNK = 8 << 20
+# Test-only fault injection: the process kills itself at the named step. Read nowhere else.
+CRASH_ENV = "CONTIMG_PUBLISHER_TEST_CRASH_AT"
+CRASH_POINTS = ("after_temp_write", "after_rename", "after_commit", "before_source_removal")
+
+
+class PublishFailure(Exception):
+    """A publish attempt that failed for a reason with a kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
+class Cancelled(Exception):
+    """The daemon is stopping: the attempt is abandoned cleanly."""
+
+
+@dataclass
+class Result:
+    """What one publish attempt did, for logs and metrics."""
+
+    data_id: str
+    data_type: str
+    status: str                     # published, failed, requeued, lost
+    stage_path: str
+    published_path: str | None = None
+    kind: str | None = None
+    error: str | None = None
+    failure: FailureOutcome | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+    how: str = ""                   # copy, link, rename, identical
+    supersedes: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def classify(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "no_space"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission"
+    return "other"
+
+
+def rule_for(config: Config, data_type: str) -> ProductRule | None:
+    return next((r for r in config.products if r.type == data_type), None)
+
+
+def destination(config: Config, rule: ProductRule, parts: tuple[bytes, ...]
+                ) -> tuple[tuple[bytes, ...], bytes]:
+    """(folder components under products_root, name) where a staged product publishes."""
+    base = len(rule.base.parts)
+    sub = parts[base:] if len(parts) > base else parts[-1:]
+    folder = tuple(os.fsencode(p) for p in rule.destination.split("/") if p) + tuple(sub[:-1])
+    return folder, sub[-1]
+
+
+def versioned(name: bytes, rule: ProductRule, version: int) -> bytes:
+    """nightly.fits -> nightly.v2.fits (the suffix the rule's glob names is kept)."""
+    if version <= 1:
+        return name
+    text = os.fsdecode(name)
+    stem = detect.stem_of(text, rule)
+    return os.fsencode(f"{stem}.v{version}{text[len(stem):]}")
+
+
+def _full(root: bytes, folder: tuple[bytes, ...], name: bytes) -> bytes:
+    return os.path.join(root, *folder, name)
+
+
+# --- copying ----------------------------------------------------------------------------------
+
+class _Hasher(threading.Thread):
+    """Hashes chunks beside the copy: hashlib releases the GIL, so reading, writing and
+    hashing overlap instead of adding up."""
+
+    def __init__(self, algorithm: str) -> None:
+        super().__init__(daemon=True, name="contimg-hash")
+        self.digest = hashlib.new(algorithm)
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+
+    def run(self) -> None:
+        while (chunk := self.chunks.get()) is not None:
+            self.digest.update(chunk)
+
+
+def copy_fd(src_fd: int, dst_fd: int, algorithm: str, *, cancel: threading.Event | None = None,
+            tick: Callable[[], None] | None = None) -> tuple[int, str]:
+    """Copy all of src into dst from offset 0, hashing the bytes copied; returns (size, checksum).
+
+    `tick` runs about once a second (lease renewal); `cancel` aborts with Cancelled.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    hasher = _Hasher(algorithm)
+    hasher.start()
+    offset = 0
+    last_tick = time.monotonic()
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("stopping")
+            chunk = os.pread(src_fd, CHUNK, offset)
+            if not chunk:
+                break
+            hasher.chunks.put(chunk)
+            view = memoryview(chunk)
+            while view:
+                written = os.write(dst_fd, view)
+                view = view[written:]
+            offset += len(chunk)
+            if tick is not None and time.monotonic() - last_tick >= 1.0:
+                last_tick = time.monotonic()
+                tick()
+    finally:
+        hasher.chunks.put(None)
+        hasher.join()
+    return offset, f"{algorithm}:{hasher.digest.hexdigest()}"
+
+
+def _same_content(dir_fd: int, name: bytes, size: int | None, checksum: str | None,
+                  kind: str) -> bool:
+    """Whether an existing entry already holds exactly the product's bytes."""
+    if checksum is None:
+        return False
+    algorithm = checksum.split(":", 1)[0]
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if kind == "directory":
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        try:
+            return detect.tree_digest(fd, algorithm)[1] == checksum
+        except detect.Rejected:
+            return False
+        finally:
+            os.close(fd)
+    if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+        return False
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return fits.hash_fd(fd, algorithm=algorithm)[1] == checksum
+    finally:
+        os.close(fd)
+
+
+def _exists(dir_fd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+# --- one publish ------------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    name: bytes
+    dest_name: bytes = b""
+    fd: int = -1
+
+
+class Publisher:
+    """Publishes claimed rows; one instance per thread (it uses that thread's Registry)."""
+
+    def __init__(self, config: Config, registry: Registry, owner: str,
+                 log: Any = None) -> None:
+        self.config = config
+        self.registry = registry
+        self.owner = owner
+        self.log = log
+
+    def _warn(self, event: str, **fields: Any) -> None:
+        if self.log is not None:
+            self.log.warning(event, **fields)
+
+    def publish(self, product: Product, mode: str = "auto",
+                cancel: threading.Event | None = None) -> Result:
+        """Publish one row this process has claimed; failures are recorded, not raised."""
+        started = time.monotonic()
+        result = Result(product.data_id, product.data_type, "failed", product.stage_path)
+        try:
+            self._publish(product, mode, cancel, result)
+        except Cancelled:
+            self.registry.requeue(product.data_id, self.owner)
+            result.status, result.error = "requeued", "stopped before the publish finished"
+        except PublishFailure as exc:
+            self._fail(product, result, exc.kind, str(exc))
+        except paths.UnsafePath as exc:
+            self._fail(product, result, "source_changed", f"{exc.path}: {exc.reason}")
+        except OSError as exc:
+            self._fail(product, result, classify(exc), _os_text(exc))
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _fail(self, product: Product, result: Result, kind: str, text: str) -> None:
+        cfg = self.config
+        result.status, result.kind, result.error = "failed", kind, text
+        result.failure = self.registry.record_failure(
+            product.data_id, self.owner, kind, text, cfg.max_attempts,
+            cfg.backoff_initial_seconds, cfg.backoff_max_seconds, cfg.error_max_chars)
+        if result.failure is None:
+            result.status = "lost"
+
+    def _publish(self, product: Product, mode: str, cancel: threading.Event | None,
+                 result: Result) -> None:
+        cfg = self.config
+        rule = rule_for(cfg, product.data_type)
+        if rule is None:
+            raise PublishFailure("other", f"no product rule for type {product.data_type!r} "
+                                          "in the configuration")
+        if product.checksum is None or product.identity is None:
+            raise PublishFailure("source_changed", "the product has not been described yet")
+        stage_root = os.fsencode(str(cfg.stage_root))
+        parts = paths.relative_components(stage_root, product.stage_bytes)
+        folder, name = destination(cfg, rule, parts)
+        products_root = os.fsencode(str(cfg.products_root))
+        os.makedirs(products_root, mode=cfg.dir_mode, exist_ok=True)
+
+        stage_fd = paths.open_root(stage_root)
+        products_fd = paths.open_root(products_root)
+        src_parent = dest_fd = src_fd = -1
+        temps: list[bytes] = []
+        try:
+            try:
+                src_parent = paths.open_dir_under(stage_fd, parts[:-1])
+                src_fd = os.open(parts[-1], _open_flags(rule), dir_fd=src_parent)
+            except FileNotFoundError:
+                raise PublishFailure("source_missing",
+                                     f"{product.stage_path}: no longer in the staging area"
+                                     ) from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise PublishFailure("source_changed", f"{product.stage_path}: "
+                                         "replaced by a symbolic link") from None
+                if exc.errno == errno.ENOTDIR:
+                    raise PublishFailure("source_changed", f"{product.stage_path}: "
+                                         "is no longer a folder") from None
+                raise
+            st = os.fstat(src_fd)
+            kind_ok = stat.S_ISDIR(st.st_mode) if rule.kind == "directory" else \
+                stat.S_ISREG(st.st_mode)
+            now_ident = Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                 st.st_ctime_ns)
+            if not kind_ok or not _same_file(product.identity, now_ident, rule.kind):
+                raise PublishFailure("source_changed", f"{product.stage_path}: changed since it "
+                                     "was registered; it will be examined again")
+            dest_fd = paths.open_dir_under(products_fd, folder, create=True, mode=cfg.dir_mode)
+            sidecars = self._sidecars(src_parent, name, parts[-1], rule)
+            final, version, identical = self._choose_name(dest_fd, name, rule, product,
+                                                          sidecars)
+            for sc in sidecars:
+                sc.dest_name = os.fsencode(
+                    os.fsdecode(sc.name).replace(detect.stem_of(os.fsdecode(parts[-1]), rule),
+                                                 detect.stem_of(os.fsdecode(final), rule), 1))
+            final_path = paths.display(_full(products_root, folder, final))
+            result.published_path = final_path
+            if version > 1:
+                previous = paths.display(_full(products_root, folder,
+                                               versioned(name, rule, version - 1)))
+                holder = self.registry.by_published_path(previous)
+                result.supersedes = holder.data_id if holder else None
+                self._warn("name_taken", data_id=product.data_id, data_type=product.data_type,
+                           stage_path=product.stage_path, published_path=final_path,
+                           existing=previous,
+                           reason="a different product already has this name; "
+                                  f"publishing as version {version}")
+            if identical:
+                result.how = "identical"
+            else:
+                same_fs = os.fstat(src_parent).st_dev == os.fstat(dest_fd).st_dev
+                token = f"{product.id}-{uuid.uuid4().hex[:8]}"
+                temp = paths.temp_name(final, token)
+                self.registry.set_publish_plan(
+                    product.data_id, self.owner, final_path,
+                    None if same_fs else paths.display(_full(products_root, folder, temp)))
+                if same_fs:
+                    result.how = self._move_same_fs(src_parent, src_fd, parts[-1], dest_fd,
+                                                    final, rule, sidecars)
+                else:
+                    result.how = "copy"
+                    temps.append(temp)
+                    result.bytes = self._copy(src_fd, src_parent, parts[-1], dest_fd, temp,
+                                              final, rule, product, sidecars, temps, cancel)
+                    temps.clear()
+                paths.fsync_dir(dest_fd)
+                _crash_point("after_rename")
+            if not self.registry.mark_published(
+                    product.data_id, self.owner, final_path, mode,
+                    sidecars=[os.fsdecode(s.dest_name) for s in sidecars],
+                    supersedes=result.supersedes):
+                result.status = "lost"
+                result.error = "the claim on this product was lost before the commit"
+                return
+            result.status = "published"
+            _crash_point("after_commit")
+            self._remove_source(src_parent, parts[-1], now_ident, rule, sidecars, dest_fd)
+        finally:
+            for temp in temps:
+                with contextlib.suppress(OSError):
+                    paths.remove_tree_under(dest_fd, temp)
+            for fd in (src_fd, src_parent, dest_fd, stage_fd, products_fd):
+                if fd >= 0:
+                    os.close(fd)
+
+    def _sidecars(self, src_parent: int, product_name: bytes, staged_name: bytes,
+                  rule: ProductRule) -> list[_Source]:
+        """Sidecars present beside the staged product (regular files only)."""
+        out = []
+        for sidecar in detect.sidecar_names(os.fsdecode(staged_name), rule):
+            raw = os.fsencode(sidecar)
+            try:
+                st = os.stat(raw, dir_fd=src_parent, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append(_Source(raw))
+            else:
+                self._warn("sidecar_skipped", sidecar=paths.display(raw),
+                           reason=f"is {detect.type_name(st.st_mode)}, not a regular file")
+        return out
+
+    def _choose_name(self, dest_fd: int, name: bytes, rule: ProductRule, product: Product,
+                     sidecars: list[_Source]) -> tuple[bytes, int, bool]:
+        """The first of name, name.v2, ... that is free or already holds these bytes."""
+        staged_stem = detect.stem_of(os.fsdecode(name), rule)
+        for version in range(1, 10_000):
+            candidate = versioned(name, rule, version)
+            stem = detect.stem_of(os.fsdecode(candidate), rule)
+            sidecar_names = [os.fsencode(os.fsdecode(s.name).replace(staged_stem, stem, 1))
+                             for s in sidecars]
+            if not _exists(dest_fd, candidate):
+                if not any(_exists(dest_fd, s) for s in sidecar_names):
+                    return candidate, version, False
+                continue
+            if _same_content(dest_fd, candidate, product.size_bytes if rule.kind == "file"
+                             else None, product.checksum, rule.kind):
+                return candidate, version, True
+        raise PublishFailure("other", f"{paths.display(name)}: 10,000 versions already exist")
+
+    def _move_same_fs(self, src_parent: int, src_fd: int, name: bytes, dest_fd: int,
+                      final: bytes, rule: ProductRule, sidecars: list[_Source]) -> str:
+        cfg = self.config
+        for sc in sidecars:
+            with contextlib.suppress(FileExistsError):
+                paths.link_noreplace(src_parent, sc.name, dest_fd, sc.dest_name)
+            _chmod_at(dest_fd, sc.dest_name, cfg.file_mode)
+        if rule.kind == "directory":
+            paths.rename_noreplace(src_parent, name, dest_fd, final)
+            paths.fsync_dir(src_parent)
+            _chmod_tree(dest_fd, final, cfg.file_mode, cfg.dir_mode)
+            return "rename"
+        paths.link_noreplace(src_parent, name, dest_fd, final)
+        os.fchmod(src_fd, cfg.file_mode)
+        return "link"
+
+    def _copy(self, src_fd: int, src_parent: int, name: bytes, dest_fd: int, temp: bytes,
+              final: bytes, rule: ProductRule, product: Product, sidecars: list[_Source],
+              temps: list[bytes], cancel: threading.Event | None) -> int:
+        cfg = self.config
+        algorithm = (product.checksum or "sha256:").split(":", 1)[0]
+
+        def renew() -> None:
+            self.registry.renew_lease(product.data_id, self.owner, cfg.lease_seconds)
+
+        # Sidecars first, each to its final name, so the product's own rename is the last
+        # step: a product never appears without its sidecars.
+        for sc in sidecars:
+            sc_temp = paths.temp_name(sc.dest_name, f"{product.id}-{uuid.uuid4().hex[:8]}")
+            temps.append(sc_temp)
+            fd = os.open(sc.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_parent)
+            try:
+                self._copy_file(fd, dest_fd, sc_temp, algorithm, cancel, renew)
+            finally:
+                os.close(fd)
+            try:
+                paths.rename_noreplace(dest_fd, sc_temp, dest_fd, sc.dest_name)
+            except FileExistsError:
+                # Left by an interrupted attempt of this same product: keep the copy that
+                # is already there when it holds the same bytes.
+                if not _files_equal(dest_fd, sc_temp, sc.dest_name, algorithm):
+                    raise PublishFailure("other", f"sidecar {paths.display(sc.dest_name)} "
+                                         "exists with other content") from None
+                paths.remove_tree_under(dest_fd, sc_temp)
+            temps.remove(sc_temp)
+
+        if rule.kind == "directory":
+            size = self._copy_tree(src_fd, dest_fd, temp, cancel, renew)
+            tmp_fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=dest_fd)
+            try:
+                _total, checksum, _newest = detect.tree_digest(tmp_fd, algorithm)
+            finally:
+                os.close(tmp_fd)
+        else:
+            size, checksum = self._copy_file(src_fd, dest_fd, temp, algorithm, cancel, renew)
+        paths.fsync_dir(dest_fd)
+        _crash_point("after_temp_write")
+        st = os.fstat(src_fd)
+        if (st.st_size if rule.kind == "file" else size) != product.size_bytes or \
+                checksum != product.checksum:
+            still = product.identity is not None and _same_file(
+                product.identity, Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                           st.st_ctime_ns), rule.kind)
+            if not still:
+                raise PublishFailure("source_changed", f"{product.stage_path}: changed while "
+                                     "being copied; it will be examined again")
+            raise PublishFailure("verify_mismatch",
+                                 f"copy of {product.stage_path} does not match the registry: "
+                                 f"{size} bytes {checksum}, expected {product.size_bytes} bytes "
+                                 f"{product.checksum}")
+        paths.rename_noreplace(dest_fd, temp, dest_fd, final)
+        return size
+
+    def _copy_file(self, src_fd: int, dest_fd: int, temp: bytes, algorithm: str,
+                   cancel: threading.Event | None, tick: Callable[[], None]) -> tuple[int, str]:
+        cfg = self.config
+        out = paths.create_exclusive(dest_fd, temp, 0o600)
+        try:
+            size, checksum = copy_fd(src_fd, out, algorithm, cancel=cancel, tick=tick)
+            st = os.fstat(src_fd)
+            os.fchmod(out, cfg.file_mode)
+            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(out)
+        finally:
+            os.close(out)
+        return size, checksum
+
+    def _copy_tree(self, src_dir: int, dest_fd: int, temp: bytes,
+                   cancel: threading.Event | None, tick: Callable[[], None]) -> int:
+        """Folder product across filesystems: file by file into a temporary folder."""
+        cfg = self.config
+        os.mkdir(temp, 0o700, dir_fd=dest_fd)
+        total = 0
+        top_fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=dest_fd)
+        try:
+            for rel, dirs, files, dfd in os.fwalk(".", dir_fd=src_dir, follow_symlinks=False):
+                rel_b = os.fsencode(rel)
+                out_dir = top_fd if rel_b == b"." else os.open(
+                    rel_b, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=top_fd)
+                try:
+                    for d in dirs:
+                        os.mkdir(d, cfg.dir_mode, dir_fd=out_dir)
+                    for f in files:
+                        fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                        try:
+                            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                                raise PublishFailure("source_changed",
+                                                     f"{f} inside the folder is not a file")
+                            total += self._copy_file(fd, out_dir, os.fsencode(f), "sha256",
+                                                     cancel, tick)[0]
+                        finally:
+                            os.close(fd)
+                    st = os.fstat(dfd)
+                    os.fchmod(out_dir, cfg.dir_mode)
+                    os.utime(out_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    os.fsync(out_dir)
+                finally:
+                    if out_dir != top_fd:
+                        os.close(out_dir)
+        finally:
+            os.close(top_fd)
+        return total
+
+    def _remove_source(self, src_parent: int, name: bytes, ident: Identity, rule: ProductRule,
+                       sidecars: list[_Source], dest_fd: int) -> None:
+        """Remove the staged copy, only if the name still leads to the file that was published."""
+        _crash_point("before_source_removal")
+        removed = False
+        if rule.kind == "file":
+            try:
+                st = os.stat(name, dir_fd=src_parent, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (
+                    ident.dev, ident.ino):
+                os.unlink(name, dir_fd=src_parent)
+                removed = True
+        for sc in sidecars:
+            with contextlib.suppress(FileNotFoundError):
+                if _files_equal_across(src_parent, sc.name, dest_fd, sc.dest_name):
+                    os.unlink(sc.name, dir_fd=src_parent)
+                    removed = True
+        if removed:
+            paths.fsync_dir(src_parent)
+
+    def remove_leftover(self, product: Product) -> bool:
+        """A published product's staged copy is still there (a crash before step 6)."""
+        cfg = self.config
+        rule = rule_for(cfg, product.data_type)
+        if rule is None or product.identity is None or not product.published_path:
+            return False
+        stage_root = os.fsencode(str(cfg.stage_root))
+        parts = paths.relative_components(stage_root, product.stage_bytes)
+        published = paths.undisplay(product.published_path)
+        if not os.path.lexists(published):
+            return False
+        stage_fd = paths.open_root(stage_root)
+        try:
+            src_parent = paths.open_dir_under(stage_fd, parts[:-1])
+        except (FileNotFoundError, paths.UnsafePath):
+            os.close(stage_fd)
+            return False
+        dest_fd = os.open(os.path.dirname(published),
+                          os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            final = os.path.basename(published)
+            sidecars = [
+                _Source(sc, os.fsencode(os.fsdecode(sc.name).replace(
+                    detect.stem_of(os.fsdecode(parts[-1]), rule),
+                    detect.stem_of(os.fsdecode(final), rule), 1)))
+                for sc in (s.name for s in self._sidecars(src_parent, parts[-1], parts[-1], rule))
+            ] if rule.kind == "file" else []
+            before = _exists(src_parent, parts[-1])
+            self._remove_source(src_parent, parts[-1], product.identity, rule, sidecars, dest_fd)
+            return before and not _exists(src_parent, parts[-1])
+        finally:
+            for fd in (dest_fd, src_parent, stage_fd):
+                os.close(fd)
+
+
+def _open_flags(rule: ProductRule) -> int:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    if rule.kind == "directory":
+        flags |= os.O_DIRECTORY
+    return flags
+
+
+def _same_file(registered: Identity, now: Identity, kind: str) -> bool:
+    if kind == "directory":
+        return (registered.dev, registered.ino) == (now.dev, now.ino)
+    return (registered.dev, registered.ino, registered.size, registered.mtime_ns) == (
+        now.dev, now.ino, now.size, now.mtime_ns)
+
+
+def _chmod_at(dir_fd: int, name: bytes, mode: int) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _chmod_tree(dir_fd: int, name: bytes, file_mode: int, dir_mode: int) -> None:
+    top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  dir_fd=dir_fd)
+    try:
+        os.fchmod(top, dir_mode)
+        for _rel, dirs, files, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+            for d in dirs:
+                _chmod_at_dir(dfd, d, dir_mode)
+            for f in files:
+                _chmod_at(dfd, os.fsencode(f), file_mode)
+    finally:
+        os.close(top)
+
+
+def _chmod_at_dir(dir_fd: int, name: str, mode: int) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _hash_at(dir_fd: int, name: bytes, algorithm: str) -> tuple[int, str]:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return fits.hash_fd(fd, algorithm=algorithm)
+    finally:
+        os.close(fd)
+
+
+def _files_equal(dir_fd: int, a: bytes, b: bytes, algorithm: str) -> bool:
+    return _hash_at(dir_fd, a, algorithm) == _hash_at(dir_fd, b, algorithm)
+
+
+def _files_equal_across(dir_a: int, a: bytes, dir_b: int, b: bytes) -> bool:
+    st_a = os.stat(a, dir_fd=dir_a, follow_symlinks=False)
+    try:
+        st_b = os.stat(b, dir_fd=dir_b, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if (st_a.st_dev, st_a.st_ino) == (st_b.st_dev, st_b.st_ino):
+        return True
+    if st_a.st_size != st_b.st_size:
+        return False
+    return _hash_at(dir_a, a, "sha256") == _hash_at(dir_b, b, "sha256")
+
+
+def _os_text(exc: OSError) -> str:
+    where = exc.filename
+    where = paths.display(where) if isinstance(where, bytes | str) else None
+    reason = exc.strerror or str(exc)
+    return f"{where}: {reason}" if where else reason
+
+
+# --- reconciliation ---------------------------------------------------------------------------
+
+def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
+              now: float | None = None) -> list[Result]:
+    """Resolve publishes a crash interrupted, and remove temporary files nobody claims.
+
+    Runs under the single-writer lock. A row is resolved from what is on disk: a verified
+    final copy -> published (and the staged copy removed); otherwise back to waiting,
+    recorded as `interrupted` (which uses up no attempt).
+    """
+    now = time.time() if now is None else now
+    results: list[Result] = []
+    publisher = Publisher(config, registry, owner, log)
+    for row in registry.publishing():
+        alive = owner_alive(row.lease_owner)
+        live_lease = row.lease_expires_at is not None and row.lease_expires_at > now
+        if row.lease_owner == owner or (alive is not False and live_lease):
+            continue
+        results.append(_resolve(publisher, row))
+    remove_stray_temps(config, registry, owner, log)
+    return results
+
+
+def _resolve(publisher: Publisher, row: Product) -> Result:
+    config, registry = publisher.config, publisher.registry
+    result = Result(row.data_id, row.data_type, "requeued", row.stage_path, how="reconcile")
+    if row.publish_temp:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            temp = paths.undisplay(row.publish_temp)
+            parent = os.open(os.path.dirname(temp), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                paths.remove_tree_under(parent, os.path.basename(temp))
+            finally:
+                os.close(parent)
+    target = row.publish_target
+    rule = rule_for(config, row.data_type)
+    if target and rule is not None and row.checksum:
+        raw = paths.undisplay(target)
+        parent_path, final = os.path.dirname(raw), os.path.basename(raw)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                verified = _same_content(parent, final, row.size_bytes if rule.kind == "file"
+                                         else None, row.checksum, rule.kind)
+            finally:
+                os.close(parent)
+            if verified and registry.mark_published(
+                    row.data_id, None, target, row.publish_mode or "auto",
+                    sidecars=row.sidecars):
+                result.status, result.published_path = "published", target
+                done = registry.get(row.data_id)
+                if done is not None:
+                    with contextlib.suppress(OSError, paths.UnsafePath):
+                        publisher.remove_leftover(done)
+                return result
+    outcome = registry.record_failure(
+        row.data_id, None, "interrupted",
+        f"publish by {row.lease_owner or 'an older program'} was interrupted; it will be "
+        "published again", config.max_attempts, config.backoff_initial_seconds,
+        config.backoff_max_seconds, config.error_max_chars)
+    result.failure, result.kind = outcome, "interrupted"
+    result.error = outcome.error if outcome else None
+    return result
+
+
+def remove_stray_temps(config: Config, registry: Registry, owner: str, log: Any = None) -> int:
+    """Remove temporary names (ours, by their prefix) that no live publish claims. Nothing
+    else in the products area is ever touched."""
+    claimed = {row.publish_temp for row in registry.publishing()
+               if row.publish_temp and (row.lease_owner == owner
+                                        or owner_alive(row.lease_owner) is not False)}
+    removed = 0
+    root = os.fsencode(str(config.products_root))
+    if not os.path.isdir(root):
+        return 0
+    for top, dirs, files, dfd in os.fwalk(root, follow_symlinks=False):
+        for name in list(dirs) + files:
+            if paths.parse_temp_name(name if isinstance(name, bytes) else os.fsencode(name)) \
+                    is None:
+                continue
+            full = os.path.join(os.fsencode(top), os.fsencode(name))
+            if paths.display(full) in claimed:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                paths.remove_tree_under(dfd, os.fsencode(name))
+                removed += 1
+                if log is not None:
+                    log.info("temp_removed", path=paths.display(full))
+            if name in dirs:
+                dirs.remove(name)
+    return removed

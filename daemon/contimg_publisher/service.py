@@ -1,0 +1,544 @@
+"""The daemon: one main loop that owns all state.
+
+Threads only feed the loop: watchdog's observer puts changes on a queue, the
+publish worker (with its own registry connection) puts results on another, and
+signal handlers only record the signal. Each of them writes a byte to a wake
+pipe; the loop sleeps on that pipe until the next timer, then does the work:
+reload, detection, claiming, reconciliation, sd_notify.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import select
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from contimg_publisher import config as config_mod
+from contimg_publisher import detect, lock, logs, publish, watch
+from contimg_publisher.config import Config, ConfigError
+from contimg_publisher.registry import Product, Registry, RegistryError
+
+try:
+    from systemd import daemon as sd_daemon
+except ImportError:  # pragma: no cover - systemd-python is a dependency; keep running without
+    sd_daemon = None
+
+
+def notify(*lines: str) -> bool:
+    """sd_notify; a no-op returning False outside systemd (NOTIFY_SOCKET unset)."""
+    if sd_daemon is None or not os.environ.get("NOTIFY_SOCKET"):
+        return False
+    return bool(sd_daemon.notify("\n".join(lines)))
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def log_result(log: Any, result: publish.Result, max_attempts: int) -> None:
+    """One event per publish outcome, with the fields operators search the journal by."""
+    fields = {"data_id": result.data_id, "data_type": result.data_type,
+              "stage_path": result.stage_path}
+    if result.status == "published":
+        log.info("published", **fields, published_path=result.published_path,
+                 how=result.how, bytes=result.bytes, seconds=round(result.seconds, 3),
+                 supersedes=result.supersedes)
+    elif result.status == "failed" and result.failure is not None:
+        f = result.failure
+        event_fields = dict(fields, error_kind=result.kind, error=result.error,
+                            publish_attempt=f.attempts, max_attempts=max_attempts,
+                            next_attempt_at=f.next_attempt_at)
+        log.warning("publish_failed", **event_fields)
+        if f.exhausted:
+            log.error("max_attempts_reached", **event_fields,
+                      action=f"contimg-publisher show {result.data_id}; then retry")
+    elif result.status == "requeued":
+        log.info("publish_requeued", **fields, reason=result.error, error_kind=result.kind)
+    else:
+        log.error("publish_lost", **fields, error=result.error)
+
+
+def log_outcome(log: Any, outcome: detect.Outcome) -> None:
+    fields = {"data_id": outcome.data_id, "data_type": outcome.data_type,
+              "stage_path": outcome.stage_path}
+    if outcome.action == "rejected":
+        log.warning("rejected", **fields, error=outcome.reason,
+                    action="fix or remove the staged file; it is examined again when it changes")
+    elif outcome.action in ("registered", "updated"):
+        product = outcome.product
+        log.info(outcome.action, **fields, size_bytes=product.size_bytes if product else None,
+                 checksum=product.checksum if product else None)
+    elif outcome.action == "vanished":
+        log.warning("vanished", **fields, error="left the staging area before it was published")
+    else:
+        log.debug(outcome.action, **fields)
+
+
+@dataclass
+class Worker:
+    """The publish thread: copies run here so the main loop keeps pinging the watchdog."""
+
+    config: Config
+    owner: str
+    wake: Any
+    jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    results: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    busy: Product | None = None
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="contimg-publish", daemon=True)
+        self.thread.start()
+
+    def submit(self, product: Product, config: Config, mode: str = "auto") -> None:
+        self.busy = product
+        self.jobs.put((product, config, mode))
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _run(self) -> None:
+        registry: Registry | None = None
+        while (job := self.jobs.get()) is not None:
+            product, cfg, mode = job
+            try:
+                if registry is None:
+                    registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False)
+                publisher = publish.Publisher(cfg, registry, self.owner, logs.get_logger())
+                result: Any = publisher.publish(product, mode=mode, cancel=self.cancel)
+            except Exception as exc:  # the loop must hear about every job, whatever happened
+                result = exc
+            self.results.put((product, result))
+            self.wake()
+        if registry is not None:
+            registry.close()
+
+
+class Daemon:
+    def __init__(self, config_path: str, cfg: Config) -> None:
+        self.config_path = config_path
+        self.config = cfg
+        self.log = logs.get_logger()
+        self.owner = lock.owner_id()
+        self.signals: list[int] = []
+        self.changes: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.registry: Registry | None = None
+        self.lock: lock.Lock | None = None
+        self.watcher: watch.Watcher | None = None
+        self.detector: detect.Detector | None = None
+        self.worker: Worker | None = None
+        self.stopping = False
+        self.rescan_requested = False
+        self.next_rescan = 0.0
+        self.next_reconcile = 0.0
+        self.next_status = 0.0
+        self.last_published: str | None = None
+        self.last_ping = 0.0
+        self.status_note = ""
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        self.watchdog_interval = (int(usec) / 1e6 / 2 if usec and usec.isdigit() and (
+            not pid or pid == str(os.getpid())) else None)
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self.wake_w, b"x")
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signals.append(signum)  # the loop acts on it; the wakeup fd wakes the loop
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _sleep(self, timeout: float) -> None:
+        if timeout > 0:
+            with contextlib.suppress(InterruptedError):
+                select.select([self.wake_r], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wake_r, 4096):
+                pass
+
+    # --- start-up -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        self._install_signals()
+        notify("STATUS=opening the registry")
+        self.registry = Registry(cfg.registry, cfg.busy_timeout_seconds)
+        self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
+        notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
+        self._reconcile(startup=True)
+        self.detector = detect.Detector(cfg, self.registry)
+        self._start_watcher()
+        notify(f"STATUS=scanning {cfg.stage_root}")
+        self._rescan(startup=True)
+        self.worker = Worker(cfg, self.owner, self.wake)
+        self.worker.start()
+        self.log.info("started", stage_root=str(cfg.stage_root),
+                      products_root=str(cfg.products_root), registry=str(cfg.registry),
+                      config=self.config_path, pid=os.getpid(), watching=self._watching())
+        notify("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
+
+    def _watching(self) -> bool:
+        return self.watcher is not None and self.watcher.healthy()
+
+    def _start_watcher(self) -> None:
+        root = str(self.config.stage_root)
+        os.makedirs(root, exist_ok=True)
+        self.watcher = watch.Watcher(root, self.changes, wake=self.wake, log=self.log)
+        if not self.watcher.start():
+            self.watcher = None
+
+    def _reconcile(self, startup: bool = False) -> None:
+        cfg = self.config
+        assert self.registry is not None
+        results = publish.reconcile(cfg, self.registry, self.owner, self.log)
+        for result in results:
+            self.log.warning("reconciled", data_id=result.data_id, data_type=result.data_type,
+                             stage_path=result.stage_path, outcome=result.status,
+                             published_path=result.published_path)
+        exhausted = self.registry.mark_exhausted(cfg.max_attempts)
+        for data_id in exhausted:
+            self.log.error("max_attempts_reached", data_id=data_id,
+                           max_attempts=cfg.max_attempts,
+                           error="attempts already at the limit when the daemon started",
+                           action=f"contimg-publisher show {data_id}; then retry")
+        self.next_reconcile = time.monotonic() + cfg.reconcile_seconds
+
+    def _rescan(self, startup: bool = False) -> None:
+        assert self.detector is not None
+        started = time.monotonic()
+        if startup:
+            notify(f"EXTEND_TIMEOUT_USEC={int(max(60, self.config.rescan_seconds) * 1e6)}")
+        stats = self.detector.scan()
+        self.log.info("rescan", seconds=round(time.monotonic() - started, 3), **stats)
+        self.next_rescan = time.monotonic() + self.config.rescan_seconds
+        self.rescan_requested = False
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.start()
+        while True:
+            self._handle_signals()
+            if self.stopping:
+                break
+            try:
+                self._step()
+            except (RegistryError, OSError) as exc:
+                # A busy registry or a staging area that went away: say so and try again on
+                # the next turn; the watchdog still sees a loop that turns.
+                self.log.error("loop_error", error=f"{type(exc).__name__}: {exc}")
+                self._sleep(1.0)
+            self._sleep(self._timeout())
+        return self._shutdown()
+
+    def _step(self) -> None:
+        cfg = self.config
+        assert self.detector is not None and self.worker is not None
+        now = time.monotonic()
+        self._drain_changes()
+        if self.watcher is not None and not self.watcher.healthy():
+            self.log.warning("watch_restarting", stage_root=str(cfg.stage_root))
+            self.watcher.stop()
+            self._start_watcher()
+            self.rescan_requested = True
+        if self.watcher is None and now >= self.next_rescan - cfg.rescan_seconds + 60:
+            self._start_watcher()  # retry a watch that could not be set up
+        if self.rescan_requested or now >= self.next_rescan:
+            self._rescan()
+        for outcome in self.detector.process():
+            self._after_detect(outcome)
+        self._collect_results()
+        if self.worker.busy is None:
+            self._claim_next()
+        if time.monotonic() >= self.next_reconcile:
+            self._reconcile()
+        self._ping()
+
+    def _drain_changes(self) -> None:
+        assert self.detector is not None
+        for _ in range(100_000):
+            try:
+                change = self.changes.get_nowait()
+            except queue.Empty:
+                return
+            if change == watch.RESCAN:
+                self.rescan_requested = True
+            elif change.kind in ("deleted", "moved_out"):
+                self.detector.forget(change.path)
+            elif change.kind in ("created", "moved_in") and os.path.isdir(change.path) and \
+                    not os.path.islink(change.path):
+                self.detector.note(change.path)
+                self.detector.note_folder(change.path)
+            else:
+                self.detector.note(change.path)
+
+    def _after_detect(self, outcome: detect.Outcome) -> None:
+        log_outcome(self.log, outcome)
+        if outcome.action == "leftover" and outcome.product is not None:
+            assert self.registry is not None
+            publisher = publish.Publisher(self.config, self.registry, self.owner, self.log)
+            try:
+                if publisher.remove_leftover(outcome.product):
+                    self.log.info("leftover_removed", data_id=outcome.data_id,
+                                  stage_path=outcome.stage_path,
+                                  published_path=outcome.product.published_path)
+            except OSError as exc:
+                self.log.warning("leftover_kept", data_id=outcome.data_id,
+                                 stage_path=outcome.stage_path, error=str(exc))
+
+    def _claim_next(self) -> None:
+        assert self.registry is not None and self.worker is not None
+        due = self.registry.next_due_at()  # a read: no write transaction while idle
+        if due is None or due > time.time():
+            return
+        claimed = self.registry.claim(self.owner, self.config.lease_seconds, limit=1)
+        if claimed:
+            self.worker.submit(claimed[0], self.config)
+
+    def _collect_results(self) -> None:
+        assert self.worker is not None
+        while True:
+            try:
+                product, result = self.worker.results.get_nowait()
+            except queue.Empty:
+                return
+            self.worker.busy = None
+            if isinstance(result, Exception):
+                self.log.error("publish_crashed", data_id=product.data_id,
+                               data_type=product.data_type, stage_path=product.stage_path,
+                               error=f"{type(result).__name__}: {result}")
+                continue
+            log_result(self.log, result, self.config.max_attempts)
+            if result.status == "published":
+                self.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
+            if result.kind == "source_changed" and self.detector is not None:
+                self.detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
+                                   is None else product.stage_path_bytes)
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        deadlines = [self.next_rescan, self.next_reconcile, now + 1.0]
+        if self.detector is not None and (check := self.detector.next_check()) is not None:
+            deadlines.append(now + (check - time.time()))
+        if self.registry is not None and self.worker is not None and self.worker.busy is None:
+            due = self.registry.next_due_at()
+            if due is not None:
+                deadlines.append(now + (due - time.time()))
+        if self.watchdog_interval:
+            deadlines.append(self.last_ping + self.watchdog_interval)
+        return max(0.0, min(deadlines) - now)
+
+    def _ping(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_status:
+            notify(f"STATUS={self._status_line()}")
+            self.next_status = now + 5.0
+        if self.watchdog_interval and now - self.last_ping >= self.watchdog_interval * 0.9:
+            notify("WATCHDOG=1")
+            self.last_ping = now
+
+    def _status_line(self) -> str:
+        assert self.registry is not None
+        c = self.registry.counts()
+        watching = "watching" if self._watching() else "scanning every " \
+            f"{self.config.rescan_seconds:g} s"
+        line = (f"{watching} {self.config.stage_root}: {c['staging']} waiting, "
+                f"{c['publishing']} publishing, {c['failed']} failed, {c['rejected']} rejected; "
+                f"last publish: {self.last_published or 'none yet'}")
+        return f"{self.status_note}; {line}" if self.status_note else line
+
+    # --- signals --------------------------------------------------------------------------
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reload()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.stopping = True
+
+    def _reload(self) -> None:
+        notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as exc:
+            self.status_note = f"reload failed ({exc.key}: {exc.reason}); running on the " \
+                "previous configuration"
+            self.log.error("reload_failed", config=exc.path, key=exc.key, error=exc.reason)
+            notify("READY=1", f"STATUS={self._status_line()}")
+            return
+        old = self.config
+        kept = []
+        if new.registry != old.registry or new.lock_path != old.lock_path:
+            kept.append("paths.registry/lock_file (take effect at restart)")
+            new = _with(new, registry=old.registry, lock_file=old.lock_file)
+        self.config = new
+        logs.configure(new.log_level, new.log_format, new.error_max_chars)
+        self.log = logs.get_logger()
+        assert self.detector is not None
+        self.detector.reconfigure(new)
+        if new.stage_root != old.stage_root:
+            if self.watcher is not None:
+                self.watcher.stop()
+            self._start_watcher()
+        self.rescan_requested = True
+        self.status_note = ""
+        self.log.info("reload_ok", config=self.config_path,
+                      changed=sorted(k for k, v in new.as_dict().items()
+                                     if old.as_dict().get(k) != v and k != "source"),
+                      kept=kept)
+        notify("READY=1", f"STATUS={self._status_line()}")
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    def _shutdown(self) -> int:
+        notify("STOPPING=1", "STATUS=stopping")
+        self.log.info("stopping", in_flight=self.worker.busy.data_id
+                      if self.worker and self.worker.busy else None)
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.worker is not None:
+            deadline = time.monotonic() + self.config.stop_timeout_seconds
+            while self.worker.busy is not None and time.monotonic() < deadline:
+                self._sleep(min(0.5, deadline - time.monotonic()))
+                self._collect_results()
+                self._ping()
+            if self.worker.busy is not None:
+                self.worker.cancel.set()  # the copy stops, removes its temporary file, requeues
+                while self.worker.busy is not None:
+                    self._sleep(0.5)
+                    self._collect_results()
+            self.worker.stop()
+            if self.worker.thread is not None:
+                self.worker.thread.join(timeout=10)
+        if self.registry is not None:
+            self.registry.close()
+        if self.lock is not None:
+            self.lock.release()
+        self.log.info("stopped")
+        return 0
+
+
+def _with(cfg: Config, **changes: Any) -> Config:
+    from dataclasses import replace
+    return replace(cfg, **changes)
+
+
+# --- one-shot work for the CLI --------------------------------------------------------------
+
+@dataclass
+class PassReport:
+    detected: list[detect.Outcome] = field(default_factory=list)
+    published: list[publish.Result] = field(default_factory=list)
+    reconciled: list[publish.Result] = field(default_factory=list)
+    waiting: int = 0
+
+
+def scan_once(cfg: Config, log: Any) -> PassReport:
+    """`scan`: one pass under the lock: reconcile, detect and register, publish what is due."""
+    report = PassReport()
+    owner = lock.owner_id()
+    with lock.acquire(str(cfg.lock_path), "scan", wait_seconds=cfg.lock_wait_seconds), \
+            Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
+        report.reconciled = publish.reconcile(cfg, registry, owner, log)
+        registry.mark_exhausted(cfg.max_attempts)
+        detector = detect.Detector(cfg, registry)
+        detector.scan()
+        # Paths that finish settling within one settle time are taken in this same pass.
+        deadline = time.time() + cfg.settle_seconds + 0.5
+        while True:
+            for outcome in detector.process(limit=10_000):
+                report.detected.append(outcome)
+                if outcome.action == "leftover" and outcome.product is not None:
+                    publish.Publisher(cfg, registry, owner, log).remove_leftover(outcome.product)
+            check = detector.next_check()
+            if check is None or check > deadline:
+                break
+            time.sleep(max(0.0, min(check, deadline) - time.time()))
+        report.waiting = len(detector.pending)
+        publisher = publish.Publisher(cfg, registry, owner, log)
+        while claimed := registry.claim(owner, cfg.lease_seconds, limit=1):
+            report.published.append(publisher.publish(claimed[0]))
+    return report
+
+
+def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None = None
+                ) -> publish.Result | str:
+    """`publish DATA_ID`: under the lock if it is free; otherwise handed to the daemon that
+    holds it, waiting for the outcome. Returns the result, or a string saying what blocked."""
+    wait = cfg.lock_wait_seconds if wait_seconds is None else wait_seconds
+    deadline = time.monotonic() + wait
+    owner = lock.owner_id()
+    with Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
+        row = registry.get(data_id)
+        if row is None:
+            return f"{data_id}: no such product"
+        if row.status == "published":
+            return f"{data_id}: already published at {row.published_path}"
+        if row.status == "rejected":
+            return f"{data_id}: rejected ({row.publish_error}); fix the staged file first"
+        requested = False
+        while True:
+            try:
+                held = lock.acquire(str(cfg.lock_path), "publish", wait_seconds=0)
+            except lock.LockHeld as exc:
+                if "daemon" in exc.holder and not requested:
+                    registry.request_publish(data_id)
+                    requested = True
+                if requested:
+                    row = registry.get(data_id)
+                    if row is not None and row.publish_requested_at is None and \
+                            row.status != "publishing":
+                        return _result_from_row(row)
+                if time.monotonic() >= deadline:
+                    return (f"{data_id}: {exc}; " + ("asked it to publish, no outcome yet"
+                                                     if requested else "gave up waiting"))
+                time.sleep(0.2)
+                continue
+            with held:
+                publish.reconcile(cfg, registry, owner, log)
+                claimed = registry.claim(owner, cfg.lease_seconds, data_id=data_id)
+                if not claimed:
+                    row = registry.get(data_id)
+                    if row is not None and row.status == "published":
+                        return _result_from_row(row)
+                    status = row.status if row else "missing"
+                    return f"{data_id}: cannot be claimed (status {status}; not yet described?)"
+                return publish.Publisher(cfg, registry, owner, log).publish(claimed[0],
+                                                                          mode="manual")
+
+
+def _result_from_row(row: Product) -> publish.Result:
+    status = "published" if row.status == "published" else "failed"
+    return publish.Result(row.data_id, row.data_type, status, row.stage_path,
+                          published_path=row.published_path, error=row.publish_error)
+
+
+def run(config_path: str) -> int:
+    """`run`: load, then loop until SIGTERM/SIGINT."""
+    cfg = config_mod.load(config_path)
+    logs.configure(cfg.log_level, cfg.log_format, cfg.error_max_chars)
+    daemon = Daemon(config_path, cfg)
+    try:
+        return daemon.run()
+    except lock.LockHeld as exc:
+        daemon.log.error("already_running", lock=exc.path, holder=exc.holder,
+                         error=f"another publisher holds the lock: {exc.holder}")
+        return 1
+    except RegistryError as exc:
+        daemon.log.error("registry_unusable", registry=str(cfg.registry), error=str(exc))
+        return 1
