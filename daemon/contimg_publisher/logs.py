@@ -1,0 +1,78 @@
+"""structlog set-up: journald with fields under systemd, readable lines elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import structlog
+
+MESSAGE_IDS = {
+    "published": "8f1c5a2e6b0d4e3f9a7c1b2d3e4f5a60",
+    "publish_failed": "2b7d9e1f3a5c4b6d8e0f1a2b3c4d5e61",
+    "max_attempts_reached": "c4e6a8b0d2f14e3a9b5c7d9e1f3a5b62",
+    "rejected": "5d7f9b1d3f5a4c6e8a0b2c4d6e8f0a63",
+    "reload_ok": "e1a3c5e7a9b04d2f8c6e4a2b0d8f6c64",
+    "reload_failed": "7a9c1e3a5c7e4a0c8e2a4c6e8a0c2e65",
+}
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+_error_max_chars = 500
+
+
+def _under_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def _journal(_logger: Any, level: str, event: dict[str, Any]) -> str:
+    from systemd import journal
+    name = str(event.pop("event", ""))
+    fields: dict[str, str] = {"EVENT": name, "PRIORITY": str(_PRIORITY.get(level, 6)),
+                              "SYSLOG_IDENTIFIER": "contimg-publisher"}
+    if name in MESSAGE_IDS:
+        fields["MESSAGE_ID"] = MESSAGE_IDS[name]
+    summary = [name]
+    for key, value in event.items():
+        if value is None or key in ("timestamp", "level"):
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if key == "error":
+            text = text[:_error_max_chars]
+        field = "".join(c if c.isalnum() else "_" for c in key.upper()).lstrip("_") or "FIELD"
+        fields[field] = text
+        summary.append(f"{key}={text}")
+    journal.send(" ".join(summary).replace("\n", "\\n"), **fields)
+    raise structlog.DropEvent
+
+
+def configure(level: str = "info", fmt: str = "auto", error_max_chars: int = 500) -> str:
+    """(Re)configure logging; returns the effective format."""
+    global _error_max_chars
+    _error_max_chars = error_max_chars
+    if fmt == "auto":
+        fmt = "journal" if _under_journal() else "console"
+    processors: list[Any] = [structlog.processors.add_log_level,
+                             structlog.processors.TimeStamper(fmt="iso", utc=True)]
+    if fmt == "journal":
+        processors.append(_journal)
+    elif fmt == "json":
+        processors.append(structlog.processors.JSONRenderer(default=str))
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, 20)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False)
+    return fmt
+
+
+def get_logger(**initial: Any) -> Any:
+    return structlog.get_logger(**initial)
