@@ -1,0 +1,183 @@
+"""The operator command, run as a real process against a real registry file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from contimg_publisher.registry import Candidate, Identity, Registry
+from tests.helpers import REPO, Sandbox
+
+
+def _candidate(sandbox: Sandbox, data_id: str, n: int) -> Candidate:
+    path = str(sandbox.mosaics / f"{data_id}.fits")
+    return Candidate(data_id=data_id, data_type="mosaic", base_path=str(sandbox.stage),
+                     stage_path=path, stage_path_bytes=os.fsencode(path),
+                     identity=Identity(1, 1000 + n, 2880 * n, n, n), checksum=f"sha256:{n:064x}",
+                     metadata={"OBJECT": f"obj{n}", "NIMAGES": n})
+
+
+@pytest.fixture
+def filled(tmp_path):
+    """Registry with one product in each status, made through the registry's own operations."""
+    sandbox = Sandbox(tmp_path)
+    cfg = sandbox.config()
+    with Registry(cfg.registry) as reg:
+        for n, data_id in enumerate(["waiting", "done", "broken", "bad", "busy"], start=1):
+            reg.register(_candidate(sandbox, data_id, n))
+        reg.claim("tester", 60, data_id="done")
+        reg.mark_published("done", "tester", str(sandbox.products / "mosaics/done.fits"), "auto")
+        for _ in range(cfg.max_attempts):
+            reg.claim("tester", 60, data_id="broken")
+            reg.record_failure("broken", "tester", "no_space", "No space left on device",
+                               cfg.max_attempts, 1, 10, cfg.error_max_chars)
+        reg.reject("bad", "mosaic", str(sandbox.stage), str(sandbox.mosaics / "bad.fits"),
+                   os.fsencode(str(sandbox.mosaics / "bad.fits")), "invalid FITS: truncated",
+                   None, cfg.error_max_chars)
+        reg.claim("tester", 60, data_id="busy")
+    return sandbox
+
+
+def test_status_json_counts_every_status(filled):
+    out = filled.cli("status", "--json", check=True)
+    data = json.loads(out.stdout)
+    assert data["counts"] == {"staging": 1, "publishing": 1, "published": 1, "failed": 1,
+                              "rejected": 1}
+    assert data["oldest_waiting"]["data_id"] == "waiting"
+    assert data["failures_last_hour"] == 3
+    assert data["daemon_running"] is False
+    assert data["last_published"]["data_id"] == "done"
+
+
+def test_status_text_is_readable(filled):
+    out = filled.cli("status", check=True).stdout
+    assert "1 staging, 1 publishing, 1 published, 1 failed, 1 rejected" in out
+    assert "oldest waiting  waiting" in out
+    assert "not running" in out
+
+
+def test_list_json_objects_carry_the_stable_fields(filled):
+    rows = json.loads(filled.cli("list", "--json", check=True).stdout)
+    assert {r["data_id"] for r in rows} == {"waiting", "done", "broken", "bad", "busy"}
+    for row in rows:
+        for key in ("data_id", "data_type", "status", "stage_path", "published_path",
+                    "publish_attempts", "publish_error", "size_bytes", "checksum", "metadata"):
+            assert key in row, key
+        assert isinstance(row["metadata"], dict)
+    by_id = {r["data_id"]: r for r in rows}
+    assert by_id["done"]["published_path"].endswith("mosaics/done.fits")
+    assert by_id["bad"]["publish_error"] == "invalid FITS: truncated"
+    assert by_id["waiting"]["metadata"] == {"NIMAGES": 1, "OBJECT": "obj1"}
+
+
+def test_list_filters_and_limit(filled):
+    failed = json.loads(filled.cli("list", "--status", "failed", "--json", check=True).stdout)
+    assert [r["data_id"] for r in failed] == ["broken"]
+    assert json.loads(filled.cli("list", "--type", "image", "--json", check=True).stdout) == []
+    assert len(json.loads(filled.cli("list", "--limit", "2", "--json", check=True).stdout)) == 2
+    table = filled.cli("list", check=True).stdout.splitlines()
+    assert table[0].split()[:3] == ["DATA_ID", "TYPE", "STATUS"]
+    assert len(table) == 6
+
+
+def test_show_includes_failure_history(filled):
+    data = json.loads(filled.cli("show", "broken", "--json", check=True).stdout)
+    assert data["status"] == "failed"
+    assert data["publish_attempts"] == 3
+    assert [f["attempt"] for f in data["failures"]] == [1, 2, 3]
+    assert {f["kind"] for f in data["failures"]} == {"no_space"}
+    text = filled.cli("show", "broken", check=True).stdout
+    assert "failure history" in text and "no_space" in text
+    missing = filled.cli("show", "nope")
+    assert missing.returncode == 1 and "nope" in missing.stderr
+
+
+def test_retry_hold_release(filled):
+    out = filled.cli("retry", "broken")
+    assert out.returncode == 0, out.stderr
+    row = filled.row("broken")
+    assert row["status"] == "staging" and row["publish_attempts"] == 0
+    assert len(row["failures"]) == 3  # history survives
+    assert filled.cli("retry", "nope").returncode == 1
+    assert filled.cli("retry").returncode == 2
+    assert filled.cli("hold", "waiting").returncode == 0
+    assert filled.row("waiting")["held"] is True
+    assert filled.cli("release", "waiting").returncode == 0
+    assert filled.row("waiting")["held"] is False
+    assert filled.cli("hold", "nope").returncode == 1
+
+
+def test_retry_all_failed(filled):
+    assert filled.cli("retry", "--all-failed").returncode == 0
+    assert json.loads(filled.cli("status", "--json").stdout)["counts"]["failed"] == 0
+
+
+def test_migrate_twice_reports_nothing_to_do(tmp_path):
+    sandbox = Sandbox(tmp_path)
+    first = sandbox.cli("migrate", check=True).stdout
+    assert "migrated from schema version 0 to 2" in first
+    second = sandbox.cli("migrate", check=True).stdout
+    assert "already at schema version 2" in second
+
+
+def test_read_commands_do_not_migrate_an_older_file(tmp_path):
+    sandbox = Sandbox(tmp_path)
+    sandbox.registry.parent.mkdir(parents=True)
+    import sqlite3
+    with sqlite3.connect(sandbox.registry) as db:
+        from contimg_publisher.registry import LEGACY_DDL
+        db.executescript(LEGACY_DDL)
+    out = sandbox.cli("status")
+    assert out.returncode == 1
+    assert "run `contimg-publisher migrate`" in out.stderr
+    with sqlite3.connect(sandbox.registry) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
+def test_check_config_prints_effective_values(tmp_path):
+    sandbox = Sandbox(tmp_path)
+    out = sandbox.cli("check-config", check=True).stdout
+    assert "valid" in out.splitlines()[0]
+    assert f'stage_root = "{sandbox.stage}"' in out
+    assert "max_attempts = 3" in out
+
+
+def test_bad_config_exit_2_one_line(tmp_path):
+    sandbox = Sandbox(tmp_path)
+    sandbox.update(publish={"max_attempts": -1})
+    out = sandbox.cli("status")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert str(sandbox.config_path) in lines[0] and "publish.max_attempts" in lines[0]
+
+
+def test_bad_usage_exit_2(tmp_path):
+    sandbox = Sandbox(tmp_path)
+    assert sandbox.cli("frobnicate").returncode == 2
+    assert sandbox.cli("list", "--status", "bogus").returncode == 2
+    assert sandbox.cli("list", "--limit", "-1").returncode == 2
+
+
+def test_console_script_and_module_agree(tmp_path):
+    sandbox = Sandbox(tmp_path)
+    script = os.path.join(os.path.dirname(sys.executable), "contimg-publisher")
+    if not os.path.exists(script):
+        pytest.skip(f"console script not installed at {script}")
+    a = subprocess.run([script, "--config", str(sandbox.config_path), "status", "--json"],
+                       capture_output=True, text=True, cwd=REPO, check=True)
+    b = sandbox.cli("status", "--json", check=True)
+    assert json.loads(a.stdout)["counts"] == json.loads(b.stdout)["counts"]
+
+
+def test_config_from_environment(tmp_path):
+    sandbox = Sandbox(tmp_path)
+    env = dict(os.environ, CONTIMG_PUBLISHER_CONFIG=str(sandbox.config_path))
+    out = subprocess.run([sys.executable, "-m", "contimg_publisher", "check-config"],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert str(sandbox.config_path) in out.stdout

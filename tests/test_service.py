@@ -1,0 +1,249 @@
+"""The daemon as a real process: sd_notify messages on a test socket, real signals,
+real files published, a real registry held by another process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+from contimg_publisher.registry import Candidate, Identity, Registry
+from tests.helpers import REPO, Sandbox, wait_for, write_fits
+
+
+class NotifySocket:
+    """An AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+
+    def with_key(self, key: str) -> list[tuple[float, dict[str, str]]]:
+        return [(t, m) for t, m in list(self.messages) if key in m]
+
+    def wait(self, key: str, value: str | None = None, timeout: float = 20.0,
+             after: float = 0.0) -> tuple[float, dict[str, str]]:
+        def found():
+            for t, m in self.with_key(key):
+                if t >= after and (value is None or m[key] == value):
+                    return (t, m)
+            return None
+        return wait_for(found, timeout=timeout, what=f"{key}={value} on the notify socket")
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+        self._thread.join(timeout=2)
+
+
+def start_daemon(sandbox: Sandbox, notify: NotifySocket, watchdog_usec: int | None = None,
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify.path))
+    env.pop("WATCHDOG_USEC", None)
+    if watchdog_usec:
+        env["WATCHDOG_USEC"] = str(watchdog_usec)
+    env.update(extra_env or {})
+    log = open(sandbox.root / "daemon.log", "a")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "contimg_publisher", "--config",
+                             str(sandbox.config_path), "run"], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+@pytest.fixture
+def notify(tmp_path):
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def log_events(sandbox: Sandbox) -> list[dict]:
+    events = []
+    for line in (sandbox.root / "daemon.log").read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
+def test_ready_only_after_reconciliation_and_status(tmp_path, notify):
+    sandbox = Sandbox(tmp_path)
+    cfg = sandbox.config()
+    path = sandbox.mosaics / "stuck.fits"
+    write_fits(path)
+    st = path.stat()
+    with Registry(cfg.registry) as reg:
+        reg.register(Candidate("stuck", "mosaic", str(sandbox.stage), str(path),
+                               os.fsencode(str(path)),
+                               Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                        st.st_ctime_ns), "sha256:" + "0" * 64, {}))
+        # A publisher that died mid-publish: its lease names a process that no longer exists.
+        assert reg.claim("vm:999999:1:dead-boot", 3600, data_id="stuck")
+    proc = start_daemon(sandbox, notify)
+    try:
+        notify.wait("READY", "1")
+        with Registry(cfg.registry, migrate=False) as reg:
+            row = reg.get("stuck")
+            assert row.status != "publishing", "READY was sent before reconciliation"
+            assert [f.kind for f in reg.history("stuck")] == ["interrupted"]
+        _, status = notify.wait("STATUS")
+        ready_status = [m["STATUS"] for _t, m in notify.with_key("READY")]
+        assert any(f"watching {sandbox.stage}" in s for s in ready_status), ready_status
+        assert all("waiting" in s and "failed" in s for s in ready_status)
+    finally:
+        assert stop(proc) == 0
+
+
+def test_watchdog_cadence_reload_and_stop(tmp_path, notify):
+    sandbox = Sandbox(tmp_path)
+    proc = start_daemon(sandbox, notify, watchdog_usec=1_000_000)
+    try:
+        t_ready, _ = notify.wait("READY", "1")
+        time.sleep(3.2)
+        pings = [t for t, _m in notify.with_key("WATCHDOG") if t > t_ready]
+        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        assert len(pings) >= 5, pings
+        assert max(gaps) < 0.75, gaps  # at least every half of WATCHDOG_USEC (0.5 s) + slack
+
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        t_reload, reloading = notify.wait("RELOADING", "1", after=sent)
+        usec = int(reloading["MONOTONIC_USEC"])
+        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert 0 <= now_usec - usec < 10_000_000
+        t_ready2, _ = notify.wait("READY", "1", after=t_reload)
+        assert t_ready2 >= t_reload
+
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        notify.wait("STOPPING", "1", after=sent)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop(proc)
+
+
+def test_reload_with_broken_config_keeps_running(tmp_path, notify):
+    sandbox = Sandbox(tmp_path)
+    proc = start_daemon(sandbox, notify)
+    try:
+        notify.wait("READY", "1")
+        sandbox.update(detect={"settle_second": 1})  # a typo
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        t, _ = notify.wait("RELOADING", "1", after=sent)
+        _, ready = notify.wait("READY", "1", after=t)
+        assert "reload failed" in ready["STATUS"] and "detect.settle_second" in ready["STATUS"]
+        assert proc.poll() is None
+        failed = wait_for(lambda: [e for e in log_events(sandbox)
+                                   if e.get("event") == "reload_failed"], what="reload_failed")
+        assert failed[0]["key"] == "detect.settle_second"
+        assert failed[0]["config"] == str(sandbox.config_path)
+        # Still working on the old configuration: a mosaic is published.
+        write_fits(sandbox.mosaics / "after_bad_reload.fits")
+        wait_for(lambda: (sandbox.products / "mosaics/after_bad_reload.fits").exists(),
+                 what="publish after a failed reload")
+    finally:
+        assert stop(proc) == 0
+
+
+def test_reload_applies_new_rules_with_same_pid(tmp_path, notify):
+    sandbox = Sandbox(tmp_path)
+    proc = start_daemon(sandbox, notify)
+    try:
+        notify.wait("READY", "1")
+        sandbox.update(products=[{"type": "mosaic", "glob": "mosaics/**/*.fits",
+                                  "destination": "mosaics"},
+                                 {"type": "survey", "glob": "survey/*.fits",
+                                  "destination": "survey"}])
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        t, _ = notify.wait("RELOADING", "1", after=sent)
+        notify.wait("READY", "1", after=t)
+        write_fits(sandbox.stage / "survey" / "field1.fits")
+        wait_for(lambda: (sandbox.products / "survey/field1.fits").exists(),
+                 what="a product of the type added by reload")
+        assert proc.poll() is None
+        ok = [e for e in log_events(sandbox) if e.get("event") == "reload_ok"]
+        assert ok and "products" in ok[-1]["changed"]
+    finally:
+        assert stop(proc) == 0
+
+
+def test_second_daemon_refuses_naming_the_holder(tmp_path, notify):
+    sandbox = Sandbox(tmp_path)
+    proc = start_daemon(sandbox, notify)
+    try:
+        notify.wait("READY", "1")
+        second = subprocess.run([sys.executable, "-m", "contimg_publisher", "--config",
+                                 str(sandbox.config_path), "run"], cwd=REPO,
+                                capture_output=True, text=True, timeout=60,
+                                env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
+        assert second.returncode == 1
+        assert f"pid {proc.pid} (daemon)" in second.stderr + second.stdout
+    finally:
+        assert stop(proc) == 0
+
+
+def test_blocked_loop_stops_pinging(tmp_path, notify):
+    """A main loop stuck on the registry (another process holds its write lock) sends no
+    WATCHDOG=1, although the process and its other threads live on."""
+    sandbox = Sandbox(tmp_path)
+    sandbox.update(registry={"busy_timeout_seconds": 4.0})
+    proc = start_daemon(sandbox, notify, watchdog_usec=1_000_000)
+    try:
+        notify.wait("READY", "1")
+        holder = apsw.Connection(str(sandbox.registry))
+        holder.set_busy_timeout(5000)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            held_at = time.monotonic()
+            write_fits(sandbox.mosaics / "needs_a_write.fits")  # registering it needs the lock
+            time.sleep(3.0)
+            during = [t for t, _m in notify.with_key("WATCHDOG") if held_at + 1.2 < t]
+            assert proc.poll() is None
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert during == [], f"pinged while its loop was blocked: {during}"
+        released = time.monotonic()
+        notify.wait("WATCHDOG", "1", after=released, timeout=10)
+        wait_for(lambda: (sandbox.products / "mosaics/needs_a_write.fits").exists(),
+                 what="publish once the registry is free")
+    finally:
+        assert stop(proc) == 0
