@@ -1,0 +1,55 @@
+"""The shipped unit file, checked by systemd's own tools."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+UNIT = REPO / "systemd" / "contimg-publisher.service"
+
+
+def _copy_with_existing_exec(tmp_path: Path) -> Path:
+    # verify fails on an ExecStart binary that is not installed on this machine, so the
+    # copy points at one that exists; every other line is the shipped one.
+    text = re.sub(r"^ExecStart=.*$", "ExecStart=/bin/true", UNIT.read_text(), flags=re.M)
+    copy = tmp_path / UNIT.name
+    copy.write_text(text)
+    return copy
+
+
+@pytest.fixture
+def analyze():
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    return tool
+
+
+def test_verify_prints_nothing(tmp_path, analyze):
+    out = subprocess.run([analyze, "verify", "--man=no", str(_copy_with_existing_exec(tmp_path))],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
+
+
+def test_security_exposure_at_most_2(tmp_path, analyze):
+    out = subprocess.run([analyze, "security", "--offline=yes",
+                          str(_copy_with_existing_exec(tmp_path))], capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout + out.stderr)
+    assert match, out.stdout + out.stderr
+    assert float(match.group(1)) <= 2.0, match.group(0)
+
+
+def test_unit_declares_the_service_contract():
+    text = UNIT.read_text()
+    for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
+                 "StateDirectory=contimg-publisher", "User=contimg"):
+        assert line in text, line
+    assert re.search(r"^WatchdogSec=\d+", text, flags=re.M)
+    sysusers = (REPO / "systemd" / "contimg-publisher.sysusers").read_text()
+    assert re.search(r"^u contimg ", sysusers, flags=re.M)
