@@ -1,21 +1,41 @@
-"""Safe filesystem primitives: descriptor-relative, never following links, never
-acting on a name twice."""
+"""Safe filesystem primitives for the staging and products areas.
+
+Every action below a root goes through a directory descriptor: folders are walked one
+component at a time with O_NOFOLLOW, a file is checked with fstat on the very descriptor
+that is then used, and nothing is looked up by name twice. Names are bytes throughout,
+because the pipeline may write names that are not UTF-8 or that contain newlines.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+import platform
+import re
 import stat
+import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 TEMP_PREFIX = b".contimg-tmp."
+NAME_MAX = 255
+_TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,64}")
 _RENAME_NOREPLACE = 1
+_SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276}
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc_renameat2 = getattr(_libc, "renameat2", None)
+if _libc_renameat2 is not None:
+    _libc_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                ctypes.c_uint]
+    _libc_renameat2.restype = ctypes.c_int
 
 
 class UnsafePath(Exception):
-    """A path that must not be acted on; .path (display form) and .reason."""
+    """A staged path that must not be acted on; .path (display form) and .reason."""
 
     def __init__(self, path: bytes | str, reason: str) -> None:
         self.path = display(path)
@@ -23,84 +43,238 @@ class UnsafePath(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+# --- display ---------------------------------------------------------------------------
+
+_SHORT_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+_SHORT_UNESCAPES = {"n": b"\n", "t": b"\t", "r": b"\r", "\\": b"\\"}
+_PLAIN = re.compile(r"[ -\[\]-~]*")  # printable ASCII except backslash
+
+
+def _invisible(ch: str) -> bool:
+    """Control, formatting (bidi overrides, zero-width) and line/paragraph separators:
+    characters that would break or disguise a log line."""
+    return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+
+
 def display(path: bytes | str) -> str:
-    """Printable, lossless rendering: control bytes, backslash and bad UTF-8 escaped."""
+    """Lossless, printable rendering of a path for logs, the registry and the CLI.
+
+    Valid UTF-8 is kept except backslash (\\\\), newline/tab/CR (\\n, \\t, \\r), other ASCII
+    controls (\\xNN) and invisible non-ASCII characters (\\uNNNN); bytes that are not
+    UTF-8 become \\xNN (always >= 0x80, so never confused with a character).
+    """
     raw = os.fsencode(path)
-    out = []
-    for ch in raw.decode("utf-8", "surrogateescape"):
+    text = raw.decode("utf-8", "surrogateescape")
+    if _PLAIN.fullmatch(text):
+        return text
+    out: list[str] = []
+    for ch in text:
         code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:
+        if ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
+        elif 0xDC80 <= code <= 0xDCFF:
             out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch == "\\":
-            out.append("\\\\")
-        elif code < 0x20 or code == 0x7F:
-            out.append({"\n": "\\n", "\t": "\\t"}.get(ch, f"\\x{code:02x}"))
+        elif code < 0x80 and _invisible(ch):
+            out.append(f"\\x{code:02x}")
+        elif _invisible(ch):
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
         else:
             out.append(ch)
     return "".join(out)
 
 
 def undisplay(text: str) -> bytes:
+    """Inverse of display(): the original bytes of a displayed path."""
     out = bytearray()
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            nxt = text[i + 1]
-            if nxt == "x":
-                out.append(int(text[i + 2:i + 4], 16))
-                i += 4
-                continue
-            out += {"n": b"\n", "t": b"\t", "\\": b"\\"}[nxt]
-            i += 2
+    i, n = 0, len(text)
+    while i < n:
+        j = text.find("\\", i)
+        if j < 0:
+            out += text[i:].encode("utf-8", "surrogateescape")
+            break
+        out += text[i:j].encode("utf-8", "surrogateescape")
+        if j + 1 >= n:
+            raise ValueError(f"{text!r}: ends with a lone backslash")
+        kind = text[j + 1]
+        if kind in _SHORT_UNESCAPES:
+            out += _SHORT_UNESCAPES[kind]
+            i = j + 2
             continue
-        out += ch.encode("utf-8")
-        i += 1
+        width = {"x": 2, "u": 4, "U": 8}.get(kind)
+        digits = text[j + 2:j + 2 + (width or 0)]
+        if width is None or len(digits) != width or \
+                not all(c in "0123456789abcdefABCDEF" for c in digits):
+            raise ValueError(f"{text!r}: invalid escape at offset {j}")
+        value = int(digits, 16)
+        if kind == "x":
+            out.append(value)
+        else:
+            try:
+                out += chr(value).encode("utf-8")
+            except (ValueError, UnicodeEncodeError):
+                raise ValueError(f"{text!r}: \\{kind}{digits} is not a character") from None
+        i = j + 2 + width
     return bytes(out)
 
 
-def relative_components(root: str | bytes, path: str | bytes) -> tuple[bytes, ...]:
-    """Components of path under root, lexically; UnsafePath when it leaves root."""
-    root_b = os.path.normpath(os.fsencode(root))
-    path_b = os.fsencode(path)
-    full = path_b if os.path.isabs(path_b) else os.path.join(root_b, path_b)
-    norm = os.path.normpath(full)
-    if not norm.startswith(root_b.rstrip(b"/") + b"/"):
-        raise UnsafePath(path_b, f"is not inside {display(root_b)}")
-    parts = tuple(p for p in norm[len(root_b.rstrip(b"/")) + 1:].split(b"/") if p)
-    if not parts or any(p in (b".", b"..") for p in parts):
-        raise UnsafePath(path_b, f"is not inside {display(root_b)}")
-    return parts
+# --- names and components ----------------------------------------------------------------
 
 
-def name_problem(component: bytes, max_bytes: int = 240) -> str | None:
+def _component_problem(component: bytes) -> str | None:
+    """Why a single component cannot be used relative to a directory descriptor."""
     if not component:
-        return "empty name"
-    try:
-        text = component.decode("utf-8")
-    except UnicodeDecodeError:
-        return "not valid UTF-8"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        return "contains control characters (such as a newline)"
-    if len(component) > max_bytes:
-        return f"{len(component)} bytes long; at most {max_bytes} leave room for a version suffix"
+        return "has an empty component"
+    if component in (b".", b".."):
+        return f"has a {component.decode()!r} component"
+    if b"/" in component:
+        return "has a component containing '/'"
+    if b"\0" in component:
+        return "contains a NUL byte"
     return None
 
 
+def _check_components(components: Sequence[bytes]) -> None:
+    for component in components:
+        problem = _component_problem(component)
+        if problem is not None:
+            raise UnsafePath(b"/".join(components), problem)
+
+
+def _check_name(name: bytes) -> None:
+    problem = _component_problem(name)
+    if problem is not None:
+        raise UnsafePath(name, f"is not a single name: it {problem}")
+
+
+def _normalise_absolute(path: bytes) -> list[bytes]:
+    """POSIX lexical normalisation of an absolute path ('..' at '/' stays at '/')."""
+    parts: list[bytes] = []
+    for part in path.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if parts:
+                parts.pop()
+        else:
+            parts.append(part)
+    return parts
+
+
+def relative_components(root: str | bytes, path: str | bytes) -> tuple[bytes, ...]:
+    """Components of `path` below `root`, lexically, without touching the filesystem.
+
+    An absolute `path` must lie under `root`; a relative one is taken relative to `root`
+    and may not climb above it at any point ('a/../../x'). Names that merely contain
+    '..' ('nightly..fits') are ordinary names.
+    """
+    root_b, path_b = os.fsencode(root), os.fsencode(path)
+    if b"\0" in path_b:
+        raise UnsafePath(path_b, "contains a NUL byte")
+    if not os.path.isabs(root_b):
+        root_b = os.path.abspath(root_b)
+    root_parts = _normalise_absolute(root_b)
+    shown_root = display(b"/" + b"/".join(root_parts))
+    if os.path.isabs(path_b):
+        parts = _normalise_absolute(path_b)
+        if parts[:len(root_parts)] != root_parts:
+            raise UnsafePath(path_b, f"is not under {shown_root}")
+        parts = parts[len(root_parts):]
+    else:
+        parts = []
+        for part in path_b.split(b"/"):
+            if part in (b"", b"."):
+                continue
+            if part == b"..":
+                if not parts:
+                    raise UnsafePath(path_b, f"climbs out of {shown_root} with '..'")
+                parts.pop()
+            else:
+                parts.append(part)
+    if not parts:
+        raise UnsafePath(path_b, f"is {shown_root} itself, not a path under it")
+    _check_components(parts)
+    return tuple(parts)
+
+
+def name_problem(component: bytes, max_bytes: int = 240) -> str | None:
+    """Why a name component is not acceptable as a product name, or None.
+
+    max_bytes stays below the 255-byte limit so that a version suffix or a temporary name
+    still fits.
+    """
+    if not component:
+        return "the name is empty"
+    if component in (b".", b".."):
+        return f"{component.decode()!r} is not a name"
+    if b"/" in component or b"\0" in component:
+        return "contains '/' or a NUL byte"
+    try:
+        text = component.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"is not valid UTF-8 (byte 0x{component[exc.start]:02x} at offset {exc.start})"
+    bad = next((ch for ch in text if _invisible(ch)), None)
+    if bad is not None:
+        return (f"contains the control or invisible character U+{ord(bad):04X} "
+                "(such as a newline); rename the file")
+    if len(component) > max_bytes:
+        return (f"is {len(component)} bytes long; at most {max_bytes} bytes leave room for a "
+                "version suffix under the 255-byte limit")
+    if component.startswith(TEMP_PREFIX):
+        return f"starts with {TEMP_PREFIX.decode()!r}, reserved for temporary files"
+    return None
+
+
+# --- opening -----------------------------------------------------------------------------
+
+
+def _kind(mode: int) -> str:
+    return {stat.S_IFLNK: "a symbolic link", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+            stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFDIR: "a folder", stat.S_IFREG: "a regular file"}.get(
+        stat.S_IFMT(mode), f"of unknown type 0o{stat.S_IFMT(mode):o}")
+
+
+def _refusal(dir_fd: int, name: bytes, shown: bytes, wanted: str) -> UnsafePath:
+    """The UnsafePath for a name that could not be opened as `wanted`; the lstat only
+    words the message, nothing is acted on."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return UnsafePath(shown, f"changed while being opened; it is not {wanted}")
+    if stat.S_ISLNK(st.st_mode):
+        return UnsafePath(shown, "is a symbolic link; links below the root are not followed")
+    return UnsafePath(shown, f"is {_kind(st.st_mode)}, not {wanted}")
+
+
 def open_root(path: str | bytes) -> int:
+    """Descriptor of a root folder. The operator may reach the root itself through
+    symbolic links; only below the root are links refused."""
     return os.open(os.fsencode(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _open_dir_at(dir_fd: int, name: bytes, shown: bytes) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _refusal(dir_fd, name, shown, "a folder") from None
+        raise
 
 
 def open_dir_under(root_fd: int, components: Sequence[bytes], *, create: bool = False,
                    mode: int = 0o755) -> int:
+    """Walk `components` from root_fd one at a time, refusing links and non-folders.
+
+    With create=True missing folders are made (mode, minus the umask) and each new
+    folder's parent is fsynced so the folder survives a crash. Returns a new descriptor.
+    """
+    _check_components(components)
     fd = os.dup(root_fd)
-    walked: list[bytes] = []
     try:
-        for part in components:
-            walked.append(part)
+        for depth, part in enumerate(components):
+            shown = b"/".join(components[:depth + 1])
             try:
-                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=fd)
+                nxt = _open_dir_at(fd, part, shown)
             except FileNotFoundError:
                 if not create:
                     raise
@@ -109,14 +283,7 @@ def open_dir_under(root_fd: int, components: Sequence[bytes], *, create: bool = 
                     os.fsync(fd)
                 except FileExistsError:
                     pass
-                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
-                    kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
-                    raise UnsafePath(b"/".join(walked), f"is {kind}") from None
-                raise
+                nxt = _open_dir_at(fd, part, shown)
             os.close(fd)
             fd = nxt
         return fd
@@ -127,23 +294,34 @@ def open_dir_under(root_fd: int, components: Sequence[bytes], *, create: bool = 
 
 def open_file_under(root_fd: int, components: Sequence[bytes],
                     flags: int = os.O_RDONLY) -> tuple[int, int]:
+    """Open a regular file below root_fd; returns (file_fd, parent_dir_fd).
+
+    O_NONBLOCK keeps a FIFO from blocking the open; the type is then checked with fstat
+    on the same descriptor, so what was checked is what gets used.
+    """
+    if not components:
+        raise UnsafePath(b"", "no file name given")
+    _check_components(components)
+    shown = b"/".join(components)
     parent = open_dir_under(root_fd, components[:-1])
     try:
         try:
             fd = os.open(components[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                          dir_fd=parent)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafePath(b"/".join(components), "is a symbolic link") from None
+            # ELOOP: a link; ENXIO: a socket, or a FIFO opened for writing with no reader;
+            # EISDIR: a folder opened for writing.
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise _refusal(parent, components[-1], shown, "a regular file") from None
             raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePath(shown, f"is {_kind(st.st_mode)}, not a regular file")
+            os.set_blocking(fd, True)
+        except BaseException:
             os.close(fd)
-            kind = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
-                    stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-                    stat.S_IFDIR: "a folder"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
-            raise UnsafePath(b"/".join(components), f"is {kind}, not a regular file")
-        os.set_blocking(fd, True)
+            raise
         return fd, parent
     except BaseException:
         os.close(parent)
@@ -151,6 +329,10 @@ def open_file_under(root_fd: int, components: Sequence[bytes],
 
 
 def lstat_under(root_fd: int, components: Sequence[bytes]) -> os.stat_result:
+    """stat of the final component, not following it, its parent walked safely."""
+    if not components:
+        raise UnsafePath(b"", "no name given")
+    _check_components(components)
     parent = open_dir_under(root_fd, components[:-1])
     try:
         return os.stat(components[-1], dir_fd=parent, follow_symlinks=False)
@@ -158,60 +340,174 @@ def lstat_under(root_fd: int, components: Sequence[bytes]) -> os.stat_result:
         os.close(parent)
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Which file, in which state: enough to notice a replaced or rewritten file."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def same_file(self, other: Identity) -> bool:
+        """Same inode, same size and mtime. ctime is left out: linking, unlinking and
+        chmod change it without changing the content."""
+        return (self.dev, self.ino, self.size, self.mtime_ns) == \
+            (other.dev, other.ino, other.size, other.mtime_ns)
+
+
+# --- changing names ----------------------------------------------------------------------
+
+
 def fsync_dir(dir_fd: int) -> None:
+    """Make the folder's entries (new, renamed, removed names) durable."""
     os.fsync(dir_fd)
 
 
+def _renameat2_syscall(src_dir_fd: int, src_name: bytes, dst_dir_fd: int, dst_name: bytes,
+                       flags: int) -> int:
+    """renameat2 through syscall(2), for a libc without the wrapper; 0 or an errno."""
+    number = _SYS_RENAMEAT2.get(platform.machine().lower())
+    if number is None:
+        return errno.ENOSYS
+    _libc.syscall.restype = ctypes.c_long
+    res = _libc.syscall(ctypes.c_long(number), ctypes.c_int(src_dir_fd),
+                        ctypes.c_char_p(src_name), ctypes.c_int(dst_dir_fd),
+                        ctypes.c_char_p(dst_name), ctypes.c_uint(flags))
+    return 0 if res == 0 else ctypes.get_errno()
+
+
+def _renameat2(src_dir_fd: int, src_name: bytes, dst_dir_fd: int, dst_name: bytes,
+               flags: int) -> int:
+    """renameat2(2); 0 or an errno."""
+    if _libc_renameat2 is None:
+        return _renameat2_syscall(src_dir_fd, src_name, dst_dir_fd, dst_name, flags)
+    res = _libc_renameat2(src_dir_fd, src_name, dst_dir_fd, dst_name, flags)
+    return 0 if res == 0 else ctypes.get_errno()
+
+
+def _rename_by_link(src_dir_fd: int, src_name: bytes, dst_dir_fd: int, dst_name: bytes) -> None:
+    """No-replace rename of a regular file where RENAME_NOREPLACE is unsupported: link
+    fails with EEXIST when the destination exists, then the source name is removed."""
+    st = os.stat(src_name, dir_fd=src_dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"cannot rename {_kind(st.st_mode)} without replacing "
+                      "on this filesystem (no RENAME_NOREPLACE)", display(src_name))
+    link_noreplace(src_dir_fd, src_name, dst_dir_fd, dst_name)
+    os.unlink(src_name, dir_fd=src_dir_fd)
+
+
 def rename_noreplace(src_dir_fd: int, src_name: bytes, dst_dir_fd: int, dst_name: bytes) -> None:
-    """renameat2(RENAME_NOREPLACE); FileExistsError when the destination exists."""
-    res = _libc.renameat2(src_dir_fd, src_name, dst_dir_fd, dst_name, _RENAME_NOREPLACE)
-    if res == 0:
+    """Atomic rename that never replaces an existing destination.
+
+    FileExistsError when the destination exists, OSError(EXDEV) across filesystems.
+    Where the filesystem lacks RENAME_NOREPLACE, a regular file is moved by link and
+    unlink; a folder raises OSError(EINVAL), for the caller (which holds the publish
+    lock) to handle.
+    """
+    _check_name(src_name)
+    _check_name(dst_name)
+    err = _renameat2(src_dir_fd, src_name, dst_dir_fd, dst_name, _RENAME_NOREPLACE)
+    if err == 0:
         return
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS) and stat.S_ISREG(
-            os.stat(src_name, dir_fd=src_dir_fd, follow_symlinks=False).st_mode):
-        link_noreplace(src_dir_fd, src_name, dst_dir_fd, dst_name)
-        os.unlink(src_name, dir_fd=src_dir_fd)
+    if err in (errno.EINVAL, errno.ENOSYS):
+        _rename_by_link(src_dir_fd, src_name, dst_dir_fd, dst_name)
         return
-    if err == errno.EEXIST:
-        raise FileExistsError(err, os.strerror(err), display(dst_name))
-    raise OSError(err, os.strerror(err), display(dst_name))
+    raise OSError(err, os.strerror(err), display(src_name), None, display(dst_name))
 
 
 def link_noreplace(src_dir_fd: int, src_name: bytes, dst_dir_fd: int, dst_name: bytes) -> None:
+    """A second name for a file (the link itself if it is a link, never its target);
+    FileExistsError when the destination exists."""
+    _check_name(src_name)
+    _check_name(dst_name)
     os.link(src_name, dst_name, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd,
             follow_symlinks=False)
 
 
+def same_filesystem(fd_a: int, fd_b: int) -> bool:
+    """Whether a rename or a hard link between the two folders can work."""
+    return os.fstat(fd_a).st_dev == os.fstat(fd_b).st_dev
+
+
 def create_exclusive(dir_fd: int, name: bytes, mode: int = 0o600) -> int:
+    """Create a new file for writing; FileExistsError if the name exists, even as a
+    dangling link, so nothing is ever written through a link."""
+    _check_name(name)
     return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                    mode, dir_fd=dir_fd)
 
 
+# --- temporary names ---------------------------------------------------------------------
+
+
 def temp_name(final_name: bytes, token: str) -> bytes:
-    tail = b"." + token.encode()
-    room = 255 - len(TEMP_PREFIX) - len(tail)
-    return TEMP_PREFIX + final_name[:room] + tail
+    """Temporary name for `final_name` in the destination folder:
+    b'.contimg-tmp.' + final name (truncated to fit 255 bytes) + b'.' + token.
+
+    The token (letters, digits, '-' and '_', at most 64) names the registry row the file
+    belongs to, so reconciliation can match a leftover to its product.
+    """
+    token_b = token.encode("ascii", "replace")
+    if not _TOKEN.fullmatch(token_b):
+        raise ValueError(f"temporary-name token {token!r}: use 1 to 64 letters, digits, "
+                         "'-' or '_'")
+    _check_name(final_name)
+    room = NAME_MAX - len(TEMP_PREFIX) - 1 - len(token_b)
+    part = final_name[:room]
+    if len(part) < len(final_name):
+        # Cut on a character boundary when the name is UTF-8, so the temp name stays readable.
+        for cut in range(len(part), max(len(part) - 4, -1), -1):
+            try:
+                part[:cut].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            part = part[:cut]
+            break
+    return TEMP_PREFIX + part + b"." + token_b
 
 
 def parse_temp_name(name: bytes) -> str | None:
-    if not name.startswith(TEMP_PREFIX) or b"." not in name[len(TEMP_PREFIX):]:
+    """The token of a temporary name made by temp_name(), or None if the name is not ours."""
+    name = os.fsencode(name)
+    if not name.startswith(TEMP_PREFIX):
         return None
-    return name.rsplit(b".", 1)[1].decode("utf-8", "replace")
+    rest = name[len(TEMP_PREFIX):]
+    if b"." not in rest:
+        return None
+    token = rest.rsplit(b".", 1)[1]
+    return token.decode("ascii") if _TOKEN.fullmatch(token) else None
+
+
+# --- removal -----------------------------------------------------------------------------
 
 
 def remove_tree_under(dir_fd: int, name: bytes) -> None:
+    """Remove the file or folder tree `name` in dir_fd, never following a link (a link is
+    removed, its target is left alone). A name that is already gone is fine."""
+    _check_name(name)
     try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
         return
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
+        # Our own copied trees may be read-only; make this folder clearable.
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRWXU)
         for entry in os.listdir(fd):
             remove_tree_under(fd, os.fsencode(entry))
     finally:
         os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(name, dir_fd=dir_fd)
