@@ -430,9 +430,28 @@ def link_noreplace(src_dir_fd: int, src_name: bytes, dst_dir_fd: int, dst_name: 
             follow_symlinks=False)
 
 
+def _mount_id(fd: int) -> int | None:
+    """The mount a descriptor lives on, from /proc/self/fdinfo; None where unreadable."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def same_filesystem(fd_a: int, fd_b: int) -> bool:
-    """Whether a rename or a hard link between the two folders can work."""
-    return os.fstat(fd_a).st_dev == os.fstat(fd_b).st_dev
+    """Whether a rename or a hard link between the two folders can work.
+
+    The same st_dev is not enough: two bind mounts of one filesystem (systemd's
+    ReadWritePaths= makes them) refuse a rename or link between them with EXDEV.
+    """
+    if os.fstat(fd_a).st_dev != os.fstat(fd_b).st_dev:
+        return False
+    mount_a, mount_b = _mount_id(fd_a), _mount_id(fd_b)
+    return mount_a is None or mount_b is None or mount_a == mount_b
 
 
 def create_exclusive(dir_fd: int, name: bytes, mode: int = 0o600) -> int:

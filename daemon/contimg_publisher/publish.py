@@ -319,7 +319,7 @@ class Publisher:
             if identical:
                 result.how = "identical"
             else:
-                same_fs = os.fstat(src_parent).st_dev == os.fstat(dest_fd).st_dev
+                same_fs = paths.same_filesystem(src_parent, dest_fd)
                 token = f"{product.id}-{uuid.uuid4().hex[:8]}"
                 temp = paths.temp_name(final, token)
                 self.registry.set_publish_plan(
