@@ -1,0 +1,120 @@
+"""The shipped unit, sysusers file and default config under a real systemd (PID 1).
+
+A throw-away container boots this machine's own /usr (tests/support/nspawn-boot.sh). The
+package and its dependencies come from this checkout's virtual environment, bound
+read-only at /opt/contimg-publisher and put on PYTHONPATH by a drop-in that also replaces
+ExecStart (the container's Python is Debian's /usr/bin/python3) and shortens the watchdog
+and restart delays so the test is quick. Everything else is the shipped unit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from contimg_publisher.logs import MESSAGE_IDS
+from tests.helpers import REPO, is_root
+
+SUPPORT = REPO / "tests" / "support"
+DROP_IN = """[Service]
+Environment=PYTHONPATH=/opt/contimg-publisher/src:/opt/contimg-publisher/site-packages
+ExecStart=
+ExecStart=/usr/bin/python3 -m contimg_publisher run
+WatchdogSec=3
+TimeoutAbortSec=3
+RestartSec=1
+"""
+
+
+def _need_nspawn() -> None:
+    if not is_root():
+        pytest.skip("booting systemd in a container needs root")
+    if shutil.which("systemd-nspawn") is None:
+        pytest.skip("systemd-nspawn is missing (Debian package systemd-container)")
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("/usr/bin/python3 (Debian's python3) is missing; the container runs it")
+    version = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        pytest.skip(f"Debian's python3 is {version}, the test environment's is "
+                    f"{sys.version_info[:2]}: its compiled dependencies would not load")
+
+
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory):
+    _need_nspawn()
+    tmp = tmp_path_factory.mktemp("nspawn")
+    drop_in = tmp / "test.conf"
+    drop_in.write_text(DROP_IN)
+    site = sysconfig.get_paths()["purelib"]
+    binds = {
+        str(REPO / "daemon"): "/opt/contimg-publisher/src",
+        site: "/opt/contimg-publisher/site-packages",
+        str(REPO / "systemd" / "contimg-publisher.service"):
+            "/etc/systemd/system/contimg-publisher.service",
+        str(drop_in): "/etc/systemd/system/contimg-publisher.service.d/test.conf",
+        str(REPO / "systemd" / "contimg-publisher.sysusers"):
+            "/etc/sysusers.d/contimg-publisher.conf",
+        str(REPO / "etc" / "contimg-publisher" / "config.toml"):
+            "/etc/contimg-publisher/config.toml",
+    }
+    out = tmp / "seen.json"
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NSPAWN_LOG": str(tmp / "console.log"),
+           "NSPAWN_BINDS": " ".join(f"{src}:{dst}" for src, dst in binds.items())}
+    proc = subprocess.run([str(SUPPORT / "nspawn-boot.sh"), sys.executable,
+                           str(SUPPORT / "systemd_scenario.py"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0 and out.exists(), (proc.stdout, proc.stderr)
+    result = json.loads(out.read_text())
+    print(json.dumps(result, indent=1))
+    assert "error" not in result, json.dumps(result, indent=1)
+    return result
+
+
+def test_starts_as_notify_service_and_publishes(seen):
+    assert seen["start_rc"] == 0, seen["start_stderr"]
+    assert seen["after_start"]["ActiveState"] == "active"
+    assert seen["after_start"]["SubState"] == "running"
+    assert seen["after_start"]["User"] == "contimg"
+    assert "watching /stage/dsa110-contimg" in seen["after_start"]["StatusText"]
+    assert seen["published_sha256"] == seen["staged_sha256"]
+    assert seen["source_left"] is False
+    assert seen["published_owner_mode"] == "contimg 644"
+    assert "0 waiting, 0 publishing, 0 failed" in seen["status_after_publish"]
+    assert "last publish: night1 at " in seen["status_after_publish"]
+
+
+def test_journal_fields_under_systemd(seen):
+    [entry] = seen["journal_published"]
+    assert entry["MESSAGE_ID"] == MESSAGE_IDS["published"]
+    assert entry["DATA_ID"] == "night1"
+    assert entry["PUBLISHED_PATH"] == "/data/dsa110-contimg/products/mosaics/night1.fits"
+    assert entry["_SYSTEMD_UNIT"] == "contimg-publisher.service"
+
+
+def test_reload_keeps_the_process(seen):
+    assert seen["reload_rc"] == 0
+    assert seen["after_reload"]["ActiveState"] == "active"
+    assert seen["after_reload"]["MainPID"] == seen["after_start"]["MainPID"]
+    assert seen["journal_reload_ok"][0]["MESSAGE_ID"] == MESSAGE_IDS["reload_ok"]
+
+
+def test_restarted_after_sigkill_and_watchdog(seen):
+    assert int(seen["after_kill"]["NRestarts"]) == 1
+    assert seen["after_kill"]["MainPID"] != seen["after_start"]["MainPID"]
+    assert int(seen["after_watchdog"]["NRestarts"]) == 2
+    assert any("Watchdog timeout" in str(m) for m in seen["watchdog_messages"]), \
+        seen["watchdog_messages"]
+
+
+def test_stops_cleanly(seen):
+    assert seen["stop_rc"] == 0
+    assert seen["after_stop"]["ActiveState"] == "inactive"
+    assert seen["after_stop"]["ExecMainStatus"] == "0"
+    assert "stopped" in seen["journal_stopping"]
