@@ -17,7 +17,6 @@ import re
 import stat
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 TEMP_PREFIX = b".contimg-tmp."
 NAME_MAX = 255
@@ -338,27 +337,6 @@ def lstat_under(root_fd: int, components: Sequence[bytes]) -> os.stat_result:
         return os.stat(components[-1], dir_fd=parent, follow_symlinks=False)
     finally:
         os.close(parent)
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Which file, in which state: enough to notice a replaced or rewritten file."""
-
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> Identity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    def same_file(self, other: Identity) -> bool:
-        """Same inode, same size and mtime. ctime is left out: linking, unlinking and
-        chmod change it without changing the content."""
-        return (self.dev, self.ino, self.size, self.mtime_ns) == \
-            (other.dev, other.ino, other.size, other.mtime_ns)
 
 
 # --- changing names ----------------------------------------------------------------------

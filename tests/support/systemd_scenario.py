@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.helpers import write_fits  # noqa: E402
+from tests.helpers import wait_for, write_fits  # noqa: E402
 
 UNIT = "contimg-publisher.service"
 CT = os.environ["CT"]
@@ -35,17 +35,6 @@ def inside(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
 def show(*props: str) -> dict[str, str]:
     out = inside("systemctl", "show", UNIT, "-p", ",".join(props), check=True).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def wait(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def active_with_new_pid(old_pid: str, restarts: int):
@@ -89,30 +78,33 @@ def run(seen: dict[str, object]) -> None:
     data = write_fits(ROOT / STAGE.relative_to("/") / "mosaics" / "night1.fits", pixels=64,
                       seed=11)
     target = ROOT / PRODUCTS.relative_to("/") / "mosaics" / "night1.fits"
-    wait(lambda: target.exists() and target.stat().st_size == len(data), "night1 published")
+    wait_for(lambda: target.exists() and target.stat().st_size == len(data),
+             what="night1 published", timeout=30)
     time.sleep(0.5)
     seen["published_sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
     seen["staged_sha256"] = hashlib.sha256(data).hexdigest()
     seen["source_left"] = (ROOT / STAGE.relative_to("/") / "mosaics" / "night1.fits").exists()
     owner = inside("stat", "-c", "%U %a", str(PRODUCTS / "mosaics" / "night1.fits"))
     seen["published_owner_mode"] = owner.stdout.strip()
-    seen["status_after_publish"] = wait(
+    seen["status_after_publish"] = wait_for(
         lambda: (lambda s: s if "last publish: night1" in s else None)(
-            show("StatusText")["StatusText"]), "STATUS= naming the publish", timeout=15)
+            show("StatusText")["StatusText"]), what="STATUS= naming the publish", timeout=15)
     seen["journal_published"] = journal("EVENT=published")
 
     reload = inside("systemctl", "reload", UNIT)
     seen["reload_rc"] = reload.returncode
     seen["after_reload"] = show("ActiveState", "MainPID")
-    seen["journal_reload_ok"] = wait(lambda: journal("EVENT=reload_ok"), "reload_ok event")
+    seen["journal_reload_ok"] = wait_for(lambda: journal("EVENT=reload_ok"),
+                                          what="reload_ok event")
 
     inside("systemctl", "kill", "-s", "SIGKILL", UNIT, check=True)
-    seen["after_kill"] = wait(active_with_new_pid(first_pid, 1), "restart after SIGKILL")
+    seen["after_kill"] = wait_for(active_with_new_pid(first_pid, 1), timeout=30,
+                                  what="restart after SIGKILL")
 
     # A wedged process (stopped, so its loop cannot ping) must be killed by the watchdog.
     inside("kill", "-STOP", seen["after_kill"]["MainPID"], check=True)
-    seen["after_watchdog"] = wait(active_with_new_pid(seen["after_kill"]["MainPID"], 2),
-                                  "watchdog restart", timeout=60)
+    seen["after_watchdog"] = wait_for(active_with_new_pid(seen["after_kill"]["MainPID"], 2),
+                                  what="watchdog restart", timeout=60)
     seen["watchdog_messages"] = [e.get("MESSAGE") for e in journal()
                                  if "atchdog" in str(e.get("MESSAGE"))]
 
