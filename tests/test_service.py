@@ -247,3 +247,86 @@ def test_blocked_loop_stops_pinging(tmp_path, notify):
                  what="publish once the registry is free")
     finally:
         assert stop(proc) == 0
+
+
+def test_start_up_scan_extends_the_start_timeout_before_ready(tmp_path, notify):
+    sandbox = Sandbox(tmp_path)
+    for i in range(3):
+        write_fits(sandbox.mosaics / f"before_start_{i}.fits", seed=i)
+    proc = start_daemon(sandbox, notify)
+    try:
+        t_ready, _ = notify.wait("READY", "1")
+        extends = [(t, m) for t, m in notify.with_key("EXTEND_TIMEOUT_USEC") if t <= t_ready]
+        assert extends, notify.messages
+        assert int(extends[0][1]["EXTEND_TIMEOUT_USEC"]) >= 60_000_000
+    finally:
+        assert stop(proc) == 0
+
+
+# The products area must be another filesystem for the copy path: /dev/shm is a tmpfs
+# wherever these tests run. The copy is slowed by a delay per 8 MiB chunk, read only from
+# this environment variable, because no real disk here is slow enough to stop mid-copy.
+SLOW_COPY = {"CONTIMG_PUBLISHER_TEST_COPY_DELAY": "1.0"}
+
+
+@pytest.fixture
+def shm_products():
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev:
+        pytest.skip("/dev/shm is not a separate filesystem here; the copy path needs one")
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="contimg-products-", dir="/dev/shm"))
+    yield folder
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _temps(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".contimg-tmp.*")]
+
+
+def test_stop_lets_the_copy_in_flight_finish(tmp_path, notify, shm_products):
+    sandbox = Sandbox(tmp_path, products_root=shm_products,
+                      service={"stop_timeout_seconds": 30})
+    data = write_fits(sandbox.mosaics / "big.fits", pixels=2048, seed=5)  # 3 chunks
+    proc = start_daemon(sandbox, notify, extra_env=SLOW_COPY)
+    try:
+        notify.wait("READY", "1")
+        wait_for(lambda: _temps(shm_products), timeout=30, what="the copy to start")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        notify.wait("STOPPING", "1", after=sent)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop(proc)
+    assert (shm_products / "mosaics" / "big.fits").read_bytes() == data
+    assert _temps(shm_products) == []
+    assert not (sandbox.mosaics / "big.fits").exists()
+    assert sandbox.row("big")["status"] == "published"
+
+
+def test_stop_aborts_a_long_copy_cleanly_and_it_resumes(tmp_path, notify, shm_products):
+    sandbox = Sandbox(tmp_path, products_root=shm_products,
+                      service={"stop_timeout_seconds": 0.5})
+    data = write_fits(sandbox.mosaics / "big.fits", pixels=2048, seed=6)
+    proc = start_daemon(sandbox, notify, extra_env=SLOW_COPY)
+    try:
+        notify.wait("READY", "1")
+        wait_for(lambda: _temps(shm_products), timeout=30, what="the copy to start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        stop(proc)
+    assert _temps(shm_products) == [], "the aborted copy left its temporary file"
+    assert not (shm_products / "mosaics" / "big.fits").exists()
+    assert (sandbox.mosaics / "big.fits").read_bytes() == data
+    row = sandbox.row("big")
+    assert row["status"] == "staging" and row["publish_attempts"] == 0, row
+
+    proc = start_daemon(sandbox, notify)
+    try:
+        wait_for(lambda: (shm_products / "mosaics" / "big.fits").exists(), timeout=60,
+                 what="the publish after restart")
+    finally:
+        assert stop(proc) == 0
+    assert (shm_products / "mosaics" / "big.fits").read_bytes() == data
+    assert sandbox.row("big")["status"] == "published"

@@ -41,6 +41,7 @@ from contimg_publisher.registry import FailureOutcome, Identity, Product, Regist
 CHUNK = 8 << 20
 # Test-only fault injection: the process kills itself at the named step. Read nowhere else.
 CRASH_ENV = "CONTIMG_PUBLISHER_TEST_CRASH_AT"
+DELAY_ENV = "CONTIMG_PUBLISHER_TEST_COPY_DELAY"  # seconds per chunk, tests only
 CRASH_POINTS = ("after_temp_write", "after_rename", "after_commit", "before_source_removal")
 
 
@@ -141,6 +142,8 @@ def copy_fd(src_fd: int, dst_fd: int, algorithm: str, *, cancel: threading.Event
     hasher = _Hasher(algorithm)
     hasher.start()
     offset = 0
+    # Tests stop the daemon in the middle of a copy; no disk here is slow enough to do it.
+    delay = float(os.environ.get(DELAY_ENV) or 0)
     last_tick = time.monotonic()
     try:
         while True:
@@ -155,6 +158,8 @@ def copy_fd(src_fd: int, dst_fd: int, algorithm: str, *, cancel: threading.Event
                 written = os.write(dst_fd, view)
                 view = view[written:]
             offset += len(chunk)
+            if delay:
+                time.sleep(delay)
             if tick is not None and time.monotonic() - last_tick >= 1.0:
                 last_tick = time.monotonic()
                 tick()
