@@ -330,3 +330,27 @@ def test_stop_aborts_a_long_copy_cleanly_and_it_resumes(tmp_path, notify, shm_pr
         assert stop(proc) == 0
     assert (shm_products / "mosaics" / "big.fits").read_bytes() == data
     assert sandbox.row("big")["status"] == "published"
+
+
+def test_reload_during_a_copy_keeps_the_copy(tmp_path, notify, shm_products):
+    sandbox = Sandbox(tmp_path, products_root=shm_products)
+    data = write_fits(sandbox.mosaics / "big.fits", pixels=2048, seed=7)
+    proc = start_daemon(sandbox, notify, extra_env=SLOW_COPY)
+    try:
+        notify.wait("READY", "1")
+        wait_for(lambda: _temps(shm_products), timeout=30, what="the copy to start")
+        sandbox.update(log={"level": "info"}, publish={"max_attempts": 5})
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        t, _ = notify.wait("RELOADING", "1", after=sent)
+        notify.wait("READY", "1", after=t)
+        assert _temps(shm_products), "the reload dropped the copy in flight"
+        wait_for(lambda: (shm_products / "mosaics" / "big.fits").exists(), timeout=30,
+                 what="the copy to finish after the reload")
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0
+    assert (shm_products / "mosaics" / "big.fits").read_bytes() == data
+    assert sandbox.row("big")["publish_attempts"] == 0
+    ok = [e for e in log_events(sandbox) if e.get("event") == "reload_ok"]
+    assert ok and "max_attempts" in str(ok[-1]["changed"]), ok
