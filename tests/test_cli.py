@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from contimg_publisher.registry import Candidate, Identity, Registry
+from contimg_publisher.registry import SCHEMA_VERSION, Candidate, Identity, Registry
 from tests.helpers import REPO, Sandbox
 
 
@@ -119,9 +119,9 @@ def test_retry_all_failed(filled):
 def test_migrate_twice_reports_nothing_to_do(tmp_path):
     sandbox = Sandbox(tmp_path)
     first = sandbox.cli("migrate", check=True).stdout
-    assert "migrated from schema version 0 to 2" in first
+    assert f"migrated from schema version 0 to {SCHEMA_VERSION}" in first
     second = sandbox.cli("migrate", check=True).stdout
-    assert "already at schema version 2" in second
+    assert f"already at schema version {SCHEMA_VERSION}" in second
 
 
 def test_read_commands_do_not_migrate_an_older_file(tmp_path):

@@ -25,7 +25,7 @@ from typing import Any
 import apsw
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 STATUSES = ("staging", "publishing", "published", "failed", "rejected")
@@ -385,7 +385,8 @@ class Registry:
         """Bring the file to SCHEMA_VERSION, one transaction per step; returns steps applied."""
         self._check_version()
         applied = []
-        for target, step in ((1, self._migrate_legacy), (2, self._migrate_v2)):
+        for target, step in ((1, self._migrate_legacy), (2, self._migrate_v2),
+                             (3, self._migrate_v3)):
             with self.write() as cur:
                 # Re-read inside the write lock: another process may have migrated meanwhile.
                 if int(cur.execute("PRAGMA user_version").fetchone()[0]) >= target:
@@ -403,6 +404,12 @@ class Registry:
         for name, decl in LEGACY_OPTIONAL_COLUMNS.items():
             if name not in have:
                 cur.execute(f"ALTER TABLE data_registry ADD COLUMN {name} {decl}")
+
+    def _migrate_v3(self, cur: apsw.Cursor) -> None:
+        """header_json: the FITS header metadata, apart from the legacy metadata_json that
+        older tools wrote and read (a legacy row's metadata_json is never replaced)."""
+        if "header_json" not in self._columns(cur, "data_registry"):
+            cur.execute("ALTER TABLE data_registry ADD COLUMN header_json TEXT")
 
     def _migrate_v2(self, cur: apsw.Cursor) -> None:
         have = self._columns(cur, "data_registry")
@@ -541,12 +548,13 @@ class Registry:
         if row is None:
             cur.execute(
                 "INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
-                " created_at, staged_at, metadata_json, auto_publish_enabled,"
+                " created_at, staged_at, metadata_json, header_json, auto_publish_enabled,"
                 " publish_attempts, size_bytes, checksum, stage_path_bytes, stage_dev,"
                 " stage_ino, stage_mtime_ns, stage_ctime_ns, updated_at)"
-                " VALUES (?, ?, ?, 'staging', ?, ?, ?, ?, 1, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, 'staging', ?, ?, ?, ?, ?, 1, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (c.data_type, c.data_id, c.base_path, c.stage_path, now, now,
-                 json.dumps(c.metadata, sort_keys=True), c.identity.size, c.checksum,
+                 json.dumps(c.metadata, sort_keys=True), json.dumps(c.metadata, sort_keys=True),
+                 c.identity.size, c.checksum,
                  c.stage_path_bytes, c.identity.dev, c.identity.ino, c.identity.mtime_ns,
                  c.identity.ctime_ns, now))
             outcome = "new"
@@ -561,13 +569,18 @@ class Registry:
               and row["status"] != "rejected"):
             outcome = "unchanged"
         else:
-            # New content (or a legacy row described for the first time, or a rejected
-            # file that was rewritten): it waits again with a fresh attempt budget.
-            # Earlier failures stay in publish_failures.
+            # New content, or a rejected file that was rewritten: it waits again with a
+            # fresh attempt budget. A legacy row described for the first time keeps its
+            # status and attempts (a `failed` one still waits for an operator). Earlier
+            # failures stay in publish_failures.
             fresh = row["checksum"] is not None and row["checksum"] != c.checksum
+            header = json.dumps(c.metadata, sort_keys=True)
             cur.execute(
-                "UPDATE data_registry SET status = 'staging', size_bytes = ?, checksum = ?,"
-                " metadata_json = ?, stage_path_bytes = ?, stage_dev = ?, stage_ino = ?,"
+                "UPDATE data_registry SET status = CASE WHEN status = 'failed' AND NOT ?"
+                "   THEN 'failed' ELSE 'staging' END, size_bytes = ?, checksum = ?,"
+                " metadata_json = CASE WHEN metadata_json IS NULL OR header_json IS NOT NULL"
+                "   THEN ? ELSE metadata_json END, header_json = ?,"
+                " stage_path_bytes = ?, stage_dev = ?, stage_ino = ?,"
                 " stage_mtime_ns = ?, stage_ctime_ns = ?, next_attempt_at = NULL,"
                 " staged_at = CASE WHEN ? THEN ? ELSE staged_at END,"
                 " publish_attempts = CASE WHEN ? OR status = 'rejected' THEN 0"
@@ -575,8 +588,8 @@ class Registry:
                 " publish_error = CASE WHEN status = 'rejected' THEN NULL"
                 "   ELSE publish_error END,"
                 " updated_at = ? WHERE id = ?",
-                (c.identity.size, c.checksum, json.dumps(c.metadata, sort_keys=True),
-                 c.stage_path_bytes, c.identity.dev, c.identity.ino, c.identity.mtime_ns,
+                (fresh, c.identity.size, c.checksum, header, header, c.stage_path_bytes,
+                 c.identity.dev, c.identity.ino, c.identity.mtime_ns,
                  c.identity.ctime_ns, fresh, now, fresh, now, row["id"]))
             outcome = "updated"
         product = _product(_one(cur, "SELECT * FROM data_registry WHERE data_id = ?",
@@ -706,6 +719,25 @@ class Registry:
                     "INSERT OR IGNORE INTO data_relationships (parent_data_id, child_data_id,"
                     " relationship_type) VALUES (?, ?, 'supersedes')", (data_id, supersedes))
         return done
+
+    def confirm_published(self, data_id: str, published_path: str, size_bytes: int,
+                          checksum: str, metadata: dict[str, Any],
+                          now: float | None = None) -> bool:
+        """A publish an older program finished on disk but never recorded: the row becomes
+        `published` with the copy's description; legacy values already set are kept."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            cur.execute(
+                "UPDATE data_registry SET status = 'published', published_path = ?,"
+                " published_at = COALESCE(published_at, ?), size_bytes = ?, checksum = ?,"
+                " metadata_json = COALESCE(metadata_json, ?), header_json = ?,"
+                " lease_owner = NULL,"
+                " lease_expires_at = NULL, publish_temp = NULL, next_attempt_at = NULL,"
+                " publish_mode = COALESCE(publish_mode, 'auto'), updated_at = ?"
+                " WHERE data_id = ? AND status = 'publishing'",
+                (published_path, now, size_bytes, checksum, json.dumps(metadata, sort_keys=True),
+                 json.dumps(metadata, sort_keys=True), now, data_id))
+            return self.conn.changes() > 0
 
     def record_failure(self, data_id: str, owner: str | None, kind: str, error: str,
                        max_attempts: int, backoff_initial: float, backoff_max: float,
@@ -839,9 +871,9 @@ def _one(cur: apsw.Cursor, sql: str, args: Sequence[Any]) -> dict[str, Any] | No
 
 def _product(row: dict[str, Any]) -> Product:
     try:
-        metadata = json.loads(row.get("metadata_json") or "{}")
+        metadata = json.loads(row.get("header_json") or row.get("metadata_json") or "{}")
     except ValueError:
-        metadata = {"_unparsed": row.get("metadata_json")}
+        metadata = {"_unparsed": row.get("header_json") or row.get("metadata_json")}
     if not isinstance(metadata, dict):
         metadata = {"_value": metadata}
     try:
