@@ -690,6 +690,10 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
                 os.close(parent)
     target = row.publish_target
     rule = rule_for(config, row.data_type)
+    if row.lease_owner is None and target is None and rule is not None and rule.kind == "file":
+        legacy = _resolve_legacy(publisher, row, rule, result)
+        if legacy is not None:
+            return legacy
     if target and rule is not None and row.checksum:
         raw = paths.undisplay(target)
         parent_path, final = os.path.dirname(raw), os.path.basename(raw)
@@ -717,6 +721,80 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
     result.failure, result.kind = outcome, "interrupted"
     result.error = outcome.error if outcome else None
     return result
+
+
+def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
+                    result: Result) -> Result | None:
+    """A row an older program left in `publishing` (it never cleared them). That program
+    copied straight to the final name, so what is there is its complete copy (the staged
+    file already gone) or a truncated prefix of the staged file. A complete, valid FITS copy
+    makes the row published; a provable prefix is removed so the product can be published
+    under its own name. Anything else is left alone. None: requeue as usual."""
+    config, registry, log = publisher.config, publisher.registry, publisher.log
+    try:
+        parts = paths.relative_components(os.fsencode(str(config.stage_root)), row.stage_bytes)
+    except paths.UnsafePath:
+        return None
+    folder, name = destination(config, rule, parts)
+    products_root = os.fsencode(str(config.products_root))
+    shown = paths.display(_full(products_root, folder, name))
+    stage_fd = products_fd = dest_dir = src_fd = src_parent = copy_fd_ = -1
+    try:
+        products_fd = paths.open_root(products_root)
+        dest_dir = paths.open_dir_under(products_fd, folder)
+        copy_fd_, _parent = paths.open_file_under(dest_dir, (name,))
+        os.close(_parent)
+        stage_fd = paths.open_root(os.fsencode(str(config.stage_root)))
+        try:
+            src_fd, src_parent = paths.open_file_under(stage_fd, parts)
+        except FileNotFoundError:
+            src_fd = -1
+        if src_fd < 0:
+            algorithm = config.checksum_algorithm
+            try:
+                report = fits.scan_fits(copy_fd_, algorithm)
+            except fits.FitsError as exc:
+                if log is not None:
+                    log.warning("legacy_copy_invalid", data_id=row.data_id,
+                                published_path=shown, error=exc.reason,
+                                reason="left by an older program; the staged file is gone")
+                return None
+            if registry.confirm_published(row.data_id, shown, report.size, report.checksum,
+                                          report.metadata):
+                result.status, result.published_path = "published", shown
+                result.how = "legacy"
+                return result
+            return None
+        copy_st, src_st = os.fstat(copy_fd_), os.fstat(src_fd)
+        if copy_st.st_size < src_st.st_size and \
+                _is_prefix(copy_fd_, src_fd, copy_st.st_size):
+            current = os.stat(name, dir_fd=dest_dir, follow_symlinks=False)
+            if (current.st_dev, current.st_ino) == (copy_st.st_dev, copy_st.st_ino):
+                os.unlink(name, dir_fd=dest_dir)
+                paths.fsync_dir(dest_dir)
+                if log is not None:
+                    log.warning("legacy_partial_removed", data_id=row.data_id,
+                                published_path=shown, bytes=copy_st.st_size,
+                                staged_bytes=src_st.st_size,
+                                reason="a truncated copy left by an older program; "
+                                       "the product is published again")
+        return None
+    except (FileNotFoundError, NotADirectoryError, paths.UnsafePath):
+        return None
+    finally:
+        for fd in (copy_fd_, src_fd, src_parent, dest_dir, products_fd, stage_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _is_prefix(short_fd: int, long_fd: int, length: int) -> bool:
+    offset = 0
+    while offset < length:
+        n = min(CHUNK, length - offset)
+        if os.pread(short_fd, n, offset) != os.pread(long_fd, n, offset):
+            return False
+        offset += n
+    return True
 
 
 def remove_stray_temps(config: Config, registry: Registry, owner: str, log: Any = None) -> int:
