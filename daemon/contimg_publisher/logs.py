@@ -9,6 +9,8 @@ from typing import Any
 
 import structlog
 
+from contimg_publisher.registry import truncate
+
 MESSAGE_IDS = {
     "published": "8f1c5a2e6b0d4e3f9a7c1b2d3e4f5a60",
     "publish_failed": "2b7d9e1f3a5c4b6d8e0f1a2b3c4d5e61",
@@ -31,6 +33,16 @@ def _under_journal() -> bool:
     return stream == f"{st.st_dev}:{st.st_ino}"
 
 
+def _truncate_error(_logger: Any, _level: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Error texts can be long (a whole traceback from a library); every format gets the
+    same bounded text the registry keeps."""
+    error = event.get("error")
+    if error is not None:
+        event["error"] = truncate(error if isinstance(error, str) else str(error),
+                                  _error_max_chars)
+    return event
+
+
 def _journal(_logger: Any, level: str, event: dict[str, Any]) -> str:
     from systemd import journal
     name = str(event.pop("event", ""))
@@ -43,8 +55,6 @@ def _journal(_logger: Any, level: str, event: dict[str, Any]) -> str:
         if value is None or key in ("timestamp", "level"):
             continue
         text = value if isinstance(value, str) else json.dumps(value, default=str)
-        if key == "error":
-            text = text[:_error_max_chars]
         field = "".join(c if c.isalnum() else "_" for c in key.upper()).lstrip("_") or "FIELD"
         fields[field] = text
         summary.append(f"{key}={text}")
@@ -59,7 +69,8 @@ def configure(level: str = "info", fmt: str = "auto", error_max_chars: int = 500
     if fmt == "auto":
         fmt = "journal" if _under_journal() else "console"
     processors: list[Any] = [structlog.processors.add_log_level,
-                             structlog.processors.TimeStamper(fmt="iso", utc=True)]
+                             structlog.processors.TimeStamper(fmt="iso", utc=True),
+                             _truncate_error]
     if fmt == "journal":
         processors.append(_journal)
     elif fmt == "json":
