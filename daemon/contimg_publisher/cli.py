@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from contimg_publisher import __version__, lock, logs, service
+from contimg_publisher import __version__, lock, logs, service, statuspage
 from contimg_publisher import config as config_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import SCHEMA_VERSION, STATUSES, Product, Registry, RegistryError
@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
     sub.add_parser("run", help="the daemon, in the foreground (what systemd starts)")
     sub.add_parser("scan", help="one pass: detect, register, publish what is due, reconcile")
-    p = sub.add_parser("status", help="counts per status, oldest waiting, recent failures")
+    p = sub.add_parser("status", help="health summary; exit 1 when something needs an "
+                                      "operator (a failed product, a product waiting too "
+                                      "long, no daemon)")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("list", help="products, newest first")
     p.add_argument("--status", choices=STATUSES)
@@ -148,13 +150,18 @@ def _open(cfg: Config) -> Registry:
 # --- commands ---------------------------------------------------------------------------------
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    """Exit 1 when something needs an operator, so cron or a Nagios-style check can alert."""
     with _open(cfg) as registry:
         now = time.time()
         counts = registry.counts()
         oldest = registry.oldest_waiting()
         failures = registry.failures_since(now - 3600)
         last = registry.last_published()
+        health = statuspage.snapshot(registry, limit=0, now=now)
     holder = lock.holder(str(cfg.lock_path))
+    running = holder is not None and "daemon" in holder
+    max_age = cfg.status_max_waiting_age_seconds
+    problems = statuspage.problems(health, max_age, running)
     data: dict[str, Any] = {
         "counts": counts,
         "oldest_waiting": None if oldest is None else {
@@ -165,21 +172,39 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             "data_id": last.data_id, "published_at": last.published_at,
             "published_path": last.published_path},
         "lock": {"path": str(cfg.lock_path), "holder": holder},
-        "daemon_running": holder is not None and "daemon" in holder,
+        "daemon_running": running,
         "registry": str(cfg.registry),
+        "success_rate": {
+            "last_hour": {"published": health.published_hour, "failures": health.failures_hour,
+                          "rate": health.success_rate_hour},
+            "last_day": {"published": health.published_day, "failures": health.failures_day,
+                         "rate": health.success_rate_day}},
+        "max_waiting_age_seconds": max_age,
+        "problems": problems,
+        "ok": not problems,
     }
     if args.json:
         print(json.dumps(data, indent=2))
-        return EXIT_OK
+        return EXIT_FAILED if problems else EXIT_OK
     print(f"registry   {cfg.registry}")
-    print(f"daemon     {'running, ' + holder if data['daemon_running'] else 'not running'}"
-          + (f" (lock held by {holder})" if holder and not data["daemon_running"] else ""))
+    print(f"daemon     {'running, ' + holder if running else 'not running'}"
+          + (f" (lock held by {holder})" if holder and not running else ""))
     print("products   " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
     if oldest is not None:
         print(f"oldest waiting  {oldest.data_id} (waiting {_age(now - oldest.staged_at)})")
     print(f"failures in the last hour  {failures}")
+    print(f"success rate  last hour {statuspage.format_rate(health.success_rate_hour)} "
+          f"({health.published_hour} published, {health.failures_hour} failed attempts); "
+          f"last day {statuspage.format_rate(health.success_rate_day)} "
+          f"({health.published_day} published, {health.failures_day} failed attempts)")
     if last is not None:
         print(f"last published  {last.data_id} at {_when(last.published_at)}")
+    if problems:
+        print("NEEDS ATTENTION")
+        for line in problems:
+            print(f"  - {line}")
+        return EXIT_FAILED
+    print("ok: nothing needs an operator")
     return EXIT_OK
 
 

@@ -86,6 +86,11 @@ class Config:
     lock_wait_seconds: float = 30.0
     # [service]
     stop_timeout_seconds: float = 60.0
+    # [metrics]
+    metrics_enabled: bool = True
+    metrics_listen: str = "127.0.0.1:9465"
+    # [status]
+    status_max_waiting_age_seconds: float = 3600.0
     # [log]
     log_level: str = "info"
     log_format: str = "auto"
@@ -147,6 +152,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "lock_wait_seconds": ("lock_wait_seconds", "nonnegfloat"),
     },
     "service": {"stop_timeout_seconds": ("stop_timeout_seconds", "nonnegfloat")},
+    "metrics": {"enabled": ("metrics_enabled", "bool"), "listen": ("metrics_listen", "listen")},
+    "status": {"max_waiting_age_seconds": ("status_max_waiting_age_seconds", "posfloat")},
     "log": {"level": ("log_level", "level"), "format": ("log_format", "format")},
 }
 _PRODUCT_KEYS = {"type", "glob", "destination", "kind", "sidecars", "required"}
@@ -245,11 +252,37 @@ def _convert(value: Any, kind: str, key: str, source: Path | None, base: Path) -
         if value not in _FORMATS:
             raise fail(f"must be one of {', '.join(_FORMATS)}, got {value!r}")
         return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise fail(f"must be true or false, got {value!r}")
+        return value
+    if kind == "listen":
+        if not isinstance(value, str):
+            raise fail(f"must be a string \"host:port\", got {value!r}")
+        try:
+            split_listen(value)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        return value
     if kind == "algorithm":
         if value not in _ALGORITHMS:
             raise fail(f"must be one of {', '.join(_ALGORITHMS)}, got {value!r}")
         return value
     raise AssertionError(kind)
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port); ValueError naming what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be \"host:port\" (e.g. \"127.0.0.1:9465\"), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets (\"[::1]:9465\"), got {value!r}")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be \"host:port\" with a port 0-65535, got {value!r}")
+    return host, int(port)
 
 
 def _parse_products(content: Any, source: Path | None) -> tuple[ProductRule, ...]:

@@ -293,7 +293,13 @@ class Registry:
             raise RegistryError(f"registry {self.path}: cannot open ({exc})") from None
         self.conn.set_busy_timeout(int(busy_timeout_seconds * 1000))
         try:
+            # Before anything writes (switching to WAL rewrites the header): a file from a newer
+            # program or another application is left byte for byte as it was.
+            self._check_version()
             mode = self._scalar("PRAGMA journal_mode=WAL")
+        except RegistryError:
+            self.conn.close()
+            raise
         except apsw.NotADBError:
             self.conn.close()
             raise RegistryError(f"registry {self.path}: not an SQLite database (left untouched)"
@@ -303,6 +309,7 @@ class Registry:
             raise RegistryBusy(f"registry {self.path}: locked by another process "
                                f"(waited {busy_timeout_seconds:g} s)") from None
         if str(mode).lower() != "wal":
+            self.conn.close()
             raise RegistryError(f"registry {self.path}: cannot switch to WAL mode ({mode})")
         # FULL: in WAL mode a commit is then fsynced before COMMIT returns, so a row that says
         # "published" survives a power cut before the staged source is removed. NORMAL would
@@ -898,3 +905,39 @@ def _product(row: dict[str, Any]) -> Product:
         size_bytes=row.get("size_bytes"), checksum=row.get("checksum"), identity=ident,
         publish_target=row.get("publish_target"), publish_temp=row.get("publish_temp"),
         sidecars=sidecars, publish_requested_at=row.get("publish_requested_at"))
+
+
+# --- read queries for metrics, the status page and `status` ---------------------------------
+
+def waiting(registry: Registry, limit: int | None = None) -> list[Product]:
+    """Products waiting to be published, longest-waiting first."""
+    sql = "SELECT * FROM data_registry WHERE status = 'staging' ORDER BY staged_at, id"
+    if limit is None:
+        return registry._products(sql)
+    return registry._products(sql + " LIMIT ?", (limit,))
+
+
+def oldest_unheld_waiting(registry: Registry) -> Product | None:
+    """The longest-waiting product the daemon is expected to publish (held ones wait on
+    purpose, unless an operator asked for a publish)."""
+    rows = registry._products(
+        "SELECT * FROM data_registry WHERE status = 'staging'"
+        " AND (COALESCE(auto_publish_enabled, 1) = 1 OR publish_requested_at IS NOT NULL)"
+        " ORDER BY staged_at, id LIMIT 1")
+    return rows[0] if rows else None
+
+
+def recent_published(registry: Registry, limit: int = 10) -> list[Product]:
+    """The last publishes, newest first."""
+    return registry._products(
+        "SELECT * FROM data_registry WHERE status = 'published' AND published_at IS NOT NULL"
+        " ORDER BY published_at DESC, id DESC LIMIT ?", (limit,))
+
+
+def by_status(registry: Registry, status: str, limit: int | None = None) -> list[Product]:
+    """Rows in one status, most recently changed first."""
+    sql = ("SELECT * FROM data_registry WHERE status = ?"
+           " ORDER BY COALESCE(updated_at, staged_at) DESC, id DESC")
+    if limit is None:
+        return registry._products(sql, (status,))
+    return registry._products(sql + " LIMIT ?", (status, limit))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contimg_publisher import config as config_mod
-from contimg_publisher import detect, lock, logs, publish, watch
+from contimg_publisher import detect, lock, logs, metrics, publish, watch
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import Product, Registry, RegistryError
 
@@ -143,6 +143,9 @@ class Daemon:
         self.last_published: str | None = None
         self.last_ping = 0.0
         self.status_note = ""
+        self.started_at = time.time()
+        self.metrics = metrics.Metrics(cfg, start_time=self.started_at)
+        self.metrics_server: metrics.Server | None = None
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         self.watchdog_interval = (int(usec) / 1e6 / 2 if usec and usec.isdigit() and (
@@ -186,10 +189,35 @@ class Daemon:
         self._rescan(startup=True)
         self.worker = Worker(cfg, self.owner, self.wake)
         self.worker.start()
+        self._start_metrics()
         self.log.info("started", stage_root=str(cfg.stage_root),
                       products_root=str(cfg.products_root), registry=str(cfg.registry),
                       config=self.config_path, pid=os.getpid(), watching=self._watching())
         notify("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
+
+    def _start_metrics(self) -> None:
+        """Serve /metrics and the status page; a daemon that cannot bind keeps publishing."""
+        cfg = self.config
+        if not cfg.metrics_enabled:
+            return
+        try:
+            self.metrics_server = metrics.Server(self.metrics, cfg.metrics_listen).start()
+        except (OSError, ValueError) as exc:
+            self.log.error("metrics_unavailable", listen=cfg.metrics_listen,
+                           error=f"{type(exc).__name__}: {exc}",
+                           action="free the port or change [metrics] listen, then reload")
+            return
+        self.log.info("metrics_listening", listen=self.metrics_server.address,
+                      url=f"http://{self.metrics_server.address}/")
+        if not metrics.is_loopback(self.metrics_server.host):
+            self.log.warning("metrics_exposed", listen=self.metrics_server.address,
+                             error="metrics and the status page are reachable from other "
+                                   "hosts, without authentication")
+
+    def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
 
     def _watching(self) -> bool:
         return self.watcher is not None and self.watcher.healthy()
@@ -288,6 +316,7 @@ class Daemon:
 
     def _after_detect(self, outcome: detect.Outcome) -> None:
         log_outcome(self.log, outcome)
+        self.metrics.observe_detect(outcome)
         if outcome.action == "leftover" and outcome.product is not None:
             assert self.registry is not None
             publisher = publish.Publisher(self.config, self.registry, self.owner, self.log)
@@ -321,8 +350,10 @@ class Daemon:
                 self.log.error("publish_crashed", data_id=product.data_id,
                                data_type=product.data_type, stage_path=product.stage_path,
                                error=f"{type(result).__name__}: {result}")
+                self.metrics.observe_crash()
                 continue
             log_result(self.log, result, self.config.max_attempts)
+            self.metrics.observe_result(result, product.size_bytes)
             if result.status == "published":
                 self.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
             if result.kind == "source_changed" and self.detector is not None:
@@ -379,6 +410,7 @@ class Daemon:
             self.status_note = f"reload failed ({exc.key}: {exc.reason}); running on the " \
                 "previous configuration"
             self.log.error("reload_failed", config=exc.path, key=exc.key, error=exc.reason)
+            self.metrics.observe_reload(False)
             notify("READY=1", f"STATUS={self._status_line()}")
             return
         old = self.config
@@ -397,6 +429,11 @@ class Daemon:
             self._start_watcher()
         self.rescan_requested = True
         self.status_note = ""
+        self.metrics.observe_reload(True, new)
+        if (new.metrics_enabled, new.metrics_listen) != (old.metrics_enabled,
+                                                          old.metrics_listen):
+            self._stop_metrics()
+            self._start_metrics()
         self.log.info("reload_ok", config=self.config_path,
                       changed=sorted(k for k, v in new.as_dict().items()
                                      if old.as_dict().get(k) != v and k != "source"),
@@ -425,6 +462,7 @@ class Daemon:
             self.worker.stop()
             if self.worker.thread is not None:
                 self.worker.thread.join(timeout=10)
+        self._stop_metrics()
         if self.registry is not None:
             self.registry.close()
         if self.lock is not None:

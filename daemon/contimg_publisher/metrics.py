@@ -1,0 +1,314 @@
+"""Prometheus metrics and the status page, served by the daemon on one address.
+
+What the registry already knows (products by status, the oldest waiting product, the
+last publish, the file's size) is read at scrape time by a custom collector, so the
+numbers are right whichever process changed the registry (the daemon, `scan`, `retry`,
+an older tool). What only the daemon sees as it happens (publishes, failures by kind,
+durations, detection latency, reloads) goes into counters and histograms fed from the
+main loop's events. Counters restart at zero with the process, as Prometheus expects.
+
+The server is the standard library's threaded HTTP server in a daemon thread. Each
+request thread reads the registry through its own short-lived APSW connection, so a
+scrape never shares a connection with the main loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import apsw
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from contimg_publisher import __version__, statuspage
+from contimg_publisher import registry as registry_mod
+from contimg_publisher.config import Config, split_listen
+from contimg_publisher.registry import FAILURE_KINDS, STATUSES, Registry, RegistryError
+
+PREFIX = "contimg_publisher"
+
+PUBLISH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+LATENCY_BUCKETS = (0.5, 1, 2, 3, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 21600)
+# Failures the daemon can see that the registry has no kind for.
+EXTRA_KINDS = ("lost", "crashed")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def _reader(config: Config) -> Iterator[Registry]:
+    registry = Registry(config.registry, config.busy_timeout_seconds, migrate=False,
+                        create=False)
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+class RegistryCollector(Collector):
+    """Gauges read from the registry file at each scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Any]:
+        return []  # the samples come from the registry; nothing to check at registration
+
+    def collect(self) -> Iterable[Any]:
+        config = self.metrics.config
+        now = time.time()
+        readable = GaugeMetricFamily(
+            f"{PREFIX}_registry_readable",
+            "1 when this scrape could read the registry, 0 when it could not")
+        products = GaugeMetricFamily(
+            f"{PREFIX}_products", "Products in the registry, by type and status",
+            labels=["type", "status"])
+        oldest = GaugeMetricFamily(
+            f"{PREFIX}_oldest_waiting_age_seconds",
+            "Age of the longest-waiting product that is not held (0 when none waits)")
+        last = GaugeMetricFamily(
+            f"{PREFIX}_last_publish_timestamp_seconds",
+            "Unix time of the last successful publish (absent before the first)")
+        size = GaugeMetricFamily(f"{PREFIX}_registry_size_bytes",
+                                 "Size of the registry database file")
+        try:
+            with _reader(config) as registry, registry.read():
+                by_type = registry.counts_by_type()
+                waiting = registry_mod.oldest_unheld_waiting(registry)
+                newest = registry.last_published()
+                size_bytes = registry.size_bytes()
+        except (RegistryError, apsw.Error, OSError) as exc:
+            self.metrics.note_scrape_error(f"{type(exc).__name__}: {exc}")
+            readable.add_metric([], 0)
+            yield readable
+            return
+        readable.add_metric([], 1)
+        types = {rule.type for rule in config.products} | {t for t, _ in by_type}
+        for data_type in sorted(types):
+            for status in STATUSES:
+                products.add_metric([data_type, status], by_type.get((data_type, status), 0))
+        oldest.add_metric([], 0 if waiting is None else max(0.0, now - waiting.staged_at))
+        if newest is not None and newest.published_at is not None:
+            last.add_metric([], newest.published_at)
+        size.add_metric([], size_bytes)
+        yield from (readable, products, oldest, size)
+        if newest is not None:
+            yield last
+
+
+class Metrics:
+    """The daemon's collectors; `observe_*` are called from the main loop."""
+
+    def __init__(self, config: Config, start_time: float | None = None) -> None:
+        disable_created_metrics()  # the *_created series only double the size of each scrape
+        self.config = config
+        self.started_at = time.time() if start_time is None else start_time
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.last_scrape_error: str | None = None
+        r = self.registry
+        self.published = Counter(f"{PREFIX}_published", "Products published by this daemon",
+                                 ["type"], registry=r)
+        self.published_bytes = Counter(f"{PREFIX}_published_bytes",
+                                       "Bytes of products published by this daemon (their "
+                                       "size, whether copied or linked)",
+                                       ["type"], registry=r)
+        self.failures = Counter(f"{PREFIX}_failures", "Failed publish attempts, by kind",
+                                ["kind"], registry=r)
+        self.rejected = Counter(f"{PREFIX}_rejected", "Staged paths rejected as not valid "
+                                "products", ["type"], registry=r)
+        self.publish_duration = Histogram(
+            f"{PREFIX}_publish_duration_seconds", "Time to publish one product (copy, verify, "
+            "commit), successful publishes only", ["type"], buckets=PUBLISH_BUCKETS, registry=r)
+        self.detection_latency = Histogram(
+            f"{PREFIX}_detection_latency_seconds", "From a product's last write to its "
+            "registration (includes the settle time)", ["type"], buckets=LATENCY_BUCKETS,
+            registry=r)
+        self.start_time = Gauge(f"{PREFIX}_start_time_seconds",
+                                "Unix time the daemon started", registry=r)
+        self.reloads = Counter(f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP), "
+                               "by result", ["result"], registry=r)
+        self.last_reload_ok = Gauge(f"{PREFIX}_config_last_reload_successful",
+                                    "1 when the last reload applied, 0 when it was refused",
+                                    registry=r)
+        self.last_reload_time = Gauge(f"{PREFIX}_config_last_reload_timestamp_seconds",
+                                      "Unix time of the last reload attempt (the start time "
+                                      "before any)", registry=r)
+        self.info = Gauge(f"{PREFIX}_build_info", "Always 1; the version as a label",
+                          ["version"], registry=r)
+        self.info.labels(__version__).set(1)
+        self.start_time.set(self.started_at)
+        self.last_reload_ok.set(1)
+        self.last_reload_time.set(self.started_at)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)
+        for kind in (*FAILURE_KINDS, *EXTRA_KINDS):
+            self.failures.labels(kind)
+        self.configure(config)
+        r.register(RegistryCollector(self))
+
+    def configure(self, config: Config) -> None:
+        """Give every configured product type its series from the start, so a rate() or an
+        alert has a zero to compare against before the first event."""
+        self.config = config
+        for rule in config.products:
+            for counter in (self.published, self.published_bytes, self.rejected):
+                counter.labels(rule.type)
+            self.publish_duration.labels(rule.type)
+            self.detection_latency.labels(rule.type)
+
+    # --- events from the main loop ---------------------------------------------------------
+
+    def observe_result(self, result: Any, size_bytes: int | None = None) -> None:
+        """One publish outcome (a publish.Result); size_bytes: the product's size, which a
+        same-filesystem link publishes without copying a byte."""
+        if result.status == "published":
+            self.published.labels(result.data_type).inc()
+            size = size_bytes if size_bytes is not None else result.bytes
+            self.published_bytes.labels(result.data_type).inc(max(0, int(size or 0)))
+            self.publish_duration.labels(result.data_type).observe(max(0.0, result.seconds))
+        elif result.status == "failed":
+            kind = result.kind if result.kind in FAILURE_KINDS else "other"
+            self.failures.labels(kind).inc()
+        elif result.status == "lost":
+            self.failures.labels("lost").inc()
+
+    def observe_crash(self) -> None:
+        self.failures.labels("crashed").inc()
+
+    def observe_detect(self, outcome: Any, now: float | None = None) -> None:
+        """One detection outcome (a detect.Outcome)."""
+        if outcome.action == "rejected":
+            self.rejected.labels(outcome.data_type).inc()
+        elif outcome.action in ("registered", "updated") and outcome.product is not None:
+            ident = outcome.product.identity
+            if ident is not None and ident.mtime_ns:
+                now = time.time() if now is None else now
+                latency = max(0.0, now - ident.mtime_ns / 1e9)
+                self.detection_latency.labels(outcome.data_type).observe(latency)
+
+    def observe_reload(self, ok: bool, config: Config | None = None,
+                       now: float | None = None) -> None:
+        self.reloads.labels("ok" if ok else "failed").inc()
+        self.last_reload_ok.set(1 if ok else 0)
+        self.last_reload_time.set(time.time() if now is None else now)
+        if ok and config is not None:
+            self.configure(config)
+
+    def note_scrape_error(self, error: str) -> None:
+        self.last_scrape_error = error
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# --- the HTTP server ------------------------------------------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = f"contimg-publisher/{__version__}"
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
+        self._serve(body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._serve(body=False)
+
+    def _serve(self, body: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/metrics":
+                status, ctype, data = 200, CONTENT_TYPE_LATEST, self.server.metrics.exposition()
+            elif path in ("/", "/index.html"):
+                status, ctype, data = 200, "text/html; charset=utf-8", self._page()
+            elif path == "/healthz":
+                status, ctype, data = 200, "text/plain; charset=utf-8", b"ok\n"
+            else:
+                status, ctype, data = 404, "text/plain; charset=utf-8", b"not found\n"
+        except (RegistryError, apsw.Error, OSError) as exc:
+            status, ctype = 503, "text/plain; charset=utf-8"
+            data = f"registry unavailable: {type(exc).__name__}: {exc}\n".encode()
+        except Exception as exc:  # one bad request must not take the server thread down
+            status, ctype = 500, "text/plain; charset=utf-8"
+            data = f"internal error: {type(exc).__name__}: {exc}\n".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def _page(self) -> bytes:
+        metrics = self.server.metrics
+        config = metrics.config
+        with _reader(config) as registry:
+            health = statuspage.snapshot(registry)
+        return statuspage.render(health, started_at=metrics.started_at,
+                                 max_waiting_age=config.status_max_waiting_age_seconds
+                                 ).encode("utf-8")
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Requests are not logged: a scrape every few seconds would flood the journal."""
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], metrics: Metrics) -> None:
+        host = address[0]
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.metrics = metrics
+        super().__init__(address, _Handler)
+
+
+class Server:
+    """The metrics and status page server, in a daemon thread."""
+
+    def __init__(self, metrics: Metrics, listen: str) -> None:
+        self.metrics = metrics
+        self.listen = listen
+        self.host, port = split_listen(listen)
+        self._server = _Server((self.host, port), metrics)  # OSError if the port is taken
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.5},
+                                        name="contimg-metrics", daemon=True)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def start(self) -> Server:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,248 @@
+"""The health summary shared by the status page and `status`, and the page itself.
+
+The page is served by the daemon to whoever opens it: a phone in the control room, a
+terminal browser over ssh, an offline console. So it is one self-contained HTML document
+(no scripts, no external styles or fonts), it refreshes itself with a meta tag, and it is
+made of plain headings and tables that read well without any styling. Product names and
+error texts come from the filesystem and from exceptions: every one is escaped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import socket
+import time
+from dataclasses import dataclass, field
+
+from contimg_publisher import registry as registry_mod
+from contimg_publisher.registry import STATUSES, Product, Registry
+
+HOUR, DAY = 3600.0, 86400.0
+
+
+@dataclass
+class Health:
+    """One consistent read of the registry, with what an operator needs to judge it."""
+
+    now: float
+    counts: dict[str, int]
+    counts_by_type: dict[tuple[str, str], int]
+    oldest: Product | None             # the longest-waiting product that is not held
+    published_hour: int
+    failures_hour: int
+    published_day: int
+    failures_day: int
+    waiting: list[Product] = field(default_factory=list)
+    publishing: list[Product] = field(default_factory=list)
+    failed: list[Product] = field(default_factory=list)
+    rejected: list[Product] = field(default_factory=list)
+    recent: list[Product] = field(default_factory=list)
+    last: Product | None = None
+
+    @property
+    def oldest_age(self) -> float | None:
+        return None if self.oldest is None else max(0.0, self.now - self.oldest.staged_at)
+
+    @property
+    def success_rate_hour(self) -> float | None:
+        return success_rate(self.published_hour, self.failures_hour)
+
+    @property
+    def success_rate_day(self) -> float | None:
+        return success_rate(self.published_day, self.failures_day)
+
+
+def success_rate(published: int, failures: int) -> float | None:
+    """Publishes over publish attempts (publishes plus failed attempts); None without any."""
+    total = published + failures
+    return None if total == 0 else published / total
+
+
+def snapshot(registry: Registry, limit: int = 50, now: float | None = None) -> Health:
+    """Read everything in one transaction, so the counts and the lists agree."""
+    now = time.time() if now is None else now
+    with registry.read():
+        return Health(
+            now=now,
+            counts=registry.counts(),
+            counts_by_type=registry.counts_by_type(),
+            oldest=registry_mod.oldest_unheld_waiting(registry),
+            published_hour=registry.published_since(now - HOUR),
+            failures_hour=registry.failures_since(now - HOUR),
+            published_day=registry.published_since(now - DAY),
+            failures_day=registry.failures_since(now - DAY),
+            waiting=registry_mod.waiting(registry, limit),
+            publishing=registry_mod.by_status(registry, "publishing", limit),
+            failed=registry_mod.by_status(registry, "failed", limit),
+            rejected=registry_mod.by_status(registry, "rejected", limit),
+            recent=registry_mod.recent_published(registry, 10),
+            last=registry.last_published(),
+        )
+
+
+def problems(health: Health, max_waiting_age: float, daemon_running: bool) -> list[str]:
+    """What needs an operator, one line each; empty when all is well."""
+    out = []
+    if not daemon_running:
+        out.append("no daemon holds the lock: nothing is being published")
+    if health.counts.get("failed", 0):
+        n = health.counts["failed"]
+        out.append(f"{n} failed product{'s wait' if n != 1 else ' waits'} for an operator "
+                   "(`contimg-publisher list --status failed`, then `retry`)")
+    age = health.oldest_age
+    if health.oldest is not None and age is not None and age > max_waiting_age:
+        out.append(f"oldest waiting product {health.oldest.data_id} has waited "
+                   f"{format_age(age)} (limit {format_age(max_waiting_age)})")
+    return out
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+def format_age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    days, hours, minutes = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def format_rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.1f}%"
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _e(value: object) -> str:
+    return html.escape("-" if value is None or value == "" else str(value), quote=True)
+
+
+def _path(value: str | None) -> str:
+    """An escaped path that a narrow screen may break after each slash."""
+    return _e(value).replace("/", "/<wbr>")
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:0 auto;padding:0.5em;max-width:72em;
+color:#111;background:#fff;line-height:1.35}
+h1{font-size:1.3em;margin:0.3em 0}h2{font-size:1.1em;margin:1.2em 0 0.3em}
+table{border-collapse:collapse;width:100%;font-size:0.92em}
+th,td{border-bottom:1px solid #ccc;padding:0.25em 0.4em;text-align:left;vertical-align:top}
+td{overflow-wrap:break-word}
+.wrap{overflow-x:auto}.num{text-align:right;white-space:nowrap}
+.bad{color:#a00;font-weight:bold}.ok{color:#060;font-weight:bold}
+.muted{color:#555;font-size:0.9em}
+@media (prefers-color-scheme:dark){body{color:#eee;background:#111}
+th,td{border-color:#444}.bad{color:#f77}.ok{color:#7d7}.muted{color:#aaa}}
+"""
+
+
+def _table(header: list[str], rows: list[list[str]], empty: str, numeric: set[int]
+           | None = None) -> str:
+    if not rows:
+        return f"<p class=\"muted\">{_e(empty)}</p>"
+    numeric = numeric or set()
+    head = "".join(f"<th scope=\"col\">{_e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td class=\"num\">{c}</td>" if i in numeric else f"<td>{c}</td>"
+                         for i, c in enumerate(row)) + "</tr>"
+        for row in rows)
+    return f"<div class=\"wrap\"><table><thead><tr>{head}</tr></thead>" \
+           f"<tbody>{body}</tbody></table></div>"
+
+
+def _more(shown: int, total: int) -> str:
+    if total <= shown:
+        return ""
+    return f"<p class=\"muted\">and {total - shown} more (see <code>contimg-publisher list" \
+           f"</code>)</p>"
+
+
+def render(health: Health, *, refresh_seconds: int = 10, started_at: float | None = None,
+           max_waiting_age: float = 3600.0, host: str | None = None) -> str:
+    """The whole page, as one string of HTML."""
+    host = host or socket.gethostname()
+    now = health.now
+    issues = problems(health, max_waiting_age, daemon_running=True)
+    parts = [
+        "<!DOCTYPE html>",
+        "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<meta http-equiv=\"refresh\" content=\"{int(refresh_seconds)}\">",
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        f"<title>contimg-publisher on {_e(host)}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>contimg-publisher on {_e(host)}</h1>",
+        f"<p class=\"muted\">as of {_e(_when(now))}"
+        + (f"; daemon up since {_e(_when(started_at))}" if started_at else "")
+        + f"; refreshes every {int(refresh_seconds)} s</p>",
+    ]
+    if issues:
+        parts.append("<h2 class=\"bad\">Needs attention</h2><ul>"
+                     + "".join(f"<li class=\"bad\">{_e(i)}</li>" for i in issues) + "</ul>")
+    else:
+        parts.append("<p class=\"ok\">All well: nothing waits for an operator.</p>")
+
+    parts.append("<h2>Products</h2>")
+    parts.append(_table(["status", "count"],
+                        [[_e(s), _e(health.counts.get(s, 0))] for s in STATUSES],
+                        "no products", numeric={1}))
+
+    parts.append("<h2>Success rate</h2>")
+    parts.append(_table(
+        ["window", "published", "failed attempts", "success"],
+        [["last hour", _e(health.published_hour), _e(health.failures_hour),
+          _e(format_rate(health.success_rate_hour))],
+         ["last day", _e(health.published_day), _e(health.failures_day),
+          _e(format_rate(health.success_rate_day))]],
+        "", numeric={1, 2, 3}))
+
+    parts.append("<h2>Waiting</h2>")
+    parts.append(_table(
+        ["product", "type", "waiting", "attempts", "next try", "staged path"],
+        [[_e(p.data_id) + ("" if p.auto_publish_enabled else " <em>(held)</em>"),
+          _e(p.data_type), _e(format_age(now - p.staged_at)), _e(p.publish_attempts),
+          _e(_when(p.next_attempt_at)), _path(p.stage_path)] for p in health.waiting],
+        "nothing waits", numeric={2, 3}))
+    parts.append(_more(len(health.waiting), health.counts.get("staging", 0)))
+
+    if health.publishing:
+        parts.append("<h2>Publishing now</h2>")
+        parts.append(_table(
+            ["product", "type", "by", "staged path"],
+            [[_e(p.data_id), _e(p.data_type), _e(p.lease_owner), _path(p.stage_path)]
+             for p in health.publishing], ""))
+
+    parts.append("<h2>Failed</h2>")
+    parts.append(_table(
+        ["product", "type", "attempts", "error", "staged path"],
+        [[_e(p.data_id), _e(p.data_type), _e(p.publish_attempts), _e(p.publish_error),
+          _path(p.stage_path)] for p in health.failed],
+        "no failed products", numeric={2}))
+    parts.append(_more(len(health.failed), health.counts.get("failed", 0)))
+
+    parts.append("<h2>Rejected</h2>")
+    parts.append(_table(
+        ["product", "type", "attempts", "reason", "staged path"],
+        [[_e(p.data_id), _e(p.data_type), _e(p.publish_attempts), _e(p.publish_error),
+          _path(p.stage_path)] for p in health.rejected],
+        "no rejected products", numeric={2}))
+    parts.append(_more(len(health.rejected), health.counts.get("rejected", 0)))
+
+    parts.append("<h2>Last publishes</h2>")
+    parts.append(_table(
+        ["product", "type", "published at", "published path"],
+        [[_e(p.data_id), _e(p.data_type), _e(_when(p.published_at)), _path(p.published_path)]
+         for p in health.recent],
+        "nothing published yet"))
+
+    parts.append("<p class=\"muted\">Metrics for Prometheus: <a href=\"/metrics\">/metrics</a>"
+                 "</p></body></html>")
+    return "\n".join(p for p in parts if p)
