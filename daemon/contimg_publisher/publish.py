@@ -301,7 +301,13 @@ class Publisher:
             if not kind_ok or not _same_file(product.identity, now_ident, rule.kind):
                 raise PublishFailure("source_changed", f"{product.stage_path}: changed since it "
                                      "was registered; it will be examined again")
-            dest_fd = paths.open_dir_under(products_fd, folder, create=True, mode=cfg.dir_mode)
+            try:
+                dest_fd = paths.open_dir_under(products_fd, folder, create=True,
+                                               mode=cfg.dir_mode)
+            except paths.UnsafePath as exc:
+                # The products side, not the product: an attempt that counts, with backoff.
+                raise PublishFailure("other", f"destination {exc.path} under "
+                                     f"{paths.display(products_root)}: {exc.reason}") from None
             sidecars = self._sidecars(src_parent, name, parts[-1], rule)
             final, version, identical = self._choose_name(dest_fd, name, rule, product,
                                                           sidecars)
