@@ -316,10 +316,14 @@ class Registry:
         # only promise consistency, and could roll such a commit back after a crash.
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA foreign_keys=ON")
-        if migrate:
-            self.migrate()
-        else:
-            self._check_version()
+        try:
+            if migrate:
+                self.migrate()
+            else:
+                self._check_version()
+        except BaseException:
+            self.conn.close()  # a failed open leaves no connection (and no lock) behind
+            raise
 
     def close(self) -> None:
         self.conn.close()
@@ -492,10 +496,24 @@ class Registry:
             "WHERE parent_data_id = ? OR child_data_id = ? ORDER BY id", (data_id, data_id))]
 
     def counts(self) -> dict[str, int]:
+        """Rows per status. Nearly every row of a long-lived registry is `published`, so the
+        other statuses are counted through the status index and `published` is what remains
+        of COUNT(*), which SQLite answers from b-tree pages without visiting rows: a few ms
+        at a million rows instead of a scan. One statement, so one consistent snapshot."""
         counts = dict.fromkeys(STATUSES, 0)
-        for status, n in self.conn.execute(
-                "SELECT status, COUNT(*) FROM data_registry GROUP BY status"):
-            counts[status] = n
+        rest = 0
+        for part, status, n in self.conn.execute(
+                "SELECT 0, status, COUNT(*) FROM data_registry WHERE status < 'published'"
+                " GROUP BY status"
+                " UNION ALL SELECT 0, status, COUNT(*) FROM data_registry"
+                " WHERE status > 'published' GROUP BY status"
+                " UNION ALL SELECT 0, NULL, COUNT(*) FROM data_registry WHERE status IS NULL"
+                " UNION ALL SELECT 1, NULL, (SELECT COUNT(*) FROM data_registry)"):
+            if part:
+                rest = n
+            elif status is not None or n:
+                counts[status] = n
+        counts["published"] = rest - sum(counts.values())
         return counts
 
     def counts_by_type(self) -> dict[tuple[str, str], int]:
