@@ -340,12 +340,15 @@ def _parse_products(content: Any, source: Path | None) -> tuple[ProductRule, ...
 
 
 def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
+    """As spelled, and as the folders they are (a symbolic link can alias one as the other)."""
+    real_child, real_parent = Path(os.path.realpath(child)), Path(os.path.realpath(parent))
+    return any(c == p or p in c.parents
+               for c, p in ((child, parent), (real_child, real_parent)))
 
 
 def _check_relations(config: Config, source: Path | None) -> None:
     stage, products = config.stage_root, config.products_root
-    if stage == products:
+    if stage == products or os.path.realpath(stage) == os.path.realpath(products):
         raise ConfigError(source, "paths.products_root",
                           f"is the same folder as stage_root ({stage})")
     if _inside(products, stage):
