@@ -111,6 +111,15 @@ def versioned(name: bytes, rule: ProductRule, version: int) -> bytes:
     return os.fsencode(f"{stem}.v{version}{text[len(stem):]}")
 
 
+def sidecar_destination(sidecar: bytes, staged_name: bytes, final_name: bytes,
+                        rule: ProductRule) -> bytes:
+    """The published name of a sidecar: the product's staged stem in it becomes the stem of
+    the name the product publishes under (a.png -> a.v2.png beside a.v2.fits)."""
+    staged_stem = detect.stem_of(os.fsdecode(staged_name), rule)
+    final_stem = detect.stem_of(os.fsdecode(final_name), rule)
+    return os.fsencode(os.fsdecode(sidecar).replace(staged_stem, final_stem, 1))
+
+
 def _full(root: bytes, folder: tuple[bytes, ...], name: bytes) -> bytes:
     return os.path.join(root, *folder, name)
 
@@ -309,12 +318,10 @@ class Publisher:
                 raise PublishFailure("other", f"destination {exc.path} under "
                                      f"{paths.display(products_root)}: {exc.reason}") from None
             sidecars = self._sidecars(src_parent, name, parts[-1], rule)
-            final, version, identical = self._choose_name(dest_fd, name, rule, product,
-                                                          sidecars)
+            final, version, identical = self._choose_name(src_parent, dest_fd, name, rule,
+                                                          product, sidecars)
             for sc in sidecars:
-                sc.dest_name = os.fsencode(
-                    os.fsdecode(sc.name).replace(detect.stem_of(os.fsdecode(parts[-1]), rule),
-                                                 detect.stem_of(os.fsdecode(final), rule), 1))
+                sc.dest_name = sidecar_destination(sc.name, parts[-1], final, rule)
             final_path = paths.display(_full(products_root, folder, final))
             result.published_path = final_path
             if version > 1:
@@ -382,17 +389,21 @@ class Publisher:
                            reason=f"is {detect.type_name(st.st_mode)}, not a regular file")
         return out
 
-    def _choose_name(self, dest_fd: int, name: bytes, rule: ProductRule, product: Product,
-                     sidecars: list[_Source]) -> tuple[bytes, int, bool]:
-        """The first of name, name.v2, ... that is free or already holds these bytes."""
-        staged_stem = detect.stem_of(os.fsdecode(name), rule)
+    def _choose_name(self, src_parent: int, dest_fd: int, name: bytes, rule: ProductRule,
+                     product: Product, sidecars: list[_Source]) -> tuple[bytes, int, bool]:
+        """The first of name, name.v2, ... that is free or already holds these bytes.
+
+        A name is free when neither it nor its sidecars' names exist, or when the sidecars
+        there hold exactly the staged sidecars' bytes: an interrupted attempt of this same
+        product moved them first (they go before the product, so that a product never
+        appears without them)."""
         for version in range(1, 10_000):
             candidate = versioned(name, rule, version)
-            stem = detect.stem_of(os.fsdecode(candidate), rule)
-            sidecar_names = [os.fsencode(os.fsdecode(s.name).replace(staged_stem, stem, 1))
-                             for s in sidecars]
             if not _exists(dest_fd, candidate):
-                if not any(_exists(dest_fd, s) for s in sidecar_names):
+                if all(_files_equal_across(src_parent, s.name, dest_fd,
+                                           sidecar_destination(s.name, name, candidate, rule))
+                       for s in sidecars
+                       if _exists(dest_fd, sidecar_destination(s.name, name, candidate, rule))):
                     return candidate, version, False
                 continue
             if _same_content(dest_fd, candidate, product.size_bytes if rule.kind == "file"
@@ -570,10 +581,8 @@ class Publisher:
         try:
             final = os.path.basename(published)
             sidecars = [
-                _Source(sc, os.fsencode(os.fsdecode(sc.name).replace(
-                    detect.stem_of(os.fsdecode(parts[-1]), rule),
-                    detect.stem_of(os.fsdecode(final), rule), 1)))
-                for sc in (s.name for s in self._sidecars(src_parent, parts[-1], parts[-1], rule))
+                _Source(sc.name, sidecar_destination(sc.name, parts[-1], final, rule))
+                for sc in self._sidecars(src_parent, parts[-1], parts[-1], rule)
             ] if rule.kind == "file" else []
             before = _exists(src_parent, parts[-1])
             self._remove_source(src_parent, parts[-1], product.identity, rule, sidecars, dest_fd)
@@ -708,11 +717,16 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
             try:
                 verified = _same_content(parent, final, row.size_bytes if rule.kind == "file"
                                          else None, row.checksum, rule.kind)
+                # The sidecars went to their final names before the product did; the row
+                # learns of them only at the commit, which the crash came before.
+                sidecars = row.sidecars or ([
+                    name for name in detect.sidecar_names(os.fsdecode(final), rule)
+                    if _exists(parent, os.fsencode(name))] if rule.kind == "file" else [])
             finally:
                 os.close(parent)
             if verified and registry.mark_published(
                     row.data_id, None, target, row.publish_mode or "auto",
-                    sidecars=row.sidecars):
+                    sidecars=sidecars):
                 result.status, result.published_path = "published", target
                 done = registry.get(row.data_id)
                 if done is not None:

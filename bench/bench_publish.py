@@ -1,0 +1,305 @@
+"""Publishing throughput, measured side by side with the baseline it must match or beat.
+
+(a) Cross-filesystem publish of a 1 GiB FITS mosaic (staging on the disk, products on
+    another filesystem: a tmpfs and/or a loop-mounted ext4 image) through `publish DATA_ID`
+    (open, fstat check, copy with the checksum in the same pass, fsync, verify, no-replace
+    rename, durable commit, source removal) against `cp` followed by `sync` of the copy.
+    Target: at least 0.8 of cp's throughput.
+(b) Same-filesystem end-to-end publishing of 2,000 small mosaics with one `scan` (detect,
+    validate and hash each FITS, register, hard-link, fsync, durable commit per product,
+    remove the source) against the older pattern: Python sqlite3, one autocommit per row,
+    then shutil.move per file. Target: at least 3x the older pattern's products/s.
+
+Mounting needs root; without it (a) is skipped with the reason printed. Run from the
+repository root: `.venv/bin/python bench/bench_publish.py [--only a|b] [--workdir DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "daemon"))
+
+from tests.helpers import Sandbox  # noqa: E402
+
+from contimg_publisher import config as config_mod  # noqa: E402
+from contimg_publisher import detect  # noqa: E402
+from contimg_publisher.registry import LEGACY_DDL, Registry  # noqa: E402
+
+GIB = 1 << 30
+PIXELS_1GIB = 16384  # 16384 x 16384 float32 = exactly 1 GiB of data
+
+
+def cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    env["PYTHONPATH"] = str(REPO / "daemon")
+    return subprocess.run([sys.executable, "-m", "contimg_publisher", "--config",
+                           str(config_path), *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, check=False)
+
+
+def register(config_path: Path) -> list[str]:
+    """Detect and register what is staged (describe + hash), without publishing."""
+    cfg = config_mod.load(config_path)
+    with Registry(cfg.registry) as registry:
+        detector = detect.Detector(cfg, registry)
+        detector.scan()
+        out = []
+        while True:
+            out += detector.process(limit=100_000)
+            check = detector.next_check()
+            if check is None:
+                break
+            time.sleep(max(0.0, check - time.time()))
+    return [o.data_id for o in out if o.action == "registered"]
+
+
+def write_big_fits(path: Path) -> str:
+    """A valid 1 GiB FITS image of noise, written chunk by chunk; returns its sha256."""
+    header = fits.Header([("SIMPLE", True), ("BITPIX", -32), ("NAXIS", 2),
+                          ("NAXIS1", PIXELS_1GIB), ("NAXIS2", PIXELS_1GIB),
+                          ("OBJECT", "BENCH_1GIB"), ("BUNIT", "Jy/beam")])
+    digest = hashlib.sha256()
+    rng = np.random.default_rng(1)
+    rows = 1024
+    with open(path, "wb") as fh:
+        head = header.tostring().encode("ascii")
+        fh.write(head)
+        digest.update(head)
+        for _ in range(PIXELS_1GIB // rows):
+            block = rng.normal(0, 1e-4, size=(rows, PIXELS_1GIB)).astype(">f4").tobytes()
+            fh.write(block)
+            digest.update(block)
+        pad = b"\0" * (-(PIXELS_1GIB * PIXELS_1GIB * 4) % 2880)
+        fh.write(pad)
+        digest.update(pad)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def mounted(kind: str, where: Path, scratch: Path) -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    image = scratch / "products.ext4"
+    if kind == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g,mode=0755", "tmpfs", str(where)],
+                       check=True)
+    else:
+        subprocess.run(["truncate", "-s", "3G", str(image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+        image.unlink(missing_ok=True)
+
+
+def bench_big(workdir: Path, targets: list[str], repeat: int) -> list[tuple[str, str, str]]:
+    """(a): rows of (what, figure, ratio) for the table."""
+    if os.geteuid() != 0:
+        print("(a) skipped: mounting the products filesystem needs root")
+        return []
+    rows: list[tuple[str, str, str]] = []
+    scratch = Path(tempfile.mkdtemp(prefix="bench-big-", dir=workdir))
+    try:
+        pristine = scratch / "pristine.fits"
+        t0 = time.monotonic()
+        want = write_big_fits(pristine)
+        size = pristine.stat().st_size
+        print(f"(a) wrote {size / GIB:.3f} GiB test mosaic in {time.monotonic() - t0:.1f} s "
+              f"on {fs_of(scratch)}")
+        for target in targets:
+            products = scratch / f"products-{target}"
+            with mounted(target, products, scratch):
+                cp_rates, pub_rates = [], []
+                for n in range(repeat):
+                    # cp + sync of the same file, from the same (cached) source.
+                    dest = products / "cp-copy.fits"
+                    t0 = time.monotonic()
+                    subprocess.run(["cp", str(pristine), str(dest)], check=True)
+                    subprocess.run(["sync", str(dest)], check=True)
+                    cp_s = time.monotonic() - t0
+                    assert sha256_file(dest) == want
+                    dest.unlink()
+                    cp_rates.append(size / cp_s)
+
+                    box = Sandbox(scratch / f"box-{target}-{n}", products_root=products,
+                                  detect={"settle_seconds": 0}, log={"level": "warning"})
+                    staged = box.mosaics / "big.fits"
+                    os.link(pristine, staged)
+                    t0 = time.monotonic()
+                    (data_id,) = register(box.config_path)
+                    reg_s = time.monotonic() - t0
+                    t0 = time.monotonic()
+                    out = cli(box.config_path, "publish", data_id)
+                    pub_s = time.monotonic() - t0
+                    assert out.returncode == 0, out.stderr[-2000:]
+                    published = products / "mosaics" / "big.fits"
+                    assert sha256_file(published) == want and not staged.exists()
+                    published.unlink()
+                    pub_rates.append(size / pub_s)
+                    print(f"(a) {target} run {n + 1}: cp+sync {cp_s:.2f} s, "
+                          f"publish {pub_s:.2f} s (registration, hashing it first: "
+                          f"{reg_s:.2f} s)")
+                paired = median([p / c for p, c in zip(pub_rates, cp_rates, strict=True)])
+                rows.append((f"1 GiB across filesystems -> {target_label(target)}: "
+                             "`cp` + `sync`", f"{median(cp_rates) / 2**20:,.0f} MiB/s", "1.00"))
+                rows.append((f"1 GiB across filesystems -> {target_label(target)}: "
+                             "`publish DATA_ID`", f"{median(pub_rates) / 2**20:,.0f} MiB/s",
+                             f"{paired:.2f}"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def target_label(kind: str) -> str:
+    return "tmpfs" if kind == "tmpfs" else "ext4 on a loop device"
+
+
+def fs_of(path: Path) -> str:
+    out = subprocess.run(["df", "--output=source,fstype", str(path)], capture_output=True,
+                         text=True, check=False).stdout.split("\n")[1].split()
+    return " ".join(out)
+
+
+def small_mosaic(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    hdu = fits.PrimaryHDU(rng.normal(0, 1e-4, size=(128, 128)).astype(np.float32))
+    hdu.header["OBJECT"] = f"MOSAIC{seed}"
+    hdu.header["NIMAGES"] = 10
+    buf = io.BytesIO()
+    hdu.writeto(buf, checksum=True)
+    return buf.getvalue()
+
+
+def stage_small(folder: Path, count: int) -> list[Path]:
+    old = time.time() - 60
+    out = []
+    for i in range(count):
+        path = folder / f"night{i % 10}" / f"mosaic_{i:04d}.fits"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(small_mosaic(i))
+        os.utime(path, (old, old))
+        out.append(path)
+    os.sync()
+    return out
+
+
+def legacy_publish(files: list[Path], stage_base: Path, dest_base: Path, db_path: Path) -> None:
+    """The older pattern: Python sqlite3 in autocommit, one commit per row, shutil.move."""
+    db = sqlite3.connect(db_path, isolation_level=None)
+    db.executescript(LEGACY_DDL)
+    for path in files:
+        rel = path.relative_to(stage_base)
+        target = dest_base / rel
+        now = time.time()
+        db.execute("INSERT INTO data_registry (data_type, data_id, base_path, status,"
+                   " stage_path, published_path, created_at, staged_at, published_at,"
+                   " publish_mode) VALUES ('mosaic', ?, ?, 'published', ?, ?, ?, ?, ?, 'auto')",
+                   (str(rel.with_suffix("")), str(stage_base), str(path), str(target), now, now,
+                    now))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, target)
+    db.close()
+
+
+def bench_small(workdir: Path, count: int, repeat: int) -> list[tuple[str, str, str]]:
+    """(b): rows of (what, figure, ratio) for the table."""
+    scratch = Path(tempfile.mkdtemp(prefix="bench-small-", dir=workdir))
+    legacy_rates, scan_rates = [], []
+    try:
+        print(f"(b) {count} mosaics of {len(small_mosaic(0)):,} bytes, staging and products "
+              f"on {fs_of(scratch)}")
+        for n in range(repeat):
+            legacy = scratch / f"legacy-{n}"
+            files = stage_small(legacy / "stage" / "mosaics", count)
+            t0 = time.monotonic()
+            legacy_publish(files, legacy / "stage" / "mosaics", legacy / "products" / "mosaics",
+                           legacy / "registry.sqlite3")
+            legacy_s = time.monotonic() - t0
+            assert len(list((legacy / "products").rglob("*.fits"))) == count
+
+            box = Sandbox(scratch / f"scan-{n}", detect={"settle_seconds": 0},
+                          log={"level": "info"})
+            stage_small(box.mosaics, count)
+            t0 = time.monotonic()
+            out = cli(box.config_path, "scan")
+            scan_s = time.monotonic() - t0
+            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+            assert f"{count} published" in out.stdout, out.stdout[-500:]
+            assert len(list((box.products / "mosaics").rglob("*.fits"))) == count
+            assert not list(box.mosaics.rglob("*.fits"))
+            legacy_rates.append(count / legacy_s)
+            scan_rates.append(count / scan_s)
+            print(f"(b) run {n + 1}: legacy {legacy_s:.2f} s ({count / legacy_s:,.0f}/s), "
+                  f"scan {scan_s:.2f} s ({count / scan_s:,.0f}/s)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    paired = median([s / legacy for s, legacy in zip(scan_rates, legacy_rates, strict=True)])
+    return [(f"{count:,} small mosaics, same filesystem: legacy sqlite3 autocommit + "
+             "shutil.move", f"{median(legacy_rates):,.0f} products/s", "1.00"),
+            (f"{count:,} small mosaics, same filesystem: `scan` (validated, hashed, durable)",
+             f"{median(scan_rates):,.0f} products/s", f"{paired:.2f}")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=("a", "b"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where staging lives (a disk, not a tmpfs); default: the temp dir")
+    parser.add_argument("--targets", default="tmpfs,ext4",
+                        help="products filesystems for (a): tmpfs, ext4 (loop image)")
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="paired runs of each (baseline, then ours); medians are shown, "
+                             "the ratio is the median of the per-run ratios")
+    args = parser.parse_args()
+    rows = []
+    if args.only in (None, "a"):
+        rows += bench_big(args.workdir, args.targets.split(","), args.repeat)
+    if args.only in (None, "b"):
+        rows += bench_small(args.workdir, args.count, args.repeat)
+    print()
+    print(f"Medians of {args.repeat} paired runs; ratio: median of the per-run ratios.\n")
+    print("| Benchmark | Throughput | Ratio to baseline |")
+    print("|---|---:|---:|")
+    for what, figure, ratio in rows:
+        print(f"| {what} | {figure} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
