@@ -274,9 +274,13 @@ def describe_directory(root_fd: int, parts: tuple[bytes, ...], rule: ProductRule
                 raise Rejected(f"incomplete {rule.type}: {required} is missing") from None
             if not stat.S_ISREG(st.st_mode):
                 raise Rejected(f"{required} is {type_name(st.st_mode)}, not a regular file")
-        total, checksum, newest = tree_digest(dir_fd, algorithm)
-        _t2, again, newest2 = tree_digest_quick(dir_fd)
-        if newest2 != newest:
+        try:
+            total, checksum, newest = tree_digest(dir_fd, algorithm)
+        except FileNotFoundError:
+            # Something inside went away during the walk: the folder is still changing. (The
+            # folder itself is held open; if it is gone, the next check finds that.)
+            raise NotReady("changed while being read") from None
+        if tree_digest_quick(dir_fd)[2] != newest:
             raise NotReady("changed while being read")
         ident = Identity(before.st_dev, before.st_ino, total, before.st_mtime_ns, newest)
         return Description(ident, checksum, {"files": _count_files(dir_fd)})
@@ -295,7 +299,9 @@ def tree_digest_quick(dir_fd: int) -> tuple[int, int, int]:
                 st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            newest = max(newest, st.st_ctime_ns, st.st_mtime_ns)
+            # ctime only: every write moves it, while mtime can be set to any time (cp -p,
+            # tar, touch -d) and a future mtime would keep the product waiting until then.
+            newest = max(newest, st.st_ctime_ns)
             if stat.S_ISREG(st.st_mode):
                 total += st.st_size
                 count += 1
@@ -337,6 +343,8 @@ class Detector:
         self.clock = clock
         self.pending: dict[tuple[bytes, ...], Pending] = {}
         self.root = os.fsencode(str(config.stage_root))
+        # Folders the last walk could not list: what is below them was not seen, not gone.
+        self.unreadable: list[bytes] = []
 
     def reconfigure(self, config: Config) -> None:
         if config.stage_root != self.config.stage_root:
@@ -377,7 +385,10 @@ class Detector:
             try:
                 with os.scandir(folder) as it:
                     entries = list(it)
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
+            except PermissionError:
+                self.unreadable.append(folder)
+                continue
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
@@ -393,7 +404,8 @@ class Detector:
         file is gone are recorded. Unchanged registered files cost one lstat."""
         index = self.registry.stage_index()
         seen: set[str] = set()
-        stats = {"walked": 0, "queued": 0, "known": 0, "leftover": 0}
+        stats = {"walked": 0, "queued": 0, "known": 0, "leftover": 0, "unreadable": 0}
+        self.unreadable = []
         bases = sorted({r.base for r in self.config.products}, key=lambda b: len(b.parts))
         walked_tops: list[bytes] = []
         for base in bases:
@@ -429,9 +441,12 @@ class Detector:
                         continue
                 self.note(os.path.join(self.root, *found.parts))
                 stats["queued"] += 1
+        unseen = tuple(paths.display(folder) + "/" for folder in self.unreadable)
+        stats["unreadable"] = len(unseen)
         for stage_path, (status, _ident) in index.items():
             if status in ("staging", "failed") and stage_path not in seen and \
-                    stage_path.startswith(paths.display(self.root) + "/"):
+                    stage_path.startswith(paths.display(self.root) + "/") and \
+                    not stage_path.startswith(unseen):
                 self._vanished(stage_path)
         return stats
 
@@ -501,6 +516,13 @@ class Detector:
         except OSError as exc:
             if exc.errno == errno.ENOTDIR:
                 return self._vanished(stage_path)
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                # A folder on the way lost its permissions after the event: say so, and let a
+                # later scan take the file (a rejection without identity is looked at again).
+                return self._reject(m, data_id, stage_path,
+                                    f"cannot be checked: {exc.strerror} on a folder on the way "
+                                    "to it; give the daemon's user read and search "
+                                    "permission", None)
             raise
         ident = _identity(st)
         if problem:
@@ -549,7 +571,8 @@ class Detector:
 
     def _quiet_since(self, root_fd: int, m: Match, st: os.stat_result) -> float:
         """When the product (with its sidecars) last changed."""
-        newest = max(st.st_ctime_ns, st.st_mtime_ns)
+        # ctime, not mtime: see tree_digest_quick().
+        newest = st.st_ctime_ns
         if m.rule.kind == "directory":
             with contextlib.suppress(OSError, paths.UnsafePath):
                 dir_fd = paths.open_dir_under(root_fd, m.parts)
@@ -562,7 +585,7 @@ class Detector:
             for sidecar in sidecar_names(name, m.rule):
                 with contextlib.suppress(OSError, paths.UnsafePath):
                     sst = paths.lstat_under(root_fd, m.parts[:-1] + (os.fsencode(sidecar),))
-                    newest = max(newest, sst.st_ctime_ns, sst.st_mtime_ns)
+                    newest = max(newest, sst.st_ctime_ns)
         return newest / 1e9
 
     def _reject(self, m: Match, data_id: str, stage_path: str, reason: str,
