@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from contimg_publisher import __version__, lock, logs, service, statuspage
+from contimg_publisher import __version__, lock, logs, statuspage
 from contimg_publisher import config as config_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import SCHEMA_VERSION, STATUSES, Product, Registry, RegistryError
@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"contimg-publisher: bad config: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "run":
+        from contimg_publisher import service  # astropy and watchdog: only where needed
         return service.run(path)
     logs.configure(cfg.log_level, "console" if cfg.log_format in ("auto", "journal")
                    else cfg.log_format, cfg.error_max_chars)
@@ -288,6 +289,7 @@ def cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_publish(cfg: Config, args: argparse.Namespace) -> int:
+    from contimg_publisher import service  # astropy and watchdog: only where needed
     result = service.publish_now(cfg, args.data_id, logs.get_logger())
     if isinstance(result, str):
         print(f"contimg-publisher: publish: {result}", file=sys.stderr)
@@ -340,6 +342,7 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_scan(cfg: Config, args: argparse.Namespace) -> int:
+    from contimg_publisher import service  # astropy and watchdog: only where needed
     report = service.scan_once(cfg, logs.get_logger())
     failed = 0
     for outcome in report.detected:
