@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -157,3 +158,43 @@ def mount_tmpfs(path: Path, size: str) -> None:
 
 def umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def start_daemon(sandbox: Sandbox, notify_path: Path | None = None,
+                 watchdog_usec: int | None = None, extra_env: dict[str, str] | None = None
+                 ) -> subprocess.Popen[str]:
+    """`run` as a real process, its log (JSON lines) appended to daemon.log in the sandbox."""
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("WATCHDOG_USEC", None)
+    if notify_path is not None:
+        env["NOTIFY_SOCKET"] = str(notify_path)
+    if watchdog_usec:
+        env["WATCHDOG_USEC"] = str(watchdog_usec)
+    env.update(extra_env or {})
+    log = open(sandbox.root / "daemon.log", "a")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([PYTHON, "-m", "contimg_publisher", "--config",
+                             str(sandbox.config_path), "run"], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def stop(proc: subprocess.Popen[Any]) -> int:
+    """SIGTERM, then the exit status (SIGKILL after 30 s)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def log_events(sandbox: Sandbox) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines; other lines (tracebacks) are skipped."""
+    events = []
+    for line in (sandbox.root / "daemon.log").read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events

@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -30,7 +29,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from contimg_publisher import lock
 from contimg_publisher.config import ConfigError, from_mapping
 from contimg_publisher.registry import Candidate, Identity, Registry
-from tests.helpers import REPO, Sandbox, is_root, mount_tmpfs, umount, wait_for, write_fits
+from tests.helpers import (
+    REPO,
+    Sandbox,
+    is_root,
+    log_events,
+    mount_tmpfs,
+    start_daemon,
+    stop,
+    umount,
+    wait_for,
+    write_fits,
+)
 
 RULES = REPO / "etc" / "prometheus" / "contimg-publisher-rules.yml"
 DASHBOARD = REPO / "etc" / "grafana" / "contimg-publisher-dashboard.json"
@@ -71,36 +81,6 @@ def reachable(url: str) -> bool:
         return fetch(url, timeout=2)[0] == 200
     except OSError:
         return False
-
-
-def start_daemon(sandbox: Sandbox) -> subprocess.Popen[str]:
-    env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)
-    env.pop("WATCHDOG_USEC", None)
-    log = open(sandbox.root / "daemon.log", "a")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "contimg_publisher", "--config",
-                             str(sandbox.config_path), "run"], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-
-
-def stop(proc: subprocess.Popen[Any]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
-
-
-def log_events(sandbox: Sandbox) -> list[dict[str, Any]]:
-    events = []
-    for line in (sandbox.root / "daemon.log").read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
 
 
 def rows(sandbox: Sandbox) -> dict[str, Any]:

@@ -3,7 +3,6 @@ real files published, a real registry held by another process."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -17,7 +16,7 @@ import apsw
 import pytest
 
 from contimg_publisher.registry import Candidate, Identity, Registry
-from tests.helpers import REPO, Sandbox, wait_for, write_fits
+from tests.helpers import REPO, Sandbox, log_events, start_daemon, stop, wait_for, write_fits
 
 
 class NotifySocket:
@@ -62,44 +61,11 @@ class NotifySocket:
         self._thread.join(timeout=2)
 
 
-def start_daemon(sandbox: Sandbox, notify: NotifySocket, watchdog_usec: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    env = dict(os.environ, NOTIFY_SOCKET=str(notify.path))
-    env.pop("WATCHDOG_USEC", None)
-    if watchdog_usec:
-        env["WATCHDOG_USEC"] = str(watchdog_usec)
-    env.update(extra_env or {})
-    log = open(sandbox.root / "daemon.log", "a")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "contimg_publisher", "--config",
-                             str(sandbox.config_path), "run"], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-
-
-def stop(proc: subprocess.Popen[str]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
-
-
 @pytest.fixture
 def notify(tmp_path):
     sock = NotifySocket(tmp_path / "notify.sock")
     yield sock
     sock.close()
-
-
-def log_events(sandbox: Sandbox) -> list[dict]:
-    events = []
-    for line in (sandbox.root / "daemon.log").read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
 
 
 def test_ready_only_after_reconciliation_and_status(tmp_path, notify):
@@ -115,7 +81,7 @@ def test_ready_only_after_reconciliation_and_status(tmp_path, notify):
                                         st.st_ctime_ns), "sha256:" + "0" * 64, {}))
         # A publisher that died mid-publish: its lease names a process that no longer exists.
         assert reg.claim("vm:999999:1:dead-boot", 3600, data_id="stuck")
-    proc = start_daemon(sandbox, notify)
+    proc = start_daemon(sandbox, notify.path)
     try:
         notify.wait("READY", "1")
         with Registry(cfg.registry, migrate=False) as reg:
@@ -132,7 +98,7 @@ def test_ready_only_after_reconciliation_and_status(tmp_path, notify):
 
 def test_watchdog_cadence_reload_and_stop(tmp_path, notify):
     sandbox = Sandbox(tmp_path)
-    proc = start_daemon(sandbox, notify, watchdog_usec=1_000_000)
+    proc = start_daemon(sandbox, notify.path, watchdog_usec=1_000_000)
     try:
         t_ready, _ = notify.wait("READY", "1")
         time.sleep(3.2)
@@ -160,7 +126,7 @@ def test_watchdog_cadence_reload_and_stop(tmp_path, notify):
 
 def test_reload_with_broken_config_keeps_running(tmp_path, notify):
     sandbox = Sandbox(tmp_path)
-    proc = start_daemon(sandbox, notify)
+    proc = start_daemon(sandbox, notify.path)
     try:
         notify.wait("READY", "1")
         sandbox.update(detect={"settle_second": 1})  # a typo
@@ -184,7 +150,7 @@ def test_reload_with_broken_config_keeps_running(tmp_path, notify):
 
 def test_reload_applies_new_rules_with_same_pid(tmp_path, notify):
     sandbox = Sandbox(tmp_path)
-    proc = start_daemon(sandbox, notify)
+    proc = start_daemon(sandbox, notify.path)
     try:
         notify.wait("READY", "1")
         sandbox.update(products=[{"type": "mosaic", "glob": "mosaics/**/*.fits",
@@ -207,7 +173,7 @@ def test_reload_applies_new_rules_with_same_pid(tmp_path, notify):
 
 def test_second_daemon_refuses_naming_the_holder(tmp_path, notify):
     sandbox = Sandbox(tmp_path)
-    proc = start_daemon(sandbox, notify)
+    proc = start_daemon(sandbox, notify.path)
     try:
         notify.wait("READY", "1")
         second = subprocess.run([sys.executable, "-m", "contimg_publisher", "--config",
@@ -225,7 +191,7 @@ def test_blocked_loop_stops_pinging(tmp_path, notify):
     WATCHDOG=1, although the process and its other threads live on."""
     sandbox = Sandbox(tmp_path)
     sandbox.update(registry={"busy_timeout_seconds": 4.0})
-    proc = start_daemon(sandbox, notify, watchdog_usec=1_000_000)
+    proc = start_daemon(sandbox, notify.path, watchdog_usec=1_000_000)
     try:
         notify.wait("READY", "1")
         holder = apsw.Connection(str(sandbox.registry))
@@ -253,7 +219,7 @@ def test_start_up_scan_extends_the_start_timeout_before_ready(tmp_path, notify):
     sandbox = Sandbox(tmp_path)
     for i in range(3):
         write_fits(sandbox.mosaics / f"before_start_{i}.fits", seed=i)
-    proc = start_daemon(sandbox, notify)
+    proc = start_daemon(sandbox, notify.path)
     try:
         t_ready, _ = notify.wait("READY", "1")
         extends = [(t, m) for t, m in notify.with_key("EXTEND_TIMEOUT_USEC") if t <= t_ready]
@@ -288,7 +254,7 @@ def test_stop_lets_the_copy_in_flight_finish(tmp_path, notify, shm_products):
     sandbox = Sandbox(tmp_path, products_root=shm_products,
                       service={"stop_timeout_seconds": 30})
     data = write_fits(sandbox.mosaics / "big.fits", pixels=2048, seed=5)  # 3 chunks
-    proc = start_daemon(sandbox, notify, extra_env=SLOW_COPY)
+    proc = start_daemon(sandbox, notify.path, extra_env=SLOW_COPY)
     try:
         notify.wait("READY", "1")
         wait_for(lambda: _temps(shm_products), timeout=30, what="the copy to start")
@@ -308,7 +274,7 @@ def test_stop_aborts_a_long_copy_cleanly_and_it_resumes(tmp_path, notify, shm_pr
     sandbox = Sandbox(tmp_path, products_root=shm_products,
                       service={"stop_timeout_seconds": 0.5})
     data = write_fits(sandbox.mosaics / "big.fits", pixels=2048, seed=6)
-    proc = start_daemon(sandbox, notify, extra_env=SLOW_COPY)
+    proc = start_daemon(sandbox, notify.path, extra_env=SLOW_COPY)
     try:
         notify.wait("READY", "1")
         wait_for(lambda: _temps(shm_products), timeout=30, what="the copy to start")
@@ -322,7 +288,7 @@ def test_stop_aborts_a_long_copy_cleanly_and_it_resumes(tmp_path, notify, shm_pr
     row = sandbox.row("big")
     assert row["status"] == "staging" and row["publish_attempts"] == 0, row
 
-    proc = start_daemon(sandbox, notify)
+    proc = start_daemon(sandbox, notify.path)
     try:
         wait_for(lambda: (shm_products / "mosaics" / "big.fits").exists(), timeout=60,
                  what="the publish after restart")
@@ -335,7 +301,7 @@ def test_stop_aborts_a_long_copy_cleanly_and_it_resumes(tmp_path, notify, shm_pr
 def test_reload_during_a_copy_keeps_the_copy(tmp_path, notify, shm_products):
     sandbox = Sandbox(tmp_path, products_root=shm_products)
     data = write_fits(sandbox.mosaics / "big.fits", pixels=2048, seed=7)
-    proc = start_daemon(sandbox, notify, extra_env=SLOW_COPY)
+    proc = start_daemon(sandbox, notify.path, extra_env=SLOW_COPY)
     try:
         notify.wait("READY", "1")
         wait_for(lambda: _temps(shm_products), timeout=30, what="the copy to start")

@@ -106,18 +106,6 @@ def _when(epoch: float | None) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    days, hours, minutes = s // 86400, s % 86400 // 3600, s % 3600 // 60
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{s % 60:02d}s"
-    return f"{s}s"
-
-
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
@@ -192,7 +180,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
           + (f" (lock held by {holder})" if holder and not running else ""))
     print("products   " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
     if oldest is not None:
-        print(f"oldest waiting  {oldest.data_id} (waiting {_age(now - oldest.staged_at)})")
+        waited = statuspage.format_age(now - oldest.staged_at)
+        print(f"oldest waiting  {oldest.data_id} (waiting {waited})")
     print(f"failures in the last hour  {failures}")
     print(f"success rate  last hour {statuspage.format_rate(health.success_rate_hour)} "
           f"({health.published_hour} published, {health.failures_hour} failed attempts); "
