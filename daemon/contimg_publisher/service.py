@@ -47,7 +47,7 @@ def log_result(log: Any, result: publish.Result, max_attempts: int) -> None:
               "stage_path": result.stage_path}
     if result.status == "published":
         log.info("published", **fields, published_path=result.published_path,
-                 how=result.how, bytes=result.bytes, seconds=round(result.seconds, 3),
+                 how=result.how, bytes_copied=result.bytes, seconds=round(result.seconds, 3),
                  supersedes=result.supersedes)
     elif result.status == "failed" and result.failure is not None:
         f = result.failure
