@@ -26,8 +26,17 @@ import pytest
 
 from contimg_publisher import detect, paths
 from contimg_publisher.registry import Candidate, Identity, Product, Registry
-from tests.helpers import REPO, Sandbox, fits_bytes, is_root, wait_for, write_fits
-from tests.test_service import NotifySocket, start_daemon, stop
+from tests.helpers import (
+    REPO,
+    Sandbox,
+    fits_bytes,
+    is_root,
+    start_daemon,
+    stop,
+    wait_for,
+    write_fits,
+)
+from tests.test_service import NotifySocket
 
 QUEUED_EVENTS = "/proc/sys/fs/inotify/max_queued_events"
 TAKEN = ("staging", "publishing", "published", "failed")
@@ -76,7 +85,7 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
 @contextlib.contextmanager
 def daemon(sandbox: Sandbox, notify: NotifySocket) -> Iterator[subprocess.Popen[str]]:
     """The daemon running on the sandbox, READY (start-up scan done), stopped afterwards."""
-    proc = start_daemon(sandbox, notify)
+    proc = start_daemon(sandbox, notify.path)
     try:
         notify.wait("READY", "1", timeout=60)
         yield proc
