@@ -81,12 +81,14 @@ def test_ready_only_after_reconciliation_and_status(tmp_path, notify):
                                         st.st_ctime_ns), "sha256:" + "0" * 64, {}))
         # A publisher that died mid-publish: its lease names a process that no longer exists.
         assert reg.claim("vm:999999:1:dead-boot", 3600, data_id="stuck")
+        # Held, so that once reconciled it stays waiting instead of being published at once.
+        assert reg.set_hold("stuck", True)
     proc = start_daemon(sandbox, notify.path)
     try:
         notify.wait("READY", "1")
         with Registry(cfg.registry, migrate=False) as reg:
             row = reg.get("stuck")
-            assert row.status != "publishing", "READY was sent before reconciliation"
+            assert row.status == "staging", "READY was sent before reconciliation"
             assert [f.kind for f in reg.history("stuck")] == ["interrupted"]
         _, status = notify.wait("STATUS")
         ready_status = [m["STATUS"] for _t, m in notify.with_key("READY")]
