@@ -61,13 +61,7 @@ def register(config_path: Path) -> list[str]:
     with Registry(cfg.registry) as registry:
         detector = detect.Detector(cfg, registry)
         detector.scan()
-        out = []
-        while True:
-            out += detector.process(limit=100_000)
-            check = detector.next_check()
-            if check is None:
-                break
-            time.sleep(max(0.0, check - time.time()))
+        out = detector.settle()
     return [o.data_id for o in out if o.action == "registered"]
 
 

@@ -647,52 +647,59 @@ def as_nobody(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
              "XDG_CONFIG_HOME": str(home / ".config")})
 
 
-def test_unreadable_folder_does_not_make_its_products_gone() -> None:
-    """A folder the daemon cannot list for a while (a wrong chmod by the pipeline) is not
-    proof that the product in it left the staging area: it must stay waiting, and still be
-    waiting once the folder is readable again."""
+@pytest.fixture
+def nobody_sandbox() -> Iterator[tuple[Path, Sandbox, Path]]:
+    """(base, sandbox, night folder) in a fresh folder that the user nobody can reach (pytest's
+    tmp_path lies under root's private folder); removed afterwards."""
     if not is_root():
-        pytest.skip("needs root to run the scan as another user (setpriv) and chown the tree")
+        pytest.skip("needs root to run as another user (setpriv) and chown the tree")
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is not installed")
     base = Path(tempfile.mkdtemp(prefix="contimg-perm-"))
     try:
         base.chmod(0o755)
         sandbox = Sandbox(base, detect={"settle_seconds": 0.2}, metrics={"enabled": False})
-        night = sandbox.mosaics / "night"
-        path = night / "x.fits"
-        data = write_fits(path, seed=5)
-        st = path.stat()
-        with Registry(sandbox.registry) as reg:
-            # Registered and held: a scan describes the folder but publishes nothing.
-            reg.register(Candidate("night/x", "mosaic", str(sandbox.stage), str(path),
-                                   os.fsencode(path),
-                                   Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                            st.st_ctime_ns), sha256(data), {}))
-            assert reg.set_hold("night/x", True)
-        for item in [base, *base.rglob("*")]:
-            os.chown(item, 65534, 65534, follow_symlinks=False)
-
-        def scan_as_nobody() -> str:
-            out = as_nobody(base, "-m", "contimg_publisher", "--config",
-                            str(sandbox.config_path), "scan")
-            assert out.returncode == 0, out.stdout + out.stderr
-            with Registry(sandbox.registry) as reg:
-                row = reg.get("night/x")
-            assert row is not None
-            return row.status
-
-        assert scan_as_nobody() == "staging"
-        night.chmod(0o000)
-        try:
-            during = scan_as_nobody()
-        finally:
-            night.chmod(0o755)
-        after = scan_as_nobody()
-        assert (during, after) == ("staging", "staging")
-        assert path.read_bytes() == data
+        yield base, sandbox, sandbox.mosaics / "night"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_unreadable_folder_does_not_make_its_products_gone(nobody_sandbox) -> None:
+    """A folder the daemon cannot list for a while (a wrong chmod by the pipeline) is not
+    proof that the product in it left the staging area: it must stay waiting, and still be
+    waiting once the folder is readable again."""
+    base, sandbox, night = nobody_sandbox
+    path = night / "x.fits"
+    data = write_fits(path, seed=5)
+    st = path.stat()
+    with Registry(sandbox.registry) as reg:
+        # Registered and held: a scan describes the folder but publishes nothing.
+        reg.register(Candidate("night/x", "mosaic", str(sandbox.stage), str(path),
+                               os.fsencode(path),
+                               Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                        st.st_ctime_ns), sha256(data), {}))
+        assert reg.set_hold("night/x", True)
+    for item in [base, *base.rglob("*")]:
+        os.chown(item, 65534, 65534, follow_symlinks=False)
+
+    def scan_as_nobody() -> str:
+        out = as_nobody(base, "-m", "contimg_publisher", "--config",
+                        str(sandbox.config_path), "scan")
+        assert out.returncode == 0, out.stdout + out.stderr
+        with Registry(sandbox.registry) as reg:
+            row = reg.get("night/x")
+        assert row is not None
+        return row.status
+
+    assert scan_as_nobody() == "staging"
+    night.chmod(0o000)
+    try:
+        during = scan_as_nobody()
+    finally:
+        night.chmod(0o755)
+    after = scan_as_nobody()
+    assert (during, after) == ("staging", "staging")
+    assert path.read_bytes() == data
 
 
 CHECK_ONE = textwrap.dedent("""
@@ -708,40 +715,31 @@ CHECK_ONE = textwrap.dedent("""
 """)
 
 
-def test_pending_file_in_a_folder_that_became_unreadable_is_rejected_not_a_crash() -> None:
+def test_pending_file_in_a_folder_that_became_unreadable_is_rejected_not_a_crash(
+        nobody_sandbox) -> None:
     """An event named a file, then its folder lost its read and search permission before the
     file settled: the check must record why it cannot proceed, not raise out of the loop."""
-    if not is_root():
-        pytest.skip("needs root to run the detector as another user (setpriv)")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    base = Path(tempfile.mkdtemp(prefix="contimg-perm-"))
+    base, sandbox, night = nobody_sandbox
+    write_fits(night / "x.fits", seed=5)
+    sandbox.registry.parent.mkdir(parents=True, exist_ok=True)
+    for item in [base, *base.rglob("*")]:
+        os.chown(item, 65534, 65534, follow_symlinks=False)
+    night.chmod(0o000)
     try:
-        base.chmod(0o755)
-        sandbox = Sandbox(base, detect={"settle_seconds": 0.2}, metrics={"enabled": False})
-        night = sandbox.mosaics / "night"
-        write_fits(night / "x.fits", seed=5)
-        sandbox.registry.parent.mkdir(parents=True, exist_ok=True)
-        for item in [base, *base.rglob("*")]:
-            os.chown(item, 65534, 65534, follow_symlinks=False)
-        night.chmod(0o000)
-        try:
-            out = as_nobody(base, "-c", CHECK_ONE, str(sandbox.config_path),
-                            str(night / "x.fits"))
-        finally:
-            night.chmod(0o755)
-        assert out.returncode == 0, out.stdout + out.stderr
-        [[action, reason]] = json.loads(out.stdout)
-        assert action == "rejected" and "Permission denied" in reason, reason
-        with Registry(sandbox.registry) as reg:
-            [row] = reg.list()
-        assert row.status == "rejected" and row.publish_error == reason
-        # Once the folder is readable again the next scan takes the file.
-        out = as_nobody(base, "-m", "contimg_publisher", "--config", str(sandbox.config_path),
-                        "scan")
-        assert out.returncode == 0, out.stdout + out.stderr
-        with Registry(sandbox.registry) as reg:
-            [row] = reg.list()
-        assert row.status == "published", (row.status, row.publish_error)
+        out = as_nobody(base, "-c", CHECK_ONE, str(sandbox.config_path),
+                        str(night / "x.fits"))
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        night.chmod(0o755)
+    assert out.returncode == 0, out.stdout + out.stderr
+    [[action, reason]] = json.loads(out.stdout)
+    assert action == "rejected" and "Permission denied" in reason, reason
+    with Registry(sandbox.registry) as reg:
+        [row] = reg.list()
+    assert row.status == "rejected" and row.publish_error == reason
+    # Once the folder is readable again the next scan takes the file.
+    out = as_nobody(base, "-m", "contimg_publisher", "--config", str(sandbox.config_path),
+                    "scan")
+    assert out.returncode == 0, out.stdout + out.stderr
+    with Registry(sandbox.registry) as reg:
+        [row] = reg.list()
+    assert row.status == "published", (row.status, row.publish_error)

@@ -53,13 +53,7 @@ def register_only(sandbox: Sandbox) -> list[str]:
     with Registry(cfg.registry) as registry:
         detector = detect.Detector(cfg, registry)
         detector.scan()
-        outcomes = []
-        while True:
-            outcomes += detector.process(limit=100_000)
-            check = detector.next_check()
-            if check is None:
-                break
-            time.sleep(max(0.0, check - time.time()))
+        outcomes = detector.settle()
     return sorted(o.data_id for o in outcomes if o.action == "registered")
 
 

@@ -455,6 +455,18 @@ class Detector:
     def next_check(self) -> float | None:
         return min((p.check_at for p in self.pending.values()), default=None)
 
+    def settle(self, deadline: float | None = None, limit: int = BATCH) -> list[Outcome]:
+        """Process pending paths as they come due, until none is left or the next is due
+        after `deadline`: one pass for `scan` and tools that run without the daemon's loop."""
+        outcomes: list[Outcome] = []
+        while True:
+            outcomes += self.process(limit=limit)
+            check = self.next_check()
+            if check is None or (deadline is not None and check > deadline):
+                return outcomes
+            wake = check if deadline is None else min(check, deadline)
+            time.sleep(max(0.0, wake - self.clock()))
+
     def forget(self, path: str | bytes) -> None:
         """A path was deleted or moved away."""
         try:

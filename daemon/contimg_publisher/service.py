@@ -497,18 +497,12 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
         detector = detect.Detector(cfg, registry)
         detector.scan()
         # Paths that finish settling within one settle time are taken in this same pass.
-        deadline = time.time() + cfg.settle_seconds + 0.5
-        while True:
-            for outcome in detector.process(limit=10_000):
-                report.detected.append(outcome)
-                if outcome.action == "leftover" and outcome.product is not None:
-                    publish.Publisher(cfg, registry, owner, log).remove_leftover(outcome.product)
-            check = detector.next_check()
-            if check is None or check > deadline:
-                break
-            time.sleep(max(0.0, min(check, deadline) - time.time()))
+        report.detected = detector.settle(deadline=time.time() + cfg.settle_seconds + 0.5)
         report.waiting = len(detector.pending)
         publisher = publish.Publisher(cfg, registry, owner, log)
+        for outcome in report.detected:
+            if outcome.action == "leftover" and outcome.product is not None:
+                publisher.remove_leftover(outcome.product)
         while claimed := registry.claim(owner, cfg.lease_seconds, limit=1):
             report.published.append(publisher.publish(claimed[0]))
     return report
