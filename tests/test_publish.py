@@ -22,7 +22,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from contimg_publisher import detect
+from contimg_publisher import detect, publish
 from contimg_publisher.publish import CRASH_ENV, CRASH_POINTS
 from contimg_publisher.registry import Registry
 from tests.helpers import REPO, Sandbox, fits_bytes, is_root, mount_tmpfs, umount
@@ -121,22 +121,28 @@ def _crash_and_recover(sandbox: Sandbox, point: str) -> None:
         (sandbox.mosaics / f"n1/m{i}.png").write_bytes(expected[f"n1/m{i}.png"])
     crashed = sandbox.cli("scan", env={CRASH_ENV: point})
     assert crashed.returncode == -9, (crashed.stdout, crashed.stderr)
-    # What the kill left behind is what each step promises, and no more.
+    # What the kill left behind is what each step promises, and no more. `scan` takes the
+    # three in one batch, whose steps are shared: all three were claimed together.
     rows = {r["data_id"]: r["status"] for r in sandbox.registry_rows()}
-    busy = sorted(d for d, s in rows.items() if s != "staging")
-    assert len(busy) == 1, rows
-    victim = busy[0]
-    final = sandbox.products / "mosaics" / f"{victim}.fits"
-    source = sandbox.mosaics / f"{victim}.fits"
-    assert source.read_bytes() == expected[f"{victim}.fits"]
+    names = [f"n1/m{i}" for i in range(3)]
+    assert sorted(rows) == names
+    for name in names:  # every source is still there, whole
+        assert (sandbox.mosaics / f"{name}.fits").read_bytes() == expected[f"{name}.fits"]
+    finals = {name: sandbox.products / "mosaics" / f"{name}.fits" for name in names}
     left = temps(sandbox.products)
-    assert (final.parent / f"{final.stem}.png").read_bytes() == expected[f"{victim}.png"]
     if point == "after_temp_write":
-        assert rows[victim] == "publishing" and not final.exists()
+        # Killed during the first copy: only that product's sidecar and temp file exist.
+        assert set(rows.values()) == {"publishing"}
+        assert not any(f.exists() for f in finals.values())
+        [victim] = [n for n in names if (finals[n].parent / f"{finals[n].stem}.png").exists()]
         assert [p.read_bytes() for p in left] == [expected[f"{victim}.fits"]]
     else:
-        assert left == [] and final.read_bytes() == expected[f"{victim}.fits"]
-        assert rows[victim] == ("publishing" if point == "after_rename" else "published")
+        assert left == []
+        assert set(rows.values()) == {"publishing" if point == "after_rename" else "published"}
+        for name in names:
+            assert finals[name].read_bytes() == expected[f"{name}.fits"]
+            assert (finals[name].parent / f"{finals[name].stem}.png").read_bytes() == \
+                expected[f"{name}.png"]
     recovered = sandbox.cli("scan")
     assert recovered.returncode == 0, (recovered.stdout, recovered.stderr)
     assert_published_once(sandbox, expected)
@@ -342,6 +348,56 @@ def test_name_taken_by_other_bytes_publishes_a_new_version(tmp_path: Path) -> No
     assert warnings[0]["existing"].endswith("mosaics/n1/a.fits")
     assert list(sandbox.mosaics.rglob("*.fits")) == []
     assert temps(sandbox.products) == []
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+def test_one_batch_publishes_the_good_products_and_records_each_bad_one(tmp_path: Path) -> None:
+    """`scan` publishes a batch with shared commits and fsyncs; a product that fails inside
+    the batch (replaced by a link, gone, changed) is recorded on its own, and the others
+    are published whole, each once."""
+    sandbox = Sandbox(tmp_path)
+    data = {f"n{i % 2}/m{i}": stage(sandbox, f"n{i % 2}/m{i}.fits", seed=i) for i in range(8)}
+    assert register_only(sandbox) == sorted(data)
+    (sandbox.mosaics / "n0/m0.fits").unlink()
+    (sandbox.mosaics / "n0/m0.fits").symlink_to("/etc/passwd")
+    (sandbox.mosaics / "n1/m1.fits").unlink()
+    with open(sandbox.mosaics / "n0/m2.fits", "ab") as grown:
+        grown.write(b"\0" * 2880)
+    with Registry(sandbox.registry, migrate=False) as registry:
+        claimed = registry.claim("tester", 60, limit=100)
+        assert len(claimed) == 8
+        cfg = sandbox.config()
+        results = {r.data_id: r for r in
+                   publish.Publisher(cfg, registry, "tester").publish_many(claimed)}
+        kinds = {d: [f.kind for f in registry.history(d)] for d in data}
+    assert {d: r.status for d, r in results.items()} == {
+        d: "failed" if d in ("n0/m0", "n1/m1", "n0/m2") else "published" for d in data}
+    assert kinds["n0/m0"] == ["source_changed"] and kinds["n0/m2"] == ["source_changed"]
+    assert kinds["n1/m1"] == ["source_missing"]
+    good = {f"{d}.fits": data[d] for d in data if d not in ("n0/m0", "n1/m1", "n0/m2")}
+    assert archive_files(sandbox.products / "mosaics") == good
+    for d in good:
+        assert not (sandbox.mosaics / d).exists()
+    assert (sandbox.mosaics / "n0/m0.fits").is_symlink()
+    assert temps(sandbox.products) == []
+
+
+def test_two_products_of_one_batch_wanting_one_name_both_publish(tmp_path: Path) -> None:
+    """n1/a must become a.v2 (a.fits holds other bytes) and the staged n1/a.v2 wants that
+    same name: in one batch neither fails and neither overwrites the other."""
+    sandbox = Sandbox(tmp_path)
+    first = stage(sandbox, "n1/a.fits", seed=1)
+    sandbox.cli("scan", check=True)
+    second = stage(sandbox, "n1/a.fits", seed=2)
+    third = stage(sandbox, "n1/a.v2.fits", seed=3)
+    out = sandbox.cli("scan", check=True)
+    assert "2 published, 0 failed" in out.stdout, out.stdout
+    found = archive_files(sandbox.products / "mosaics")
+    assert found.pop("n1/a.fits") == first
+    assert sorted(found.values()) == sorted([second, third]) and len(found) == 2
+    assert all(r["status"] == "published" for r in sandbox.registry_rows())
+    assert list(sandbox.mosaics.rglob("*.fits")) == []
 
 
 # --- kill -9 torture --------------------------------------------------------------------------

@@ -29,14 +29,14 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from contimg_publisher import detect, fits, paths
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
-from contimg_publisher.registry import FailureOutcome, Identity, Product, Registry
+from contimg_publisher.registry import FailureOutcome, Identity, Product, Published, Registry
 
 CHUNK = 8 << 20
 # Test-only fault injection: the process kills itself at the named step. Read nowhere else.
@@ -225,6 +225,95 @@ class _Source:
     fd: int = -1
 
 
+@dataclass
+class _Job:
+    """One claimed product on its way through a batch."""
+
+    product: Product
+    mode: str
+    result: Result
+    cancel: threading.Event | None = None
+    started: float = field(default_factory=time.monotonic)
+    rule: ProductRule | None = None
+    parts: tuple[bytes, ...] = ()
+    folder: tuple[bytes, ...] = ()    # destination folder under products_root
+    src_parent: int = -1              # borrowed from the batch's _Folders
+    src_fd: int = -1                  # owned: closed when the batch ends
+    dest_fd: int = -1                 # borrowed from the batch's _Folders
+    ident: Identity | None = None
+    sidecars: list[_Source] = field(default_factory=list)
+    final: bytes = b""
+    identical: bool = False
+    same_fs: bool = False
+    temp: bytes | None = None
+    temp_shown: str | None = None
+
+    def lose(self, why: str) -> None:
+        self.result.status, self.result.error = "lost", why
+        self.finish()
+
+    def finish(self) -> None:
+        self.result.seconds = time.monotonic() - self.started
+
+
+class _Folders:
+    """The folders one batch works in, each opened once (from descriptors of the two roots,
+    without following links) and all closed when the batch ends, so a folder renamed or
+    replaced between batches is walked afresh."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stage_root = os.fsencode(str(config.stage_root))
+        self.products_root = os.fsencode(str(config.products_root))
+        self._roots: dict[bytes, int] = {}
+        self._sources: dict[tuple[bytes, ...], int] = {}
+        self._destinations: dict[tuple[bytes, ...], int] = {}
+        self._same: dict[tuple[tuple[bytes, ...], tuple[bytes, ...]], bool] = {}
+        self._taken: dict[tuple[bytes, ...], set[bytes]] = {}
+
+    def _root(self, path: bytes) -> int:
+        fd = self._roots.get(path)
+        if fd is None:
+            fd = self._roots[path] = paths.open_root(path)
+        return fd
+
+    def source(self, folder: tuple[bytes, ...]) -> int:
+        fd = self._sources.get(folder)
+        if fd is None:
+            fd = self._sources[folder] = paths.open_dir_under(self._root(self.stage_root),
+                                                              folder)
+        return fd
+
+    def destination(self, folder: tuple[bytes, ...]) -> int:
+        fd = self._destinations.get(folder)
+        if fd is None:
+            if self.products_root not in self._roots:
+                os.makedirs(self.products_root, mode=self.config.dir_mode, exist_ok=True)
+            fd = self._destinations[folder] = paths.open_dir_under(
+                self._root(self.products_root), folder, create=True, mode=self.config.dir_mode)
+        return fd
+
+    def same_filesystem(self, source: tuple[bytes, ...], destination: tuple[bytes, ...]
+                        ) -> bool:
+        key = (source, destination)
+        if key not in self._same:
+            self._same[key] = paths.same_filesystem(self.source(source),
+                                                    self.destination(destination))
+        return self._same[key]
+
+    def taken(self, folder: tuple[bytes, ...]) -> set[bytes]:
+        """Names in a destination folder that products of this batch are going to take."""
+        return self._taken.setdefault(folder, set())
+
+    def close(self) -> None:
+        for fd in [*self._sources.values(), *self._destinations.values(),
+                   *self._roots.values()]:
+            os.close(fd)
+        self._sources.clear()
+        self._destinations.clear()
+        self._roots.clear()
+
+
 class Publisher:
     """Publishes claimed rows; one instance per thread (it uses that thread's Registry)."""
 
@@ -242,135 +331,221 @@ class Publisher:
     def publish(self, product: Product, mode: str = "auto",
                 cancel: threading.Event | None = None) -> Result:
         """Publish one row this process has claimed; failures are recorded, not raised."""
-        started = time.monotonic()
-        result = Result(product.data_id, product.data_type, "failed", product.stage_path)
-        try:
-            self._publish(product, mode, cancel, result)
-        except Cancelled:
-            self.registry.requeue(product.data_id, self.owner)
-            result.status, result.error = "requeued", "stopped before the publish finished"
-        except PublishFailure as exc:
-            self._fail(product, result, exc.kind, str(exc))
-        except paths.UnsafePath as exc:
-            self._fail(product, result, "source_changed", f"{exc.path}: {exc.reason}")
-        except OSError as exc:
-            self._fail(product, result, classify(exc), _os_text(exc))
-        result.seconds = time.monotonic() - started
-        return result
+        return self.publish_many([product], mode, cancel)[0]
 
-    def _fail(self, product: Product, result: Result, kind: str, text: str) -> None:
-        cfg = self.config
+    def publish_many(self, products: list[Product], mode: str = "auto",
+                     cancel: threading.Event | None = None) -> list[Result]:
+        """Publish rows this process has claimed, grouping the durable steps.
+
+        Every product goes through every step of the protocol, in order; the steps are only
+        shared: one commit records all publish plans, one fsync per destination folder makes
+        all links durable, one commit records all publishes, and one fsync per staging
+        folder makes the removals durable. A crash anywhere leaves each row exactly where a
+        crash of a single publish would, so reconciliation is the same.
+        """
+        folders = _Folders(self.config)
+        jobs = [_Job(p, mode, Result(p.data_id, p.data_type, "failed", p.stage_path), cancel)
+                for p in products]
+        try:
+            ready = [job for job in jobs if self._attempt(job, folders, self._prepare)]
+            planned = self.registry.set_publish_plans(self.owner, [
+                (job.product.data_id, job.result.published_path or "", job.temp_shown)
+                for job in ready if not job.identical])
+            placed: list[_Job] = []
+            for index, job in enumerate(ready):
+                if not job.identical and job.product.data_id not in planned:
+                    job.lose("the claim on this product was lost before the publish")
+                    continue
+                try:
+                    if self._attempt(job, folders, self._place):
+                        placed.append(job)
+                except Cancelled:
+                    for left in ready[index:]:
+                        self.registry.requeue(left.product.data_id, self.owner)
+                        left.result.status = "requeued"
+                        left.result.error = "stopped before the publish finished"
+                    break
+            placed = self._sync_destinations(placed, folders)
+            if any(not job.identical for job in placed):
+                _crash_point("after_rename")
+            self._commit(placed, folders)
+        finally:
+            for job in jobs:
+                if job.src_fd >= 0:
+                    os.close(job.src_fd)
+            folders.close()
+        return [job.result for job in jobs]
+
+    def _attempt(self, job: _Job, folders: _Folders,
+                 step: Callable[[_Job, _Folders], None]) -> bool:
+        """Run one step of one product; a failure is recorded against that product only."""
+        try:
+            step(job, folders)
+            return True
+        except PublishFailure as exc:
+            self._fail(job, exc.kind, str(exc))
+        except paths.UnsafePath as exc:
+            self._fail(job, "source_changed", f"{exc.path}: {exc.reason}")
+        except OSError as exc:
+            self._fail(job, classify(exc), _os_text(exc))
+        return False
+
+    def _fail(self, job: _Job, kind: str, text: str) -> None:
+        cfg, result = self.config, job.result
         result.status, result.kind, result.error = "failed", kind, text
         result.failure = self.registry.record_failure(
-            product.data_id, self.owner, kind, text, cfg.max_attempts,
+            job.product.data_id, self.owner, kind, text, cfg.max_attempts,
             cfg.backoff_initial_seconds, cfg.backoff_max_seconds, cfg.error_max_chars)
         if result.failure is None:
             result.status = "lost"
+        job.finish()
 
-    def _publish(self, product: Product, mode: str, cancel: threading.Event | None,
-                 result: Result) -> None:
-        cfg = self.config
+    def _prepare(self, job: _Job, folders: _Folders) -> None:
+        """Steps 1 and 2: open and check the source, choose the final name."""
+        cfg, product, result = self.config, job.product, job.result
+        job.started = time.monotonic()
         rule = rule_for(cfg, product.data_type)
         if rule is None:
             raise PublishFailure("other", f"no product rule for type {product.data_type!r} "
                                           "in the configuration")
         if product.checksum is None or product.identity is None:
             raise PublishFailure("source_changed", "the product has not been described yet")
-        stage_root = os.fsencode(str(cfg.stage_root))
-        parts = paths.relative_components(stage_root, product.stage_bytes)
+        job.rule = rule
+        parts = job.parts = paths.relative_components(folders.stage_root, product.stage_bytes)
         folder, name = destination(cfg, rule, parts)
-        products_root = os.fsencode(str(cfg.products_root))
-        os.makedirs(products_root, mode=cfg.dir_mode, exist_ok=True)
-
-        stage_fd = paths.open_root(stage_root)
-        products_fd = paths.open_root(products_root)
-        src_parent = dest_fd = src_fd = -1
-        temps: list[bytes] = []
+        job.folder = folder
         try:
-            try:
-                src_parent = paths.open_dir_under(stage_fd, parts[:-1])
-                src_fd = os.open(parts[-1], _open_flags(rule), dir_fd=src_parent)
-            except FileNotFoundError:
-                raise PublishFailure("source_missing",
-                                     f"{product.stage_path}: no longer in the staging area"
-                                     ) from None
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise PublishFailure("source_changed", f"{product.stage_path}: "
-                                         "replaced by a symbolic link") from None
-                if exc.errno == errno.ENOTDIR:
-                    raise PublishFailure("source_changed", f"{product.stage_path}: "
-                                         "is no longer a folder") from None
-                raise
-            st = os.fstat(src_fd)
-            kind_ok = stat.S_ISDIR(st.st_mode) if rule.kind == "directory" else \
-                stat.S_ISREG(st.st_mode)
-            now_ident = Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                 st.st_ctime_ns)
-            if not kind_ok or not _same_file(product.identity, now_ident, rule.kind):
-                raise PublishFailure("source_changed", f"{product.stage_path}: changed since it "
-                                     "was registered; it will be examined again")
-            try:
-                dest_fd = paths.open_dir_under(products_fd, folder, create=True,
-                                               mode=cfg.dir_mode)
-            except paths.UnsafePath as exc:
-                # The products side, not the product: an attempt that counts, with backoff.
-                raise PublishFailure("other", f"destination {exc.path} under "
-                                     f"{paths.display(products_root)}: {exc.reason}") from None
-            sidecars = self._sidecars(src_parent, name, parts[-1], rule)
-            final, version, identical = self._choose_name(src_parent, dest_fd, name, rule,
-                                                          product, sidecars)
-            for sc in sidecars:
-                sc.dest_name = sidecar_destination(sc.name, parts[-1], final, rule)
-            final_path = paths.display(_full(products_root, folder, final))
-            result.published_path = final_path
-            if version > 1:
-                previous = paths.display(_full(products_root, folder,
-                                               versioned(name, rule, version - 1)))
-                holder = self.registry.by_published_path(previous)
-                result.supersedes = holder.data_id if holder else None
-                self._warn("name_taken", data_id=product.data_id, data_type=product.data_type,
-                           stage_path=product.stage_path, published_path=final_path,
-                           existing=previous,
-                           reason="a different product already has this name; "
-                                  f"publishing as version {version}")
-            if identical:
-                result.how = "identical"
-            else:
-                same_fs = paths.same_filesystem(src_parent, dest_fd)
-                token = f"{product.id}-{uuid.uuid4().hex[:8]}"
-                temp = paths.temp_name(final, token)
-                self.registry.set_publish_plan(
-                    product.data_id, self.owner, final_path,
-                    None if same_fs else paths.display(_full(products_root, folder, temp)))
-                if same_fs:
-                    result.how = self._move_same_fs(src_parent, src_fd, parts[-1], dest_fd,
-                                                    final, rule, sidecars)
-                else:
-                    result.how = "copy"
-                    temps.append(temp)
-                    result.bytes = self._copy(src_fd, src_parent, parts[-1], dest_fd, temp,
-                                              final, rule, product, sidecars, temps, cancel)
-                    temps.clear()
-                paths.fsync_dir(dest_fd)
-                _crash_point("after_rename")
-            if not self.registry.mark_published(
-                    product.data_id, self.owner, final_path, mode,
-                    sidecars=[os.fsdecode(s.dest_name) for s in sidecars],
-                    supersedes=result.supersedes):
-                result.status = "lost"
-                result.error = "the claim on this product was lost before the commit"
-                return
-            result.status = "published"
-            _crash_point("after_commit")
-            self._remove_source(src_parent, parts[-1], now_ident, rule, sidecars, dest_fd)
+            job.src_parent = folders.source(parts[:-1])
+            job.src_fd = os.open(parts[-1], _open_flags(rule), dir_fd=job.src_parent)
+        except FileNotFoundError:
+            raise PublishFailure("source_missing",
+                                 f"{product.stage_path}: no longer in the staging area") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PublishFailure("source_changed", f"{product.stage_path}: "
+                                     "replaced by a symbolic link") from None
+            if exc.errno == errno.ENOTDIR:
+                raise PublishFailure("source_changed", f"{product.stage_path}: "
+                                     "is no longer a folder") from None
+            raise
+        st = os.fstat(job.src_fd)
+        kind_ok = stat.S_ISDIR(st.st_mode) if rule.kind == "directory" else \
+            stat.S_ISREG(st.st_mode)
+        job.ident = Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if not kind_ok or not _same_file(product.identity, job.ident, rule.kind):
+            raise PublishFailure("source_changed", f"{product.stage_path}: changed since it "
+                                 "was registered; it will be examined again")
+        try:
+            job.dest_fd = folders.destination(folder)
+        except paths.UnsafePath as exc:
+            # The products side, not the product: an attempt that counts, with backoff.
+            raise PublishFailure("other", f"destination {exc.path} under "
+                                 f"{paths.display(folders.products_root)}: {exc.reason}"
+                                 ) from None
+        job.sidecars = self._sidecars(job.src_parent, name, parts[-1], rule)
+        final, version, job.identical = self._choose_name(
+            job.src_parent, job.dest_fd, name, rule, product, job.sidecars,
+            folders.taken(folder))
+        job.final = final
+        folders.taken(folder).add(final)
+        for sc in job.sidecars:
+            sc.dest_name = sidecar_destination(sc.name, parts[-1], final, rule)
+        final_path = paths.display(_full(folders.products_root, folder, final))
+        result.published_path = final_path
+        if version > 1:
+            previous = paths.display(_full(folders.products_root, folder,
+                                           versioned(name, rule, version - 1)))
+            holder = self.registry.by_published_path(previous)
+            result.supersedes = holder.data_id if holder else None
+            self._warn("name_taken", data_id=product.data_id, data_type=product.data_type,
+                       stage_path=product.stage_path, published_path=final_path,
+                       existing=previous,
+                       reason="a different product already has this name; "
+                              f"publishing as version {version}")
+        if job.identical:
+            return
+        job.same_fs = folders.same_filesystem(parts[:-1], folder)
+        if not job.same_fs:
+            job.temp = paths.temp_name(final, f"{product.id}-{uuid.uuid4().hex[:8]}")
+            job.temp_shown = paths.display(_full(folders.products_root, folder, job.temp))
+
+    def _place(self, job: _Job, _folders: _Folders) -> None:
+        """Step 4: put the product at its final name (not yet durable)."""
+        result, rule = job.result, job.rule
+        assert rule is not None
+        if job.identical:
+            result.how = "identical"
+            return
+        if job.same_fs:
+            result.how = self._move_same_fs(job.src_parent, job.src_fd, job.parts[-1],
+                                            job.dest_fd, job.final, rule, job.sidecars)
+            return
+        assert job.temp is not None
+        result.how = "copy"
+        temps = [job.temp]
+        try:
+            result.bytes = self._copy(job.src_fd, job.src_parent, job.parts[-1], job.dest_fd,
+                                      job.temp, job.final, rule, job.product, job.sidecars,
+                                      temps, job.cancel)
+            temps.clear()
         finally:
             for temp in temps:
                 with contextlib.suppress(OSError):
-                    paths.remove_tree_under(dest_fd, temp)
-            for fd in (src_fd, src_parent, dest_fd, stage_fd, products_fd):
-                if fd >= 0:
-                    os.close(fd)
+                    paths.remove_tree_under(job.dest_fd, temp)
+
+    def _sync_destinations(self, placed: list[_Job], folders: _Folders) -> list[_Job]:
+        """fsync each destination folder once; the products of a folder that cannot be
+        synced fail (their names stay, and a retry finds them identical)."""
+        failed: dict[tuple[bytes, ...], OSError] = {}
+        for folder in dict.fromkeys(job.folder for job in placed if not job.identical):
+            try:
+                paths.fsync_dir(folders.destination(folder))
+            except OSError as exc:
+                failed[folder] = exc
+        kept = []
+        for job in placed:
+            exc = failed.get(job.folder) if not job.identical else None
+            if exc is None:
+                kept.append(job)
+            else:
+                self._fail(job, classify(exc), _os_text(exc))
+        return kept
+
+    def _commit(self, placed: list[_Job], folders: _Folders) -> None:
+        """Steps 5 and 6: one durable commit, then the sources go, one fsync per folder."""
+        done = self.registry.mark_published_many(self.owner, [
+            Published(job.product.data_id, job.result.published_path or "", job.mode,
+                      tuple(os.fsdecode(s.dest_name) for s in job.sidecars),
+                      job.result.supersedes) for job in placed])
+        published = []
+        for job in placed:
+            if job.product.data_id in done:
+                job.result.status = "published"
+                published.append(job)
+            else:
+                job.lose("the claim on this product was lost before the commit")
+        if not published:
+            return
+        _crash_point("after_commit")
+        touched: dict[tuple[bytes, ...], int] = {}
+        for job in published:
+            assert job.rule is not None and job.ident is not None
+            try:
+                if self._remove_source(job.src_parent, job.parts[-1], job.ident, job.rule,
+                                       job.sidecars, job.dest_fd, sync=False):
+                    touched[job.parts[:-1]] = job.src_parent
+            except OSError as exc:
+                self._warn("source_not_removed", data_id=job.product.data_id,
+                           stage_path=job.product.stage_path, error=_os_text(exc),
+                           reason="published; the staged copy is removed on a later pass")
+            job.finish()
+        for folder, fd in touched.items():
+            try:
+                paths.fsync_dir(fd)
+            except OSError as exc:
+                self._warn("source_not_removed", stage_path=paths.display(
+                    os.path.join(folders.stage_root, *folder)), error=_os_text(exc),
+                    reason="the removal may not be durable; a later pass removes the copy")
 
     def _sidecars(self, src_parent: int, product_name: bytes, staged_name: bytes,
                   rule: ProductRule) -> list[_Source]:
@@ -390,7 +565,8 @@ class Publisher:
         return out
 
     def _choose_name(self, src_parent: int, dest_fd: int, name: bytes, rule: ProductRule,
-                     product: Product, sidecars: list[_Source]) -> tuple[bytes, int, bool]:
+                     product: Product, sidecars: list[_Source],
+                     taken: Collection[bytes] = ()) -> tuple[bytes, int, bool]:
         """The first of name, name.v2, ... that is free or already holds these bytes.
 
         A name is free when neither it nor its sidecars' names exist, or when the sidecars
@@ -399,6 +575,8 @@ class Publisher:
         appears without them)."""
         for version in range(1, 10_000):
             candidate = versioned(name, rule, version)
+            if candidate in taken:
+                continue
             if not _exists(dest_fd, candidate):
                 if all(_files_equal_across(src_parent, s.name, dest_fd,
                                            sidecar_destination(s.name, name, candidate, rule))
@@ -538,8 +716,9 @@ class Publisher:
         return total
 
     def _remove_source(self, src_parent: int, name: bytes, ident: Identity, rule: ProductRule,
-                       sidecars: list[_Source], dest_fd: int) -> None:
-        """Remove the staged copy, only if the name still leads to the file that was published."""
+                       sidecars: list[_Source], dest_fd: int, sync: bool = True) -> bool:
+        """Remove the staged copy, only if the name still leads to the file that was published.
+        Returns whether anything was removed; with sync False the caller fsyncs the folder."""
         _crash_point("before_source_removal")
         removed = False
         if rule.kind == "file":
@@ -556,8 +735,9 @@ class Publisher:
                 if _files_equal_across(src_parent, sc.name, dest_fd, sc.dest_name):
                     os.unlink(sc.name, dir_fd=src_parent)
                     removed = True
-        if removed:
+        if removed and sync:
             paths.fsync_dir(src_parent)
+        return removed
 
     def remove_leftover(self, product: Product) -> bool:
         """A published product's staged copy is still there (a crash before step 6)."""

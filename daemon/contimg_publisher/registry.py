@@ -244,6 +244,17 @@ class FailureOutcome:
         return self.status == "failed"
 
 
+@dataclass(frozen=True)
+class Published:
+    """One row's publish, as mark_published_many records it."""
+
+    data_id: str
+    published_path: str
+    publish_mode: str
+    sidecars: tuple[str, ...] = ()
+    supersedes: str | None = None
+
+
 def truncate(text: str, limit: int) -> str:
     """At most `limit` characters; a cut is marked so nobody mistakes it for the whole text."""
     if len(text) <= limit:
@@ -671,22 +682,31 @@ class Registry:
             return self.conn.changes() > 0
 
     def claim(self, owner: str, lease_seconds: float, limit: int = 1, now: float | None = None,
-              data_id: str | None = None) -> list[Product]:
+              data_id: str | None = None, max_bytes: int | None = None) -> list[Product]:
         """Move due rows to `publishing` under a lease held by `owner`.
 
         With data_id (a manual publish), that row is claimed whether due, held or failed,
-        as long as nobody holds a live lease on it.
+        as long as nobody holds a live lease on it. `max_bytes` stops a batch once its rows
+        add up to that size (the first row is always taken), so that a batch of large
+        products does not hold claims for long.
         """
         now = time.time() if now is None else now
         with self.write() as cur:
             if data_id is None:
-                ids = [r[0] for r in cur.execute(
-                    "SELECT id FROM data_registry WHERE status = 'staging'"
-                    " AND checksum IS NOT NULL AND (COALESCE(auto_publish_enabled, 1) = 1"
-                    "   OR publish_requested_at IS NOT NULL)"
-                    " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
-                    " ORDER BY publish_requested_at IS NULL, COALESCE(next_attempt_at, 0),"
-                    " staged_at, id LIMIT ?", (now, limit))]
+                ids = []
+                total = 0
+                for row_id, size in cur.execute(
+                        "SELECT id, COALESCE(size_bytes, 0) FROM data_registry"
+                        " WHERE status = 'staging'"
+                        " AND checksum IS NOT NULL AND (COALESCE(auto_publish_enabled, 1) = 1"
+                        "   OR publish_requested_at IS NOT NULL)"
+                        " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+                        " ORDER BY publish_requested_at IS NULL, COALESCE(next_attempt_at, 0),"
+                        " staged_at, id LIMIT ?", (now, limit)).fetchall():
+                    if ids and max_bytes is not None and total + size > max_bytes:
+                        break
+                    ids.append(row_id)
+                    total += size
             else:
                 ids = [r[0] for r in cur.execute(
                     "SELECT id FROM data_registry WHERE data_id = ?"
@@ -712,11 +732,23 @@ class Registry:
 
     def set_publish_plan(self, data_id: str, owner: str, target: str, temp: str | None) -> bool:
         """Remember the final and temporary names before writing them, for reconciliation."""
+        return data_id in self.set_publish_plans(owner, [(data_id, target, temp)])
+
+    def set_publish_plans(self, owner: str, plans: Sequence[tuple[str, str, str | None]]
+                          ) -> set[str]:
+        """set_publish_plan for many rows in one durable commit; returns the data_ids whose
+        claim `owner` still held."""
+        done: set[str] = set()
+        if not plans:
+            return done
         with self.write() as cur:
-            cur.execute("UPDATE data_registry SET publish_target = ?, publish_temp = ?"
-                        " WHERE data_id = ? AND status = 'publishing' AND lease_owner = ?",
-                        (target, temp, data_id, owner))
-            return self.conn.changes() > 0
+            for data_id, target, temp in plans:
+                cur.execute("UPDATE data_registry SET publish_target = ?, publish_temp = ?"
+                            " WHERE data_id = ? AND status = 'publishing' AND lease_owner = ?",
+                            (target, temp, data_id, owner))
+                if self.conn.changes() > 0:
+                    done.add(data_id)
+        return done
 
     def mark_published(self, data_id: str, owner: str | None, published_path: str,
                        publish_mode: str, sidecars: Sequence[str] = (),
@@ -725,24 +757,39 @@ class Registry:
 
         Attempt counts and the failure history are kept: they are the product's history.
         """
+        return data_id in self.mark_published_many(
+            owner, [Published(data_id, published_path, publish_mode, tuple(sidecars),
+                              supersedes)], now=now)
+
+    def mark_published_many(self, owner: str | None, items: Sequence[Published],
+                            now: float | None = None) -> set[str]:
+        """mark_published for many rows in one durable commit; returns the data_ids recorded
+        (a row whose claim `owner` no longer holds is left as it is)."""
         now = time.time() if now is None else now
+        done: set[str] = set()
+        if not items:
+            return done
         with self.write() as cur:
-            cur.execute(
-                "UPDATE data_registry SET status = 'published', published_path = ?,"
-                " published_at = ?, sidecars_json = ?, lease_owner = NULL,"
-                " publish_mode = CASE WHEN publish_requested_at IS NOT NULL THEN 'manual'"
-                "   ELSE ? END, publish_requested_at = NULL,"
-                " lease_expires_at = NULL, publish_temp = NULL, next_attempt_at = NULL,"
-                " finalization_status = COALESCE(finalization_status, 'pending'),"
-                " updated_at = ? WHERE data_id = ? AND status = 'publishing'"
-                " AND (? IS NULL OR lease_owner = ?)",
-                (published_path, now, json.dumps(list(sidecars)), publish_mode, now, data_id,
-                 owner, owner))
-            done = self.conn.changes() > 0
-            if done and supersedes:
+            for item in items:
                 cur.execute(
-                    "INSERT OR IGNORE INTO data_relationships (parent_data_id, child_data_id,"
-                    " relationship_type) VALUES (?, ?, 'supersedes')", (data_id, supersedes))
+                    "UPDATE data_registry SET status = 'published', published_path = ?,"
+                    " published_at = ?, sidecars_json = ?, lease_owner = NULL,"
+                    " publish_mode = CASE WHEN publish_requested_at IS NOT NULL THEN 'manual'"
+                    "   ELSE ? END, publish_requested_at = NULL,"
+                    " lease_expires_at = NULL, publish_temp = NULL, next_attempt_at = NULL,"
+                    " finalization_status = COALESCE(finalization_status, 'pending'),"
+                    " updated_at = ? WHERE data_id = ? AND status = 'publishing'"
+                    " AND (? IS NULL OR lease_owner = ?)",
+                    (item.published_path, now, json.dumps(list(item.sidecars)),
+                     item.publish_mode, now, item.data_id, owner, owner))
+                if self.conn.changes() == 0:
+                    continue
+                done.add(item.data_id)
+                if item.supersedes:
+                    cur.execute(
+                        "INSERT OR IGNORE INTO data_relationships (parent_data_id,"
+                        " child_data_id, relationship_type) VALUES (?, ?, 'supersedes')",
+                        (item.data_id, item.supersedes))
         return done
 
     def confirm_published(self, data_id: str, published_path: str, size_bytes: int,

@@ -478,6 +478,12 @@ def _with(cfg: Config, **changes: Any) -> Config:
 
 # --- one-shot work for the CLI --------------------------------------------------------------
 
+# `scan` publishes in batches that share their commits and folder fsyncs; the byte bound
+# keeps a batch of large copies from holding its claims (and their commits) for long.
+SCAN_BATCH = 256
+SCAN_BATCH_BYTES = 256 << 20
+
+
 @dataclass
 class PassReport:
     detected: list[detect.Outcome] = field(default_factory=list)
@@ -503,8 +509,9 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
         for outcome in report.detected:
             if outcome.action == "leftover" and outcome.product is not None:
                 publisher.remove_leftover(outcome.product)
-        while claimed := registry.claim(owner, cfg.lease_seconds, limit=1):
-            report.published.append(publisher.publish(claimed[0]))
+        while claimed := registry.claim(owner, cfg.lease_seconds, limit=SCAN_BATCH,
+                                        max_bytes=SCAN_BATCH_BYTES):
+            report.published += publisher.publish_many(claimed)
     return report
 
 
