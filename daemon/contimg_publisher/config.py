@@ -6,6 +6,7 @@ keys it may hold, and every error names the file, the key and the reason.
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -39,9 +40,10 @@ class ProductRule:
     sidecars: tuple[str, ...] = ()
     required: tuple[str, ...] = ()  # files a directory product must hold to count as complete
 
-    @property
+    @functools.cached_property
     def base(self) -> PurePosixPath:
-        """The part of the glob before its first wildcard: sub-paths below it are kept."""
+        """The part of the glob before its first wildcard: sub-paths below it are kept.
+        (Cached: every path the detector and the publisher look at asks for it.)"""
         parts = []
         for part in PurePosixPath(self.glob).parts[:-1]:
             if any(ch in part for ch in "*?["):
