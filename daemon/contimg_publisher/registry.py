@@ -717,9 +717,13 @@ class Registry:
                     "UPDATE data_registry SET status = 'publishing', lease_owner = ?,"
                     " lease_expires_at = ?, publish_target = NULL, publish_temp = NULL,"
                     " updated_at = ? WHERE id = ?", (owner, now + lease_seconds, now, row_id))
-            rows = [_product(_one(cur, "SELECT * FROM data_registry WHERE id = ?", (i,)))
-                    for i in ids]
-        return rows
+            if not ids:
+                return []
+            cur.execute("SELECT * FROM data_registry WHERE id IN"
+                        f" ({','.join('?' * len(ids))})", ids)
+            names = [d[0] for d in cur.getdescription()]
+            by_id = {r["id"]: r for r in (dict(zip(names, row, strict=True)) for row in cur)}
+        return [_product(by_id[i]) for i in ids]
 
     def renew_lease(self, data_id: str, owner: str, lease_seconds: float,
                     now: float | None = None) -> bool:
