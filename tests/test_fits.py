@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -469,3 +471,221 @@ def test_hash_fd(tmp_path: Path, open_fd) -> None:
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert hash_fd(open_fd(empty)) == (0, "sha256:" + hashlib.sha256(b"").hexdigest())
+
+
+# --- card parser ------------------------------------------------------------------------------
+
+# Cards the fixed-format parser reads itself; each entry is one header's cards before END.
+FIXED_CARDS: list[tuple[str, ...]] = [
+    ("SIMPLE  =                    T / conforms to FITS standard",),
+    ("FLAG    =                    F",),
+    ("FLAG    = F/no space before the comment",),
+    ("BITPIX  =                  -32 / array data type",),
+    ("NAXIS   =                    2",),
+    ("INT     = -42",),
+    ("INT     = +7 / explicit plus",),
+    ("INT     = 007",),
+    ("NEGZERO =                   -0",),
+    ("BIG     = 123456789012345678901234567890",),
+    ("NEGBIG  = -98765432109876543210987654321 / longer than 64 bits",),
+    ("ZERO    =                  0.0",),
+    ("NEGZERO =                 -0.0",),
+    ("FLOAT   = 1.",),
+    ("FLOAT   = .5",),
+    ("FLOAT   = -.5E-3",),
+    ("FLOAT   = +2.5E+3",),
+    ("FLOAT   = 1E5",),
+    ("FLOAT   = 1.5E+300",),
+    ("FLOAT   = 2.5E-320 / subnormal",),
+    ("FLOAT   = 1E999 / overflows to infinity",),
+    ("FLOAT   = 1.0000000000000002",),
+    ("MJD-OBS =         61007.127836 / [d] MJD of observation",),
+    ("MEDRMS  = 3.2E-05/no space",),
+    ("STR     = 'DSA110_MOSAIC'",),
+    ("STR     = ''",),
+    ("STR     = '' / empty",),
+    ("STR     = '        '",),
+    ("STR     = '  leading spaces kept'",),
+    ("STR     = 'trailing spaces dropped   '   / comment",),
+    ("STR     = 'it''s'",),
+    ("STR     = ''''",),
+    ("STR     = 'a '''' b'",),
+    ("STR     = 'a/b / c'",),
+    ("STR     = 'x'/c",),
+    ("STR     = 'x' / it's a comment with 'quotes'",),
+    ("STR     = 'abc&'",),
+    ("STR     = '12:34:56.7'",),
+    ("BUNIT   = 'Jy/beam '",),
+    ("DATE-OBS= '2026-11-28T03:04:05'",),
+    ("A-B_C9  = 1",),
+    ("_       = 2",),
+    ("CHECKSUM= 'aBcDeFgHiJkLmNoP'   / HDU checksum updated 2026-11-28T03:04:05",),
+    ("DATASUM = '1234567890'         / data unit checksum updated 2026-11-28T03:04:05",),
+    ("LONG    = 'ABCDEFGHIJKLMNOPQRSTUVWXYZABCDEFGHIJKLMNOPQRSTUVWXYZABCDEFGHIJKLMNOP'",),
+    ("COMMENT   plain commentary", "HISTORY = 'not a value'", "        blank keyword",
+     "COMMENT = 5", "KEPT    = 1"),
+    ("DUP     = 1", "DUP     = 'two'", "DUP     = T"),
+    ("DUP     = 'first'", "OTHER   = 2.0", "DUP     = 'second'"),
+]
+
+# Cards the fixed-format parser leaves to astropy, for the whole header.
+DECLINED_CARDS: list[tuple[str, ...]] = [
+    ("HIERARCH ESO DET CHIP = 1",),
+    ("STR     = 'long string&'", "CONTINUE  'continued'"),
+    ("CONTINUE= 'x'",),
+    ("FLOAT   = 1.5D3",),
+    ("FLOAT   = 1.5e3",),
+    ("CPLX    = (1, 2)",),
+    ("UNDEF   =",),
+    ("UNDEF   =                      / no value",),
+    ("NOEQ     1",),
+    ("NOEQ    =1",),
+    ("lower   = 1",),
+    (" LEAD   = 1",),
+    ("BAD.KEY = 1",),
+    ("A= '1234= '",),
+    ("TOOLONGKEYWORD = 1",),
+    ("RVKC    = 'AXIS.1: 1'",),
+    ("STR     = 'ab''/ c'",),
+    ("STR     = 'ab'' / c'",),
+    ("STR     = '' / it's'",),
+    ("STR     = 'a'b'",),
+    ("STR     = 'unterminated",),
+    ("NUM     = 1 2",),
+    ("NUM     = 12abc",),
+    ("NUM     = - 5",),
+    ("NUM     = 1_000",),
+    ("NUM     = NaN",),
+    ("BOOL    = TRUE",),
+    ("GOOD    = 1", "FLOAT   = 2.0D0"),  # one declined card sends the whole header to astropy
+]
+
+
+def header_text(*cards: str, end: str = "END") -> str:
+    assert all(len(card) <= 80 for card in cards)
+    return "".join(card.ljust(80) for card in (*cards, end))
+
+
+def typed(values: dict) -> dict:
+    """Values with their exact type and repr, so 0 != 0.0 != -0.0 != False."""
+    return {key: (type(value), repr(value)) for key, value in values.items()}
+
+
+def astropy_values(text: str) -> dict:
+    """What astropy's header[keyword] gives for every valued keyword, read independently."""
+    header = afits.Header.fromstring(text)
+    return {key: header[key] for key in dict.fromkeys(header.keys())
+            if key not in ("", "COMMENT", "HISTORY")}
+
+
+@pytest.mark.filterwarnings("ignore::astropy.utils.exceptions.AstropyUserWarning")
+def test_fixed_cards_read_exactly_as_astropy_reads_them() -> None:
+    assert len(FIXED_CARDS) + len(DECLINED_CARDS) >= 40
+    for cards in FIXED_CARDS:
+        text = header_text(*cards)
+        fast = fits._parse_fixed(text)
+        assert fast is not None, cards
+        assert typed(fast) == typed(astropy_values(text)), cards
+        assert typed(fast) == typed(fits._parse_with_astropy(text, 0)), cards
+    for cards in DECLINED_CARDS:
+        assert fits._parse_fixed(header_text(*cards)) is None, cards
+
+
+def test_declined_headers_get_astropy_values_or_errors() -> None:
+    assert fits._parse_header(header_text("STR     = 'ab''/ c'"), 0) == {"STR": "ab'"}
+    assert fits._parse_header(header_text("STR     = '' / it's'"), 0) == {"STR": "' / it's"}
+    assert fits._parse_header(header_text("FLOAT   = 1.5D3", "UNDEF   ="), 0) == {
+        "FLOAT": 1500.0, "UNDEF": None}
+    assert fits._parse_header(header_text("CPLX    = (1, 2)"), 0) == {"CPLX": 1 + 2j}
+    # A record-valued card answers to its full keyword and, with the raw string, to its base.
+    assert fits._parse_header(header_text("DP1     = 'AXIS.1: 1'"), 0) == {
+        "DP1.AXIS.1": 1.0, "DP1": "AXIS.1: 1"}
+    assert fits._parse_header(header_text("STR     = 'long string&'",
+                                          "CONTINUE  'continued'"), 0) == {
+        "STR": "long stringcontinued"}
+    with pytest.raises(FitsError) as info:
+        fits._parse_header(header_text("NUM     = 12abc"), 3)
+    assert info.value.reason == "HDU 3 header card 1 (NUM) cannot be parsed: 'NUM     = 12abc'"
+    # Only the plain END card ends a header the fixed-format parser reads.
+    assert fits._parse_fixed(header_text("A       = 1", end="END     x")) is None
+    assert fits._parse_fixed(header_text("A       = 1")[:-80]) is None
+
+
+def header_texts(path: Path) -> list[str]:
+    """Each HDU's header text up to and including its END card, as written."""
+    raw = path.read_bytes()
+    texts = []
+    with afits.open(path) as hdul:
+        for index in range(len(hdul)):
+            info = hdul.fileinfo(index)
+            text = raw[info["hdrLoc"]:info["datLoc"]].decode("ascii")
+            end = next(pos for pos in range(0, len(text), 80) if text[pos:pos + 8] == "END     ")
+            texts.append(text[:end + 80])
+    return texts
+
+
+def test_written_headers_parse_the_same_both_ways(tmp_path: Path) -> None:
+    data = afits.GroupData(np.arange(6 * 3 * 2, dtype=np.float32).reshape(6, 1, 3, 2),
+                           parnames=["UU", "VV"], pardata=[np.arange(6.0), np.arange(6.0)],
+                           bitpix=-32)
+    afits.GroupsHDU(data).writeto(tmp_path / "uv.fits", checksum=True)
+    hdu = mosaic_hdu()
+    hdu.header.add_history("made from 10 images")
+    hdu.header.add_comment("it's a test / with a slash")
+    hdu.header["EMPTY"] = ""
+    hdu.header["QUOTED"] = "it's"
+    hdu.header["NEGZERO"] = -0.0
+    hdu.header["FLAG"] = False
+    hdu.writeto(tmp_path / "image.fits", checksum=True)
+    paths = [tmp_path / "image.fits", write_multi(tmp_path / "multi.fits", checksum=True),
+             tmp_path / "uv.fits"]
+    texts = [text for path in paths for text in header_texts(path)]
+    assert len(texts) == 5
+    for text in texts:
+        fast = fits._parse_fixed(text)
+        assert fast is not None
+        assert typed(fast) == typed(astropy_values(text))
+        assert typed(fast) == typed(fits._parse_with_astropy(text, 0))
+    groups = fits._parse_fixed(texts[-1])
+    assert groups is not None and groups["GROUPS"] is True and groups["PTYPE1"] == "UU"
+
+
+SCAN_IN_FRESH_INTERPRETER = """
+import json, os, sys
+from contimg_publisher.fits import FitsError, scan_fits
+results = []
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        report = scan_fits(fd)
+        results.append([report.hdus, report.metadata, report.fits_checksums])
+    except FitsError as exc:
+        results.append(exc.reason)
+    finally:
+        os.close(fd)
+    results.append("astropy" in sys.modules)
+print(json.dumps(results))
+"""
+
+
+def test_astropy_is_imported_only_for_cards_it_alone_reads(tmp_path: Path) -> None:
+    mosaic = write_mosaic(tmp_path / "mosaic.fits", checksum=True)
+    data = bytes(BLOCK)
+    odd = tmp_path / "odd.fits"
+    odd.write_bytes(raw_header("SIMPLE  =                    T", "BITPIX  =                  -32",
+                               "NAXIS   =                    2", "NAXIS1  =                    3",
+                               "NAXIS2  =                    2", "MEDRMS  =               1.1D-4",
+                               "HIERARCH ESO DET CHIP = 1") + data)
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(raw_header("SIMPLE  =                    T", "BITPIX  =                  -32",
+                               "NAXIS   =                    1", "NAXIS1  =                1.0D1")
+                    + data)
+    result = subprocess.run([sys.executable, "-c", SCAN_IN_FRESH_INTERPRETER, str(mosaic)],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == [[1, EXPECTED_METADATA, "verified"], False]
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", SCAN_IN_FRESH_INTERPRETER, str(odd), str(bad)],
+        capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == [
+        [1, {"NAXIS1": 3, "NAXIS2": 2, "MEDRMS": 1.1e-4}, "absent"], True,
+        "HDU 0 header has NAXIS1 = 10.0, not an integer >= 0", True]

@@ -11,6 +11,11 @@ the bytes that were checked.
 Reads use os.pread from explicit offsets, so the caller's file position never matters, in
 chunks of a bounded size. Headers are small and parsed card by card; data are only summed,
 with numpy, a chunk at a time, so checking costs little more than hashing alone.
+
+Header cards in the plain fixed format that FITS writers produce are parsed here, which is
+fast and needs no astropy (importing it costs more than scanning a small file). A header with
+any card beyond that format (HIERARCH, CONTINUE, D exponents, complex or undefined values, odd
+layouts) goes to astropy whole, imported only then, so such a file gets astropy's verdict.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from astropy.io import fits as afits
 
 BLOCK = 2880
 CARD = 80
@@ -41,6 +45,24 @@ _END = b"END     "
 _NEG_ZERO = 0xFFFFFFFF
 # Bytes summed per numpy call: (1 << 30) / 4 words of at most 2**32 - 1 fit in a uint64.
 _SUM_PIECE = 1 << 30
+_END_CARD = "END".ljust(CARD)
+# Keywords whose cards carry no value, as astropy treats them.
+_COMMENTARY = frozenset(("", "COMMENT", "HISTORY", "END"))
+# Keywords that change how astropy reads a card or its neighbours: left to astropy.
+_SPECIAL = frozenset(("END", "CONTINUE", "HIERARCH"))
+# Keyword fields of cards that carry no value: blank, COMMENT and HISTORY.
+_COMMENTARY_FIELDS = frozenset(("        ", "COMMENT ", "HISTORY "))
+# A card in the fixed format: keyword in columns 1-8, '= ' in columns 9-10 (the empty group
+# "at" marks column 11), then one value, spaces and an optional comment.
+_FIXED_CARD = re.compile(
+    r"(?P<keyword>[A-Z0-9_-]{1,8}) *= (?P<at>) *"
+    r"(?:'(?P<str>(?:[^']|'')*)'"
+    r"|(?P<bool>[TF])"
+    r"|(?P<int>[+-]?[0-9]+)"
+    r"|(?P<float>[+-]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:E[+-]?[0-9]+)?))"
+    r" *(?P<comment>/.*)?")
+# A quoted pair followed by a comment separator: astropy may end the string there.
+_PAIR_THEN_SLASH = re.compile(r"'' */")
 
 
 @dataclass(frozen=True)
@@ -227,7 +249,7 @@ def _all_zero(stream: _Stream) -> bool:
     return True
 
 
-def _read_header(stream: _Stream, index: int) -> tuple[afits.Header, int]:
+def _read_header(stream: _Stream, index: int) -> tuple[dict[str, Any], int]:
     """Read one header up to its END card; return it parsed, with the sum of its blocks."""
     start = stream.offset
     blocks: list[bytes] = []
@@ -269,8 +291,57 @@ def _end_card(block: bytes) -> int | None:
     return None
 
 
-def _parse_header(text: str, index: int) -> afits.Header:
+def _parse_header(text: str, index: int) -> dict[str, Any]:
+    """Keyword -> value of one header (text up to and including its END card), as astropy's
+    header[keyword] gives it: the first card of a repeated keyword, None for no value, and no
+    commentary cards. Every card's value is parsed now, so a malformed card is found now."""
+    values = _parse_fixed(text)
+    if values is None:
+        values = _parse_with_astropy(text, index)
+    return values
+
+
+def _parse_fixed(text: str) -> dict[str, Any] | None:
+    """The header's values when every card is in the plain fixed format, read exactly as
+    astropy reads it; None when any card is not, so astropy decides the whole header."""
+    last = len(text) - CARD
+    if last < 0 or text[last:] != _END_CARD:
+        return None
+    values: dict[str, Any] = {}
+    for pos in range(0, last, CARD):
+        match = _FIXED_CARD.fullmatch(text, pos, pos + CARD)
+        if match is None or match.start("at") != pos + 10:
+            if text[pos:pos + 8] in _COMMENTARY_FIELDS:
+                continue
+            return None
+        keyword, _, inner, flag, integer, real, comment = match.groups()
+        if keyword in _SPECIAL:
+            return None
+        if keyword in _COMMENTARY:
+            continue
+        value: Any
+        if inner is not None:
+            # astropy ends a string at the first quote after which only a comment can
+            # follow and treats 'name: number' as a record-valued card; neither is guessed.
+            if (not inner and comment and "'" in comment) or ": " in inner or (
+                    "''" in inner and _PAIR_THEN_SLASH.search(inner)):
+                return None
+            value = inner.replace("''", "'").rstrip()
+        elif flag is not None:
+            value = flag == "T"
+        elif integer is not None:
+            value = int(integer)
+        else:
+            value = float(real)
+        if keyword not in values:
+            values[keyword] = value
+    return values
+
+
+def _parse_with_astropy(text: str, index: int) -> dict[str, Any]:
     """Parse with astropy and force every card's value, so a malformed card is found now."""
+    from astropy.io import fits as afits  # imported only for headers _parse_fixed declines
+
     try:
         header = afits.Header.fromstring(text)
     except Exception as exc:  # astropy raises several kinds for malformed text
@@ -282,7 +353,19 @@ def _parse_header(text: str, index: int) -> afits.Header:
             number, image = _raw_card(text, card.keyword)
             raise FitsError(f"HDU {index} header card {number} ({card.keyword}) cannot be "
                             f"parsed: {image!r}") from None
-    return header
+    values: dict[str, Any] = {}
+    for card in header.cards:
+        # A record-valued card answers to its full keyword and to its base keyword.
+        for keyword in (card.keyword, card.rawkeyword):
+            key = keyword.upper()
+            if key in values or key in _COMMENTARY:
+                continue
+            try:
+                value = header[keyword]
+            except Exception:  # a lookup astropy cannot answer is a keyword not present
+                continue
+            values[key] = None if isinstance(value, afits.card.Undefined) else value
+    return values
 
 
 def _raw_card(text: str, keyword: str) -> tuple[int, str]:
@@ -293,7 +376,7 @@ def _raw_card(text: str, keyword: str) -> tuple[int, str]:
     return 0, keyword
 
 
-def _mandatory_int(header: afits.Header, key: str, index: int, low: int) -> int:
+def _mandatory_int(header: dict[str, Any], key: str, index: int, low: int) -> int:
     if key not in header:
         raise FitsError(f"HDU {index} header lacks the mandatory keyword {key}")
     value = header[key]
@@ -303,7 +386,7 @@ def _mandatory_int(header: afits.Header, key: str, index: int, low: int) -> int:
     return value
 
 
-def _data_size(header: afits.Header, index: int) -> int:
+def _data_size(header: dict[str, Any], index: int) -> int:
     """Bytes of data (before padding) that the mandatory keywords announce."""
     if "BITPIX" not in header:
         raise FitsError(f"HDU {index} header lacks the mandatory keyword BITPIX")
@@ -326,7 +409,7 @@ def _data_size(header: afits.Header, index: int) -> int:
     return abs(bitpix) // 8 * gcount * (pcount + elements)
 
 
-def _verify(header: afits.Header, index: int, header_sum: int, data_sum: int) -> bool:
+def _verify(header: dict[str, Any], index: int, header_sum: int, data_sum: int) -> bool:
     """Check DATASUM and CHECKSUM where present; True when at least one was checked."""
     datasum = _fold(data_sum)
     has_datasum = "DATASUM" in header
@@ -349,7 +432,7 @@ def _verify(header: afits.Header, index: int, header_sum: int, data_sum: int) ->
     return has_datasum
 
 
-def _metadata(header: afits.Header) -> dict[str, Any]:
+def _metadata(header: dict[str, Any]) -> dict[str, Any]:
     return {key: _json_value(header[key]) for key in METADATA_KEYS if key in header}
 
 
@@ -365,7 +448,7 @@ def _json_value(value: Any) -> str | int | float | bool | None:
 def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "T" if value else "F"
-    if value is None or isinstance(value, afits.card.Undefined):
+    if value is None:
         return "(no value)"
     return repr(value)
 
