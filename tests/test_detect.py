@@ -743,3 +743,59 @@ def test_pending_file_in_a_folder_that_became_unreadable_is_rejected_not_a_crash
     with Registry(sandbox.registry) as reg:
         [row] = reg.list()
     assert row.status == "published", (row.status, row.publish_error)
+
+
+# --- folder descriptors shared within one pass ---------------------------------------------------
+
+def test_folder_replaced_by_a_link_in_the_middle_of_a_pass_is_refused(
+        sandbox: Sandbox, inproc: InProcess, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files of one folder share its descriptor within a pass, so each use looks the
+    folder up again: a folder renamed and replaced by a link while a file in it is read
+    leaves that file waiting, and the next file of the same pass is refused as a link."""
+    night = sandbox.mosaics / "night"
+    write_fits(night / "a.fits", seed=1)
+    write_fits(night / "b.fits", seed=2)
+    moved = tmp_path / "moved"
+    real_scan = detect.fits.scan_fits
+
+    def scan_then_swap(fd: int, algorithm: str = "sha256"):  # noqa: ANN202
+        report = real_scan(fd, algorithm=algorithm)
+        if not moved.exists():
+            os.rename(night, moved)
+            os.symlink(moved, night)
+        return report
+
+    monkeypatch.setattr(detect.fits, "scan_fits", scan_then_swap)
+    inproc.detector.note(os.fsencode(night / "a.fits"))
+    inproc.detector.note(os.fsencode(night / "b.fits"))
+    outs = inproc.detector.process(now=time.time() + 3600)
+    assert [(o.action, o.stage_path) for o in outs] == [("rejected", str(night / "b.fits"))]
+    assert "symbolic link" in (outs[0].reason or "")
+    # The file that was being read is not registered with what was read: it waits, and is
+    # refused on its next check.
+    assert list(inproc.detector.pending) == [(b"mosaics", b"night", b"a.fits")]
+    outs = inproc.detector.process(now=time.time() + 7200)
+    assert [(o.action, o.stage_path) for o in outs] == [("rejected", str(night / "a.fits"))]
+    assert "symbolic link" in (outs[0].reason or "")
+    assert {r.status for r in inproc.registry.list()} == {"rejected"}
+
+
+def test_folder_replaced_between_passes_is_walked_afresh(sandbox: Sandbox, inproc: InProcess,
+                                                        tmp_path: Path) -> None:
+    """No folder descriptor outlives its pass: a folder renamed away and replaced, first by a
+    link to it and then by a new folder, is seen as what the name now leads to."""
+    night = sandbox.mosaics / "night"
+    write_fits(night / "a.fits", seed=1)
+    [first] = inproc.settle(night / "a.fits")
+    assert first.action == "registered"
+    moved = tmp_path / "moved"
+    os.rename(night, moved)
+    os.symlink(moved, night)
+    [out] = inproc.settle(night / "a.fits")
+    assert out.action == "rejected" and "symbolic link" in (out.reason or "")
+    night.unlink()
+    data = write_fits(night / "a.fits", seed=3)
+    [out] = inproc.settle(night / "a.fits")
+    assert out.action in ("registered", "updated"), (out.action, out.reason)
+    assert out.product is not None and out.product.checksum == sha256(data)

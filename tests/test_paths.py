@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import socket
 import stat
 import unicodedata
@@ -100,6 +101,19 @@ def test_relative_components_refusals(path: str, reason: str) -> None:
     with pytest.raises(UnsafePath) as exc:
         paths.relative_components("/s", path)
     assert reason in exc.value.reason
+
+
+def test_relative_components_relative_root_follows_the_current_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative root is taken from the current folder at each call, not remembered."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    assert paths.relative_components("s", str(tmp_path / "one/s/a.fits")) == (b"a.fits",)
+    monkeypatch.chdir(tmp_path / "two")
+    with pytest.raises(UnsafePath) as exc:
+        paths.relative_components("s", str(tmp_path / "one/s/a.fits"))
+    assert exc.value.reason == f"is not under {tmp_path / 'two/s'}"
 
 
 # --- opening ---------------------------------------------------------------------------------
@@ -286,6 +300,116 @@ def test_remove_tree_under_never_follows_links(root: tuple[Path, int], tmp_path:
         paths.remove_tree_under(fd, b"..")
 
 
+# --- folder descriptors shared within a pass ------------------------------------------------
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_dir_cache_shares_folders_and_closes_them(root: tuple[Path, int]) -> None:
+    top, fd = root
+    (top / "a" / "b").mkdir(parents=True)
+    for name in ("f.fits", "g.fits"):
+        (top / "a" / "b" / name).write_bytes(name.encode())
+    before = _open_fds()
+    with paths.DirCache(fd) as dirs:
+        st = dirs.lstat((b"a", b"b", b"f.fits"))
+        assert st.st_ino == (top / "a" / "b" / "f.fits").stat().st_ino
+        file_fd, parent_fd, fst = dirs.open_file((b"a", b"b", b"g.fits"))
+        try:
+            assert os.read(file_fd, 100) == b"g.fits"
+            assert (fst.st_ino, stat.S_ISREG(fst.st_mode)) == (
+                (top / "a" / "b" / "g.fits").stat().st_ino, True)
+            assert parent_fd == dirs.folder((b"a", b"b"))
+            assert dirs.is_current((b"a", b"b"), parent_fd)
+        finally:
+            os.close(file_fd)
+        assert _open_fds() == before + 2          # a and a/b, once each
+    assert _open_fds() == before
+    with paths.DirCache(fd) as dirs:
+        assert dirs.folder(()) == fd
+
+
+def test_dir_cache_holds_a_bounded_number_of_folders(root: tuple[Path, int]) -> None:
+    top, fd = root
+    before = _open_fds()
+    with paths.DirCache(fd) as dirs:
+        for i in range(3 * paths.DirCache.LIMIT):
+            (top / f"d{i}").mkdir()
+            (top / f"d{i}" / "f").write_bytes(b"x")
+            dirs.lstat((f"d{i}".encode(), b"f"))
+            assert _open_fds() <= before + paths.DirCache.LIMIT
+    assert _open_fds() == before
+
+
+@pytest.mark.parametrize("components", [(b"a", b"..", b"f"), (b"a", b"", b"f"),
+                                        (b"a/b", b"f"), (b"a", b"b\0c")])
+def test_dir_cache_refuses_what_lstat_under_refuses(root: tuple[Path, int],
+                                                     components: tuple[bytes, ...]) -> None:
+    top, fd = root
+    (top / "a" / "b").mkdir(parents=True)
+    with pytest.raises(UnsafePath) as expected:
+        paths.lstat_under(fd, components)
+    with paths.DirCache(fd) as dirs:
+        dirs.folder((b"a",))   # a kept prefix does not skip the check of what follows
+        for call in (dirs.lstat, dirs.open_file, dirs.folder):
+            with pytest.raises(UnsafePath) as exc:
+                call(components)
+            assert (exc.value.path, exc.value.reason) == (expected.value.path,
+                                                          expected.value.reason)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_dir_cache_refuses_a_kept_folder_replaced_by_a_link(root: tuple[Path, int],
+                                                             tmp_path: Path, level: int) -> None:
+    """A folder renamed away and replaced by a link to it after its descriptor was kept is
+    refused as a link, exactly as a fresh walk refuses it; nothing is read through the kept
+    descriptor."""
+    top, fd = root
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "a" / "b" / "f.fits").write_bytes(b"staged")
+    components = (b"a", b"b", b"f.fits")
+    with paths.DirCache(fd) as dirs:
+        dirs.lstat(components)
+        kept = dirs.folder(components[:-1])
+        victim = top / "a" if level == 0 else top / "a" / "b"
+        os.rename(victim, tmp_path / "moved")
+        os.symlink(tmp_path / "moved", victim)
+        assert not dirs.is_current(components[:-1], kept)
+        for call in (dirs.lstat, dirs.open_file):
+            with pytest.raises(UnsafePath) as exc:
+                call(components)
+            assert "symbolic link" in exc.value.reason
+            assert exc.value.path == "/".join(c.decode() for c in components[:level + 1])
+        with pytest.raises(UnsafePath):
+            dirs.folder(components[:-1])
+
+
+def test_dir_cache_follows_a_kept_folder_replaced_by_another(root: tuple[Path, int],
+                                                              tmp_path: Path) -> None:
+    """A folder renamed away and replaced by a new folder of the same name: the name now
+    leads to the new folder, and the cache uses that one; a removed folder is gone."""
+    top, fd = root
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "a" / "b" / "f.fits").write_bytes(b"old")
+    components = (b"a", b"b", b"f.fits")
+    with paths.DirCache(fd) as dirs:
+        old = dirs.lstat(components)
+        os.rename(top / "a", tmp_path / "moved")
+        (top / "a" / "b").mkdir(parents=True)
+        (top / "a" / "b" / "f.fits").write_bytes(b"new content")
+        new = dirs.lstat(components)
+        assert new.st_ino != old.st_ino and new.st_size == len(b"new content")
+        file_fd, _parent, _st = dirs.open_file(components)
+        try:
+            assert os.read(file_fd, 100) == b"new content"
+        finally:
+            os.close(file_fd)
+        shutil.rmtree(top / "a")
+        with pytest.raises(FileNotFoundError):
+            dirs.lstat(components)
+
+
 # --- names -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("name", "reason"), [
@@ -293,6 +417,8 @@ def test_remove_tree_under_never_follows_links(root: tuple[Path, int], tmp_path:
     (b"..", "is not a name"),
     (b"caf\xe9.fits", "not valid UTF-8 (byte 0xe9 at offset 3)"),
     (b"new\nline.fits", "U+000A"),
+    (b"del\x7f.fits", "U+007F"),
+    (b"tab\t.fits", "U+0009"),
     ("rtl\u202efits".encode(), "U+202E"),
     (b"L" * 241, "241 bytes long"),
     (paths.TEMP_PREFIX + b"x", "reserved for temporary files"),

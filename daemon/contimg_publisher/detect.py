@@ -18,7 +18,9 @@ import contextlib
 import errno
 import fnmatch
 import hashlib
+import itertools
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -35,61 +37,156 @@ BATCH = 256
 
 
 # --- matching ---------------------------------------------------------------------------------
+#
+# Every walked path and every event is matched against every rule, so the globs, the ignore
+# patterns and the sidecar patterns are parsed and compiled once per rule and per Config.
 
-def _match_parts(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
-    """Glob match on path components, where '**' spans zero or more folders."""
+_Matcher = Callable[[str], "re.Match[str] | None"]
+
+
+def _compile_glob(pattern: str) -> _Matcher:
+    """fnmatch.fnmatchcase(name, pattern) as a compiled matcher (the same translation)."""
+    return re.compile(fnmatch.translate(pattern)).match
+
+
+def _match_compiled(pattern: tuple[_Matcher | None, ...], parts: tuple[str, ...]) -> bool:
+    """Glob match on path components, each compiled (None stands for '**', which spans zero
+    or more folders)."""
     if not pattern:
         return not parts
     head = pattern[0]
-    if head == "**":
-        return any(_match_parts(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _match_parts(
-        pattern[1:], parts[1:])
+    if head is None:
+        return any(_match_compiled(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and head(parts[0]) is not None and _match_compiled(pattern[1:],
+                                                                           parts[1:])
 
 
-def _pattern(rule: ProductRule) -> tuple[str, ...]:
-    return tuple(p for p in rule.glob.split("/") if p)
+class _Rule:
+    """One product rule, parsed once."""
+
+    __slots__ = ("rule", "pattern", "directory", "_compiled", "_head", "_tail", "_suffix",
+                 "sidecars")
+
+    def __init__(self, rule: ProductRule) -> None:
+        self.rule = rule
+        self.pattern = tuple(p for p in rule.glob.split("/") if p)
+        self.directory = rule.kind == "directory"
+        self._compiled = tuple(None if p == "**" else _compile_glob(p) for p in self.pattern)
+        stars = [i for i, p in enumerate(self._compiled) if p is None]
+        # With at most one '**' (the usual 'folder/**/*.fits'), the components before it
+        # match the path's first ones and those after it its last ones.
+        self._head: tuple[_Matcher, ...] | None = None
+        self._tail: tuple[_Matcher, ...] = ()
+        if len(stars) <= 1:
+            cut = stars[0] if stars else len(self._compiled)
+            self._head = tuple(m for m in self._compiled[:cut] if m is not None)
+            self._tail = tuple(m for m in self._compiled[cut + 1:] if m is not None)
+        self._suffix: str | None = None   # the literal suffix of '*.fits', found on first use
+        self.sidecars: list[tuple[str, str]] = []
+        for pattern in rule.sidecars:
+            for key in ("stem", "name"):
+                token = "{" + key + "}"
+                if pattern.startswith(token):
+                    self.sidecars.append((key, pattern[len(token):]))
+
+    def matches(self, names: tuple[str, ...]) -> bool:
+        """Whether the decoded components `names` match the glob."""
+        head, tail = self._head, self._tail
+        if head is None:
+            return _match_compiled(self._compiled, names)
+        count = len(names)
+        if len(head) == len(self._compiled):       # no '**': one component each
+            if count != len(head):
+                return False
+        elif count < len(head) + len(tail):
+            return False
+        for matcher, name in zip(head, names, strict=False):
+            if matcher(name) is None:
+                return False
+        return all(matcher(name) is not None
+                   for matcher, name in zip(tail, names[count - len(tail):], strict=True))
+
+    def is_sidecar(self, name: str) -> bool:
+        """A weight map or preview that travels with its product is never a product itself."""
+        for _key, suffix in self.sidecars:
+            if suffix and name.endswith(suffix) and len(name) > len(suffix):
+                return True
+        return False
+
+    def stem(self, name: str) -> str:
+        """stem_of() for this rule."""
+        suffix = self._suffix
+        if suffix is None:
+            last = self.pattern[-1]
+            suffix = self._suffix = last[1:] if last.startswith("*") and not any(
+                ch in last[1:] for ch in "*?[") else ""
+        if suffix and name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+        root, _ext = os.path.splitext(name)
+        return root if root else name
+
+
+# Parsed rules by id(rule); the rule is kept alongside, so its id cannot be reused meanwhile.
+_RULES: dict[int, tuple[ProductRule, _Rule]] = {}
+
+
+def _rule(rule: ProductRule) -> _Rule:
+    """The parsed form of a rule, kept while the rule object lives in the cache."""
+    held = _RULES.get(id(rule))
+    if held is not None and held[0] is rule:
+        return held[1]
+    if len(_RULES) >= 256:
+        _RULES.clear()
+    parsed = _RULES[id(rule)] = (rule, _Rule(rule))
+    return parsed[1]
+
+
+class _Compiled:
+    """A Config's ignore patterns and rules, parsed once."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        patterns = tuple(config.ignore)
+        # One alternation of the translated patterns: each alternative is anchored at both
+        # ends, so it matches exactly when one of the patterns does.
+        self.ignore: _Matcher | None = re.compile(
+            "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match \
+            if patterns else None
+        self.rules = tuple(_rule(r) for r in config.products)
+
+    def ignored(self, names: Iterable[str]) -> bool:
+        """Whether any of the names matches one of config.ignore."""
+        ignore = self.ignore
+        return ignore is not None and any(ignore(n) is not None for n in names)
+
+
+_LAST_COMPILED: list[_Compiled] = []
+
+
+def _compiled(config: Config) -> _Compiled:
+    """The parsed form of `config` for match(); the last one is kept (the Detector keeps
+    its own)."""
+    if _LAST_COMPILED and _LAST_COMPILED[0].config is config:
+        return _LAST_COMPILED[0]
+    compiled = _Compiled(config)
+    _LAST_COMPILED[:] = [compiled]
+    return compiled
 
 
 def sidecar_suffixes(rule: ProductRule) -> list[tuple[str, str]]:
     """(placeholder, literal suffix) of each sidecar pattern: '{stem}.weights.fits' ->
     ('stem', '.weights.fits')."""
-    out = []
-    for pattern in rule.sidecars:
-        for key in ("stem", "name"):
-            token = "{" + key + "}"
-            if pattern.startswith(token):
-                out.append((key, pattern[len(token):]))
-    return out
+    return list(_rule(rule).sidecars)
 
 
 def stem_of(name: str, rule: ProductRule) -> str:
     """The name without its product suffix: 'nightly_20261128.fits' -> 'nightly_20261128'."""
-    last = _pattern(rule)[-1]
-    if last.startswith("*") and not any(ch in last[1:] for ch in "*?["):
-        suffix = last[1:]
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    root, ext = os.path.splitext(name)
-    return root if root else name
+    return _rule(rule).stem(name)
 
 
 def sidecar_names(name: str, rule: ProductRule) -> list[str]:
     stem = stem_of(name, rule)
     return [pattern.format(stem=stem, name=name) for pattern in rule.sidecars]
-
-
-def _is_sidecar(name: str, rule: ProductRule) -> bool:
-    """A weight map or preview that travels with its product is never a product itself."""
-    for _key, suffix in sidecar_suffixes(rule):
-        if suffix and name.endswith(suffix) and len(name) > len(suffix):
-            return True
-    return False
-
-
-def ignored(parts: Iterable[str], patterns: Iterable[str]) -> bool:
-    patterns = tuple(patterns)
-    return any(fnmatch.fnmatchcase(part, pat) for part in parts for pat in patterns)
 
 
 @dataclass(frozen=True)
@@ -101,41 +198,43 @@ class Match:
 def match(config: Config, parts: tuple[bytes, ...]) -> Match | None:
     """The product a staged path belongs to: itself (file rules), the folder product that
     contains it (directory rules), or the product whose sidecar it is."""
-    names = tuple(os.fsdecode(p) for p in parts)
-    if ignored(names, config.ignore):
+    return _match(_compiled(config), parts)
+
+
+def _match(compiled: _Compiled, parts: tuple[bytes, ...]) -> Match | None:
+    """match() with the config already parsed."""
+    names = tuple([os.fsdecode(p) for p in parts])
+    if compiled.ignored(names):
         return None
-    for rule in config.products:
-        pattern = _pattern(rule)
-        if rule.kind == "directory":
+    for rule in compiled.rules:
+        if rule.directory:
             for end in range(1, len(names) + 1):
-                if _match_parts(pattern, names[:end]):
-                    return Match(rule, parts[:end])
+                if rule.matches(names[:end]):
+                    return Match(rule.rule, parts[:end])
             continue
-        if _match_parts(pattern, names):
-            if _is_sidecar(names[-1], rule):
-                owner = _sidecar_owner(config, rule, parts)
-                return owner
-            return Match(rule, parts)
-        owner = _sidecar_owner(config, rule, parts)
+        if rule.matches(names):
+            if rule.is_sidecar(names[-1]):
+                return _owner(rule, parts, names[-1])
+            return Match(rule.rule, parts)
+        owner = _owner(rule, parts, names[-1])
         if owner is not None:
             return owner
     return None
 
 
-def _sidecar_owner(config: Config, rule: ProductRule, parts: tuple[bytes, ...]) -> Match | None:
-    name = os.fsdecode(parts[-1])
-    pattern = _pattern(rule)
-    for key, suffix in sidecar_suffixes(rule):
+def _owner(rule: _Rule, parts: tuple[bytes, ...], name: str) -> Match | None:
+    """The product whose sidecar the path `parts` (last name `name`) is, if any."""
+    for key, suffix in rule.sidecars:
         if not suffix or not name.endswith(suffix) or len(name) <= len(suffix):
             continue
         head = name[: -len(suffix)]
-        last = pattern[-1]
+        last = rule.pattern[-1]
         guesses = [head] if key == "name" else [head + last[1:]] if last.startswith("*") else []
         for guess in guesses:
             owner_parts = parts[:-1] + (os.fsencode(guess),)
             owner_names = tuple(os.fsdecode(p) for p in owner_parts)
-            if _match_parts(pattern, owner_names) and not _is_sidecar(guess, rule):
-                return Match(rule, owner_parts)
+            if rule.matches(owner_names) and not rule.is_sidecar(guess):
+                return Match(rule.rule, owner_parts)
     return None
 
 
@@ -183,14 +282,22 @@ class Description:
     metadata: dict[str, Any]
 
 
-def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str) -> Description:
-    """Check a staged file's content and describe it in one streaming read."""
+def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
+                  dirs: paths.DirCache | None = None) -> Description:
+    """Check a staged file's content and describe it in one streaming read.
+
+    `dirs` shares folder descriptors with the other files of one pass; without it the
+    folders are opened for this file alone.
+    """
+    if dirs is None:
+        with paths.DirCache(root_fd) as own:
+            return describe_file(root_fd, parts, algorithm, own)
     try:
-        fd, parent_fd = paths.open_file_under(root_fd, parts)
+        fd, parent_fd, st = dirs.open_file(parts)
     except paths.UnsafePath as exc:
         raise Rejected(exc.reason) from None
     try:
-        before = _identity(os.fstat(fd))
+        before = _identity(st)
         if before.size == 0:
             raise Rejected("empty file (0 bytes)")
         head = os.pread(fd, 80, 0)
@@ -211,17 +318,16 @@ def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str) -> Des
         after = _identity(os.fstat(fd))
         if not _same(before, after) or after.ctime_ns != before.ctime_ns:
             raise NotReady("changed while being read")
-        # The name must still lead to the file that was read.
+        # The name must still lead to the file that was read, through the same folders.
         try:
             now = _identity(os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False))
         except FileNotFoundError:
             raise NotReady("vanished while being read") from None
-        if not _same(now, after):
+        if not _same(now, after) or not dirs.is_current(parts[:-1], parent_fd):
             raise NotReady("replaced while being read")
         return Description(after, checksum, metadata)
     finally:
         os.close(fd)
-        os.close(parent_fd)
 
 
 def tree_digest(dir_fd: int, algorithm: str) -> tuple[int, str, int]:
@@ -345,12 +451,19 @@ class Detector:
         self.root = os.fsencode(str(config.stage_root))
         # Folders the last walk could not list: what is below them was not seen, not gone.
         self.unreadable: list[bytes] = []
+        self._parsed = _Compiled(config)
 
     def reconfigure(self, config: Config) -> None:
         if config.stage_root != self.config.stage_root:
             self.pending.clear()
         self.config = config
         self.root = os.fsencode(str(config.stage_root))
+
+    def _rules(self) -> _Compiled:
+        """The current config's parsed rules (parsed again whenever the config is replaced)."""
+        if self._parsed.config is not self.config:
+            self._parsed = _Compiled(self.config)
+        return self._parsed
 
     # What to look at ------------------------------------------------------------------------
 
@@ -360,14 +473,18 @@ class Detector:
             parts = paths.relative_components(self.root, os.fsencode(path))
         except paths.UnsafePath:
             return None
-        found = match(self.config, parts)
+        found = _match(self._rules(), parts)
         if found is not None:
-            entry = self.pending.get(found.parts)
-            if entry is None:
-                self.pending[found.parts] = Pending(found, 0.0)
-            else:
-                entry.check_at = 0.0
+            self._queue(found)
         return found
+
+    def _queue(self, found: Match) -> None:
+        """The product waits to settle, and is due now."""
+        entry = self.pending.get(found.parts)
+        if entry is None:
+            self.pending[found.parts] = Pending(found, 0.0)
+        else:
+            entry.check_at = 0.0
 
     def note_folder(self, path: str | bytes) -> int:
         """A folder appeared (created or moved in): everything below it is looked at, since
@@ -379,9 +496,22 @@ class Detector:
         return count
 
     def _walk(self, top: bytes) -> Iterable[bytes]:
-        stack = [top]
+        """Every path below `top` (folders not followed through links, ignored folders
+        skipped)."""
+        for path, _parts in self._walk_parts(top, ()):
+            yield path
+
+    def _walk_parts(self, top: bytes, top_parts: tuple[bytes, ...]
+                    ) -> Iterable[tuple[bytes, tuple[bytes, ...]]]:
+        """(path, components) of everything below `top`, whose components are `top_parts`.
+
+        A name read from a folder is a single valid component (never empty, '.', '..', and
+        without '/' or NUL), so the components are built rather than parsed from the path.
+        """
+        rules = self._rules()
+        stack = [(top, top_parts)]
         while stack:
-            folder = stack.pop()
+            folder, folder_parts = stack.pop()
             try:
                 with os.scandir(folder) as it:
                     entries = list(it)
@@ -391,13 +521,14 @@ class Detector:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for entry in entries:
+                parts = folder_parts + (entry.name,)
                 if entry.is_dir(follow_symlinks=False):
-                    if ignored([os.fsdecode(entry.name)], self.config.ignore):
+                    if rules.ignored((os.fsdecode(entry.name),)):
                         continue
-                    yield entry.path  # folder products are matched by the folder itself
-                    stack.append(entry.path)
+                    yield entry.path, parts  # folder products are matched by the folder itself
+                    stack.append((entry.path, parts))
                 else:
-                    yield entry.path
+                    yield entry.path, parts
 
     def scan(self) -> dict[str, int]:
         """Walk every rule's folder: new or changed paths wait to settle; registered rows whose
@@ -406,6 +537,8 @@ class Detector:
         seen: set[str] = set()
         stats = {"walked": 0, "queued": 0, "known": 0, "leftover": 0, "unreadable": 0}
         self.unreadable = []
+        rules = self._rules()
+        root_shown = paths.display(self.root)
         bases = sorted({r.base for r in self.config.products}, key=lambda b: len(b.parts))
         walked_tops: list[bytes] = []
         for base in bases:
@@ -413,13 +546,16 @@ class Detector:
             if any(top == t or top.startswith(t + b"/") for t in walked_tops):
                 continue
             walked_tops.append(top)
-            for path in self._walk(top):
-                stats["walked"] += 1
+            if base.parts:
                 try:
-                    parts = paths.relative_components(self.root, path)
+                    top_parts = paths.relative_components(self.root, top)
                 except paths.UnsafePath:
                     continue
-                found = match(self.config, parts)
+            else:
+                top_parts = ()
+            for path, parts in self._walk_parts(top, top_parts):
+                stats["walked"] += 1
+                found = _match(rules, parts)
                 if found is None:
                     continue
                 key = paths.display(os.path.join(self.root, *found.parts))
@@ -435,18 +571,18 @@ class Detector:
                     if stat.S_ISREG(st.st_mode) and _same(known[1], _identity(st)):
                         if known[0] == "published":
                             stats["leftover"] += 1
-                            self.note(path)
+                            self._queue(found)
                         else:
                             stats["known"] += 1
                         continue
-                self.note(os.path.join(self.root, *found.parts))
+                self._queue(found)
                 stats["queued"] += 1
         unseen = tuple(paths.display(folder) + "/" for folder in self.unreadable)
         stats["unreadable"] = len(unseen)
+        under_root = root_shown + "/"
         for stage_path, (status, _ident) in index.items():
             if status in ("staging", "failed") and stage_path not in seen and \
-                    stage_path.startswith(paths.display(self.root) + "/") and \
-                    not stage_path.startswith(unseen):
+                    stage_path.startswith(under_root) and not stage_path.startswith(unseen):
                 self._vanished(stage_path)
         return stats
 
@@ -473,7 +609,7 @@ class Detector:
             parts = paths.relative_components(self.root, os.fsencode(path))
         except paths.UnsafePath:
             return
-        found = match(self.config, parts)
+        found = _match(self._rules(), parts)
         if found is None:
             return
         if found.parts == parts:
@@ -493,15 +629,19 @@ class Detector:
     def process(self, now: float | None = None, limit: int = BATCH) -> list[Outcome]:
         """Check every path whose settle time has come; register what is finished."""
         now = self.clock() if now is None else now
-        ready = [p for p in self.pending.values() if p.check_at <= now][:limit]
+        ready = list(itertools.islice((p for p in self.pending.values() if p.check_at <= now),
+                                      limit))
         if not ready:
             return []
         outcomes: list[Outcome] = []
         candidates: list[tuple[Candidate, Match]] = []
         root_fd = paths.open_root(self.root)
+        # The folders on the way are opened once for all the paths of this call, and closed
+        # with it: a folder renamed before the next call is walked afresh.
+        dirs = paths.DirCache(root_fd)
         try:
             for entry in ready:
-                result = self._check(root_fd, entry, now)
+                result = self._check(root_fd, entry, now, dirs)
                 if isinstance(result, Outcome):
                     self.pending.pop(entry.match.parts, None)
                     outcomes.append(result)
@@ -509,17 +649,22 @@ class Detector:
                     self.pending.pop(entry.match.parts, None)
                     candidates.append((result, entry.match))
         finally:
+            dirs.close()
             os.close(root_fd)
         outcomes.extend(self._register(candidates))
         return outcomes
 
-    def _check(self, root_fd: int, entry: Pending, now: float) -> Outcome | Candidate | None:
+    def _check(self, root_fd: int, entry: Pending, now: float,
+               dirs: paths.DirCache | None = None) -> Outcome | Candidate | None:
+        if dirs is None:
+            with paths.DirCache(root_fd) as own:
+                return self._check(root_fd, entry, now, own)
         m = entry.match
         stage_path = paths.display(os.path.join(self.root, *m.parts))
         data_id = data_id_for(m.rule, m.parts)
         problem = self._name_problem(m.parts)
         try:
-            st = paths.lstat_under(root_fd, m.parts)
+            st = dirs.lstat(m.parts)
         except FileNotFoundError:
             return self._vanished(stage_path) or Outcome("vanished", data_id, m.rule.type,
                                                          stage_path)
@@ -547,7 +692,7 @@ class Detector:
             wanted = "a folder" if want_dir else "a regular file"
             return self._reject(m, data_id, stage_path,
                                 f"is {type_name(st.st_mode)}, not {wanted}", ident)
-        quiet_since = self._quiet_since(root_fd, m, st)
+        quiet_since = self._quiet_since(root_fd, m, st, dirs)
         settle = self.config.settle_seconds
         if now - quiet_since < settle:
             entry.check_at = quiet_since + settle
@@ -557,7 +702,7 @@ class Detector:
             if want_dir:
                 desc = describe_directory(root_fd, m.parts, m.rule, algorithm)
             else:
-                desc = describe_file(root_fd, m.parts, algorithm)
+                desc = describe_file(root_fd, m.parts, algorithm, dirs)
         except Rejected as exc:
             return self._reject(m, data_id, stage_path, str(exc), ident)
         except NotReady:
@@ -581,8 +726,10 @@ class Detector:
                 return f"name {paths.display(part)!s}: {problem}"
         return None
 
-    def _quiet_since(self, root_fd: int, m: Match, st: os.stat_result) -> float:
-        """When the product (with its sidecars) last changed."""
+    def _quiet_since(self, root_fd: int, m: Match, st: os.stat_result,
+                     dirs: paths.DirCache) -> float:
+        """When the product (with its sidecars) last changed. `st` is the product's lstat,
+        taken through `dirs` just before."""
         # ctime, not mtime: see tree_digest_quick().
         newest = st.st_ctime_ns
         if m.rule.kind == "directory":
@@ -596,7 +743,9 @@ class Detector:
             name = os.fsdecode(m.parts[-1])
             for sidecar in sidecar_names(name, m.rule):
                 with contextlib.suppress(OSError, paths.UnsafePath):
-                    sst = paths.lstat_under(root_fd, m.parts[:-1] + (os.fsencode(sidecar),))
+                    # The sidecars' folder is the product's, verified by its lstat just now;
+                    # their ctimes only delay the check.
+                    sst = dirs.lstat(m.parts[:-1] + (os.fsencode(sidecar),), verify=False)
                     newest = max(newest, sst.st_ctime_ns)
         return newest / 1e9
 

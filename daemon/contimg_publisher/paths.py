@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import platform
 import re
@@ -47,6 +48,7 @@ class UnsafePath(Exception):
 _SHORT_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
 _SHORT_UNESCAPES = {"n": b"\n", "t": b"\t", "r": b"\r", "\\": b"\\"}
 _PLAIN = re.compile(r"[ -\[\]-~]*")  # printable ASCII except backslash
+_PRINTABLE_ASCII = re.compile(rb"[ -~]*")
 
 
 def _invisible(ch: str) -> bool:
@@ -171,12 +173,11 @@ def relative_components(root: str | bytes, path: str | bytes) -> tuple[bytes, ..
         raise UnsafePath(path_b, "contains a NUL byte")
     if not os.path.isabs(root_b):
         root_b = os.path.abspath(root_b)
-    root_parts = _normalise_absolute(root_b)
-    shown_root = display(b"/" + b"/".join(root_parts))
+    root_parts = _root_parts(root_b)
     if os.path.isabs(path_b):
         parts = _normalise_absolute(path_b)
         if parts[:len(root_parts)] != root_parts:
-            raise UnsafePath(path_b, f"is not under {shown_root}")
+            raise UnsafePath(path_b, f"is not under {_shown_root(root_parts)}")
         parts = parts[len(root_parts):]
     else:
         parts = []
@@ -185,14 +186,26 @@ def relative_components(root: str | bytes, path: str | bytes) -> tuple[bytes, ..
                 continue
             if part == b"..":
                 if not parts:
-                    raise UnsafePath(path_b, f"climbs out of {shown_root} with '..'")
+                    raise UnsafePath(path_b,
+                                     f"climbs out of {_shown_root(root_parts)} with '..'")
                 parts.pop()
             else:
                 parts.append(part)
     if not parts:
-        raise UnsafePath(path_b, f"is {shown_root} itself, not a path under it")
+        raise UnsafePath(path_b, f"is {_shown_root(root_parts)} itself, not a path under it")
     _check_components(parts)
     return tuple(parts)
+
+
+@functools.lru_cache(maxsize=32)
+def _root_parts(root_b: bytes) -> list[bytes]:
+    """Normalised components of an absolute root; cached because every event and every
+    walked path is taken relative to the same few roots. Callers must not modify the list."""
+    return _normalise_absolute(root_b)
+
+
+def _shown_root(root_parts: list[bytes]) -> str:
+    return display(b"/" + b"/".join(root_parts))
 
 
 def name_problem(component: bytes, max_bytes: int = 240) -> str | None:
@@ -207,14 +220,18 @@ def name_problem(component: bytes, max_bytes: int = 240) -> str | None:
         return f"{component.decode()!r} is not a name"
     if b"/" in component or b"\0" in component:
         return "contains '/' or a NUL byte"
-    try:
-        text = component.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return f"is not valid UTF-8 (byte 0x{component[exc.start]:02x} at offset {exc.start})"
-    bad = next((ch for ch in text if _invisible(ch)), None)
-    if bad is not None:
-        return (f"contains the control or invisible character U+{ord(bad):04X} "
-                "(such as a newline); rename the file")
+    if not _PRINTABLE_ASCII.fullmatch(component):
+        # Printable ASCII is valid UTF-8 without invisible characters; anything else is
+        # looked at character by character.
+        try:
+            text = component.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return (f"is not valid UTF-8 (byte 0x{component[exc.start]:02x} at offset "
+                    f"{exc.start})")
+        bad = next((ch for ch in text if _invisible(ch)), None)
+        if bad is not None:
+            return (f"contains the control or invisible character U+{ord(bad):04X} "
+                    "(such as a newline); rename the file")
     if len(component) > max_bytes:
         return (f"is {len(component)} bytes long; at most {max_bytes} bytes leave room for a "
                 "version suffix under the 255-byte limit")
@@ -301,30 +318,35 @@ def open_file_under(root_fd: int, components: Sequence[bytes],
     if not components:
         raise UnsafePath(b"", "no file name given")
     _check_components(components)
-    shown = b"/".join(components)
     parent = open_dir_under(root_fd, components[:-1])
     try:
-        try:
-            fd = os.open(components[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                         dir_fd=parent)
-        except OSError as exc:
-            # ELOOP: a link; ENXIO: a socket, or a FIFO opened for writing with no reader;
-            # EISDIR: a folder opened for writing.
-            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
-                raise _refusal(parent, components[-1], shown, "a regular file") from None
-            raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafePath(shown, f"is {_kind(st.st_mode)}, not a regular file")
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, _st = _open_file_in(parent, components[-1], b"/".join(components), flags)
         return fd, parent
     except BaseException:
         os.close(parent)
         raise
+
+
+def _open_file_in(parent: int, name: bytes, shown: bytes, flags: int
+                  ) -> tuple[int, os.stat_result]:
+    """Open a regular file `name` in the folder `parent`: (descriptor, its fstat)."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent)
+    except OSError as exc:
+        # ELOOP: a link; ENXIO: a socket, or a FIFO opened for writing with no reader;
+        # EISDIR: a folder opened for writing.
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise _refusal(parent, name, shown, "a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(shown, f"is {_kind(st.st_mode)}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
 
 def lstat_under(root_fd: int, components: Sequence[bytes]) -> os.stat_result:
@@ -337,6 +359,137 @@ def lstat_under(root_fd: int, components: Sequence[bytes]) -> os.stat_result:
         return os.stat(components[-1], dir_fd=parent, follow_symlinks=False)
     finally:
         os.close(parent)
+
+
+class DirCache:
+    """Folder descriptors below one root descriptor, shared by the paths of one pass.
+
+    A pass that checks many files in few folders would otherwise walk every folder on the way
+    to every file again (open and close per component, several times per file). Folders are
+    opened exactly as open_dir_under() opens them (one component at a time, O_NOFOLLOW,
+    relative to the parent's descriptor) and kept with their (st_dev, st_ino). Before a
+    kept descriptor is used again, each name on the way is looked up again (lstat relative
+    to the verified parent) and must still be that very folder; a folder renamed, removed or
+    replaced (by a link, say) is dropped and opened afresh, with the refusals and errors of a
+    fresh walk. The folder held open cannot have its inode reused, so an equal (st_dev,
+    st_ino) is the same folder.
+
+    A descriptor handed out is borrowed: the caller must not close it, and may use it only
+    until its next call to this cache that can open or drop folders (folder(), lstat(),
+    open_file()); close() (or leaving the `with` block) closes them all. Keep one cache to
+    one pass: folders may be renamed between passes.
+    """
+
+    # Bound on folders held open, far below the usual limit of 1024 descriptors.
+    LIMIT = 64
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self._held: dict[tuple[bytes, ...], tuple[int, int, int]] = {}  # fd, st_dev, st_ino
+
+    def __enter__(self) -> DirCache:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        held, self._held = self._held, {}
+        for fd, _dev, _ino in held.values():
+            os.close(fd)
+
+    def _drop(self, key: tuple[bytes, ...]) -> None:
+        """Forget a folder and everything kept below it."""
+        for other in [k for k in self._held if k[:len(key)] == key]:
+            os.close(self._held.pop(other)[0])
+
+    def folder(self, components: Sequence[bytes], *, verify: bool = True) -> int:
+        """Borrowed descriptor of the folder at `components` below the root (the root itself
+        for no components); raises what open_dir_under() raises.
+
+        verify=False skips looking the kept folders up again: only for a caller that
+        verified the same folder with its previous call, moments before.
+        """
+        components = tuple(components)
+        _check_components(components)
+        return self._folder(components, verify)
+
+    def _check(self, components: tuple[bytes, ...]) -> None:
+        """_check_components(), skipping a folder prefix that is held (checked when opened)."""
+        if len(components) > 1 and components[:-1] in self._held:
+            problem = _component_problem(components[-1])
+            if problem is not None:
+                raise UnsafePath(b"/".join(components), problem)
+        else:
+            _check_components(components)
+
+    def _folder(self, components: tuple[bytes, ...], verify: bool) -> int:
+        """folder() for components already checked."""
+        if not verify and (held := self._held.get(components)) is not None:
+            return held[0]
+        if len(self._held) >= self.LIMIT:
+            self.close()
+        fd = self.root_fd
+        for depth, part in enumerate(components):
+            key = components[:depth + 1]
+            held = self._held.get(key)
+            if held is not None:
+                if not verify or _is_folder(fd, part, held[1], held[2]):
+                    fd = held[0]
+                    continue
+                self._drop(key)
+            nxt = _open_dir_at(fd, part, b"/".join(key))
+            try:
+                st = os.fstat(nxt)
+            except BaseException:
+                os.close(nxt)
+                raise
+            self._held[key] = (nxt, st.st_dev, st.st_ino)
+            fd = nxt
+        return fd
+
+    def is_current(self, components: Sequence[bytes], fd: int) -> bool:
+        """Whether `components` still lead, name by name from the root, to the kept folders
+        ending in `fd`; opens and drops nothing."""
+        parent = self.root_fd
+        components = tuple(components)
+        for depth, part in enumerate(components):
+            held = self._held.get(components[:depth + 1])
+            if held is None or not _is_folder(parent, part, held[1], held[2]):
+                return False
+            parent = held[0]
+        return parent == fd
+
+    def lstat(self, components: Sequence[bytes], *, verify: bool = True) -> os.stat_result:
+        """lstat_under(), through the kept folders."""
+        if not components:
+            raise UnsafePath(b"", "no name given")
+        components = tuple(components)
+        self._check(components)
+        parent = self._folder(components[:-1], verify)
+        return os.stat(components[-1], dir_fd=parent, follow_symlinks=False)
+
+    def open_file(self, components: Sequence[bytes], flags: int = os.O_RDONLY
+                  ) -> tuple[int, int, os.stat_result]:
+        """open_file_under() through the kept folders: (file descriptor, borrowed parent
+        descriptor, the fstat that checked the file's type). The caller closes only the
+        file descriptor."""
+        if not components:
+            raise UnsafePath(b"", "no file name given")
+        components = tuple(components)
+        self._check(components)
+        parent = self._folder(components[:-1], True)
+        fd, st = _open_file_in(parent, components[-1], b"/".join(components), flags)
+        return fd, parent, st
+
+
+def _is_folder(parent: int, name: bytes, dev: int, ino: int) -> bool:
+    """Whether `name` in `parent` is, right now, the folder (dev, ino), not a link to it."""
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except OSError:
+        return False
+    return st.st_ino == ino and st.st_dev == dev and stat.S_ISDIR(st.st_mode)
 
 
 # --- changing names ----------------------------------------------------------------------
