@@ -5,10 +5,12 @@
     (open, fstat check, copy with the checksum in the same pass, fsync, verify, no-replace
     rename, durable commit, source removal) against `cp` followed by `sync` of the copy.
     Target: at least 0.8 of cp's throughput.
-(b) Same-filesystem end-to-end publishing of 2,000 small mosaics with one `scan` (detect,
-    validate and hash each FITS, register, hard-link, fsync, durable commit per product,
-    remove the source) against the older pattern: Python sqlite3, one autocommit per row,
-    then shutil.move per file. Target: at least 3x the older pattern's products/s.
+(b) Same-filesystem end-to-end publishing of 2,000 small mosaics with one `scan` process
+    (start-up included: detect, validate and hash each FITS, register, claim, hard-link,
+    fsync the folders, commit durably, remove the sources, in batches that share their
+    commits and fsyncs) against the older pattern: Python sqlite3, one autocommit per row,
+    then shutil.move per file, with no validation and no fsync of the folders. Target: at
+    least 3x the older pattern's products/s.
 
 Mounting needs root; without it (a) is skipped with the reason printed. Run from the
 repository root: `.venv/bin/python bench/bench_publish.py [--only a|b] [--workdir DIR]`.
