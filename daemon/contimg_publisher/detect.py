@@ -287,13 +287,15 @@ def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
     """Check a staged file's content and describe it in one streaming read.
 
     `dirs` shares folder descriptors with the other files of one pass; without it the
-    folders are opened for this file alone.
+    folders are opened for this file alone. The kept folders are not looked up again
+    before the open: after the read, the path must still lead through them to the file
+    that was read, or the file waits for another look.
     """
     if dirs is None:
         with paths.DirCache(root_fd) as own:
             return describe_file(root_fd, parts, algorithm, own)
     try:
-        fd, parent_fd, st = dirs.open_file(parts)
+        fd, parent_fd, st = dirs.open_file(parts, verify=False)
     except paths.UnsafePath as exc:
         raise Rejected(exc.reason) from None
     try:

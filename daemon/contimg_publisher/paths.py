@@ -469,16 +469,16 @@ class DirCache:
         parent = self._folder(components[:-1], verify)
         return os.stat(components[-1], dir_fd=parent, follow_symlinks=False)
 
-    def open_file(self, components: Sequence[bytes], flags: int = os.O_RDONLY
-                  ) -> tuple[int, int, os.stat_result]:
+    def open_file(self, components: Sequence[bytes], flags: int = os.O_RDONLY, *,
+                  verify: bool = True) -> tuple[int, int, os.stat_result]:
         """open_file_under() through the kept folders: (file descriptor, borrowed parent
         descriptor, the fstat that checked the file's type). The caller closes only the
-        file descriptor."""
+        file descriptor. verify=False: as for folder()."""
         if not components:
             raise UnsafePath(b"", "no file name given")
         components = tuple(components)
         self._check(components)
-        parent = self._folder(components[:-1], True)
+        parent = self._folder(components[:-1], verify)
         fd, st = _open_file_in(parent, components[-1], b"/".join(components), flags)
         return fd, parent, st
 

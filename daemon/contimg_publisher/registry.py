@@ -582,14 +582,16 @@ class Registry:
     def _register(self, cur: apsw.Cursor, c: Candidate, now: float) -> tuple[str, Product]:
         row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (c.data_id,))
         if row is None:
-            cur.execute(
+            header = json.dumps(c.metadata, sort_keys=True)
+            row = _one(
+                cur,
                 "INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
                 " created_at, staged_at, metadata_json, header_json, auto_publish_enabled,"
                 " publish_attempts, size_bytes, checksum, stage_path_bytes, stage_dev,"
                 " stage_ino, stage_mtime_ns, stage_ctime_ns, updated_at)"
-                " VALUES (?, ?, ?, 'staging', ?, ?, ?, ?, ?, 1, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (c.data_type, c.data_id, c.base_path, c.stage_path, now, now,
-                 json.dumps(c.metadata, sort_keys=True), json.dumps(c.metadata, sort_keys=True),
+                " VALUES (?, ?, ?, 'staging', ?, ?, ?, ?, ?, 1, 0, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " RETURNING *",
+                (c.data_type, c.data_id, c.base_path, c.stage_path, now, now, header, header,
                  c.identity.size, c.checksum,
                  c.stage_path_bytes, c.identity.dev, c.identity.ino, c.identity.mtime_ns,
                  c.identity.ctime_ns, now))
@@ -611,7 +613,8 @@ class Registry:
             # failures stay in publish_failures.
             fresh = row["checksum"] is not None and row["checksum"] != c.checksum
             header = json.dumps(c.metadata, sort_keys=True)
-            cur.execute(
+            row = _one(
+                cur,
                 "UPDATE data_registry SET status = CASE WHEN status = 'failed' AND NOT ?"
                 "   THEN 'failed' ELSE 'staging' END, size_bytes = ?, checksum = ?,"
                 " metadata_json = CASE WHEN metadata_json IS NULL OR header_json IS NOT NULL"
@@ -623,14 +626,13 @@ class Registry:
                 "   ELSE publish_attempts END,"
                 " publish_error = CASE WHEN status = 'rejected' THEN NULL"
                 "   ELSE publish_error END,"
-                " updated_at = ? WHERE id = ?",
+                " updated_at = ? WHERE id = ? RETURNING *",
                 (fresh, c.identity.size, c.checksum, header, header, c.stage_path_bytes,
                  c.identity.dev, c.identity.ino, c.identity.mtime_ns,
                  c.identity.ctime_ns, fresh, now, fresh, now, row["id"]))
             outcome = "updated"
-        product = _product(_one(cur, "SELECT * FROM data_registry WHERE data_id = ?",
-                                (c.data_id,)))
-        return outcome, product
+        assert row is not None
+        return outcome, _product(row)
 
     def reject(self, data_id: str, data_type: str, base_path: str, stage_path: str,
                stage_path_bytes: bytes, reason: str, identity: Identity | None,
