@@ -73,7 +73,7 @@ def bench_latency(root: Path, count: int, rate: float, settle: float) -> dict[st
     notify = NotifySocket(root / "notify.sock")
     data = fits_bytes(pixels=128, seed=1)
     closed: dict[bytes, float] = {}
-    proc = start_daemon(sandbox, notify)
+    proc = start_daemon(sandbox, notify.path)
     try:
         wait_ready(notify, 60)
         folder = sandbox.mosaics / "latency"
@@ -160,7 +160,7 @@ def bench_startup(root: Path, count: int) -> dict[str, float]:
     assert int(out.stdout) == count, out.stdout
     notify = NotifySocket(root / "notify.sock")
     t0 = time.monotonic()
-    proc = start_daemon(sandbox, notify)
+    proc = start_daemon(sandbox, notify.path)
     try:
         ready = wait_ready(notify, 300) - t0
         hwm = vm_hwm_mb(proc.pid)
@@ -177,7 +177,7 @@ def bench_idle(root: Path, count: int, seconds: float) -> dict[str, float]:
     sandbox = new_sandbox(root, 2.0)
     stage_registered(sandbox, count, hold=True)
     notify = NotifySocket(root / "notify.sock")
-    proc = start_daemon(sandbox, notify)
+    proc = start_daemon(sandbox, notify.path)
     try:
         wait_ready(notify, 300)
         time.sleep(2.0)   # let start-up work finish
