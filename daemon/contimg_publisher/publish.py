@@ -15,6 +15,11 @@ The protocol, each step recoverable from what is on disk plus the row:
   6. only then remove the source, if the name still leads to the same file.
 A failure removes the temporary file, leaves the source alone and is recorded
 with its kind; `reconcile` resolves publishes that a crash interrupted.
+
+Several claimed products can go through the protocol together (`publish_many`):
+each still takes every step in order, but the durable ones are shared (one commit
+for all the plans of step 3, one fsync per destination folder, one commit for all
+of step 5, one fsync per staging folder after step 6).
 """
 
 from __future__ import annotations
