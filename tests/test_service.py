@@ -150,6 +150,26 @@ def test_reload_with_broken_config_keeps_running(tmp_path, notify):
         assert stop(proc) == 0
 
 
+def test_unreachable_notify_socket_is_logged_once_and_publishing_goes_on(tmp_path):
+    """NOTIFY_SOCKET names a socket nobody listens on: the daemon says so once, and still
+    publishes and stops cleanly."""
+    sandbox = Sandbox(tmp_path)
+    proc = start_daemon(sandbox, tmp_path / "nobody-listens.sock", watchdog_usec=2_000_000)
+    try:
+        write_fits(sandbox.mosaics / "published_anyway.fits")
+        wait_for(lambda: (sandbox.products / "mosaics/published_anyway.fits").exists(),
+                 what="a publish with systemd unreachable")
+        time.sleep(2.5)  # watchdog pings (every second) fail too
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0
+    failed = [e for e in log_events(sandbox) if e.get("event") == "notify_failed"]
+    assert len(failed) == 1, failed
+    assert failed[0]["notify_socket"] == str(tmp_path / "nobody-listens.sock")
+    assert failed[0]["sent"].startswith("STATUS=")
+    assert "notify socket" in failed[0]["error"]
+
+
 def test_reload_applies_new_rules_with_same_pid(tmp_path, notify):
     sandbox = Sandbox(tmp_path)
     proc = start_daemon(sandbox, notify.path)
