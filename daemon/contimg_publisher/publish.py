@@ -369,6 +369,7 @@ class Publisher:
                         self.registry.requeue(left.product.data_id, self.owner)
                         left.result.status = "requeued"
                         left.result.error = "stopped before the publish finished"
+                        left.finish()
                     break
             placed = self._sync_destinations(placed, folders)
             if any(not job.identical for job in placed):
