@@ -21,6 +21,7 @@ from contimg_publisher.registry import (
     SCHEMA_VERSION,
     Candidate,
     Identity,
+    Published,
     Registry,
     RegistryBusy,
     RegistryError,
@@ -709,3 +710,34 @@ def test_counts_agree_with_a_plain_group_by_for_any_status_value(tmp_path):
 
 def test_counts_of_an_empty_registry_are_zero(reg):
     assert reg.counts() == dict.fromkeys(ALL_STATUSES, 0)
+
+
+def test_claim_stops_a_batch_at_max_bytes_but_always_takes_one(reg):
+    """Sizes are 2880 * (n + 1): 5760, 8640, 11520, ... in claim order."""
+    reg.register_many([candidate(n) for n in range(1, 6)])
+    got = reg.claim("me", 60, limit=10, max_bytes=5760 + 8640)
+    assert [r.data_id for r in got] == ["m_000001", "m_000002"]
+    assert all(r.status == "publishing" and r.lease_owner == "me" for r in got)
+    got = reg.claim("me", 60, limit=10, max_bytes=1)  # larger than the bound: taken alone
+    assert [r.data_id for r in got] == ["m_000003"]
+    got = reg.claim("me", 60, limit=10)
+    assert [r.data_id for r in got] == ["m_000004", "m_000005"]
+
+
+def test_publishes_recorded_together_skip_a_row_whose_claim_was_lost(reg):
+    """mark_published_many in one commit: a row another owner holds is left as it is,
+    the others are published, and a supersedes link is recorded."""
+    reg.register_many([candidate(n) for n in range(1, 4)])
+    reg.claim("me", 60, limit=2)
+    reg.claim("other", 60, limit=1)
+    done = reg.mark_published_many("me", [
+        Published("m_000001", "/p/m1.fits", "auto", ("m1.png",)),
+        Published("m_000002", "/p/m2.fits", "auto", (), supersedes="m_000001"),
+        Published("m_000003", "/p/m3.fits", "auto")])
+    assert done == {"m_000001", "m_000002"}
+    assert [reg.get(f"m_00000{n}").status for n in (1, 2, 3)] == [
+        "published", "published", "publishing"]
+    assert reg.get("m_000001").sidecars == ["m1.png"]
+    assert reg.relationships("m_000002") == [
+        {"parent": "m_000002", "child": "m_000001", "type": "supersedes"}]
+    assert reg.set_publish_plans("me", [("m_000003", "/p/m3.fits", None)]) == set()
