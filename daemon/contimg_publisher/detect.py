@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import functools
 import hashlib
 import itertools
 import os
@@ -81,7 +82,10 @@ class _Rule:
             cut = stars[0] if stars else len(self._compiled)
             self._head = tuple(m for m in self._compiled[:cut] if m is not None)
             self._tail = tuple(m for m in self._compiled[cut + 1:] if m is not None)
-        self._suffix: str | None = None   # the literal suffix of '*.fits', found on first use
+        last = self.pattern[-1] if self.pattern else ""
+        # The literal suffix of a last component like '*.fits'; "" when it has no such form.
+        self._suffix = last[1:] if last.startswith("*") and not any(
+            ch in last[1:] for ch in "*?[") else ""
         self.sidecars: list[tuple[str, str]] = []
         for pattern in rule.sidecars:
             for key in ("stem", "name"):
@@ -116,29 +120,16 @@ class _Rule:
     def stem(self, name: str) -> str:
         """stem_of() for this rule."""
         suffix = self._suffix
-        if suffix is None:
-            last = self.pattern[-1]
-            suffix = self._suffix = last[1:] if last.startswith("*") and not any(
-                ch in last[1:] for ch in "*?[") else ""
         if suffix and name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
         root, _ext = os.path.splitext(name)
         return root if root else name
 
 
-# Parsed rules by id(rule); the rule is kept alongside, so its id cannot be reused meanwhile.
-_RULES: dict[int, tuple[ProductRule, _Rule]] = {}
-
-
+@functools.lru_cache(maxsize=256)
 def _rule(rule: ProductRule) -> _Rule:
-    """The parsed form of a rule, kept while the rule object lives in the cache."""
-    held = _RULES.get(id(rule))
-    if held is not None and held[0] is rule:
-        return held[1]
-    if len(_RULES) >= 256:
-        _RULES.clear()
-    parsed = _RULES[id(rule)] = (rule, _Rule(rule))
-    return parsed[1]
+    """The parsed form of a rule (rules are frozen, so equal rules parse alike)."""
+    return _Rule(rule)
 
 
 class _Compiled:
