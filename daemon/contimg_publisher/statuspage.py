@@ -220,21 +220,15 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
             [[_e(p.data_id), _e(p.data_type), _e(p.lease_owner), _path(p.stage_path)]
              for p in health.publishing], ""))
 
-    parts.append("<h2>Failed</h2>")
-    parts.append(_table(
-        ["product", "type", "attempts", "error", "staged path"],
-        [[_e(p.data_id), _e(p.data_type), _e(p.publish_attempts), _e(p.publish_error),
-          _path(p.stage_path)] for p in health.failed],
-        "no failed products", numeric={2}))
-    parts.append(_more(len(health.failed), health.counts.get("failed", 0)))
-
-    parts.append("<h2>Rejected</h2>")
-    parts.append(_table(
-        ["product", "type", "attempts", "reason", "staged path"],
-        [[_e(p.data_id), _e(p.data_type), _e(p.publish_attempts), _e(p.publish_error),
-          _path(p.stage_path)] for p in health.rejected],
-        "no rejected products", numeric={2}))
-    parts.append(_more(len(health.rejected), health.counts.get("rejected", 0)))
+    for status, rows, why in (("failed", health.failed, "error"),
+                              ("rejected", health.rejected, "reason")):
+        parts.append(f"<h2>{status.capitalize()}</h2>")
+        parts.append(_table(
+            ["product", "type", "attempts", why, "staged path"],
+            [[_e(p.data_id), _e(p.data_type), _e(p.publish_attempts), _e(p.publish_error),
+              _path(p.stage_path)] for p in rows],
+            f"no {status} products", numeric={2}))
+        parts.append(_more(len(rows), health.counts.get(status, 0)))
 
     parts.append("<h2>Last publishes</h2>")
     parts.append(_table(
