@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import hashlib
 import io
+import json
 import os
 import shutil
 import sqlite3
@@ -265,8 +266,43 @@ def legacy_publish(files: list[Path], stage_base: Path, dest_base: Path, db_path
     db.close()
 
 
-def bench_small(workdir: Path, count: int, repeat: int) -> list[tuple[str, str, str]]:
-    """(b): rows of (what, figure, ratio) for the table."""
+PHASES_CHILD = """
+import json, sys, time
+t0 = time.monotonic()
+from contimg_publisher import cli, detect, service  # noqa: F401 (service: its imports)
+imports = time.monotonic() - t0
+describe = 0.0
+plain = detect.describe_file
+def timed(*args, **kwargs):
+    global describe
+    t = time.monotonic()
+    try:
+        return plain(*args, **kwargs)
+    finally:
+        describe += time.monotonic() - t
+detect.describe_file = timed
+t1 = time.monotonic()
+code = cli.main(["--config", sys.argv[1], "scan"])
+scan = time.monotonic() - t1
+print(json.dumps({"imports": imports, "scan": scan, "describe": describe}), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def scan_with_phases(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """What `scan` does, in a fresh interpreter that times its imports, the pass, and the time
+    spent in detect.describe_file (reading, validating and hashing each file: the one part
+    that could run in other processes). Its last line of stderr is the times, as JSON."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    env["PYTHONPATH"] = str(REPO / "daemon")
+    return subprocess.run([sys.executable, "-c", PHASES_CHILD, str(config_path)],
+                          capture_output=True, text=True, env=env, cwd=REPO, check=False)
+
+
+def bench_small(workdir: Path, count: int, repeat: int, phases: bool = False
+                ) -> list[tuple[str, str, str]]:
+    """(b): rows of (what, figure, ratio) for the table. With `phases`, `scan` also reports
+    where its time went (see scan_with_phases)."""
     scratch = Path(tempfile.mkdtemp(prefix="bench-small-", dir=workdir))
     legacy_rates, scan_rates = [], []
     try:
@@ -285,7 +321,8 @@ def bench_small(workdir: Path, count: int, repeat: int) -> list[tuple[str, str, 
                           log={"level": "info"})
             stage_small(box.mosaics, count)
             t0 = time.monotonic()
-            out = cli(box.config_path, "scan")
+            out = (scan_with_phases(box.config_path) if phases
+                   else cli(box.config_path, "scan"))
             scan_s = time.monotonic() - t0
             assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
             assert f"{count} published" in out.stdout, out.stdout[-500:]
@@ -295,6 +332,13 @@ def bench_small(workdir: Path, count: int, repeat: int) -> list[tuple[str, str, 
             scan_rates.append(count / scan_s)
             print(f"(b) run {n + 1}: legacy {legacy_s:.2f} s ({count / legacy_s:,.0f}/s), "
                   f"scan {scan_s:.2f} s ({count / scan_s:,.0f}/s)")
+            if phases:
+                times = json.loads(out.stderr.strip().splitlines()[-1])
+                serial = scan_s - times["describe"]
+                print(f"    phases: imports {times['imports']:.2f} s, scan command "
+                      f"{times['scan']:.2f} s, of which reading, validating and hashing "
+                      f"{times['describe']:.2f} s; everything else {serial:.2f} s against "
+                      f"{legacy_s / 3:.2f} s for 3x the legacy pattern")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     paired = median([s / legacy for s, legacy in zip(scan_rates, legacy_rates, strict=True)])
@@ -312,6 +356,8 @@ def main() -> int:
     parser.add_argument("--targets", default="tmpfs,ext4",
                         help="products filesystems for (a): tmpfs, ext4 (loop image)")
     parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--phases", action="store_true",
+                        help="(b): also say where scan's time went, in-process")
     parser.add_argument("--repeat", type=int, default=3,
                         help="paired runs of each (baseline, then ours); medians are shown, "
                              "the ratio is the median of the per-run ratios")
@@ -320,7 +366,7 @@ def main() -> int:
     if args.only in (None, "a"):
         rows += bench_big(args.workdir, args.targets.split(","), args.repeat)
     if args.only in (None, "b"):
-        rows += bench_small(args.workdir, args.count, args.repeat)
+        rows += bench_small(args.workdir, args.count, args.repeat, args.phases)
     print()
     print(f"Medians of {args.repeat} paired runs; ratio: median of the per-run ratios.\n")
     print("| Benchmark | Throughput | Ratio to baseline |")
