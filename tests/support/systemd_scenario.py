@@ -60,9 +60,20 @@ def main() -> int:
         run(seen)
     except Exception as exc:  # the outer test shows what was seen before the failure
         seen["error"] = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, subprocess.CalledProcessError):
+            seen["error_stderr"] = exc.stderr
+        seen["leader_comm"] = _comm(CT)
         seen["unit_log"] = [e.get("MESSAGE") for e in journal()][-40:]
     Path(sys.argv[1]).write_text(json.dumps(seen, indent=1, default=str))
     return 0
+
+
+def _comm(pid: str) -> str:
+    """The leader's command name, to tell a container that went away from one that hung."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError as exc:
+        return f"(gone: {exc.strerror})"
 
 
 def run(seen: dict[str, object]) -> None:
