@@ -50,12 +50,17 @@ GIB = 1 << 30
 PIXELS_1GIB = 16384  # 16384 x 16384 float32 = exactly 1 GiB of data
 
 
-def cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def child_env() -> dict[str, str]:
+    """The environment for a command run from this checkout, outside any systemd unit."""
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
     env["PYTHONPATH"] = str(REPO / "daemon")
+    return env
+
+
+def cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "contimg_publisher", "--config",
-                           str(config_path), *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, check=False)
+                           str(config_path), *args], capture_output=True, text=True,
+                          env=child_env(), cwd=REPO, check=False)
 
 
 def register(config_path: Path) -> list[str]:
@@ -293,10 +298,9 @@ def scan_with_phases(config_path: Path) -> subprocess.CompletedProcess[str]:
     """What `scan` does, in a fresh interpreter that times its imports, the pass, and the time
     spent in detect.describe_file (reading, validating and hashing each file: the one part
     that could run in other processes). Its last line of stderr is the times, as JSON."""
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-    env["PYTHONPATH"] = str(REPO / "daemon")
     return subprocess.run([sys.executable, "-c", PHASES_CHILD, str(config_path)],
-                          capture_output=True, text=True, env=env, cwd=REPO, check=False)
+                          capture_output=True, text=True, env=child_env(), cwd=REPO,
+                          check=False)
 
 
 def bench_small(workdir: Path, count: int, repeat: int, phases: bool = False
@@ -357,7 +361,7 @@ def main() -> int:
                         help="products filesystems for (a): tmpfs, ext4 (loop image)")
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--phases", action="store_true",
-                        help="(b): also say where scan's time went, in-process")
+                        help="(b): also say where scan's time went, timed inside its process")
     parser.add_argument("--repeat", type=int, default=3,
                         help="paired runs of each (baseline, then ours); medians are shown, "
                              "the ratio is the median of the per-run ratios")
