@@ -16,6 +16,7 @@ import json
 import os
 import random
 import socket
+import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +27,6 @@ import apsw
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 SCHEMA_VERSION = 3
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 STATUSES = ("staging", "publishing", "published", "failed", "rejected")
 FAILURE_KINDS = ("no_space", "permission", "source_changed", "source_missing",
@@ -271,19 +271,26 @@ def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float = 
     return min(maximum, max(0.0, base * (1.0 + spread)))
 
 
-def _check_file(path: str) -> None:
-    """Refuse a file that is not SQLite before SQLite touches it."""
+def _check_path(path: str) -> None:
+    """Refuse what cannot be a registry file, by its metadata alone.
+
+    The file is never opened outside SQLite: closing any descriptor of a file drops every
+    POSIX lock this process holds on it, SQLite's included, and another process's
+    connection would then take the database for unused and delete the WAL under ours.
+    SQLite itself refuses a file that is not a database (NotADBError) before writing to it.
+    """
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(len(SQLITE_MAGIC))
+        st = os.stat(path)
     except FileNotFoundError:
         return
-    except IsADirectoryError:
-        raise RegistryError(f"registry {path}: is a directory, not an SQLite file") from None
-    except PermissionError as exc:
-        raise RegistryError(f"registry {path}: cannot read it ({exc.strerror})") from None
-    if head and head != SQLITE_MAGIC:
-        raise RegistryError(f"registry {path}: not an SQLite database (left untouched)")
+    except OSError as exc:
+        raise RegistryError(f"registry {path}: cannot reach it ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise RegistryError(f"registry {path}: is a directory, not an SQLite file")
+    if not stat.S_ISREG(st.st_mode):
+        raise RegistryError(f"registry {path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise RegistryError(f"registry {path}: cannot read it (permission denied)")
 
 
 class Registry:
@@ -293,7 +300,7 @@ class Registry:
                  migrate: bool = True, create: bool = True) -> None:
         self.path = os.fspath(path)
         self.busy_timeout_seconds = busy_timeout_seconds
-        _check_file(self.path)
+        _check_path(self.path)
         if not create and not os.path.exists(self.path):
             raise RegistryError(f"registry {self.path}: no such file")
         parent = os.path.dirname(os.path.abspath(self.path))
