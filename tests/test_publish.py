@@ -114,7 +114,7 @@ def tmpfs_products(tmp_path: Path) -> Iterator[Path]:
 SAME_FS_POINTS = [p for p in CRASH_POINTS if p != "after_temp_write"]  # no temp file there
 
 
-def _crash_and_recover(sandbox: Sandbox, point: str) -> None:
+def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
     expected = {f"n1/m{i}.fits": stage(sandbox, f"n1/m{i}.fits", seed=i) for i in range(3)}
     for i in range(3):  # each with a preview sidecar, which must travel with it
         expected[f"n1/m{i}.png"] = b"\x89PNG preview %d" % i
@@ -126,29 +126,46 @@ def _crash_and_recover(sandbox: Sandbox, point: str) -> None:
     rows = {r["data_id"]: r["status"] for r in sandbox.registry_rows()}
     names = [f"n1/m{i}" for i in range(3)]
     assert sorted(rows) == names
-    for name in names:  # every source is still there, whole
-        assert (sandbox.mosaics / f"{name}.fits").read_bytes() == expected[f"{name}.fits"]
     finals = {name: sandbox.products / "mosaics" / f"{name}.fits" for name in names}
+    previews = {name: finals[name].parent / f"{finals[name].stem}.png" for name in names}
     left = temps(sandbox.products)
-    if point == "after_temp_write":
-        # Killed during the first copy: only that product's sidecar and temp file exist.
+    # Every file is whole at exactly one of its two names (a rename moves, a copy leaves
+    # the staged one until after the commit).
+    for rel, data in expected.items():
+        staged, final = sandbox.mosaics / rel, sandbox.products / "mosaics" / rel
+        there = [p for p in (staged, final) if p.exists()]
+        assert there and all(p.read_bytes() == data for p in there), (rel, there)
+        assert len(there) == 1 or not same_fs, f"{rel} at both names after a rename"
+    if point in ("after_sidecars", "after_temp_write"):
+        # Killed during the first product: only its sidecar (and across filesystems its
+        # temporary copy) reached the products area.
         assert set(rows.values()) == {"publishing"}
         assert not any(f.exists() for f in finals.values())
-        [victim] = [n for n in names if (finals[n].parent / f"{finals[n].stem}.png").exists()]
-        assert [p.read_bytes() for p in left] == [expected[f"{victim}.fits"]]
+        [victim] = [n for n in names if previews[n].exists()]
+        if point == "after_temp_write":
+            assert [p.read_bytes() for p in left] == [expected[f"{victim}.fits"]]
+        else:
+            assert left == []
+        for name in names:
+            assert (sandbox.mosaics / f"{name}.fits").exists()
+            assert (sandbox.mosaics / f"{name}.png").exists() == (
+                not same_fs or name != victim)
     else:
         assert left == []
         assert set(rows.values()) == {"publishing" if point == "after_rename" else "published"}
         for name in names:
             assert finals[name].read_bytes() == expected[f"{name}.fits"]
-            assert (finals[name].parent / f"{finals[name].stem}.png").read_bytes() == \
-                expected[f"{name}.png"]
+            assert previews[name].read_bytes() == expected[f"{name}.png"]
+            assert (sandbox.mosaics / f"{name}.fits").exists() != same_fs
     recovered = sandbox.cli("scan")
     assert recovered.returncode == 0, (recovered.stdout, recovered.stderr)
     assert_published_once(sandbox, expected)
     kinds = {k for i in range(3) for k in history_kinds(sandbox, f"n1/m{i}")}
     assert kinds <= {"interrupted"}, kinds
     assert all(r["publish_attempts"] == 0 for r in sandbox.registry_rows())
+    if same_fs:  # the archive holds the staged inodes themselves, each with one name
+        assert all(p.stat().st_nlink == 1 for p in (sandbox.products / "mosaics").rglob("*")
+                   if p.is_file())
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
@@ -156,13 +173,13 @@ def test_crash_point_across_filesystems_recovers(tmp_path: Path, tmpfs_products:
                                                  point: str) -> None:
     """The process dies at each step of a copy onto another filesystem; the next pass
     reaches the same end state as an uninterrupted publish."""
-    _crash_and_recover(Sandbox(tmp_path, products_root=tmpfs_products), point)
+    _crash_and_recover(Sandbox(tmp_path, products_root=tmpfs_products), point, same_fs=False)
 
 
 @pytest.mark.parametrize("point", SAME_FS_POINTS)
 def test_crash_point_same_filesystem_recovers(tmp_path: Path, point: str) -> None:
-    """The same on one filesystem, where the publish is a hard link, not a copy."""
-    _crash_and_recover(Sandbox(tmp_path), point)
+    """The same on one filesystem, where the publish is a rename of the staged inode."""
+    _crash_and_recover(Sandbox(tmp_path), point, same_fs=True)
 
 
 # --- full disk --------------------------------------------------------------------------------

@@ -740,4 +740,4 @@ def test_publishes_recorded_together_skip_a_row_whose_claim_was_lost(reg):
     assert reg.get("m_000001").sidecars == ["m1.png"]
     assert reg.relationships("m_000002") == [
         {"parent": "m_000002", "child": "m_000001", "type": "supersedes"}]
-    assert reg.set_publish_plans("me", [("m_000003", "/p/m3.fits", None)]) == set()
+    assert reg.set_publish_plans("me", [("m_000003", "/p/m3.fits", None, [])]) == set()

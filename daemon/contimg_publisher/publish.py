@@ -7,12 +7,18 @@ The protocol, each step recoverable from what is on disk plus the row:
   2. choose the final name: never an existing one, unless it already holds the
      same bytes (then the publish is idempotent); otherwise `<stem>.vN<suffix>`;
   3. record the final and temporary names in the row (reconciliation reads them);
-  4. same filesystem: hard link (files) or no-replace rename (folders);
+  4. same filesystem: a no-replace rename (renameat2 RENAME_NOREPLACE) of the
+     staged inode, which then belongs to the archive alone: nothing is ever linked,
+     so no name in the staging area (or outside it) shares an inode with a product;
+     a staged file with other hard links, or a folder holding one, is copied instead;
      across filesystems: copy into a temporary name created O_EXCL in the
      destination folder, hashing in the same pass, fsync, verify size and
-     checksum against the registry, rename without replacing, fsync the folder;
+     checksum against the registry, rename without replacing; then fsync the
+     destination folder (and, after a rename, the staging folder);
   5. commit `published` durably (synchronous=FULL);
-  6. only then remove the source, if the name still leads to the same file.
+  6. only then remove the source of a copy, file or folder, if the name still leads
+     to what was published (a folder: the same bytes, hashed again).
+Only the archive's own new inodes are ever chmod-ed.
 A failure removes the temporary file, leaves the source alone and is recorded
 with its kind; `reconcile` resolves publishes that a crash interrupted.
 
@@ -47,7 +53,8 @@ CHUNK = 8 << 20
 # Test-only fault injection: the process kills itself at the named step. Read nowhere else.
 CRASH_ENV = "CONTIMG_PUBLISHER_TEST_CRASH_AT"
 DELAY_ENV = "CONTIMG_PUBLISHER_TEST_COPY_DELAY"  # seconds per chunk, tests only
-CRASH_POINTS = ("after_temp_write", "after_rename", "after_commit", "before_source_removal")
+CRASH_POINTS = ("after_sidecars", "after_temp_write", "after_rename", "after_commit",
+                "before_source_removal")
 
 
 class PublishFailure(Exception):
@@ -227,7 +234,7 @@ def _exists(dir_fd: int, name: bytes) -> bool:
 class _Source:
     name: bytes
     dest_name: bytes = b""
-    fd: int = -1
+    placed: bool = False    # already at dest_name: an interrupted attempt moved it there
 
 
 @dataclass
@@ -249,7 +256,7 @@ class _Job:
     sidecars: list[_Source] = field(default_factory=list)
     final: bytes = b""
     identical: bool = False
-    same_fs: bool = False
+    same_fs: bool = False             # published by a rename of the staged inode
     temp: bytes | None = None
     temp_shown: str | None = None
 
@@ -354,7 +361,8 @@ class Publisher:
         try:
             ready = [job for job in jobs if self._attempt(job, folders, self._prepare)]
             planned = self.registry.set_publish_plans(self.owner, [
-                (job.product.data_id, job.result.published_path or "", job.temp_shown)
+                (job.product.data_id, job.result.published_path or "", job.temp_shown,
+                 [os.fsdecode(s.dest_name) for s in job.sidecars])
                 for job in ready if not job.identical])
             placed: list[_Job] = []
             for index, job in enumerate(ready):
@@ -468,9 +476,19 @@ class Publisher:
                        existing=previous,
                        reason="a different product already has this name; "
                               f"publishing as version {version}")
+        job.sidecars += _already_placed(job.dest_fd, job.src_parent, parts[-1], final, rule,
+                                        product, job.sidecars)
         if job.identical:
             return
         job.same_fs = folders.same_filesystem(parts[:-1], folder)
+        if job.same_fs and _linked_elsewhere(job.src_fd, st, rule.kind):
+            job.same_fs = False
+            self._warn("hard_linked_source", data_id=product.data_id,
+                       data_type=product.data_type, stage_path=product.stage_path,
+                       links=st.st_nlink,
+                       reason="the staged file (or a file in the folder) has other hard "
+                              "links; it is copied, so the archive gets its own inode and "
+                              "the other names are left as they are")
         if not job.same_fs:
             job.temp = paths.temp_name(final, f"{product.id}-{uuid.uuid4().hex[:8]}")
             job.temp_shown = paths.display(_full(folders.products_root, folder, job.temp))
@@ -483,8 +501,7 @@ class Publisher:
             result.how = "identical"
             return
         if job.same_fs:
-            result.how = self._move_same_fs(job.src_parent, job.src_fd, job.parts[-1],
-                                            job.dest_fd, job.final, rule, job.sidecars)
+            result.how = self._move_same_fs(job, rule)
             return
         assert job.temp is not None
         result.how = "copy"
@@ -508,6 +525,14 @@ class Publisher:
                 paths.fsync_dir(folders.destination(folder))
             except OSError as exc:
                 failed[folder] = exc
+        # A rename took a name from a staging folder too; made durable before the commit,
+        # so after a power cut the product is at one of its two names, never at both.
+        for job in placed:
+            if job.same_fs and job.folder not in failed:
+                try:
+                    paths.fsync_dir(job.src_parent)
+                except OSError as exc:
+                    failed[job.folder] = exc
         kept = []
         for job in placed:
             exc = failed.get(job.folder) if not job.identical else None
@@ -538,7 +563,8 @@ class Publisher:
             assert job.rule is not None and job.ident is not None
             try:
                 if self._remove_source(job.src_parent, job.parts[-1], job.ident, job.rule,
-                                       job.sidecars, job.dest_fd, sync=False):
+                                       job.sidecars, job.dest_fd, job.product.checksum,
+                                       sync=False):
                     touched[job.parts[:-1]] = job.src_parent
             except OSError as exc:
                 self._warn("source_not_removed", data_id=job.product.data_id,
@@ -595,21 +621,47 @@ class Publisher:
                 return candidate, version, True
         raise PublishFailure("other", f"{paths.display(name)}: 10,000 versions already exist")
 
-    def _move_same_fs(self, src_parent: int, src_fd: int, name: bytes, dest_fd: int,
-                      final: bytes, rule: ProductRule, sidecars: list[_Source]) -> str:
+    def _move_same_fs(self, job: _Job, rule: ProductRule) -> str:
+        """Rename the staged inodes into the archive, sidecars first so that a product never
+        appears without them; each is checked after its rename to be the inode that was
+        opened, and only then chmod-ed (it has no other name by then)."""
         cfg = self.config
-        for sc in sidecars:
-            with contextlib.suppress(FileExistsError):
-                paths.link_noreplace(src_parent, sc.name, dest_fd, sc.dest_name)
-            _chmod_at(dest_fd, sc.dest_name, cfg.file_mode)
+        name = job.parts[-1]
+        for sc in job.sidecars:
+            if not sc.placed:
+                self._move_sidecar(job, sc)
+        _crash_point("after_sidecars")
+        _rename_checked(job.src_parent, name, job.src_fd, job.dest_fd, job.final,
+                        job.product.stage_path)
         if rule.kind == "directory":
-            paths.rename_noreplace(src_parent, name, dest_fd, final)
-            paths.fsync_dir(src_parent)
-            _chmod_tree(dest_fd, final, cfg.file_mode, cfg.dir_mode)
+            _chmod_tree(job.dest_fd, job.final, cfg.file_mode, cfg.dir_mode)
             return "rename"
-        paths.link_noreplace(src_parent, name, dest_fd, final)
-        os.fchmod(src_fd, cfg.file_mode)
-        return "link"
+        os.fchmod(job.src_fd, cfg.file_mode)
+        return "rename"
+
+    def _move_sidecar(self, job: _Job, sc: _Source) -> None:
+        """One sidecar on one filesystem: renamed when it has no other name, else copied."""
+        fd = os.open(sc.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     dir_fd=job.src_parent)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PublishFailure("source_changed", f"sidecar {paths.display(sc.name)}: "
+                                     "is no longer a regular file")
+            if st.st_nlink != 1:
+                self._copy_sidecar(job, sc, fd, "sha256", None)
+                return
+            try:
+                _rename_checked(job.src_parent, sc.name, fd, job.dest_fd, sc.dest_name,
+                                paths.display(sc.name))
+            except FileExistsError:
+                # The same bytes are there already (_choose_name made sure); the staged
+                # copy goes with the source.
+                return
+            os.fchmod(fd, self.config.file_mode)
+            sc.placed = True
+        finally:
+            os.close(fd)
 
     def _copy(self, src_fd: int, src_parent: int, name: bytes, dest_fd: int, temp: bytes,
               final: bytes, rule: ProductRule, product: Product, sidecars: list[_Source],
@@ -623,23 +675,14 @@ class Publisher:
         # Sidecars first, each to its final name, so the product's own rename is the last
         # step: a product never appears without its sidecars.
         for sc in sidecars:
-            sc_temp = paths.temp_name(sc.dest_name, f"{product.id}-{uuid.uuid4().hex[:8]}")
-            temps.append(sc_temp)
+            if sc.placed:
+                continue
             fd = os.open(sc.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_parent)
             try:
-                self._copy_file(fd, dest_fd, sc_temp, algorithm, cancel, renew)
+                self._copy_sidecar_to(fd, dest_fd, sc, product, algorithm, temps, cancel, renew)
             finally:
                 os.close(fd)
-            try:
-                paths.rename_noreplace(dest_fd, sc_temp, dest_fd, sc.dest_name)
-            except FileExistsError:
-                # Left by an interrupted attempt of this same product: keep the copy that
-                # is already there when it holds the same bytes.
-                if not _files_equal(dest_fd, sc_temp, sc.dest_name, algorithm):
-                    raise PublishFailure("other", f"sidecar {paths.display(sc.dest_name)} "
-                                         "exists with other content") from None
-                paths.remove_tree_under(dest_fd, sc_temp)
-            temps.remove(sc_temp)
+        _crash_point("after_sidecars")
 
         if rule.kind == "directory":
             size = self._copy_tree(src_fd, dest_fd, temp, cancel, renew)
@@ -668,6 +711,35 @@ class Publisher:
                                  f"{product.checksum}")
         paths.rename_noreplace(dest_fd, temp, dest_fd, final)
         return size
+
+    def _copy_sidecar(self, job: _Job, sc: _Source, fd: int, algorithm: str,
+                      cancel: threading.Event | None) -> None:
+        temps: list[bytes] = []
+        try:
+            self._copy_sidecar_to(fd, job.dest_fd, sc, job.product, algorithm, temps, cancel,
+                                  lambda: None)
+        finally:
+            for temp in temps:
+                with contextlib.suppress(OSError):
+                    paths.remove_tree_under(job.dest_fd, temp)
+
+    def _copy_sidecar_to(self, fd: int, dest_fd: int, sc: _Source, product: Product,
+                         algorithm: str, temps: list[bytes], cancel: threading.Event | None,
+                         tick: Callable[[], None]) -> None:
+        """A sidecar through a temporary name to its final name, never replacing one."""
+        sc_temp = paths.temp_name(sc.dest_name, f"{product.id}-{uuid.uuid4().hex[:8]}")
+        temps.append(sc_temp)
+        self._copy_file(fd, dest_fd, sc_temp, algorithm, cancel, tick)
+        try:
+            paths.rename_noreplace(dest_fd, sc_temp, dest_fd, sc.dest_name)
+        except FileExistsError:
+            # Left by an interrupted attempt of this same product: keep the copy that
+            # is already there when it holds the same bytes.
+            if not _files_equal(dest_fd, sc_temp, sc.dest_name, algorithm):
+                raise PublishFailure("other", f"sidecar {paths.display(sc.dest_name)} "
+                                     "exists with other content") from None
+            paths.remove_tree_under(dest_fd, sc_temp)
+        temps.remove(sc_temp)
 
     def _copy_file(self, src_fd: int, dest_fd: int, temp: bytes, algorithm: str,
                    cancel: threading.Event | None, tick: Callable[[], None]) -> tuple[int, str]:
@@ -722,21 +794,28 @@ class Publisher:
         return total
 
     def _remove_source(self, src_parent: int, name: bytes, ident: Identity, rule: ProductRule,
-                       sidecars: list[_Source], dest_fd: int, sync: bool = True) -> bool:
-        """Remove the staged copy, only if the name still leads to the file that was published.
-        Returns whether anything was removed; with sync False the caller fsyncs the folder."""
+                       sidecars: list[_Source], dest_fd: int, checksum: str | None,
+                       sync: bool = True) -> bool:
+        """Remove the staged copy, only if the name still leads to what was published (a
+        folder: the same inode, and the same bytes hashed again). Returns whether anything
+        was removed; with sync False the caller fsyncs the folder."""
         _crash_point("before_source_removal")
         removed = False
-        if rule.kind == "file":
-            try:
-                st = os.stat(name, dir_fd=src_parent, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            if st is not None and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (
-                    ident.dev, ident.ino):
-                os.unlink(name, dir_fd=src_parent)
-                removed = True
+        try:
+            st = os.stat(name, dir_fd=src_parent, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None  # renamed into the archive
+        same = st is not None and (st.st_dev, st.st_ino) == (ident.dev, ident.ino)
+        if same and rule.kind == "file" and stat.S_ISREG(st.st_mode):
+            os.unlink(name, dir_fd=src_parent)
+            removed = True
+        elif same and rule.kind == "directory" and stat.S_ISDIR(st.st_mode) and \
+                _same_content(src_parent, name, None, checksum, "directory"):
+            paths.remove_tree_under(src_parent, name)
+            removed = True
         for sc in sidecars:
+            if sc.placed:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 if _files_equal_across(src_parent, sc.name, dest_fd, sc.dest_name):
                     os.unlink(sc.name, dir_fd=src_parent)
@@ -771,7 +850,8 @@ class Publisher:
                 for sc in self._sidecars(src_parent, parts[-1], parts[-1], rule)
             ] if rule.kind == "file" else []
             before = _exists(src_parent, parts[-1])
-            self._remove_source(src_parent, parts[-1], product.identity, rule, sidecars, dest_fd)
+            self._remove_source(src_parent, parts[-1], product.identity, rule, sidecars, dest_fd,
+                                product.checksum)
             return before and not _exists(src_parent, parts[-1])
         finally:
             for fd in (dest_fd, src_parent, stage_fd):
@@ -785,6 +865,59 @@ def _open_flags(rule: ProductRule) -> int:
     return flags
 
 
+def _linked_elsewhere(src_fd: int, st: os.stat_result, kind: str) -> bool:
+    """Whether renaming would move an inode that also has a name outside the product."""
+    if kind != "directory":
+        return st.st_nlink != 1
+    for _rel, _dirs, files, dfd in os.fwalk(".", dir_fd=src_fd, follow_symlinks=False):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(f, dir_fd=dfd, follow_symlinks=False).st_nlink != 1:
+                    return True
+    return False
+
+
+def _rename_checked(src_dir: int, name: bytes, fd: int, dest_dir: int, final: bytes,
+                    shown: str) -> None:
+    """Rename `name` to `final` without replacing, then prove it moved the inode `fd` holds
+    (the name may have been swapped since it was opened); otherwise move it back."""
+    paths.rename_noreplace(src_dir, name, dest_dir, final)
+    opened = os.fstat(fd)
+    moved = os.stat(final, dir_fd=dest_dir, follow_symlinks=False)
+    if (moved.st_dev, moved.st_ino) == (opened.st_dev, opened.st_ino) and \
+            (stat.S_ISDIR(opened.st_mode) or opened.st_nlink == 1):
+        return
+    try:
+        paths.rename_noreplace(dest_dir, final, src_dir, name)
+    except OSError as exc:
+        raise PublishFailure("source_changed", f"{shown}: replaced while being published; "
+                             f"what was renamed is left at {paths.display(final)} "
+                             f"({_os_text(exc)})") from None
+    raise PublishFailure("source_changed", f"{shown}: replaced, or linked elsewhere, while "
+                         "being published; it will be examined again")
+
+
+def _already_placed(dest_fd: int, src_parent: int, staged_name: bytes, final: bytes,
+                    rule: ProductRule, product: Product, staged: list[_Source]
+                    ) -> list[_Source]:
+    """Sidecars that the row's last plan named and an interrupted rename already moved to
+    the destination (gone from staging, there under this final name's stem)."""
+    have = {s.dest_name for s in staged}
+    out = []
+    for planned in product.sidecars:
+        dest = os.fsencode(planned)
+        if dest in have or os.sep.encode() in dest:
+            continue
+        original = sidecar_destination(dest, final, staged_name, rule)
+        if sidecar_destination(original, staged_name, final, rule) != dest or \
+                _exists(src_parent, original):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISREG(os.stat(dest, dir_fd=dest_fd, follow_symlinks=False).st_mode):
+                out.append(_Source(original, dest, placed=True))
+    return out
+
+
 def _same_file(registered: Identity, now: Identity, kind: str) -> bool:
     if kind == "directory":
         return (registered.dev, registered.ino) == (now.dev, now.ino)
@@ -793,9 +926,12 @@ def _same_file(registered: Identity, now: Identity, kind: str) -> bool:
 
 
 def _chmod_at(dir_fd: int, name: bytes, mode: int) -> None:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    """chmod a file of a renamed folder, unless it has a name outside the archive."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                 dir_fd=dir_fd)
     try:
-        os.fchmod(fd, mode)
+        if os.fstat(fd).st_nlink == 1:
+            os.fchmod(fd, mode)
     finally:
         os.close(fd)
 

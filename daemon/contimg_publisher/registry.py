@@ -745,20 +745,24 @@ class Registry:
 
     def set_publish_plan(self, data_id: str, owner: str, target: str, temp: str | None) -> bool:
         """Remember the final and temporary names before writing them, for reconciliation."""
-        return data_id in self.set_publish_plans(owner, [(data_id, target, temp)])
+        return data_id in self.set_publish_plans(owner, [(data_id, target, temp, [])])
 
-    def set_publish_plans(self, owner: str, plans: Sequence[tuple[str, str, str | None]]
+    def set_publish_plans(self, owner: str,
+                          plans: Sequence[tuple[str, str, str | None, Sequence[str]]]
                           ) -> set[str]:
-        """set_publish_plan for many rows in one durable commit; returns the data_ids whose
-        claim `owner` still held."""
+        """Record, for many rows in one durable commit, the final name, the temporary name
+        and the sidecars' final names a publish is about to write (reconciliation, and the
+        next attempt after a crash, read them); returns the data_ids whose claim `owner`
+        still held."""
         done: set[str] = set()
         if not plans:
             return done
         with self.write() as cur:
-            for data_id, target, temp in plans:
-                cur.execute("UPDATE data_registry SET publish_target = ?, publish_temp = ?"
+            for data_id, target, temp, sidecars in plans:
+                cur.execute("UPDATE data_registry SET publish_target = ?, publish_temp = ?,"
+                            " sidecars_json = ?"
                             " WHERE data_id = ? AND status = 'publishing' AND lease_owner = ?",
-                            (target, temp, data_id, owner))
+                            (target, temp, json.dumps(list(sidecars)), data_id, owner))
                 if self.conn.changes() > 0:
                     done.add(data_id)
         return done

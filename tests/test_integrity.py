@@ -1,0 +1,224 @@
+"""An archived product never changes and never shares an inode with a name outside the
+archive: hard-linked staged files, folder products, and a staged name written again after
+a crash, with real files on one filesystem and across two (a tmpfs products area).
+
+In every case the archived bytes equal the recorded checksum at the end, and a file
+outside the two roots keeps its mode, owner and bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+
+from contimg_publisher.publish import CRASH_ENV
+from tests.helpers import Sandbox, is_root, mount_tmpfs, umount, write_fits
+from tests.test_publish import archive_files, sha256, stage, temps
+
+IMAGE_RULES = [
+    {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics"},
+    {"type": "image", "glob": "images/*.image", "destination": "images",
+     "kind": "directory", "required": ["table.dat"]},
+]
+
+
+@pytest.fixture(params=["same_fs", "across"])
+def sandbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sandbox]:
+    """A sandbox whose products area is on the staging area's filesystem, or on a tmpfs."""
+    if request.param == "same_fs":
+        yield Sandbox(tmp_path)
+        return
+    if not is_root():
+        pytest.skip("mounting a tmpfs for the products area needs root")
+    products = tmp_path / "products"
+    mount_tmpfs(products, "256m")
+    try:
+        yield Sandbox(tmp_path, products_root=products)
+    finally:
+        umount(products)
+
+
+def fingerprint(path: Path) -> tuple[int, int, int, str]:
+    st = path.stat()
+    return (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+            hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def assert_archive_matches_registry(sandbox: Sandbox) -> None:
+    """Every published row's file holds exactly the recorded bytes, with a name of its own."""
+    for row in sandbox.registry_rows():
+        if row["status"] != "published" or row["data_type"] != "mosaic":
+            continue
+        path = Path(row["published_path"])
+        assert f"sha256:{sha256(path.read_bytes())}" == row["checksum"], row["data_id"]
+        assert path.stat().st_nlink == 1, f"{path} shares its inode with another name"
+
+
+def test_hard_linked_staged_file_is_copied_and_the_other_name_left_alone(
+        sandbox: Sandbox) -> None:
+    """A staged mosaic that is a second name of a private file elsewhere (mode 0600): the
+    archive gets its own inode; the outside file keeps its mode and bytes, and a later write
+    through the outside name does not reach the archive."""
+    outside = sandbox.root / "private" / "original.fits"
+    outside.parent.mkdir()
+    data = write_fits(outside, seed=7)
+    outside.chmod(0o600)
+    staged = sandbox.mosaics / "linked.fits"
+    os.link(outside, staged)
+    old = os.stat(staged).st_mtime - 60
+    os.utime(staged, (old, old))
+    before = fingerprint(outside)
+    out = sandbox.cli("scan", check=True)
+    same_fs = os.stat(sandbox.products).st_dev == os.stat(sandbox.stage).st_dev
+    assert ('"hard_linked_source"' in out.stderr) == same_fs, out.stderr
+    archived = sandbox.products / "mosaics" / "linked.fits"
+    assert archived.read_bytes() == data
+    assert archived.stat().st_ino != outside.stat().st_ino
+    assert archived.stat().st_nlink == 1
+    assert fingerprint(outside) == before
+    assert outside.stat().st_nlink == 1  # the staged name went, after the commit
+    assert not staged.exists()
+    with open(outside, "r+b") as fh:
+        fh.seek(2880)
+        fh.write(b"\xff" * 16)
+    assert archived.read_bytes() == data
+    row = sandbox.row("linked")
+    assert row["status"] == "published"
+    assert row["checksum"] == f"sha256:{sha256(data)}"
+    assert_archive_matches_registry(sandbox)
+
+
+def test_hard_linked_sidecar_is_copied_and_the_other_name_left_alone(sandbox: Sandbox) -> None:
+    outside = sandbox.root / "private" / "weights.fits"
+    outside.parent.mkdir()
+    weights = write_fits(outside, seed=8)
+    outside.chmod(0o600)
+    os.link(outside, sandbox.mosaics / "m.weights.fits")
+    data = stage(sandbox, "m.fits", seed=9)
+    before = fingerprint(outside)
+    sandbox.cli("scan", check=True)
+    archived = sandbox.products / "mosaics"
+    assert archive_files(archived) == {"m.fits": data, "m.weights.fits": weights}
+    assert (archived / "m.weights.fits").stat().st_ino != outside.stat().st_ino
+    assert fingerprint(outside) == before and outside.stat().st_nlink == 1
+    assert sandbox.row("m")["sidecars"] == ["m.weights.fits"]
+    assert_archive_matches_registry(sandbox)
+
+
+def test_same_filesystem_publish_moves_the_inode_so_the_staged_name_is_free(
+        tmp_path: Path) -> None:
+    """On one filesystem the staged inode is renamed into the archive; the pipeline writing
+    the same staged name again (in place, astropy's update mode, after a crash before the
+    source removal step) writes a new file, and the archived bytes stay as recorded."""
+    sandbox = Sandbox(tmp_path)
+    data = stage(sandbox, "n/a.fits", seed=1)
+    staged = sandbox.mosaics / "n/a.fits"
+    inode = staged.stat().st_ino
+    crashed = sandbox.cli("scan", env={CRASH_ENV: "before_source_removal"})
+    assert crashed.returncode == -9
+    archived = sandbox.products / "mosaics" / "n/a.fits"
+    assert archived.stat().st_ino == inode and archived.stat().st_nlink == 1
+    assert not staged.exists()
+    # The pipeline writes the staged name again, then updates a header in place.
+    write_fits(staged, seed=1)
+    with fits.open(staged, mode="update") as hdul:
+        hdul[0].header["MEDRMS"] = 5e-4
+    rewritten = staged.read_bytes()
+    old = staged.stat().st_mtime - 60
+    os.utime(staged, (old, old))
+    sandbox.cli("scan", check=True)
+    assert archived.read_bytes() == data
+    assert (sandbox.products / "mosaics" / "n/a.v2.fits").read_bytes() == rewritten
+    rows = {r["data_id"]: r for r in sandbox.registry_rows()}
+    assert {k: r["status"] for k, r in rows.items()} == {"n/a": "published",
+                                                       "n/a.v2": "published"}
+    assert_archive_matches_registry(sandbox)
+
+
+def _image(sandbox: Sandbox, name: str) -> dict[str, bytes]:
+    image = sandbox.stage / "images" / name
+    (image / "logtable").mkdir(parents=True)
+    files = {"table.dat": b"image table", "table.f0": os.urandom(5000),
+             "logtable/table.dat": b"log"}
+    for rel, content in files.items():
+        (image / rel).write_bytes(content)
+    old = os.stat(image / "table.dat").st_mtime - 60
+    for p in [image, *image.rglob("*")]:
+        os.utime(p, (old, old))
+    return files
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_folder_product_is_published_and_its_staged_folder_removed(sandbox: Sandbox) -> None:
+    sandbox.update(products=IMAGE_RULES)
+    files = _image(sandbox, "field.image")
+    out = sandbox.cli("scan", check=True)
+    archived = sandbox.products / "images" / "field.image"
+    assert tree(archived) == files
+    assert not (sandbox.stage / "images" / "field.image").exists(), out.stdout
+    assert list((sandbox.stage / "images").iterdir()) == []
+    assert temps(sandbox.products, sandbox.stage) == []
+    row = sandbox.row("field")
+    assert row["status"] == "published" and row["published_path"] == str(archived)
+    # A rescan finds nothing left to hash or call a leftover.
+    again = sandbox.cli("scan", check=True)
+    assert "leftover" not in again.stdout and "registered" not in again.stdout.split("scan:")[0]
+    assert tree(archived) == files
+
+
+def test_folder_product_with_a_hard_linked_file_is_copied(sandbox: Sandbox) -> None:
+    sandbox.update(products=IMAGE_RULES)
+    files = _image(sandbox, "linked.image")
+    outside = sandbox.root / "outside.dat"
+    outside.write_bytes(b"shared table")
+    outside.chmod(0o600)
+    os.link(outside, sandbox.stage / "images" / "linked.image" / "table.f1")
+    files["table.f1"] = b"shared table"
+    img = sandbox.stage / "images" / "linked.image"
+    old = os.stat(img / "table.dat").st_mtime
+    os.utime(img, (old, old))
+    before = fingerprint(outside)
+    sandbox.cli("scan", check=True)
+    archived = sandbox.products / "images" / "linked.image"
+    assert tree(archived) == files
+    assert (archived / "table.f1").stat().st_ino != outside.stat().st_ino
+    assert fingerprint(outside) == before and outside.stat().st_nlink == 1
+    assert not img.exists()
+
+
+def test_folder_product_changed_after_its_copy_is_not_removed(tmp_path: Path) -> None:
+    """Across filesystems the staged folder is removed only when its bytes, hashed again,
+    are still the archived ones: one changed after a crash that came right after the commit
+    is a new version, published before its staged folder goes."""
+    if not is_root():
+        pytest.skip("mounting a tmpfs for the products area needs root")
+    products = tmp_path / "products"
+    mount_tmpfs(products, "64m")
+    try:
+        sandbox = Sandbox(tmp_path, products_root=products, products=IMAGE_RULES)
+        files = _image(sandbox, "late.image")
+        crashed = sandbox.cli("scan", env={CRASH_ENV: "after_commit"})
+        assert crashed.returncode == -9
+        img = sandbox.stage / "images" / "late.image"
+        (img / "table.f0").write_bytes(b"rewritten after the publish")
+        sandbox.cli("scan", check=True)
+        # The first copy stays as published; the changed folder is not taken for a leftover
+        # of it (and removed) but published as a version of its own.
+        assert tree(products / "images" / "late.image") == files
+        assert tree(products / "images" / "late.v2.image") == {
+            **files, "table.f0": b"rewritten after the publish"}
+        assert sandbox.row("late")["status"] == "published"
+        assert sandbox.row("late.v2")["status"] == "published"
+        assert not img.exists()
+    finally:
+        umount(products)
