@@ -6,7 +6,7 @@
     rename, durable commit, source removal) against `cp` followed by `sync` of the copy.
     Target: at least 0.8 of cp's throughput.
 (b) Same-filesystem end-to-end publishing of 2,000 small mosaics with one `scan` process
-    (start-up included: detect, validate and hash each FITS, register, claim, hard-link,
+    (start-up included: detect, validate and hash each FITS, register, claim, rename,
     fsync the folders, commit durably, remove the sources, in batches that share their
     commits and fsyncs) against the older pattern: Python sqlite3, one autocommit per row,
     then shutil.move per file, with no validation and no fsync of the folders. Target: at

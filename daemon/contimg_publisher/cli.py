@@ -146,7 +146,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         oldest = registry.oldest_waiting()
         failures = registry.failures_since(now - 3600)
         last = registry.last_published()
-        health = statuspage.snapshot(registry, limit=0, now=now)
+        health = statuspage.snapshot(registry, limit=0, now=now,
+                                     unclaimed_after=cfg.unclaimed_after_seconds)
     holder = lock.holder(str(cfg.lock_path))
     running = holder is not None and "daemon" in holder
     max_age = cfg.status_max_waiting_age_seconds
@@ -169,6 +170,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             "last_day": {"published": health.published_day, "failures": health.failures_day,
                          "rate": health.success_rate_day}},
         "max_waiting_age_seconds": max_age,
+        "unclaimed": [u.to_json(now) for u in health.unclaimed],
+        "unclaimed_after_seconds": cfg.unclaimed_after_seconds,
         "problems": problems,
         "ok": not problems,
     }
@@ -189,6 +192,13 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
           f"({health.published_day} published, {health.failures_day} failed attempts)")
     if last is not None:
         print(f"last published  {last.data_id} at {_when(last.published_at)}")
+    if health.unclaimed:
+        print(f"unclaimed in staging  {len(health.unclaimed)} file"
+              f"{'s' if len(health.unclaimed) != 1 else ''} that no product owns "
+              "(nothing is deleted; publish, move or remove them by hand)")
+        for u in health.unclaimed:
+            print(f"  {u.path}  unchanged for {statuspage.format_age(now - u.changed_at)}: "
+                  f"{u.reason}")
     if problems:
         print("NEEDS ATTENTION")
         for line in problems:

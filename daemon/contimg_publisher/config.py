@@ -75,6 +75,7 @@ class Config:
     rescan_seconds: float = 300.0
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     max_name_bytes: int = 240
+    unclaimed_after_seconds: float = 3600.0
     # [publish]
     max_attempts: int = 3
     backoff_initial_seconds: float = 60.0
@@ -140,6 +141,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "rescan_seconds": ("rescan_seconds", "posfloat"),
         "ignore": ("ignore", "strlist"),
         "max_name_bytes": ("max_name_bytes", "posint"),
+        "unclaimed_after_seconds": ("unclaimed_after_seconds", "nonnegfloat"),
     },
     "publish": {
         "max_attempts": ("max_attempts", "posint"),

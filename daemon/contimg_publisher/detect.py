@@ -528,7 +528,11 @@ class Detector:
         file is gone are recorded. Unchanged registered files cost one lstat."""
         index = self.registry.stage_index()
         seen: set[str] = set()
-        stats = {"walked": 0, "queued": 0, "known": 0, "leftover": 0, "unreadable": 0}
+        present: set[str] = set()  # products whose own path the walk found
+        sidecars: list[tuple[bytes, str, str]] = []  # (path, owner's stage path, owner name)
+        unclaimed: list[tuple[bytes, str]] = []
+        stats = {"walked": 0, "queued": 0, "known": 0, "leftover": 0, "unreadable": 0,
+                 "unclaimed": 0}
         self.unreadable = []
         rules = self._rules()
         root_shown = paths.display(self.root)
@@ -550,8 +554,14 @@ class Detector:
                 stats["walked"] += 1
                 found = _match(rules, parts)
                 if found is None:
+                    if not rules.ignored(os.fsdecode(p) for p in parts):
+                        unclaimed.append((path, "matches no product rule"))
                     continue
                 key = paths.display(os.path.join(self.root, *found.parts))
+                if found.parts == parts:
+                    present.add(key)
+                elif found.rule.kind == "file":
+                    sidecars.append((path, key, paths.display(found.parts[-1])))
                 if key in seen:
                     continue
                 seen.add(key)
@@ -570,6 +580,18 @@ class Detector:
                         continue
                 self._queue(found)
                 stats["queued"] += 1
+        for path, owner, name in sidecars:
+            if owner in present:
+                continue
+            known = index.get(owner)
+            if known is not None and known[0] == "published":
+                # Queued above: published beside its product, or kept with a warning.
+                unclaimed.append((path, f"sidecar of {name}, which was published before it "
+                                        "arrived"))
+            else:
+                unclaimed.append((path, f"sidecar of {name}, which is not in the staging "
+                                        "area"))
+        stats["unclaimed"] = self._record_unclaimed(unclaimed)
         unseen = tuple(paths.display(folder) + "/" for folder in self.unreadable)
         stats["unreadable"] = len(unseen)
         under_root = root_shown + "/"
@@ -578,6 +600,21 @@ class Detector:
                     stage_path.startswith(under_root) and not stage_path.startswith(unseen):
                 self._vanished(stage_path)
         return stats
+
+    def _record_unclaimed(self, found: list[tuple[bytes, str]]) -> int:
+        """Keep the walk's unclaimed files (not folders) in the registry, for `status`."""
+        rows = []
+        for path, reason in found:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            rows.append((paths.display(path), path, reason,
+                         max(st.st_mtime_ns, st.st_ctime_ns) / 1e9, st.st_size))
+        self.registry.replace_unclaimed(rows)
+        return len(rows)
 
     # Settling and checking -----------------------------------------------------------------
 
@@ -610,6 +647,25 @@ class Detector:
             self._vanished(paths.display(os.path.join(self.root, *parts)))
         else:
             self.note(os.path.join(self.root, *found.parts))  # a file inside a folder product
+
+    def _late_sidecar(self, m: Match, stage_path: str, dirs: paths.DirCache
+                      ) -> Outcome | None:
+        """A sidecar beside a product that was already published from this path."""
+        if m.rule.kind != "file":
+            return None
+        present = False
+        for sidecar in sidecar_names(os.fsdecode(m.parts[-1]), m.rule):
+            with contextlib.suppress(OSError, paths.UnsafePath):
+                dirs.lstat(m.parts[:-1] + (os.fsencode(sidecar),), verify=False)
+                present = True
+        if not present:
+            return None
+        published = [r for r in self.registry.by_stage_path(stage_path)
+                     if r.status == "published"]
+        if not published:
+            return None
+        row = published[-1]  # the newest version published from this path
+        return Outcome("late_sidecar", row.data_id, row.data_type, stage_path, product=row)
 
     def _vanished(self, stage_path: str) -> Outcome | None:
         for row in self.registry.by_stage_path(stage_path):
@@ -659,8 +715,8 @@ class Detector:
         try:
             st = dirs.lstat(m.parts)
         except FileNotFoundError:
-            return self._vanished(stage_path) or Outcome("vanished", data_id, m.rule.type,
-                                                         stage_path)
+            return self._late_sidecar(m, stage_path, dirs) or self._vanished(stage_path) or \
+                Outcome("vanished", data_id, m.rule.type, stage_path)
         except paths.UnsafePath as exc:
             return self._reject(m, data_id, stage_path, exc.reason, None)
         except OSError as exc:

@@ -94,12 +94,20 @@ class RegistryCollector(Collector):
             "Unix time of the last successful publish (absent before the first)")
         size = GaugeMetricFamily(f"{PREFIX}_registry_size_bytes",
                                  "Size of the registry database file")
+        unclaimed = GaugeMetricFamily(
+            f"{PREFIX}_unclaimed_files",
+            "Files in product folders of the staging area that no product owns, unchanged "
+            "for [detect] unclaimed_after_seconds")
+        unclaimed_age = GaugeMetricFamily(
+            f"{PREFIX}_unclaimed_oldest_age_seconds",
+            "Time since the oldest unclaimed file last changed (0 when there is none)")
         try:
             with _reader(config) as registry, registry.read():
                 by_type = registry.counts_by_type()
                 waiting = registry_mod.oldest_unheld_waiting(registry)
                 newest = registry.last_published()
                 size_bytes = registry.size_bytes()
+                strays = registry.unclaimed(now - config.unclaimed_after_seconds)
         except (RegistryError, apsw.Error, OSError) as exc:
             self.metrics.note_scrape_error(f"{type(exc).__name__}: {exc}")
             readable.add_metric([], 0)
@@ -114,7 +122,9 @@ class RegistryCollector(Collector):
         if newest is not None and newest.published_at is not None:
             last.add_metric([], newest.published_at)
         size.add_metric([], size_bytes)
-        yield from (readable, products, oldest, size)
+        unclaimed.add_metric([], len(strays))
+        unclaimed_age.add_metric([], max((now - u.changed_at for u in strays), default=0.0))
+        yield from (readable, products, oldest, size, unclaimed, unclaimed_age)
         if newest is not None:
             yield last
 
@@ -265,7 +275,8 @@ class _Handler(BaseHTTPRequestHandler):
         metrics = self.server.metrics
         config = metrics.config
         with _reader(config) as registry:
-            health = statuspage.snapshot(registry)
+            health = statuspage.snapshot(registry,
+                                         unclaimed_after=config.unclaimed_after_seconds)
         return statuspage.render(health, started_at=metrics.started_at,
                                  max_waiting_age=config.status_max_waiting_age_seconds
                                  ).encode("utf-8")

@@ -42,6 +42,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from contimg_publisher import detect, fits, paths
@@ -824,38 +825,190 @@ class Publisher:
             paths.fsync_dir(src_parent)
         return removed
 
-    def remove_leftover(self, product: Product) -> bool:
-        """A published product's staged copy is still there (a crash before step 6)."""
+    def remove_leftover(self, product: Product) -> Tidied:
+        """A published product's staged copy is still there: left by a crash before step 6
+        (the same inode), or written again with the same bytes (a new inode). Removed only
+        when proven identical: the same inode, or the same bytes hashed again on both sides."""
         cfg = self.config
         rule = rule_for(cfg, product.data_type)
         if rule is None or product.identity is None or not product.published_path:
-            return False
+            return Tidied.KEPT
         stage_root = os.fsencode(str(cfg.stage_root))
         parts = paths.relative_components(stage_root, product.stage_bytes)
         published = paths.undisplay(product.published_path)
         if not os.path.lexists(published):
-            return False
-        stage_fd = paths.open_root(stage_root)
-        try:
-            src_parent = paths.open_dir_under(stage_fd, parts[:-1])
-        except (FileNotFoundError, paths.UnsafePath):
-            os.close(stage_fd)
-            return False
-        dest_fd = os.open(os.path.dirname(published),
-                          os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
+            return Tidied.KEPT
+        with _StagedAndPublished(stage_root, parts, published) as where:
+            if where.src_parent < 0:
+                return Tidied.KEPT
             final = os.path.basename(published)
             sidecars = [
                 _Source(sc.name, sidecar_destination(sc.name, parts[-1], final, rule))
-                for sc in self._sidecars(src_parent, parts[-1], parts[-1], rule)
+                for sc in self._sidecars(where.src_parent, parts[-1], parts[-1], rule)
             ] if rule.kind == "file" else []
-            before = _exists(src_parent, parts[-1])
-            self._remove_source(src_parent, parts[-1], product.identity, rule, sidecars, dest_fd,
-                                product.checksum)
-            return before and not _exists(src_parent, parts[-1])
-        finally:
-            for fd in (dest_fd, src_parent, stage_fd):
+            before = _exists(where.src_parent, parts[-1])
+            self._remove_source(where.src_parent, parts[-1], product.identity, rule, sidecars,
+                                where.dest_fd, product.checksum)
+            if before and not _exists(where.src_parent, parts[-1]):
+                return Tidied.REMOVED
+            if before and rule.kind == "file" and _rerun_identical(
+                    where.src_parent, parts[-1], where.dest_fd, final, product.checksum):
+                paths.fsync_dir(where.src_parent)
+                return Tidied.IDENTICAL_REMOVED
+            return Tidied.KEPT
+
+    def publish_late_sidecars(self, product: Product) -> list[tuple[str, Tidied, str]]:
+        """Sidecars that arrived after their product was published go beside it, under the
+        name it was published as; one already there with the same bytes only loses its
+        staged copy; one there with other bytes is kept in staging, with the reason.
+        Returns (staged sidecar, what was done, why) for each."""
+        cfg = self.config
+        rule = rule_for(cfg, product.data_type)
+        if rule is None or rule.kind != "file" or not product.published_path:
+            return []
+        stage_root = os.fsencode(str(cfg.stage_root))
+        parts = paths.relative_components(stage_root, product.stage_bytes)
+        published = paths.undisplay(product.published_path)
+        final = os.path.basename(published)
+        out: list[tuple[str, Tidied, str]] = []
+        with _StagedAndPublished(stage_root, parts, published) as where:
+            if where.src_parent < 0 or where.dest_fd < 0:
+                return []
+            job = _Job(product, "auto", Result(product.data_id, product.data_type, "published",
+                                               product.stage_path), dest_fd=where.dest_fd,
+                       src_parent=where.src_parent, parts=parts)
+            placed: list[_Source] = []
+            for sc in self._sidecars(where.src_parent, parts[-1], parts[-1], rule):
+                sc.dest_name = sidecar_destination(sc.name, parts[-1], final, rule)
+                shown = paths.display(os.path.join(stage_root, *parts[:-1], sc.name))
+                if _exists(where.dest_fd, sc.dest_name):
+                    if _files_equal_across(where.src_parent, sc.name, where.dest_fd,
+                                           sc.dest_name):
+                        os.unlink(sc.name, dir_fd=where.src_parent)
+                        out.append((shown, Tidied.IDENTICAL_REMOVED,
+                                    "the same bytes are already archived beside the product"))
+                    else:
+                        out.append((shown, Tidied.KEPT,
+                                    f"a different {paths.display(sc.dest_name)} is already "
+                                    "archived beside the product"))
+                    continue
+                if paths.same_filesystem(where.src_parent, where.dest_fd):
+                    self._move_sidecar(job, sc)
+                else:
+                    fd = os.open(sc.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=where.src_parent)
+                    try:
+                        self._copy_sidecar(job, sc, fd, cfg.checksum_algorithm, None)
+                    finally:
+                        os.close(fd)
+                placed.append(sc)
+                there = os.path.join(os.path.dirname(published), sc.dest_name)
+                out.append((shown, Tidied.PUBLISHED, f"published as {paths.display(there)}"))
+            if placed:
+                paths.fsync_dir(where.dest_fd)
+                paths.fsync_dir(where.src_parent)
+                self.registry.add_sidecars(product.data_id,
+                                           [os.fsdecode(sc.dest_name) for sc in placed])
+                # A copy leaves its staged name until the record is durable.
+                for sc in placed:
+                    with contextlib.suppress(FileNotFoundError):
+                        if not sc.placed and _files_equal_across(
+                                where.src_parent, sc.name, where.dest_fd, sc.dest_name):
+                            os.unlink(sc.name, dir_fd=where.src_parent)
+            if out:
+                paths.fsync_dir(where.src_parent)
+        return out
+
+    def tidy(self, outcome: detect.Outcome) -> list[tuple[str, dict[str, Any]]]:
+        """What a detection outcome leaves to clean up in staging, done; returns the events
+        to log (name, fields). Shared by the daemon's loop and `scan`."""
+        product = outcome.product
+        if product is None:
+            return []
+        events: list[tuple[str, dict[str, Any]]] = []
+        try:
+            if outcome.action == "leftover":
+                done = self.remove_leftover(product)
+                if done is not Tidied.KEPT:
+                    events.append((done.event, {
+                        "data_id": product.data_id, "stage_path": outcome.stage_path,
+                        "published_path": product.published_path}))
+            elif outcome.action == "late_sidecar":
+                for sidecar, done, why in self.publish_late_sidecars(product):
+                    events.append((f"late_sidecar_{done.value}", {
+                        "data_id": product.data_id, "sidecar": sidecar,
+                        "published_path": product.published_path, "reason": why}))
+        except (OSError, paths.UnsafePath) as exc:
+            text = _os_text(exc) if isinstance(exc, OSError) else f"{exc.path}: {exc.reason}"
+            events.append(("leftover_kept", {"data_id": product.data_id,
+                                             "stage_path": outcome.stage_path, "error": text}))
+        except PublishFailure as exc:
+            events.append(("leftover_kept", {"data_id": product.data_id,
+                                             "stage_path": outcome.stage_path,
+                                             "error": str(exc)}))
+        return events
+
+
+class Tidied(StrEnum):
+    """What was done with something left in staging beside a published product."""
+
+    REMOVED = "removed"                      # the published inode's staged name, after a crash
+    IDENTICAL_REMOVED = "identical_removed"  # written again with the archived bytes
+    PUBLISHED = "published"                  # a late sidecar, now beside its product
+    KEPT = "kept"                            # not proven identical: left where it is
+
+    @property
+    def event(self) -> str:
+        return {"removed": "leftover_removed",
+                "identical_removed": "identical_rerun_removed"}.get(self.value, "leftover_kept")
+
+
+class _StagedAndPublished:
+    """The staged product's folder and the published product's folder, opened safely for
+    the tidying of one product; a missing one is -1."""
+
+    def __init__(self, stage_root: bytes, parts: tuple[bytes, ...], published: bytes) -> None:
+        self.stage_fd = paths.open_root(stage_root)
+        self.src_parent = self.dest_fd = -1
+        try:
+            self.src_parent = paths.open_dir_under(self.stage_fd, parts[:-1])
+            self.dest_fd = os.open(os.path.dirname(published),
+                                   os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, paths.UnsafePath):
+            pass
+
+    def __enter__(self) -> _StagedAndPublished:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in (self.dest_fd, self.src_parent, self.stage_fd):
+            if fd >= 0:
                 os.close(fd)
+
+
+def _rerun_identical(src_parent: int, name: bytes, dest_fd: int, final: bytes,
+                     checksum: str | None) -> bool:
+    """Unlink the staged `name` when it and the archived `final` both hash to `checksum`
+    (and the name still leads to the file that was hashed)."""
+    if checksum is None:
+        return False
+    algorithm = checksum.split(":", 1)[0]
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                 dir_fd=src_parent)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or fits.hash_fd(fd, algorithm=algorithm)[1] != checksum:
+            return False
+        if _hash_at(dest_fd, final, algorithm)[1] != checksum:
+            return False
+        now = os.stat(name, dir_fd=src_parent, follow_symlinks=False)
+        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
+                st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+            return False
+        os.unlink(name, dir_fd=src_parent)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _open_flags(rule: ProductRule) -> int:

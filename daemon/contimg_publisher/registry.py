@@ -26,7 +26,7 @@ from typing import Any
 import apsw
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 STATUSES = ("staging", "publishing", "published", "failed", "rejected")
 FAILURE_KINDS = ("no_space", "permission", "source_changed", "source_missing",
@@ -129,6 +129,37 @@ CREATE INDEX IF NOT EXISTS data_registry_by_stage_path ON data_registry(stage_pa
 CREATE INDEX IF NOT EXISTS data_registry_by_published_path ON data_registry(published_path);
 CREATE INDEX IF NOT EXISTS data_registry_by_published_at ON data_registry(published_at);
 """
+
+
+SCHEMA_V4 = """
+CREATE TABLE IF NOT EXISTS unclaimed_files (
+    path TEXT PRIMARY KEY,
+    path_bytes BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    changed_at REAL NOT NULL,
+    size_bytes INTEGER
+);
+CREATE INDEX IF NOT EXISTS unclaimed_files_by_change ON unclaimed_files(changed_at);
+"""
+
+
+@dataclass(frozen=True)
+class Unclaimed:
+    """A file in a product folder of the staging area that no product owns: a sidecar whose
+    product never came, or a name no rule matches. Listed, never deleted."""
+
+    path: str
+    path_bytes: bytes
+    reason: str
+    first_seen: float
+    changed_at: float
+    size_bytes: int | None
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {"path": self.path, "reason": self.reason, "size_bytes": self.size_bytes,
+                "first_seen": self.first_seen, "changed_at": self.changed_at,
+                "age_seconds": round(max(0.0, now - self.changed_at), 3)}
 
 
 @dataclass(frozen=True)
@@ -415,7 +446,7 @@ class Registry:
         self._check_version()
         applied = []
         for target, step in ((1, self._migrate_legacy), (2, self._migrate_v2),
-                             (3, self._migrate_v3)):
+                             (3, self._migrate_v3), (4, self._migrate_v4)):
             with self.write() as cur:
                 # Re-read inside the write lock: another process may have migrated meanwhile.
                 if int(cur.execute("PRAGMA user_version").fetchone()[0]) >= target:
@@ -439,6 +470,11 @@ class Registry:
         older tools wrote and read (a legacy row's metadata_json is never replaced)."""
         if "header_json" not in self._columns(cur, "data_registry"):
             cur.execute("ALTER TABLE data_registry ADD COLUMN header_json TEXT")
+
+    def _migrate_v4(self, cur: apsw.Cursor) -> None:
+        """unclaimed_files: what the last rescan found in product folders that no product
+        owns (a table of its own: no legacy reader sees it)."""
+        cur.execute(SCHEMA_V4)
 
     def _migrate_v2(self, cur: apsw.Cursor) -> None:
         have = self._columns(cur, "data_registry")
@@ -942,6 +978,53 @@ class Registry:
                         " WHERE status = 'staging' AND COALESCE(publish_attempts, 0) >= ?",
                         (now, max_attempts))
         return ids
+
+    def add_sidecars(self, data_id: str, names: Sequence[str], now: float | None = None
+                     ) -> bool:
+        """A sidecar that arrived after its product was published now stands beside it."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            row = _one(cur, "SELECT sidecars_json FROM data_registry WHERE data_id = ?"
+                       " AND status = 'published'", (data_id,))
+            if row is None:
+                return False
+            try:
+                have = list(json.loads(row["sidecars_json"] or "[]"))
+            except ValueError:
+                have = []
+            merged = have + [n for n in names if n not in have]
+            cur.execute("UPDATE data_registry SET sidecars_json = ?, updated_at = ?"
+                        " WHERE data_id = ?", (json.dumps(merged), now, data_id))
+        return True
+
+    def replace_unclaimed(self, found: Sequence[tuple[str, bytes, str, float, int | None]],
+                          now: float | None = None) -> None:
+        """Make (path, path bytes, reason, changed_at, size) the whole list of unclaimed
+        files, keeping when each was first seen."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            first = {p: (r, f) for p, r, f in cur.execute(
+                "SELECT path, reason, first_seen FROM unclaimed_files")}
+            cur.execute("DELETE FROM unclaimed_files")
+            for path, raw, reason, changed_at, size in found:
+                seen = first.get(path)
+                cur.execute(
+                    "INSERT OR REPLACE INTO unclaimed_files (path, path_bytes, reason,"
+                    " first_seen, changed_at, size_bytes) VALUES (?, ?, ?, ?, ?, ?)",
+                    (path, raw, reason, seen[1] if seen and seen[0] == reason else now,
+                     changed_at, size))
+
+    def unclaimed(self, changed_before: float | None = None,
+                  limit: int | None = None) -> list[Unclaimed]:
+        """Unclaimed files, oldest change first; with changed_before, only those unchanged
+        since then."""
+        sql = ("SELECT path, path_bytes, reason, first_seen, changed_at, size_bytes"
+               " FROM unclaimed_files WHERE changed_at <= ? ORDER BY changed_at, path")
+        args: list[Any] = [float("inf") if changed_before is None else changed_before]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [Unclaimed(*row) for row in self.conn.execute(sql, args)]
 
     def size_bytes(self) -> int:
         page_size = int(self._scalar("PRAGMA page_size"))

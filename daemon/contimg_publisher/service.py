@@ -334,17 +334,10 @@ class Daemon:
     def _after_detect(self, outcome: detect.Outcome) -> None:
         log_outcome(self.log, outcome)
         self.metrics.observe_detect(outcome)
-        if outcome.action == "leftover" and outcome.product is not None:
+        if outcome.action in TIDY_ACTIONS:
             assert self.registry is not None
             publisher = publish.Publisher(self.config, self.registry, self.owner, self.log)
-            try:
-                if publisher.remove_leftover(outcome.product):
-                    self.log.info("leftover_removed", data_id=outcome.data_id,
-                                  stage_path=outcome.stage_path,
-                                  published_path=outcome.product.published_path)
-            except OSError as exc:
-                self.log.warning("leftover_kept", data_id=outcome.data_id,
-                                 stage_path=outcome.stage_path, error=str(exc))
+            log_tidied(self.log, publisher.tidy(outcome))
 
     def _claim_next(self) -> None:
         assert self.registry is not None and self.worker is not None
@@ -497,6 +490,15 @@ def _with(cfg: Config, **changes: Any) -> Config:
 
 # `scan` publishes in batches that share their commits and folder fsyncs; the byte bound
 # keeps a batch of large copies from holding its claims (and their commits) for long.
+TIDY_ACTIONS = ("leftover", "late_sidecar")
+
+
+def log_tidied(log: Any, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """What tidying the staging area did: a warning for what had to be kept."""
+    for event, fields in events:
+        (log.warning if event.endswith("_kept") else log.info)(event, **fields)
+
+
 SCAN_BATCH = 256
 SCAN_BATCH_BYTES = 256 << 20
 
@@ -524,8 +526,8 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
         report.waiting = len(detector.pending)
         publisher = publish.Publisher(cfg, registry, owner, log)
         for outcome in report.detected:
-            if outcome.action == "leftover" and outcome.product is not None:
-                publisher.remove_leftover(outcome.product)
+            if outcome.action in TIDY_ACTIONS:
+                log_tidied(log, publisher.tidy(outcome))
         while claimed := registry.claim(owner, cfg.lease_seconds, limit=SCAN_BATCH,
                                         max_bytes=SCAN_BATCH_BYTES):
             report.published += publisher.publish_many(claimed)

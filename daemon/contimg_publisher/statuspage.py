@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from contimg_publisher import registry as registry_mod
-from contimg_publisher.registry import STATUSES, Product, Registry
+from contimg_publisher.registry import STATUSES, Product, Registry, Unclaimed
 
 HOUR, DAY = 3600.0, 86400.0
 
@@ -39,6 +39,8 @@ class Health:
     rejected: list[Product] = field(default_factory=list)
     recent: list[Product] = field(default_factory=list)
     last: Product | None = None
+    # Files in product folders that no product owns, unchanged for unclaimed_after seconds.
+    unclaimed: list[Unclaimed] = field(default_factory=list)
 
     @property
     def oldest_age(self) -> float | None:
@@ -59,8 +61,11 @@ def success_rate(published: int, failures: int) -> float | None:
     return None if total == 0 else published / total
 
 
-def snapshot(registry: Registry, limit: int = 50, now: float | None = None) -> Health:
-    """Read everything in one transaction, so the counts and the lists agree."""
+def snapshot(registry: Registry, limit: int = 50, now: float | None = None,
+             unclaimed_after: float = 3600.0) -> Health:
+    """Read everything in one transaction, so the counts and the lists agree. `limit`
+    bounds each list of products; the unclaimed files are listed whole (limit 0) or up to
+    the same bound."""
     now = time.time() if now is None else now
     with registry.read():
         return Health(
@@ -78,6 +83,7 @@ def snapshot(registry: Registry, limit: int = 50, now: float | None = None) -> H
             rejected=registry_mod.by_status(registry, "rejected", limit),
             recent=registry_mod.recent_published(registry, 10),
             last=registry.last_published(),
+            unclaimed=registry.unclaimed(now - unclaimed_after, limit=limit or None),
         )
 
 
@@ -229,6 +235,13 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
               _path(p.stage_path)] for p in rows],
             f"no {status} products", numeric={2}))
         parts.append(_more(len(rows), health.counts.get(status, 0)))
+
+    parts.append("<h2>Unclaimed in staging</h2>")
+    parts.append(_table(
+        ["file", "unchanged for", "size", "why"],
+        [[_path(u.path), _e(format_age(now - u.changed_at)), _e(u.size_bytes), _e(u.reason)]
+         for u in health.unclaimed],
+        "every file in the product folders belongs to a product", numeric={1, 2}))
 
     parts.append("<h2>Last publishes</h2>")
     parts.append(_table(
