@@ -202,8 +202,8 @@ def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise UsageError("--limit must be >= 0")
     with _open(cfg) as registry:
-        rows = registry.list(status=args.status, data_type=args.data_type,
-                             limit=args.limit or None)
+        rows = registry.products(status=args.status, data_type=args.data_type,
+                                 limit=args.limit or None)
     if args.json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return EXIT_OK

@@ -472,8 +472,8 @@ class Registry:
             "ORDER BY id DESC LIMIT 1", (published_path,))
         return rows[0] if rows else None
 
-    def list(self, status: str | None = None, data_type: str | None = None,
-             limit: int | None = None, newest_first: bool = True) -> list[Product]:
+    def products(self, status: str | None = None, data_type: str | None = None,
+                 limit: int | None = None, newest_first: bool = True) -> list[Product]:
         where, args = [], []
         if status:
             where.append("status = ?")
