@@ -510,11 +510,11 @@ class Publisher:
                 failed[folder] = exc
         kept = []
         for job in placed:
-            exc = failed.get(job.folder) if not job.identical else None
-            if exc is None:
+            sync_error = failed.get(job.folder) if not job.identical else None
+            if sync_error is None:
                 kept.append(job)
             else:
-                self._fail(job, classify(exc), _os_text(exc))
+                self._fail(job, classify(sync_error), _os_text(sync_error))
         return kept
 
     def _commit(self, placed: list[_Job], folders: _Folders) -> None:
