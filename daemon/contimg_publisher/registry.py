@@ -687,14 +687,6 @@ class Registry:
             product = _product(row)
         return outcome, product
 
-    def invalidate(self, data_id: str, now: float | None = None) -> bool:
-        """The staged file changed before publishing: it must settle and be described again."""
-        now = time.time() if now is None else now
-        with self.write() as cur:
-            cur.execute("UPDATE data_registry SET checksum = NULL, updated_at = ?"
-                        " WHERE data_id = ? AND status IN ('staging', 'failed')", (now, data_id))
-            return self.conn.changes() > 0
-
     def claim(self, owner: str, lease_seconds: float, limit: int = 1, now: float | None = None,
               data_id: str | None = None, max_bytes: int | None = None) -> list[Product]:
         """Move due rows to `publishing` under a lease held by `owner`.
@@ -748,14 +740,11 @@ class Registry:
                         (now + lease_seconds, data_id, owner))
             return self.conn.changes() > 0
 
-    def set_publish_plan(self, data_id: str, owner: str, target: str, temp: str | None) -> bool:
-        """Remember the final and temporary names before writing them, for reconciliation."""
-        return data_id in self.set_publish_plans(owner, [(data_id, target, temp)])
-
     def set_publish_plans(self, owner: str, plans: Sequence[tuple[str, str, str | None]]
                           ) -> set[str]:
-        """set_publish_plan for many rows in one durable commit; returns the data_ids whose
-        claim `owner` still held."""
+        """Remember each row's final and temporary names before writing them, for
+        reconciliation, in one durable commit; returns the data_ids whose claim `owner` still
+        held."""
         done: set[str] = set()
         if not plans:
             return done
