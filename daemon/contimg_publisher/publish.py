@@ -78,7 +78,6 @@ class Result:
     seconds: float = 0.0
     how: str = ""                   # copy, link, rename, identical
     supersedes: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _crash_point(name: str) -> None:
