@@ -48,7 +48,6 @@ if not hasattr(InotifyWatchGroup, "on_queue_overflow"):  # overflows would go un
                       f"queue overflows to watch groups); watchdog {WATCHDOG_VERSION} is installed")
 
 RESCAN = "rescan"
-KINDS = ("created", "modified", "closed", "moved_in", "deleted", "moved_out")
 STOP_SECONDS = 2.0
 WARN_EVERY_SECONDS = 60.0  # a flood overflows the kernel queue again and again: warn once a minute
 
@@ -75,7 +74,8 @@ _KIND_OF: dict[type[FileSystemEvent], str] = {
 
 @dataclass(frozen=True)
 class Change:
-    """Something happened to `path` (absolute, os.fsdecode form); `kind` is one of KINDS."""
+    """Something happened to `path` (absolute, os.fsdecode form); `kind` is created, modified,
+    closed, moved_in, deleted or moved_out."""
 
     path: str
     kind: str
