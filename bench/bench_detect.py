@@ -94,7 +94,7 @@ def bench_latency(root: Path, count: int, rate: float, settle: float) -> dict[st
         deadline = time.time() + settle + 120
         with Registry(sandbox.registry) as reg:
             while time.time() < deadline:
-                done = {r.stage_bytes: r.created_at for r in reg.list()}
+                done = {r.stage_bytes: r.created_at for r in reg.products()}
                 if all(p in done for p in closed):
                     break
                 time.sleep(0.5)

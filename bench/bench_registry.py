@@ -188,7 +188,7 @@ def in_process(path: Path) -> tuple[float, float]:
 
     def failed() -> None:
         with Registry(path, migrate=False) as reg:
-            assert len(reg.list(status="failed", limit=50)) == 50
+            assert len(reg.products(status="failed", limit=50)) == 50
 
     out = []
     for fn in (status, failed):

@@ -51,7 +51,7 @@ def rows(sandbox: Sandbox) -> list[Product]:
     if not sandbox.registry.exists():
         return []
     with Registry(sandbox.registry) as reg:
-        return reg.list()
+        return reg.products()
 
 
 def rows_for(sandbox: Sandbox, path: Path | bytes) -> list[Product]:
@@ -429,7 +429,7 @@ def test_link_in_a_parent_component_is_refused(sandbox: Sandbox, inproc: InProce
     [out] = inproc.settle(sandbox.mosaics / "night" / "a.fits")
     assert out.action == "rejected"
     assert "symbolic link" in (out.reason or "")
-    [row] = [r for r in inproc.registry.list() if r.status == "rejected"]
+    [row] = [r for r in inproc.registry.products() if r.status == "rejected"]
     assert row.stage_path == str(sandbox.mosaics / "night" / "a.fits")
     assert (target / "a.fits").exists()
 
@@ -444,7 +444,7 @@ def test_file_that_vanishes_before_its_checks_is_dropped(sandbox: Sandbox, inpro
     time.sleep(0.6)
     outs = inproc.detector.process(now=time.time())
     assert [o.action for o in outs] == ["vanished"]
-    assert inproc.registry.list() == []
+    assert inproc.registry.products() == []
     assert inproc.detector.pending == {}
 
 
@@ -479,10 +479,10 @@ def test_file_changed_while_being_read_goes_back_to_waiting(sandbox: Sandbox,
     outs = inproc.settle(path)
     if change == "replaced":
         assert [o.action for o in outs] == ["registered"]
-        assert inproc.registry.list()[0].checksum == sha256(replaced)
+        assert inproc.registry.products()[0].checksum == sha256(replaced)
     else:
         assert [o.action for o in outs] == ["vanished"]
-        assert inproc.registry.list() == []
+        assert inproc.registry.products() == []
 
 
 # --- many files, lost events -----------------------------------------------------------------
@@ -580,7 +580,7 @@ def test_future_mtime_does_not_delay_registration(sandbox: Sandbox, inproc: InPr
     os.utime(image / "table.dat", (future, future))
     outs = inproc.settle(path) + inproc.settle(image)
     assert sorted(o.action for o in outs) == ["registered", "registered"]
-    by_path = {r.stage_path: r for r in inproc.registry.list()}
+    by_path = {r.stage_path: r for r in inproc.registry.products()}
     assert by_path[str(path)].checksum == sha256(data)
     assert by_path[str(image)].status == "staging"
 
@@ -614,7 +614,7 @@ def test_folder_product_losing_a_file_while_being_read_is_not_marked_gone(
     outs = inproc.settle(image)
     assert removed == ["table.f9"]
     assert [o.action for o in outs] == ["updated"], [(o.action, o.reason) for o in outs]
-    [row] = inproc.registry.list()
+    [row] = inproc.registry.products()
     assert row.status == "staging" and row.metadata["files"] == 2
     assert row.checksum not in (None, first.product.checksum)
 
@@ -629,12 +629,12 @@ def test_product_deleted_before_publishing_then_staged_again(sandbox: Sandbox,
     assert first.action == "registered"
     path.unlink()
     inproc.detector.forget(os.fsencode(path))
-    [row] = inproc.registry.list()
+    [row] = inproc.registry.products()
     assert row.status == "rejected" and "left the staging area" in (row.publish_error or "")
     data = write_fits(path, seed=2)
     outs = inproc.settle(path)
     assert [o.action for o in outs] == ["updated"]
-    [row] = inproc.registry.list()
+    [row] = inproc.registry.products()
     assert (row.status, row.checksum, row.publish_error) == ("staging", sha256(data), None)
 
 
@@ -734,14 +734,14 @@ def test_pending_file_in_a_folder_that_became_unreadable_is_rejected_not_a_crash
     [[action, reason]] = json.loads(out.stdout)
     assert action == "rejected" and "Permission denied" in reason, reason
     with Registry(sandbox.registry) as reg:
-        [row] = reg.list()
+        [row] = reg.products()
     assert row.status == "rejected" and row.publish_error == reason
     # Once the folder is readable again the next scan takes the file.
     out = as_nobody(base, "-m", "contimg_publisher", "--config", str(sandbox.config_path),
                     "scan")
     assert out.returncode == 0, out.stdout + out.stderr
     with Registry(sandbox.registry) as reg:
-        [row] = reg.list()
+        [row] = reg.products()
     assert row.status == "published", (row.status, row.publish_error)
 
 
@@ -778,7 +778,7 @@ def test_folder_replaced_by_a_link_in_the_middle_of_a_pass_is_refused(
     outs = inproc.detector.process(now=time.time() + 7200)
     assert [(o.action, o.stage_path) for o in outs] == [("rejected", str(night / "a.fits"))]
     assert "symbolic link" in (outs[0].reason or "")
-    assert {r.status for r in inproc.registry.list()} == {"rejected"}
+    assert {r.status for r in inproc.registry.products()} == {"rejected"}
 
 
 def test_folder_replaced_between_passes_is_walked_afresh(sandbox: Sandbox, inproc: InProcess,

@@ -222,3 +222,29 @@ def test_folder_product_changed_after_its_copy_is_not_removed(tmp_path: Path) ->
         assert not img.exists()
     finally:
         umount(products)
+
+
+def test_file_written_to_in_place_after_its_copy_is_not_removed(tmp_path: Path) -> None:
+    """Across filesystems the staged name goes only while it is the file that was copied,
+    unchanged: a header updated in place after the commit (same inode) is kept, and
+    published as a version of its own."""
+    if not is_root():
+        pytest.skip("mounting a tmpfs for the products area needs root")
+    products = tmp_path / "products"
+    mount_tmpfs(products, "64m")
+    try:
+        sandbox = Sandbox(tmp_path, products_root=products)
+        data = stage(sandbox, "a.fits", seed=1)
+        staged = sandbox.mosaics / "a.fits"
+        inode = staged.stat().st_ino
+        crashed = sandbox.cli("scan", env={CRASH_ENV: "after_commit"})
+        assert crashed.returncode == -9
+        with fits.open(staged, mode="update") as hdul:
+            hdul[0].header["MEDRMS"] = 7e-4
+        assert staged.stat().st_ino == inode
+        updated = staged.read_bytes()
+        sandbox.cli("scan", check=True)
+        assert archive_files(products / "mosaics") == {"a.fits": data, "a.v2.fits": updated}
+        assert_archive_matches_registry(sandbox)
+    finally:
+        umount(products)

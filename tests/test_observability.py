@@ -88,7 +88,7 @@ def rows(sandbox: Sandbox) -> dict[str, Any]:
         return {}
     with Registry(sandbox.registry, migrate=False) as reg:
         try:
-            return {p.data_id: p for p in reg.list()}
+            return {p.data_id: p for p in reg.products()}
         except apsw.SQLError:  # the daemon has created the file but not yet migrated it
             return {}
 

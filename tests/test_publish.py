@@ -441,7 +441,7 @@ def _check_nothing_wrong_on_disk(sandbox: Sandbox, expected: dict[str, str]) -> 
             rel = str(path.relative_to(archive))
             assert sha256(path.read_bytes()) == expected[rel], f"{rel} is not the product"
     with Registry(sandbox.registry, migrate=False) as registry:
-        published = [p for p in registry.list(status="published", limit=None)]
+        published = [p for p in registry.products(status="published", limit=None)]
     for row in published:
         assert sha256(Path(row.published_path).read_bytes()) == expected[
             f"{row.data_id}.fits"]

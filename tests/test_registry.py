@@ -672,7 +672,7 @@ def test_legacy_rows_past_the_attempt_limit_become_failed_only_when_asked(tmp_pa
     path = tmp_path / "registry.sqlite3"
     _build_legacy(path, with_optional=True)
     with Registry(path) as reg:
-        staging = {r.data_id: r.publish_attempts for r in reg.list(status="staging")}
+        staging = {r.data_id: r.publish_attempts for r in reg.products(status="staging")}
         exhausted = reg.mark_exhausted(3, now=5.0)
         after = reg.counts()
     assert sorted(exhausted) == sorted(d for d, n in staging.items() if n >= 3)

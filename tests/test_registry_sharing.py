@@ -135,7 +135,7 @@ def test_other_processes_never_take_the_daemons_wal(tmp_path: Path) -> None:
         assert stop(proc) == 0
     # After the daemon closed its connections, everything every process committed is there.
     with Registry(db, migrate=False) as reg:
-        rows = {p.data_id: p for p in reg.list()}
+        rows = {p.data_id: p for p in reg.products()}
         tags = [t for (t,) in reg.conn.execute(
             "SELECT tag FROM data_tags WHERE data_id = 'early_0' ORDER BY tag")]
     expected = {f"{kind}_{i}" for kind in ("gate", "early", "round") for i in range(rounds)}

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from contimg_publisher import __version__, lock, logs, statuspage
 from contimg_publisher import config as config_mod
@@ -27,7 +27,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # exit 2 with one line, as for bad config
+    def error(self, message: str) -> NoReturn:  # exit 2 with one line, as for bad config
         self.print_usage(sys.stderr)
         raise SystemExit(f"{self.prog}: {message}") from None
 
@@ -179,7 +179,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return EXIT_FAILED if problems else EXIT_OK
     print(f"registry   {cfg.registry}")
-    print(f"daemon     {'running, ' + holder if running else 'not running'}"
+    print(f"daemon     {f'running, {holder}' if running else 'not running'}"
           + (f" (lock held by {holder})" if holder and not running else ""))
     print("products   " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
     if oldest is not None:
@@ -212,8 +212,8 @@ def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise UsageError("--limit must be >= 0")
     with _open(cfg) as registry:
-        rows = registry.list(status=args.status, data_type=args.data_type,
-                             limit=args.limit or None)
+        rows = registry.products(status=args.status, data_type=args.data_type,
+                                 limit=args.limit or None)
     if args.json:
         print(json.dumps([r.to_json() for r in rows], indent=2))
         return EXIT_OK

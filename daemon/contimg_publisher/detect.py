@@ -25,7 +25,7 @@ import re
 import stat
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from contimg_publisher import fits, paths
@@ -162,12 +162,6 @@ def _compiled(config: Config) -> _Compiled:
     compiled = _Compiled(config)
     _LAST_COMPILED[:] = [compiled]
     return compiled
-
-
-def sidecar_suffixes(rule: ProductRule) -> list[tuple[str, str]]:
-    """(placeholder, literal suffix) of each sidecar pattern: '{stem}.weights.fits' ->
-    ('stem', '.weights.fits')."""
-    return list(_rule(rule).sidecars)
 
 
 def stem_of(name: str, rule: ProductRule) -> str:
@@ -429,7 +423,6 @@ class Outcome:
     stage_path: str
     reason: str | None = None
     product: Product | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Detector:

@@ -349,18 +349,6 @@ def _open_file_in(parent: int, name: bytes, shown: bytes, flags: int
     return fd, st
 
 
-def lstat_under(root_fd: int, components: Sequence[bytes]) -> os.stat_result:
-    """stat of the final component, not following it, its parent walked safely."""
-    if not components:
-        raise UnsafePath(b"", "no name given")
-    _check_components(components)
-    parent = open_dir_under(root_fd, components[:-1])
-    try:
-        return os.stat(components[-1], dir_fd=parent, follow_symlinks=False)
-    finally:
-        os.close(parent)
-
-
 class DirCache:
     """Folder descriptors below one root descriptor, shared by the paths of one pass.
 
@@ -461,7 +449,8 @@ class DirCache:
         return parent == fd
 
     def lstat(self, components: Sequence[bytes], *, verify: bool = True) -> os.stat_result:
-        """lstat_under(), through the kept folders."""
+        """lstat of the final component, not following it, its parent reached through the
+        kept folders."""
         if not components:
             raise UnsafePath(b"", "no name given")
         components = tuple(components)

@@ -86,7 +86,6 @@ class Result:
     seconds: float = 0.0
     how: str = ""                   # copy, link, rename, identical
     supersedes: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _crash_point(name: str) -> None:
@@ -536,11 +535,11 @@ class Publisher:
                     failed[job.folder] = exc
         kept = []
         for job in placed:
-            exc = failed.get(job.folder) if not job.identical else None
-            if exc is None:
+            sync_error = failed.get(job.folder) if not job.identical else None
+            if sync_error is None:
                 kept.append(job)
             else:
-                self._fail(job, classify(exc), _os_text(exc))
+                self._fail(job, classify(sync_error), _os_text(sync_error))
         return kept
 
     def _commit(self, placed: list[_Job], folders: _Folders) -> None:
@@ -806,11 +805,15 @@ class Publisher:
             st = os.stat(name, dir_fd=src_parent, follow_symlinks=False)
         except FileNotFoundError:
             st = None  # renamed into the archive
-        same = st is not None and (st.st_dev, st.st_ino) == (ident.dev, ident.ino)
-        if same and rule.kind == "file" and stat.S_ISREG(st.st_mode):
+        # A file must be unchanged too (size and mtime): one written to in place after its
+        # copy holds bytes the archive does not, and an inode number can be reused.
+        mode = st.st_mode if st is not None and _same_file(ident, Identity(
+            st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), rule.kind) \
+            else None
+        if mode is not None and rule.kind == "file" and stat.S_ISREG(mode):
             os.unlink(name, dir_fd=src_parent)
             removed = True
-        elif same and rule.kind == "directory" and stat.S_ISDIR(st.st_mode) and \
+        elif mode is not None and rule.kind == "directory" and stat.S_ISDIR(mode) and \
                 _same_content(src_parent, name, None, checksum, "directory"):
             paths.remove_tree_under(src_parent, name)
             removed = True

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import apsw
 
@@ -297,7 +297,7 @@ def truncate(text: str, limit: int) -> str:
 def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float = 0.1,
                   rng: random.Random | None = None) -> float:
     """min(max, initial * 2^(attempt-1)), spread by +-jitter so retries do not march in step."""
-    base = min(maximum, initial * (2 ** max(attempt - 1, 0)))
+    base: float = min(maximum, initial * (2 ** max(attempt - 1, 0)))
     spread = (rng or random).uniform(-jitter, jitter) if jitter else 0.0
     return min(maximum, max(0.0, base * (1.0 + spread)))
 
@@ -449,7 +449,9 @@ class Registry:
                              (3, self._migrate_v3), (4, self._migrate_v4)):
             with self.write() as cur:
                 # Re-read inside the write lock: another process may have migrated meanwhile.
-                if int(cur.execute("PRAGMA user_version").fetchone()[0]) >= target:
+                row = cur.execute("PRAGMA user_version").fetchone()
+                assert row is not None  # a PRAGMA that reads a value returns one row
+                if int(row[0]) >= target:
                     continue
                 step(cur)
                 cur.execute(f"PRAGMA application_id={APPLICATION_ID}")
@@ -508,9 +510,10 @@ class Registry:
             "ORDER BY id DESC LIMIT 1", (published_path,))
         return rows[0] if rows else None
 
-    def list(self, status: str | None = None, data_type: str | None = None,
-             limit: int | None = None, newest_first: bool = True) -> list[Product]:
-        where, args = [], []
+    def products(self, status: str | None = None, data_type: str | None = None,
+                 limit: int | None = None, newest_first: bool = True) -> list[Product]:
+        where: list[str] = []
+        args: list[str | int] = []
         if status:
             where.append("status = ?")
             args.append(status)
@@ -598,6 +601,7 @@ class Registry:
             "WHERE status = 'staging' AND checksum IS NOT NULL "
             "AND (COALESCE(auto_publish_enabled, 1) = 1 OR publish_requested_at IS NOT NULL)"
             ).fetchone()
+        assert row is not None  # an aggregate without GROUP BY returns one row
         return None if row[0] is None else float(row[0])
 
     def publishing(self) -> list[Product]:
@@ -714,17 +718,10 @@ class Registry:
                     (reason, ident.size, ident.dev, ident.ino, ident.mtime_ns, ident.ctime_ns,
                      now, row["id"]))
                 outcome = "updated"
-            product = _product(_one(cur, "SELECT * FROM data_registry WHERE data_id = ?",
-                                    (data_id,)))
+            row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
+            assert row is not None  # inserted or updated just above
+            product = _product(row)
         return outcome, product
-
-    def invalidate(self, data_id: str, now: float | None = None) -> bool:
-        """The staged file changed before publishing: it must settle and be described again."""
-        now = time.time() if now is None else now
-        with self.write() as cur:
-            cur.execute("UPDATE data_registry SET checksum = NULL, updated_at = ?"
-                        " WHERE data_id = ? AND status IN ('staging', 'failed')", (now, data_id))
-            return self.conn.changes() > 0
 
     def claim(self, owner: str, lease_seconds: float, limit: int = 1, now: float | None = None,
               data_id: str | None = None, max_bytes: int | None = None) -> list[Product]:
@@ -738,16 +735,16 @@ class Registry:
         now = time.time() if now is None else now
         with self.write() as cur:
             if data_id is None:
-                ids = []
+                ids: list[int] = []
                 total = 0
-                for row_id, size in cur.execute(
+                for row_id, size in cast("list[tuple[int, int]]", cur.execute(
                         "SELECT id, COALESCE(size_bytes, 0) FROM data_registry"
                         " WHERE status = 'staging'"
                         " AND checksum IS NOT NULL AND (COALESCE(auto_publish_enabled, 1) = 1"
                         "   OR publish_requested_at IS NOT NULL)"
                         " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
                         " ORDER BY publish_requested_at IS NULL, COALESCE(next_attempt_at, 0),"
-                        " staged_at, id LIMIT ?", (now, limit)).fetchall():
+                        " staged_at, id LIMIT ?", (now, limit)).fetchall()):
                     if ids and max_bytes is not None and total + size > max_bytes:
                         break
                     ids.append(row_id)
@@ -778,10 +775,6 @@ class Registry:
                         " AND status = 'publishing' AND lease_owner = ?",
                         (now + lease_seconds, data_id, owner))
             return self.conn.changes() > 0
-
-    def set_publish_plan(self, data_id: str, owner: str, target: str, temp: str | None) -> bool:
-        """Remember the final and temporary names before writing them, for reconciliation."""
-        return data_id in self.set_publish_plans(owner, [(data_id, target, temp, [])])
 
     def set_publish_plans(self, owner: str,
                           plans: Sequence[tuple[str, str, str | None, Sequence[str]]]

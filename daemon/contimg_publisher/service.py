@@ -104,8 +104,10 @@ class Worker:
     config: Config
     owner: str
     wake: Any
-    jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    results: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    jobs: queue.SimpleQueue[tuple[Product, Config, str] | None] = field(
+        default_factory=queue.SimpleQueue)
+    results: queue.SimpleQueue[tuple[Product, publish.Result | Exception]] = field(
+        default_factory=queue.SimpleQueue)
     cancel: threading.Event = field(default_factory=threading.Event)
     busy: Product | None = None
     thread: threading.Thread | None = None
@@ -145,7 +147,7 @@ class Daemon:
         self.log = logs.get_logger()
         self.owner = lock.owner_id()
         self.signals: list[int] = []
-        self.changes: queue.SimpleQueue = queue.SimpleQueue()
+        self.changes: queue.SimpleQueue[watch.Change | str] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.registry: Registry | None = None
         self.lock: lock.Lock | None = None
@@ -320,7 +322,7 @@ class Daemon:
                 change = self.changes.get_nowait()
             except queue.Empty:
                 return
-            if change == watch.RESCAN:
+            if isinstance(change, str):  # watch.RESCAN, the only string the watcher queues
                 self.rescan_requested = True
             elif change.kind in ("deleted", "moved_out"):
                 self.detector.forget(change.path)

@@ -48,7 +48,6 @@ if not hasattr(InotifyWatchGroup, "on_queue_overflow"):  # overflows would go un
                       f"queue overflows to watch groups); watchdog {WATCHDOG_VERSION} is installed")
 
 RESCAN = "rescan"
-KINDS = ("created", "modified", "closed", "moved_in", "deleted", "moved_out")
 STOP_SECONDS = 2.0
 WARN_EVERY_SECONDS = 60.0  # a flood overflows the kernel queue again and again: warn once a minute
 
@@ -75,7 +74,8 @@ _KIND_OF: dict[type[FileSystemEvent], str] = {
 
 @dataclass(frozen=True)
 class Change:
-    """Something happened to `path` (absolute, os.fsdecode form); `kind` is one of KINDS."""
+    """Something happened to `path` (absolute, os.fsdecode form); `kind` is created, modified,
+    closed, moved_in, deleted or moved_out."""
 
     path: str
     kind: str
@@ -130,8 +130,8 @@ def _default_log() -> Any:
 class _Sink:
     """Where the watch threads hand what they found: the queue, the wake-up, the log."""
 
-    def __init__(self, root: str, out: queue.SimpleQueue, wake: Callable[[], None] | None,
-                 log: Any) -> None:
+    def __init__(self, root: str, out: queue.SimpleQueue[Change | str],
+                 wake: Callable[[], None] | None, log: Any) -> None:
         self.root = root
         self.watched = os.path.realpath(root)  # a symlinked root is watched where it points
         self.out = out
@@ -338,8 +338,8 @@ def _stop_observer(observer: _Observer) -> None:
 class Watcher:
     """Recursive inotify watch of `root`, feeding Change objects and RESCAN into `out`."""
 
-    def __init__(self, root: str, out: queue.SimpleQueue, wake: Callable[[], None] | None = None,
-                 log: Any | None = None) -> None:
+    def __init__(self, root: str, out: queue.SimpleQueue[Change | str],
+                 wake: Callable[[], None] | None = None, log: Any | None = None) -> None:
         self.root = os.path.abspath(os.fsdecode(root))
         self.out = out
         self.wake = wake
