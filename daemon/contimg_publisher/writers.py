@@ -116,7 +116,8 @@ def _release(fd: int) -> None:
 
 def _attempt(fd: int) -> tuple[WriterCheck, int]:
     """The check, and the errno of a refused lease (0 when the lease was granted)."""
-    fcntl.fcntl(fd, fcntl.F_SETSIG, BREAK_SIGNAL)  # before the lease exists: see the module doc
+    # Before the lease exists (see the module doc); F_UNLCK resets it to 0, so set it each time.
+    fcntl.fcntl(fd, fcntl.F_SETSIG, BREAK_SIGNAL)
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as exc:
@@ -138,9 +139,9 @@ def open_for_writing(fd: int) -> WriterCheck:
     """Whether any process has the file behind `fd` open for writing.
 
     `fd` must be open O_RDONLY (a writable one would count itself). The lease is released
-    before this returns, whatever happens; the descriptor's F_SETSIG is left at BREAK_SIGNAL,
-    so a later lease on it cannot be killed by SIGIO either. Errors other than the refusals
-    listed in WRITER_PRESENT and UNAVAILABLE (EBADF, say) are raised.
+    before this returns, whatever happens, and the kernel resets the descriptor's F_SETSIG
+    with it, so nothing is left behind. Errors other than the refusals listed in
+    WRITER_PRESENT and UNAVAILABLE (EBADF, say) are raised.
     """
     _require_read_only(fd)
     return _attempt(fd)[0]
@@ -355,8 +356,9 @@ class WriteTracker:
     call `clear()`: a close-write may be among them, and a stale mark would never clear.
 
     What it cannot see (the lease sees it): a writer that opened the file before the watch
-    began and has not written since; a writer that opened but has not written yet; with two
-    writers, the first one's close clears the mark until the second one writes again. Paths
+    began and has not written since; a writer that opened but has not written yet; writes in
+    a folder made a moment before, until watchdog has added its watch; with two writers, the
+    first one's close clears the mark until the second one writes again. Paths
     are compared as given (os.fsdecode form), so feed and ask with one spelling, e.g. the
     absolute paths watch.py produces. Safe to feed from one thread and ask from another.
     """
