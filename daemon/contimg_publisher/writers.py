@@ -23,8 +23,9 @@ by the kernel. This is per descriptor: nothing process-wide changes, it works fr
 (signal.signal works only in the main one) and nothing reaches child processes (an ignored
 SIGIO would survive their exec). SIGURG is not a realtime signal on purpose: when a realtime
 signal's queue is full, the kernel sends SIGIO instead. A writer arriving while we hold the
-lease waits until we drop it, microseconds later (if this process is stopped in between, until
-fs.lease-break-time, 45 s by default); one that opens with O_NONBLOCK gets EWOULDBLOCK instead.
+lease waits until we drop it, microseconds later (milliseconds if other threads of ours take
+the GIL in between; if this process is stopped in between, until fs.lease-break-time, 45 s by
+default); one that opens with O_NONBLOCK gets EWOULDBLOCK instead.
 
 What a lease cannot see: writers on other hosts of a shared filesystem (NFS, CIFS; nor does
 inotify), and on overlayfs a writer that opens the upper layer's file directly. The answer is
@@ -140,8 +141,9 @@ def open_for_writing(fd: int) -> WriterCheck:
 
     `fd` must be open O_RDONLY (a writable one would count itself). The lease is released
     before this returns, whatever happens, and the kernel resets the descriptor's F_SETSIG
-    with it, so nothing is left behind. Errors other than the refusals listed in
-    WRITER_PRESENT and UNAVAILABLE (EBADF, say) are raised.
+    with it (a refused lease leaves F_SETSIG at BREAK_SIGNAL, which only matters to O_ASYNC
+    users). Errors other than the refusals listed in WRITER_PRESENT and UNAVAILABLE (EBADF,
+    say) are raised.
     """
     _require_read_only(fd)
     return _attempt(fd)[0]
