@@ -46,10 +46,10 @@ def _need_nspawn() -> None:
                     f"{sys.version_info[:2]}: its compiled dependencies would not load")
 
 
-@pytest.fixture(scope="module")
-def seen(tmp_path_factory):
+def _boot(tmp: Path, scenario: str) -> dict:
+    """Boot the container with the program, the shipped unit and the test drop-in bound in,
+    run tests/support/SCENARIO against it, and return what the scenario saw."""
     _need_nspawn()
-    tmp = tmp_path_factory.mktemp("nspawn")
     drop_in = tmp / "test.conf"
     drop_in.write_text(DROP_IN)
     site = sysconfig.get_paths()["purelib"]
@@ -68,13 +68,23 @@ def seen(tmp_path_factory):
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NSPAWN_LOG": str(tmp / "console.log"),
            "NSPAWN_BINDS": " ".join(f"{src}:{dst}" for src, dst in binds.items())}
     proc = subprocess.run([str(SUPPORT / "nspawn-boot.sh"), sys.executable,
-                           str(SUPPORT / "systemd_scenario.py"), str(out)], env=env,
+                           str(SUPPORT / scenario), str(out)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0 and out.exists(), (proc.stdout, proc.stderr)
     result = json.loads(out.read_text())
     print(json.dumps(result, indent=1))
     assert "error" not in result, json.dumps(result, indent=1)
     return result
+
+
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory):
+    return _boot(tmp_path_factory.mktemp("nspawn"), "systemd_scenario.py")
+
+
+@pytest.fixture(scope="module")
+def writer_seen(tmp_path_factory):
+    return _boot(tmp_path_factory.mktemp("nspawn-writers"), "writer_check_scenario.py")
 
 
 def test_starts_as_notify_service_and_publishes(seen):
@@ -118,3 +128,33 @@ def test_stops_cleanly(seen):
     assert seen["after_stop"]["ActiveState"] == "inactive"
     assert seen["after_stop"]["ExecMainStatus"] == "0"
     assert "stopped" in seen["journal_stopping"]
+
+
+def test_writer_check_under_the_shipped_sandbox(writer_seen):
+    """As the daemon runs (its user, CAP_LEASE, sandbox), a lease on a staged file of another
+    owner answers: none while idle, writing while a process in the container has it open for
+    writing. The check unit is the shipped file with only its start-up lines replaced, so
+    this fails when the unit loses CAP_LEASE or gets PrivateUsers=yes back."""
+    assert writer_seen["sandbox_differences"] == {}, writer_seen["sandbox_differences"]
+    assert writer_seen["sandbox"]["User"] == "contimg"
+    assert writer_seen["target_owner"] == "root 0"
+    uid = int(writer_seen["contimg_uid"])
+    for run in ("idle", "busy", "after_close", "private_users"):
+        assert writer_seen[run]["start_rc"] == 0, writer_seen[run]
+        assert writer_seen[run]["Result"] == "success", writer_seen[run]
+        assert writer_seen[run]["file"]["uid"] == uid, writer_seen[run]
+    assert writer_seen["idle"]["file"]["check"] == "none", writer_seen["idle"]
+    assert writer_seen["idle"]["folder"]["method"] == "lease", writer_seen["idle"]
+    assert "night2.fits (owner uid 0) was answered" in writer_seen["idle"]["folder"]["reason"]
+    assert writer_seen["holder"] == "ready"
+    assert writer_seen["busy"]["file"]["check"] == "writing", writer_seen["busy"]
+    assert writer_seen["after_close"]["file"]["check"] == "none", writer_seen["after_close"]
+
+
+def test_private_users_would_defeat_cap_lease(writer_seen):
+    """The control: the same check with PrivateUsers=yes added sees CAP_LEASE in CapEff and is
+    refused anyway, since the kernel checks it in the initial user namespace."""
+    run = writer_seen["private_users"]
+    assert run["file"]["check"] == "unknown", run
+    assert run["folder"]["method"] == "close-write", run
+    assert "user namespace" in run["folder"]["reason"], run
