@@ -161,8 +161,8 @@ def umount(path: Path) -> None:
 
 
 def start_daemon(sandbox: Sandbox, notify_path: Path | None = None,
-                 watchdog_usec: int | None = None, extra_env: dict[str, str] | None = None
-                 ) -> subprocess.Popen[str]:
+                 watchdog_usec: int | None = None, extra_env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
     """`run` as a real process, its log (JSON lines) appended to daemon.log in the sandbox."""
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
@@ -173,7 +173,7 @@ def start_daemon(sandbox: Sandbox, notify_path: Path | None = None,
         env["WATCHDOG_USEC"] = str(watchdog_usec)
     env.update(extra_env or {})
     log = open(sandbox.root / "daemon.log", "a")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([PYTHON, "-m", "contimg_publisher", "--config",
+    return subprocess.Popen([*prefix, PYTHON, "-m", "contimg_publisher", "--config",
                              str(sandbox.config_path), "run"], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, text=True)
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +22,20 @@ import pytest
 from astropy.io import fits
 
 from contimg_publisher.publish import CRASH_ENV
-from tests.helpers import Sandbox, is_root, mount_tmpfs, umount, write_fits
-from tests.test_publish import archive_files, sha256, stage, temps
+from tests.helpers import (
+    Sandbox,
+    is_root,
+    log_events,
+    mount_tmpfs,
+    start_daemon,
+    stop,
+    umount,
+    wait_for,
+    write_fits,
+)
+from tests.test_publish import archive_files, register_only, sha256, stage, temps
+
+NO_CAP_LEASE = ("setpriv", "--inh-caps=-all", "--bounding-set=-lease", "--")
 
 IMAGE_RULES = [
     {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics"},
@@ -248,3 +264,128 @@ def test_file_written_to_in_place_after_its_copy_is_not_removed(tmp_path: Path) 
         assert_archive_matches_registry(sandbox)
     finally:
         umount(products)
+
+
+# --- no writer, no publish ---------------------------------------------------------------------
+
+WRITER = r"""
+import sys, time
+path, first, rest, pause = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+with open(first, "rb") as f:
+    head = f.read()
+with open(rest, "rb") as f:
+    tail = f.read()
+with open(path, "ab") as out:
+    out.write(head)
+    out.flush()
+    print("paused", flush=True)
+    time.sleep(pause)      # the descriptor stays open, at an HDU boundary
+    out.write(tail)
+print("closed", flush=True)
+"""
+
+
+def two_hdus(seed: int) -> tuple[bytes, bytes]:
+    """A mosaic with a table extension, split at the HDU boundary: the first part alone is
+    a complete, valid FITS file."""
+    import io
+
+    import numpy as np
+
+    from tests.helpers import mosaic_hdu
+    table = fits.BinTableHDU.from_columns(
+        [fits.Column(name="flux", format="E", array=np.arange(100, dtype=np.float32) + seed)])
+    buf = io.BytesIO()
+    fits.HDUList([mosaic_hdu(32, seed), table]).writeto(buf, checksum=True)
+    whole = buf.getvalue()
+    primary = io.BytesIO()
+    fits.HDUList([mosaic_hdu(32, seed)]).writeto(primary, checksum=True)
+    cut = len(primary.getvalue())
+    assert whole[cut:cut + 8] == b"XTENSION"
+    return whole[:cut], whole[cut:]
+
+
+def _writer(tmp: Path, path: Path, head: bytes, tail: bytes, pause: float,
+            prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    (tmp / "head.bin").write_bytes(head)
+    (tmp / "tail.bin").write_bytes(tail)
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", WRITER, str(path),
+                             str(tmp / "head.bin"), str(tmp / "tail.bin"), str(pause)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "paused"
+    return proc
+
+
+def _published(sandbox: Sandbox, data_id: str) -> dict | None:
+    row = sandbox.row(data_id)
+    return row if row is not None and row["status"] == "published" else None
+
+
+def test_writer_pausing_at_an_hdu_boundary_is_waited_for(sandbox: Sandbox) -> None:
+    """The pipeline writes the primary HDU, flushes, and pauses far longer than the settle
+    time with its file open, then writes the table: only the whole file is published."""
+    head, tail = two_hdus(seed=3)
+    proc = start_daemon(sandbox)
+    try:
+        writer = _writer(sandbox.root, sandbox.mosaics / "paused.fits", head, tail, pause=3.0)
+        time.sleep(2.0)  # more than six settle times with a valid FITS file on disk
+        assert sandbox.row("paused") is None, "registered while its writer still had it open"
+        assert writer.wait(timeout=30) == 0
+        row = wait_for(lambda: _published(sandbox, "paused"), what="paused published")
+    finally:
+        assert stop(proc) == 0
+    archived = Path(row["published_path"])
+    assert archived.read_bytes() == head + tail
+    assert row["checksum"] == f"sha256:{sha256(head + tail)}"
+    assert_archive_matches_registry(sandbox)
+    checks = [e for e in log_events(sandbox) if e.get("event") == "writer_check"]
+    assert [e["method"] for e in checks] == ["lease"], checks
+
+
+def test_writer_that_appears_after_registration_stops_the_publish(sandbox: Sandbox) -> None:
+    """A writer opens the registered file before it is published (an append, an in-place
+    update): the publish is source_changed, nothing reaches the archive, and the file is
+    published whole once the writer is done."""
+    head, tail = two_hdus(seed=4)
+    staged = sandbox.mosaics / "late.fits"
+    staged.write_bytes(head)
+    old = time.time() - 60
+    os.utime(staged, (old, old))
+    assert register_only(sandbox) == ["late"]
+    writer = _writer(sandbox.root, staged, b"", tail, pause=2.0)
+    out = sandbox.cli("publish", "late")
+    assert out.returncode == 1 and "open for writing by another process" in out.stderr
+    assert archive_files(sandbox.products) == {}
+    assert staged.exists()
+    assert writer.wait(timeout=30) == 0
+    time.sleep(0.5)
+    sandbox.cli("scan", check=True)
+    row = sandbox.row("late")
+    assert row["status"] == "published"
+    assert Path(row["published_path"]).read_bytes() == head + tail
+    assert_archive_matches_registry(sandbox)
+
+
+def test_without_leases_close_write_events_stand_in(tmp_path: Path) -> None:
+    """A daemon without CAP_LEASE, on a staging folder owned by another user: it says it
+    falls back to close-write events, and still waits for the paused writer."""
+    if not is_root() or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to drop CAP_LEASE")
+    sandbox = Sandbox(tmp_path)
+    os.chown(sandbox.stage, 65534, 65534)
+    os.chown(sandbox.mosaics, 65534, 65534)
+    head, tail = two_hdus(seed=5)
+    proc = start_daemon(sandbox, prefix=NO_CAP_LEASE)
+    try:
+        wait_for(lambda: any(e.get("event") == "started" for e in log_events(sandbox)),
+                 what="the daemon to start")
+        writer = _writer(sandbox.root, sandbox.mosaics / "nocap.fits", head, tail, pause=3.0)
+        time.sleep(2.0)
+        assert sandbox.row("nocap") is None, "registered while its writer still had it open"
+        assert writer.wait(timeout=30) == 0
+        row = wait_for(lambda: _published(sandbox, "nocap"), what="nocap published")
+    finally:
+        assert stop(proc) == 0
+    assert Path(row["published_path"]).read_bytes() == head + tail
+    [check] = [e for e in log_events(sandbox) if e.get("event") == "writer_check"]
+    assert check["method"] == "close-write" and "CAP_LEASE" in check["reason"], check

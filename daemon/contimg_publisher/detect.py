@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from contimg_publisher import fits, paths
+from contimg_publisher import fits, paths, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import Candidate, Identity, Product, Registry
 
@@ -268,7 +268,8 @@ class Description:
 
 
 def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
-                  dirs: paths.DirCache | None = None) -> Description:
+                  dirs: paths.DirCache | None = None,
+                  busy: Callable[[int, bytes], bool] | None = None) -> Description:
     """Check a staged file's content and describe it in one streaming read.
 
     `dirs` shares folder descriptors with the other files of one pass; without it the
@@ -278,13 +279,17 @@ def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
     """
     if dirs is None:
         with paths.DirCache(root_fd) as own:
-            return describe_file(root_fd, parts, algorithm, own)
+            return describe_file(root_fd, parts, algorithm, own, busy)
     try:
         fd, parent_fd, st = dirs.open_file(parts, verify=False)
     except paths.UnsafePath as exc:
         raise Rejected(exc.reason) from None
     try:
         before = _identity(st)
+        # No writer, no publish: a file some process still has open for writing is not
+        # finished, however long it has been quiet (a writer pausing between two HDUs).
+        if busy is not None and busy(fd, b""):
+            raise NotReady("open for writing by another process")
         if before.size == 0:
             raise Rejected("empty file (0 bytes)")
         head = os.pread(fd, 80, 0)
@@ -305,6 +310,8 @@ def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
         after = _identity(os.fstat(fd))
         if not _same(before, after) or after.ctime_ns != before.ctime_ns:
             raise NotReady("changed while being read")
+        if busy is not None and busy(fd, b""):
+            raise NotReady("opened for writing while being read")
         # The name must still lead to the file that was read, through the same folders.
         try:
             now = _identity(os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False))
@@ -317,7 +324,8 @@ def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
         os.close(fd)
 
 
-def tree_digest(dir_fd: int, algorithm: str) -> tuple[int, str, int]:
+def tree_digest(dir_fd: int, algorithm: str,
+                busy: Callable[[int, bytes], bool] | None = None) -> tuple[int, str, int]:
     """(total bytes, "algorithm:hex" over a sorted manifest of the tree, newest ctime_ns).
 
     The manifest holds each entry's relative path, type, size and content digest, so two
@@ -338,6 +346,8 @@ def tree_digest(dir_fd: int, algorithm: str) -> tuple[int, str, int]:
             elif stat.S_ISREG(st.st_mode):
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top_fd)
                 try:
+                    if busy is not None and busy(fd, rel):
+                        raise NotReady(f"{paths.display(rel)} is open for writing")
                     size, digest = fits.hash_fd(fd, algorithm=algorithm)
                 finally:
                     os.close(fd)
@@ -353,7 +363,8 @@ def tree_digest(dir_fd: int, algorithm: str) -> tuple[int, str, int]:
 
 
 def describe_directory(root_fd: int, parts: tuple[bytes, ...], rule: ProductRule,
-                       algorithm: str) -> Description:
+                       algorithm: str,
+                       busy: Callable[[int, bytes], bool] | None = None) -> Description:
     try:
         dir_fd = paths.open_dir_under(root_fd, parts)
     except paths.UnsafePath as exc:
@@ -368,7 +379,7 @@ def describe_directory(root_fd: int, parts: tuple[bytes, ...], rule: ProductRule
             if not stat.S_ISREG(st.st_mode):
                 raise Rejected(f"{required} is {type_name(st.st_mode)}, not a regular file")
         try:
-            total, checksum, newest = tree_digest(dir_fd, algorithm)
+            total, checksum, newest = tree_digest(dir_fd, algorithm, busy)
         except FileNotFoundError:
             # Something inside went away during the walk: the folder is still changing. (The
             # folder itself is held open; if it is gone, the next check finds that.)
@@ -429,10 +440,12 @@ class Detector:
     """Paths waiting to settle, and the checks that turn them into registered products."""
 
     def __init__(self, config: Config, registry: Registry,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 gate: writers.WriterGate | None = None) -> None:
         self.config = config
         self.registry = registry
         self.clock = clock
+        self.gate = gate if gate is not None else writers.WriterGate()
         self.pending: dict[tuple[bytes, ...], Pending] = {}
         self.root = os.fsencode(str(config.stage_root))
         # Folders the last walk could not list: what is below them was not seen, not gone.
@@ -740,11 +753,15 @@ class Detector:
             entry.check_at = quiet_since + settle
             return None
         algorithm = self.config.checksum_algorithm
+        full = os.path.join(self.root, *m.parts)
+
+        def busy(fd: int, rel: bytes) -> bool:
+            return self.gate.busy(fd, os.path.join(full, rel) if rel else full)
         try:
             if want_dir:
-                desc = describe_directory(root_fd, m.parts, m.rule, algorithm)
+                desc = describe_directory(root_fd, m.parts, m.rule, algorithm, busy)
             else:
-                desc = describe_file(root_fd, m.parts, algorithm, dirs)
+                desc = describe_file(root_fd, m.parts, algorithm, dirs, busy)
         except Rejected as exc:
             return self._reject(m, data_id, stage_path, str(exc), ident)
         except NotReady:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from contimg_publisher import detect, fits, paths
+from contimg_publisher import detect, fits, paths, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.registry import FailureOutcome, Identity, Product, Published, Registry
@@ -330,11 +330,33 @@ class Publisher:
     """Publishes claimed rows; one instance per thread (it uses that thread's Registry)."""
 
     def __init__(self, config: Config, registry: Registry, owner: str,
-                 log: Any = None) -> None:
+                 log: Any = None, gate: writers.WriterGate | None = None) -> None:
         self.config = config
         self.registry = registry
         self.owner = owner
         self.log = log
+        self.gate = gate if gate is not None else writers.WriterGate()
+
+    def _no_writer(self, fd: int, path: bytes, shown: str) -> None:
+        """Right before a final rename: a writer that appeared since registration would
+        write into the archive (a rename) or has bytes the copy lacks."""
+        if self.gate.busy(fd, path):
+            raise PublishFailure("source_changed", f"{shown}: open for writing by another "
+                                 "process; it is examined again once the writer is done")
+
+    def _no_writer_in_tree(self, dir_fd: int, path: bytes, shown: str) -> None:
+        for rel, _dirs, files, dfd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC |
+                                 os.O_NONBLOCK, dir_fd=dfd)
+                    try:
+                        inner = os.path.normpath(os.path.join(os.fsencode(rel),
+                                                              os.fsencode(name)))
+                        if stat.S_ISREG(os.fstat(fd).st_mode):
+                            self._no_writer(fd, os.path.join(path, inner), shown)
+                    finally:
+                        os.close(fd)
 
     def _warn(self, event: str, **fields: Any) -> None:
         if self.log is not None:
@@ -631,6 +653,7 @@ class Publisher:
             if not sc.placed:
                 self._move_sidecar(job, sc)
         _crash_point("after_sidecars")
+        self._no_writer_anywhere(job, rule)
         _rename_checked(job.src_parent, name, job.src_fd, job.dest_fd, job.final,
                         job.product.stage_path)
         if rule.kind == "directory":
@@ -638,6 +661,13 @@ class Publisher:
             return "rename"
         os.fchmod(job.src_fd, cfg.file_mode)
         return "rename"
+
+    def _no_writer_anywhere(self, job: _Job, rule: ProductRule) -> None:
+        if rule.kind == "directory":
+            self._no_writer_in_tree(job.src_fd, job.product.stage_bytes,
+                                    job.product.stage_path)
+        else:
+            self._no_writer(job.src_fd, job.product.stage_bytes, job.product.stage_path)
 
     def _move_sidecar(self, job: _Job, sc: _Source) -> None:
         """One sidecar on one filesystem: renamed when it has no other name, else copied."""
@@ -651,6 +681,8 @@ class Publisher:
             if st.st_nlink != 1:
                 self._copy_sidecar(job, sc, fd, "sha256", None)
                 return
+            self._no_writer(fd, os.path.join(os.fsencode(str(self.config.stage_root)),
+                                             *job.parts[:-1], sc.name), paths.display(sc.name))
             try:
                 _rename_checked(job.src_parent, sc.name, fd, job.dest_fd, sc.dest_name,
                                 paths.display(sc.name))
@@ -709,6 +741,10 @@ class Publisher:
                                  f"copy of {product.stage_path} does not match the registry: "
                                  f"{size} bytes {checksum}, expected {product.size_bytes} bytes "
                                  f"{product.checksum}")
+        if rule.kind == "directory":
+            self._no_writer_in_tree(src_fd, product.stage_bytes, product.stage_path)
+        else:
+            self._no_writer(src_fd, product.stage_bytes, product.stage_path)
         paths.rename_noreplace(dest_fd, temp, dest_fd, final)
         return size
 
@@ -730,6 +766,8 @@ class Publisher:
         sc_temp = paths.temp_name(sc.dest_name, f"{product.id}-{uuid.uuid4().hex[:8]}")
         temps.append(sc_temp)
         self._copy_file(fd, dest_fd, sc_temp, algorithm, cancel, tick)
+        self._no_writer(fd, os.path.join(os.path.dirname(product.stage_bytes), sc.name),
+                        paths.display(sc.name))
         try:
             paths.rename_noreplace(dest_fd, sc_temp, dest_fd, sc.dest_name)
         except FileExistsError:

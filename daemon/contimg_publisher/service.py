@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contimg_publisher import config as config_mod
-from contimg_publisher import detect, lock, logs, metrics, publish, watch
+from contimg_publisher import detect, lock, logs, metrics, publish, watch, writers
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import Product, Registry, RegistryError
 
@@ -104,6 +104,7 @@ class Worker:
     config: Config
     owner: str
     wake: Any
+    gate: writers.WriterGate
     jobs: queue.SimpleQueue[tuple[Product, Config, str] | None] = field(
         default_factory=queue.SimpleQueue)
     results: queue.SimpleQueue[tuple[Product, publish.Result | Exception]] = field(
@@ -130,7 +131,8 @@ class Worker:
             try:
                 if registry is None:
                     registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False)
-                publisher = publish.Publisher(cfg, registry, self.owner, logs.get_logger())
+                publisher = publish.Publisher(cfg, registry, self.owner, logs.get_logger(),
+                                              self.gate)
                 result: Any = publisher.publish(product, mode=mode, cancel=self.cancel)
             except Exception as exc:  # the loop must hear about every job, whatever happened
                 result = exc
@@ -154,6 +156,9 @@ class Daemon:
         self.watcher: watch.Watcher | None = None
         self.detector: detect.Detector | None = None
         self.worker: Worker | None = None
+        # Which process has a staged file open for writing: the kernel's leases, or the
+        # watch's close-write events where leases do not answer (set up by _probe_writers).
+        self.gate = writers.WriterGate(leases=True, tracker=writers.WriteTracker())
         self.stopping = False
         self.rescan_requested = False
         self.next_rescan = 0.0
@@ -202,11 +207,12 @@ class Daemon:
         self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
         notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
         self._reconcile(startup=True)
-        self.detector = detect.Detector(cfg, self.registry)
+        self.detector = detect.Detector(cfg, self.registry, gate=self.gate)
         self._start_watcher()
+        self._probe_writers()
         notify(f"STATUS=scanning {cfg.stage_root}")
         self._rescan(startup=True)
-        self.worker = Worker(cfg, self.owner, self.wake)
+        self.worker = Worker(cfg, self.owner, self.wake, self.gate)
         self.worker.start()
         self._start_metrics()
         self.log.info("started", stage_root=str(cfg.stage_root),
@@ -247,6 +253,13 @@ class Daemon:
         self.watcher = watch.Watcher(root, self.changes, wake=self.wake, log=self.log)
         if not self.watcher.start():
             self.watcher = None
+
+    def _probe_writers(self) -> None:
+        """Say once which method tells that a staged file is still being written."""
+        probe = writers.lease_method_probe(str(self.config.stage_root))
+        self.gate.leases = probe.method is writers.Method.LEASE
+        self.log.info("writer_check", method=str(probe.method), reason=probe.reason,
+                      stage_root=str(self.config.stage_root))
 
     def _reconcile(self, startup: bool = False) -> None:
         cfg = self.config
@@ -322,9 +335,19 @@ class Daemon:
                 change = self.changes.get_nowait()
             except queue.Empty:
                 return
+            tracker = self.gate.tracker
+            assert tracker is not None
             if isinstance(change, str):  # watch.RESCAN, the only string the watcher queues
                 self.rescan_requested = True
+                tracker.clear()  # a close-write may be among the events lost
+                continue
+            if change.kind == "modified":
+                tracker.modified(change.path)
+            elif change.kind == "closed":
+                tracker.closed_after_write(change.path)
             elif change.kind in ("deleted", "moved_out"):
+                tracker.moved(change.path, change.dest)
+            if change.kind in ("deleted", "moved_out"):
                 self.detector.forget(change.path)
             elif change.kind in ("created", "moved_in") and os.path.isdir(change.path) and \
                     not os.path.islink(change.path):
@@ -338,7 +361,8 @@ class Daemon:
         self.metrics.observe_detect(outcome)
         if outcome.action in TIDY_ACTIONS:
             assert self.registry is not None
-            publisher = publish.Publisher(self.config, self.registry, self.owner, self.log)
+            publisher = publish.Publisher(self.config, self.registry, self.owner, self.log,
+                                          self.gate)
             log_tidied(self.log, publisher.tidy(outcome))
 
     def _claim_next(self) -> None:
@@ -439,6 +463,9 @@ class Daemon:
             if self.watcher is not None:
                 self.watcher.stop()
             self._start_watcher()
+            assert self.gate.tracker is not None
+            self.gate.tracker.clear()
+            self._probe_writers()
         self.rescan_requested = True
         self.status_note = ""
         self.metrics.observe_reload(True, new)

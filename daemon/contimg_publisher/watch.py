@@ -66,7 +66,7 @@ warnings.filterwarnings("ignore", message=r"Callback with id '\d+' already exist
 
 _KIND_OF: dict[type[FileSystemEvent], str] = {
     FileCreatedEvent: "created", DirCreatedEvent: "created",
-    FileModifiedEvent: "modified", FileAttribEvent: "modified", DirAttribEvent: "modified",
+    FileModifiedEvent: "modified", FileAttribEvent: "attrib", DirAttribEvent: "attrib",
     FileClosedEvent: "closed",
     FileDeletedEvent: "deleted", DirDeletedEvent: "deleted",
 }
@@ -74,11 +74,15 @@ _KIND_OF: dict[type[FileSystemEvent], str] = {
 
 @dataclass(frozen=True)
 class Change:
-    """Something happened to `path` (absolute, os.fsdecode form); `kind` is created, modified,
-    closed, moved_in, deleted or moved_out."""
+    """Something happened to `path` (absolute, os.fsdecode form); `kind` is created,
+    modified (written: IN_MODIFY), attrib (chmod, chown, touch: no write), closed (a
+    descriptor open for writing was closed: IN_CLOSE_WRITE), moved_in, deleted or moved_out.
+    A moved_out names in `dest` where it went ("" outside the watch): a rename keeps the
+    writers' descriptors, and the close-write tracker follows it."""
 
     path: str
     kind: str
+    dest: str = ""
 
 
 def _sysctl(name: str) -> str:
@@ -170,6 +174,10 @@ class _Sink:
             path = self.rebase(raw) if raw and kind else None
             if path is not None:
                 changes.append(Change(path, kind))
+        if isinstance(event, FileSystemMovedEvent) and changes and \
+                changes[0].kind == "moved_out":
+            dest = self.rebase(event.dest_path) if event.dest_path else None
+            changes[0] = Change(changes[0].path, "moved_out", dest or "")
         return changes
 
     def event(self, event: FileSystemEvent) -> None:

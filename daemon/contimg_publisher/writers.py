@@ -353,9 +353,10 @@ class WriteTracker:
       nothing about writers; IN_ATTRIB (chmod, chown, touch) is no write, and neither is
       IN_CREATE (a hard link or mknod never closes; a new file's first write is IN_MODIFY).
 
-    Only watch.py's "modified" changes that come from FileModifiedEvent qualify (it folds
-    FileAttribEvent into that kind too). After lost events (inotify queue overflow: RESCAN),
-    call `clear()`: a close-write may be among them, and a stale mark would never clear.
+    watch.py's changes map the same way: "modified" (FileModifiedEvent only; attribute
+    changes are "attrib"), "closed", "moved_out" (with its `dest`), "deleted". After lost
+    events (inotify queue overflow: RESCAN), call `clear()`: a close-write may be among them,
+    and a stale mark would never clear.
 
     What it cannot see (the lease sees it): a writer that opened the file before the watch
     began and has not written since; a writer that opened but has not written yet; writes in
@@ -421,6 +422,24 @@ class WriteTracker:
             self.moved(event.src_path, event.dest_path)
         elif isinstance(event, FileDeletedEvent | DirDeletedEvent):
             self.forget(event.src_path)
+
+
+class WriterGate:
+    """The writer check of one process: the kernel's answer (a lease) where it gives one,
+    else the close-write tracker where the daemon watches, else nothing (the settle time
+    alone, as for `scan` on a filesystem without leases)."""
+
+    def __init__(self, leases: bool = True, tracker: WriteTracker | None = None) -> None:
+        self.leases = leases
+        self.tracker = tracker
+
+    def busy(self, fd: int, path: str | bytes) -> bool:
+        """Whether the file open read-only at `fd` (found at `path`) has a writer."""
+        if self.leases:
+            check = open_for_writing(fd)
+            if check is not WriterCheck.UNKNOWN:
+                return check is WriterCheck.WRITING
+        return self.tracker is not None and self.tracker.still_being_written(path)
 
 
 # --- command line ------------------------------------------------------------------------------
