@@ -20,7 +20,8 @@ The protocol, each step recoverable from what is on disk plus the row:
      to what was published (a folder: the same bytes, hashed again).
 Only the archive's own new inodes are ever chmod-ed.
 A failure removes the temporary file, leaves the source alone and is recorded
-with its kind; `reconcile` resolves publishes that a crash interrupted.
+with its kind; `reconcile` (its own module) resolves publishes that a crash
+interrupted, and `transfer` holds the byte-level steps (copy, compare, rename).
 
 Several claimed products can go through the protocol together (`publish_many`):
 each still takes every step in order, but the durable ones are shared (one commit
@@ -32,9 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
-import queue
 import signal
 import stat
 import threading
@@ -45,29 +44,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from contimg_publisher import detect, fits, paths, writers
+from contimg_publisher import detect, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
-from contimg_publisher.lock import owner_alive
 from contimg_publisher.registry import FailureOutcome, Identity, Product, Published, Registry
+from contimg_publisher.transfer import Cancelled, PublishFailure
 
-CHUNK = 8 << 20
 # Test-only fault injection: the process kills itself at the named step. Read nowhere else.
 CRASH_ENV = "CONTIMG_PUBLISHER_TEST_CRASH_AT"
-DELAY_ENV = "CONTIMG_PUBLISHER_TEST_COPY_DELAY"  # seconds per chunk, tests only
 CRASH_POINTS = ("after_sidecars", "after_temp_write", "after_rename", "after_commit",
                 "before_source_removal")
-
-
-class PublishFailure(Exception):
-    """A publish attempt that failed for a reason with a kind."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        self.kind = kind
-        super().__init__(message)
-
-
-class Cancelled(Exception):
-    """The daemon is stopping: the attempt is abandoned cleanly."""
 
 
 @dataclass
@@ -135,100 +120,6 @@ def sidecar_destination(sidecar: bytes, staged_name: bytes, final_name: bytes,
 def _full(root: bytes, folder: tuple[bytes, ...], name: bytes) -> bytes:
     return os.path.join(root, *folder, name)
 
-
-# --- copying ----------------------------------------------------------------------------------
-
-class _Hasher(threading.Thread):
-    """Hashes chunks beside the copy: hashlib releases the GIL, so reading, writing and
-    hashing overlap instead of adding up."""
-
-    def __init__(self, algorithm: str) -> None:
-        super().__init__(daemon=True, name="contimg-hash")
-        self.digest = hashlib.new(algorithm)
-        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
-
-    def run(self) -> None:
-        while (chunk := self.chunks.get()) is not None:
-            self.digest.update(chunk)
-
-
-def copy_fd(src_fd: int, dst_fd: int, algorithm: str, *, cancel: threading.Event | None = None,
-            tick: Callable[[], None] | None = None) -> tuple[int, str]:
-    """Copy all of src into dst from offset 0, hashing the bytes copied; returns (size, checksum).
-
-    `tick` runs about once a second (lease renewal); `cancel` aborts with Cancelled.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    hasher = _Hasher(algorithm)
-    hasher.start()
-    offset = 0
-    # Tests stop the daemon in the middle of a copy; no disk here is slow enough to do it.
-    delay = float(os.environ.get(DELAY_ENV) or 0)
-    last_tick = time.monotonic()
-    try:
-        while True:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("stopping")
-            chunk = os.pread(src_fd, CHUNK, offset)
-            if not chunk:
-                break
-            hasher.chunks.put(chunk)
-            view = memoryview(chunk)
-            while view:
-                written = os.write(dst_fd, view)
-                view = view[written:]
-            offset += len(chunk)
-            if delay:
-                time.sleep(delay)
-            if tick is not None and time.monotonic() - last_tick >= 1.0:
-                last_tick = time.monotonic()
-                tick()
-    finally:
-        hasher.chunks.put(None)
-        hasher.join()
-    return offset, f"{algorithm}:{hasher.digest.hexdigest()}"
-
-
-def _same_content(dir_fd: int, name: bytes, size: int | None, checksum: str | None,
-                  kind: str) -> bool:
-    """Whether an existing entry already holds exactly the product's bytes."""
-    if checksum is None:
-        return False
-    algorithm = checksum.split(":", 1)[0]
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if kind == "directory":
-        if not stat.S_ISDIR(st.st_mode):
-            return False
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-        try:
-            return detect.tree_digest(fd, algorithm)[1] == checksum
-        except detect.Rejected:
-            return False
-        finally:
-            os.close(fd)
-    if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
-        return False
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        return fits.hash_fd(fd, algorithm=algorithm)[1] == checksum
-    finally:
-        os.close(fd)
-
-
-def _exists(dir_fd: int, name: bytes) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-# --- one publish ------------------------------------------------------------------------------
 
 @dataclass
 class _Source:
@@ -423,7 +314,7 @@ class Publisher:
         except paths.UnsafePath as exc:
             self._fail(job, "source_changed", f"{exc.path}: {exc.reason}")
         except OSError as exc:
-            self._fail(job, classify(exc), _os_text(exc))
+            self._fail(job, classify(exc), transfer.os_text(exc))
         return False
 
     def _fail(self, job: _Job, kind: str, text: str) -> None:
@@ -468,7 +359,7 @@ class Publisher:
         kind_ok = stat.S_ISDIR(st.st_mode) if rule.kind == "directory" else \
             stat.S_ISREG(st.st_mode)
         job.ident = Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if not kind_ok or not _same_file(product.identity, job.ident, rule.kind):
+        if not kind_ok or not transfer.same_file(product.identity, job.ident, rule.kind):
             raise PublishFailure("source_changed", f"{product.stage_path}: changed since it "
                                  "was registered; it will be examined again")
         try:
@@ -503,7 +394,7 @@ class Publisher:
         if job.identical:
             return
         job.same_fs = folders.same_filesystem(parts[:-1], folder)
-        if job.same_fs and _linked_elsewhere(job.src_fd, st, rule.kind):
+        if job.same_fs and transfer.linked_elsewhere(job.src_fd, st, rule.kind):
             job.same_fs = False
             self._warn("hard_linked_source", data_id=product.data_id,
                        data_type=product.data_type, stage_path=product.stage_path,
@@ -561,7 +452,7 @@ class Publisher:
             if sync_error is None:
                 kept.append(job)
             else:
-                self._fail(job, classify(sync_error), _os_text(sync_error))
+                self._fail(job, classify(sync_error), transfer.os_text(sync_error))
         return kept
 
     def _commit(self, placed: list[_Job], folders: _Folders) -> None:
@@ -590,7 +481,7 @@ class Publisher:
                     touched[job.parts[:-1]] = job.src_parent
             except OSError as exc:
                 self._warn("source_not_removed", data_id=job.product.data_id,
-                           stage_path=job.product.stage_path, error=_os_text(exc),
+                           stage_path=job.product.stage_path, error=transfer.os_text(exc),
                            reason="published; the staged copy is removed on a later pass")
             job.finish()
         for folder, fd in touched.items():
@@ -598,7 +489,7 @@ class Publisher:
                 paths.fsync_dir(fd)
             except OSError as exc:
                 self._warn("source_not_removed", stage_path=paths.display(
-                    os.path.join(folders.stage_root, *folder)), error=_os_text(exc),
+                    os.path.join(folders.stage_root, *folder)), error=transfer.os_text(exc),
                     reason="the removal may not be durable; a later pass removes the copy")
 
     def _sidecars(self, src_parent: int, product_name: bytes, staged_name: bytes,
@@ -631,14 +522,15 @@ class Publisher:
             candidate = versioned(name, rule, version)
             if candidate in taken:
                 continue
-            if not _exists(dest_fd, candidate):
-                if all(_files_equal_across(src_parent, s.name, dest_fd,
+            if not transfer.exists(dest_fd, candidate):
+                if all(transfer.files_equal_across(src_parent, s.name, dest_fd,
                                            sidecar_destination(s.name, name, candidate, rule))
                        for s in sidecars
-                       if _exists(dest_fd, sidecar_destination(s.name, name, candidate, rule))):
+                       if transfer.exists(dest_fd,
+                                          sidecar_destination(s.name, name, candidate, rule))):
                     return candidate, version, False
                 continue
-            if _same_content(dest_fd, candidate, product.size_bytes if rule.kind == "file"
+            if transfer.same_content(dest_fd, candidate, product.size_bytes if rule.kind == "file"
                              else None, product.checksum, rule.kind):
                 return candidate, version, True
         raise PublishFailure("other", f"{paths.display(name)}: 10,000 versions already exist")
@@ -654,10 +546,10 @@ class Publisher:
                 self._move_sidecar(job, sc)
         _crash_point("after_sidecars")
         self._no_writer_anywhere(job, rule)
-        _rename_checked(job.src_parent, name, job.src_fd, job.dest_fd, job.final,
+        transfer.rename_checked(job.src_parent, name, job.src_fd, job.dest_fd, job.final,
                         job.product.stage_path)
         if rule.kind == "directory":
-            _chmod_tree(job.dest_fd, job.final, cfg.file_mode, cfg.dir_mode)
+            transfer.chmod_tree(job.dest_fd, job.final, cfg.file_mode, cfg.dir_mode)
             return "rename"
         os.fchmod(job.src_fd, cfg.file_mode)
         return "rename"
@@ -684,7 +576,7 @@ class Publisher:
             self._no_writer(fd, os.path.join(os.fsencode(str(self.config.stage_root)),
                                              *job.parts[:-1], sc.name), paths.display(sc.name))
             try:
-                _rename_checked(job.src_parent, sc.name, fd, job.dest_fd, sc.dest_name,
+                transfer.rename_checked(job.src_parent, sc.name, fd, job.dest_fd, sc.dest_name,
                                 paths.display(sc.name))
             except FileExistsError:
                 # The same bytes are there already (_choose_name made sure); the staged
@@ -731,7 +623,7 @@ class Publisher:
         st = os.fstat(src_fd)
         if (st.st_size if rule.kind == "file" else size) != product.size_bytes or \
                 checksum != product.checksum:
-            still = product.identity is not None and _same_file(
+            still = product.identity is not None and transfer.same_file(
                 product.identity, Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                                            st.st_ctime_ns), rule.kind)
             if not still:
@@ -773,7 +665,7 @@ class Publisher:
         except FileExistsError:
             # Left by an interrupted attempt of this same product: keep the copy that
             # is already there when it holds the same bytes.
-            if not _files_equal(dest_fd, sc_temp, sc.dest_name, algorithm):
+            if not transfer.files_equal(dest_fd, sc_temp, sc.dest_name, algorithm):
                 raise PublishFailure("other", f"sidecar {paths.display(sc.dest_name)} "
                                      "exists with other content") from None
             paths.remove_tree_under(dest_fd, sc_temp)
@@ -784,7 +676,7 @@ class Publisher:
         cfg = self.config
         out = paths.create_exclusive(dest_fd, temp, 0o600)
         try:
-            size, checksum = copy_fd(src_fd, out, algorithm, cancel=cancel, tick=tick)
+            size, checksum = transfer.copy_fd(src_fd, out, algorithm, cancel=cancel, tick=tick)
             st = os.fstat(src_fd)
             os.fchmod(out, cfg.file_mode)
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -845,21 +737,21 @@ class Publisher:
             st = None  # renamed into the archive
         # A file must be unchanged too (size and mtime): one written to in place after its
         # copy holds bytes the archive does not, and an inode number can be reused.
-        mode = st.st_mode if st is not None and _same_file(ident, Identity(
+        mode = st.st_mode if st is not None and transfer.same_file(ident, Identity(
             st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), rule.kind) \
             else None
         if mode is not None and rule.kind == "file" and stat.S_ISREG(mode):
             os.unlink(name, dir_fd=src_parent)
             removed = True
         elif mode is not None and rule.kind == "directory" and stat.S_ISDIR(mode) and \
-                _same_content(src_parent, name, None, checksum, "directory"):
+                transfer.same_content(src_parent, name, None, checksum, "directory"):
             paths.remove_tree_under(src_parent, name)
             removed = True
         for sc in sidecars:
             if sc.placed:
                 continue
             with contextlib.suppress(FileNotFoundError):
-                if _files_equal_across(src_parent, sc.name, dest_fd, sc.dest_name):
+                if transfer.files_equal_across(src_parent, sc.name, dest_fd, sc.dest_name):
                     os.unlink(sc.name, dir_fd=src_parent)
                     removed = True
         if removed and sync:
@@ -887,12 +779,12 @@ class Publisher:
                 _Source(sc.name, sidecar_destination(sc.name, parts[-1], final, rule))
                 for sc in self._sidecars(where.src_parent, parts[-1], parts[-1], rule)
             ] if rule.kind == "file" else []
-            before = _exists(where.src_parent, parts[-1])
+            before = transfer.exists(where.src_parent, parts[-1])
             self._remove_source(where.src_parent, parts[-1], product.identity, rule, sidecars,
                                 where.dest_fd, product.checksum)
-            if before and not _exists(where.src_parent, parts[-1]):
+            if before and not transfer.exists(where.src_parent, parts[-1]):
                 return Tidied.REMOVED
-            if before and rule.kind == "file" and _rerun_identical(
+            if before and rule.kind == "file" and transfer.rerun_identical(
                     where.src_parent, parts[-1], where.dest_fd, final, product.checksum):
                 paths.fsync_dir(where.src_parent)
                 return Tidied.IDENTICAL_REMOVED
@@ -922,8 +814,8 @@ class Publisher:
             for sc in self._sidecars(where.src_parent, parts[-1], parts[-1], rule):
                 sc.dest_name = sidecar_destination(sc.name, parts[-1], final, rule)
                 shown = paths.display(os.path.join(stage_root, *parts[:-1], sc.name))
-                if _exists(where.dest_fd, sc.dest_name):
-                    if _files_equal_across(where.src_parent, sc.name, where.dest_fd,
+                if transfer.exists(where.dest_fd, sc.dest_name):
+                    if transfer.files_equal_across(where.src_parent, sc.name, where.dest_fd,
                                            sc.dest_name):
                         os.unlink(sc.name, dir_fd=where.src_parent)
                         out.append((shown, Tidied.IDENTICAL_REMOVED,
@@ -953,7 +845,7 @@ class Publisher:
                 # A copy leaves its staged name until the record is durable.
                 for sc in placed:
                     with contextlib.suppress(FileNotFoundError):
-                        if not sc.placed and _files_equal_across(
+                        if not sc.placed and transfer.files_equal_across(
                                 where.src_parent, sc.name, where.dest_fd, sc.dest_name):
                             os.unlink(sc.name, dir_fd=where.src_parent)
             if out:
@@ -980,7 +872,8 @@ class Publisher:
                         "data_id": product.data_id, "sidecar": sidecar,
                         "published_path": product.published_path, "reason": why}))
         except (OSError, paths.UnsafePath) as exc:
-            text = _os_text(exc) if isinstance(exc, OSError) else f"{exc.path}: {exc.reason}"
+            text = transfer.os_text(exc) if isinstance(exc, OSError) else \
+                f"{exc.path}: {exc.reason}"
             events.append(("leftover_kept", {"data_id": product.data_id,
                                              "stage_path": outcome.stage_path, "error": text}))
         except PublishFailure as exc:
@@ -1027,68 +920,11 @@ class _StagedAndPublished:
                 os.close(fd)
 
 
-def _rerun_identical(src_parent: int, name: bytes, dest_fd: int, final: bytes,
-                     checksum: str | None) -> bool:
-    """Unlink the staged `name` when it and the archived `final` both hash to `checksum`
-    (and the name still leads to the file that was hashed)."""
-    if checksum is None:
-        return False
-    algorithm = checksum.split(":", 1)[0]
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                 dir_fd=src_parent)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or fits.hash_fd(fd, algorithm=algorithm)[1] != checksum:
-            return False
-        if _hash_at(dest_fd, final, algorithm)[1] != checksum:
-            return False
-        now = os.stat(name, dir_fd=src_parent, follow_symlinks=False)
-        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
-                st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
-            return False
-        os.unlink(name, dir_fd=src_parent)
-        return True
-    finally:
-        os.close(fd)
-
-
 def _open_flags(rule: ProductRule) -> int:
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     if rule.kind == "directory":
         flags |= os.O_DIRECTORY
     return flags
-
-
-def _linked_elsewhere(src_fd: int, st: os.stat_result, kind: str) -> bool:
-    """Whether renaming would move an inode that also has a name outside the product."""
-    if kind != "directory":
-        return st.st_nlink != 1
-    for _rel, _dirs, files, dfd in os.fwalk(".", dir_fd=src_fd, follow_symlinks=False):
-        for f in files:
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(f, dir_fd=dfd, follow_symlinks=False).st_nlink != 1:
-                    return True
-    return False
-
-
-def _rename_checked(src_dir: int, name: bytes, fd: int, dest_dir: int, final: bytes,
-                    shown: str) -> None:
-    """Rename `name` to `final` without replacing, then prove it moved the inode `fd` holds
-    (the name may have been swapped since it was opened); otherwise move it back."""
-    paths.rename_noreplace(src_dir, name, dest_dir, final)
-    opened = os.fstat(fd)
-    moved = os.stat(final, dir_fd=dest_dir, follow_symlinks=False)
-    if (moved.st_dev, moved.st_ino) == (opened.st_dev, opened.st_ino) and \
-            (stat.S_ISDIR(opened.st_mode) or opened.st_nlink == 1):
-        return
-    try:
-        paths.rename_noreplace(dest_dir, final, src_dir, name)
-    except OSError as exc:
-        raise PublishFailure("source_changed", f"{shown}: replaced while being published; "
-                             f"what was renamed is left at {paths.display(final)} "
-                             f"({_os_text(exc)})") from None
-    raise PublishFailure("source_changed", f"{shown}: replaced, or linked elsewhere, while "
-                         "being published; it will be examined again")
 
 
 def _already_placed(dest_fd: int, src_parent: int, staged_name: bytes, final: bytes,
@@ -1104,258 +940,9 @@ def _already_placed(dest_fd: int, src_parent: int, staged_name: bytes, final: by
             continue
         original = sidecar_destination(dest, final, staged_name, rule)
         if sidecar_destination(original, staged_name, final, rule) != dest or \
-                _exists(src_parent, original):
+                transfer.exists(src_parent, original):
             continue
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISREG(os.stat(dest, dir_fd=dest_fd, follow_symlinks=False).st_mode):
                 out.append(_Source(original, dest, placed=True))
     return out
-
-
-def _same_file(registered: Identity, now: Identity, kind: str) -> bool:
-    if kind == "directory":
-        return (registered.dev, registered.ino) == (now.dev, now.ino)
-    return (registered.dev, registered.ino, registered.size, registered.mtime_ns) == (
-        now.dev, now.ino, now.size, now.mtime_ns)
-
-
-def _chmod_at(dir_fd: int, name: bytes, mode: int) -> None:
-    """chmod a file of a renamed folder, unless it has a name outside the archive."""
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                 dir_fd=dir_fd)
-    try:
-        if os.fstat(fd).st_nlink == 1:
-            os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-
-
-def _chmod_tree(dir_fd: int, name: bytes, file_mode: int, dir_mode: int) -> None:
-    top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                  dir_fd=dir_fd)
-    try:
-        os.fchmod(top, dir_mode)
-        for _rel, dirs, files, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
-            for d in dirs:
-                _chmod_at_dir(dfd, d, dir_mode)
-            for f in files:
-                _chmod_at(dfd, os.fsencode(f), file_mode)
-    finally:
-        os.close(top)
-
-
-def _chmod_at_dir(dir_fd: int, name: str, mode: int) -> None:
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 dir_fd=dir_fd)
-    try:
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-
-
-def _hash_at(dir_fd: int, name: bytes, algorithm: str) -> tuple[int, str]:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        return fits.hash_fd(fd, algorithm=algorithm)
-    finally:
-        os.close(fd)
-
-
-def _files_equal(dir_fd: int, a: bytes, b: bytes, algorithm: str) -> bool:
-    return _hash_at(dir_fd, a, algorithm) == _hash_at(dir_fd, b, algorithm)
-
-
-def _files_equal_across(dir_a: int, a: bytes, dir_b: int, b: bytes) -> bool:
-    st_a = os.stat(a, dir_fd=dir_a, follow_symlinks=False)
-    try:
-        st_b = os.stat(b, dir_fd=dir_b, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if (st_a.st_dev, st_a.st_ino) == (st_b.st_dev, st_b.st_ino):
-        return True
-    if st_a.st_size != st_b.st_size:
-        return False
-    return _hash_at(dir_a, a, "sha256") == _hash_at(dir_b, b, "sha256")
-
-
-def _os_text(exc: OSError) -> str:
-    where = exc.filename
-    where = paths.display(where) if isinstance(where, bytes | str) else None
-    reason = exc.strerror or str(exc)
-    return f"{where}: {reason}" if where else reason
-
-
-# --- reconciliation ---------------------------------------------------------------------------
-
-def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
-              now: float | None = None) -> list[Result]:
-    """Resolve publishes a crash interrupted, and remove temporary files nobody claims.
-
-    Runs under the single-writer lock. A row is resolved from what is on disk: a verified
-    final copy -> published (and the staged copy removed); otherwise back to waiting,
-    recorded as `interrupted` (which uses up no attempt).
-    """
-    now = time.time() if now is None else now
-    results: list[Result] = []
-    publisher = Publisher(config, registry, owner, log)
-    for row in registry.publishing():
-        alive = owner_alive(row.lease_owner)
-        live_lease = row.lease_expires_at is not None and row.lease_expires_at > now
-        if row.lease_owner == owner or (alive is not False and live_lease):
-            continue
-        results.append(_resolve(publisher, row))
-    remove_stray_temps(config, registry, owner, log)
-    return results
-
-
-def _resolve(publisher: Publisher, row: Product) -> Result:
-    config, registry = publisher.config, publisher.registry
-    result = Result(row.data_id, row.data_type, "requeued", row.stage_path, how="reconcile")
-    if row.publish_temp:
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            temp = paths.undisplay(row.publish_temp)
-            parent = os.open(os.path.dirname(temp), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                paths.remove_tree_under(parent, os.path.basename(temp))
-            finally:
-                os.close(parent)
-    target = row.publish_target
-    rule = rule_for(config, row.data_type)
-    if row.lease_owner is None and target is None and rule is not None and rule.kind == "file":
-        legacy = _resolve_legacy(publisher, row, rule, result)
-        if legacy is not None:
-            return legacy
-    if target and rule is not None and row.checksum:
-        raw = paths.undisplay(target)
-        parent_path, final = os.path.dirname(raw), os.path.basename(raw)
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                verified = _same_content(parent, final, row.size_bytes if rule.kind == "file"
-                                         else None, row.checksum, rule.kind)
-                # The sidecars went to their final names before the product did; the row
-                # learns of them only at the commit, which the crash came before.
-                sidecars = row.sidecars or ([
-                    name for name in detect.sidecar_names(os.fsdecode(final), rule)
-                    if _exists(parent, os.fsencode(name))] if rule.kind == "file" else [])
-            finally:
-                os.close(parent)
-            if verified and registry.mark_published(
-                    row.data_id, None, target, row.publish_mode or "auto",
-                    sidecars=sidecars):
-                result.status, result.published_path = "published", target
-                done = registry.get(row.data_id)
-                if done is not None:
-                    with contextlib.suppress(OSError, paths.UnsafePath):
-                        publisher.remove_leftover(done)
-                return result
-    outcome = registry.record_failure(
-        row.data_id, None, "interrupted",
-        f"publish by {row.lease_owner or 'an older program'} was interrupted; it will be "
-        "published again", config.max_attempts, config.backoff_initial_seconds,
-        config.backoff_max_seconds, config.error_max_chars)
-    result.failure, result.kind = outcome, "interrupted"
-    result.error = outcome.error if outcome else None
-    return result
-
-
-def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
-                    result: Result) -> Result | None:
-    """A row an older program left in `publishing` (it never cleared them). That program
-    copied straight to the final name, so what is there is its complete copy (the staged
-    file already gone) or a truncated prefix of the staged file. A complete, valid FITS copy
-    makes the row published; a provable prefix is removed so the product can be published
-    under its own name. Anything else is left alone. None: requeue as usual."""
-    config, registry, log = publisher.config, publisher.registry, publisher.log
-    try:
-        parts = paths.relative_components(os.fsencode(str(config.stage_root)), row.stage_bytes)
-    except paths.UnsafePath:
-        return None
-    folder, name = destination(config, rule, parts)
-    products_root = os.fsencode(str(config.products_root))
-    shown = paths.display(_full(products_root, folder, name))
-    stage_fd = products_fd = dest_dir = src_fd = src_parent = copy_fd_ = -1
-    try:
-        products_fd = paths.open_root(products_root)
-        dest_dir = paths.open_dir_under(products_fd, folder)
-        copy_fd_, _parent = paths.open_file_under(dest_dir, (name,))
-        os.close(_parent)
-        stage_fd = paths.open_root(os.fsencode(str(config.stage_root)))
-        try:
-            src_fd, src_parent = paths.open_file_under(stage_fd, parts)
-        except FileNotFoundError:
-            src_fd = -1
-        if src_fd < 0:
-            algorithm = config.checksum_algorithm
-            try:
-                report = fits.scan_fits(copy_fd_, algorithm)
-            except fits.FitsError as exc:
-                if log is not None:
-                    log.warning("legacy_copy_invalid", data_id=row.data_id,
-                                published_path=shown, error=exc.reason,
-                                reason="left by an older program; the staged file is gone")
-                return None
-            if registry.confirm_published(row.data_id, shown, report.size, report.checksum,
-                                          report.metadata):
-                result.status, result.published_path = "published", shown
-                result.how = "legacy"
-                return result
-            return None
-        copy_st, src_st = os.fstat(copy_fd_), os.fstat(src_fd)
-        if copy_st.st_size < src_st.st_size and \
-                _is_prefix(copy_fd_, src_fd, copy_st.st_size):
-            current = os.stat(name, dir_fd=dest_dir, follow_symlinks=False)
-            if (current.st_dev, current.st_ino) == (copy_st.st_dev, copy_st.st_ino):
-                os.unlink(name, dir_fd=dest_dir)
-                paths.fsync_dir(dest_dir)
-                if log is not None:
-                    log.warning("legacy_partial_removed", data_id=row.data_id,
-                                published_path=shown, bytes=copy_st.st_size,
-                                staged_bytes=src_st.st_size,
-                                reason="a truncated copy left by an older program; "
-                                       "the product is published again")
-        return None
-    except (FileNotFoundError, NotADirectoryError, paths.UnsafePath):
-        return None
-    finally:
-        for fd in (copy_fd_, src_fd, src_parent, dest_dir, products_fd, stage_fd):
-            if fd >= 0:
-                os.close(fd)
-
-
-def _is_prefix(short_fd: int, long_fd: int, length: int) -> bool:
-    offset = 0
-    while offset < length:
-        n = min(CHUNK, length - offset)
-        if os.pread(short_fd, n, offset) != os.pread(long_fd, n, offset):
-            return False
-        offset += n
-    return True
-
-
-def remove_stray_temps(config: Config, registry: Registry, owner: str, log: Any = None) -> int:
-    """Remove temporary names (ours, by their prefix) that no live publish claims. Nothing
-    else in the products area is ever touched."""
-    claimed = {row.publish_temp for row in registry.publishing()
-               if row.publish_temp and (row.lease_owner == owner
-                                        or owner_alive(row.lease_owner) is not False)}
-    removed = 0
-    root = os.fsencode(str(config.products_root))
-    if not os.path.isdir(root):
-        return 0
-    for top, dirs, files, dfd in os.fwalk(root, follow_symlinks=False):
-        for name in list(dirs) + files:
-            if paths.parse_temp_name(name if isinstance(name, bytes) else os.fsencode(name)) \
-                    is None:
-                continue
-            full = os.path.join(os.fsencode(top), os.fsencode(name))
-            if paths.display(full) in claimed:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                paths.remove_tree_under(dfd, os.fsencode(name))
-                removed += 1
-                if log is not None:
-                    log.info("temp_removed", path=paths.display(full))
-            if name in dirs:
-                dirs.remove(name)
-    return removed

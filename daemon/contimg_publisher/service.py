@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contimg_publisher import config as config_mod
-from contimg_publisher import detect, lock, logs, metrics, publish, watch, writers
+from contimg_publisher import detect, lock, logs, metrics, publish, reconcile, watch, writers
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import Product, Registry, RegistryError
 
@@ -264,7 +264,7 @@ class Daemon:
     def _reconcile(self, startup: bool = False) -> None:
         cfg = self.config
         assert self.registry is not None
-        results = publish.reconcile(cfg, self.registry, self.owner, self.log)
+        results = reconcile.reconcile(cfg, self.registry, self.owner, self.log)
         for result in results:
             self.log.warning("reconciled", data_id=result.data_id, data_type=result.data_type,
                              stage_path=result.stage_path, outcome=result.status,
@@ -546,7 +546,7 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
     owner = lock.owner_id()
     with lock.acquire(str(cfg.lock_path), "scan", wait_seconds=cfg.lock_wait_seconds), \
             Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
-        report.reconciled = publish.reconcile(cfg, registry, owner, log)
+        report.reconciled = reconcile.reconcile(cfg, registry, owner, log)
         registry.mark_exhausted(cfg.max_attempts)
         detector = detect.Detector(cfg, registry)
         detector.scan()
@@ -597,7 +597,7 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
                 time.sleep(0.2)
                 continue
             with held:
-                publish.reconcile(cfg, registry, owner, log)
+                reconcile.reconcile(cfg, registry, owner, log)
                 claimed = registry.claim(owner, cfg.lease_seconds, data_id=data_id)
                 if not claimed:
                     row = registry.get(data_id)

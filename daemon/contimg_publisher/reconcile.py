@@ -1,0 +1,182 @@
+"""Resolve publishes that a crash interrupted, from what is on disk plus the row, and
+remove temporary files that no live publish claims. Runs under the single-writer lock,
+at start-up and periodically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+from contimg_publisher import detect, fits, paths, transfer
+from contimg_publisher.config import Config, ProductRule
+from contimg_publisher.lock import owner_alive
+from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for
+from contimg_publisher.registry import Product, Registry
+
+
+def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
+              now: float | None = None) -> list[Result]:
+    """Resolve publishes a crash interrupted, and remove temporary files nobody claims.
+
+    Runs under the single-writer lock. A row is resolved from what is on disk: a verified
+    final copy -> published (and the staged copy removed); otherwise back to waiting,
+    recorded as `interrupted` (which uses up no attempt).
+    """
+    now = time.time() if now is None else now
+    results: list[Result] = []
+    publisher = Publisher(config, registry, owner, log)
+    for row in registry.publishing():
+        alive = owner_alive(row.lease_owner)
+        live_lease = row.lease_expires_at is not None and row.lease_expires_at > now
+        if row.lease_owner == owner or (alive is not False and live_lease):
+            continue
+        results.append(_resolve(publisher, row))
+    remove_stray_temps(config, registry, owner, log)
+    return results
+
+
+def _resolve(publisher: Publisher, row: Product) -> Result:
+    config, registry = publisher.config, publisher.registry
+    result = Result(row.data_id, row.data_type, "requeued", row.stage_path, how="reconcile")
+    if row.publish_temp:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            temp = paths.undisplay(row.publish_temp)
+            parent = os.open(os.path.dirname(temp), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                paths.remove_tree_under(parent, os.path.basename(temp))
+            finally:
+                os.close(parent)
+    target = row.publish_target
+    rule = rule_for(config, row.data_type)
+    if row.lease_owner is None and target is None and rule is not None and rule.kind == "file":
+        legacy = _resolve_legacy(publisher, row, rule, result)
+        if legacy is not None:
+            return legacy
+    if target and rule is not None and row.checksum:
+        raw = paths.undisplay(target)
+        parent_path, final = os.path.dirname(raw), os.path.basename(raw)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                verified = transfer.same_content(
+                    parent, final, row.size_bytes if rule.kind == "file" else None,
+                    row.checksum, rule.kind)
+                # The sidecars went to their final names before the product did; the row
+                # learns of them only at the commit, which the crash came before.
+                sidecars = row.sidecars or ([
+                    name for name in detect.sidecar_names(os.fsdecode(final), rule)
+                    if transfer.exists(parent, os.fsencode(name))] if rule.kind == "file" else [])
+            finally:
+                os.close(parent)
+            if verified and registry.mark_published(
+                    row.data_id, None, target, row.publish_mode or "auto",
+                    sidecars=sidecars):
+                result.status, result.published_path = "published", target
+                done = registry.get(row.data_id)
+                if done is not None:
+                    with contextlib.suppress(OSError, paths.UnsafePath):
+                        publisher.remove_leftover(done)
+                return result
+    outcome = registry.record_failure(
+        row.data_id, None, "interrupted",
+        f"publish by {row.lease_owner or 'an older program'} was interrupted; it will be "
+        "published again", config.max_attempts, config.backoff_initial_seconds,
+        config.backoff_max_seconds, config.error_max_chars)
+    result.failure, result.kind = outcome, "interrupted"
+    result.error = outcome.error if outcome else None
+    return result
+
+
+def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
+                    result: Result) -> Result | None:
+    """A row an older program left in `publishing` (it never cleared them). That program
+    copied straight to the final name, so what is there is its complete copy (the staged
+    file already gone) or a truncated prefix of the staged file. A complete, valid FITS copy
+    makes the row published; a provable prefix is removed so the product can be published
+    under its own name. Anything else is left alone. None: requeue as usual."""
+    config, registry, log = publisher.config, publisher.registry, publisher.log
+    try:
+        parts = paths.relative_components(os.fsencode(str(config.stage_root)), row.stage_bytes)
+    except paths.UnsafePath:
+        return None
+    folder, name = destination(config, rule, parts)
+    products_root = os.fsencode(str(config.products_root))
+    shown = paths.display(_full(products_root, folder, name))
+    stage_fd = products_fd = dest_dir = src_fd = src_parent = copy_fd_ = -1
+    try:
+        products_fd = paths.open_root(products_root)
+        dest_dir = paths.open_dir_under(products_fd, folder)
+        copy_fd_, _parent = paths.open_file_under(dest_dir, (name,))
+        os.close(_parent)
+        stage_fd = paths.open_root(os.fsencode(str(config.stage_root)))
+        try:
+            src_fd, src_parent = paths.open_file_under(stage_fd, parts)
+        except FileNotFoundError:
+            src_fd = -1
+        if src_fd < 0:
+            algorithm = config.checksum_algorithm
+            try:
+                report = fits.scan_fits(copy_fd_, algorithm)
+            except fits.FitsError as exc:
+                if log is not None:
+                    log.warning("legacy_copy_invalid", data_id=row.data_id,
+                                published_path=shown, error=exc.reason,
+                                reason="left by an older program; the staged file is gone")
+                return None
+            if registry.confirm_published(row.data_id, shown, report.size, report.checksum,
+                                          report.metadata):
+                result.status, result.published_path = "published", shown
+                result.how = "legacy"
+                return result
+            return None
+        copy_st, src_st = os.fstat(copy_fd_), os.fstat(src_fd)
+        if copy_st.st_size < src_st.st_size and \
+                transfer.is_prefix(copy_fd_, src_fd, copy_st.st_size):
+            current = os.stat(name, dir_fd=dest_dir, follow_symlinks=False)
+            if (current.st_dev, current.st_ino) == (copy_st.st_dev, copy_st.st_ino):
+                os.unlink(name, dir_fd=dest_dir)
+                paths.fsync_dir(dest_dir)
+                if log is not None:
+                    log.warning("legacy_partial_removed", data_id=row.data_id,
+                                published_path=shown, bytes=copy_st.st_size,
+                                staged_bytes=src_st.st_size,
+                                reason="a truncated copy left by an older program; "
+                                       "the product is published again")
+        return None
+    except (FileNotFoundError, NotADirectoryError, paths.UnsafePath):
+        return None
+    finally:
+        for fd in (copy_fd_, src_fd, src_parent, dest_dir, products_fd, stage_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+def remove_stray_temps(config: Config, registry: Registry, owner: str, log: Any = None) -> int:
+    """Remove temporary names (ours, by their prefix) that no live publish claims. Nothing
+    else in the products area is ever touched."""
+    claimed = {row.publish_temp for row in registry.publishing()
+               if row.publish_temp and (row.lease_owner == owner
+                                        or owner_alive(row.lease_owner) is not False)}
+    removed = 0
+    root = os.fsencode(str(config.products_root))
+    if not os.path.isdir(root):
+        return 0
+    for top, dirs, files, dfd in os.fwalk(root, follow_symlinks=False):
+        for name in list(dirs) + files:
+            if paths.parse_temp_name(name if isinstance(name, bytes) else os.fsencode(name)) \
+                    is None:
+                continue
+            full = os.path.join(os.fsencode(top), os.fsencode(name))
+            if paths.display(full) in claimed:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                paths.remove_tree_under(dfd, os.fsencode(name))
+                removed += 1
+                if log is not None:
+                    log.info("temp_removed", path=paths.display(full))
+            if name in dirs:
+                dirs.remove(name)
+    return removed

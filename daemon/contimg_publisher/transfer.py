@@ -1,0 +1,269 @@
+"""Byte-level steps of a publish, with no registry in them: copy a file while hashing it,
+compare what is on disk, rename without replacing and prove what moved, chmod only
+inodes that have no other name. The protocol (`publish`) decides when each runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable
+
+from contimg_publisher import detect, fits, paths
+from contimg_publisher.registry import Identity
+
+CHUNK = 8 << 20
+DELAY_ENV = "CONTIMG_PUBLISHER_TEST_COPY_DELAY"  # seconds per chunk, tests only
+
+
+class PublishFailure(Exception):
+    """A publish attempt that failed for a reason with a kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
+class Cancelled(Exception):
+    """The daemon is stopping: the attempt is abandoned cleanly."""
+
+
+class _Hasher(threading.Thread):
+    """Hashes chunks beside the copy: hashlib releases the GIL, so reading, writing and
+    hashing overlap instead of adding up."""
+
+    def __init__(self, algorithm: str) -> None:
+        super().__init__(daemon=True, name="contimg-hash")
+        self.digest = hashlib.new(algorithm)
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+
+    def run(self) -> None:
+        while (chunk := self.chunks.get()) is not None:
+            self.digest.update(chunk)
+
+
+def copy_fd(src_fd: int, dst_fd: int, algorithm: str, *, cancel: threading.Event | None = None,
+            tick: Callable[[], None] | None = None) -> tuple[int, str]:
+    """Copy all of src into dst from offset 0, hashing the bytes copied; returns (size, checksum).
+
+    `tick` runs about once a second (lease renewal); `cancel` aborts with Cancelled.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    hasher = _Hasher(algorithm)
+    hasher.start()
+    offset = 0
+    # Tests stop the daemon in the middle of a copy; no disk here is slow enough to do it.
+    delay = float(os.environ.get(DELAY_ENV) or 0)
+    last_tick = time.monotonic()
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("stopping")
+            chunk = os.pread(src_fd, CHUNK, offset)
+            if not chunk:
+                break
+            hasher.chunks.put(chunk)
+            view = memoryview(chunk)
+            while view:
+                written = os.write(dst_fd, view)
+                view = view[written:]
+            offset += len(chunk)
+            if delay:
+                time.sleep(delay)
+            if tick is not None and time.monotonic() - last_tick >= 1.0:
+                last_tick = time.monotonic()
+                tick()
+    finally:
+        hasher.chunks.put(None)
+        hasher.join()
+    return offset, f"{algorithm}:{hasher.digest.hexdigest()}"
+
+
+def same_content(dir_fd: int, name: bytes, size: int | None, checksum: str | None,
+                  kind: str) -> bool:
+    """Whether an existing entry already holds exactly the product's bytes."""
+    if checksum is None:
+        return False
+    algorithm = checksum.split(":", 1)[0]
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if kind == "directory":
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        try:
+            return detect.tree_digest(fd, algorithm)[1] == checksum
+        except detect.Rejected:
+            return False
+        finally:
+            os.close(fd)
+    if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+        return False
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return fits.hash_fd(fd, algorithm=algorithm)[1] == checksum
+    finally:
+        os.close(fd)
+
+
+def exists(dir_fd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+# --- one publish ------------------------------------------------------------------------------
+
+
+def rerun_identical(src_parent: int, name: bytes, dest_fd: int, final: bytes,
+                     checksum: str | None) -> bool:
+    """Unlink the staged `name` when it and the archived `final` both hash to `checksum`
+    (and the name still leads to the file that was hashed)."""
+    if checksum is None:
+        return False
+    algorithm = checksum.split(":", 1)[0]
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                 dir_fd=src_parent)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or fits.hash_fd(fd, algorithm=algorithm)[1] != checksum:
+            return False
+        if hash_at(dest_fd, final, algorithm)[1] != checksum:
+            return False
+        now = os.stat(name, dir_fd=src_parent, follow_symlinks=False)
+        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
+                st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+            return False
+        os.unlink(name, dir_fd=src_parent)
+        return True
+    finally:
+        os.close(fd)
+
+
+def linked_elsewhere(src_fd: int, st: os.stat_result, kind: str) -> bool:
+    """Whether renaming would move an inode that also has a name outside the product."""
+    if kind != "directory":
+        return st.st_nlink != 1
+    for _rel, _dirs, files, dfd in os.fwalk(".", dir_fd=src_fd, follow_symlinks=False):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(f, dir_fd=dfd, follow_symlinks=False).st_nlink != 1:
+                    return True
+    return False
+
+
+def rename_checked(src_dir: int, name: bytes, fd: int, dest_dir: int, final: bytes,
+                    shown: str) -> None:
+    """Rename `name` to `final` without replacing, then prove it moved the inode `fd` holds
+    (the name may have been swapped since it was opened); otherwise move it back."""
+    paths.rename_noreplace(src_dir, name, dest_dir, final)
+    opened = os.fstat(fd)
+    moved = os.stat(final, dir_fd=dest_dir, follow_symlinks=False)
+    if (moved.st_dev, moved.st_ino) == (opened.st_dev, opened.st_ino) and \
+            (stat.S_ISDIR(opened.st_mode) or opened.st_nlink == 1):
+        return
+    try:
+        paths.rename_noreplace(dest_dir, final, src_dir, name)
+    except OSError as exc:
+        raise PublishFailure("source_changed", f"{shown}: replaced while being published; "
+                             f"what was renamed is left at {paths.display(final)} "
+                             f"({os_text(exc)})") from None
+    raise PublishFailure("source_changed", f"{shown}: replaced, or linked elsewhere, while "
+                         "being published; it will be examined again")
+
+
+def same_file(registered: Identity, now: Identity, kind: str) -> bool:
+    if kind == "directory":
+        return (registered.dev, registered.ino) == (now.dev, now.ino)
+    return (registered.dev, registered.ino, registered.size, registered.mtime_ns) == (
+        now.dev, now.ino, now.size, now.mtime_ns)
+
+
+def chmod_at(dir_fd: int, name: bytes, mode: int) -> None:
+    """chmod a file of a renamed folder, unless it has a name outside the archive."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                 dir_fd=dir_fd)
+    try:
+        if os.fstat(fd).st_nlink == 1:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def chmod_tree(dir_fd: int, name: bytes, file_mode: int, dir_mode: int) -> None:
+    top = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  dir_fd=dir_fd)
+    try:
+        os.fchmod(top, dir_mode)
+        for _rel, dirs, files, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+            for d in dirs:
+                _chmod_at_dir(dfd, d, dir_mode)
+            for f in files:
+                chmod_at(dfd, os.fsencode(f), file_mode)
+    finally:
+        os.close(top)
+
+
+def _chmod_at_dir(dir_fd: int, name: str, mode: int) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def hash_at(dir_fd: int, name: bytes, algorithm: str) -> tuple[int, str]:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return fits.hash_fd(fd, algorithm=algorithm)
+    finally:
+        os.close(fd)
+
+
+def files_equal(dir_fd: int, a: bytes, b: bytes, algorithm: str) -> bool:
+    return hash_at(dir_fd, a, algorithm) == hash_at(dir_fd, b, algorithm)
+
+
+def files_equal_across(dir_a: int, a: bytes, dir_b: int, b: bytes) -> bool:
+    st_a = os.stat(a, dir_fd=dir_a, follow_symlinks=False)
+    try:
+        st_b = os.stat(b, dir_fd=dir_b, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if (st_a.st_dev, st_a.st_ino) == (st_b.st_dev, st_b.st_ino):
+        return True
+    if st_a.st_size != st_b.st_size:
+        return False
+    return hash_at(dir_a, a, "sha256") == hash_at(dir_b, b, "sha256")
+
+
+def os_text(exc: OSError) -> str:
+    where = exc.filename
+    where = paths.display(where) if isinstance(where, bytes | str) else None
+    reason = exc.strerror or str(exc)
+    return f"{where}: {reason}" if where else reason
+
+
+# --- reconciliation ---------------------------------------------------------------------------
+
+
+def is_prefix(short_fd: int, long_fd: int, length: int) -> bool:
+    offset = 0
+    while offset < length:
+        n = min(CHUNK, length - offset)
+        if os.pread(short_fd, n, offset) != os.pread(long_fd, n, offset):
+            return False
+        offset += n
+    return True
