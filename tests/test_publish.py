@@ -389,7 +389,7 @@ def test_one_batch_publishes_the_good_products_and_records_each_bad_one(tmp_path
                    publish.Publisher(cfg, registry, "tester").publish_many(claimed)}
         kinds = {d: [f.kind for f in registry.history(d)] for d in data}
     assert {d: r.status for d, r in results.items()} == {
-        d: "failed" if d in ("n0/m0", "n1/m1", "n0/m2") else "published" for d in data}
+        d: "retry_due" if d in ("n0/m0", "n1/m1", "n0/m2") else "published" for d in data}
     assert kinds["n0/m0"] == ["source_changed"] and kinds["n0/m2"] == ["source_changed"]
     assert kinds["n1/m1"] == ["source_missing"]
     good = {f"{d}.fits": data[d] for d in data if d not in ("n0/m0", "n1/m1", "n0/m2")}

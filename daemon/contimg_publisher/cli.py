@@ -18,6 +18,7 @@ from contimg_publisher import __version__, lock, logs, statuspage
 from contimg_publisher import config as config_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import SCHEMA_VERSION, STATUSES, Product, Registry, RegistryError
+from contimg_publisher.states import Attempt, Detected, Status
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -219,7 +220,7 @@ def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     print(_table([[r.data_id, r.data_type, r.status, str(r.publish_attempts),
                    _when(r.published_at or r.staged_at),
-                   _one_line(r.published_path if r.status == "published"
+                   _one_line(r.published_path if r.status == Status.PUBLISHED
                              else r.publish_error or r.stage_path, 70)] for r in rows],
                  ["DATA_ID", "TYPE", "STATUS", "ATTEMPTS", "WHEN", "PATH / ERROR"]))
     return EXIT_OK
@@ -293,7 +294,7 @@ def cmd_publish(cfg: Config, args: argparse.Namespace) -> int:
     if isinstance(result, str):
         print(f"contimg-publisher: publish: {result}", file=sys.stderr)
         return EXIT_FAILED
-    if result.status == "published":
+    if result.status is Attempt.PUBLISHED:
         print(f"{result.data_id}: published to {result.published_path}")
         return EXIT_OK
     print(f"contimg-publisher: publish: {result.data_id}: {result.status}"
@@ -345,19 +346,20 @@ def cmd_scan(cfg: Config, args: argparse.Namespace) -> int:
     report = service.scan_once(cfg, logs.get_logger())
     failed = 0
     for outcome in report.detected:
-        if outcome.action in ("registered", "updated", "rejected", "vanished", "leftover"):
+        if outcome.action in (Detected.REGISTERED, Detected.UPDATED, Detected.REJECTED,
+                              Detected.VANISHED, Detected.LEFTOVER):
             extra = f" ({outcome.reason})" if outcome.reason else ""
             print(f"{outcome.action:10} {outcome.data_id}  {outcome.stage_path}{extra}")
     for result in report.reconciled:
         print(f"{'reconciled':10} {result.data_id}  -> {result.status}")
     for result in report.published:
-        if result.status == "published":
+        if result.status is Attempt.PUBLISHED:
             print(f"{'published':10} {result.data_id}  -> {result.published_path}")
         else:
             failed += 1
             print(f"{result.status:10} {result.data_id}  ({result.kind}: {result.error})")
     print(f"scan: {sum(o.action in ('registered', 'updated') for o in report.detected)} "
-          f"registered, {sum(r.status == 'published' for r in report.published)} published, "
+          f"registered, {sum(r.status is Attempt.PUBLISHED for r in report.published)} published, "
           f"{failed} failed, "
           f"{sum(o.action == 'rejected' for o in report.detected)} rejected, "
           f"{report.waiting} still settling")

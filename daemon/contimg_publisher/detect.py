@@ -31,6 +31,7 @@ from typing import Any
 from contimg_publisher import fits, paths, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import Candidate, Identity, Product, Registry
+from contimg_publisher.states import Detected, Kind, Status
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
 # How many paths one process() call describes; bounds the time the loop spends away.
@@ -71,7 +72,7 @@ class _Rule:
     def __init__(self, rule: ProductRule) -> None:
         self.rule = rule
         self.pattern = tuple(p for p in rule.glob.split("/") if p)
-        self.directory = rule.kind == "directory"
+        self.directory = rule.kind == Kind.DIRECTORY
         self._compiled = tuple(None if p == "**" else _compile_glob(p) for p in self.pattern)
         stars = [i for i, p in enumerate(self._compiled) if p is None]
         # With at most one '**' (the usual 'folder/**/*.fits'), the components before it
@@ -428,12 +429,18 @@ class Pending:
 class Outcome:
     """What happened to one path, for logs and for `scan`'s report."""
 
-    action: str                 # registered, updated, unchanged, rejected, leftover, vanished, ...
+    action: Detected
     data_id: str
     data_type: str
     stage_path: str
     reason: str | None = None
     product: Product | None = None
+
+
+# What registering a described product did (Registry.register), as a detection action.
+REGISTRATION_ACTIONS = {"new": Detected.REGISTERED, "updated": Detected.UPDATED,
+                        "unchanged": Detected.UNCHANGED, "busy": Detected.BUSY,
+                        "published": Detected.LEFTOVER}
 
 
 class Detector:
@@ -566,19 +573,19 @@ class Detector:
                 key = paths.display(os.path.join(self.root, *found.parts))
                 if found.parts == parts:
                     present.add(key)
-                elif found.rule.kind == "file":
+                elif found.rule.kind == Kind.FILE:
                     sidecars.append((path, key, paths.display(found.parts[-1])))
                 if key in seen:
                     continue
                 seen.add(key)
                 known = index.get(key)
-                if known is not None and known[1] is not None and found.rule.kind == "file":
+                if known is not None and known[1] is not None and found.rule.kind == Kind.FILE:
                     try:
                         st = os.lstat(path)
                     except FileNotFoundError:
                         continue
                     if stat.S_ISREG(st.st_mode) and _same(known[1], _identity(st)):
-                        if known[0] == "published":
+                        if known[0] == Status.PUBLISHED:
                             stats["leftover"] += 1
                             self._queue(found)
                         else:
@@ -590,7 +597,7 @@ class Detector:
             if owner in present:
                 continue
             known = index.get(owner)
-            if known is not None and known[0] == "published":
+            if known is not None and known[0] == Status.PUBLISHED:
                 # Queued above: published beside its product, or kept with a warning.
                 unclaimed.append((path, f"sidecar of {name}, which was published before it "
                                         "arrived"))
@@ -602,7 +609,7 @@ class Detector:
         stats["unreadable"] = len(unseen)
         under_root = root_shown + "/"
         for stage_path, (status, _ident) in index.items():
-            if status in ("staging", "failed") and stage_path not in seen and \
+            if status in (Status.STAGING, Status.FAILED) and stage_path not in seen and \
                     stage_path.startswith(under_root) and not stage_path.startswith(unseen):
                 self._vanished(stage_path)
         return stats
@@ -657,7 +664,7 @@ class Detector:
     def _late_sidecar(self, m: Match, stage_path: str, dirs: paths.DirCache
                       ) -> Outcome | None:
         """A sidecar beside a product that was already published from this path."""
-        if m.rule.kind != "file":
+        if m.rule.kind != Kind.FILE:
             return None
         present = False
         for sidecar in sidecar_names(os.fsdecode(m.parts[-1]), m.rule):
@@ -667,18 +674,18 @@ class Detector:
         if not present:
             return None
         published = [r for r in self.registry.by_stage_path(stage_path)
-                     if r.status == "published"]
+                     if r.status == Status.PUBLISHED]
         if not published:
             return None
         row = published[-1]  # the newest version published from this path
-        return Outcome("late_sidecar", row.data_id, row.data_type, stage_path, product=row)
+        return Outcome(Detected.LATE_SIDECAR, row.data_id, row.data_type, stage_path, product=row)
 
     def _vanished(self, stage_path: str) -> Outcome | None:
         for row in self.registry.by_stage_path(stage_path):
-            if row.status in ("staging", "failed") and self.registry.forget_missing(
+            if row.status in (Status.STAGING, Status.FAILED) and self.registry.forget_missing(
                     row.data_id, "the file left the staging area before it was published",
                     self.config.error_max_chars):
-                return Outcome("vanished", row.data_id, row.data_type, stage_path)
+                return Outcome(Detected.VANISHED, row.data_id, row.data_type, stage_path)
         return None
 
     def process(self, now: float | None = None, limit: int = BATCH) -> list[Outcome]:
@@ -722,7 +729,7 @@ class Detector:
             st = dirs.lstat(m.parts)
         except FileNotFoundError:
             return self._late_sidecar(m, stage_path, dirs) or self._vanished(stage_path) or \
-                Outcome("vanished", data_id, m.rule.type, stage_path)
+                Outcome(Detected.VANISHED, data_id, m.rule.type, stage_path)
         except paths.UnsafePath as exc:
             return self._reject(m, data_id, stage_path, exc.reason, None)
         except OSError as exc:
@@ -739,7 +746,7 @@ class Detector:
         ident = _identity(st)
         if problem:
             return self._reject(m, data_id, stage_path, problem, ident)
-        want_dir = m.rule.kind == "directory"
+        want_dir = m.rule.kind == Kind.DIRECTORY
         if stat.S_ISLNK(st.st_mode):
             return self._reject(m, data_id, stage_path,
                                 "is a symbolic link; stage the file itself, not a link", ident)
@@ -768,7 +775,7 @@ class Detector:
             entry.check_at = now + max(settle, 0.05)
             return None
         except FileNotFoundError:
-            return self._vanished(stage_path) or Outcome("vanished", data_id, m.rule.type,
+            return self._vanished(stage_path) or Outcome(Detected.VANISHED, data_id, m.rule.type,
                                                          stage_path)
         except OSError as exc:
             return self._reject(m, data_id, stage_path,
@@ -791,7 +798,7 @@ class Detector:
         taken through `dirs` just before."""
         # ctime, not mtime: see tree_digest_quick().
         newest = st.st_ctime_ns
-        if m.rule.kind == "directory":
+        if m.rule.kind == Kind.DIRECTORY:
             with contextlib.suppress(OSError, paths.UnsafePath):
                 dir_fd = paths.open_dir_under(root_fd, m.parts)
                 try:
@@ -819,7 +826,8 @@ class Detector:
                 f"{m.rule.type}:{stage_path}", m.rule.type, paths.display(self.root),
                 stage_path, os.path.join(self.root, *m.parts), reason, ident,
                 self.config.error_max_chars)
-        action = "rejected" if outcome in ("new", "updated") else "rejected_unchanged"
+        action = Detected.REJECTED if outcome in ("new", "updated") else \
+            Detected.REJECTED_UNCHANGED
         return Outcome(action, row.data_id if row else data_id, m.rule.type, stage_path,
                        reason=reason, product=row)
 
@@ -837,8 +845,7 @@ class Detector:
                 cand = Candidate(**{**cand.__dict__, "data_id": f"{data_id_for(m.rule, m.parts)}"
                                                                 f".v{version}"})
                 outcome, row = self.registry.register(cand)
-            action = {"new": "registered", "updated": "updated", "unchanged": "unchanged",
-                      "busy": "busy", "published": "leftover"}.get(outcome, outcome)
+            action = REGISTRATION_ACTIONS[outcome]
             outcomes.append(Outcome(action, row.data_id, row.data_type, cand.stage_path,
                                     product=row))
         return outcomes

@@ -40,6 +40,7 @@ from contimg_publisher import __version__, statuspage
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, split_listen
 from contimg_publisher.registry import FAILURE_KINDS, STATUSES, Registry, RegistryError
+from contimg_publisher.states import Attempt, Detected
 
 PREFIX = "contimg_publisher"
 
@@ -194,12 +195,12 @@ class Metrics:
     def observe_result(self, result: Any, size_bytes: int | None = None) -> None:
         """One publish outcome (a publish.Result); size_bytes: the product's size, which a
         same-filesystem link publishes without copying a byte."""
-        if result.status == "published":
+        if result.status is Attempt.PUBLISHED:
             self.published.labels(result.data_type).inc()
             size = size_bytes if size_bytes is not None else result.bytes
             self.published_bytes.labels(result.data_type).inc(max(0, int(size or 0)))
             self.publish_duration.labels(result.data_type).observe(max(0.0, result.seconds))
-        elif result.status == "failed":
+        elif result.status.failed:
             kind = result.kind if result.kind in FAILURE_KINDS else "other"
             self.failures.labels(kind).inc()
         elif result.status == "lost":
@@ -210,9 +211,10 @@ class Metrics:
 
     def observe_detect(self, outcome: Any, now: float | None = None) -> None:
         """One detection outcome (a detect.Outcome)."""
-        if outcome.action == "rejected":
+        if outcome.action is Detected.REJECTED:
             self.rejected.labels(outcome.data_type).inc()
-        elif outcome.action in ("registered", "updated") and outcome.product is not None:
+        elif outcome.action in (Detected.REGISTERED, Detected.UPDATED) and \
+                outcome.product is not None:
             ident = outcome.product.identity
             if ident is not None and ident.mtime_ns:
                 now = time.time() if now is None else now

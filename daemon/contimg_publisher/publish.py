@@ -47,6 +47,7 @@ from typing import Any
 from contimg_publisher import detect, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import FailureOutcome, Identity, Product, Published, Registry
+from contimg_publisher.states import Attempt, Detected, FailureKind, Kind
 from contimg_publisher.transfer import Cancelled, PublishFailure
 
 # Test-only fault injection: the process kills itself at the named step. Read nowhere else.
@@ -61,15 +62,15 @@ class Result:
 
     data_id: str
     data_type: str
-    status: str                     # published, failed, requeued, lost
+    status: Attempt
     stage_path: str
     published_path: str | None = None
-    kind: str | None = None
+    kind: FailureKind | None = None
     error: str | None = None
     failure: FailureOutcome | None = None
     bytes: int = 0
     seconds: float = 0.0
-    how: str = ""                   # copy, link, rename, identical
+    how: str = ""                   # copy, rename, identical, reconcile, legacy
     supersedes: str | None = None
 
 
@@ -78,12 +79,12 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def classify(exc: OSError) -> str:
+def classify(exc: OSError) -> FailureKind:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return "no_space"
+        return FailureKind.NO_SPACE
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "permission"
-    return "other"
+        return FailureKind.PERMISSION
+    return FailureKind.OTHER
 
 
 def rule_for(config: Config, data_type: str) -> ProductRule | None:
@@ -152,7 +153,7 @@ class _Job:
     temp_shown: str | None = None
 
     def lose(self, why: str) -> None:
-        self.result.status, self.result.error = "lost", why
+        self.result.status, self.result.error = Attempt.LOST, why
         self.finish()
 
     def finish(self) -> None:
@@ -232,8 +233,9 @@ class Publisher:
         """Right before a final rename: a writer that appeared since registration would
         write into the archive (a rename) or has bytes the copy lacks."""
         if self.gate.busy(fd, path):
-            raise PublishFailure("source_changed", f"{shown}: open for writing by another "
-                                 "process; it is examined again once the writer is done")
+            raise PublishFailure(
+                FailureKind.SOURCE_CHANGED, f"{shown}: open for writing by another "
+                "process; it is examined again once the writer is done")
 
     def _no_writer_in_tree(self, dir_fd: int, path: bytes, shown: str) -> None:
         for rel, _dirs, files, dfd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
@@ -269,7 +271,8 @@ class Publisher:
         crash of a single publish would, so reconciliation is the same.
         """
         folders = _Folders(self.config)
-        jobs = [_Job(p, mode, Result(p.data_id, p.data_type, "failed", p.stage_path), cancel)
+        jobs = [_Job(p, mode, Result(p.data_id, p.data_type, Attempt.RETRY_DUE, p.stage_path),
+                     cancel)
                 for p in products]
         try:
             ready = [job for job in jobs if self._attempt(job, folders, self._prepare)]
@@ -288,7 +291,7 @@ class Publisher:
                 except Cancelled:
                     for left in ready[index:]:
                         self.registry.requeue(left.product.data_id, self.owner)
-                        left.result.status = "requeued"
+                        left.result.status = Attempt.REQUEUED
                         left.result.error = "stopped before the publish finished"
                         left.finish()
                     break
@@ -312,19 +315,21 @@ class Publisher:
         except PublishFailure as exc:
             self._fail(job, exc.kind, str(exc))
         except paths.UnsafePath as exc:
-            self._fail(job, "source_changed", f"{exc.path}: {exc.reason}")
+            self._fail(job, FailureKind.SOURCE_CHANGED, f"{exc.path}: {exc.reason}")
         except OSError as exc:
             self._fail(job, classify(exc), transfer.os_text(exc))
         return False
 
-    def _fail(self, job: _Job, kind: str, text: str) -> None:
+    def _fail(self, job: _Job, kind: FailureKind, text: str) -> None:
         cfg, result = self.config, job.result
-        result.status, result.kind, result.error = "failed", kind, text
+        result.kind, result.error = kind, text
         result.failure = self.registry.record_failure(
             job.product.data_id, self.owner, kind, text, cfg.max_attempts,
             cfg.backoff_initial_seconds, cfg.backoff_max_seconds, cfg.error_max_chars)
         if result.failure is None:
-            result.status = "lost"
+            result.status = Attempt.LOST
+        else:
+            result.status = Attempt.EXHAUSTED if result.failure.exhausted else Attempt.RETRY_DUE
         job.finish()
 
     def _prepare(self, job: _Job, folders: _Folders) -> None:
@@ -333,10 +338,12 @@ class Publisher:
         job.started = time.monotonic()
         rule = rule_for(cfg, product.data_type)
         if rule is None:
-            raise PublishFailure("other", f"no product rule for type {product.data_type!r} "
-                                          "in the configuration")
+            raise PublishFailure(
+                FailureKind.OTHER, f"no product rule for type {product.data_type!r} "
+                "in the configuration")
         if product.checksum is None or product.identity is None:
-            raise PublishFailure("source_changed", "the product has not been described yet")
+            raise PublishFailure(
+                FailureKind.SOURCE_CHANGED, "the product has not been described yet")
         job.rule = rule
         parts = job.parts = paths.relative_components(folders.stage_root, product.stage_bytes)
         folder, name = destination(cfg, rule, parts)
@@ -345,28 +352,29 @@ class Publisher:
             job.src_parent = folders.source(parts[:-1])
             job.src_fd = os.open(parts[-1], _open_flags(rule), dir_fd=job.src_parent)
         except FileNotFoundError:
-            raise PublishFailure("source_missing",
+            raise PublishFailure(FailureKind.SOURCE_MISSING,
                                  f"{product.stage_path}: no longer in the staging area") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise PublishFailure("source_changed", f"{product.stage_path}: "
+                raise PublishFailure(FailureKind.SOURCE_CHANGED, f"{product.stage_path}: "
                                      "replaced by a symbolic link") from None
             if exc.errno == errno.ENOTDIR:
-                raise PublishFailure("source_changed", f"{product.stage_path}: "
+                raise PublishFailure(FailureKind.SOURCE_CHANGED, f"{product.stage_path}: "
                                      "is no longer a folder") from None
             raise
         st = os.fstat(job.src_fd)
-        kind_ok = stat.S_ISDIR(st.st_mode) if rule.kind == "directory" else \
+        kind_ok = stat.S_ISDIR(st.st_mode) if rule.kind == Kind.DIRECTORY else \
             stat.S_ISREG(st.st_mode)
         job.ident = Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if not kind_ok or not transfer.same_file(product.identity, job.ident, rule.kind):
-            raise PublishFailure("source_changed", f"{product.stage_path}: changed since it "
-                                 "was registered; it will be examined again")
+            raise PublishFailure(
+                FailureKind.SOURCE_CHANGED, f"{product.stage_path}: changed since it "
+                "was registered; it will be examined again")
         try:
             job.dest_fd = folders.destination(folder)
         except paths.UnsafePath as exc:
             # The products side, not the product: an attempt that counts, with backoff.
-            raise PublishFailure("other", f"destination {exc.path} under "
+            raise PublishFailure(FailureKind.OTHER, f"destination {exc.path} under "
                                  f"{paths.display(folders.products_root)}: {exc.reason}"
                                  ) from None
         job.sidecars = self._sidecars(job.src_parent, name, parts[-1], rule)
@@ -464,7 +472,7 @@ class Publisher:
         published = []
         for job in placed:
             if job.product.data_id in done:
-                job.result.status = "published"
+                job.result.status = Attempt.PUBLISHED
                 published.append(job)
             else:
                 job.lose("the claim on this product was lost before the commit")
@@ -530,10 +538,11 @@ class Publisher:
                                           sidecar_destination(s.name, name, candidate, rule))):
                     return candidate, version, False
                 continue
-            if transfer.same_content(dest_fd, candidate, product.size_bytes if rule.kind == "file"
-                             else None, product.checksum, rule.kind):
+            size = product.size_bytes if rule.kind == Kind.FILE else None
+            if transfer.same_content(dest_fd, candidate, size, product.checksum, rule.kind):
                 return candidate, version, True
-        raise PublishFailure("other", f"{paths.display(name)}: 10,000 versions already exist")
+        raise PublishFailure(
+            FailureKind.OTHER, f"{paths.display(name)}: 10,000 versions already exist")
 
     def _move_same_fs(self, job: _Job, rule: ProductRule) -> str:
         """Rename the staged inodes into the archive, sidecars first so that a product never
@@ -548,14 +557,14 @@ class Publisher:
         self._no_writer_anywhere(job, rule)
         transfer.rename_checked(job.src_parent, name, job.src_fd, job.dest_fd, job.final,
                         job.product.stage_path)
-        if rule.kind == "directory":
+        if rule.kind == Kind.DIRECTORY:
             transfer.chmod_tree(job.dest_fd, job.final, cfg.file_mode, cfg.dir_mode)
             return "rename"
         os.fchmod(job.src_fd, cfg.file_mode)
         return "rename"
 
     def _no_writer_anywhere(self, job: _Job, rule: ProductRule) -> None:
-        if rule.kind == "directory":
+        if rule.kind == Kind.DIRECTORY:
             self._no_writer_in_tree(job.src_fd, job.product.stage_bytes,
                                     job.product.stage_path)
         else:
@@ -568,8 +577,9 @@ class Publisher:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise PublishFailure("source_changed", f"sidecar {paths.display(sc.name)}: "
-                                     "is no longer a regular file")
+                raise PublishFailure(
+                    FailureKind.SOURCE_CHANGED, f"sidecar {paths.display(sc.name)}: "
+                    "is no longer a regular file")
             if st.st_nlink != 1:
                 self._copy_sidecar(job, sc, fd, "sha256", None)
                 return
@@ -608,7 +618,7 @@ class Publisher:
                 os.close(fd)
         _crash_point("after_sidecars")
 
-        if rule.kind == "directory":
+        if rule.kind == Kind.DIRECTORY:
             size = self._copy_tree(src_fd, dest_fd, temp, cancel, renew)
             tmp_fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                              dir_fd=dest_fd)
@@ -621,19 +631,20 @@ class Publisher:
         paths.fsync_dir(dest_fd)
         _crash_point("after_temp_write")
         st = os.fstat(src_fd)
-        if (st.st_size if rule.kind == "file" else size) != product.size_bytes or \
+        if (st.st_size if rule.kind == Kind.FILE else size) != product.size_bytes or \
                 checksum != product.checksum:
             still = product.identity is not None and transfer.same_file(
                 product.identity, Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                                            st.st_ctime_ns), rule.kind)
             if not still:
-                raise PublishFailure("source_changed", f"{product.stage_path}: changed while "
-                                     "being copied; it will be examined again")
-            raise PublishFailure("verify_mismatch",
+                raise PublishFailure(
+                    FailureKind.SOURCE_CHANGED, f"{product.stage_path}: changed while "
+                    "being copied; it will be examined again")
+            raise PublishFailure(FailureKind.VERIFY_MISMATCH,
                                  f"copy of {product.stage_path} does not match the registry: "
                                  f"{size} bytes {checksum}, expected {product.size_bytes} bytes "
                                  f"{product.checksum}")
-        if rule.kind == "directory":
+        if rule.kind == Kind.DIRECTORY:
             self._no_writer_in_tree(src_fd, product.stage_bytes, product.stage_path)
         else:
             self._no_writer(src_fd, product.stage_bytes, product.stage_path)
@@ -666,7 +677,7 @@ class Publisher:
             # Left by an interrupted attempt of this same product: keep the copy that
             # is already there when it holds the same bytes.
             if not transfer.files_equal(dest_fd, sc_temp, sc.dest_name, algorithm):
-                raise PublishFailure("other", f"sidecar {paths.display(sc.dest_name)} "
+                raise PublishFailure(FailureKind.OTHER, f"sidecar {paths.display(sc.dest_name)} "
                                      "exists with other content") from None
             paths.remove_tree_under(dest_fd, sc_temp)
         temps.remove(sc_temp)
@@ -706,7 +717,7 @@ class Publisher:
                         fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
                         try:
                             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                                raise PublishFailure("source_changed",
+                                raise PublishFailure(FailureKind.SOURCE_CHANGED,
                                                      f"{f} inside the folder is not a file")
                             total += self._copy_file(fd, out_dir, os.fsencode(f), "sha256",
                                                      cancel, tick)[0]
@@ -740,11 +751,11 @@ class Publisher:
         mode = st.st_mode if st is not None and transfer.same_file(ident, Identity(
             st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), rule.kind) \
             else None
-        if mode is not None and rule.kind == "file" and stat.S_ISREG(mode):
+        if mode is not None and rule.kind == Kind.FILE and stat.S_ISREG(mode):
             os.unlink(name, dir_fd=src_parent)
             removed = True
-        elif mode is not None and rule.kind == "directory" and stat.S_ISDIR(mode) and \
-                transfer.same_content(src_parent, name, None, checksum, "directory"):
+        elif mode is not None and rule.kind == Kind.DIRECTORY and stat.S_ISDIR(mode) and \
+                transfer.same_content(src_parent, name, None, checksum, Kind.DIRECTORY):
             paths.remove_tree_under(src_parent, name)
             removed = True
         for sc in sidecars:
@@ -778,13 +789,13 @@ class Publisher:
             sidecars = [
                 _Source(sc.name, sidecar_destination(sc.name, parts[-1], final, rule))
                 for sc in self._sidecars(where.src_parent, parts[-1], parts[-1], rule)
-            ] if rule.kind == "file" else []
+            ] if rule.kind == Kind.FILE else []
             before = transfer.exists(where.src_parent, parts[-1])
             self._remove_source(where.src_parent, parts[-1], product.identity, rule, sidecars,
                                 where.dest_fd, product.checksum)
             if before and not transfer.exists(where.src_parent, parts[-1]):
                 return Tidied.REMOVED
-            if before and rule.kind == "file" and transfer.rerun_identical(
+            if before and rule.kind == Kind.FILE and transfer.rerun_identical(
                     where.src_parent, parts[-1], where.dest_fd, final, product.checksum):
                 paths.fsync_dir(where.src_parent)
                 return Tidied.IDENTICAL_REMOVED
@@ -797,7 +808,7 @@ class Publisher:
         Returns (staged sidecar, what was done, why) for each."""
         cfg = self.config
         rule = rule_for(cfg, product.data_type)
-        if rule is None or rule.kind != "file" or not product.published_path:
+        if rule is None or rule.kind != Kind.FILE or not product.published_path:
             return []
         stage_root = os.fsencode(str(cfg.stage_root))
         parts = paths.relative_components(stage_root, product.stage_bytes)
@@ -807,7 +818,8 @@ class Publisher:
         with _StagedAndPublished(stage_root, parts, published) as where:
             if where.src_parent < 0 or where.dest_fd < 0:
                 return []
-            job = _Job(product, "auto", Result(product.data_id, product.data_type, "published",
+            job = _Job(product, "auto", Result(product.data_id, product.data_type,
+                                               Attempt.PUBLISHED,
                                                product.stage_path), dest_fd=where.dest_fd,
                        src_parent=where.src_parent, parts=parts)
             placed: list[_Source] = []
@@ -860,13 +872,13 @@ class Publisher:
             return []
         events: list[tuple[str, dict[str, Any]]] = []
         try:
-            if outcome.action == "leftover":
+            if outcome.action is Detected.LEFTOVER:
                 done = self.remove_leftover(product)
                 if done is not Tidied.KEPT:
                     events.append((done.event, {
                         "data_id": product.data_id, "stage_path": outcome.stage_path,
                         "published_path": product.published_path}))
-            elif outcome.action == "late_sidecar":
+            elif outcome.action is Detected.LATE_SIDECAR:
                 for sidecar, done, why in self.publish_late_sidecars(product):
                     events.append((f"late_sidecar_{done.value}", {
                         "data_id": product.data_id, "sidecar": sidecar,
@@ -922,7 +934,7 @@ class _StagedAndPublished:
 
 def _open_flags(rule: ProductRule) -> int:
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    if rule.kind == "directory":
+    if rule.kind == Kind.DIRECTORY:
         flags |= os.O_DIRECTORY
     return flags
 

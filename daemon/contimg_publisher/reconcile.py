@@ -15,6 +15,7 @@ from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for
 from contimg_publisher.registry import Product, Registry
+from contimg_publisher.states import Attempt, FailureKind, Kind
 
 
 def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
@@ -40,7 +41,8 @@ def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
 
 def _resolve(publisher: Publisher, row: Product) -> Result:
     config, registry = publisher.config, publisher.registry
-    result = Result(row.data_id, row.data_type, "requeued", row.stage_path, how="reconcile")
+    result = Result(row.data_id, row.data_type, Attempt.REQUEUED, row.stage_path,
+                    how="reconcile")
     if row.publish_temp:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             temp = paths.undisplay(row.publish_temp)
@@ -51,7 +53,7 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
                 os.close(parent)
     target = row.publish_target
     rule = rule_for(config, row.data_type)
-    if row.lease_owner is None and target is None and rule is not None and rule.kind == "file":
+    if row.lease_owner is None and target is None and rule is not None and rule.kind == Kind.FILE:
         legacy = _resolve_legacy(publisher, row, rule, result)
         if legacy is not None:
             return legacy
@@ -62,30 +64,31 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
             parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 verified = transfer.same_content(
-                    parent, final, row.size_bytes if rule.kind == "file" else None,
+                    parent, final, row.size_bytes if rule.kind == Kind.FILE else None,
                     row.checksum, rule.kind)
                 # The sidecars went to their final names before the product did; the row
                 # learns of them only at the commit, which the crash came before.
                 sidecars = row.sidecars or ([
                     name for name in detect.sidecar_names(os.fsdecode(final), rule)
-                    if transfer.exists(parent, os.fsencode(name))] if rule.kind == "file" else [])
+                    if transfer.exists(parent, os.fsencode(name))]
+                    if rule.kind == Kind.FILE else [])
             finally:
                 os.close(parent)
             if verified and registry.mark_published(
                     row.data_id, None, target, row.publish_mode or "auto",
                     sidecars=sidecars):
-                result.status, result.published_path = "published", target
+                result.status, result.published_path = Attempt.PUBLISHED, target
                 done = registry.get(row.data_id)
                 if done is not None:
                     with contextlib.suppress(OSError, paths.UnsafePath):
                         publisher.remove_leftover(done)
                 return result
     outcome = registry.record_failure(
-        row.data_id, None, "interrupted",
+        row.data_id, None, FailureKind.INTERRUPTED,
         f"publish by {row.lease_owner or 'an older program'} was interrupted; it will be "
         "published again", config.max_attempts, config.backoff_initial_seconds,
         config.backoff_max_seconds, config.error_max_chars)
-    result.failure, result.kind = outcome, "interrupted"
+    result.failure, result.kind = outcome, FailureKind.INTERRUPTED
     result.error = outcome.error if outcome else None
     return result
 
@@ -128,7 +131,7 @@ def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
                 return None
             if registry.confirm_published(row.data_id, shown, report.size, report.checksum,
                                           report.metadata):
-                result.status, result.published_path = "published", shown
+                result.status, result.published_path = Attempt.PUBLISHED, shown
                 result.how = "legacy"
                 return result
             return None

@@ -25,15 +25,13 @@ from typing import Any, cast
 
 import apsw
 
+from contimg_publisher.states import FailureKind, Status
+
 APPLICATION_ID = 0x43494D50  # "CIMP"
 SCHEMA_VERSION = 4
 
-STATUSES = ("staging", "publishing", "published", "failed", "rejected")
-FAILURE_KINDS = ("no_space", "permission", "source_changed", "source_missing",
-                 "verify_mismatch", "interrupted", "other")
-# Kinds that say nothing about whether the product can be published, so they do
-# not use up an attempt.
-UNCOUNTED_KINDS = frozenset({"interrupted", "source_changed"})
+STATUSES = tuple(Status)
+FAILURE_KINDS = tuple(FailureKind)
 
 
 class RegistryError(Exception):
@@ -265,14 +263,14 @@ class FailureOutcome:
     """What recording a failure did, so the caller can log it."""
 
     attempts: int
-    status: str
+    status: Status
     next_attempt_at: float | None
     counted: bool
     error: str
 
     @property
     def exhausted(self) -> bool:
-        return self.status == "failed"
+        return self.status is Status.FAILED
 
 
 @dataclass(frozen=True)
@@ -538,7 +536,7 @@ class Registry:
             ident = Identity(dev, ino, size, mtime, ctime) if ino is not None else None
             previous = out.get(path)
             # Several rows may share a stage path (versions); the unpublished one decides.
-            if previous is None or previous[0] == "published":
+            if previous is None or previous[0] == Status.PUBLISHED:
                 out[path] = (status, ident)
         return out
 
@@ -557,7 +555,7 @@ class Registry:
         other statuses are counted through the status index and `published` is what remains
         of COUNT(*), which SQLite answers from b-tree pages without visiting rows: a few ms
         at a million rows instead of a scan. One statement, so one consistent snapshot."""
-        counts = dict.fromkeys(STATUSES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
         rest = 0
         for part, status, n in self.conn.execute(
                 "SELECT 0, status, COUNT(*) FROM data_registry WHERE status < 'published'"
@@ -645,13 +643,13 @@ class Registry:
             outcome = "new"
         elif row["stage_path"] != c.stage_path:
             outcome = "conflict"
-        elif row["status"] == "publishing":
+        elif row["status"] == Status.PUBLISHING:
             outcome = "busy"
-        elif row["status"] == "published":
+        elif row["status"] == Status.PUBLISHED:
             outcome = "published" if row["checksum"] == c.checksum else "conflict"
         elif (row["checksum"] == c.checksum and row["stage_ino"] == c.identity.ino
               and row["stage_mtime_ns"] == c.identity.mtime_ns
-              and row["status"] != "rejected"):
+              and row["status"] != Status.REJECTED):
             outcome = "unchanged"
         else:
             # New content, or a rejected file that was rewritten: it waits again with a
@@ -704,9 +702,10 @@ class Registry:
                      stage_path_bytes, ident.size, ident.dev, ident.ino, ident.mtime_ns,
                      ident.ctime_ns, now))
                 outcome = "new"
-            elif row["status"] in ("published", "publishing") or row["stage_path"] != stage_path:
+            elif row["status"] in (Status.PUBLISHED, Status.PUBLISHING) or \
+                    row["stage_path"] != stage_path:
                 return "skipped", _product(row)
-            elif (row["status"] == "rejected" and row["publish_error"] == reason
+            elif (row["status"] == Status.REJECTED and row["publish_error"] == reason
                   and row["stage_ino"] == ident.ino and row["stage_mtime_ns"] == ident.mtime_ns):
                 return "unchanged", _product(row)
             else:
@@ -869,21 +868,22 @@ class Registry:
         """
         if kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind {kind!r}")
+        kind = FailureKind(kind)
         now = time.time() if now is None else now
         text = truncate(error, error_max_chars)
-        counted = kind not in UNCOUNTED_KINDS
+        counted = kind.counted
         with self.write() as cur:
             row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
-            if row is None or row["status"] != "publishing" or (
+            if row is None or row["status"] != Status.PUBLISHING or (
                     owner is not None and row["lease_owner"] != owner):
                 return None
             attempts = int(row["publish_attempts"] or 0) + (1 if counted else 0)
             if counted and attempts >= max_attempts:
-                status, next_at = "failed", None
-            elif kind == "interrupted" or kind == "source_changed":
-                status, next_at = "staging", None
+                status, next_at = Status.FAILED, None
+            elif not counted:  # due again at once
+                status, next_at = Status.STAGING, None
             else:
-                status = "staging"
+                status = Status.STAGING
                 next_at = now + backoff_delay(attempts, backoff_initial, backoff_max, rng=rng)
             cur.execute(
                 "UPDATE data_registry SET status = ?, publish_attempts = ?, publish_error = ?,"
@@ -891,7 +891,8 @@ class Registry:
                 " publish_target = NULL, publish_temp = NULL, publish_requested_at = NULL,"
                 " checksum = CASE WHEN ? THEN NULL ELSE checksum END, updated_at = ?"
                 " WHERE id = ?",
-                (status, attempts, text, next_at, kind == "source_changed", now, row["id"]))
+                (status, attempts, text, next_at, kind is FailureKind.SOURCE_CHANGED, now,
+                 row["id"]))
             cur.execute(
                 "INSERT INTO publish_failures (data_id, attempt, kind, error, at, host, pid)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",

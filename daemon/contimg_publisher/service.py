@@ -23,6 +23,7 @@ from contimg_publisher import config as config_mod
 from contimg_publisher import detect, lock, logs, metrics, publish, reconcile, watch, writers
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import Product, Registry, RegistryError
+from contimg_publisher.states import Attempt, Detected, Status
 
 try:
     from systemd import daemon as sd_daemon
@@ -62,11 +63,11 @@ def log_result(log: Any, result: publish.Result, max_attempts: int) -> None:
     """One event per publish outcome, with the fields operators search the journal by."""
     fields = {"data_id": result.data_id, "data_type": result.data_type,
               "stage_path": result.stage_path}
-    if result.status == "published":
+    if result.status is Attempt.PUBLISHED:
         log.info("published", **fields, published_path=result.published_path,
                  how=result.how, bytes_copied=result.bytes, seconds=round(result.seconds, 3),
                  supersedes=result.supersedes)
-    elif result.status == "failed" and result.failure is not None:
+    elif result.status.failed and result.failure is not None:
         f = result.failure
         event_fields = dict(fields, error_kind=result.kind, error=result.error,
                             publish_attempt=f.attempts, max_attempts=max_attempts,
@@ -75,7 +76,7 @@ def log_result(log: Any, result: publish.Result, max_attempts: int) -> None:
         if f.exhausted:
             log.error("max_attempts_reached", **event_fields,
                       action=f"contimg-publisher show {result.data_id}; then retry")
-    elif result.status == "requeued":
+    elif result.status is Attempt.REQUEUED:
         log.info("publish_requeued", **fields, reason=result.error, error_kind=result.kind)
     else:
         log.error("publish_lost", **fields, error=result.error)
@@ -84,14 +85,14 @@ def log_result(log: Any, result: publish.Result, max_attempts: int) -> None:
 def log_outcome(log: Any, outcome: detect.Outcome) -> None:
     fields = {"data_id": outcome.data_id, "data_type": outcome.data_type,
               "stage_path": outcome.stage_path}
-    if outcome.action == "rejected":
+    if outcome.action is Detected.REJECTED:
         log.warning("rejected", **fields, error=outcome.reason,
                     action="fix or remove the staged file; it is examined again when it changes")
-    elif outcome.action in ("registered", "updated"):
+    elif outcome.action in (Detected.REGISTERED, Detected.UPDATED):
         product = outcome.product
         log.info(outcome.action, **fields, size_bytes=product.size_bytes if product else None,
                  checksum=product.checksum if product else None)
-    elif outcome.action == "vanished":
+    elif outcome.action is Detected.VANISHED:
         log.warning("vanished", **fields, error="left the staging area before it was published")
     else:
         log.debug(outcome.action, **fields)
@@ -390,7 +391,7 @@ class Daemon:
                 continue
             log_result(self.log, result, self.config.max_attempts)
             self.metrics.observe_result(result, product.size_bytes)
-            if result.status == "published":
+            if result.status is Attempt.PUBLISHED:
                 self.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
             if result.kind == "source_changed" and self.detector is not None:
                 self.detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
@@ -519,7 +520,7 @@ def _with(cfg: Config, **changes: Any) -> Config:
 
 # `scan` publishes in batches that share their commits and folder fsyncs; the byte bound
 # keeps a batch of large copies from holding its claims (and their commits) for long.
-TIDY_ACTIONS = ("leftover", "late_sidecar")
+TIDY_ACTIONS = (Detected.LEFTOVER, Detected.LATE_SIDECAR)
 
 
 def log_tidied(log: Any, events: list[tuple[str, dict[str, Any]]]) -> None:
@@ -574,9 +575,9 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
         row = registry.get(data_id)
         if row is None:
             return f"{data_id}: no such product"
-        if row.status == "published":
+        if row.status == Status.PUBLISHED:
             return f"{data_id}: already published at {row.published_path}"
-        if row.status == "rejected":
+        if row.status == Status.REJECTED:
             return f"{data_id}: rejected ({row.publish_error}); fix the staged file first"
         requested = False
         while True:
@@ -601,7 +602,7 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
                 claimed = registry.claim(owner, cfg.lease_seconds, data_id=data_id)
                 if not claimed:
                     row = registry.get(data_id)
-                    if row is not None and row.status == "published":
+                    if row is not None and row.status == Status.PUBLISHED:
                         return _result_from_row(row)
                     status = row.status if row else "missing"
                     return f"{data_id}: cannot be claimed (status {status}; not yet described?)"
@@ -610,7 +611,8 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
 
 
 def _result_from_row(row: Product) -> publish.Result:
-    status = "published" if row.status == "published" else "failed"
+    status = Attempt.PUBLISHED if row.status == Status.PUBLISHED else \
+        Attempt.EXHAUSTED if row.status == Status.FAILED else Attempt.RETRY_DUE
     return publish.Result(row.data_id, row.data_type, status, row.stage_path,
                           published_path=row.published_path, error=row.publish_error)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from contimg_publisher import detect, fits, paths
 from contimg_publisher.registry import Identity
+from contimg_publisher.states import FailureKind, Kind
 
 CHUNK = 8 << 20
 DELAY_ENV = "CONTIMG_PUBLISHER_TEST_COPY_DELAY"  # seconds per chunk, tests only
@@ -24,7 +25,7 @@ DELAY_ENV = "CONTIMG_PUBLISHER_TEST_COPY_DELAY"  # seconds per chunk, tests only
 class PublishFailure(Exception):
     """A publish attempt that failed for a reason with a kind."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: FailureKind, message: str) -> None:
         self.kind = kind
         super().__init__(message)
 
@@ -95,7 +96,7 @@ def same_content(dir_fd: int, name: bytes, size: int | None, checksum: str | Non
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    if kind == "directory":
+    if kind == Kind.DIRECTORY:
         if not stat.S_ISDIR(st.st_mode):
             return False
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -153,7 +154,7 @@ def rerun_identical(src_parent: int, name: bytes, dest_fd: int, final: bytes,
 
 def linked_elsewhere(src_fd: int, st: os.stat_result, kind: str) -> bool:
     """Whether renaming would move an inode that also has a name outside the product."""
-    if kind != "directory":
+    if kind != Kind.DIRECTORY:
         return st.st_nlink != 1
     for _rel, _dirs, files, dfd in os.fwalk(".", dir_fd=src_fd, follow_symlinks=False):
         for f in files:
@@ -176,15 +177,17 @@ def rename_checked(src_dir: int, name: bytes, fd: int, dest_dir: int, final: byt
     try:
         paths.rename_noreplace(dest_dir, final, src_dir, name)
     except OSError as exc:
-        raise PublishFailure("source_changed", f"{shown}: replaced while being published; "
-                             f"what was renamed is left at {paths.display(final)} "
-                             f"({os_text(exc)})") from None
-    raise PublishFailure("source_changed", f"{shown}: replaced, or linked elsewhere, while "
-                         "being published; it will be examined again")
+        raise PublishFailure(
+            FailureKind.SOURCE_CHANGED, f"{shown}: replaced while being published; "
+            f"what was renamed is left at {paths.display(final)} "
+            f"({os_text(exc)})") from None
+    raise PublishFailure(
+        FailureKind.SOURCE_CHANGED, f"{shown}: replaced, or linked elsewhere, while "
+        "being published; it will be examined again")
 
 
 def same_file(registered: Identity, now: Identity, kind: str) -> bool:
-    if kind == "directory":
+    if kind == Kind.DIRECTORY:
         return (registered.dev, registered.ino) == (now.dev, now.ino)
     return (registered.dev, registered.ino, registered.size, registered.mtime_ns) == (
         now.dev, now.ino, now.size, now.mtime_ns)

@@ -1,0 +1,73 @@
+"""One vocabulary for what a product, an attempt and a detection can be.
+
+The values are the strings the registry already holds (older pipeline code reads and
+writes the same `status` column), so a member compares equal to the database's text and
+goes into SQL parameters and JSON unchanged.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    """A row's `status`."""
+
+    STAGING = "staging"          # finished and described; waits to be published
+    PUBLISHING = "publishing"    # claimed under a lease
+    PUBLISHED = "published"      # in the archive, verified
+    FAILED = "failed"            # max_attempts reached: waits for an operator
+    REJECTED = "rejected"        # not a publishable product; the reason is in publish_error
+
+
+class FailureKind(StrEnum):
+    """Why one publish attempt failed (publish_failures.kind)."""
+
+    NO_SPACE = "no_space"
+    PERMISSION = "permission"
+    SOURCE_CHANGED = "source_changed"
+    SOURCE_MISSING = "source_missing"
+    VERIFY_MISMATCH = "verify_mismatch"
+    INTERRUPTED = "interrupted"
+    OTHER = "other"
+
+    @property
+    def counted(self) -> bool:
+        """Whether it uses up an attempt: an interrupted publish or a file that changed says
+        nothing about whether the product can be published."""
+        return self not in (FailureKind.INTERRUPTED, FailureKind.SOURCE_CHANGED)
+
+
+class Attempt(StrEnum):
+    """How one publish attempt ended (publish.Result.status)."""
+
+    PUBLISHED = "published"
+    RETRY_DUE = "retry_due"      # failed; the row is due again (after its backoff)
+    EXHAUSTED = "exhausted"      # failed; max_attempts reached, the row is now `failed`
+    REQUEUED = "requeued"        # given back unfinished (a stop), no attempt counted
+    LOST = "lost"                # the claim was lost to another process; nothing recorded
+
+    @property
+    def failed(self) -> bool:
+        return self in (Attempt.RETRY_DUE, Attempt.EXHAUSTED)
+
+
+class Detected(StrEnum):
+    """What detection did with one staged path (detect.Outcome.action)."""
+
+    REGISTERED = "registered"
+    UPDATED = "updated"                      # new content: waits again
+    UNCHANGED = "unchanged"
+    BUSY = "busy"                            # a publish holds its row
+    LEFTOVER = "leftover"                    # already published from this path, same bytes
+    LATE_SIDECAR = "late_sidecar"            # a sidecar beside a published product
+    REJECTED = "rejected"
+    REJECTED_UNCHANGED = "rejected_unchanged"
+    VANISHED = "vanished"                    # left the staging area before it was published
+
+
+class Kind(StrEnum):
+    """What a product rule's products are (`kind` in the config)."""
+
+    FILE = "file"
+    DIRECTORY = "directory"
