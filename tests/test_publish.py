@@ -123,9 +123,13 @@ def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
     assert crashed.returncode == -9, (crashed.stdout, crashed.stderr)
     # What the kill left behind is what each step promises, and no more. `scan` takes the
     # three in one batch, whose steps are shared: all three were claimed together.
-    rows = {r["data_id"]: r["status"] for r in sandbox.registry_rows()}
+    listed = sandbox.registry_rows()
+    rows = {r["data_id"]: r["status"] for r in listed}
     names = [f"n1/m{i}" for i in range(3)]
     assert sorted(rows) == names
+    # The step each row records is the one the kill interrupted.
+    assert {r["publish_step"] for r in listed} == (
+        {None} if point in ("after_commit", "before_source_removal") else {"planned"})
     finals = {name: sandbox.products / "mosaics" / f"{name}.fits" for name in names}
     previews = {name: finals[name].parent / f"{finals[name].stem}.png" for name in names}
     left = temps(sandbox.products)

@@ -47,7 +47,7 @@ from typing import Any
 from contimg_publisher import detect, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import FailureOutcome, Identity, Product, Published, Registry
-from contimg_publisher.states import Attempt, Detected, FailureKind, Kind
+from contimg_publisher.states import Attempt, Detected, FailureKind, Kind, Status, Step
 from contimg_publisher.transfer import Cancelled, PublishFailure
 
 # Test-only fault injection: the process kills itself at the named step. Read nowhere else.
@@ -72,6 +72,21 @@ class Result:
     seconds: float = 0.0
     how: str = ""                   # copy, rename, identical, reconcile, legacy
     supersedes: str | None = None
+
+
+def step_of(row: Product) -> Step | None:
+    """How far the publish of a `publishing` row came (None for any other row), as the
+    protocol recorded it: claimed, then planned (names recorded before anything is
+    written), then the commit that ends it. A row without a recorded step was left by
+    older code: this program's version 3 (a lease and perhaps a plan), or the pipeline's
+    own code (no lease, nothing recorded)."""
+    if row.status != Status.PUBLISHING:
+        return None
+    if row.publish_step:
+        return Step(row.publish_step)
+    if row.lease_owner is None and row.publish_target is None:
+        return Step.LEGACY
+    return Step.PLANNED if row.publish_target else Step.CLAIMED
 
 
 def _crash_point(name: str) -> None:

@@ -13,9 +13,9 @@ from typing import Any
 from contimg_publisher import detect, fits, paths, transfer
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
-from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for
+from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for, step_of
 from contimg_publisher.registry import Product, Registry
-from contimg_publisher.states import Attempt, FailureKind, Kind
+from contimg_publisher.states import Attempt, FailureKind, Kind, Step
 
 
 def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
@@ -40,10 +40,14 @@ def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
 
 
 def _resolve(publisher: Publisher, row: Product) -> Result:
+    """By the step the row records: a legacy copy is judged from disk; a planned publish is
+    published when its final name holds the registered bytes; anything else (claimed, or
+    planned and not there yet) goes back to waiting, its temporary copy removed."""
     config, registry = publisher.config, publisher.registry
     result = Result(row.data_id, row.data_type, Attempt.REQUEUED, row.stage_path,
                     how="reconcile")
-    if row.publish_temp:
+    step = step_of(row)
+    if step is Step.PLANNED and row.publish_temp:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             temp = paths.undisplay(row.publish_temp)
             parent = os.open(os.path.dirname(temp), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -53,11 +57,11 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
                 os.close(parent)
     target = row.publish_target
     rule = rule_for(config, row.data_type)
-    if row.lease_owner is None and target is None and rule is not None and rule.kind == Kind.FILE:
+    if step is Step.LEGACY and rule is not None and rule.kind == Kind.FILE:
         legacy = _resolve_legacy(publisher, row, rule, result)
         if legacy is not None:
             return legacy
-    if target and rule is not None and row.checksum:
+    if step is Step.PLANNED and target and rule is not None and row.checksum:
         raw = paths.undisplay(target)
         parent_path, final = os.path.dirname(raw), os.path.basename(raw)
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):

@@ -213,6 +213,7 @@ class Product:
     identity: Identity | None
     publish_target: str | None
     publish_temp: str | None
+    publish_step: str | None
     sidecars: list[str]
     publish_requested_at: float | None = None
 
@@ -240,6 +241,7 @@ class Product:
             "next_attempt_at": self.next_attempt_at,
             "lease_owner": self.lease_owner,
             "lease_expires_at": self.lease_expires_at,
+            "publish_step": self.publish_step,
             "sidecars": self.sidecars,
         }
 
@@ -473,8 +475,12 @@ class Registry:
 
     def _migrate_v4(self, cur: apsw.Cursor) -> None:
         """unclaimed_files: what the last rescan found in product folders that no product
-        owns (a table of its own: no legacy reader sees it)."""
+        owns (a table of its own: no legacy reader sees it); publish_step: how far the
+        publish in flight has come (states.Step), so reconciliation reads it rather than
+        guessing from which columns are NULL."""
         cur.execute(SCHEMA_V4)
+        if "publish_step" not in self._columns(cur, "data_registry"):
+            cur.execute("ALTER TABLE data_registry ADD COLUMN publish_step TEXT")
 
     def _migrate_v2(self, cur: apsw.Cursor) -> None:
         have = self._columns(cur, "data_registry")
@@ -757,6 +763,7 @@ class Registry:
                 cur.execute(
                     "UPDATE data_registry SET status = 'publishing', lease_owner = ?,"
                     " lease_expires_at = ?, publish_target = NULL, publish_temp = NULL,"
+                    " publish_step = 'claimed',"
                     " updated_at = ? WHERE id = ?", (owner, now + lease_seconds, now, row_id))
             if not ids:
                 return []
@@ -788,6 +795,7 @@ class Registry:
         with self.write() as cur:
             for data_id, target, temp, sidecars in plans:
                 cur.execute("UPDATE data_registry SET publish_target = ?, publish_temp = ?,"
+                            " publish_step = 'planned',"
                             " sidecars_json = ?"
                             " WHERE data_id = ? AND status = 'publishing' AND lease_owner = ?",
                             (target, temp, json.dumps(list(sidecars)), data_id, owner))
@@ -821,7 +829,8 @@ class Registry:
                     " published_at = ?, sidecars_json = ?, lease_owner = NULL,"
                     " publish_mode = CASE WHEN publish_requested_at IS NOT NULL THEN 'manual'"
                     "   ELSE ? END, publish_requested_at = NULL,"
-                    " lease_expires_at = NULL, publish_temp = NULL, next_attempt_at = NULL,"
+                    " lease_expires_at = NULL, publish_temp = NULL,"
+                    " publish_step = NULL, next_attempt_at = NULL,"
                     " finalization_status = COALESCE(finalization_status, 'pending'),"
                     " updated_at = ? WHERE data_id = ? AND status = 'publishing'"
                     " AND (? IS NULL OR lease_owner = ?)",
@@ -849,7 +858,8 @@ class Registry:
                 " published_at = COALESCE(published_at, ?), size_bytes = ?, checksum = ?,"
                 " metadata_json = COALESCE(metadata_json, ?), header_json = ?,"
                 " lease_owner = NULL,"
-                " lease_expires_at = NULL, publish_temp = NULL, next_attempt_at = NULL,"
+                " lease_expires_at = NULL, publish_temp = NULL,"
+                " publish_step = NULL, next_attempt_at = NULL,"
                 " publish_mode = COALESCE(publish_mode, 'auto'), updated_at = ?"
                 " WHERE data_id = ? AND status = 'publishing'",
                 (published_path, now, size_bytes, checksum, json.dumps(metadata, sort_keys=True),
@@ -888,7 +898,8 @@ class Registry:
             cur.execute(
                 "UPDATE data_registry SET status = ?, publish_attempts = ?, publish_error = ?,"
                 " next_attempt_at = ?, lease_owner = NULL, lease_expires_at = NULL,"
-                " publish_target = NULL, publish_temp = NULL, publish_requested_at = NULL,"
+                " publish_target = NULL, publish_temp = NULL,"
+                " publish_step = NULL, publish_requested_at = NULL,"
                 " checksum = CASE WHEN ? THEN NULL ELSE checksum END, updated_at = ?"
                 " WHERE id = ?",
                 (status, attempts, text, next_at, kind is FailureKind.SOURCE_CHANGED, now,
@@ -907,6 +918,7 @@ class Registry:
             cur.execute(
                 "UPDATE data_registry SET status = 'staging', lease_owner = NULL,"
                 " lease_expires_at = NULL, publish_target = NULL, publish_temp = NULL,"
+                " publish_step = NULL,"
                 " next_attempt_at = NULL, updated_at = ? WHERE data_id = ?"
                 " AND status = 'publishing' AND (? IS NULL OR lease_owner = ?)",
                 (now, data_id, owner, owner))
@@ -1063,6 +1075,7 @@ def _product(row: dict[str, Any]) -> Product:
         lease_owner=row.get("lease_owner"), lease_expires_at=row.get("lease_expires_at"),
         size_bytes=row.get("size_bytes"), checksum=row.get("checksum"), identity=ident,
         publish_target=row.get("publish_target"), publish_temp=row.get("publish_temp"),
+        publish_step=row.get("publish_step"),
         sidecars=sidecars, publish_requested_at=row.get("publish_requested_at"))
 
 

@@ -66,6 +66,24 @@ class Detected(StrEnum):
     VANISHED = "vanished"                    # left the staging area before it was published
 
 
+class Step(StrEnum):
+    """How far a publish in flight has come, as its row records it (publish_step): what
+    reconciliation finds on disk depends on it.
+
+    CLAIMED: nothing has been written to the products area yet.
+    PLANNED: the final, temporary and sidecar names are recorded; any of them may exist
+    (the sidecars, the temporary copy, the product under its final name) but nothing is
+    committed. The commit then makes the row `published` and clears the step.
+    LEGACY: a `publishing` row left by older pipeline code, which copied straight to the
+    final name and recorded nothing (never stored: what a row without a step and without a
+    lease is).
+    """
+
+    CLAIMED = "claimed"
+    PLANNED = "planned"
+    LEGACY = "legacy"
+
+
 class Kind(StrEnum):
     """What a product rule's products are (`kind` in the config)."""
 
