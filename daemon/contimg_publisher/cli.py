@@ -6,7 +6,6 @@ Exit status: 0 done, 1 the operation failed, 2 bad usage or bad config.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ from contimg_publisher import config as config_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import SCHEMA_VERSION, STATUSES, Product, Registry, RegistryError
 from contimg_publisher.states import Attempt, Detected, Status
+from contimg_publisher.statuspage import format_when as _when
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -100,12 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # --- formatting -------------------------------------------------------------------------------
-
-def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

@@ -243,24 +243,6 @@ class NotReady(Exception):
     """The path is still changing: look at it again later."""
 
 
-def _identity(st: os.stat_result) -> Identity:
-    return Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _same(a: Identity, b: Identity) -> bool:
-    return (a.dev, a.ino, a.size, a.mtime_ns) == (b.dev, b.ino, b.size, b.mtime_ns)
-
-
-_TYPE_NAMES = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
-               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-               stat.S_IFLNK: "a symbolic link",
-               stat.S_IFDIR: "a folder", stat.S_IFREG: "a regular file"}
-
-
-def type_name(mode: int) -> str:
-    return _TYPE_NAMES.get(stat.S_IFMT(mode), "an unknown kind of file")
-
-
 @dataclass(frozen=True)
 class Description:
     identity: Identity
@@ -286,7 +268,7 @@ def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
     except paths.UnsafePath as exc:
         raise Rejected(exc.reason) from None
     try:
-        before = _identity(st)
+        before = Identity.of(st)
         # No writer, no publish: a file some process still has open for writing is not
         # finished, however long it has been quiet (a writer pausing between two HDUs).
         if busy is not None and busy(fd, b""):
@@ -308,17 +290,17 @@ def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
         else:
             _size, checksum = fits.hash_fd(fd, algorithm=algorithm)
             metadata = {}
-        after = _identity(os.fstat(fd))
-        if not _same(before, after) or after.ctime_ns != before.ctime_ns:
+        after = Identity.of(os.fstat(fd))
+        if not before.same(after) or after.ctime_ns != before.ctime_ns:
             raise NotReady("changed while being read")
         if busy is not None and busy(fd, b""):
             raise NotReady("opened for writing while being read")
         # The name must still lead to the file that was read, through the same folders.
         try:
-            now = _identity(os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False))
+            now = Identity.of(os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False))
         except FileNotFoundError:
             raise NotReady("vanished while being read") from None
-        if not _same(now, after) or not dirs.is_current(parts[:-1], parent_fd):
+        if not now.same(after) or not dirs.is_current(parts[:-1], parent_fd):
             raise NotReady("replaced while being read")
         return Description(after, checksum, metadata)
     finally:
@@ -356,7 +338,8 @@ def tree_digest(dir_fd: int, algorithm: str,
                 lines.append(b"f\0" + rel + b"\0" + str(size).encode() + b"\0" +
                              digest.encode() + b"\n")
             else:
-                raise Rejected(f"{paths.display(rel)} inside the folder is {type_name(st.st_mode)}")
+                raise Rejected(f"{paths.display(rel)} inside the folder is "
+                               f"{paths.type_name(st.st_mode)}")
     manifest = hashlib.new(algorithm)
     for line in sorted(lines):
         manifest.update(line)
@@ -378,7 +361,7 @@ def describe_directory(root_fd: int, parts: tuple[bytes, ...], rule: ProductRule
             except FileNotFoundError:
                 raise Rejected(f"incomplete {rule.type}: {required} is missing") from None
             if not stat.S_ISREG(st.st_mode):
-                raise Rejected(f"{required} is {type_name(st.st_mode)}, not a regular file")
+                raise Rejected(f"{required} is {paths.type_name(st.st_mode)}, not a regular file")
         try:
             total, checksum, newest = tree_digest(dir_fd, algorithm, busy)
         except FileNotFoundError:
@@ -584,7 +567,7 @@ class Detector:
                         st = os.lstat(path)
                     except FileNotFoundError:
                         continue
-                    if stat.S_ISREG(st.st_mode) and _same(known[1], _identity(st)):
+                    if stat.S_ISREG(st.st_mode) and known[1].same(Identity.of(st)):
                         if known[0] == Status.PUBLISHED:
                             stats["leftover"] += 1
                             self._queue(found)
@@ -743,7 +726,7 @@ class Detector:
                                     "to it; give the daemon's user read and search "
                                     "permission", None)
             raise
-        ident = _identity(st)
+        ident = Identity.of(st)
         if problem:
             return self._reject(m, data_id, stage_path, problem, ident)
         want_dir = m.rule.kind == Kind.DIRECTORY
@@ -753,7 +736,7 @@ class Detector:
         if want_dir != stat.S_ISDIR(st.st_mode):
             wanted = "a folder" if want_dir else "a regular file"
             return self._reject(m, data_id, stage_path,
-                                f"is {type_name(st.st_mode)}, not {wanted}", ident)
+                                f"is {paths.type_name(st.st_mode)}, not {wanted}", ident)
         quiet_since = self._quiet_since(root_fd, m, st, dirs)
         settle = self.config.settle_seconds
         if now - quiet_since < settle:

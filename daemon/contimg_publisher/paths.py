@@ -243,11 +243,12 @@ def name_problem(component: bytes, max_bytes: int = 240) -> str | None:
 # --- opening -----------------------------------------------------------------------------
 
 
-def _kind(mode: int) -> str:
+def type_name(mode: int) -> str:
+    """'a FIFO', 'a folder', ...: what a file is, for a message."""
     return {stat.S_IFLNK: "a symbolic link", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
             stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
             stat.S_IFDIR: "a folder", stat.S_IFREG: "a regular file"}.get(
-        stat.S_IFMT(mode), f"of unknown type 0o{stat.S_IFMT(mode):o}")
+        stat.S_IFMT(mode), f"a file of unknown type 0o{stat.S_IFMT(mode):o}")
 
 
 def _refusal(dir_fd: int, name: bytes, shown: bytes, wanted: str) -> UnsafePath:
@@ -259,7 +260,7 @@ def _refusal(dir_fd: int, name: bytes, shown: bytes, wanted: str) -> UnsafePath:
         return UnsafePath(shown, f"changed while being opened; it is not {wanted}")
     if stat.S_ISLNK(st.st_mode):
         return UnsafePath(shown, "is a symbolic link; links below the root are not followed")
-    return UnsafePath(shown, f"is {_kind(st.st_mode)}, not {wanted}")
+    return UnsafePath(shown, f"is {type_name(st.st_mode)}, not {wanted}")
 
 
 def open_root(path: str | bytes) -> int:
@@ -341,7 +342,7 @@ def _open_file_in(parent: int, name: bytes, shown: bytes, flags: int
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafePath(shown, f"is {_kind(st.st_mode)}, not a regular file")
+            raise UnsafePath(shown, f"is {type_name(st.st_mode)}, not a regular file")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -516,7 +517,7 @@ def _rename_by_link(src_dir_fd: int, src_name: bytes, dst_dir_fd: int, dst_name:
     fails with EEXIST when the destination exists, then the source name is removed."""
     st = os.stat(src_name, dir_fd=src_dir_fd, follow_symlinks=False)
     if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EINVAL, f"cannot rename {_kind(st.st_mode)} without replacing "
+        raise OSError(errno.EINVAL, f"cannot rename {type_name(st.st_mode)} without replacing "
                       "on this filesystem (no RENAME_NOREPLACE)", display(src_name))
     link_noreplace(src_dir_fd, src_name, dst_dir_fd, dst_name)
     os.unlink(src_name, dir_fd=src_dir_fd)

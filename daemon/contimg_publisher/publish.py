@@ -380,8 +380,8 @@ class Publisher:
         st = os.fstat(job.src_fd)
         kind_ok = stat.S_ISDIR(st.st_mode) if rule.kind == Kind.DIRECTORY else \
             stat.S_ISREG(st.st_mode)
-        job.ident = Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if not kind_ok or not transfer.same_file(product.identity, job.ident, rule.kind):
+        job.ident = Identity.of(st)
+        if not kind_ok or not product.identity.same(job.ident, rule.kind):
             raise PublishFailure(
                 FailureKind.SOURCE_CHANGED, f"{product.stage_path}: changed since it "
                 "was registered; it will be examined again")
@@ -529,7 +529,7 @@ class Publisher:
                 out.append(_Source(raw))
             else:
                 self._warn("sidecar_skipped", sidecar=paths.display(raw),
-                           reason=f"is {detect.type_name(st.st_mode)}, not a regular file")
+                           reason=f"is {paths.type_name(st.st_mode)}, not a regular file")
         return out
 
     def _choose_name(self, src_parent: int, dest_fd: int, name: bytes, rule: ProductRule,
@@ -648,9 +648,8 @@ class Publisher:
         st = os.fstat(src_fd)
         if (st.st_size if rule.kind == Kind.FILE else size) != product.size_bytes or \
                 checksum != product.checksum:
-            still = product.identity is not None and transfer.same_file(
-                product.identity, Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                           st.st_ctime_ns), rule.kind)
+            still = product.identity is not None and product.identity.same(
+                Identity.of(st), rule.kind)
             if not still:
                 raise PublishFailure(
                     FailureKind.SOURCE_CHANGED, f"{product.stage_path}: changed while "
@@ -763,8 +762,7 @@ class Publisher:
             st = None  # renamed into the archive
         # A file must be unchanged too (size and mtime): one written to in place after its
         # copy holds bytes the archive does not, and an inode number can be reused.
-        mode = st.st_mode if st is not None and transfer.same_file(ident, Identity(
-            st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), rule.kind) \
+        mode = st.st_mode if st is not None and ident.same(Identity.of(st), rule.kind) \
             else None
         if mode is not None and rule.kind == Kind.FILE and stat.S_ISREG(mode):
             os.unlink(name, dir_fd=src_parent)

@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import apsw
 
-from contimg_publisher.states import FailureKind, Status
+from contimg_publisher.states import FailureKind, Kind, Status
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 SCHEMA_VERSION = 4
@@ -169,6 +169,18 @@ class Identity:
     size: int
     mtime_ns: int
     ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def same(self, other: Identity, kind: str = Kind.FILE) -> bool:
+        """Whether `other` is this file unchanged (the same inode, size and mtime), or for a
+        folder product the same folder (its files are compared by their checksums)."""
+        if kind == Kind.DIRECTORY:
+            return (self.dev, self.ino) == (other.dev, other.ino)
+        return (self.dev, self.ino, self.size, self.mtime_ns) == (
+            other.dev, other.ino, other.size, other.mtime_ns)
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,8 @@ def format_rate(rate: float | None) -> str:
     return "-" if rate is None else f"{rate * 100:.1f}%"
 
 
-def _when(epoch: float | None) -> str:
+def format_when(epoch: float | None) -> str:
+    """A Unix time as UTC, '-' for none."""
     if epoch is None:
         return "-"
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -186,8 +187,8 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
         f"<title>contimg-publisher on {_e(host)}</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>contimg-publisher on {_e(host)}</h1>",
-        f"<p class=\"muted\">as of {_e(_when(now))}"
-        + (f"; daemon up since {_e(_when(started_at))}" if started_at else "")
+        f"<p class=\"muted\">as of {_e(format_when(now))}"
+        + (f"; daemon up since {_e(format_when(started_at))}" if started_at else "")
         + f"; refreshes every {int(refresh_seconds)} s</p>",
     ]
     if issues:
@@ -215,7 +216,7 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
         ["product", "type", "waiting", "attempts", "next try", "staged path"],
         [[_e(p.data_id) + ("" if p.auto_publish_enabled else " <em>(held)</em>"),
           _e(p.data_type), _e(format_age(now - p.staged_at)), _e(p.publish_attempts),
-          _e(_when(p.next_attempt_at)), _path(p.stage_path)] for p in health.waiting],
+          _e(format_when(p.next_attempt_at)), _path(p.stage_path)] for p in health.waiting],
         "nothing waits", numeric={2, 3}))
     parts.append(_more(len(health.waiting), health.counts.get("staging", 0)))
 
@@ -246,7 +247,7 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
     parts.append("<h2>Last publishes</h2>")
     parts.append(_table(
         ["product", "type", "published at", "published path"],
-        [[_e(p.data_id), _e(p.data_type), _e(_when(p.published_at)), _path(p.published_path)]
+        [[_e(p.data_id), _e(p.data_type), _e(format_when(p.published_at)), _path(p.published_path)]
          for p in health.recent],
         "nothing published yet"))
 

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 
 from contimg_publisher import detect, fits, paths
-from contimg_publisher.registry import Identity
 from contimg_publisher.states import FailureKind, Kind
 
 CHUNK = 8 << 20
@@ -184,13 +183,6 @@ def rename_checked(src_dir: int, name: bytes, fd: int, dest_dir: int, final: byt
     raise PublishFailure(
         FailureKind.SOURCE_CHANGED, f"{shown}: replaced, or linked elsewhere, while "
         "being published; it will be examined again")
-
-
-def same_file(registered: Identity, now: Identity, kind: str) -> bool:
-    if kind == Kind.DIRECTORY:
-        return (registered.dev, registered.ino) == (now.dev, now.ino)
-    return (registered.dev, registered.ino, registered.size, registered.mtime_ns) == (
-        now.dev, now.ino, now.size, now.mtime_ns)
 
 
 def chmod_at(dir_fd: int, name: bytes, mode: int) -> None:

@@ -43,6 +43,8 @@ from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, Inot
 from watchdog.observers.inotify_c import InotifyFD
 from watchdog.version import VERSION_STRING as WATCHDOG_VERSION
 
+from contimg_publisher import paths
+
 if not hasattr(InotifyWatchGroup, "on_queue_overflow"):  # overflows would go unreported
     raise ImportError(f"contimg_publisher.watch needs watchdog >= 7.1 (it reports inotify "
                       f"queue overflows to watch groups); watchdog {WATCHDOG_VERSION} is installed")
@@ -111,11 +113,6 @@ def reason_for(exc: OSError) -> str:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return "the folder went away before it could be watched"
     return f"{exc.strerror or exc} (errno {exc.errno})"
-
-
-def _display(path: bytes | str) -> str:
-    """A path for a log line: odd bytes escaped, so no log sink chokes on them."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 class _NullLog:
@@ -212,7 +209,7 @@ class _Sink:
     def watch_failed(self, failures: list[tuple[bytes, OSError]]) -> None:
         folder, exc = failures[0]
         self.lost(f"a subfolder cannot be watched: {reason_for(exc)}", key=f"watch:{exc.errno}",
-                  folder=_display(folder), folders=len(failures))
+                  folder=paths.display(folder), folders=len(failures))
 
     def thread_ended(self, name: str, exc: BaseException | None) -> None:
         if self.closed:
