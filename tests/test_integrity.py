@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,30 +43,15 @@ IMAGE_RULES = [
 ]
 
 
-@pytest.fixture(params=["same_fs", "across"])
-def sandbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sandbox]:
-    """A sandbox whose products area is on the staging area's filesystem, or on a tmpfs."""
-    if request.param == "same_fs":
-        yield Sandbox(tmp_path)
-        return
-    if not is_root():
-        pytest.skip("mounting a tmpfs for the products area needs root")
-    products = tmp_path / "products"
-    mount_tmpfs(products, "256m")
-    try:
-        yield Sandbox(tmp_path, products_root=products)
-    finally:
-        umount(products)
-
-
 def fingerprint(path: Path) -> tuple[int, int, int, str]:
     st = path.stat()
     return (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
             hashlib.sha256(path.read_bytes()).hexdigest())
 
 
-def assert_archive_matches_registry(sandbox: Sandbox) -> None:
+def assert_archive_matches_registry(sandbox_fs: Sandbox) -> None:
     """Every published row's file holds exactly the recorded bytes, with a name of its own."""
+    sandbox = sandbox_fs
     for row in sandbox.registry_rows():
         if row["status"] != "published" or row["data_type"] != "mosaic":
             continue
@@ -77,10 +61,11 @@ def assert_archive_matches_registry(sandbox: Sandbox) -> None:
 
 
 def test_hard_linked_staged_file_is_copied_and_the_other_name_left_alone(
-        sandbox: Sandbox) -> None:
+        sandbox_fs: Sandbox) -> None:
     """A staged mosaic that is a second name of a private file elsewhere (mode 0600): the
     archive gets its own inode; the outside file keeps its mode and bytes, and a later write
     through the outside name does not reach the archive."""
+    sandbox = sandbox_fs
     outside = sandbox.root / "private" / "original.fits"
     outside.parent.mkdir()
     data = write_fits(outside, seed=7)
@@ -110,7 +95,8 @@ def test_hard_linked_staged_file_is_copied_and_the_other_name_left_alone(
     assert_archive_matches_registry(sandbox)
 
 
-def test_hard_linked_sidecar_is_copied_and_the_other_name_left_alone(sandbox: Sandbox) -> None:
+def test_hard_linked_sidecar_is_copied_and_the_other_name_left_alone(sandbox_fs: Sandbox) -> None:
+    sandbox = sandbox_fs
     outside = sandbox.root / "private" / "weights.fits"
     outside.parent.mkdir()
     weights = write_fits(outside, seed=8)
@@ -175,7 +161,8 @@ def tree(root: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-def test_folder_product_is_published_and_its_staged_folder_removed(sandbox: Sandbox) -> None:
+def test_folder_product_is_published_and_its_staged_folder_removed(sandbox_fs: Sandbox) -> None:
+    sandbox = sandbox_fs
     sandbox.update(products=IMAGE_RULES)
     files = _image(sandbox, "field.image")
     out = sandbox.cli("scan", check=True)
@@ -192,7 +179,8 @@ def test_folder_product_is_published_and_its_staged_folder_removed(sandbox: Sand
     assert tree(archived) == files
 
 
-def test_folder_product_with_a_hard_linked_file_is_copied(sandbox: Sandbox) -> None:
+def test_folder_product_with_a_hard_linked_file_is_copied(sandbox_fs: Sandbox) -> None:
+    sandbox = sandbox_fs
     sandbox.update(products=IMAGE_RULES)
     files = _image(sandbox, "linked.image")
     outside = sandbox.root / "outside.dat"
@@ -321,9 +309,10 @@ def _published(sandbox: Sandbox, data_id: str) -> dict | None:
     return row if row is not None and row["status"] == "published" else None
 
 
-def test_writer_pausing_at_an_hdu_boundary_is_waited_for(sandbox: Sandbox) -> None:
+def test_writer_pausing_at_an_hdu_boundary_is_waited_for(sandbox_fs: Sandbox) -> None:
     """The pipeline writes the primary HDU, flushes, and pauses far longer than the settle
     time with its file open, then writes the table: only the whole file is published."""
+    sandbox = sandbox_fs
     head, tail = two_hdus(seed=3)
     proc = start_daemon(sandbox)
     try:
@@ -342,10 +331,11 @@ def test_writer_pausing_at_an_hdu_boundary_is_waited_for(sandbox: Sandbox) -> No
     assert [e["method"] for e in checks] == ["lease"], checks
 
 
-def test_writer_that_appears_after_registration_stops_the_publish(sandbox: Sandbox) -> None:
+def test_writer_that_appears_after_registration_stops_the_publish(sandbox_fs: Sandbox) -> None:
     """A writer opens the registered file before it is published (an append, an in-place
     update): the publish is source_changed, nothing reaches the archive, and the file is
     published whole once the writer is done."""
+    sandbox = sandbox_fs
     head, tail = two_hdus(seed=4)
     staged = sandbox.mosaics / "late.fits"
     staged.write_bytes(head)

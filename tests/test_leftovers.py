@@ -9,39 +9,18 @@ import json
 import os
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.helpers import (
     Sandbox,
-    is_root,
     log_events,
-    mount_tmpfs,
     start_daemon,
     stop,
-    umount,
     wait_for,
     write_fits,
 )
 from tests.test_observability import free_port
 from tests.test_publish import archive_files, stage, temps
-
-
-@pytest.fixture(params=["same_fs", "across"])
-def sandbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sandbox]:
-    if request.param == "same_fs":
-        yield Sandbox(tmp_path)
-        return
-    if not is_root():
-        pytest.skip("mounting a tmpfs for the products area needs root")
-    products = tmp_path / "products"
-    mount_tmpfs(products, "64m")
-    try:
-        yield Sandbox(tmp_path, products_root=products)
-    finally:
-        umount(products)
 
 
 def events(out: str, name: str) -> list[dict]:
@@ -56,7 +35,8 @@ def events(out: str, name: str) -> list[dict]:
     return found
 
 
-def test_late_sidecar_is_published_beside_its_product(sandbox: Sandbox) -> None:
+def test_late_sidecar_is_published_beside_its_product(sandbox_fs: Sandbox) -> None:
+    sandbox = sandbox_fs
     data = stage(sandbox, "n/a.fits", seed=1)
     sandbox.cli("scan", check=True)
     assert sandbox.row("n/a")["sidecars"] == []
@@ -87,7 +67,8 @@ def test_late_sidecar_follows_the_version_its_product_was_published_as(tmp_path:
 
 
 def test_late_sidecar_with_other_bytes_than_the_archived_one_is_kept_and_listed(
-        sandbox: Sandbox) -> None:
+        sandbox_fs: Sandbox) -> None:
+    sandbox = sandbox_fs
     sandbox.update(detect={"unclaimed_after_seconds": 0})
     stage(sandbox, "a.fits", seed=1)
     (sandbox.mosaics / "a.png").write_bytes(b"\x89PNG first")
@@ -104,9 +85,10 @@ def test_late_sidecar_with_other_bytes_than_the_archived_one_is_kept_and_listed(
     assert "published before it arrived" in listed["reason"]
 
 
-def test_identical_rerun_loses_only_its_staged_copy(sandbox: Sandbox) -> None:
+def test_identical_rerun_loses_only_its_staged_copy(sandbox_fs: Sandbox) -> None:
     """The pipeline writes a published mosaic again, byte for byte: recognised, its staged
     copy removed with an event of its own; no second row, no version, the archive as it was."""
+    sandbox = sandbox_fs
     data = stage(sandbox, "n/a.fits", seed=1)
     sandbox.cli("scan", check=True)
     archived = sandbox.products / "mosaics" / "n/a.fits"
