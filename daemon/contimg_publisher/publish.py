@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from contimg_publisher import detect, paths, transfer, writers
+from contimg_publisher import detect, kinds, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import FailureOutcome, Identity, Product, Published, Registry
-from contimg_publisher.states import Attempt, Detected, FailureKind, Kind, Status, Step
+from contimg_publisher.states import Attempt, Detected, FailureKind, Status, Step
 from contimg_publisher.transfer import Cancelled, PublishFailure
 
 # Test-only fault injection: the process kills itself at the named step. Read nowhere else.
@@ -154,6 +154,7 @@ class _Job:
     cancel: threading.Event | None = None
     started: float = field(default_factory=time.monotonic)
     rule: ProductRule | None = None
+    kind: kinds.ProductKind = kinds.FILE
     parts: tuple[bytes, ...] = ()
     folder: tuple[bytes, ...] = ()    # destination folder under products_root
     src_parent: int = -1              # borrowed from the batch's _Folders
@@ -244,27 +245,14 @@ class Publisher:
         self.log = log
         self.gate = gate if gate is not None else writers.WriterGate()
 
-    def _no_writer(self, fd: int, path: bytes, shown: str) -> None:
+    def _no_writer(self, fd: int, path: bytes, shown: str,
+                   kind: kinds.ProductKind = kinds.FILE) -> None:
         """Right before a final rename: a writer that appeared since registration would
         write into the archive (a rename) or has bytes the copy lacks."""
-        if self.gate.busy(fd, path):
+        if kind.written(self.gate, fd, path):
             raise PublishFailure(
                 FailureKind.SOURCE_CHANGED, f"{shown}: open for writing by another "
                 "process; it is examined again once the writer is done")
-
-    def _no_writer_in_tree(self, dir_fd: int, path: bytes, shown: str) -> None:
-        for rel, _dirs, files, dfd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
-            for name in files:
-                with contextlib.suppress(FileNotFoundError):
-                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC |
-                                 os.O_NONBLOCK, dir_fd=dfd)
-                    try:
-                        inner = os.path.normpath(os.path.join(os.fsencode(rel),
-                                                              os.fsencode(name)))
-                        if stat.S_ISREG(os.fstat(fd).st_mode):
-                            self._no_writer(fd, os.path.join(path, inner), shown)
-                    finally:
-                        os.close(fd)
 
     def _warn(self, event: str, **fields: Any) -> None:
         if self.log is not None:
@@ -359,13 +347,13 @@ class Publisher:
         if product.checksum is None or product.identity is None:
             raise PublishFailure(
                 FailureKind.SOURCE_CHANGED, "the product has not been described yet")
-        job.rule = rule
+        job.rule, job.kind = rule, kinds.of(rule)
         parts = job.parts = paths.relative_components(folders.stage_root, product.stage_bytes)
         folder, name = destination(cfg, rule, parts)
         job.folder = folder
         try:
             job.src_parent = folders.source(parts[:-1])
-            job.src_fd = os.open(parts[-1], _open_flags(rule), dir_fd=job.src_parent)
+            job.src_fd = os.open(parts[-1], job.kind.open_flags, dir_fd=job.src_parent)
         except FileNotFoundError:
             raise PublishFailure(FailureKind.SOURCE_MISSING,
                                  f"{product.stage_path}: no longer in the staging area") from None
@@ -378,10 +366,8 @@ class Publisher:
                                      "is no longer a folder") from None
             raise
         st = os.fstat(job.src_fd)
-        kind_ok = stat.S_ISDIR(st.st_mode) if rule.kind == Kind.DIRECTORY else \
-            stat.S_ISREG(st.st_mode)
         job.ident = Identity.of(st)
-        if not kind_ok or not product.identity.same(job.ident, rule.kind):
+        if not job.kind.is_type(st.st_mode) or not job.kind.same(product.identity, job.ident):
             raise PublishFailure(
                 FailureKind.SOURCE_CHANGED, f"{product.stage_path}: changed since it "
                 "was registered; it will be examined again")
@@ -417,7 +403,7 @@ class Publisher:
         if job.identical:
             return
         job.same_fs = folders.same_filesystem(parts[:-1], folder)
-        if job.same_fs and transfer.linked_elsewhere(job.src_fd, st, rule.kind):
+        if job.same_fs and job.kind.linked_elsewhere(job.src_fd, st):
             job.same_fs = False
             self._warn("hard_linked_source", data_id=product.data_id,
                        data_type=product.data_type, stage_path=product.stage_path,
@@ -553,8 +539,8 @@ class Publisher:
                                           sidecar_destination(s.name, name, candidate, rule))):
                     return candidate, version, False
                 continue
-            size = product.size_bytes if rule.kind == Kind.FILE else None
-            if transfer.same_content(dest_fd, candidate, size, product.checksum, rule.kind):
+            if kinds.of(rule).same_content(dest_fd, candidate, product.size_bytes,
+                                           product.checksum):
                 return candidate, version, True
         raise PublishFailure(
             FailureKind.OTHER, f"{paths.display(name)}: 10,000 versions already exist")
@@ -569,21 +555,11 @@ class Publisher:
             if not sc.placed:
                 self._move_sidecar(job, sc)
         _crash_point("after_sidecars")
-        self._no_writer_anywhere(job, rule)
+        self._no_writer(job.src_fd, job.product.stage_bytes, job.product.stage_path, job.kind)
         transfer.rename_checked(job.src_parent, name, job.src_fd, job.dest_fd, job.final,
-                        job.product.stage_path)
-        if rule.kind == Kind.DIRECTORY:
-            transfer.chmod_tree(job.dest_fd, job.final, cfg.file_mode, cfg.dir_mode)
-            return "rename"
-        os.fchmod(job.src_fd, cfg.file_mode)
+                                job.product.stage_path)
+        job.kind.after_rename(job.dest_fd, job.final, job.src_fd, cfg.file_mode, cfg.dir_mode)
         return "rename"
-
-    def _no_writer_anywhere(self, job: _Job, rule: ProductRule) -> None:
-        if rule.kind == Kind.DIRECTORY:
-            self._no_writer_in_tree(job.src_fd, job.product.stage_bytes,
-                                    job.product.stage_path)
-        else:
-            self._no_writer(job.src_fd, job.product.stage_bytes, job.product.stage_path)
 
     def _move_sidecar(self, job: _Job, sc: _Source) -> None:
         """One sidecar on one filesystem: renamed when it has no other name, else copied."""
@@ -633,23 +609,16 @@ class Publisher:
                 os.close(fd)
         _crash_point("after_sidecars")
 
-        if rule.kind == Kind.DIRECTORY:
-            size = self._copy_tree(src_fd, dest_fd, temp, cancel, renew)
-            tmp_fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=dest_fd)
-            try:
-                _total, checksum, _newest = detect.tree_digest(tmp_fd, algorithm)
-            finally:
-                os.close(tmp_fd)
-        else:
-            size, checksum = self._copy_file(src_fd, dest_fd, temp, algorithm, cancel, renew)
+        kind = kinds.of(rule)
+        size, checksum = kind.copy(src_fd, dest_fd, temp, algorithm, cfg.file_mode,
+                                   cfg.dir_mode, cancel, renew)
         paths.fsync_dir(dest_fd)
         _crash_point("after_temp_write")
         st = os.fstat(src_fd)
-        if (st.st_size if rule.kind == Kind.FILE else size) != product.size_bytes or \
+        if kind.size_to_verify(st, size) != product.size_bytes or \
                 checksum != product.checksum:
-            still = product.identity is not None and product.identity.same(
-                Identity.of(st), rule.kind)
+            still = product.identity is not None and kind.same(product.identity,
+                                                               Identity.of(st))
             if not still:
                 raise PublishFailure(
                     FailureKind.SOURCE_CHANGED, f"{product.stage_path}: changed while "
@@ -658,10 +627,7 @@ class Publisher:
                                  f"copy of {product.stage_path} does not match the registry: "
                                  f"{size} bytes {checksum}, expected {product.size_bytes} bytes "
                                  f"{product.checksum}")
-        if rule.kind == Kind.DIRECTORY:
-            self._no_writer_in_tree(src_fd, product.stage_bytes, product.stage_path)
-        else:
-            self._no_writer(src_fd, product.stage_bytes, product.stage_path)
+        self._no_writer(src_fd, product.stage_bytes, product.stage_path, kind)
         paths.rename_noreplace(dest_fd, temp, dest_fd, final)
         return size
 
@@ -682,7 +648,7 @@ class Publisher:
         """A sidecar through a temporary name to its final name, never replacing one."""
         sc_temp = paths.temp_name(sc.dest_name, f"{product.id}-{uuid.uuid4().hex[:8]}")
         temps.append(sc_temp)
-        self._copy_file(fd, dest_fd, sc_temp, algorithm, cancel, tick)
+        transfer.copy_file(fd, dest_fd, sc_temp, algorithm, self.config.file_mode, cancel, tick)
         self._no_writer(fd, os.path.join(os.path.dirname(product.stage_bytes), sc.name),
                         paths.display(sc.name))
         try:
@@ -695,58 +661,6 @@ class Publisher:
                                      "exists with other content") from None
             paths.remove_tree_under(dest_fd, sc_temp)
         temps.remove(sc_temp)
-
-    def _copy_file(self, src_fd: int, dest_fd: int, temp: bytes, algorithm: str,
-                   cancel: threading.Event | None, tick: Callable[[], None]) -> tuple[int, str]:
-        cfg = self.config
-        out = paths.create_exclusive(dest_fd, temp, 0o600)
-        try:
-            size, checksum = transfer.copy_fd(src_fd, out, algorithm, cancel=cancel, tick=tick)
-            st = os.fstat(src_fd)
-            os.fchmod(out, cfg.file_mode)
-            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-            os.fsync(out)
-        finally:
-            os.close(out)
-        return size, checksum
-
-    def _copy_tree(self, src_dir: int, dest_fd: int, temp: bytes,
-                   cancel: threading.Event | None, tick: Callable[[], None]) -> int:
-        """Folder product across filesystems: file by file into a temporary folder."""
-        cfg = self.config
-        os.mkdir(temp, 0o700, dir_fd=dest_fd)
-        total = 0
-        top_fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=dest_fd)
-        try:
-            for rel, dirs, files, dfd in os.fwalk(".", dir_fd=src_dir, follow_symlinks=False):
-                rel_b = os.fsencode(rel)
-                out_dir = top_fd if rel_b == b"." else os.open(
-                    rel_b, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=top_fd)
-                try:
-                    for d in dirs:
-                        os.mkdir(d, cfg.dir_mode, dir_fd=out_dir)
-                    for f in files:
-                        fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                        try:
-                            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                                raise PublishFailure(FailureKind.SOURCE_CHANGED,
-                                                     f"{f} inside the folder is not a file")
-                            total += self._copy_file(fd, out_dir, os.fsencode(f), "sha256",
-                                                     cancel, tick)[0]
-                        finally:
-                            os.close(fd)
-                    st = os.fstat(dfd)
-                    os.fchmod(out_dir, cfg.dir_mode)
-                    os.utime(out_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
-                    os.fsync(out_dir)
-                finally:
-                    if out_dir != top_fd:
-                        os.close(out_dir)
-        finally:
-            os.close(top_fd)
-        return total
 
     def _remove_source(self, src_parent: int, name: bytes, ident: Identity, rule: ProductRule,
                        sidecars: list[_Source], dest_fd: int, checksum: str | None,
@@ -762,14 +676,9 @@ class Publisher:
             st = None  # renamed into the archive
         # A file must be unchanged too (size and mtime): one written to in place after its
         # copy holds bytes the archive does not, and an inode number can be reused.
-        mode = st.st_mode if st is not None and ident.same(Identity.of(st), rule.kind) \
-            else None
-        if mode is not None and rule.kind == Kind.FILE and stat.S_ISREG(mode):
-            os.unlink(name, dir_fd=src_parent)
-            removed = True
-        elif mode is not None and rule.kind == Kind.DIRECTORY and stat.S_ISDIR(mode) and \
-                transfer.same_content(src_parent, name, None, checksum, Kind.DIRECTORY):
-            paths.remove_tree_under(src_parent, name)
+        kind = kinds.of(rule)
+        if st is not None and kind.same(ident, Identity.of(st)) and \
+                kind.remove_staged(src_parent, name, st.st_mode, checksum):
             removed = True
         for sc in sidecars:
             if sc.placed:
@@ -802,13 +711,13 @@ class Publisher:
             sidecars = [
                 _Source(sc.name, sidecar_destination(sc.name, parts[-1], final, rule))
                 for sc in self._sidecars(where.src_parent, parts[-1], parts[-1], rule)
-            ] if rule.kind == Kind.FILE else []
+            ] if kinds.of(rule).has_sidecars else []
             before = transfer.exists(where.src_parent, parts[-1])
             self._remove_source(where.src_parent, parts[-1], product.identity, rule, sidecars,
                                 where.dest_fd, product.checksum)
             if before and not transfer.exists(where.src_parent, parts[-1]):
                 return Tidied.REMOVED
-            if before and rule.kind == Kind.FILE and transfer.rerun_identical(
+            if before and kinds.of(rule) is kinds.FILE and transfer.rerun_identical(
                     where.src_parent, parts[-1], where.dest_fd, final, product.checksum):
                 paths.fsync_dir(where.src_parent)
                 return Tidied.IDENTICAL_REMOVED
@@ -821,7 +730,7 @@ class Publisher:
         Returns (staged sidecar, what was done, why) for each."""
         cfg = self.config
         rule = rule_for(cfg, product.data_type)
-        if rule is None or rule.kind != Kind.FILE or not product.published_path:
+        if rule is None or not kinds.of(rule).has_sidecars or not product.published_path:
             return []
         stage_root = os.fsencode(str(cfg.stage_root))
         parts = paths.relative_components(stage_root, product.stage_bytes)
@@ -943,13 +852,6 @@ class _StagedAndPublished:
         for fd in (self.dest_fd, self.src_parent, self.stage_fd):
             if fd >= 0:
                 os.close(fd)
-
-
-def _open_flags(rule: ProductRule) -> int:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    if rule.kind == Kind.DIRECTORY:
-        flags |= os.O_DIRECTORY
-    return flags
 
 
 def _already_placed(dest_fd: int, src_parent: int, staged_name: bytes, final: bytes,

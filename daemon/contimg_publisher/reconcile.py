@@ -10,12 +10,12 @@ import os
 import time
 from typing import Any
 
-from contimg_publisher import detect, fits, paths, transfer
+from contimg_publisher import detect, fits, kinds, paths, transfer
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for, step_of
 from contimg_publisher.registry import Product, Registry
-from contimg_publisher.states import Attempt, FailureKind, Kind, Step
+from contimg_publisher.states import Attempt, FailureKind, Step
 
 
 def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
@@ -57,7 +57,7 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
                 os.close(parent)
     target = row.publish_target
     rule = rule_for(config, row.data_type)
-    if step is Step.LEGACY and rule is not None and rule.kind == Kind.FILE:
+    if step is Step.LEGACY and rule is not None and kinds.of(rule) is kinds.FILE:
         legacy = _resolve_legacy(publisher, row, rule, result)
         if legacy is not None:
             return legacy
@@ -67,15 +67,14 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                verified = transfer.same_content(
-                    parent, final, row.size_bytes if rule.kind == Kind.FILE else None,
-                    row.checksum, rule.kind)
+                verified = kinds.of(rule).same_content(parent, final, row.size_bytes,
+                                                       row.checksum)
                 # The sidecars went to their final names before the product did; the row
                 # learns of them only at the commit, which the crash came before.
                 sidecars = row.sidecars or ([
                     name for name in detect.sidecar_names(os.fsdecode(final), rule)
                     if transfer.exists(parent, os.fsencode(name))]
-                    if rule.kind == Kind.FILE else [])
+                    if kinds.of(rule).has_sidecars else [])
             finally:
                 os.close(parent)
             if verified and registry.mark_published(

@@ -14,8 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from contimg_publisher import detect, fits, paths
-from contimg_publisher.states import FailureKind, Kind
+from contimg_publisher import fits, paths
+from contimg_publisher.states import FailureKind
 
 CHUNK = 8 << 20
 DELAY_ENV = "CONTIMG_PUBLISHER_TEST_COPY_DELAY"  # seconds per chunk, tests only
@@ -85,34 +85,59 @@ def copy_fd(src_fd: int, dst_fd: int, algorithm: str, *, cancel: threading.Event
     return offset, f"{algorithm}:{hasher.digest.hexdigest()}"
 
 
-def same_content(dir_fd: int, name: bytes, size: int | None, checksum: str | None,
-                  kind: str) -> bool:
-    """Whether an existing entry already holds exactly the product's bytes."""
-    if checksum is None:
-        return False
-    algorithm = checksum.split(":", 1)[0]
+def copy_file(src_fd: int, dest_fd: int, temp: bytes, algorithm: str, file_mode: int,
+              cancel: threading.Event | None, tick: Callable[[], None]) -> tuple[int, str]:
+    """Copy a file into the new name `temp` in dest_fd, with its mtime, the archive's mode,
+    and an fsync; (bytes, checksum of what was copied)."""
+    out = paths.create_exclusive(dest_fd, temp, 0o600)
     try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if kind == Kind.DIRECTORY:
-        if not stat.S_ISDIR(st.st_mode):
-            return False
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-        try:
-            return detect.tree_digest(fd, algorithm)[1] == checksum
-        except detect.Rejected:
-            return False
-        finally:
-            os.close(fd)
-    if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
-        return False
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        return fits.hash_fd(fd, algorithm=algorithm)[1] == checksum
+        size, checksum = copy_fd(src_fd, out, algorithm, cancel=cancel, tick=tick)
+        st = os.fstat(src_fd)
+        os.fchmod(out, file_mode)
+        os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.fsync(out)
     finally:
-        os.close(fd)
+        os.close(out)
+    return size, checksum
+
+
+def copy_tree(src_dir: int, dest_fd: int, temp: bytes, file_mode: int, dir_mode: int,
+              cancel: threading.Event | None, tick: Callable[[], None]) -> int:
+    """A folder product across filesystems: file by file into the new folder `temp`;
+    returns the bytes copied."""
+    os.mkdir(temp, 0o700, dir_fd=dest_fd)
+    total = 0
+    top_fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dest_fd)
+    try:
+        for rel, dirs, files, dfd in os.fwalk(".", dir_fd=src_dir, follow_symlinks=False):
+            rel_b = os.fsencode(rel)
+            out_dir = top_fd if rel_b == b"." else os.open(
+                rel_b, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=top_fd)
+            try:
+                for d in dirs:
+                    os.mkdir(d, dir_mode, dir_fd=out_dir)
+                for f in files:
+                    fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                    try:
+                        if not stat.S_ISREG(os.fstat(fd).st_mode):
+                            raise PublishFailure(FailureKind.SOURCE_CHANGED,
+                                                 f"{f} inside the folder is not a file")
+                        total += copy_file(fd, out_dir, os.fsencode(f), "sha256", file_mode,
+                                           cancel, tick)[0]
+                    finally:
+                        os.close(fd)
+                st = os.fstat(dfd)
+                os.fchmod(out_dir, dir_mode)
+                os.utime(out_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.fsync(out_dir)
+            finally:
+                if out_dir != top_fd:
+                    os.close(out_dir)
+    finally:
+        os.close(top_fd)
+    return total
 
 
 def exists(dir_fd: int, name: bytes) -> bool:
@@ -149,18 +174,6 @@ def rerun_identical(src_parent: int, name: bytes, dest_fd: int, final: bytes,
         return True
     finally:
         os.close(fd)
-
-
-def linked_elsewhere(src_fd: int, st: os.stat_result, kind: str) -> bool:
-    """Whether renaming would move an inode that also has a name outside the product."""
-    if kind != Kind.DIRECTORY:
-        return st.st_nlink != 1
-    for _rel, _dirs, files, dfd in os.fwalk(".", dir_fd=src_fd, follow_symlinks=False):
-        for f in files:
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(f, dir_fd=dfd, follow_symlinks=False).st_nlink != 1:
-                    return True
-    return False
 
 
 def rename_checked(src_dir: int, name: bytes, fd: int, dest_dir: int, final: bytes,

@@ -1,0 +1,168 @@
+"""What publishing does differently for a file product and a folder product.
+
+The protocol (`publish`) is the same for both; each step that depends on the kind asks
+the product's `ProductKind` (`of(rule)`): how to open it, what its type must be, whether
+an inode in it has another name, whether some process is writing it, how to copy it,
+compare it, chmod it after a rename, and remove its staged copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+from collections.abc import Callable
+
+from contimg_publisher import detect, paths, transfer, writers
+from contimg_publisher.config import ProductRule
+from contimg_publisher.registry import Identity
+from contimg_publisher.states import Kind
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+Tick = Callable[[], None]
+
+
+class ProductKind:
+    """The file product; FolderKind overrides what differs for a folder."""
+
+    kind = Kind.FILE
+    has_sidecars = True
+    open_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+    def is_type(self, mode: int) -> bool:
+        return stat.S_ISREG(mode)
+
+    def linked_elsewhere(self, fd: int, st: os.stat_result) -> bool:
+        """Whether renaming would move an inode that also has a name outside the product."""
+        return st.st_nlink != 1
+
+    def written(self, gate: writers.WriterGate, fd: int, path: bytes) -> bool:
+        """Whether any process has the product (open at `fd`, staged at `path`) open for
+        writing."""
+        return gate.busy(fd, path)
+
+    def copy(self, src_fd: int, dest_fd: int, temp: bytes, algorithm: str, file_mode: int,
+             dir_mode: int, cancel: threading.Event | None, tick: Tick) -> tuple[int, str]:
+        """Copy into `temp` (created here) in dest_fd; (bytes, checksum of the copy)."""
+        return transfer.copy_file(src_fd, dest_fd, temp, algorithm, file_mode, cancel, tick)
+
+    def size_to_verify(self, st: os.stat_result, copied: int) -> int:
+        """The size that must equal the registered one after a copy: the source's, so a
+        file that grew during the copy fails the check."""
+        return st.st_size
+
+    def same_content(self, dir_fd: int, name: bytes, size: int | None,
+                     checksum: str | None) -> bool:
+        """Whether `name` in dir_fd already holds exactly these bytes."""
+        if checksum is None:
+            return False
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+            return False
+        return transfer.hash_at(dir_fd, name, checksum.split(":", 1)[0])[1] == checksum
+
+    def after_rename(self, dest_fd: int, final: bytes, fd: int, file_mode: int,
+                     dir_mode: int) -> None:
+        """The product's modes, once the renamed inode has no other name."""
+        os.fchmod(fd, file_mode)
+
+    def remove_staged(self, src_parent: int, name: bytes, mode: int,
+                      checksum: str | None) -> bool:
+        """Remove the staged copy (already proven to be the published one, unchanged)."""
+        if not stat.S_ISREG(mode):
+            return False
+        os.unlink(name, dir_fd=src_parent)
+        return True
+
+    def same(self, registered: Identity, now: Identity) -> bool:
+        return registered.same(now, self.kind)
+
+
+class FolderKind(ProductKind):
+    """A folder product (a CASA image): its files travel together."""
+
+    kind = Kind.DIRECTORY
+    has_sidecars = False
+    open_flags = ProductKind.open_flags | os.O_DIRECTORY
+
+    def is_type(self, mode: int) -> bool:
+        return stat.S_ISDIR(mode)
+
+    def linked_elsewhere(self, fd: int, st: os.stat_result) -> bool:
+        for _rel, _dirs, files, dfd in os.fwalk(".", dir_fd=fd, follow_symlinks=False):
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(f, dir_fd=dfd, follow_symlinks=False).st_nlink != 1:
+                        return True
+        return False
+
+    def written(self, gate: writers.WriterGate, fd: int, path: bytes) -> bool:
+        for rel, _dirs, files, dfd in os.fwalk(".", dir_fd=fd, follow_symlinks=False):
+            for name in files:
+                try:
+                    file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC |
+                                      os.O_NONBLOCK, dir_fd=dfd)
+                except FileNotFoundError:
+                    continue
+                try:
+                    inner = os.path.normpath(os.path.join(os.fsencode(rel), os.fsencode(name)))
+                    if stat.S_ISREG(os.fstat(file_fd).st_mode) and gate.busy(
+                            file_fd, os.path.join(path, inner)):
+                        return True
+                finally:
+                    os.close(file_fd)
+        return False
+
+    def copy(self, src_fd: int, dest_fd: int, temp: bytes, algorithm: str, file_mode: int,
+             dir_mode: int, cancel: threading.Event | None, tick: Tick) -> tuple[int, str]:
+        size = transfer.copy_tree(src_fd, dest_fd, temp, file_mode, dir_mode, cancel, tick)
+        tmp_fd = os.open(temp, _DIR_FLAGS, dir_fd=dest_fd)
+        try:
+            return size, detect.tree_digest(tmp_fd, algorithm)[1]
+        finally:
+            os.close(tmp_fd)
+
+    def size_to_verify(self, st: os.stat_result, copied: int) -> int:
+        return copied
+
+    def same_content(self, dir_fd: int, name: bytes, size: int | None,
+                     checksum: str | None) -> bool:
+        if checksum is None:
+            return False
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        try:
+            return detect.tree_digest(fd, checksum.split(":", 1)[0])[1] == checksum
+        except detect.Rejected:
+            return False
+        finally:
+            os.close(fd)
+
+    def after_rename(self, dest_fd: int, final: bytes, fd: int, file_mode: int,
+                     dir_mode: int) -> None:
+        transfer.chmod_tree(dest_fd, final, file_mode, dir_mode)
+
+    def remove_staged(self, src_parent: int, name: bytes, mode: int,
+                      checksum: str | None) -> bool:
+        """A folder goes only when its bytes, hashed again, are still the archived ones."""
+        if not stat.S_ISDIR(mode) or not self.same_content(src_parent, name, None, checksum):
+            return False
+        paths.remove_tree_under(src_parent, name)
+        return True
+
+
+FILE, FOLDER = ProductKind(), FolderKind()
+
+
+def of(rule: ProductRule) -> ProductKind:
+    return FOLDER if rule.kind == Kind.DIRECTORY else FILE
+
