@@ -129,7 +129,9 @@ def stage_registered(sandbox: Sandbox, count: int, hold: bool) -> None:
     with Registry(sandbox.registry) as reg:
         reg.migrate()
         for at in range(0, len(cands), 5000):
-            reg.register_many(cands[at:at + 5000])
+            with reg.write():
+                for c in cands[at:at + 5000]:
+                    reg.register(c)
         if hold:
             for cand in cands:
                 reg.set_hold(cand.data_id, True)

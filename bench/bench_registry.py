@@ -3,7 +3,7 @@
     python bench/bench_registry.py [--products N] [--rounds N] [--rows N] [--dir FOLDER]
 
 1. Registration and claim throughput on real files in one folder: the registry module
-   (register_many and claim in batches, one BEGIN IMMEDIATE transaction per batch) against
+   (register and claim in batches, one BEGIN IMMEDIATE transaction per batch) against
    the legacy pattern (Python sqlite3, one autocommitted statement per product), both with
    synchronous=FULL.
 2. A registry of one million rows: wall time of the `status` and `list --status failed`
@@ -59,7 +59,9 @@ def bench_registry(folder: Path, n: int, batch: int) -> tuple[float, float, floa
     with Registry(path) as reg:
         t0 = time.perf_counter()
         for i in range(0, n, batch):
-            reg.register_many(cands[i:i + batch])
+            with reg.write():
+                for c in cands[i:i + batch]:
+                    reg.register(c)
         register = n / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         claimed = 0

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from contimg_publisher.registry import SCHEMA_VERSION, Candidate, Identity, Registry
+from contimg_publisher.registry import SCHEMA_VERSION, Candidate, Identity, Published, Registry
 from tests.helpers import REPO, Sandbox
 
 
@@ -30,7 +30,8 @@ def filled(tmp_path):
         for n, data_id in enumerate(["waiting", "done", "broken", "bad", "busy"], start=1):
             reg.register(_candidate(sandbox, data_id, n))
         reg.claim("tester", 60, data_id="done")
-        reg.mark_published("done", "tester", str(sandbox.products / "mosaics/done.fits"), "auto")
+        reg.mark_published(Published("done", str(sandbox.products / "mosaics/done.fits"),
+                                     "auto"), "tester")
         for _ in range(cfg.max_attempts):
             reg.claim("tester", 60, data_id="broken")
             reg.record_failure("broken", "tester", "no_space", "No space left on device",

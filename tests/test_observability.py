@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contimg_publisher import lock
 from contimg_publisher.config import ConfigError, from_mapping
-from contimg_publisher.registry import Candidate, Identity, Registry
+from contimg_publisher.registry import Candidate, Identity, Published, Registry
 from tests.helpers import (
     REPO,
     Sandbox,
@@ -546,7 +546,8 @@ def quiet_site(tmp_path: Path) -> Sandbox:
         reg.register(_candidate(sandbox, "fresh", 1))
         reg.register(_candidate(sandbox, "done", 2))
         reg.claim("tester", 60, data_id="done")
-        reg.mark_published("done", "tester", str(sandbox.products / "mosaics/done.fits"), "auto")
+        reg.mark_published(Published("done", str(sandbox.products / "mosaics/done.fits"),
+                                     "auto"), "tester")
     return sandbox
 
 

@@ -308,6 +308,12 @@ def test_other_application_is_refused_and_untouched(tmp_path):
 
 # --- candidates and concurrency ----------------------------------------------------------------
 
+def register_all(reg: Registry, candidates: list[Candidate]) -> list[tuple[str, Any]]:
+    """register() for many products, composed in one write: one commit for all."""
+    with reg.write():
+        return [reg.register(c) for c in candidates]
+
+
 def candidate(n: int, checksum: str | None = None) -> Candidate:
     path = f"/stage/mosaics/2026/m_{n:06d}.fits"
     return Candidate(data_id=f"m_{n:06d}", data_type="mosaic", base_path="/stage",
@@ -335,7 +341,7 @@ def test_concurrent_processes_claim_each_row_exactly_once(tmp_path):
     """Several publishers on one file: no row is published twice and none is lost."""
     path = tmp_path / "registry.sqlite3"
     with Registry(path) as reg:
-        outcomes = reg.register_many([candidate(n) for n in range(500)])
+        outcomes = register_all(reg, [candidate(n) for n in range(500)])
     assert [o for o, _ in outcomes] == ["new"] * 500
 
     ctx = multiprocessing.get_context("spawn")
@@ -393,7 +399,7 @@ def test_write_lock_held_longer_than_busy_timeout_fails_cleanly(tmp_path):
         holder = _hold_lock(path, "stdin")
         try:
             with pytest.raises(RegistryBusy) as info:
-                reg.register_many([candidate(n) for n in range(5)])
+                register_all(reg, [candidate(n) for n in range(5)])
             message = str(info.value)
             assert str(path) in message and "busy timeout (0.3 s)" in message
             assert "nothing was written" in message
@@ -404,7 +410,7 @@ def test_write_lock_held_longer_than_busy_timeout_fails_cleanly(tmp_path):
         assert reg.counts() == dict.fromkeys(("staging", "publishing", "published", "failed",
                                               "rejected"), 0)
         # The same connection works again once the lock is free.
-        assert [o for o, _ in reg.register_many([candidate(n) for n in range(5)])] == ["new"] * 5
+        assert [o for o, _ in register_all(reg, [candidate(n) for n in range(5)])] == ["new"] * 5
     assert len(_rows(path, "data_registry")) == 5
     assert _rows(path, "data_tags") == []
 
@@ -413,7 +419,7 @@ def test_write_lock_held_shorter_than_busy_timeout_waits(tmp_path):
     path = tmp_path / "registry.sqlite3"
     with Registry(path, busy_timeout_seconds=30) as reg:
         holder = _hold_lock(path, "0.5")
-        outcomes = reg.register_many([candidate(n) for n in range(5)])
+        outcomes = register_all(reg, [candidate(n) for n in range(5)])
         out, _ = holder.communicate(timeout=30)
     assert out == "released\n" and holder.returncode == 0
     assert [o for o, _ in outcomes] == ["new"] * 5
@@ -447,7 +453,7 @@ def test_truncate_is_exact_at_the_limit():
 
 
 def test_error_text_is_truncated_at_exactly_error_max_chars(reg):
-    reg.register_many([candidate(1), candidate(2)])
+    register_all(reg, [candidate(1), candidate(2)])
     exact = "e" * 120
     out = _fail(reg, "m_000001", error=exact, chars=120)
     assert out.error == exact
@@ -488,7 +494,7 @@ def test_backoff_schedule_and_failed_at_max_attempts(reg):
 
 
 def test_jitter_spreads_retries(reg):
-    reg.register_many([candidate(n) for n in range(20)])
+    register_all(reg, [candidate(n) for n in range(20)])
     delays = {round(_fail(reg, f"m_{n:06d}", seed=n).next_attempt_at - 1000.0, 6)
               for n in range(20)}
     assert len(delays) > 10 and all(54.0 <= d <= 66.0 for d in delays)
@@ -496,7 +502,7 @@ def test_jitter_spreads_retries(reg):
 
 def test_history_survives_success_and_retry_makes_due_again(reg):
     """The history explains a product's past even after it was published."""
-    reg.register_many([candidate(1), candidate(2)])
+    register_all(reg, [candidate(1), candidate(2)])
     for _ in range(3):
         out = _fail(reg, "m_000001", error="EIO")
     assert out.status == "failed"
@@ -508,7 +514,8 @@ def test_history_survives_success_and_retry_makes_due_again(reg):
     assert (row.status, row.publish_attempts, row.next_attempt_at) == ("staging", 0, None)
     got = reg.claim("me", 60, limit=10, now=1001.0)
     assert "m_000001" in [r.data_id for r in got]
-    assert reg.mark_published("m_000001", "me", "/products/m1.fits", "auto", now=1002.0)
+    assert reg.mark_published(Published("m_000001", "/products/m1.fits", "auto"), "me",
+                              now=1002.0)
     row = reg.get("m_000001")
     assert (row.status, row.published_path, row.lease_owner) == (
         "published", "/products/m1.fits", None)
@@ -517,7 +524,7 @@ def test_history_survives_success_and_retry_makes_due_again(reg):
 
 
 def test_retry_all_failed(reg):
-    reg.register_many([candidate(n) for n in range(4)])
+    register_all(reg, [candidate(n) for n in range(4)])
     for n in (0, 2):
         for _ in range(2):
             _fail(reg, f"m_{n:06d}", max_attempts=2)
@@ -568,7 +575,7 @@ def test_register_is_idempotent_and_never_resets_published(reg):
     assert reg.register(c)[0] == "unchanged"
     reg.claim("me", 60, data_id=c.data_id)
     assert reg.register(c)[0] == "busy"
-    reg.mark_published(c.data_id, "me", "/p/m.fits", "auto")
+    reg.mark_published(Published(c.data_id, "/p/m.fits", "auto"), "me")
     assert reg.register(c)[0] == "published"
     row = reg.get(c.data_id)
     assert (row.status, row.published_path) == ("published", "/p/m.fits")
@@ -644,7 +651,7 @@ def test_concurrent_migrations_of_one_legacy_file_apply_each_step_once(tmp_path)
 
 def test_held_and_undescribed_rows_are_not_claimed(reg):
     """Held rows wait on purpose; legacy rows without a checksum must be described first."""
-    reg.register_many([candidate(1), candidate(2)])
+    register_all(reg, [candidate(1), candidate(2)])
     with reg.write() as cur:
         cur.execute("INSERT INTO data_registry (data_type, data_id, base_path, stage_path,"
                     " created_at, staged_at) VALUES ('mosaic', 'legacy', '/s', '/s/l.fits', 1, 1)")
@@ -714,7 +721,7 @@ def test_counts_of_an_empty_registry_are_zero(reg):
 
 def test_claim_stops_a_batch_at_max_bytes_but_always_takes_one(reg):
     """Sizes are 2880 * (n + 1): 5760, 8640, 11520, ... in claim order."""
-    reg.register_many([candidate(n) for n in range(1, 6)])
+    register_all(reg, [candidate(n) for n in range(1, 6)])
     got = reg.claim("me", 60, limit=10, max_bytes=5760 + 8640)
     assert [r.data_id for r in got] == ["m_000001", "m_000002"]
     assert all(r.status == "publishing" and r.lease_owner == "me" for r in got)
@@ -725,19 +732,20 @@ def test_claim_stops_a_batch_at_max_bytes_but_always_takes_one(reg):
 
 
 def test_publishes_recorded_together_skip_a_row_whose_claim_was_lost(reg):
-    """mark_published_many in one commit: a row another owner holds is left as it is,
+    """mark_published composed in one commit: a row another owner holds is left as it is,
     the others are published, and a supersedes link is recorded."""
-    reg.register_many([candidate(n) for n in range(1, 4)])
+    register_all(reg, [candidate(n) for n in range(1, 4)])
     reg.claim("me", 60, limit=2)
     reg.claim("other", 60, limit=1)
-    done = reg.mark_published_many("me", [
-        Published("m_000001", "/p/m1.fits", "auto", ("m1.png",)),
-        Published("m_000002", "/p/m2.fits", "auto", (), supersedes="m_000001"),
-        Published("m_000003", "/p/m3.fits", "auto")])
-    assert done == {"m_000001", "m_000002"}
+    with reg.write():
+        done = [reg.mark_published(item, "me") for item in (
+            Published("m_000001", "/p/m1.fits", "auto", ("m1.png",)),
+            Published("m_000002", "/p/m2.fits", "auto", (), supersedes="m_000001"),
+            Published("m_000003", "/p/m3.fits", "auto"))]
+    assert done == [True, True, False]
     assert [reg.get(f"m_00000{n}").status for n in (1, 2, 3)] == [
         "published", "published", "publishing"]
     assert reg.get("m_000001").sidecars == ["m1.png"]
     assert reg.relationships("m_000002") == [
         {"parent": "m_000002", "child": "m_000001", "type": "supersedes"}]
-    assert reg.set_publish_plans("me", [("m_000003", "/p/m3.fits", None, [])]) == set()
+    assert reg.set_publish_plan("me", "m_000003", "/p/m3.fits", None) is False

@@ -818,7 +818,8 @@ class Detector:
         if not items:
             return []
         outcomes: list[Outcome] = []
-        results = self.registry.register_many([c for c, _m in items])
+        with self.registry.write():  # one commit for the whole burst
+            results = [self.registry.register(c) for c, _m in items]
         for (cand, m), (outcome, row) in zip(items, results, strict=True):
             version = 1
             while outcome == "conflict" and version < 1000:

@@ -279,10 +279,12 @@ class Publisher:
                 for p in products]
         try:
             ready = [job for job in jobs if self._attempt(job, folders, self._prepare)]
-            planned = self.registry.set_publish_plans(self.owner, [
-                (job.product.data_id, job.result.published_path or "", job.temp_shown,
-                 [os.fsdecode(s.dest_name) for s in job.sidecars])
-                for job in ready if not job.identical])
+            with self.registry.write():  # one durable commit for every plan
+                planned = {job.product.data_id for job in ready if not job.identical and
+                           self.registry.set_publish_plan(
+                               self.owner, job.product.data_id,
+                               job.result.published_path or "", job.temp_shown,
+                               [os.fsdecode(s.dest_name) for s in job.sidecars])}
             placed: list[_Job] = []
             for index, job in enumerate(ready):
                 if not job.identical and job.product.data_id not in planned:
@@ -466,10 +468,11 @@ class Publisher:
 
     def _commit(self, placed: list[_Job], folders: _Folders) -> None:
         """Steps 5 and 6: one durable commit, then the sources go, one fsync per folder."""
-        done = self.registry.mark_published_many(self.owner, [
-            Published(job.product.data_id, job.result.published_path or "", job.mode,
-                      tuple(os.fsdecode(s.dest_name) for s in job.sidecars),
-                      job.result.supersedes) for job in placed])
+        with self.registry.write():  # one durable commit for every publish
+            done = {job.product.data_id for job in placed if self.registry.mark_published(
+                Published(job.product.data_id, job.result.published_path or "", job.mode,
+                          tuple(os.fsdecode(s.dest_name) for s in job.sidecars),
+                          job.result.supersedes), self.owner)}
         published = []
         for job in placed:
             if job.product.data_id in done:

@@ -14,7 +14,7 @@ from contimg_publisher import detect, fits, kinds, paths, transfer
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for, step_of
-from contimg_publisher.registry import Product, Registry
+from contimg_publisher.registry import Product, Published, Registry
 from contimg_publisher.states import Attempt, FailureKind, Step
 
 
@@ -78,8 +78,8 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
             finally:
                 os.close(parent)
             if verified and registry.mark_published(
-                    row.data_id, None, target, row.publish_mode or "auto",
-                    sidecars=sidecars):
+                    Published(row.data_id, target, row.publish_mode or "auto",
+                              tuple(sidecars)), None):
                 result.status, result.published_path = Attempt.PUBLISHED, target
                 done = registry.get(row.data_id)
                 if done is not None:

@@ -289,7 +289,7 @@ class FailureOutcome:
 
 @dataclass(frozen=True)
 class Published:
-    """One row's publish, as mark_published_many records it."""
+    """One row's publish, as mark_published records it."""
 
     data_id: str
     published_path: str
@@ -343,6 +343,7 @@ class Registry:
                  migrate: bool = True, create: bool = True) -> None:
         self.path = os.fspath(path)
         self.busy_timeout_seconds = busy_timeout_seconds
+        self._depth = 0  # write() nesting: 0 outside a transaction
         _check_path(self.path)
         if not create and not os.path.exists(self.path):
             raise RegistryError(f"registry {self.path}: no such file")
@@ -399,20 +400,41 @@ class Registry:
 
     @contextmanager
     def write(self) -> Iterator[apsw.Cursor]:
-        """One explicit BEGIN IMMEDIATE transaction: committed on success, rolled back on error."""
+        """One explicit BEGIN IMMEDIATE transaction: committed on success, rolled back on error.
+
+        Writes compose: a write inside another is a SAVEPOINT of the outer transaction, so
+        one method records one row and a caller that wraps many calls in a write() of its
+        own gets them all in one durable commit (one fsync for a burst)."""
         cursor = self.conn.cursor()
+        if self._depth:
+            savepoint = f"contimg_{self._depth}"
+            cursor.execute(f"SAVEPOINT {savepoint}")
+            self._depth += 1
+            try:
+                yield cursor
+            except BaseException:
+                cursor.execute(f"ROLLBACK TO {savepoint}")
+                cursor.execute(f"RELEASE {savepoint}")
+                raise
+            finally:
+                self._depth -= 1
+            cursor.execute(f"RELEASE {savepoint}")
+            return
         try:
             cursor.execute("BEGIN IMMEDIATE")
         except apsw.BusyError:
             raise RegistryBusy(
                 f"registry {self.path}: locked by another process for longer than the busy "
                 f"timeout ({self.busy_timeout_seconds:g} s); nothing was written") from None
+        self._depth = 1
         try:
             yield cursor
         except BaseException:
             if self.conn.in_transaction:
                 cursor.execute("ROLLBACK")
             raise
+        finally:
+            self._depth = 0
         try:
             cursor.execute("COMMIT")
         except apsw.BusyError:
@@ -633,14 +655,9 @@ class Registry:
         from this path: the staged copy is a leftover), "conflict" (the data_id belongs to
         another path or other content; the caller picks another id).
         """
-        return self.register_many([c], now)[0]
-
-    def register_many(self, candidates: Sequence[Candidate],
-                      now: float | None = None) -> list[tuple[str, Product]]:
-        """register() for many products in one transaction (one fsync for a burst)."""
         now = time.time() if now is None else now
         with self.write() as cur:
-            return [self._register(cur, c, now) for c in candidates]
+            return self._register(cur, c, now)
 
     def _register(self, cur: apsw.Cursor, c: Candidate, now: float) -> tuple[str, Product]:
         row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (c.data_id,))
@@ -794,69 +811,47 @@ class Registry:
                         (now + lease_seconds, data_id, owner))
             return self.conn.changes() > 0
 
-    def set_publish_plans(self, owner: str,
-                          plans: Sequence[tuple[str, str, str | None, Sequence[str]]]
-                          ) -> set[str]:
-        """Record, for many rows in one durable commit, the final name, the temporary name
-        and the sidecars' final names a publish is about to write (reconciliation, and the
-        next attempt after a crash, read them); returns the data_ids whose claim `owner`
-        still held."""
-        done: set[str] = set()
-        if not plans:
-            return done
+    def set_publish_plan(self, owner: str, data_id: str, target: str, temp: str | None,
+                         sidecars: Sequence[str] = ()) -> bool:
+        """Record the final name, the temporary name and the sidecars' final names a publish
+        is about to write (reconciliation, and the next attempt after a crash, read them);
+        False when `owner` no longer holds the claim."""
         with self.write() as cur:
-            for data_id, target, temp, sidecars in plans:
-                cur.execute("UPDATE data_registry SET publish_target = ?, publish_temp = ?,"
-                            " publish_step = 'planned',"
-                            " sidecars_json = ?"
-                            " WHERE data_id = ? AND status = 'publishing' AND lease_owner = ?",
-                            (target, temp, json.dumps(list(sidecars)), data_id, owner))
-                if self.conn.changes() > 0:
-                    done.add(data_id)
-        return done
+            cur.execute("UPDATE data_registry SET publish_target = ?, publish_temp = ?,"
+                        " publish_step = 'planned', sidecars_json = ?"
+                        " WHERE data_id = ? AND status = 'publishing' AND lease_owner = ?",
+                        (target, temp, json.dumps(list(sidecars)), data_id, owner))
+            return self.conn.changes() > 0
 
-    def mark_published(self, data_id: str, owner: str | None, published_path: str,
-                       publish_mode: str, sidecars: Sequence[str] = (),
-                       supersedes: str | None = None, now: float | None = None) -> bool:
+    def mark_published(self, item: Published, owner: str | None,
+                       now: float | None = None) -> bool:
         """Durably record a publish; with owner None the lease is not checked (reconciliation).
+        False when the row's claim is no longer `owner`'s (it is left as it is).
 
         Attempt counts and the failure history are kept: they are the product's history.
         """
-        return data_id in self.mark_published_many(
-            owner, [Published(data_id, published_path, publish_mode, tuple(sidecars),
-                              supersedes)], now=now)
-
-    def mark_published_many(self, owner: str | None, items: Sequence[Published],
-                            now: float | None = None) -> set[str]:
-        """mark_published for many rows in one durable commit; returns the data_ids recorded
-        (a row whose claim `owner` no longer holds is left as it is)."""
         now = time.time() if now is None else now
-        done: set[str] = set()
-        if not items:
-            return done
         with self.write() as cur:
-            for item in items:
+            cur.execute(
+                "UPDATE data_registry SET status = 'published', published_path = ?,"
+                " published_at = ?, sidecars_json = ?, lease_owner = NULL,"
+                " publish_mode = CASE WHEN publish_requested_at IS NOT NULL THEN 'manual'"
+                "   ELSE ? END, publish_requested_at = NULL,"
+                " lease_expires_at = NULL, publish_temp = NULL,"
+                " publish_step = NULL, next_attempt_at = NULL,"
+                " finalization_status = COALESCE(finalization_status, 'pending'),"
+                " updated_at = ? WHERE data_id = ? AND status = 'publishing'"
+                " AND (? IS NULL OR lease_owner = ?)",
+                (item.published_path, now, json.dumps(list(item.sidecars)),
+                 item.publish_mode, now, item.data_id, owner, owner))
+            if self.conn.changes() == 0:
+                return False
+            if item.supersedes:
                 cur.execute(
-                    "UPDATE data_registry SET status = 'published', published_path = ?,"
-                    " published_at = ?, sidecars_json = ?, lease_owner = NULL,"
-                    " publish_mode = CASE WHEN publish_requested_at IS NOT NULL THEN 'manual'"
-                    "   ELSE ? END, publish_requested_at = NULL,"
-                    " lease_expires_at = NULL, publish_temp = NULL,"
-                    " publish_step = NULL, next_attempt_at = NULL,"
-                    " finalization_status = COALESCE(finalization_status, 'pending'),"
-                    " updated_at = ? WHERE data_id = ? AND status = 'publishing'"
-                    " AND (? IS NULL OR lease_owner = ?)",
-                    (item.published_path, now, json.dumps(list(item.sidecars)),
-                     item.publish_mode, now, item.data_id, owner, owner))
-                if self.conn.changes() == 0:
-                    continue
-                done.add(item.data_id)
-                if item.supersedes:
-                    cur.execute(
-                        "INSERT OR IGNORE INTO data_relationships (parent_data_id,"
-                        " child_data_id, relationship_type) VALUES (?, ?, 'supersedes')",
-                        (item.data_id, item.supersedes))
-        return done
+                    "INSERT OR IGNORE INTO data_relationships (parent_data_id,"
+                    " child_data_id, relationship_type) VALUES (?, ?, 'supersedes')",
+                    (item.data_id, item.supersedes))
+        return True
 
     def confirm_published(self, data_id: str, published_path: str, size_bytes: int,
                           checksum: str, metadata: dict[str, Any],
