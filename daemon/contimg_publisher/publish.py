@@ -46,7 +46,14 @@ from typing import Any
 
 from contimg_publisher import detect, kinds, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
-from contimg_publisher.registry import FailureOutcome, Identity, Product, Published, Registry
+from contimg_publisher.registry import (
+    FailureOutcome,
+    Identity,
+    Product,
+    Published,
+    Registry,
+    RegistryError,
+)
 from contimg_publisher.states import Attempt, Detected, FailureKind, Status, Step
 from contimg_publisher.transfer import Cancelled, PublishFailure
 
@@ -597,8 +604,20 @@ class Publisher:
         cfg = self.config
         algorithm = (product.checksum or "sha256:").split(":", 1)[0]
 
+        warned: list[str] = []
+
         def renew() -> None:
-            self.registry.renew_lease(product.data_id, self.owner, cfg.lease_seconds)
+            # A registry that cannot be written for a while (another process holding the
+            # write lock, a full disk) does not stop the copy: under the single-writer lock
+            # nobody else can take the claim, and the commit checks it anyway.
+            try:
+                self.registry.renew_lease(product.data_id, self.owner, cfg.lease_seconds)
+            except RegistryError as exc:
+                if not warned:
+                    warned.append(str(exc))
+                    self._warn("lease_not_renewed", data_id=product.data_id,
+                               stage_path=product.stage_path, error=str(exc),
+                               reason="the copy goes on; the commit checks the claim")
 
         # Sidecars first, each to its final name, so the product's own rename is the last
         # step: a product never appears without its sidecars.

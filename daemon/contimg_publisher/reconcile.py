@@ -15,7 +15,7 @@ from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for, step_of
 from contimg_publisher.registry import Product, Published, Registry
-from contimg_publisher.states import Attempt, FailureKind, Step
+from contimg_publisher.states import Attempt, FailureKind, Status, Step
 
 
 def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
@@ -36,6 +36,20 @@ def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
             continue
         results.append(_resolve(publisher, row))
     remove_stray_temps(config, registry, owner, log)
+    return results
+
+
+def resolve_own(config: Config, registry: Registry, owner: str, data_ids: list[str],
+                log: Any = None) -> list[Result]:
+    """Publishes of this very process that died inside it (an exception in the publish
+    thread, a registry error during a commit): resolved now, from disk and the row, as a
+    crash would be at the next start, so no row stays `publishing` under a live lease."""
+    publisher = Publisher(config, registry, owner, log)
+    results = []
+    for data_id in data_ids:
+        row = registry.get(data_id)
+        if row is not None and row.status == Status.PUBLISHING and row.lease_owner == owner:
+            results.append(_resolve(publisher, row))
     return results
 
 

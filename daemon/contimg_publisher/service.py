@@ -166,6 +166,9 @@ class Daemon:
         self.next_reconcile = 0.0
         self.next_status = 0.0
         self.last_published: str | None = None
+        # Publishes that died inside the publish thread: resolved by the loop, not left
+        # `publishing` under this process's live lease until a restart.
+        self.abandoned: list[str] = []
         self.last_ping = 0.0
         self.status_note = ""
         self.started_at = time.time()
@@ -323,6 +326,8 @@ class Daemon:
         for outcome in self.detector.process():
             self._after_detect(outcome)
         self._collect_results()
+        if self.abandoned and self.worker.busy is None:
+            self._resolve_abandoned()
         if self.worker.busy is None:
             self._claim_next()
         if time.monotonic() >= self.next_reconcile:
@@ -386,8 +391,10 @@ class Daemon:
             if isinstance(result, Exception):
                 self.log.error("publish_crashed", data_id=product.data_id,
                                data_type=product.data_type, stage_path=product.stage_path,
-                               error=f"{type(result).__name__}: {result}")
+                               error=f"{type(result).__name__}: {result}",
+                               action="resolved from disk and the row by this process")
                 self.metrics.observe_crash()
+                self.abandoned.append(product.data_id)
                 continue
             log_result(self.log, result, self.config.max_attempts)
             self.metrics.observe_result(result, product.size_bytes)
@@ -396,6 +403,17 @@ class Daemon:
             if result.kind == "source_changed" and self.detector is not None:
                 self.detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
                                    is None else product.stage_path_bytes)
+
+    def _resolve_abandoned(self) -> None:
+        """A RegistryError here leaves them for the next turn (the loop logs it)."""
+        assert self.registry is not None
+        results = reconcile.resolve_own(self.config, self.registry, self.owner,
+                                        self.abandoned, self.log)
+        self.abandoned = []
+        for result in results:
+            self.log.warning("reconciled", data_id=result.data_id, data_type=result.data_type,
+                             stage_path=result.stage_path, outcome=result.status,
+                             published_path=result.published_path)
 
     def _timeout(self) -> float:
         now = time.monotonic()
