@@ -634,6 +634,8 @@ def test_destination_that_is_not_a_folder_ends_in_failed(tmp_path: Path) -> None
                       publish={"max_attempts": 1})
     (sandbox.products / "mosaics").write_bytes(b"a file where a folder belongs\n")
     write_fits(sandbox.mosaics / "m.fits")
+    # A products area that already holds something needs its registry made on purpose.
+    sandbox.cli("migrate", check=True)
     proc = start_daemon(sandbox)
     try:
         wait_for(lambda: (r := rows(sandbox).get("m")) is not None and r.status == "failed",

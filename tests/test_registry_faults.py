@@ -6,6 +6,7 @@ not die with the lease, or, if it does, be resolved by the same process without 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -79,3 +80,72 @@ def test_write_lock_held_past_the_busy_timeout_during_a_slow_copy(tmp_path: Path
         assert os.path.exists(sandbox.registry)
     finally:
         umount(products)
+
+
+def _published_then(sandbox: Sandbox, name: str, seed: int) -> bytes:
+    data = write_fits(sandbox.mosaics / f"{name}.fits", seed=seed)
+    wait_for(lambda: status_of(sandbox.registry, name) == "published", timeout=30,
+             what=f"{name} published")
+    return data
+
+
+def _exited_for_the_registry(sandbox: Sandbox, proc: subprocess.Popen[str], why: str) -> None:
+    assert proc.wait(timeout=30) == 1, "the daemon must stop, non-zero, for systemd"
+    [gone] = [e for e in log_events(sandbox) if e.get("event") == "registry_gone"]
+    assert gone["level"] == "critical" and why in gone["error"], gone
+
+
+def test_registry_deleted_while_running_stops_publishing(tmp_path: Path) -> None:
+    """Nothing is published into a deleted registry, no staged file is removed on its word,
+    and the restart refuses to create an empty registry beside the archive."""
+    sandbox = Sandbox(tmp_path)
+    proc = start_daemon(sandbox)
+    try:
+        first = _published_then(sandbox, "first", seed=1)
+        sandbox.registry.unlink()
+        late = write_fits(sandbox.mosaics / "late.fits", seed=2)
+        _exited_for_the_registry(sandbox, proc, "deleted while in use")
+    finally:
+        stop(proc)
+    assert archive_files(sandbox.products / "mosaics") == {"first.fits": first}
+    assert (sandbox.mosaics / "late.fits").read_bytes() == late
+    # systemd restarts it: the start refuses, names the way out, and creates nothing.
+    again = start_daemon(sandbox)
+    assert again.wait(timeout=60) == 1
+    [refused] = [e for e in log_events(sandbox) if e.get("event") == "registry_unusable"]
+    assert "refusing to start on a new, empty registry" in refused["error"]
+    assert "contimg-publisher migrate" in refused["error"]
+    assert not sandbox.registry.exists()
+    out = sandbox.cli("scan")
+    assert out.returncode == 1 and "no such file" in out.stderr
+    assert not sandbox.registry.exists()
+    assert (sandbox.mosaics / "late.fits").read_bytes() == late
+    # The way out the message names: an empty registry made on purpose, then publishing
+    # goes on (the archived product is left as it is).
+    sandbox.cli("migrate", check=True)
+    sandbox.cli("scan", check=True)
+    assert archive_files(sandbox.products / "mosaics") == {"first.fits": first,
+                                                           "late.fits": late}
+
+
+def test_registry_replaced_by_an_older_copy_stops_publishing(tmp_path: Path) -> None:
+    sandbox = Sandbox(tmp_path)
+    backup = tmp_path / "backup.sqlite3"
+    proc = start_daemon(sandbox)
+    try:
+        first = _published_then(sandbox, "first", seed=1)
+        src = apsw.Connection(str(sandbox.registry))
+        dst = apsw.Connection(str(backup))
+        with dst.backup("main", src, "main") as b:
+            b.step()
+        src.close()
+        dst.close()
+        second = _published_then(sandbox, "second", seed=2)
+        os.replace(backup, sandbox.registry)  # the older copy, restored by hand
+        late = write_fits(sandbox.mosaics / "late.fits", seed=3)
+        _exited_for_the_registry(sandbox, proc, "replaced by another file")
+    finally:
+        stop(proc)
+    assert archive_files(sandbox.products / "mosaics") == {"first.fits": first,
+                                                           "second.fits": second}
+    assert (sandbox.mosaics / "late.fits").read_bytes() == late

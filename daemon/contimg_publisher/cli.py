@@ -16,7 +16,14 @@ from typing import Any, NoReturn
 from contimg_publisher import __version__, lock, logs, statuspage
 from contimg_publisher import config as config_mod
 from contimg_publisher.config import Config, ConfigError
-from contimg_publisher.registry import SCHEMA_VERSION, STATUSES, Product, Registry, RegistryError
+from contimg_publisher.registry import (
+    SCHEMA_VERSION,
+    STATUSES,
+    Product,
+    Registry,
+    RegistryError,
+    refuse_new_over_archive,
+)
 from contimg_publisher.states import Attempt, Detected, Status
 from contimg_publisher.statuspage import format_when as _when
 
@@ -120,6 +127,7 @@ def _open(cfg: Config) -> Registry:
     """Read commands use the registry as it is: an older file is not migrated behind the
     operator's back."""
     if not os.path.exists(cfg.registry):
+        refuse_new_over_archive(cfg.registry, cfg.products_root)
         return Registry(cfg.registry, cfg.busy_timeout_seconds)
     registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False)
     if registry.version() < SCHEMA_VERSION:

@@ -18,6 +18,7 @@ MESSAGE_IDS = {
     "rejected": "5d7f9b1d3f5a4c6e8a0b2c4d6e8f0a63",
     "reload_ok": "e1a3c5e7a9b04d2f8c6e4a2b0d8f6c64",
     "reload_failed": "7a9c1e3a5c7e4a0c8e2a4c6e8a0c2e65",
+    "registry_gone": "3e5a7c9e1b3d4f6a8c0e2b4d6f8a0c66",
 }
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}

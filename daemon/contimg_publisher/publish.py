@@ -286,6 +286,7 @@ class Publisher:
                 for p in products]
         try:
             ready = [job for job in jobs if self._attempt(job, folders, self._prepare)]
+            self.registry.check_identity()  # nothing is moved on a registry nobody reads
             with self.registry.write():  # one durable commit for every plan
                 planned = {job.product.data_id for job in ready if not job.identical and
                            self.registry.set_publish_plan(
@@ -475,6 +476,7 @@ class Publisher:
 
     def _commit(self, placed: list[_Job], folders: _Folders) -> None:
         """Steps 5 and 6: one durable commit, then the sources go, one fsync per folder."""
+        self.registry.check_identity()  # the commit below lets the sources go
         with self.registry.write():  # one durable commit for every publish
             done = {job.product.data_id for job in placed if self.registry.mark_published(
                 Published(job.product.data_id, job.result.published_path or "", job.mode,

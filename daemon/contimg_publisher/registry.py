@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import apsw
 
+from contimg_publisher import paths
 from contimg_publisher.states import FailureKind, Kind, Status
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
@@ -40,6 +41,12 @@ class RegistryError(Exception):
 
 class RegistryBusy(RegistryError):
     """Another process held the write lock for longer than the busy timeout."""
+
+
+class RegistryGone(RegistryError):
+    """The file at the configured path is no longer the one this connection writes: deleted
+    or replaced while in use. Every later commit would be lost, so nothing may be
+    published or removed on its word."""
 
 
 LEGACY_DDL = """
@@ -378,6 +385,10 @@ class Registry:
         # only promise consistency, and could roll such a commit back after a crash.
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA foreign_keys=ON")
+        # The file SQLite has open now (it read the header just before): the path must keep
+        # leading to it. A stat, never an open: see _check_path().
+        st = os.stat(self.path)
+        self.file_id = (st.st_dev, st.st_ino)
         try:
             if migrate:
                 self.migrate()
@@ -389,6 +400,19 @@ class Registry:
 
     def close(self) -> None:
         self.conn.close()
+
+    def check_identity(self) -> None:
+        """RegistryGone unless the configured path still leads to the file this connection
+        has open (asked before claims and before every commit that lets a source go)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise RegistryGone(f"registry {self.path}: deleted while in use; its records "
+                               "since then are lost with it") from None
+        if (st.st_dev, st.st_ino) != self.file_id:
+            raise RegistryGone(f"registry {self.path}: replaced by another file while in use "
+                               "(an older copy restored?); this process's records are in the "
+                               "file it had open") from None
 
     def __enter__(self) -> Registry:
         return self
@@ -1042,6 +1066,25 @@ class Registry:
     def size_bytes(self) -> int:
         page_size = int(self._scalar("PRAGMA page_size"))
         return page_size * int(self._scalar("PRAGMA page_count"))
+
+
+def refuse_new_over_archive(path: str | os.PathLike[str], products_root: str | os.PathLike[str]
+                            ) -> None:
+    """A registry that does not exist is never created silently beside a products area that
+    already holds published products: that is a lost registry, and an empty new one would
+    hide it. RegistryError naming the way out, unless the registry exists or the products
+    area holds nothing but temporary names."""
+    if os.path.lexists(path):
+        return
+    for top, _dirs, files, _fd in os.fwalk(products_root, follow_symlinks=False):
+        for name in files:
+            if paths.parse_temp_name(os.fsencode(name)) is None:
+                example = os.path.join(top, name)
+                raise RegistryError(
+                    f"registry {path}: no such file, but {products_root} already holds "
+                    f"published products (e.g. {paths.display(example)}); refusing to start "
+                    "on a new, empty registry. Restore the registry from its backup, or create "
+                    "an empty one on purpose with `contimg-publisher migrate`")
 
 
 def _one(cur: apsw.Cursor, sql: str, args: Sequence[Any]) -> dict[str, Any] | None:

@@ -22,7 +22,13 @@ from typing import Any
 from contimg_publisher import config as config_mod
 from contimg_publisher import detect, lock, logs, metrics, publish, reconcile, watch, writers
 from contimg_publisher.config import Config, ConfigError
-from contimg_publisher.registry import Product, Registry, RegistryError
+from contimg_publisher.registry import (
+    Product,
+    Registry,
+    RegistryError,
+    RegistryGone,
+    refuse_new_over_archive,
+)
 from contimg_publisher.states import Attempt, Detected, Status
 
 try:
@@ -169,6 +175,7 @@ class Daemon:
         # Publishes that died inside the publish thread: resolved by the loop, not left
         # `publishing` under this process's live lease until a restart.
         self.abandoned: list[str] = []
+        self.exit_code = 0
         self.last_ping = 0.0
         self.status_note = ""
         self.started_at = time.time()
@@ -207,6 +214,7 @@ class Daemon:
         cfg = self.config
         self._install_signals()
         notify("STATUS=opening the registry")
+        refuse_new_over_archive(cfg.registry, cfg.products_root)
         self.registry = Registry(cfg.registry, cfg.busy_timeout_seconds)
         self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
         notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
@@ -301,17 +309,23 @@ class Daemon:
                 break
             try:
                 self._step()
+            except RegistryGone as exc:
+                self._registry_gone(exc)
+                break
             except (RegistryError, OSError) as exc:
                 # A busy registry or a staging area that went away: say so and try again on
                 # the next turn; the watchdog still sees a loop that turns.
                 self.log.error("loop_error", error=f"{type(exc).__name__}: {exc}")
                 self._sleep(1.0)
             self._sleep(self._timeout())
-        return self._shutdown()
+        status = self._shutdown()
+        return self.exit_code or status
 
     def _step(self) -> None:
         cfg = self.config
-        assert self.detector is not None and self.worker is not None
+        assert self.detector is not None and self.worker is not None and \
+            self.registry is not None
+        self.registry.check_identity()  # a stat: every turn, before anything is recorded
         now = time.monotonic()
         self._drain_changes()
         if self.watcher is not None and not self.watcher.healthy():
@@ -388,6 +402,9 @@ class Daemon:
             except queue.Empty:
                 return
             self.worker.busy = None
+            if isinstance(result, RegistryGone):
+                self._registry_gone(result)
+                continue
             if isinstance(result, Exception):
                 self.log.error("publish_crashed", data_id=product.data_id,
                                data_type=product.data_type, stage_path=product.stage_path,
@@ -403,6 +420,17 @@ class Daemon:
             if result.kind == "source_changed" and self.detector is not None:
                 self.detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
                                    is None else product.stage_path_bytes)
+
+    def _registry_gone(self, exc: RegistryError) -> None:
+        """The registry file was deleted or replaced under the daemon: publish nothing more,
+        remove nothing, say so loudly, and exit non-zero (systemd's restart then meets the
+        start-up check, which will not create an empty registry beside the archive)."""
+        self.log.critical("registry_gone", registry=str(self.config.registry), error=str(exc),
+                          action="restore the registry file (from the copy the daemon had "
+                                 "open, or a backup), then start the daemon")
+        notify(f"STATUS=stopped: {exc}")
+        self.exit_code = 1
+        self.stopping = True
 
     def _resolve_abandoned(self) -> None:
         """A RegistryError here leaves them for the next turn (the loop logs it)."""
@@ -563,6 +591,7 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
     """`scan`: one pass under the lock: reconcile, detect and register, publish what is due."""
     report = PassReport()
     owner = lock.owner_id()
+    refuse_new_over_archive(cfg.registry, cfg.products_root)
     with lock.acquire(str(cfg.lock_path), "scan", wait_seconds=cfg.lock_wait_seconds), \
             Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
         report.reconciled = reconcile.reconcile(cfg, registry, owner, log)
@@ -589,6 +618,7 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
     wait = cfg.lock_wait_seconds if wait_seconds is None else wait_seconds
     deadline = time.monotonic() + wait
     owner = lock.owner_id()
+    refuse_new_over_archive(cfg.registry, cfg.products_root)
     with Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
         row = registry.get(data_id)
         if row is None:
