@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +57,11 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(config_path: Path, *args: str, preexec_fn: Callable[[], None] | None = None
+        ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "contimg_publisher", "--config",
                            str(config_path), *args], capture_output=True, text=True,
-                          env=child_env(), cwd=REPO, check=False)
+                          env=child_env(), cwd=REPO, check=False, preexec_fn=preexec_fn)
 
 
 def register(config_path: Path) -> list[str]:
@@ -73,11 +74,12 @@ def register(config_path: Path) -> list[str]:
     return [o.data_id for o in out if o.action == "registered"]
 
 
-def write_big_fits(path: Path) -> str:
-    """A valid 1 GiB FITS image of noise, written chunk by chunk; returns its sha256."""
+def write_big_fits(path: Path, gib: int = 1) -> str:
+    """A valid FITS image of `gib` GiB of noise, written chunk by chunk; returns its sha256."""
+    height = PIXELS_1GIB * gib
     header = fits.Header([("SIMPLE", True), ("BITPIX", -32), ("NAXIS", 2),
-                          ("NAXIS1", PIXELS_1GIB), ("NAXIS2", PIXELS_1GIB),
-                          ("OBJECT", "BENCH_1GIB"), ("BUNIT", "Jy/beam")])
+                          ("NAXIS1", PIXELS_1GIB), ("NAXIS2", height),
+                          ("OBJECT", f"BENCH_{gib}GIB"), ("BUNIT", "Jy/beam")])
     digest = hashlib.sha256()
     rng = np.random.default_rng(1)
     rows = 1024
@@ -85,11 +87,11 @@ def write_big_fits(path: Path) -> str:
         head = header.tostring().encode("ascii")
         fh.write(head)
         digest.update(head)
-        for _ in range(PIXELS_1GIB // rows):
+        for _ in range(height // rows):
             block = rng.normal(0, 1e-4, size=(rows, PIXELS_1GIB)).astype(">f4").tobytes()
             fh.write(block)
             digest.update(block)
-        pad = b"\0" * (-(PIXELS_1GIB * PIXELS_1GIB * 4) % 2880)
+        pad = b"\0" * (-(PIXELS_1GIB * height * 4) % 2880)
         fh.write(pad)
         digest.update(pad)
         fh.flush()
