@@ -371,9 +371,9 @@ def bench_hdd_size(hdd: Hdd, scratch: Path, gib: int, repeat: int
         pub_ratios.append(cp2_s / pub_s)
         print(f"(c) {gib} GiB run {n + 1}: cp+sync {cp1_s:.2f} s, scan {scan_s:.2f} s "
               f"(ratio {cp1_s / scan_s:.2f}); cp+sync {cp2_s:.2f} s, publish {pub_s:.2f} s "
-              f"(ratio {cp2_s / pub_s:.2f}); {(mine + root) / MB:,.0f} MB written to the "
-              f"device, {mine / MB:,.0f} MB of it charged to the commands' cgroup, the rest "
-              "to the root cgroup (the kernel's flusher)")
+              f"(ratio {cp2_s / pub_s:.2f}); the four copies wrote {(mine + root) / MB:,.0f} MB "
+              f"to the device, {mine / MB:,.0f} MB of it charged to the commands' cgroup, the "
+              f"rest to the root cgroup (the kernel's flusher); load {os.getloadavg()[0]:.1f}")
     pristine.unlink()
     cp_median = median(cp_rates) / MB
     print(f"(c) {gib} GiB: cp+sync median {cp_median:.0f} MB/s, "
