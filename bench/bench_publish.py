@@ -11,9 +11,16 @@
     commits and fsyncs) against the older pattern: Python sqlite3, one autocommit per row,
     then shutil.move per file, with no validation and no fsync of the folders. Target: at
     least 3x the older pattern's products/s.
+(c) Publishing onto a products disk at HDD speed: 1 GiB and 4 GiB mosaics (--sizes) onto
+    ext4 on a loop device whose writes are limited to 150 MB/s (--hdd-mbps) by cgroup v1
+    blkio throttling (see Hdd), each measured against `cp` + `sync` of the same file onto
+    the same disk just before it, all from a cold page cache: a fresh `scan` process from
+    the settled file to the durable product (registration reads and hashes the file, the
+    publish reads it again as it copies), and `publish DATA_ID` alone after registration.
+    Target: settled-to-published at least 0.9 of cp + sync. Reported as ratios.
 
-Mounting needs root; without it (a) is skipped with the reason printed. Run from the
-repository root: `.venv/bin/python bench/bench_publish.py [--only a|b] [--workdir DIR]`.
+Mounting needs root; without it (a) and (c) are skipped with the reason printed. Run from
+the repository root: `.venv/bin/python bench/bench_publish.py [--only a|b|c] [--workdir DIR]`.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +64,11 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(config_path: Path, *args: str, preexec_fn: Callable[[], None] | None = None
+        ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "contimg_publisher", "--config",
                            str(config_path), *args], capture_output=True, text=True,
-                          env=child_env(), cwd=REPO, check=False)
+                          env=child_env(), cwd=REPO, check=False, preexec_fn=preexec_fn)
 
 
 def register(config_path: Path) -> list[str]:
@@ -73,11 +81,12 @@ def register(config_path: Path) -> list[str]:
     return [o.data_id for o in out if o.action == "registered"]
 
 
-def write_big_fits(path: Path) -> str:
-    """A valid 1 GiB FITS image of noise, written chunk by chunk; returns its sha256."""
+def write_big_fits(path: Path, gib: int = 1) -> str:
+    """A valid FITS image of `gib` GiB of noise, written chunk by chunk; returns its sha256."""
+    height = PIXELS_1GIB * gib
     header = fits.Header([("SIMPLE", True), ("BITPIX", -32), ("NAXIS", 2),
-                          ("NAXIS1", PIXELS_1GIB), ("NAXIS2", PIXELS_1GIB),
-                          ("OBJECT", "BENCH_1GIB"), ("BUNIT", "Jy/beam")])
+                          ("NAXIS1", PIXELS_1GIB), ("NAXIS2", height),
+                          ("OBJECT", f"BENCH_{gib}GIB"), ("BUNIT", "Jy/beam")])
     digest = hashlib.sha256()
     rng = np.random.default_rng(1)
     rows = 1024
@@ -85,11 +94,11 @@ def write_big_fits(path: Path) -> str:
         head = header.tostring().encode("ascii")
         fh.write(head)
         digest.update(head)
-        for _ in range(PIXELS_1GIB // rows):
+        for _ in range(height // rows):
             block = rng.normal(0, 1e-4, size=(rows, PIXELS_1GIB)).astype(">f4").tobytes()
             fh.write(block)
             digest.update(block)
-        pad = b"\0" * (-(PIXELS_1GIB * PIXELS_1GIB * 4) % 2880)
+        pad = b"\0" * (-(PIXELS_1GIB * height * 4) % 2880)
         fh.write(pad)
         digest.update(pad)
         fh.flush()
@@ -212,6 +221,169 @@ def publish_in_process(config_path: Path, data_id: str) -> float:
         seconds = time.monotonic() - t0
     assert result.status == "published", result
     return seconds
+
+
+MB = 10**6
+BLKIO = Path("/sys/fs/cgroup/blkio")
+DIRTY_BYTES = 64 << 20  # the most the products disk may have dirty in the page cache
+
+
+class Hdd:
+    """The products filesystem at HDD speed: ext4 in a 10 GiB image on a loop device (by
+    default with direct I/O to its backing file), writes to it limited to `mbps` MB/s with
+    cgroup v1 blkio.throttle.write_bps_device, and a child cgroup that the measured commands
+    run in (`enter` is their preexec_fn).
+
+    cgroup v1 has no writeback attribution: pages that the kernel's flusher writes back are
+    charged to the root cgroup, whatever process dirtied them; only what a process writes
+    back itself (fsync, sync) is charged to its own cgroup. And v1 throttling is flat: a
+    child's limit and the root's do not add up to one. So the same limit is set on the root
+    cgroup for this device, and the device's dirty pages are capped (strict_limit, max_bytes
+    of its bdi) so that writers are paced to its write-back and nearly all of it goes through
+    the root's limit, as on a disk that takes `mbps` MB/s whoever writes."""
+
+    def __init__(self, where: Path, scratch: Path, mbps: int, direct_io: str,
+                 stack: contextlib.ExitStack) -> None:
+        image = scratch / "products-hdd.ext4"
+        run = subprocess.run
+        run(["truncate", "-s", "10G", str(image)], check=True)
+        stack.callback(image.unlink, missing_ok=True)
+        run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+             str(image)], check=True)
+        loop = run(["losetup", "--find", "--show", f"--direct-io={direct_io}", str(image)],
+                   check=True, capture_output=True, text=True).stdout.strip()
+        stack.callback(run, ["losetup", "-d", loop], check=False)
+        self.dev = Path(f"/sys/block/{Path(loop).name}/dev").read_text().strip()
+        where.mkdir(parents=True, exist_ok=True)
+        run(["mount", loop, str(where)], check=True)
+        stack.callback(run, ["umount", str(where)], check=False)
+        self.mount, self.mbps = where, mbps
+        self.cgroup = BLKIO / f"contimg-bench-{os.getpid()}"
+        self.cgroup.mkdir()
+        stack.callback(self.cgroup.rmdir)
+        for group in (self.cgroup, BLKIO):
+            (group / "blkio.throttle.write_bps_device").write_text(f"{self.dev} {mbps * MB}")
+        stack.callback((BLKIO / "blkio.throttle.write_bps_device").write_text,
+                       f"{self.dev} 0")
+        bdi = Path("/sys/class/bdi") / self.dev
+        for knob in ("max_ratio_fine", "strict_limit"):
+            stack.callback((bdi / knob).write_text, (bdi / knob).read_text())
+        (bdi / "strict_limit").write_text("1")
+        (bdi / "max_bytes").write_text(str(DIRTY_BYTES))
+
+    def enter(self) -> None:
+        """In a child, before exec: join the benchmark's cgroup."""
+        (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    def written(self) -> tuple[int, int]:
+        """Bytes written to the device so far: charged to the benchmark's cgroup, to root."""
+        return (blkio_written(self.cgroup, self.dev), blkio_written(BLKIO, self.dev))
+
+
+def blkio_written(group: Path, dev: str) -> int:
+    for line in (group / "blkio.throttle.io_service_bytes").read_text().splitlines():
+        if line.startswith(f"{dev} Write "):
+            return int(line.split()[2])
+    return 0
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+
+
+def cp_sync(hdd: Hdd, source: Path) -> float:
+    """Seconds for `cp` then `sync` of the copy, both in the throttled cgroup, from cold."""
+    dest = hdd.mount / "cp-copy.fits"
+    drop_caches()
+    t0 = time.monotonic()
+    subprocess.run(["cp", str(source), str(dest)], check=True, preexec_fn=hdd.enter)
+    subprocess.run(["sync", str(dest)], check=True, preexec_fn=hdd.enter)
+    seconds = time.monotonic() - t0
+    assert dest.stat().st_size == source.stat().st_size
+    dest.unlink()
+    return seconds
+
+
+def bench_hdd(workdir: Path, sizes: list[int], repeat: int, mbps: int, direct_io: str
+              ) -> list[tuple[str, str, str]]:
+    """(c): rows of (what, figure, ratio) for the table."""
+    if os.geteuid() != 0:
+        print("(c) skipped: the loop device, the mount and the cgroup need root")
+        return []
+    rows: list[tuple[str, str, str]] = []
+    scratch = Path(tempfile.mkdtemp(prefix="bench-hdd-", dir=workdir))
+    try:
+        with contextlib.ExitStack() as stack:
+            hdd = Hdd(scratch / "products", scratch, mbps, direct_io, stack)
+            print(f"(c) products: ext4 on a loop device {hdd.dev} (direct I/O {direct_io}), "
+                  f"writes limited to {mbps} MB/s; staging on {fs_of(scratch)}; page cache "
+                  "dropped before every timed command")
+            for gib in sizes:
+                rows += bench_hdd_size(hdd, scratch, gib, repeat)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def bench_hdd_size(hdd: Hdd, scratch: Path, gib: int, repeat: int
+                   ) -> list[tuple[str, str, str]]:
+    pristine = scratch / f"pristine-{gib}.fits"
+    want = write_big_fits(pristine, gib)
+    size = pristine.stat().st_size
+    published = hdd.mount / "mosaics" / "big.fits"
+    cp_rates, scan_ratios, pub_ratios, scan_rates, pub_rates = [], [], [], [], []
+    for n in range(repeat):
+        before = hdd.written()
+        # Settled to published: a fresh `scan` (registration reads and hashes the file,
+        # then the publish reads it again as it copies), against cp + sync just before.
+        cp1_s = cp_sync(hdd, pristine)
+        box = Sandbox(scratch / f"scan-{gib}-{n}", products_root=hdd.mount,
+                      detect={"settle_seconds": 0}, log={"level": "warning"})
+        staged = box.mosaics / "big.fits"
+        os.link(pristine, staged)
+        drop_caches()
+        t0 = time.monotonic()
+        out = cli(box.config_path, "scan", preexec_fn=hdd.enter)
+        scan_s = time.monotonic() - t0
+        assert out.returncode == 0 and " 1 published" in out.stdout, out.stdout + out.stderr
+        assert sha256_file(published) == want and not staged.exists()
+        published.unlink()
+        # The publish alone, after registration, against cp + sync just before.
+        box = Sandbox(scratch / f"publish-{gib}-{n}", products_root=hdd.mount,
+                      detect={"settle_seconds": 0}, log={"level": "warning"})
+        staged = box.mosaics / "big.fits"
+        os.link(pristine, staged)
+        (data_id,) = register(box.config_path)
+        cp2_s = cp_sync(hdd, pristine)
+        drop_caches()
+        t0 = time.monotonic()
+        out = cli(box.config_path, "publish", data_id, preexec_fn=hdd.enter)
+        pub_s = time.monotonic() - t0
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert sha256_file(published) == want and not staged.exists()
+        published.unlink()
+        mine, root = (after - b for after, b in zip(hdd.written(), before, strict=True))
+        cp_rates += [size / cp1_s, size / cp2_s]
+        scan_rates.append(size / scan_s)
+        pub_rates.append(size / pub_s)
+        scan_ratios.append(cp1_s / scan_s)
+        pub_ratios.append(cp2_s / pub_s)
+        print(f"(c) {gib} GiB run {n + 1}: cp+sync {cp1_s:.2f} s, scan {scan_s:.2f} s "
+              f"(ratio {cp1_s / scan_s:.2f}); cp+sync {cp2_s:.2f} s, publish {pub_s:.2f} s "
+              f"(ratio {cp2_s / pub_s:.2f}); the four copies wrote {(mine + root) / MB:,.0f} MB "
+              f"to the device, {mine / MB:,.0f} MB of it charged to the commands' cgroup, the "
+              f"rest to the root cgroup (the kernel's flusher); load {os.getloadavg()[0]:.1f}")
+    pristine.unlink()
+    cp_median = median(cp_rates) / MB
+    print(f"(c) {gib} GiB: cp+sync median {cp_median:.0f} MB/s, "
+          f"{cp_median / hdd.mbps:.0%} of the {hdd.mbps} MB/s limit")
+    what = f"{gib} GiB -> ext4 at {hdd.mbps} MB/s:"
+    return [(f"{what} `cp` + `sync`", f"{cp_median:,.0f} MB/s", "1.00"),
+            (f"{what} `scan`, settled -> published (registration + publish)",
+             f"{median(scan_rates) / MB:,.0f} MB/s", f"{median(scan_ratios):.2f}"),
+            (f"{what} `publish DATA_ID` after registration",
+             f"{median(pub_rates) / MB:,.0f} MB/s", f"{median(pub_ratios):.2f}")]
 
 
 def median(values: list[float]) -> float:
@@ -354,12 +526,17 @@ def bench_small(workdir: Path, count: int, repeat: int, phases: bool = False
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("a", "b"))
+    parser.add_argument("--only", choices=("a", "b", "c"))
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where staging lives (a disk, not a tmpfs); default: the temp dir")
     parser.add_argument("--targets", default="tmpfs,ext4",
                         help="products filesystems for (a): tmpfs, ext4 (loop image)")
     parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--sizes", default="1,4", help="(c): mosaic sizes in GiB")
+    parser.add_argument("--hdd-mbps", type=int, default=150,
+                        help="(c): write limit of the products disk, MB/s")
+    parser.add_argument("--loop-direct-io", choices=("on", "off"), default="on",
+                        help="(c): the loop device's I/O to its backing file")
     parser.add_argument("--phases", action="store_true",
                         help="(b): also say where scan's time went, timed inside its process")
     parser.add_argument("--repeat", type=int, default=3,
@@ -371,6 +548,9 @@ def main() -> int:
         rows += bench_big(args.workdir, args.targets.split(","), args.repeat)
     if args.only in (None, "b"):
         rows += bench_small(args.workdir, args.count, args.repeat, args.phases)
+    if args.only in (None, "c"):
+        rows += bench_hdd(args.workdir, [int(g) for g in args.sizes.split(",")], args.repeat,
+                          args.hdd_mbps, args.loop_direct_io)
     print()
     print(f"Medians of {args.repeat} paired runs; ratio: median of the per-run ratios.\n")
     print("| Benchmark | Throughput | Ratio to baseline |")
