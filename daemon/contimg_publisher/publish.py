@@ -459,12 +459,17 @@ class Publisher:
                 failed[folder] = exc
         # A rename took a name from a staging folder too; made durable before the commit,
         # so after a power cut the product is at one of its two names, never at both.
+        synced: dict[int, OSError | None] = {}  # staging folder descriptor -> its fsync
         for job in placed:
             if job.same_fs and job.folder not in failed:
-                try:
-                    paths.fsync_dir(job.src_parent)
-                except OSError as exc:
-                    failed[job.folder] = exc
+                if job.src_parent not in synced:
+                    try:
+                        paths.fsync_dir(job.src_parent)
+                        synced[job.src_parent] = None
+                    except OSError as exc:
+                        synced[job.src_parent] = exc
+                if (sync_failure := synced[job.src_parent]) is not None:
+                    failed[job.folder] = sync_failure
         kept = []
         for job in placed:
             sync_error = failed.get(job.folder) if not job.identical else None
