@@ -54,16 +54,23 @@ class ProductKind:
 
     def same_content(self, dir_fd: int, name: bytes, size: int | None,
                      checksum: str | None) -> bool:
-        """Whether `name` in dir_fd already holds exactly these bytes."""
+        """Whether `name` in dir_fd already holds exactly these bytes (size: the registered
+        size of a file, checked before anything is read)."""
         if checksum is None:
             return False
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+        if not self.is_type(st.st_mode):
             return False
-        return transfer.hash_at(dir_fd, name, checksum.split(":", 1)[0])[1] == checksum
+        return self._digest(dir_fd, name, st, size, checksum.split(":", 1)[0]) == checksum
+
+    def _digest(self, dir_fd: int, name: bytes, st: os.stat_result, size: int | None,
+                algorithm: str) -> str | None:
+        if size is not None and st.st_size != size:
+            return None
+        return transfer.hash_at(dir_fd, name, algorithm)[1]
 
     def after_rename(self, dest_fd: int, final: bytes, fd: int, file_mode: int,
                      dir_mode: int) -> None:
@@ -129,21 +136,13 @@ class FolderKind(ProductKind):
     def size_to_verify(self, st: os.stat_result, copied: int) -> int:
         return copied
 
-    def same_content(self, dir_fd: int, name: bytes, size: int | None,
-                     checksum: str | None) -> bool:
-        if checksum is None:
-            return False
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        if not stat.S_ISDIR(st.st_mode):
-            return False
+    def _digest(self, dir_fd: int, name: bytes, st: os.stat_result, size: int | None,
+                algorithm: str) -> str | None:
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
         try:
-            return detect.tree_digest(fd, checksum.split(":", 1)[0])[1] == checksum
+            return detect.tree_digest(fd, algorithm)[1]
         except detect.Rejected:
-            return False
+            return None
         finally:
             os.close(fd)
 
