@@ -5,7 +5,9 @@ not die with the lease, or, if it does, be resolved by the same process without 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from tests.helpers import (
     wait_for,
     write_fits,
 )
-from tests.test_publish import archive_files, temps
+from tests.test_publish import archive_files, register_only, temps
 from tests.test_registry import _hold_lock
 
 
@@ -149,3 +151,97 @@ def test_registry_replaced_by_an_older_copy_stops_publishing(tmp_path: Path) -> 
     assert archive_files(sandbox.products / "mosaics") == {"first.fits": first,
                                                            "second.fits": second}
     assert (sandbox.mosaics / "late.fits").read_bytes() == late
+
+
+def _register_held(sandbox: Sandbox, data_id: str) -> None:
+    """Registered (not published) and held, before the daemon sees it."""
+    assert data_id in register_only(sandbox)
+    sandbox.cli("hold", data_id, check=True)
+
+
+def _reload(sandbox: Sandbox, proc: subprocess.Popen[str], stage_root: Path) -> None:
+    sandbox.update(paths={"stage_root": str(stage_root)})
+    proc.send_signal(signal.SIGHUP)
+
+
+def test_reload_that_moves_stage_root_parks_what_waits_under_the_old_one(
+        tmp_path: Path) -> None:
+    """stage_root A -> B, then B -> A, by SIGHUP. A product waiting under the root that was
+    left becomes `failed` with a reason naming the change (never a silent wait); with the
+    root set back and `retry`, it is published."""
+    sandbox = Sandbox(tmp_path)
+    root_a, root_b = sandbox.stage, tmp_path / "stage-b"
+    (root_b / "mosaics").mkdir(parents=True)
+    held_a = write_fits(root_a / "mosaics" / "held_a.fits", seed=2)
+    _register_held(sandbox, "held_a")
+    proc = start_daemon(sandbox)
+    try:
+        wait_for(lambda: any(e.get("event") == "started" for e in log_events(sandbox)),
+                 what="the daemon to start")
+        _reload(sandbox, proc, root_b)  # A -> B
+        wait_for(lambda: status_of(sandbox.registry, "held_a") == "failed", timeout=30,
+                 what="held_a parked by the change of stage_root")
+        row = sandbox.row("held_a")
+        assert f"registered under {root_a}" in row["publish_error"]
+        assert f"stage_root is now {root_b}" in row["publish_error"]
+        assert [f["kind"] for f in row["failures"]] == ["other"]
+        status = json.loads(sandbox.cli("status", "--json").stdout)
+        assert status["counts"]["failed"] == 1 and status["problems"]
+        in_b = write_fits(root_b / "mosaics" / "in_b.fits", seed=3)
+        wait_for(lambda: status_of(sandbox.registry, "in_b") == "published", timeout=30,
+                 what="in_b published from the new root")
+    finally:
+        assert stop(proc) == 0
+    held_b = write_fits(root_b / "mosaics" / "held_b.fits", seed=4)
+    _register_held(sandbox, "held_b")  # the config names root B now
+    proc = start_daemon(sandbox)
+    try:
+        wait_for(lambda: sum(e.get("event") == "started" for e in log_events(sandbox)) == 2,
+                 what="the daemon to start again")
+        _reload(sandbox, proc, root_a)  # B -> A
+        wait_for(lambda: status_of(sandbox.registry, "held_b") == "failed", timeout=30,
+                 what="held_b parked by the change back")
+        assert f"registered under {root_b}" in sandbox.row("held_b")["publish_error"]
+        sandbox.cli("retry", "held_a", check=True)
+        sandbox.cli("release", "held_a", check=True)
+        wait_for(lambda: status_of(sandbox.registry, "held_a") == "published", timeout=30,
+                 what="held_a published after the root was set back and it was retried")
+    finally:
+        assert stop(proc) == 0
+    archived = archive_files(sandbox.products / "mosaics")
+    assert archived == {"held_a.fits": held_a, "in_b.fits": in_b}
+    assert (root_b / "mosaics" / "held_b.fits").read_bytes() == held_b
+    assert status_of(sandbox.registry, "held_b") == "failed"
+
+
+def test_reload_that_moves_products_root_publishes_what_comes_next_there(
+        tmp_path: Path) -> None:
+    """products_root P -> Q -> P by SIGHUP: what was published stays recorded where it is,
+    and each product goes where the configuration says when it is published."""
+    sandbox = Sandbox(tmp_path)
+    root_p, root_q = sandbox.products, tmp_path / "products-q"
+    root_q.mkdir()
+    proc = start_daemon(sandbox)
+    try:
+        first = write_fits(sandbox.mosaics / "first.fits", seed=1)
+        wait_for(lambda: status_of(sandbox.registry, "first") == "published", what="first")
+        sandbox.update(paths={"products_root": str(root_q)})
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: sum(e.get("event") == "reload_ok" for e in log_events(sandbox)) == 1,
+                 what="the first reload")
+        second = write_fits(sandbox.mosaics / "second.fits", seed=2)
+        wait_for(lambda: status_of(sandbox.registry, "second") == "published", what="second")
+        sandbox.update(paths={"products_root": str(root_p)})
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: sum(e.get("event") == "reload_ok" for e in log_events(sandbox)) == 2,
+                 what="the second reload")
+        third = write_fits(sandbox.mosaics / "third.fits", seed=3)
+        wait_for(lambda: status_of(sandbox.registry, "third") == "published", what="third")
+    finally:
+        assert stop(proc) == 0
+    assert archive_files(root_p / "mosaics") == {"first.fits": first, "third.fits": third}
+    assert archive_files(root_q / "mosaics") == {"second.fits": second}
+    paths_recorded = {r["data_id"]: r["published_path"] for r in sandbox.registry_rows()}
+    assert paths_recorded == {"first": str(root_p / "mosaics/first.fits"),
+                              "second": str(root_q / "mosaics/second.fits"),
+                              "third": str(root_p / "mosaics/third.fits")}

@@ -966,6 +966,36 @@ class Registry:
                 (truncate(reason, error_max_chars), now, data_id))
             return self.conn.changes() > 0
 
+    def park_outside_root(self, stage_root: str, data_types: Sequence[str], reason: str,
+                          error_max_chars: int, now: float | None = None) -> list[str]:
+        """Waiting rows of these types, described by this program, whose staged path is not
+        under `stage_root` (the configured staging root changed since they were registered)
+        become `failed`, with the reason, in the failure history too: an operator state,
+        never a silent wait. Returns their data_ids."""
+        now = time.time() if now is None else now
+        if not data_types:
+            return []
+        text = truncate(reason, error_max_chars)
+        prefix = stage_root.rstrip("/") + "/"
+        marks = ",".join("?" * len(data_types))
+        with self.write() as cur:
+            rows = cur.execute(
+                "SELECT data_id, publish_attempts FROM data_registry WHERE status = 'staging'"
+                f" AND data_type IN ({marks}) AND substr(stage_path, 1, ?) != ?"
+                # described by this program (a legacy row elsewhere is not its to change)
+                " AND stage_ino IS NOT NULL",
+                (*data_types, len(prefix), prefix)).fetchall()
+            for data_id, attempts in rows:
+                cur.execute("UPDATE data_registry SET status = 'failed', publish_error = ?,"
+                            " next_attempt_at = NULL, updated_at = ? WHERE data_id = ?",
+                            (text, now, data_id))
+                cur.execute(
+                    "INSERT INTO publish_failures (data_id, attempt, kind, error, at, host,"
+                    " pid) VALUES (?, ?, 'other', ?, ?, ?, ?)",
+                    (data_id, int(attempts or 0), text, now, socket.gethostname(),
+                     os.getpid()))
+        return [str(r[0]) for r in rows]
+
     def retry(self, data_ids: Iterable[str] = (), all_failed: bool = False,
               now: float | None = None) -> list[str]:
         """Clear attempts and make products due again; rejected ones are examined afresh."""

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from contimg_publisher import config as config_mod
@@ -219,6 +220,7 @@ class Daemon:
         self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
         notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
         self._reconcile(startup=True)
+        park_outside_root(cfg, self.registry, self.log)
         self.detector = detect.Detector(cfg, self.registry, gate=self.gate)
         self._start_watcher()
         self._probe_writers()
@@ -510,6 +512,8 @@ class Daemon:
             if self.watcher is not None:
                 self.watcher.stop()
             self._start_watcher()
+            assert self.registry is not None
+            park_outside_root(new, self.registry, self.log, old.stage_root)
             assert self.gate.tracker is not None
             self.gate.tracker.clear()
             self._probe_writers()
@@ -569,6 +573,25 @@ def _with(cfg: Config, **changes: Any) -> Config:
 TIDY_ACTIONS = (Detected.LEFTOVER, Detected.LATE_SIDECAR)
 
 
+def park_outside_root(cfg: Config, registry: Registry, log: Any,
+                      old_root: Path | None = None) -> None:
+    """Rows registered under another staging root wait for an operator, with the reason.
+
+    Chosen over publishing them from the old root: that folder is no longer watched, and
+    the configuration no longer names it as the staging area whose files may be moved
+    away. Setting the old root back and `retry` publishes them."""
+    was = f"registered under {old_root}" if old_root else "registered under another " \
+        "staging root"
+    reason = (f"{was}; [paths] stage_root is now {cfg.stage_root}. Move the file under the "
+              "new root (it is found and published again), or set stage_root back and run "
+              "`contimg-publisher retry DATA_ID`")
+    parked = registry.park_outside_root(str(cfg.stage_root), [r.type for r in cfg.products],
+                                        reason, cfg.error_max_chars)
+    for data_id in parked:
+        log.error("stage_root_changed", data_id=data_id, stage_root=str(cfg.stage_root),
+                  error=reason, action=f"contimg-publisher show {data_id}")
+
+
 def log_tidied(log: Any, events: list[tuple[str, dict[str, Any]]]) -> None:
     """What tidying the staging area did: a warning for what had to be kept."""
     for event, fields in events:
@@ -595,6 +618,7 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
     with lock.acquire(str(cfg.lock_path), "scan", wait_seconds=cfg.lock_wait_seconds), \
             Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
         report.reconciled = reconcile.reconcile(cfg, registry, owner, log)
+        park_outside_root(cfg, registry, log)
         registry.mark_exhausted(cfg.max_attempts)
         detector = detect.Detector(cfg, registry)
         detector.scan()
