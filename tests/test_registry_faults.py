@@ -5,6 +5,7 @@ not die with the lease, or, if it does, be resolved by the same process without 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -245,3 +246,45 @@ def test_reload_that_moves_products_root_publishes_what_comes_next_there(
     assert paths_recorded == {"first": str(root_p / "mosaics/first.fits"),
                               "second": str(root_q / "mosaics/second.fits"),
                               "third": str(root_p / "mosaics/third.fits")}
+
+
+def test_registry_disk_full_pauses_and_resumes_without_a_restart(tmp_path: Path) -> None:
+    """The registry's filesystem fills (a small tmpfs): the daemon stays alive, records and
+    removes nothing it could not record, and publishes everything once there is room."""
+    if not is_root():
+        pytest.skip("mounting a small tmpfs for the registry needs root")
+    state = tmp_path / "state"
+    mount_tmpfs(state, "2m")
+    try:
+        sandbox = Sandbox(tmp_path)
+        proc = start_daemon(sandbox)
+        try:
+            first = write_fits(sandbox.mosaics / "first.fits", seed=1)
+            wait_for(lambda: status_of(sandbox.registry, "first") == "published",
+                     what="first published")
+            filler = state / "filler"
+            # Every free block of the registry's disk.
+            with open(filler, "wb") as fh, contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            waiting = {f"w{i}": write_fits(sandbox.mosaics / f"w{i}.fits", seed=10 + i)
+                       for i in range(3)}
+            wait_for(lambda: any(e.get("event") == "loop_error" and "cannot be written now"
+                                 in e.get("error", "") for e in log_events(sandbox)),
+                     timeout=30, what="the full registry reported")
+            time.sleep(1.5)
+            assert proc.poll() is None, "the daemon died of a full registry disk"
+            for name, data in waiting.items():  # nothing left staging unrecorded
+                assert (sandbox.mosaics / f"{name}.fits").read_bytes() == data
+            filler.unlink()
+            for name in waiting:
+                wait_for(lambda name=name: status_of(sandbox.registry, name) == "published",
+                         timeout=30, what=f"{name} published once there was room")
+            assert proc.poll() is None
+        finally:
+            assert stop(proc) == 0
+        assert archive_files(sandbox.products / "mosaics") == {
+            "first.fits": first, **{f"{n}.fits": d for n, d in waiting.items()}}
+    finally:
+        umount(state)

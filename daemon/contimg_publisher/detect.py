@@ -30,7 +30,7 @@ from typing import Any
 
 from contimg_publisher import fits, paths, writers
 from contimg_publisher.config import Config, ProductRule
-from contimg_publisher.registry import Candidate, Identity, Product, Registry
+from contimg_publisher.registry import Candidate, Identity, Product, Registry, RegistryError
 from contimg_publisher.states import Detected, Kind, Status
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
@@ -696,7 +696,14 @@ class Detector:
         finally:
             dirs.close()
             os.close(root_fd)
-        outcomes.extend(self._register(candidates))
+        try:
+            outcomes.extend(self._register(candidates))
+        except RegistryError:
+            # Nothing of this burst was recorded: it waits to be looked at again.
+            for _cand, found in candidates:
+                self.pending[found.parts] = Pending(found, now + max(self.config.settle_seconds,
+                                                                      1.0))
+            raise
         return outcomes
 
     def _check(self, root_fd: int, entry: Pending, now: float,

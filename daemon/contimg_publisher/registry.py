@@ -12,6 +12,7 @@ statement depends on an implicit transaction.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -41,6 +42,15 @@ class RegistryError(Exception):
 
 class RegistryBusy(RegistryError):
     """Another process held the write lock for longer than the busy timeout."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry cannot be written now (a full disk, a read-only or failing one); what
+    was being recorded was rolled back. Retried, never a crash."""
+
+
+# What SQLite says when the file (or its -wal/-shm) cannot take a write.
+_UNAVAILABLE = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError)
 
 
 class RegistryGone(RegistryError):
@@ -437,8 +447,9 @@ class Registry:
             try:
                 yield cursor
             except BaseException:
-                cursor.execute(f"ROLLBACK TO {savepoint}")
-                cursor.execute(f"RELEASE {savepoint}")
+                with contextlib.suppress(apsw.Error):  # the outer write rolls back anyway
+                    cursor.execute(f"ROLLBACK TO {savepoint}")
+                    cursor.execute(f"RELEASE {savepoint}")
                 raise
             finally:
                 self._depth -= 1
@@ -446,6 +457,8 @@ class Registry:
             return
         try:
             cursor.execute("BEGIN IMMEDIATE")
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from None
         except apsw.BusyError:
             raise RegistryBusy(
                 f"registry {self.path}: locked by another process for longer than the busy "
@@ -453,18 +466,32 @@ class Registry:
         self._depth = 1
         try:
             yield cursor
+        except _UNAVAILABLE as exc:
+            self._rollback(cursor)
+            raise self._unavailable(exc) from None
         except BaseException:
-            if self.conn.in_transaction:
-                cursor.execute("ROLLBACK")
+            self._rollback(cursor)
             raise
         finally:
             self._depth = 0
         try:
             cursor.execute("COMMIT")
         except apsw.BusyError:
-            cursor.execute("ROLLBACK")
+            self._rollback(cursor)
             raise RegistryBusy(f"registry {self.path}: commit blocked by another process; "
                                "rolled back") from None
+        except _UNAVAILABLE as exc:
+            self._rollback(cursor)
+            raise self._unavailable(exc) from None
+
+    def _rollback(self, cursor: apsw.Cursor) -> None:
+        if self.conn.in_transaction:
+            with contextlib.suppress(apsw.Error):
+                cursor.execute("ROLLBACK")
+
+    def _unavailable(self, exc: apsw.Error) -> RegistryUnavailable:
+        return RegistryUnavailable(f"registry {self.path}: cannot be written now "
+                                   f"({type(exc).__name__}: {exc}); nothing was recorded")
 
     @contextmanager
     def read(self) -> Iterator[apsw.Cursor]:
