@@ -222,24 +222,25 @@ def test_reload_that_moves_products_root_publishes_what_comes_next_there(
     sandbox = Sandbox(tmp_path)
     root_p, root_q = sandbox.products, tmp_path / "products-q"
     root_q.mkdir()
+    published: dict[str, bytes] = {}
     proc = start_daemon(sandbox)
     try:
-        first = write_fits(sandbox.mosaics / "first.fits", seed=1)
-        wait_for(lambda: status_of(sandbox.registry, "first") == "published", what="first")
-        sandbox.update(paths={"products_root": str(root_q)})
-        proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: sum(e.get("event") == "reload_ok" for e in log_events(sandbox)) == 1,
-                 what="the first reload")
-        second = write_fits(sandbox.mosaics / "second.fits", seed=2)
-        wait_for(lambda: status_of(sandbox.registry, "second") == "published", what="second")
-        sandbox.update(paths={"products_root": str(root_p)})
-        proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: sum(e.get("event") == "reload_ok" for e in log_events(sandbox)) == 2,
-                 what="the second reload")
-        third = write_fits(sandbox.mosaics / "third.fits", seed=3)
-        wait_for(lambda: status_of(sandbox.registry, "third") == "published", what="third")
+        # Publish one product, then move products_root by SIGHUP; three times.
+        for reloads, (name, next_root) in enumerate(
+                (("first", root_q), ("second", root_p), ("third", None)), start=1):
+            published[name] = write_fits(sandbox.mosaics / f"{name}.fits", seed=reloads)
+            wait_for(lambda name=name: status_of(sandbox.registry, name) == "published",
+                     what=f"{name} published")
+            if next_root is None:
+                break
+            sandbox.update(paths={"products_root": str(next_root)})
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda n=reloads: sum(e.get("event") == "reload_ok"
+                                           for e in log_events(sandbox)) == n,
+                     what=f"reload {reloads}")
     finally:
         assert stop(proc) == 0
+    first, second, third = published["first"], published["second"], published["third"]
     assert archive_files(root_p / "mosaics") == {"first.fits": first, "third.fits": third}
     assert archive_files(root_q / "mosaics") == {"second.fits": second}
     paths_recorded = {r["data_id"]: r["published_path"] for r in sandbox.registry_rows()}
