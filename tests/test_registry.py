@@ -749,3 +749,60 @@ def test_publishes_recorded_together_skip_a_row_whose_claim_was_lost(reg):
     assert reg.relationships("m_000002") == [
         {"parent": "m_000002", "child": "m_000001", "type": "supersedes"}]
     assert reg.set_publish_plan("me", "m_000003", "/p/m3.fits", None) is False
+
+
+def _plans(reg: Registry, call: Any) -> list[tuple[str, list[str]]]:
+    """(statement, query plan lines) of every SELECT that `call` runs on reg's connection,
+    captured with APSW's exec tracer and explained by SQLite itself."""
+    seen: list[str] = []
+
+    def tracer(_cursor: Any, sql: str, _bindings: Any) -> bool:
+        seen.append(sql)
+        return True
+
+    reg.conn.exec_trace = tracer
+    try:
+        call()
+    finally:
+        reg.conn.exec_trace = None
+    plans = []
+    for sql in seen:
+        if not sql.lstrip().upper().startswith("SELECT"):
+            continue
+        args = [0.0] * sql.count("?")
+        plans.append((sql, [str(r[3]) for r in reg.conn.execute(
+            "EXPLAIN QUERY PLAN " + sql, args)]))
+    return plans
+
+
+def test_claim_and_next_due_read_only_the_due_rows_index(tmp_path: Path) -> None:
+    """A long history and many held rows: the questions the main loop asks on every wake-up
+    (what is due next, claim a batch) are answered from the partial indexes of due rows,
+    never by a scan of the table or of every waiting row."""
+    with Registry(tmp_path / "reg.sqlite3") as reg:
+        with reg.write():
+            for n in range(20_000):
+                reg.register(candidate(n))
+        with reg.write() as cur:  # history: published; waiting on hold; a few due
+            cur.execute("UPDATE data_registry SET status = 'published' WHERE id <= 10000")
+            cur.execute("UPDATE data_registry SET auto_publish_enabled = 0"
+                        " WHERE id > 10000 AND id <= 19990")
+            cur.execute("ANALYZE")
+        reg.request_publish("m_012500")
+        for call in (reg.next_due_at,
+                     lambda: reg.claim("me", 60, limit=256, max_bytes=1 << 30)):
+            plans = _plans(reg, call)
+            on_table = [(sql, plan) for sql, plan in plans if "data_registry" in sql
+                        and "WHERE id IN" not in sql]
+            assert on_table, plans
+            for sql, plan in on_table:
+                assert any("USING INDEX data_registry_due_" in line for line in plan), \
+                    (sql, plan)
+                assert not any(line.startswith("SCAN data_registry") and "INDEX" not in line
+                               for line in plan), (sql, plan)
+        # What was claimed: the asked-for row first, then the ten due rows, none on hold.
+        assert reg.counts()["publishing"] == 11
+        held = [p.data_id for p in reg.products(status="publishing")
+                if not p.auto_publish_enabled]
+        assert held == ["m_012500"]
+        assert reg.next_due_at() is None

@@ -521,14 +521,14 @@ class Detector:
 
     def scan(self) -> dict[str, int]:
         """Walk every rule's folder: new or changed paths wait to settle; registered rows whose
-        file is gone are recorded. Unchanged registered files cost one lstat."""
+        file is gone are recorded. Unchanged waiting files cost one lstat; of the registry
+        only the rows not yet published are read, so a rescan does not grow with history."""
         index = self.registry.stage_index()
         seen: set[str] = set()
         present: set[str] = set()  # products whose own path the walk found
         sidecars: list[tuple[bytes, str, str]] = []  # (path, owner's stage path, owner name)
         unclaimed: list[tuple[bytes, str]] = []
-        stats = {"walked": 0, "queued": 0, "known": 0, "leftover": 0, "unreadable": 0,
-                 "unclaimed": 0}
+        stats = {"walked": 0, "queued": 0, "known": 0, "unreadable": 0, "unclaimed": 0}
         self.unreadable = []
         rules = self._rules()
         root_shown = paths.display(self.root)
@@ -568,19 +568,14 @@ class Detector:
                     except FileNotFoundError:
                         continue
                     if stat.S_ISREG(st.st_mode) and known[1].same(Identity.of(st)):
-                        if known[0] == Status.PUBLISHED:
-                            stats["leftover"] += 1
-                            self._queue(found)
-                        else:
-                            stats["known"] += 1
+                        stats["known"] += 1
                         continue
                 self._queue(found)
                 stats["queued"] += 1
         for path, owner, name in sidecars:
             if owner in present:
                 continue
-            known = index.get(owner)
-            if known is not None and known[0] == Status.PUBLISHED:
+            if owner not in index and self.registry.published_at(owner):
                 # Queued above: published beside its product, or kept with a warning.
                 unclaimed.append((path, f"sidecar of {name}, which was published before it "
                                         "arrived"))

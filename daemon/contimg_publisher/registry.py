@@ -30,7 +30,7 @@ from contimg_publisher import paths
 from contimg_publisher.states import FailureKind, Kind, Status
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 STATUSES = tuple(Status)
 FAILURE_KINDS = tuple(FailureKind)
@@ -156,6 +156,25 @@ CREATE TABLE IF NOT EXISTS unclaimed_files (
     size_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS unclaimed_files_by_change ON unclaimed_files(changed_at);
+"""
+
+# Rows the daemon may claim: waiting, described, and either published automatically or asked
+# for. Each half has a partial index holding only its rows, ordered as claims take them, so
+# the next-due question and a claim read a few index entries however many rows wait on hold
+# or were published long ago. The queries name their index (INDEXED BY): a plan that cannot
+# use it is an error, not a silent scan. The same text is in the index and in the queries,
+# as SQLite requires to match a partial index.
+DUE_AUTO = ("status = 'staging' AND checksum IS NOT NULL"
+            " AND COALESCE(auto_publish_enabled, 1) = 1")
+DUE_REQUESTED = ("status = 'staging' AND checksum IS NOT NULL"
+                 " AND publish_requested_at IS NOT NULL")
+DUE_ORDER = "COALESCE(next_attempt_at, 0), staged_at, id"
+
+SCHEMA_V5 = f"""
+CREATE INDEX IF NOT EXISTS data_registry_due_auto ON data_registry({DUE_ORDER})
+    WHERE {DUE_AUTO};
+CREATE INDEX IF NOT EXISTS data_registry_due_requested ON data_registry({DUE_ORDER})
+    WHERE {DUE_REQUESTED};
 """
 
 
@@ -531,7 +550,8 @@ class Registry:
         self._check_version()
         applied = []
         for target, step in ((1, self._migrate_legacy), (2, self._migrate_v2),
-                             (3, self._migrate_v3), (4, self._migrate_v4)):
+                             (3, self._migrate_v3), (4, self._migrate_v4),
+                             (5, self._migrate_v5)):
             with self.write() as cur:
                 # Re-read inside the write lock: another process may have migrated meanwhile.
                 row = cur.execute("PRAGMA user_version").fetchone()
@@ -566,6 +586,10 @@ class Registry:
         cur.execute(SCHEMA_V4)
         if "publish_step" not in self._columns(cur, "data_registry"):
             cur.execute("ALTER TABLE data_registry ADD COLUMN publish_step TEXT")
+
+    def _migrate_v5(self, cur: apsw.Cursor) -> None:
+        """Partial indexes of the rows that can be claimed (DUE_AUTO, DUE_REQUESTED)."""
+        cur.execute(SCHEMA_V5)
 
     def _migrate_v2(self, cur: apsw.Cursor) -> None:
         have = self._columns(cur, "data_registry")
@@ -619,17 +643,25 @@ class Registry:
         return self._products(sql, args)
 
     def stage_index(self) -> dict[str, tuple[str, Identity | None]]:
-        """stage_path -> (status, identity) of every row not yet published, for fast rescans."""
+        """stage_path -> (status, identity) of every row not yet published, for fast rescans.
+
+        Published rows stay out: a long-lived registry is nearly all of them, and a staged
+        file at a published row's path is examined like any other (as a leftover, or a new
+        version). The status index gives the other rows without visiting the published."""
         out: dict[str, tuple[str, Identity | None]] = {}
         for path, status, dev, ino, size, mtime, ctime in self.conn.execute(
                 "SELECT stage_path, status, stage_dev, stage_ino, size_bytes, stage_mtime_ns,"
-                " stage_ctime_ns FROM data_registry"):
+                " stage_ctime_ns FROM data_registry WHERE status < 'published'"
+                " OR status > 'published' OR status IS NULL"):
             ident = Identity(dev, ino, size, mtime, ctime) if ino is not None else None
-            previous = out.get(path)
-            # Several rows may share a stage path (versions); the unpublished one decides.
-            if previous is None or previous[0] == Status.PUBLISHED:
-                out[path] = (status, ident)
+            out[path] = (status, ident)
         return out
+
+    def published_at(self, stage_path: str) -> bool:
+        """Whether a row staged at this path was published."""
+        return bool(self._scalar("SELECT EXISTS (SELECT 1 FROM data_registry"
+                                 " WHERE stage_path = ? AND status = 'published')",
+                                 (stage_path,)))
 
     def history(self, data_id: str) -> list[Failure]:
         return [Failure(*row) for row in self.conn.execute(
@@ -686,10 +718,12 @@ class Registry:
     def next_due_at(self) -> float | None:
         """When the earliest waiting product becomes due (None: nothing waits)."""
         row = self.conn.execute(
-            "SELECT MIN(COALESCE(next_attempt_at, 0)) FROM data_registry "
-            "WHERE status = 'staging' AND checksum IS NOT NULL "
-            "AND (COALESCE(auto_publish_enabled, 1) = 1 OR publish_requested_at IS NOT NULL)"
-            ).fetchone()
+            "SELECT MIN(due) FROM ("
+            " SELECT MIN(COALESCE(next_attempt_at, 0)) AS due"
+            f" FROM data_registry INDEXED BY data_registry_due_auto WHERE {DUE_AUTO}"
+            " UNION ALL SELECT MIN(COALESCE(next_attempt_at, 0))"
+            f" FROM data_registry INDEXED BY data_registry_due_requested"
+            f" WHERE {DUE_REQUESTED})").fetchone()
         assert row is not None  # an aggregate without GROUP BY returns one row
         return None if row[0] is None else float(row[0])
 
@@ -820,17 +854,22 @@ class Registry:
         now = time.time() if now is None else now
         with self.write() as cur:
             if data_id is None:
+                due: list[tuple[int, int]] = []
+                # Asked-for rows first, then the rest in the order they became due.
+                for index, where in (("data_registry_due_requested", DUE_REQUESTED),
+                                     ("data_registry_due_auto", DUE_AUTO)):
+                    due += cast("list[tuple[int, int]]", cur.execute(
+                        "SELECT id, COALESCE(size_bytes, 0) FROM data_registry"
+                        f" INDEXED BY {index} WHERE {where}"
+                        " AND COALESCE(next_attempt_at, 0) <= ?"
+                        f" ORDER BY {DUE_ORDER} LIMIT ?", (now, limit)).fetchall())
                 ids: list[int] = []
                 total = 0
-                for row_id, size in cast("list[tuple[int, int]]", cur.execute(
-                        "SELECT id, COALESCE(size_bytes, 0) FROM data_registry"
-                        " WHERE status = 'staging'"
-                        " AND checksum IS NOT NULL AND (COALESCE(auto_publish_enabled, 1) = 1"
-                        "   OR publish_requested_at IS NOT NULL)"
-                        " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
-                        " ORDER BY publish_requested_at IS NULL, COALESCE(next_attempt_at, 0),"
-                        " staged_at, id LIMIT ?", (now, limit)).fetchall()):
-                    if ids and max_bytes is not None and total + size > max_bytes:
+                for row_id, size in due:
+                    if row_id in ids:
+                        continue  # asked for and due anyway: listed by both
+                    if len(ids) >= limit or (
+                            ids and max_bytes is not None and total + size > max_bytes):
                         break
                     ids.append(row_id)
                     total += size
