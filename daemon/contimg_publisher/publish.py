@@ -271,7 +271,8 @@ class Publisher:
         return self.publish_many([product], mode, cancel)[0]
 
     def publish_many(self, products: list[Product], mode: str = "auto",
-                     cancel: threading.Event | None = None) -> list[Result]:
+                     cancel: threading.Event | None = None,
+                     stop: threading.Event | None = None) -> list[Result]:
         """Publish rows this process has claimed, grouping the durable steps.
 
         Every product goes through every step of the protocol, in order; the steps are only
@@ -279,6 +280,10 @@ class Publisher:
         all links durable, one commit records all publishes, and one fsync per staging
         folder makes the removals durable. A crash anywhere leaves each row exactly where a
         crash of a single publish would, so reconciliation is the same.
+
+        `stop` ends the batch early: the product being placed is finished, the rest go back
+        to waiting (a shutdown that does not wait for a whole batch); `cancel` also stops
+        the copy in hand.
         """
         folders = _Folders(self.config)
         jobs = [_Job(p, mode, Result(p.data_id, p.data_type, Attempt.RETRY_DUE, p.stage_path),
@@ -299,14 +304,21 @@ class Publisher:
                     job.lose("the claim on this product was lost before the publish")
                     continue
                 try:
+                    if stop is not None and stop.is_set():
+                        raise Cancelled
                     if self._attempt(job, folders, self._place):
                         placed.append(job)
                 except Cancelled:
-                    for left in ready[index:]:
-                        self.registry.requeue(left.product.data_id, self.owner)
-                        left.result.status = Attempt.REQUEUED
-                        left.result.error = "stopped before the publish finished"
-                        left.finish()
+                    with self.registry.write():  # one commit gives the rest back
+                        for left in ready[index:]:
+                            if not left.identical and left.product.data_id not in planned:
+                                left.lose("the claim on this product was lost before the "
+                                          "publish")
+                                continue
+                            self.registry.requeue(left.product.data_id, self.owner)
+                            left.result.status = Attempt.REQUEUED
+                            left.result.error = "stopped before the publish finished"
+                            left.finish()
                     break
             placed = self._sync_destinations(placed, folders)
             if any(not job.identical for job in placed):
@@ -482,11 +494,12 @@ class Publisher:
     def _commit(self, placed: list[_Job], folders: _Folders) -> None:
         """Steps 5 and 6: one durable commit, then the sources go, one fsync per folder."""
         self.registry.check_identity()  # the commit below lets the sources go
+        now = time.time()  # published_at: the time of the one commit that records them all
         with self.registry.write():  # one durable commit for every publish
             done = {job.product.data_id for job in placed if self.registry.mark_published(
                 Published(job.product.data_id, job.result.published_path or "", job.mode,
                           tuple(os.fsdecode(s.dest_name) for s in job.sidecars),
-                          job.result.supersedes), self.owner)}
+                          job.result.supersedes), self.owner, now)}
         published = []
         for job in placed:
             if job.product.data_id in done:

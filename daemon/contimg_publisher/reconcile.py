@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from contimg_publisher import detect, fits, kinds, paths, transfer
@@ -19,12 +20,14 @@ from contimg_publisher.states import Attempt, FailureKind, Status, Step
 
 
 def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
-              now: float | None = None) -> list[Result]:
+              now: float | None = None, sweep: bool = True) -> list[Result]:
     """Resolve publishes a crash interrupted, and remove temporary files nobody claims.
 
     Runs under the single-writer lock. A row is resolved from what is on disk: a verified
     final copy -> published (and the staged copy removed); otherwise back to waiting,
-    recorded as `interrupted` (which uses up no attempt).
+    recorded as `interrupted` (which uses up no attempt). Without `sweep` the products area
+    is not walked for stray temporary files: the daemon sweeps it in slices after READY
+    (stray_temp_sweep), since that walk grows with the archive.
     """
     now = time.time() if now is None else now
     results: list[Result] = []
@@ -35,7 +38,8 @@ def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
         if row.lease_owner == owner or (alive is not False and live_lease):
             continue
         results.append(_resolve(publisher, row))
-    remove_stray_temps(config, registry, owner, log)
+    if sweep:
+        remove_stray_temps(config, registry, owner, log)
     return results
 
 
@@ -177,26 +181,38 @@ def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
 def remove_stray_temps(config: Config, registry: Registry, owner: str, log: Any = None) -> int:
     """Remove temporary names (ours, by their prefix) that no live publish claims. Nothing
     else in the products area is ever touched."""
-    claimed = {row.publish_temp for row in registry.publishing()
-               if row.publish_temp and (row.lease_owner == owner
-                                        or owner_alive(row.lease_owner) is not False)}
-    removed = 0
+    return sum(stray_temp_sweep(config, registry, owner, log))
+
+
+def stray_temp_sweep(config: Config, registry: Registry, owner: str, log: Any = None
+                     ) -> Iterator[int]:
+    """remove_stray_temps one folder at a time: yields how many it removed in each, so a
+    caller can spread the walk of a large archive over many turns of its loop.
+
+    Each folder's names are listed before the claims are read: a temporary name is recorded
+    in its row before it is created, so one that is listed and not claimed is stray. A
+    caller that advances the sweep while its own publishes run must not (the daemon advances
+    it only while its publish thread is idle)."""
     root = os.fsencode(str(config.products_root))
     if not os.path.isdir(root):
-        return 0
+        return
     for top, dirs, files, dfd in os.fwalk(root, follow_symlinks=False):
-        for name in list(dirs) + files:
-            if paths.parse_temp_name(name if isinstance(name, bytes) else os.fsencode(name)) \
-                    is None:
-                continue
-            full = os.path.join(os.fsencode(top), os.fsencode(name))
-            if paths.display(full) in claimed:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                paths.remove_tree_under(dfd, os.fsencode(name))
-                removed += 1
-                if log is not None:
-                    log.info("temp_removed", path=paths.display(full))
-            if name in dirs:
-                dirs.remove(name)
-    return removed
+        temps = [name for name in list(dirs) + files
+                 if paths.parse_temp_name(os.fsencode(name)) is not None]
+        removed = 0
+        if temps:
+            claimed = {row.publish_temp for row in registry.publishing()
+                       if row.publish_temp and (row.lease_owner == owner
+                                                or owner_alive(row.lease_owner) is not False)}
+            for name in temps:
+                full = os.path.join(os.fsencode(top), os.fsencode(name))
+                if name in dirs:
+                    dirs.remove(name)
+                if paths.display(full) in claimed:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    paths.remove_tree_under(dfd, os.fsencode(name))
+                    removed += 1
+                    if log is not None:
+                        log.info("temp_removed", path=paths.display(full))
+        yield removed

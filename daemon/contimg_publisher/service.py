@@ -16,6 +16,7 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,27 +108,31 @@ def log_outcome(log: Any, outcome: detect.Outcome) -> None:
 
 @dataclass
 class Worker:
-    """The publish thread: copies run here so the main loop keeps pinging the watchdog."""
+    """The publish thread: copies run here so the main loop keeps pinging the watchdog.
+
+    It takes a batch of claimed rows at a time, whose durable steps share their commits and
+    fsyncs (Publisher.publish_many)."""
 
     config: Config
     owner: str
     wake: Any
     gate: writers.WriterGate
-    jobs: queue.SimpleQueue[tuple[Product, Config, str] | None] = field(
+    jobs: queue.SimpleQueue[tuple[list[Product], Config, str] | None] = field(
         default_factory=queue.SimpleQueue)
-    results: queue.SimpleQueue[tuple[Product, publish.Result | Exception]] = field(
-        default_factory=queue.SimpleQueue)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    busy: Product | None = None
+    results: queue.SimpleQueue[tuple[list[Product], list[publish.Result] | Exception]] = \
+        field(default_factory=queue.SimpleQueue)
+    stop_batch: threading.Event = field(default_factory=threading.Event)  # rest back
+    cancel: threading.Event = field(default_factory=threading.Event)      # copy too
+    busy: list[Product] | None = None
     thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="contimg-publish", daemon=True)
         self.thread.start()
 
-    def submit(self, product: Product, config: Config, mode: str = "auto") -> None:
-        self.busy = product
-        self.jobs.put((product, config, mode))
+    def submit(self, products: list[Product], config: Config, mode: str = "auto") -> None:
+        self.busy = products
+        self.jobs.put((products, config, mode))
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -135,16 +140,17 @@ class Worker:
     def _run(self) -> None:
         registry: Registry | None = None
         while (job := self.jobs.get()) is not None:
-            product, cfg, mode = job
+            products, cfg, mode = job
             try:
                 if registry is None:
                     registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False)
                 publisher = publish.Publisher(cfg, registry, self.owner, logs.get_logger(),
                                               self.gate)
-                result: Any = publisher.publish(product, mode=mode, cancel=self.cancel)
+                result: Any = publisher.publish_many(products, mode=mode, cancel=self.cancel,
+                                                     stop=self.stop_batch)
             except Exception as exc:  # the loop must hear about every job, whatever happened
                 result = exc
-            self.results.put((product, result))
+            self.results.put((products, result))
             self.wake()
         if registry is not None:
             registry.close()
@@ -176,6 +182,8 @@ class Daemon:
         # Publishes that died inside the publish thread: resolved by the loop, not left
         # `publishing` under this process's live lease until a restart.
         self.abandoned: list[str] = []
+        self.next_due: float | None = None  # when the next row is due, asked once per wake
+        self.sweep: Iterator[int] | None = None  # stray temporary files, a folder at a time
         self.exit_code = 0
         self.last_ping = 0.0
         self.status_note = ""
@@ -233,6 +241,25 @@ class Daemon:
                       products_root=str(cfg.products_root), registry=str(cfg.registry),
                       config=self.config_path, pid=os.getpid(), watching=self._watching())
         notify("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
+        self._start_sweep()
+
+    def _start_sweep(self) -> None:
+        """Stray temporary files (left by a process that died) are looked for once per start
+        and per change of products_root, in slices between publishes: the walk grows with
+        the archive, so it never delays READY or a publish."""
+        assert self.registry is not None
+        self.sweep = reconcile.stray_temp_sweep(self.config, self.registry, self.owner,
+                                                self.log)
+
+    def _advance_sweep(self, budget: float = 0.02) -> None:
+        assert self.worker is not None
+        if self.sweep is None or self.worker.busy is not None:
+            return
+        until = time.monotonic() + budget
+        for _removed in self.sweep:
+            if time.monotonic() >= until:
+                return
+        self.sweep = None
 
     def _start_metrics(self) -> None:
         """Serve /metrics and the status page; a daemon that cannot bind keeps publishing."""
@@ -278,7 +305,7 @@ class Daemon:
     def _reconcile(self, startup: bool = False) -> None:
         cfg = self.config
         assert self.registry is not None
-        results = reconcile.reconcile(cfg, self.registry, self.owner, self.log)
+        results = reconcile.reconcile(cfg, self.registry, self.owner, self.log, sweep=False)
         for result in results:
             self.log.warning("reconciled", data_id=result.data_id, data_type=result.data_type,
                              stage_path=result.stage_path, outcome=result.status,
@@ -346,6 +373,7 @@ class Daemon:
             self._resolve_abandoned()
         if self.worker.busy is None:
             self._claim_next()
+        self._advance_sweep()
         if time.monotonic() >= self.next_reconcile:
             self._reconcile()
         self._ping()
@@ -388,40 +416,48 @@ class Daemon:
             log_tidied(self.log, publisher.tidy(outcome))
 
     def _claim_next(self) -> None:
+        """Once per wake-up: when is the next row due (an indexed read, no write transaction
+        while idle), and if it is now, claim a batch as `scan` does."""
         assert self.registry is not None and self.worker is not None
-        due = self.registry.next_due_at()  # a read: no write transaction while idle
-        if due is None or due > time.time():
+        self.next_due = self.registry.next_due_at()
+        if self.next_due is None or self.next_due > time.time():
             return
-        claimed = self.registry.claim(self.owner, self.config.lease_seconds, limit=1)
+        claimed = self.registry.claim(self.owner, self.config.lease_seconds, limit=SCAN_BATCH,
+                                      max_bytes=SCAN_BATCH_BYTES)
         if claimed:
-            self.worker.submit(claimed[0], self.config)
+            self.worker.submit(claimed, self.config)
 
     def _collect_results(self) -> None:
         assert self.worker is not None
         while True:
             try:
-                product, result = self.worker.results.get_nowait()
+                products, results = self.worker.results.get_nowait()
             except queue.Empty:
                 return
             self.worker.busy = None
-            if isinstance(result, RegistryGone):
-                self._registry_gone(result)
+            if isinstance(results, RegistryGone):
+                self._registry_gone(results)
                 continue
-            if isinstance(result, Exception):
-                self.log.error("publish_crashed", data_id=product.data_id,
-                               data_type=product.data_type, stage_path=product.stage_path,
-                               error=f"{type(result).__name__}: {result}",
-                               action="resolved from disk and the row by this process")
-                self.metrics.observe_crash()
-                self.abandoned.append(product.data_id)
+            if isinstance(results, Exception):
+                for product in products:
+                    self.log.error("publish_crashed", data_id=product.data_id,
+                                   data_type=product.data_type, stage_path=product.stage_path,
+                                   error=f"{type(results).__name__}: {results}",
+                                   action="resolved from disk and the row by this process")
+                    self.metrics.observe_crash()
+                    self.abandoned.append(product.data_id)
                 continue
-            log_result(self.log, result, self.config.max_attempts)
-            self.metrics.observe_result(result, product.size_bytes)
-            if result.status is Attempt.PUBLISHED:
-                self.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
-            if result.kind == "source_changed" and self.detector is not None:
-                self.detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
-                                   is None else product.stage_path_bytes)
+            for product, result in zip(products, results, strict=True):
+                self._after_publish(product, result)
+
+    def _after_publish(self, product: Product, result: publish.Result) -> None:
+        log_result(self.log, result, self.config.max_attempts)
+        self.metrics.observe_result(result, product.size_bytes)
+        if result.status is Attempt.PUBLISHED:
+            self.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
+        if result.kind == "source_changed" and self.detector is not None:
+            self.detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
+                               is None else product.stage_path_bytes)
 
     def _registry_gone(self, exc: RegistryError) -> None:
         """The registry file was deleted or replaced under the daemon: publish nothing more,
@@ -450,10 +486,8 @@ class Daemon:
         deadlines = [self.next_rescan, self.next_reconcile, now + 1.0]
         if self.detector is not None and (check := self.detector.next_check()) is not None:
             deadlines.append(now + (check - time.time()))
-        if self.registry is not None and self.worker is not None and self.worker.busy is None:
-            due = self.registry.next_due_at()
-            if due is not None:
-                deadlines.append(now + (due - time.time()))
+        if self.worker is not None and self.worker.busy is None and self.next_due is not None:
+            deadlines.append(now + (self.next_due - time.time()))  # asked by _claim_next
         if self.watchdog_interval:
             deadlines.append(self.last_ping + self.watchdog_interval)
         return max(0.0, min(deadlines) - now)
@@ -517,6 +551,8 @@ class Daemon:
             assert self.gate.tracker is not None
             self.gate.tracker.clear()
             self._probe_writers()
+        if new.products_root != old.products_root:
+            self._start_sweep()
         self.rescan_requested = True
         self.status_note = ""
         self.metrics.observe_reload(True, new)
@@ -534,11 +570,13 @@ class Daemon:
 
     def _shutdown(self) -> int:
         notify("STOPPING=1", "STATUS=stopping")
-        self.log.info("stopping", in_flight=self.worker.busy.data_id
-                      if self.worker and self.worker.busy else None)
+        in_flight = self.worker.busy if self.worker and self.worker.busy else []
+        self.log.info("stopping", in_flight=in_flight[0].data_id if in_flight else None,
+                      batch=len(in_flight))
         if self.watcher is not None:
             self.watcher.stop()
         if self.worker is not None:
+            self.worker.stop_batch.set()  # the product in hand is finished, the rest go back
             deadline = time.monotonic() + self.config.stop_timeout_seconds
             while self.worker.busy is not None and time.monotonic() < deadline:
                 self._sleep(min(0.5, deadline - time.monotonic()))
@@ -568,8 +606,6 @@ def _with(cfg: Config, **changes: Any) -> Config:
 
 # --- one-shot work for the CLI --------------------------------------------------------------
 
-# `scan` publishes in batches that share their commits and folder fsyncs; the byte bound
-# keeps a batch of large copies from holding its claims (and their commits) for long.
 TIDY_ACTIONS = (Detected.LEFTOVER, Detected.LATE_SIDECAR)
 
 
@@ -598,6 +634,9 @@ def log_tidied(log: Any, events: list[tuple[str, dict[str, Any]]]) -> None:
         (log.warning if event.endswith("_kept") else log.info)(event, **fields)
 
 
+# The daemon and `scan` publish in batches that share their commits and folder fsyncs; the
+# byte bound keeps a batch of large copies from holding its claims (and their commits) for
+# long, and a lone large product is a batch of its own.
 SCAN_BATCH = 256
 SCAN_BATCH_BYTES = 256 << 20
 

@@ -1,0 +1,135 @@
+"""A backlog as the running daemon meets it: real files, a real daemon process, real
+signals. Products are claimed and published in batches that share their commits; a stop
+during a batch gives the rest back; the products area is swept for stray temporary files
+only after READY."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import apsw
+import pytest
+
+from contimg_publisher.paths import TEMP_PREFIX
+from contimg_publisher.registry import Registry
+from contimg_publisher.transfer import DELAY_ENV
+from tests.helpers import Sandbox, is_root, log_events, start_daemon, stop, wait_for, write_fits
+
+
+def stage_burst(sandbox: Sandbox, count: int) -> dict[str, str]:
+    """`count` small mosaics in staging; returns name -> sha256 of its bytes."""
+    folder = sandbox.mosaics / "burst"
+    folder.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for i in range(count):
+        data = write_fits(folder / f"m{i:04}.fits", pixels=8, seed=i)
+        digests[f"m{i:04}.fits"] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def archived(sandbox: Sandbox) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sandbox.products.rglob("*") if p.is_file()}
+
+
+def rows(sandbox: Sandbox) -> list[dict[str, object]]:
+    if not sandbox.registry.exists():
+        return []  # the daemon has not created it yet
+    with Registry(sandbox.registry, migrate=False) as reg:
+        try:
+            return [{"data_id": p.data_id, "status": p.status, "published_at": p.published_at,
+                     "publish_attempts": p.publish_attempts} for p in reg.products()]
+        except apsw.SQLError:
+            return []  # created, its tables not yet
+
+
+def test_a_burst_is_published_in_batches_that_share_their_commits(tmp_path: Path) -> None:
+    sandbox = Sandbox(tmp_path)
+    digests = stage_burst(sandbox, 300)
+    proc = start_daemon(sandbox)
+    try:
+        wait_for(lambda: sum(r["status"] == "published" for r in rows(sandbox)) == 300,
+                 timeout=120, what="300 products published")
+    finally:
+        assert stop(proc) == 0
+    assert archived(sandbox) == digests  # each once, byte for byte, no .v2, no temporary
+    assert not any((sandbox.mosaics / "burst").iterdir())
+    # mark_published stamps one time per commit: one commit per product would give 300.
+    commits = {r["published_at"] for r in rows(sandbox)}
+    assert len(commits) <= 30, f"{len(commits)} publish commits for 300 products"
+    published = [e for e in log_events(sandbox) if e.get("event") == "published"]
+    assert sorted(e["data_id"] for e in published) == sorted(r["data_id"]  # type: ignore[type-var]
+                                                             for r in rows(sandbox))
+
+
+def test_a_stop_during_a_batch_gives_the_rest_back(tmp_path: Path) -> None:
+    """Copies made slow (a delay per chunk, in the daemon's copy loop): SIGTERM once the
+    first copy of a batch is in place. The product in hand is finished, the rest wait again with no
+    attempt counted, and the next start publishes each of them exactly once."""
+    if not is_root():
+        pytest.skip("a products area on another filesystem (a tmpfs mount) needs root")
+    from tests.helpers import mount_tmpfs, umount
+    products = tmp_path / "products"
+    mount_tmpfs(products, "64m")
+    try:
+        sandbox = Sandbox(tmp_path, products_root=products)
+        digests = stage_burst(sandbox, 40)
+        proc = start_daemon(sandbox, extra_env={DELAY_ENV: "0.25"})
+        try:
+            # A batch's copies are placed one by one, then recorded by one commit: stop once
+            # the first copy has its final name.
+            wait_for(lambda: [p for p in products.rglob("*.fits")
+                              if not p.name.startswith(TEMP_PREFIX.decode())],
+                     timeout=60, what="a first copy placed")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            stop(proc)
+        events = log_events(sandbox)
+        stopping = next(e for e in events if e.get("event") == "stopping")
+        assert stopping["batch"] > 1, stopping  # the stop came in the middle of a batch
+        after_stop = [e for e in events if e.get("event") == "published"]
+        done = [r for r in rows(sandbox) if r["status"] == "published"]
+        waiting = [r for r in rows(sandbox) if r["status"] == "staging"]
+        assert len(done) == len(after_stop) and 1 <= len(done) < 40, (len(done), len(after_stop))
+        assert len(done) + len(waiting) == 40
+        assert all(r["publish_attempts"] == 0 for r in waiting)
+        left = {p.name for p in (sandbox.mosaics / "burst").iterdir()}
+        assert left == {str(r["data_id"]).split("/")[-1] + ".fits" for r in waiting}
+        assert not [p for p in products.rglob("*") if p.name.startswith(TEMP_PREFIX.decode())]
+
+        proc = start_daemon(sandbox)
+        try:
+            wait_for(lambda: all(r["status"] == "published" for r in rows(sandbox)),
+                     timeout=60, what="the rest published")
+        finally:
+            assert stop(proc) == 0
+        assert archived(sandbox) == digests
+    finally:
+        umount(products)
+
+
+def test_stray_temporary_files_are_swept_after_ready(tmp_path: Path) -> None:
+    """A temporary copy that a killed publisher left (no row names it) is removed, after
+    the daemon said READY; nothing else in the products area is touched."""
+    sandbox = Sandbox(tmp_path)
+    folder = sandbox.products / "mosaics" / "2026"
+    folder.mkdir(parents=True)
+    stray = folder / (TEMP_PREFIX.decode() + "m1.fits.vm-4242-1-boot")
+    stray.write_bytes(b"half a copy")
+    kept = folder / "m0.fits"
+    kept.write_bytes(b"an archived product")
+    sandbox.registry.parent.mkdir(parents=True, exist_ok=True)
+    Registry(sandbox.registry).close()  # the site's registry (none beside an archive: refused)
+    proc = start_daemon(sandbox)
+    try:
+        wait_for(lambda: not stray.exists(), timeout=30, what="the stray temporary removed")
+    finally:
+        assert stop(proc) == 0
+    names = [e.get("event") for e in log_events(sandbox)]
+    assert names.index("started") < names.index("temp_removed"), names
+    assert kept.read_bytes() == b"an archived product"
+    assert sorted(os.listdir(folder)) == ["m0.fits"]
