@@ -156,6 +156,16 @@ def mount_tmpfs(path: Path, size: str) -> None:
                    check=True)
 
 
+def mount_ext4(path: Path, image: Path, size_mb: int = 64, options: str = "") -> None:
+    """A small ext4 filesystem on a loop device at `path` (root): unlike a tmpfs it has the
+    immutable and append-only flags, and ext4's own reaction to errors."""
+    subprocess.run(["truncate", "-s", f"{size_mb}M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-o", ",".join(filter(None, ["loop", options])), str(image),
+                    str(path)], check=True)
+
+
 def umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], check=False)
 

@@ -8,19 +8,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
 
+from contimg_publisher.registry import Registry
 from contimg_publisher.transfer import DELAY_ENV
 from tests.helpers import (
     Sandbox,
     is_root,
     log_events,
+    mount_ext4,
     mount_tmpfs,
     start_daemon,
     stop,
@@ -30,6 +37,7 @@ from tests.helpers import (
 )
 from tests.test_publish import archive_files, register_only, temps
 from tests.test_registry import _hold_lock
+from tests.test_service import NotifySocket
 
 
 def status_of(db: Path, data_id: str) -> str | None:
@@ -271,21 +279,246 @@ def test_registry_disk_full_pauses_and_resumes_without_a_restart(tmp_path: Path)
                     fh.flush()
             waiting = {f"w{i}": write_fits(sandbox.mosaics / f"w{i}.fits", seed=10 + i)
                        for i in range(3)}
-            wait_for(lambda: any(e.get("event") == "loop_error" and "cannot be written now"
-                                 in e.get("error", "") for e in log_events(sandbox)),
-                     timeout=30, what="the full registry reported")
-            time.sleep(1.5)
+            wait_for(lambda: _events(sandbox, "registry_unavailable"), timeout=30,
+                     what="the full registry reported")
+            time.sleep(4)  # a few retries, each one failing
             assert proc.poll() is None, "the daemon died of a full registry disk"
+            [first_report] = _events(sandbox, "registry_unavailable")
+            assert "cannot be written now" in first_report["error"], first_report
+            assert not _events(sandbox, "loop_error")
             for name, data in waiting.items():  # nothing left staging unrecorded
                 assert (sandbox.mosaics / f"{name}.fits").read_bytes() == data
             filler.unlink()
             for name in waiting:
                 wait_for(lambda name=name: status_of(sandbox.registry, name) == "published",
-                         timeout=30, what=f"{name} published once there was room")
+                         timeout=60, what=f"{name} published once there was room")
             assert proc.poll() is None
+            assert len(_events(sandbox, "registry_available")) == 1
         finally:
             assert stop(proc) == 0
         assert archive_files(sandbox.products / "mosaics") == {
             "first.fits": first, **{f"{n}.fits": d for n, d in waiting.items()}}
     finally:
         umount(state)
+
+
+def _events(sandbox: Sandbox, name: str) -> list[dict[str, Any]]:
+    return [e for e in log_events(sandbox) if e.get("event") == name]
+
+
+def _reported(sandbox: Sandbox, proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
+    """The registry_unavailable event, waited for; a daemon that died meanwhile (SIGBUS:
+    exit -7) fails at once, saying how it ended."""
+    wait_for(lambda: proc.poll() is not None or _events(sandbox, "registry_unavailable"),
+             timeout=30, what=what)
+    assert proc.poll() is None, f"the daemon died (exit {proc.returncode})"
+    return _events(sandbox, "registry_unavailable")[0]
+
+
+def _fetch(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _gauge(metrics_text: str, name: str) -> float:
+    [line] = [ln for ln in metrics_text.splitlines() if ln.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _registry_on_ext4(tmp_path: Path, options: str = "") -> Iterator[Path]:
+    """The registry's folder (state/) on a small loop-mounted ext4: a tmpfs has no chattr
+    flags. Skips, saying why, without root or the tools."""
+    missing = [t for t in ("chattr", "mkfs.ext4", "losetup") if shutil.which(t) is None]
+    reason = "needs root (a loop mount and chattr)" if not is_root() else \
+        f"needs {', '.join(missing)}" if missing else None
+    if reason:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    state = tmp_path / "state"
+    mount_ext4(state, tmp_path / "state.img", 64, options)
+    try:
+        yield state
+    finally:
+        umount(state)
+
+
+def _chattr(flag: str, files: list[Path]) -> None:
+    subprocess.run(["chattr", flag, *map(str, files)], check=True)
+
+
+def test_registry_made_immutable_pauses_without_sigbus_and_resumes(tmp_path: Path) -> None:
+    """chattr +i on the registry, its -wal and its -shm under a running daemon: SQLite's
+    writes to the memory-mapped -shm would raise SIGBUS. The daemon stays alive, says once
+    why it paused (STATUS=, status, the page, the metrics), keeps pinging the watchdog,
+    removes and archives nothing without its record, and resumes by itself at chattr -i."""
+    with _registry_on_ext4(tmp_path):
+        port = _free_port()
+        sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+        files = [sandbox.registry, *(Path(f"{sandbox.registry}{s}") for s in ("-wal", "-shm"))]
+        notify = NotifySocket(tmp_path / "notify.sock")
+        proc = start_daemon(sandbox, notify_path=notify.path, watchdog_usec=2_000_000)
+        immutable = False
+        try:
+            first = write_fits(sandbox.mosaics / "first.fits", seed=1)
+            wait_for(lambda: status_of(sandbox.registry, "first") == "published",
+                     what="first published")
+            assert all(f.exists() for f in files)
+            # A commit by another process (as `hold` makes), then at once the flags: the
+            # daemon's next read must write a new read mark into the -shm.
+            with Registry(sandbox.registry, migrate=False) as other:
+                assert other.set_hold("first", False)
+            _chattr("+i", files)
+            immutable = True
+            waiting = {f"w{i}": write_fits(sandbox.mosaics / f"w{i}.fits", seed=10 + i)
+                       for i in range(3)}
+            _reported(sandbox, proc, "the immutable registry reported")
+            paused_at = time.monotonic()
+            time.sleep(8)  # retries after 1, 2 and 4 s, each one failing
+            assert proc.poll() is None, f"the daemon died (exit {proc.returncode})"
+            [report] = _events(sandbox, "registry_unavailable")
+            assert report["level"] == "error" and "immutable (chattr +i)" in report["error"]
+            assert not _events(sandbox, "registry_available")
+            assert not _events(sandbox, "loop_error")
+            status_line = notify.with_key("STATUS")[-1][1]["STATUS"]
+            assert status_line.startswith("paused: registry unavailable: "), status_line
+            assert "immutable" in status_line
+            pings = [t for t, _ in notify.with_key("WATCHDOG") if t > paused_at]
+            assert len(pings) >= 5, "the watchdog must be pinged while paused"
+            _, metrics_text = _fetch(f"http://127.0.0.1:{port}/metrics")
+            assert _gauge(metrics_text, "contimg_publisher_registry_available") == 0
+            assert _gauge(metrics_text, "contimg_publisher_registry_unavailable_seconds") > 5
+            code, page = _fetch(f"http://127.0.0.1:{port}/")
+            assert code == 503 and "publishing paused" in page and "immutable" in page
+            out = sandbox.cli("status", "--json")
+            assert out.returncode == 1, out.stderr
+            status = json.loads(out.stdout)
+            assert "immutable" in status["paused"]["reason"] and status["daemon_running"]
+            assert any("publishing paused" in p for p in status["problems"])
+            assert status["counts"]["published"] == 1  # still readable by another process
+            text = sandbox.cli("status").stdout
+            assert "publishing paused" in text, text
+            # Nothing left staging, nothing archived, without its record.
+            for name, data in waiting.items():
+                assert (sandbox.mosaics / f"{name}.fits").read_bytes() == data
+                assert status_of(sandbox.registry, name) is None
+            assert archive_files(sandbox.products / "mosaics") == {"first.fits": first}
+            _chattr("-i", files)
+            immutable = False
+            for name in waiting:
+                wait_for(lambda name=name: status_of(sandbox.registry, name) == "published",
+                         timeout=60, what=f"{name} published once the files were writable")
+            assert proc.poll() is None
+            [back] = _events(sandbox, "registry_available")
+            assert back["seconds"] >= 8 and "immutable" in back["error_was"]
+            assert len(_events(sandbox, "registry_unavailable")) == 1
+            wait_for(lambda: not notify.with_key("STATUS")[-1][1]["STATUS"].startswith(
+                "paused"), what="STATUS= no longer paused")
+            _, metrics_text = _fetch(f"http://127.0.0.1:{port}/metrics")
+            assert _gauge(metrics_text, "contimg_publisher_registry_available") == 1
+            assert _gauge(metrics_text, "contimg_publisher_registry_unavailable_seconds") == 0
+            assert json.loads(sandbox.cli("status", "--json").stdout)["paused"] is None
+        finally:
+            if immutable:
+                _chattr("-i", files)
+            code = stop(proc)
+            notify.close()
+        assert code == 0
+        assert archive_files(sandbox.products / "mosaics") == {
+            "first.fits": first, **{f"{n}.fits": d for n, d in waiting.items()}}
+        assert [e["data_id"] for e in _events(sandbox, "published")].count("w0") == 1
+
+
+def test_stopped_while_the_registry_is_immutable(tmp_path: Path) -> None:
+    """SIGTERM while paused: a clean exit, without the checkpoint the last connection makes
+    on closing (it writes the -shm, so it would be a SIGBUS)."""
+    with _registry_on_ext4(tmp_path):
+        sandbox = Sandbox(tmp_path)
+        files = [sandbox.registry, *(Path(f"{sandbox.registry}{s}") for s in ("-wal", "-shm"))]
+        proc = start_daemon(sandbox)
+        try:
+            write_fits(sandbox.mosaics / "first.fits", seed=1)
+            wait_for(lambda: status_of(sandbox.registry, "first") == "published",
+                     what="first published")
+            with Registry(sandbox.registry, migrate=False) as other:
+                assert other.set_hold("first", False)
+            _chattr("+i", files)
+            try:
+                late = write_fits(sandbox.mosaics / "late.fits", seed=2)
+                _reported(sandbox, proc, "the immutable registry reported")
+                assert stop(proc) == 0
+            finally:
+                _chattr("-i", files)
+        finally:
+            stop(proc)
+        assert (sandbox.mosaics / "late.fits").read_bytes() == late
+        assert _events(sandbox, "stopped")
+
+
+def test_registry_filesystem_gone_read_only_pauses(tmp_path: Path) -> None:
+    """ext4 remounts itself read-only after an error (errors=remount-ro; the error is
+    injected through its trigger_fs_error): the daemon pauses and stays alive. A plain
+    `mount -o remount,ro` is refused while the daemon has the files open for writing, and
+    an emergency read-only ext4 only comes back by unmounting it, so no resume here."""
+    with _registry_on_ext4(tmp_path, "errors=remount-ro") as state:
+        source = subprocess.run(["findmnt", "-no", "SOURCE", str(state)], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        trigger = Path("/sys/fs/ext4") / os.path.basename(source) / "trigger_fs_error"
+        if not trigger.exists():
+            print(f"SKIP: no {trigger}")
+            pytest.skip(f"no {trigger}")
+        sandbox = Sandbox(tmp_path)
+        proc = start_daemon(sandbox)
+        try:
+            write_fits(sandbox.mosaics / "first.fits", seed=1)
+            wait_for(lambda: status_of(sandbox.registry, "first") == "published",
+                     what="first published")
+            trigger.write_text("test: the registry disk fails\n")
+            late = write_fits(sandbox.mosaics / "late.fits", seed=2)
+            _reported(sandbox, proc, "the read-only registry reported")
+            time.sleep(4)
+            assert proc.poll() is None
+            assert len(_events(sandbox, "registry_unavailable")) == 1
+            assert (sandbox.mosaics / "late.fits").read_bytes() == late
+            assert set(archive_files(sandbox.products / "mosaics")) == {"first.fits"}
+        finally:
+            assert stop(proc) == 0
+
+
+def test_write_lock_held_past_the_busy_timeout_while_registering(tmp_path: Path) -> None:
+    """Another process holds BEGIN IMMEDIATE for longer than the busy timeout when a new
+    file is to be registered: the daemon pauses (once, with the reason) and publishes it
+    by itself when the lock is released."""
+    sandbox = Sandbox(tmp_path, registry={"busy_timeout_seconds": 0.5})
+    proc = start_daemon(sandbox)
+    try:
+        first = _published_then(sandbox, "first", seed=1)
+        holder = _hold_lock(sandbox.registry, "stdin")
+        try:
+            late = write_fits(sandbox.mosaics / "late.fits", seed=2)
+            _reported(sandbox, proc, "the held lock reported")
+            time.sleep(4)
+            assert proc.poll() is None
+            [report] = _events(sandbox, "registry_unavailable")
+            assert "locked by another process" in report["error"], report
+            assert (sandbox.mosaics / "late.fits").read_bytes() == late
+        finally:
+            holder.communicate("go\n", timeout=30)
+        wait_for(lambda: status_of(sandbox.registry, "late") == "published", timeout=60,
+                 what="late published once the lock was released")
+        assert len(_events(sandbox, "registry_available")) == 1
+        assert not _events(sandbox, "loop_error")
+    finally:
+        assert stop(proc) == 0
+    assert archive_files(sandbox.products / "mosaics") == {"first.fits": first,
+                                                           "late.fits": late}

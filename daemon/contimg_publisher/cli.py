@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from contimg_publisher import __version__, lock, logs, statuspage
+from contimg_publisher import __version__, lock, logs, outage, statuspage
 from contimg_publisher import config as config_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import (
@@ -125,11 +125,16 @@ def _one_line(text: str | None, limit: int = 80) -> str:
 
 def _open(cfg: Config) -> Registry:
     """Read commands use the registry as it is: an older file is not migrated behind the
-    operator's back."""
+    operator's back.
+
+    Reads are not refused when the -shm cannot be written (Registry guard_reads): this
+    short-lived process opens it after the fact, and SQLite then maps it read-only, so an
+    operator can still read a registry made immutable. Writes are refused with the reason."""
     if not os.path.exists(cfg.registry):
         refuse_new_over_archive(cfg.registry, cfg.products_root)
         return Registry(cfg.registry, cfg.busy_timeout_seconds)
-    registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False)
+    registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False,
+                        guard_reads=False)
     if registry.version() < SCHEMA_VERSION:
         version = registry.version()
         registry.close()
@@ -141,20 +146,65 @@ def _open(cfg: Config) -> Registry:
 
 # --- commands ---------------------------------------------------------------------------------
 
+def _daemon_paused(cfg: Config, running: bool) -> statuspage.Paused | None:
+    """The running daemon's own word that it paused publishing (its lock file's note)."""
+    found = outage.parse_note(lock.read_note(str(cfg.lock_path))) if running else None
+    if found is None:
+        return None
+    since = found.get("since")
+    return statuspage.Paused(str(found.get("reason") or "unknown"),
+                             float(since) if isinstance(since, int | float) else None)
+
+
+def _paused_json(paused: statuspage.Paused | None) -> dict[str, Any] | None:
+    return None if paused is None else {"reason": paused.reason, "since": paused.since}
+
+
+def _status_unreadable(cfg: Config, args: argparse.Namespace, error: RegistryError,
+                       holder: str | None, running: bool,
+                       paused: statuspage.Paused | None) -> int:
+    """The registry cannot be read: say why, and what the daemon says, rather than only
+    failing."""
+    now = time.time()
+    problems = ([paused.line(now)] if paused is not None else []) + [
+        f"the registry cannot be read: {error}"]
+    if not running:
+        problems.append("no daemon holds the lock: nothing is being published")
+    if args.json:
+        print(json.dumps({"counts": None, "registry": str(cfg.registry),
+                          "registry_error": str(error),
+                          "lock": {"path": str(cfg.lock_path), "holder": holder},
+                          "daemon_running": running, "paused": _paused_json(paused),
+                          "problems": problems, "ok": False}, indent=2))
+    else:
+        print(f"registry   {cfg.registry}: cannot be read")
+        print(f"daemon     {f'running, {holder}' if running else 'not running'}"
+              + (" (publishing paused)" if paused is not None else ""))
+        print("NEEDS ATTENTION")
+        for line in problems:
+            print(f"  - {line}")
+    print(f"contimg-publisher: status: {error}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     """Exit 1 when something needs an operator, so cron or a Nagios-style check can alert."""
-    with _open(cfg) as registry:
-        now = time.time()
-        counts = registry.counts()
-        oldest = registry.oldest_waiting()
-        failures = registry.failures_since(now - 3600)
-        last = registry.last_published()
-        health = statuspage.snapshot(registry, limit=0, now=now,
-                                     unclaimed_after=cfg.unclaimed_after_seconds)
     holder = lock.holder(str(cfg.lock_path))
     running = holder is not None and "daemon" in holder
+    paused = _daemon_paused(cfg, running)
+    try:
+        with _open(cfg) as registry:
+            now = time.time()
+            counts = registry.counts()
+            oldest = registry.oldest_waiting()
+            failures = registry.failures_since(now - 3600)
+            last = registry.last_published()
+            health = statuspage.snapshot(registry, limit=0, now=now,
+                                         unclaimed_after=cfg.unclaimed_after_seconds)
+    except RegistryError as exc:
+        return _status_unreadable(cfg, args, exc, holder, running, paused)
     max_age = cfg.status_max_waiting_age_seconds
-    problems = statuspage.problems(health, max_age, running)
+    problems = statuspage.problems(health, max_age, running, paused)
     data: dict[str, Any] = {
         "counts": counts,
         "oldest_waiting": None if oldest is None else {
@@ -166,6 +216,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             "published_path": last.published_path},
         "lock": {"path": str(cfg.lock_path), "holder": holder},
         "daemon_running": running,
+        "paused": _paused_json(paused),
         "registry": str(cfg.registry),
         "success_rate": {
             "last_hour": {"published": health.published_hour, "failures": health.failures_hour,
@@ -183,7 +234,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         return EXIT_FAILED if problems else EXIT_OK
     print(f"registry   {cfg.registry}")
     print(f"daemon     {f'running, {holder}' if running else 'not running'}"
-          + (f" (lock held by {holder})" if holder and not running else ""))
+          + (f" (lock held by {holder})" if holder and not running else "")
+          + (" (publishing paused)" if paused is not None else ""))
     print("products   " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
     if oldest is not None:
         waited = statuspage.format_age(now - oldest.staged_at)

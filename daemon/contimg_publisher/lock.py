@@ -1,7 +1,9 @@
 """The single-writer lock: one publishing process at a time, for its lifetime.
 
 An flock on a small file that records the holder's pid and role, so a refused
-process can name who holds it. The kernel drops the lock when the holder dies,
+process can name who holds it, and a note from the holder when it cannot do its work
+(the daemon's pause while the registry is unavailable), so `status` can say so even
+when it cannot read the registry itself. The kernel drops the lock when the holder dies,
 however it dies, so a stale lock file never blocks anyone.
 """
 
@@ -24,10 +26,26 @@ class LockHeld(Exception):
         super().__init__(f"lock {path} is held by {holder}")
 
 
+NOTE_MAX_CHARS = 2000
+
+
 @dataclass
 class Lock:
     path: str
     fd: int
+    role: str = ""
+
+    def note(self, text: str | None) -> None:
+        """Say what the holder is doing when it cannot do its work (one line after the
+        holder's own, read by `status` through read_note()); None clears it. Rewritten in
+        place within the file's first block, so it works on a full disk too; best effort."""
+        line = f"{os.getpid()} {self.role}\n"
+        if text:
+            line += text.replace("\n", " ")[:NOTE_MAX_CHARS] + "\n"
+        data = line.encode("utf-8", "replace")
+        with contextlib.suppress(OSError):
+            os.pwrite(self.fd, data, 0)
+            os.ftruncate(self.fd, len(data))
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -91,7 +109,27 @@ def acquire(path: str, role: str, wait_seconds: float = 0.0) -> Lock:
             delay = min(delay * 2, 0.25)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {role}\n".encode(), 0)
-    return Lock(path, fd)
+    return Lock(path, fd, role)
+
+
+def read_note(path: str) -> str | None:
+    """The note of the lock's holder (Lock.note), or None: no note, or nobody holds it (a
+    note left by a holder that died means nothing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lines = os.pread(fd, NOTE_MAX_CHARS * 4 + 100, 0).decode("utf-8", "replace")
+            _, _, note = lines.partition("\n")
+            return note.strip() or None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _boot_id() -> str:

@@ -19,6 +19,9 @@ MESSAGE_IDS = {
     "reload_ok": "e1a3c5e7a9b04d2f8c6e4a2b0d8f6c64",
     "reload_failed": "7a9c1e3a5c7e4a0c8e2a4c6e8a0c2e65",
     "registry_gone": "3e5a7c9e1b3d4f6a8c0e2b4d6f8a0c66",
+    "registry_unavailable": "9c2e4a6c8e0a4b2d9f1e3a5c7e9b1d67",
+    "registry_still_unavailable": "4a6c8e0a2c4e4f6a8b0d2f4a6c8e0b68",
+    "registry_available": "d0b2d4f6a8c04e2a9c4e6a8c0e2a4c69",
 }
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}

@@ -169,6 +169,18 @@ class Metrics:
                                       "before any)", registry=r)
         self.info = Gauge(f"{PREFIX}_build_info", "Always 1; the version as a label",
                           ["version"], registry=r)
+        # The daemon's own view: 0 while it pauses publishing because the registry cannot be
+        # written or read (a scrape may still read it: a full disk does not stop reads).
+        self.paused_reason: str | None = None
+        self.paused_since: float | None = None
+        self.registry_available = Gauge(
+            f"{PREFIX}_registry_available", "1 when the daemon can write the registry, 0 "
+            "while publishing is paused because it cannot", registry=r)
+        self.registry_available.set(1)
+        self.registry_unavailable_seconds = Gauge(
+            f"{PREFIX}_registry_unavailable_seconds", "How long publishing has been paused "
+            "because the registry cannot be used (0 when it can)", registry=r)
+        self.registry_unavailable_seconds.set_function(self._paused_seconds)
         self.info.labels(__version__).set(1)
         self.start_time.set(self.started_at)
         self.last_reload_ok.set(1)
@@ -229,6 +241,15 @@ class Metrics:
         if ok and config is not None:
             self.configure(config)
 
+    def observe_registry(self, reason: str | None, since: float | None) -> None:
+        """The daemon paused publishing (reason, since: Unix time) or resumed (None)."""
+        self.paused_reason, self.paused_since = reason, since
+        self.registry_available.set(0 if reason is not None else 1)
+
+    def _paused_seconds(self) -> float:
+        since = self.paused_since
+        return 0.0 if since is None else max(0.0, time.time() - since)
+
     def note_scrape_error(self, error: str) -> None:
         self.last_scrape_error = error
 
@@ -254,7 +275,8 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/metrics":
                 status, ctype, data = 200, CONTENT_TYPE_LATEST, self.server.metrics.exposition()
             elif path in ("/", "/index.html"):
-                status, ctype, data = 200, "text/html; charset=utf-8", self._page()
+                ctype = "text/html; charset=utf-8"
+                status, data = self._page()
             elif path == "/healthz":
                 status, ctype, data = 200, "text/plain; charset=utf-8", b"ok\n"
             else:
@@ -273,15 +295,25 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
 
-    def _page(self) -> bytes:
+    def _page(self) -> tuple[int, bytes]:
         metrics = self.server.metrics
         config = metrics.config
-        with _reader(config) as registry:
-            health = statuspage.snapshot(registry,
-                                         unclaimed_after=config.unclaimed_after_seconds)
-        return statuspage.render(health, started_at=metrics.started_at,
-                                 max_waiting_age=config.status_max_waiting_age_seconds
-                                 ).encode("utf-8")
+        paused = statuspage.Paused(metrics.paused_reason, metrics.paused_since) \
+            if metrics.paused_reason is not None else None
+        try:
+            with _reader(config) as registry:
+                health = statuspage.snapshot(registry,
+                                             unclaimed_after=config.unclaimed_after_seconds)
+        except (RegistryError, apsw.Error, OSError) as exc:
+            if paused is None:
+                raise
+            # What the daemon knows is worth more than a bare 503: why it is paused.
+            return 503, statuspage.render_unreadable(
+                f"{type(exc).__name__}: {exc}", paused, started_at=metrics.started_at
+                ).encode("utf-8")
+        return 200, statuspage.render(health, started_at=metrics.started_at,
+                                      max_waiting_age=config.status_max_waiting_age_seconds,
+                                      paused=paused).encode("utf-8")
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         """Requests are not logged: a scrape every few seconds would flood the journal."""

@@ -26,10 +26,11 @@ from typing import Any, cast
 
 import apsw
 
-from contimg_publisher import paths
+from contimg_publisher import fsguard, paths
 from contimg_publisher.states import FailureKind, Kind, Status
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
+PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
 SCHEMA_VERSION = 5
 
 STATUSES = tuple(Status)
@@ -40,17 +41,30 @@ class RegistryError(Exception):
     """The registry cannot be used; the message names the file and the reason."""
 
 
-class RegistryBusy(RegistryError):
-    """Another process held the write lock for longer than the busy timeout."""
-
-
 class RegistryUnavailable(RegistryError):
-    """The registry cannot be written now (a full disk, a read-only or failing one); what
-    was being recorded was rolled back. Retried, never a crash."""
+    """The registry cannot be written or read now (a full disk, a read-only, immutable or
+    failing one, a write lock held past the busy timeout); what was being recorded was
+    rolled back. A state to wait out and retry, never a crash."""
+
+
+class RegistryBusy(RegistryUnavailable):
+    """Another process held the write lock for longer than the busy timeout."""
 
 
 # What SQLite says when the file (or its -wal/-shm) cannot take a write.
 _UNAVAILABLE = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError)
+
+# Every form "the registry cannot be used now" takes: ours, or SQLite's own from a read
+# made outside write() (an I/O error, a lock held through recovery). See unavailable().
+TRANSIENT: tuple[type[Exception], ...] = (RegistryUnavailable, *_UNAVAILABLE, apsw.BusyError)
+
+
+def unavailable(exc: Exception, path: str) -> RegistryUnavailable:
+    """One of TRANSIENT as a RegistryUnavailable, with its reason."""
+    if isinstance(exc, RegistryUnavailable):
+        return exc
+    return RegistryUnavailable(f"registry {path}: cannot be used now "
+                               f"({type(exc).__name__}: {exc})")
 
 
 class RegistryGone(RegistryError):
@@ -376,9 +390,10 @@ class Registry:
     """One APSW connection to the registry file; open one per thread."""
 
     def __init__(self, path: str | os.PathLike[str], busy_timeout_seconds: float = 10.0,
-                 migrate: bool = True, create: bool = True) -> None:
+                 migrate: bool = True, create: bool = True, guard_reads: bool = True) -> None:
         self.path = os.fspath(path)
         self.busy_timeout_seconds = busy_timeout_seconds
+        self.guard_reads = guard_reads
         self._depth = 0  # write() nesting: 0 outside a transaction
         _check_path(self.path)
         if not create and not os.path.exists(self.path):
@@ -386,28 +401,28 @@ class Registry:
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, exist_ok=True)
-            self.conn = apsw.Connection(self.path)
+            self._conn = apsw.Connection(self.path)
         except (OSError, apsw.Error) as exc:
             raise RegistryError(f"registry {self.path}: cannot open ({exc})") from None
-        self.conn.set_busy_timeout(int(busy_timeout_seconds * 1000))
+        self._conn.set_busy_timeout(int(busy_timeout_seconds * 1000))
         try:
             # Before anything writes (switching to WAL rewrites the header): a file from a newer
             # program or another application is left byte for byte as it was.
             self._check_version()
             mode = self._scalar("PRAGMA journal_mode=WAL")
         except RegistryError:
-            self.conn.close()
+            self.close()
             raise
         except apsw.NotADBError:
-            self.conn.close()
+            self.close()
             raise RegistryError(f"registry {self.path}: not an SQLite database (left untouched)"
                                 ) from None
         except apsw.BusyError:
-            self.conn.close()
+            self.close()
             raise RegistryBusy(f"registry {self.path}: locked by another process "
                                f"(waited {busy_timeout_seconds:g} s)") from None
         if str(mode).lower() != "wal":
-            self.conn.close()
+            self.close()
             raise RegistryError(f"registry {self.path}: cannot switch to WAL mode ({mode})")
         # FULL: in WAL mode a commit is then fsynced before COMMIT returns, so a row that says
         # "published" survives a power cut before the staged source is removed. NORMAL would
@@ -424,11 +439,50 @@ class Registry:
             else:
                 self._check_version()
         except BaseException:
-            self.conn.close()  # a failed open leaves no connection (and no lock) behind
+            self.close()  # a failed open leaves no connection (and no lock) behind
             raise
 
+    @property
+    def conn(self) -> apsw.Connection:
+        """The connection, once the WAL index has been found safe to touch (guard()): every
+        statement outside a transaction starts one, so asking here covers them all."""
+        if not self._conn.in_transaction and self.guard_reads:
+            self.guard()
+        return self._conn
+
+    def guard(self, write: bool = False) -> None:
+        """RegistryUnavailable when a transaction could only end in SIGBUS or an error: the
+        memory-mapped -shm (every read writes a read mark into it) or, for a write, any of
+        the three files, made immutable or append-only, or on a filesystem gone read-only.
+        See fsguard. Asked by name (a stat), so SQLite's locks are kept."""
+        names = (self.path, self.path + "-wal", self.path + "-shm") if write else \
+            (self.path + "-shm",)
+        for name in names:
+            why = fsguard.why_unwritable(name)
+            if why is not None:
+                raise RegistryUnavailable(
+                    f"registry {self.path}: cannot be {'written' if write else 'read'} now: "
+                    f"{os.path.basename(name)} is {why}; nothing was recorded")
+
     def close(self) -> None:
-        self.conn.close()
+        """Close; when the files cannot be written, without the checkpoint the last
+        connection of a process makes on closing (it writes the -shm: SIGBUS)."""
+        try:
+            self.guard(write=True)
+        except RegistryUnavailable:
+            with contextlib.suppress(apsw.Error):
+                self._conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+        self._conn.close()
+
+    def probe(self) -> None:
+        """A real write that leaves nothing behind (a row added and removed in one
+        transaction, so pages reach the WAL and the commit is fsynced): whether the
+        registry takes commits again. RegistryUnavailable when it does not."""
+        with self.write() as cur:
+            cur.execute("INSERT OR REPLACE INTO unclaimed_files (path, path_bytes, reason,"
+                        " first_seen, changed_at) VALUES (?, x'', 'probe', 0, 0)",
+                        (PROBE_PATH,))
+            cur.execute("DELETE FROM unclaimed_files WHERE path = ?", (PROBE_PATH,))
 
     def check_identity(self) -> None:
         """RegistryGone unless the configured path still leads to the file this connection
@@ -475,6 +529,7 @@ class Registry:
             cursor.execute(f"RELEASE {savepoint}")
             return
         try:
+            self.guard(write=True)
             cursor.execute("BEGIN IMMEDIATE")
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from None
@@ -494,6 +549,11 @@ class Registry:
         finally:
             self._depth = 0
         try:
+            self.guard(write=True)  # made immutable during the transaction: no commit
+        except RegistryUnavailable:
+            self._rollback(cursor)
+            raise
+        try:
             cursor.execute("COMMIT")
         except apsw.BusyError:
             self._rollback(cursor)
@@ -504,7 +564,7 @@ class Registry:
             raise self._unavailable(exc) from None
 
     def _rollback(self, cursor: apsw.Cursor) -> None:
-        if self.conn.in_transaction:
+        if self._conn.in_transaction:
             with contextlib.suppress(apsw.Error):
                 cursor.execute("ROLLBACK")
 

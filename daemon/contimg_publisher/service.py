@@ -22,14 +22,26 @@ from pathlib import Path
 from typing import Any
 
 from contimg_publisher import config as config_mod
-from contimg_publisher import detect, lock, logs, metrics, publish, reconcile, watch, writers
+from contimg_publisher import (
+    detect,
+    lock,
+    logs,
+    metrics,
+    outage,
+    publish,
+    reconcile,
+    watch,
+    writers,
+)
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import (
+    TRANSIENT,
     Product,
     Registry,
     RegistryError,
     RegistryGone,
     refuse_new_over_archive,
+    unavailable,
 )
 from contimg_publisher.states import Attempt, Detected, Status
 
@@ -185,6 +197,10 @@ class Daemon:
         self.next_due: float | None = None  # when the next row is due, asked once per wake
         self.sweep: Iterator[int] | None = None  # stray temporary files, a folder at a time
         self.exit_code = 0
+        # While the registry cannot be used: publishing pauses, the loop retries with
+        # backoff (see outage). A stage_root change whose rows could not be parked then.
+        self.outage: outage.Outage | None = None
+        self.pending_park: Path | None = None
         self.last_ping = 0.0
         self.status_note = ""
         self.started_at = time.time()
@@ -336,19 +352,94 @@ class Daemon:
             self._handle_signals()
             if self.stopping:
                 break
+            if self.outage is not None and not outage.due(self.outage, time.monotonic()):
+                self._ping()  # paused: signals and the watchdog only, until the next try
+                self._sleep(self._paused_timeout())
+                continue
+            retried = self.outage is not None
             try:
+                if retried:
+                    self._retry_registry()
                 self._step()
+                timeout = self._timeout()
             except RegistryGone as exc:
                 self._registry_gone(exc)
                 break
+            except TRANSIENT as exc:
+                self._registry_unavailable(exc)
+                self._ping()
+                timeout = self._paused_timeout()
             except (RegistryError, OSError) as exc:
-                # A busy registry or a staging area that went away: say so and try again on
-                # the next turn; the watchdog still sees a loop that turns.
+                # A staging area that went away: say so and try again on the next turn;
+                # the watchdog still sees a loop that turns.
                 self.log.error("loop_error", error=f"{type(exc).__name__}: {exc}")
                 self._sleep(1.0)
-            self._sleep(self._timeout())
+                timeout = 0.0
+            else:
+                if retried and self.outage is not None:
+                    self._registry_available()
+            self._sleep(timeout)
         status = self._shutdown()
         return self.exit_code or status
+
+    # --- the registry unavailable ---------------------------------------------------------
+
+    def _registry_unavailable(self, exc: Exception) -> None:
+        """Publishing pauses: nothing is claimed, registered or removed until a retry
+        proves the registry takes commits again. Said once, then at most once a minute."""
+        error = str(unavailable(exc, str(self.config.registry)))
+        now = time.monotonic()
+        if self.outage is None:
+            self.outage = outage.begin(error, now, time.time())
+            self.log.error("registry_unavailable", registry=str(self.config.registry),
+                           error=error, retry_in_seconds=outage.RETRY_INITIAL_SECONDS,
+                           reason="publishing paused: nothing leaves staging without its "
+                                  "record; retried with backoff, resumes by itself",
+                           action="free space, make the registry files writable again "
+                                  "(chattr -i, remount read-write) or end the process that "
+                                  "holds its write lock")
+        elif outage.failed_again(self.outage, error, now):
+            self.log.warning("registry_still_unavailable", registry=str(self.config.registry),
+                             error=error, seconds=round(self.outage.seconds(now), 1),
+                             tries=self.outage.tries,
+                             retry_in_seconds=round(self.outage.next_try - now, 1))
+        self._say_outage()
+
+    def _retry_registry(self) -> None:
+        """A real write first (a turn with nothing to record proves nothing), then what a
+        reload could not record while the registry was unavailable."""
+        assert self.registry is not None
+        self.registry.probe()
+        if self.pending_park is not None:
+            park_outside_root(self.config, self.registry, self.log, self.pending_park)
+            self.pending_park = None
+
+    def _registry_available(self) -> None:
+        assert self.outage is not None
+        was = self.outage
+        self.outage = None
+        self.log.info("registry_available", registry=str(self.config.registry),
+                      seconds=round(was.seconds(time.monotonic()), 1), tries=was.tries,
+                      error_was=was.reason, reason="publishing resumed")
+        self._say_outage()
+
+    def _say_outage(self) -> None:
+        """The pause (or its end) in STATUS=, the metrics and the lock file's note."""
+        self.metrics.observe_registry(None if self.outage is None else self.outage.reason,
+                                      None if self.outage is None else self.outage.since)
+        if self.lock is not None:
+            self.lock.note(outage.note(self.outage))
+        notify(f"STATUS={self._status_line()}")
+        self.next_status = time.monotonic() + 5.0
+
+    def _paused_timeout(self) -> float:
+        """Until the next try, the next STATUS= refresh or the next watchdog ping."""
+        assert self.outage is not None
+        now = time.monotonic()
+        deadlines = [self.outage.next_try, self.next_status]
+        if self.watchdog_interval:
+            deadlines.append(self.last_ping + self.watchdog_interval * 0.9)
+        return max(0.0, min(deadlines) - now)
 
     def _step(self) -> None:
         cfg = self.config
@@ -438,6 +529,10 @@ class Daemon:
             if isinstance(results, RegistryGone):
                 self._registry_gone(results)
                 continue
+            if isinstance(results, TRANSIENT):  # nothing was removed; resolved once back
+                self._registry_unavailable(results)
+                self.abandoned.extend(product.data_id for product in products)
+                continue
             if isinstance(results, Exception):
                 for product in products:
                     self.log.error("publish_crashed", data_id=product.data_id,
@@ -503,7 +598,12 @@ class Daemon:
 
     def _status_line(self) -> str:
         assert self.registry is not None
-        c = self.registry.counts()
+        if self.outage is not None:
+            return outage.status_line(self.outage)
+        try:
+            c = self.registry.counts()
+        except TRANSIENT as exc:  # the loop's next turn pauses on it
+            return f"registry unavailable: {unavailable(exc, str(self.config.registry))}"
         watching = "watching" if self._watching() else "scanning every " \
             f"{self.config.rescan_seconds:g} s"
         line = (f"{watching} {self.config.stage_root}: {c['staging']} waiting, "
@@ -547,7 +647,11 @@ class Daemon:
                 self.watcher.stop()
             self._start_watcher()
             assert self.registry is not None
-            park_outside_root(new, self.registry, self.log, old.stage_root)
+            try:
+                park_outside_root(new, self.registry, self.log, old.stage_root)
+            except TRANSIENT as exc:  # parked by the first retry that can write
+                self.pending_park = old.stage_root
+                self._registry_unavailable(exc)
             assert self.gate.tracker is not None
             self.gate.tracker.clear()
             self._probe_writers()

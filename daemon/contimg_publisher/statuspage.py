@@ -55,6 +55,19 @@ class Health:
         return success_rate(self.published_day, self.failures_day)
 
 
+@dataclass(frozen=True)
+class Paused:
+    """The daemon paused publishing: the registry cannot be used (reason), since when."""
+
+    reason: str
+    since: float | None = None
+
+    def line(self, now: float) -> str:
+        lasted = "" if self.since is None else f" for {format_age(now - self.since)}"
+        return f"publishing paused: the registry has been unavailable{lasted} " \
+               f"({self.reason}); it resumes by itself once the registry can be written"
+
+
 def success_rate(published: int, failures: int) -> float | None:
     """Publishes over publish attempts (publishes plus failed attempts); None without any."""
     total = published + failures
@@ -87,9 +100,12 @@ def snapshot(registry: Registry, limit: int = 50, now: float | None = None,
         )
 
 
-def problems(health: Health, max_waiting_age: float, daemon_running: bool) -> list[str]:
+def problems(health: Health, max_waiting_age: float, daemon_running: bool,
+             paused: Paused | None = None) -> list[str]:
     """What needs an operator, one line each; empty when all is well."""
     out = []
+    if paused is not None:
+        out.append(paused.line(health.now))
     if not daemon_running:
         out.append("no daemon holds the lock: nothing is being published")
     if health.counts.get("failed", 0):
@@ -173,13 +189,8 @@ def _more(shown: int, total: int) -> str:
            f"</code>)</p>"
 
 
-def render(health: Health, *, refresh_seconds: int = 10, started_at: float | None = None,
-           max_waiting_age: float = 3600.0, host: str | None = None) -> str:
-    """The whole page, as one string of HTML."""
-    host = host or socket.gethostname()
-    now = health.now
-    issues = problems(health, max_waiting_age, daemon_running=True)
-    parts = [
+def _head(host: str, now: float, refresh_seconds: int, started_at: float | None) -> list[str]:
+    return [
         "<!DOCTYPE html>",
         "<html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<meta http-equiv=\"refresh\" content=\"{int(refresh_seconds)}\">",
@@ -191,6 +202,29 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
         + (f"; daemon up since {_e(format_when(started_at))}" if started_at else "")
         + f"; refreshes every {int(refresh_seconds)} s</p>",
     ]
+
+
+def render_unreadable(error: str, paused: Paused, *, refresh_seconds: int = 10,
+                      started_at: float | None = None, host: str | None = None,
+                      now: float | None = None) -> str:
+    """The page when the registry cannot be read: what the daemon itself knows."""
+    now = time.time() if now is None else now
+    parts = _head(host or socket.gethostname(), now, refresh_seconds, started_at)
+    parts.append("<h2 class=\"bad\">Needs attention</h2><ul>"
+                 f"<li class=\"bad\">{_e(paused.line(now))}</li>"
+                 f"<li class=\"bad\">the registry cannot be read now: {_e(error)}</li></ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render(health: Health, *, refresh_seconds: int = 10, started_at: float | None = None,
+           max_waiting_age: float = 3600.0, host: str | None = None,
+           paused: Paused | None = None) -> str:
+    """The whole page, as one string of HTML."""
+    host = host or socket.gethostname()
+    now = health.now
+    issues = problems(health, max_waiting_age, daemon_running=True, paused=paused)
+    parts = _head(host, now, refresh_seconds, started_at)
     if issues:
         parts.append("<h2 class=\"bad\">Needs attention</h2><ul>"
                      + "".join(f"<li class=\"bad\">{_e(i)}</li>" for i in issues) + "</ul>")
