@@ -52,10 +52,11 @@ def registry_descriptors(pid: int, db: Path) -> list[str]:
 
 
 def posix_locks(pid: int, ino: int) -> list[str]:
-    """The POSIX locks `pid` holds on the file with inode `ino` (/proc/locks)."""
+    """The POSIX locks `pid` holds on the file with inode `ino` (/proc/locks), without the
+    line's ordinal (it shifts as other processes' locks come and go)."""
     with open("/proc/locks") as fh:
-        return [line for line in fh if "POSIX" in line and f" {pid} " in line
-                and line.split()[5].endswith(f":{ino}")]
+        return [line.split(":", 1)[1].strip() for line in fh if "POSIX" in line
+                and f" {pid} " in line and line.split()[5].endswith(f":{ino}")]
 
 
 @pytest.mark.skipif(SQLITE3 is None, reason="the sqlite3 shell (Debian's sqlite3) is not "
