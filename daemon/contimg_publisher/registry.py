@@ -427,6 +427,19 @@ def _check_path(path: str) -> None:
         raise RegistryError(f"registry {path}: cannot read it (permission denied)")
 
 
+def _create_empty(path: str) -> None:
+    """A registry that does not exist yet is created empty here, with mode 0666 less the
+    umask, before SQLite opens it: SQLite would create it 0644 whatever the umask, and its
+    -wal and -shm take the database file's mode, so a registry shared with the pipeline's
+    user (a group-shared folder, UMask=0002) must be group-writable from the start. No
+    connection of this process can have a file open that did not exist."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 class Registry:
     """One APSW connection to the registry file; open one per thread."""
 
@@ -442,6 +455,7 @@ class Registry:
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, exist_ok=True)
+            _create_empty(self.path)
             self.conn = apsw.Connection(self.path)
         except (OSError, apsw.Error) as exc:
             raise RegistryError(f"registry {self.path}: cannot open ({exc})") from None
