@@ -80,6 +80,7 @@ BAD: list[tuple[str, dict[str, dict[str, Any]], list[dict[str, Any]] | None, str
                          ("publish", "max_attempts"), ("publish", "backoff_initial_seconds"),
                          ("publish", "backoff_max_seconds"), ("publish", "error_max_chars"),
                          ("publish", "lease_seconds"), ("publish", "reconcile_seconds"),
+                         ("publish", "legacy_quiet_seconds"),
                          ("publish", "lock_wait_seconds"), ("service", "stop_timeout_seconds"),
                          ("status", "max_waiting_age_seconds")]],
     ("negative-fraction", {"detect": {"settle_seconds": -0.5}}, None, "detect.settle_seconds",
@@ -92,6 +93,16 @@ BAD: list[tuple[str, dict[str, dict[str, Any]], list[dict[str, Any]] | None, str
      "must be > 0"),
     ("zero-error-chars", {"publish": {"error_max_chars": 0}}, None, "publish.error_max_chars",
      "must be > 0"),
+    ("require-not-a-table", {}, [{**RULE, "require": "passed"}], "products[0].require",
+     "must be a table of QA fields"),
+    ("require-unknown-field", {}, [{**RULE, "require": {"qa_stauts": "passed"}}],
+     "products[0].require.qa_stauts", "unknown QA field"),
+    ("require-number", {}, [{**RULE, "require": {"qa_status": 1}}],
+     "products[0].require.qa_status", "must be a value or a non-empty list"),
+    ("require-empty-list", {}, [{**RULE, "require": {"validation_status": []}}],
+     "products[0].require.validation_status", "must be a value or a non-empty list"),
+    ("require-empty-value", {}, [{**RULE, "require": {"qa_status": ""}}],
+     "products[0].require.qa_status", "must be a value or a non-empty list"),
     ("backoff-max-below-initial", {"publish": {"backoff_initial_seconds": 60,
                                                "backoff_max_seconds": 30}}, None,
      "publish.backoff_max_seconds", "less than backoff_initial_seconds"),
@@ -236,6 +247,26 @@ def test_valid_values_are_converted(tmp_path):
     assert values["ignore"] == ["*.lock"]
     assert values["metrics_enabled"] is False and values["metrics_listen"] == "[::1]:9000"
     assert values["lock_file"] == str(tmp_path / "state" / "registry.sqlite3.lock")
+
+
+def test_qa_requirements_are_converted(tmp_path):
+    """A value or a list of values per legacy QA field; shown by check-config."""
+    rule = {**RULE, "require": {"qa_status": ["passed", "warning"],
+                                "validation_status": "validated"}}
+    cfg = write_config(tmp_path / "config.toml", _tables(tmp_path), [rule])
+    loaded = config_mod.load(cfg)
+    assert loaded.products[0].require == (("qa_status", ("passed", "warning")),
+                                          ("validation_status", ("validated",)))
+    values = _effective(cfg)
+    assert values["products"][0]["require"] == {"qa_status": ["passed", "warning"],
+                                                "validation_status": ["validated"]}
+    assert config_mod.load(write_config(tmp_path / "plain.toml", _tables(tmp_path),
+                                        [RULE])).products[0].require == ()
+
+
+def test_default_rule_takes_the_pipeline_thumbnail():
+    """The pipeline's API writes `<stem>.thumb.png` beside a mosaic."""
+    assert "{stem}.thumb.png" in Config(source=None).products[0].sidecars
 
 
 def test_shipped_config_equals_built_in_defaults():

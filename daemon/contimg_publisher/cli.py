@@ -13,10 +13,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from contimg_publisher import __version__, lock, logs, outage, statuspage
+from contimg_publisher import __version__, lock, logs, outage, qa, statuspage
 from contimg_publisher import config as config_mod
+from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import (
+    HELD_BY_OPERATOR,
     SCHEMA_VERSION,
     STATUSES,
     Product,
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-failed", action="store_true")
     p = sub.add_parser("publish", help="publish one product now (manual)")
     p.add_argument("data_id")
+    p.add_argument("--override-qa", metavar="REASON",
+                   help="publish a product the QA gate holds; REASON is logged")
     p = sub.add_parser("hold", help="stop automatic publishing of a product")
     p.add_argument("data_id")
     p = sub.add_parser("release", help="allow automatic publishing of a product again")
@@ -132,16 +136,38 @@ def _open(cfg: Config) -> Registry:
     operator can still read a registry made immutable. Writes are refused with the reason."""
     if not os.path.exists(cfg.registry):
         refuse_new_over_archive(cfg.registry, cfg.products_root)
-        return Registry(cfg.registry, cfg.busy_timeout_seconds)
-    registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False,
-                        guard_reads=False)
-    if registry.version() < SCHEMA_VERSION:
-        version = registry.version()
-        registry.close()
-        raise RegistryError(f"registry {cfg.registry} is at schema version {version}, this "
-                            f"program needs {SCHEMA_VERSION}: run `contimg-publisher migrate` "
-                            "(or start the daemon, which migrates)")
+        registry = Registry(cfg.registry, cfg.busy_timeout_seconds)
+    else:
+        registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False,
+                            guard_reads=False)
+        if registry.version() < SCHEMA_VERSION:
+            version = registry.version()
+            registry.close()
+            raise RegistryError(f"registry {cfg.registry} is at schema version {version}, "
+                                f"this program needs {SCHEMA_VERSION}: run `contimg-publisher "
+                                "migrate` (or start the daemon, which migrates)")
+    registry.set_qa_gate(qa.conditions(cfg.products))
     return registry
+
+
+def held_reason(row: Product, qa_reasons: dict[str, str]) -> str | None:
+    """Why a waiting product is not published automatically (None: it is, or it is not
+    waiting, or a manual publish was asked for)."""
+    if row.status != Status.STAGING or row.publish_requested_at is not None:
+        return None
+    if row.data_id in qa_reasons:
+        return qa_reasons[row.data_id]
+    return None if row.auto_publish_enabled else HELD_BY_OPERATOR
+
+
+def _product_json(cfg: Config, row: Product, qa_reasons: dict[str, str]) -> dict[str, Any]:
+    from contimg_publisher import detect  # numpy and watchdog: only where needed
+    data = row.to_json()
+    reason = held_reason(row, qa_reasons)
+    data["held"] = data["held"] or reason is not None
+    data["held_reason"] = reason
+    data["owned"] = detect.owns(cfg, row)
+    return data
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -201,6 +227,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             last = registry.last_published()
             health = statuspage.snapshot(registry, limit=0, now=now,
                                          unclaimed_after=cfg.unclaimed_after_seconds)
+            held = registry_mod.held(registry, [r.type for r in cfg.products])
+            health.failed = registry_mod.by_status(registry, Status.FAILED)
     except RegistryError as exc:
         return _status_unreadable(cfg, args, exc, holder, running, paused)
     max_age = cfg.status_max_waiting_age_seconds
@@ -226,6 +254,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "max_waiting_age_seconds": max_age,
         "unclaimed": [u.to_json(now) for u in health.unclaimed],
         "unclaimed_after_seconds": cfg.unclaimed_after_seconds,
+        "held": [{"data_id": r.data_id, "data_type": r.data_type, "reason": why,
+                  "staged_at": r.staged_at} for r, why in held],
+        "failed": [{"data_id": r.data_id, "data_type": r.data_type,
+                    "publish_error": r.publish_error} for r in health.failed],
         "problems": problems,
         "ok": not problems,
     }
@@ -247,6 +279,16 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
           f"({health.published_day} published, {health.failures_day} failed attempts)")
     if last is not None:
         print(f"last published  {last.data_id} at {_when(last.published_at)}")
+    if held:
+        print(f"held  {len(held)} waiting product{'s' if len(held) != 1 else ''} not "
+              "published automatically (`contimg-publisher show DATA_ID`)")
+        for r, why in held:
+            print(f"  {r.data_id}  {why}")
+    if health.failed:
+        print(f"failed  {len(health.failed)} product{'s' if len(health.failed) != 1 else ''}"
+              " waiting for an operator (`contimg-publisher show DATA_ID`, then `retry`)")
+        for r in health.failed:
+            print(f"  {r.data_id}  {_one_line(r.publish_error, 100)}")
     if health.unclaimed:
         print(f"unclaimed in staging  {len(health.unclaimed)} file"
               f"{'s' if len(health.unclaimed) != 1 else ''} that no product owns "
@@ -269,20 +311,29 @@ def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
     with _open(cfg) as registry:
         rows = registry.products(status=args.status, data_type=args.data_type,
                                  limit=args.limit or None)
+        reasons = registry_mod.qa_holds(registry, [r.data_id for r in rows
+                                                   if r.status == Status.STAGING])
     if args.json:
-        print(json.dumps([r.to_json() for r in rows], indent=2))
+        print(json.dumps([_product_json(cfg, r, reasons) for r in rows], indent=2))
         return EXIT_OK
+
+    def shown(r: Product) -> str:
+        if r.status == Status.PUBLISHED:
+            return r.published_path or "-"
+        held = held_reason(r, reasons)
+        return f"held: {held}" if held else r.publish_error or r.stage_path
+
     print(_table([[r.data_id, r.data_type, r.status, str(r.publish_attempts),
-                   _when(r.published_at or r.staged_at),
-                   _one_line(r.published_path if r.status == Status.PUBLISHED
-                             else r.publish_error or r.stage_path, 70)] for r in rows],
+                   _when(r.published_at or r.staged_at), _one_line(shown(r), 70)]
+                  for r in rows],
                  ["DATA_ID", "TYPE", "STATUS", "ATTEMPTS", "WHEN", "PATH / ERROR"]))
     return EXIT_OK
 
 
-def _show_text(row: Product, history: list[Any], relations: list[dict[str, str]]) -> str:
+def _show_text(row: Product, history: list[Any], relations: list[dict[str, str]],
+               held: str | None = None, owned: bool = True) -> str:
     out = [f"{row.data_id}  ({row.data_type}, {row.status}"
-           + (", held" if not row.auto_publish_enabled else "") + ")",
+           + (", held" if held or not row.auto_publish_enabled else "") + ")",
            f"  staged      {row.stage_path}",
            f"  published   {row.published_path or '-'}",
            f"  size        {row.size_bytes if row.size_bytes is not None else '-'} bytes",
@@ -292,6 +343,11 @@ def _show_text(row: Product, history: list[Any], relations: list[dict[str, str]]
            f"  attempts    {row.publish_attempts}",
            f"  next try    {_when(row.next_attempt_at) if row.status == 'staging' else '-'}",
            f"  last error  {_one_line(row.publish_error, 200)}"]
+    if held:
+        out.append(f"  held        {held}")
+    if not owned:
+        out.append("  owner       another writer: no product rule of this configuration "
+                   "owns this row (its type and path); the daemon leaves it as it is")
     if row.metadata:
         pairs = ", ".join(f"{k}={v}" for k, v in sorted(row.metadata.items()))
         out.append(f"  metadata    {pairs}")
@@ -315,13 +371,14 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
             return EXIT_FAILED
         history = registry.history(row.data_id)
         relations = registry.relationships(row.data_id)
+        reasons = registry_mod.qa_holds(registry, [row.data_id])
+    data = _product_json(cfg, row, reasons)
     if args.json:
-        data = row.to_json()
         data["failures"] = [f.to_json() for f in history]
         data["relationships"] = relations
         print(json.dumps(data, indent=2))
     else:
-        print(_show_text(row, history, relations))
+        print(_show_text(row, history, relations, data["held_reason"], data["owned"]))
     return EXIT_OK
 
 
@@ -344,7 +401,8 @@ def cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_publish(cfg: Config, args: argparse.Namespace) -> int:
     from contimg_publisher import service  # astropy and watchdog: only where needed
-    result = service.publish_now(cfg, args.data_id, logs.get_logger())
+    result = service.publish_now(cfg, args.data_id, logs.get_logger(),
+                                 override_qa=args.override_qa)
     if isinstance(result, str):
         print(f"contimg-publisher: publish: {result}", file=sys.stderr)
         return EXIT_FAILED
@@ -401,7 +459,7 @@ def cmd_scan(cfg: Config, args: argparse.Namespace) -> int:
     failed = 0
     for outcome in report.detected:
         if outcome.action in (Detected.REGISTERED, Detected.UPDATED, Detected.REJECTED,
-                              Detected.VANISHED, Detected.LEFTOVER):
+                              Detected.VANISHED, Detected.LEFTOVER, Detected.FOUND_PUBLISHED):
             extra = f" ({outcome.reason})" if outcome.reason else ""
             print(f"{outcome.action:10} {outcome.data_id}  {outcome.stage_path}{extra}")
     for result in report.reconciled:

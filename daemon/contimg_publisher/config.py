@@ -39,6 +39,9 @@ class ProductRule:
     kind: str = "file"  # "file" or "directory"
     sidecars: tuple[str, ...] = ()
     required: tuple[str, ...] = ()  # files a directory product must hold to count as complete
+    # Legacy QA fields that must hold one of the values before a product is published
+    # automatically: ((field, (value, ...)), ...), e.g. (("qa_status", ("passed",)),).
+    require: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @functools.cached_property
     def base(self) -> PurePosixPath:
@@ -54,7 +57,8 @@ class ProductRule:
 
 DEFAULT_RULES = (
     ProductRule(type="mosaic", glob="mosaics/**/*.fits", destination="mosaics",
-                sidecars=("{stem}.weights.fits", "{stem}.png", "{name}.png")),
+                sidecars=("{stem}.weights.fits", "{stem}.thumb.png", "{stem}.png",
+                          "{name}.png")),
 )
 
 
@@ -86,6 +90,7 @@ class Config:
     dir_mode: int = 0o755
     lease_seconds: float = 120.0
     reconcile_seconds: float = 600.0
+    legacy_quiet_seconds: float = 600.0
     lock_wait_seconds: float = 30.0
     # [service]
     stop_timeout_seconds: float = 60.0
@@ -116,7 +121,8 @@ class Config:
             elif f.name == "products":
                 value = [
                     {"type": r.type, "glob": r.glob, "destination": r.destination,
-                     "kind": r.kind, "sidecars": list(r.sidecars), "required": list(r.required)}
+                     "kind": r.kind, "sidecars": list(r.sidecars), "required": list(r.required),
+                     "require": {f: list(v) for f, v in r.require}}
                     for r in value
                 ]
             elif isinstance(value, tuple):
@@ -153,6 +159,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "dir_mode": ("dir_mode", "mode"),
         "lease_seconds": ("lease_seconds", "posfloat"),
         "reconcile_seconds": ("reconcile_seconds", "posfloat"),
+        "legacy_quiet_seconds": ("legacy_quiet_seconds", "nonnegfloat"),
         "lock_wait_seconds": ("lock_wait_seconds", "nonnegfloat"),
     },
     "service": {"stop_timeout_seconds": ("stop_timeout_seconds", "nonnegfloat")},
@@ -160,7 +167,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "status": {"max_waiting_age_seconds": ("status_max_waiting_age_seconds", "posfloat")},
     "log": {"level": ("log_level", "level"), "format": ("log_format", "format")},
 }
-_PRODUCT_KEYS = {"type", "glob", "destination", "kind", "sidecars", "required"}
+_PRODUCT_KEYS = {"type", "glob", "destination", "kind", "sidecars", "required", "require"}
+# The legacy QA columns a rule's `require` may name (see qa.py).
+QA_FIELDS = ("qa_status", "validation_status", "finalization_status")
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _FORMATS = ("auto", "console", "json", "journal")
 _ALGORITHMS = ("sha256", "sha512", "blake2b", "sha1")
@@ -339,8 +348,31 @@ def _parse_products(content: Any, source: Path | None) -> tuple[ProductRule, ...
         rules.append(ProductRule(type=item["type"], glob=item["glob"],
                                  destination=item["destination"], kind=kind,
                                  sidecars=tuple(item.get("sidecars", [])),
-                                 required=tuple(required or [])))
+                                 required=tuple(required or []),
+                                 require=_parse_require(item.get("require", {}), source,
+                                                        f"{where}.require")))
     return tuple(rules)
+
+
+def _parse_require(value: Any, source: Path | None, where: str
+                   ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`require = { qa_status = "passed", validation_status = ["validated"] }`: each legacy
+    QA field with the value (or any of the values) it must hold."""
+    if not isinstance(value, dict):
+        raise ConfigError(source, where, "must be a table of QA fields, e.g. "
+                                         '{ qa_status = "passed" }')
+    out = []
+    for name, wanted in value.items():
+        if name not in QA_FIELDS:
+            raise ConfigError(source, f"{where}.{name}",
+                              f"unknown QA field; known: {', '.join(QA_FIELDS)}")
+        values = [wanted] if isinstance(wanted, str) else wanted
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, str) and v and v.isprintable() for v in values):
+            raise ConfigError(source, f"{where}.{name}",
+                              f"must be a value or a non-empty list of values, got {wanted!r}")
+        out.append((name, tuple(values)))
+    return tuple(out)
 
 
 def _inside(child: Path, parent: Path) -> bool:

@@ -93,6 +93,9 @@ class _Rule:
                 token = "{" + key + "}"
                 if pattern.startswith(token):
                     self.sidecars.append((key, pattern[len(token):]))
+        # Longest suffix first: 'a.thumb.png' is the thumbnail of 'a.fits' ('{stem}.thumb.png'),
+        # not the preview of a product 'a.thumb.fits' ('{stem}.png').
+        self.sidecars.sort(key=lambda ks: len(ks[1]), reverse=True)
 
     def matches(self, names: tuple[str, ...]) -> bool:
         """Whether the decoded components `names` match the glob."""
@@ -222,6 +225,30 @@ def _owner(rule: _Rule, parts: tuple[bytes, ...], name: str) -> Match | None:
             if rule.matches(owner_names) and not rule.is_sidecar(guess):
                 return Match(rule.rule, owner_parts)
     return None
+
+
+def owner_rule(config: Config, data_type: str, stage_path: bytes | str) -> ProductRule | None:
+    """The rule that owns a registry row, if any: its staged path is a product of that rule
+    under stage_root (the product itself, not a sidecar or a file inside one) and its type
+    is that rule's. The registry is shared with the pipeline's own code, whose other rows
+    (`ms`, `calibrated_ms`, `image`, ...) the daemon never writes."""
+    root = os.fsencode(str(config.stage_root))
+    raw = stage_path if isinstance(stage_path, bytes) else paths.undisplay(stage_path)
+    try:
+        parts = paths.relative_components(root, raw)
+    except paths.UnsafePath:
+        return None
+    if not parts:
+        return None
+    found = match(config, parts)
+    if found is None or found.parts != parts or found.rule.type != data_type:
+        return None
+    return found.rule
+
+
+def owns(config: Config, row: Product) -> bool:
+    """Whether the daemon may write this row (see owner_rule)."""
+    return owner_rule(config, row.data_type, row.stage_bytes) is not None
 
 
 def data_id_for(rule: ProductRule, parts: tuple[bytes, ...]) -> str:
@@ -423,7 +450,7 @@ class Outcome:
 # What registering a described product did (Registry.register), as a detection action.
 REGISTRATION_ACTIONS = {"new": Detected.REGISTERED, "updated": Detected.UPDATED,
                         "unchanged": Detected.UNCHANGED, "busy": Detected.BUSY,
-                        "published": Detected.LEFTOVER}
+                        "published": Detected.LEFTOVER, "foreign": Detected.FOREIGN}
 
 
 class Detector:
@@ -588,7 +615,8 @@ class Detector:
         under_root = root_shown + "/"
         for stage_path, (status, _ident) in index.items():
             if status in (Status.STAGING, Status.FAILED) and stage_path not in seen and \
-                    stage_path.startswith(under_root) and not stage_path.startswith(unseen):
+                    stage_path.startswith(under_root) and not stage_path.startswith(unseen) \
+                    and self._is_product_path(stage_path):
                 self._vanished(stage_path)
         return stats
 
@@ -658,9 +686,32 @@ class Detector:
         row = published[-1]  # the newest version published from this path
         return Outcome(Detected.LATE_SIDECAR, row.data_id, row.data_type, stage_path, product=row)
 
+    def _is_product_path(self, stage_path: str) -> bool:
+        """Whether a staged path is a product of some rule (rows anywhere else belong to
+        other writers: the sweep after a rescan does not even look them up)."""
+        try:
+            parts = paths.relative_components(self.root, paths.undisplay(stage_path))
+        except paths.UnsafePath:
+            return False
+        found = _match(self._rules(), parts) if parts else None
+        return found is not None and found.parts == parts
+
     def _vanished(self, stage_path: str) -> Outcome | None:
+        """The file of a waiting row this daemon owns is gone from staging: it is in the
+        archive already (a row that other code re-registered, resetting what this program
+        recorded) or it left before it was published."""
+        from contimg_publisher import archive  # archive -> kinds -> detect
+
         for row in self.registry.by_stage_path(stage_path):
-            if row.status in (Status.STAGING, Status.FAILED) and self.registry.forget_missing(
+            if row.status not in (Status.STAGING, Status.FAILED) or \
+                    not owns(self.config, row):
+                continue
+            record = archive.find_published(self.config, self.registry, row)
+            if record is not None and self.registry.restore_published(row.id, record):
+                return Outcome(Detected.FOUND_PUBLISHED, row.data_id, row.data_type, stage_path,
+                               reason=f"its file is in the archive: {record.published_path}",
+                               product=self.registry.get(row.data_id))
+            if self.registry.forget_missing(
                     row.data_id, "the file left the staging area before it was published",
                     self.config.error_max_chars):
                 return Outcome(Detected.VANISHED, row.data_id, row.data_type, stage_path)
@@ -744,6 +795,14 @@ class Detector:
         if now - quiet_since < settle:
             entry.check_at = quiet_since + settle
             return None
+        rows = self.registry.by_stage_path(stage_path)
+        if rows and all(r.data_type != m.rule.type for r in rows) and \
+                any(r.status != Status.PUBLISHED for r in rows):
+            # Registered by another writer as another type: not this daemon's to describe.
+            other = rows[-1]
+            return Outcome(Detected.FOREIGN, other.data_id, other.data_type, stage_path,
+                           reason=f"registered by another writer as {other.data_type!r}",
+                           product=other)
         algorithm = self.config.checksum_algorithm
         full = os.path.join(self.root, *m.parts)
 

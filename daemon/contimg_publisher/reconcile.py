@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from contimg_publisher import detect, fits, kinds, paths, transfer
+from contimg_publisher import detect, fits, kinds, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for, step_of
@@ -25,9 +25,12 @@ def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
 
     Runs under the single-writer lock. A row is resolved from what is on disk: a verified
     final copy -> published (and the staged copy removed); otherwise back to waiting,
-    recorded as `interrupted` (which uses up no attempt). Without `sweep` the products area
-    is not walked for stray temporary files: the daemon sweeps it in slices after READY
-    (stray_temp_sweep), since that walk grows with the archive.
+    recorded as `interrupted` (which uses up no attempt). A publish by the pipeline's own
+    code (no lease) is only looked at when this daemon owns the row, and only once its
+    files have been quiet for `legacy_quiet_seconds`: that process may still be copying.
+    Without `sweep` the products area is not walked for stray temporary files: the daemon
+    sweeps it in slices after READY (stray_temp_sweep), since that walk grows with the
+    archive.
     """
     now = time.time() if now is None else now
     results: list[Result] = []
@@ -37,6 +40,18 @@ def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
         live_lease = row.lease_expires_at is not None and row.lease_expires_at > now
         if row.lease_owner == owner or (alive is not False and live_lease):
             continue
+        if step_of(row) is Step.LEGACY:
+            rule = detect.owner_rule(config, row.data_type, row.stage_bytes)
+            if rule is None:
+                continue  # another writer's row, and its publish
+            busy = legacy_in_progress(config, rule, row, now)
+            if busy is not None:
+                if log is not None:
+                    log.info("legacy_publish_in_progress", data_id=row.data_id,
+                             data_type=row.data_type, stage_path=row.stage_path, reason=busy,
+                             action="left alone until it has been quiet for "
+                                    f"{config.legacy_quiet_seconds:g} s")
+                continue
         results.append(_resolve(publisher, row))
     if sweep:
         remove_stray_temps(config, registry, owner, log)
@@ -112,6 +127,32 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
     result.failure, result.kind = outcome, FailureKind.INTERRUPTED
     result.error = outcome.error if outcome else None
     return result
+
+
+def legacy_in_progress(config: Config, rule: ProductRule, row: Product, now: float
+                       ) -> str | None:
+    """Why a `publishing` row without a lease may still be in the hands of the process that
+    claimed it (older pipeline code, which records neither a lease nor a heartbeat), or None
+    once nothing about it has changed for legacy_quiet_seconds: its copy under the final
+    name and its staged file (ctime, which every write moves) and nobody has the copy open
+    for writing."""
+    try:
+        parts = paths.relative_components(os.fsencode(str(config.stage_root)), row.stage_bytes)
+    except paths.UnsafePath:
+        return None
+    folder, name = destination(config, rule, parts)
+    copy = _full(os.fsencode(str(config.products_root)), folder, name)
+    newest: float | None = None
+    for path in (copy, row.stage_bytes):
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            newest = max(newest or 0.0, st.st_ctime_ns / 1e9)
+    with contextlib.suppress(OSError):
+        if writers.check_path(copy) is writers.WriterCheck.WRITING:
+            return f"{paths.display(copy)} is open for writing"
+    if newest is not None and now - newest < config.legacy_quiet_seconds:
+        return f"its files changed {max(0.0, now - newest):.0f} s ago"
+    return None
 
 
 def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,

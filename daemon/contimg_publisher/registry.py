@@ -19,7 +19,7 @@ import random
 import socket
 import stat
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -27,11 +27,13 @@ from typing import Any, cast
 import apsw
 
 from contimg_publisher import fsguard, paths
+from contimg_publisher.config import QA_FIELDS
+from contimg_publisher.qa import Condition
 from contimg_publisher.states import FailureKind, Kind, Status
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 STATUSES = tuple(Status)
 FAILURE_KINDS = tuple(FailureKind)
@@ -190,6 +192,78 @@ CREATE INDEX IF NOT EXISTS data_registry_due_auto ON data_registry({DUE_ORDER})
 CREATE INDEX IF NOT EXISTS data_registry_due_requested ON data_registry({DUE_ORDER})
     WHERE {DUE_REQUESTED};
 """
+
+
+# publish_log: this program's own record of every publish, in a table no legacy writer
+# touches. The legacy code re-registers a product with INSERT OR REPLACE, which resets every
+# column of its row; the record still names the archived copy and its checksum, so the row
+# can be described again from disk instead of being taken for a product that vanished.
+SCHEMA_V6 = """
+CREATE TABLE IF NOT EXISTS publish_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    data_id TEXT NOT NULL,
+    data_type TEXT NOT NULL,
+    stage_path TEXT NOT NULL,
+    published_path TEXT NOT NULL,
+    size_bytes INTEGER,
+    checksum TEXT,
+    sidecars_json TEXT,
+    header_json TEXT,
+    publish_mode TEXT,
+    published_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS publish_log_by_product ON publish_log(data_id);
+CREATE INDEX IF NOT EXISTS publish_log_by_stage_path ON publish_log(stage_path);
+"""
+
+# Copies a row's publish into publish_log (the row was just made `published`).
+_LOG_PUBLISH = (
+    "INSERT INTO publish_log (data_id, data_type, stage_path, published_path, size_bytes,"
+    " checksum, sidecars_json, header_json, publish_mode, published_at)"
+    " SELECT data_id, data_type, stage_path, published_path, size_bytes, checksum,"
+    " sidecars_json, header_json, publish_mode, published_at FROM data_registry"
+    " WHERE data_id = ? AND status = 'published'")
+
+
+@dataclass(frozen=True)
+class PublishRecord:
+    """One publish as publish_log keeps it."""
+
+    data_id: str
+    data_type: str
+    stage_path: str
+    published_path: str
+    size_bytes: int | None
+    checksum: str | None
+    sidecars_json: str | None
+    header_json: str | None
+    publish_mode: str | None
+    published_at: float
+
+
+def _literal(text: str) -> str:
+    """An SQL string literal (the QA gate's values come from the config file)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def qa_hold_sql(conditions: Sequence[Condition]) -> str:
+    """An SQL expression over a data_registry row: NULL when the QA gate lets it be
+    published automatically, else the reason it is held (qa.py says which values hold)."""
+    whens = []
+    for c in conditions:
+        if c.column not in QA_FIELDS:
+            raise ValueError(f"QA gate: {c.column!r} is not a QA column ({', '.join(QA_FIELDS)})")
+        values = ", ".join(_literal(v) for v in c.values)
+        if c.required:
+            wanted = values if len(c.values) == 1 else f"one of {values}"
+            test = f"{c.column} IS NULL OR {c.column} NOT IN ({values})"
+            reason = (f"{_literal(f'QA gate: waits for {c.column} {wanted} (now ')}"
+                      f" || quote({c.column}) || ')'")
+        else:
+            test = f"{c.column} IN ({values})"
+            reason = f"{_literal(f'QA gate: {c.column} is ')} || quote({c.column})"
+        whens.append(f"WHEN data_type = {_literal(c.data_type)} AND ({test}) THEN {reason}")
+    return f"(CASE {' '.join(whens)} END)" if whens else "NULL"
 
 
 @dataclass(frozen=True)
@@ -386,6 +460,19 @@ def _check_path(path: str) -> None:
         raise RegistryError(f"registry {path}: cannot read it (permission denied)")
 
 
+def _create_empty(path: str) -> None:
+    """A registry that does not exist yet is created empty here, with mode 0666 less the
+    umask, before SQLite opens it: SQLite would create it 0644 whatever the umask, and its
+    -wal and -shm take the database file's mode, so a registry shared with the pipeline's
+    user (a group-shared folder, UMask=0002) must be group-writable from the start. No
+    connection of this process can have a file open that did not exist."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 class Registry:
     """One APSW connection to the registry file; open one per thread."""
 
@@ -396,12 +483,14 @@ class Registry:
         self.guard_reads = guard_reads
         self._depth = 0  # write() nesting: 0 outside a transaction
         self._counts: tuple[tuple[Any, int], dict[str, int]] | None = None  # see counts()
+        self._qa_hold = "NULL"  # set_qa_gate(): no gate until the rules are known
         _check_path(self.path)
         if not create and not os.path.exists(self.path):
             raise RegistryError(f"registry {self.path}: no such file")
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, exist_ok=True)
+            _create_empty(self.path)
             self._conn = apsw.Connection(self.path)
         except (OSError, apsw.Error) as exc:
             raise RegistryError(f"registry {self.path}: cannot open ({exc})") from None
@@ -484,6 +573,11 @@ class Registry:
                         " first_seen, changed_at) VALUES (?, x'', 'probe', 0, 0)",
                         (PROBE_PATH,))
             cur.execute("DELETE FROM unclaimed_files WHERE path = ?", (PROBE_PATH,))
+
+    def set_qa_gate(self, conditions: Sequence[Condition]) -> None:
+        """The QA gate claims, due times and hold reasons apply from now on (qa.conditions
+        of the configured rules)."""
+        self._qa_hold = qa_hold_sql(conditions)
 
     def check_identity(self) -> None:
         """RegistryGone unless the configured path still leads to the file this connection
@@ -612,7 +706,7 @@ class Registry:
         applied = []
         for target, step in ((1, self._migrate_legacy), (2, self._migrate_v2),
                              (3, self._migrate_v3), (4, self._migrate_v4),
-                             (5, self._migrate_v5)):
+                             (5, self._migrate_v5), (6, self._migrate_v6)):
             with self.write() as cur:
                 # Re-read inside the write lock: another process may have migrated meanwhile.
                 row = cur.execute("PRAGMA user_version").fetchone()
@@ -651,6 +745,18 @@ class Registry:
     def _migrate_v5(self, cur: apsw.Cursor) -> None:
         """Partial indexes of the rows that can be claimed (DUE_AUTO, DUE_REQUESTED)."""
         cur.execute(SCHEMA_V5)
+
+    def _migrate_v6(self, cur: apsw.Cursor) -> None:
+        """publish_log (see SCHEMA_V6), filled from the rows already published by this
+        program (those with a checksum), so their re-registration is recognised too."""
+        cur.execute(SCHEMA_V6)
+        cur.execute(
+            "INSERT INTO publish_log (data_id, data_type, stage_path, published_path,"
+            " size_bytes, checksum, sidecars_json, header_json, publish_mode, published_at)"
+            " SELECT data_id, data_type, stage_path, published_path, size_bytes, checksum,"
+            " sidecars_json, header_json, publish_mode, COALESCE(published_at, 0)"
+            " FROM data_registry WHERE status = 'published' AND published_path IS NOT NULL"
+            " AND checksum IS NOT NULL")
 
     def _migrate_v2(self, cur: apsw.Cursor) -> None:
         have = self._columns(cur, "data_registry")
@@ -789,8 +895,9 @@ class Registry:
         """When the earliest waiting product becomes due (None: nothing waits)."""
         row = self.conn.execute(
             "SELECT MIN(due) FROM ("
-            " SELECT MIN(COALESCE(next_attempt_at, 0)) AS due"
+            " SELECT due FROM (SELECT COALESCE(next_attempt_at, 0) AS due"
             f" FROM data_registry INDEXED BY data_registry_due_auto WHERE {DUE_AUTO}"
+            f" AND {self._qa_hold} IS NULL ORDER BY {DUE_ORDER} LIMIT 1)"
             " UNION ALL SELECT MIN(COALESCE(next_attempt_at, 0))"
             f" FROM data_registry INDEXED BY data_registry_due_requested"
             f" WHERE {DUE_REQUESTED})").fetchone()
@@ -808,14 +915,31 @@ class Registry:
         Returns (outcome, row): "new", "updated" (content changed: waits again), "unchanged",
         "busy" (a publish holds it), "published" (the same content was already published
         from this path: the staged copy is a leftover), "conflict" (the data_id belongs to
-        another path or other content; the caller picks another id).
+        another path or other content; the caller picks another id), "foreign" (another
+        writer registered this path as another type; nothing is changed).
         """
         now = time.time() if now is None else now
         with self.write() as cur:
             return self._register(cur, c, now)
 
+    def _find(self, cur: apsw.Cursor, data_id: str, stage_path: str) -> dict[str, Any] | None:
+        """The row of the product staged at `stage_path` that would take `data_id`: the row
+        of that id when it is at that path, else the unpublished row at that path (a
+        product registered by other code under another id, such as the full path that the
+        legacy register_pipeline_data uses), else the row of that id, elsewhere."""
+        row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
+        if row is not None and row["stage_path"] == stage_path:
+            return row
+        at_path = _one(cur, "SELECT * FROM data_registry WHERE stage_path = ?"
+                       " AND status != 'published' ORDER BY id DESC LIMIT 1", (stage_path,))
+        return at_path if at_path is not None else row
+
     def _register(self, cur: apsw.Cursor, c: Candidate, now: float) -> tuple[str, Product]:
-        row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (c.data_id,))
+        row = self._find(cur, c.data_id, c.stage_path)
+        if row is not None and row["stage_path"] == c.stage_path and \
+                row["data_type"] != c.data_type:
+            # Registered at this path by another writer as another type: not ours to change.
+            return "foreign", _product(row)
         if row is None:
             header = json.dumps(c.metadata, sort_keys=True)
             row = _one(
@@ -880,7 +1004,7 @@ class Registry:
         reason = truncate(reason, error_max_chars)
         ident = identity or Identity(None, None, None, None, None)  # type: ignore[arg-type]
         with self.write() as cur:
-            row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
+            row = self._find(cur, data_id, stage_path)
             if row is None:
                 cur.execute(
                     "INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
@@ -893,7 +1017,7 @@ class Registry:
                      ident.ctime_ns, now))
                 outcome = "new"
             elif row["status"] in (Status.PUBLISHED, Status.PUBLISHING) or \
-                    row["stage_path"] != stage_path:
+                    row["stage_path"] != stage_path or row["data_type"] != data_type:
                 return "skipped", _product(row)
             elif (row["status"] == Status.REJECTED and row["publish_error"] == reason
                   and row["stage_ino"] == ident.ino and row["stage_mtime_ns"] == ident.mtime_ns):
@@ -907,7 +1031,9 @@ class Registry:
                     (reason, ident.size, ident.dev, ident.ino, ident.mtime_ns, ident.ctime_ns,
                      now, row["id"]))
                 outcome = "updated"
-            row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
+            row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?" if row is None
+                       else "SELECT * FROM data_registry WHERE id = ?",
+                       (data_id,) if row is None else (row["id"],))
             assert row is not None  # inserted or updated just above
             product = _product(row)
         return outcome, product
@@ -926,8 +1052,11 @@ class Registry:
             if data_id is None:
                 due: list[tuple[int, int]] = []
                 # Asked-for rows first, then the rest in the order they became due.
+                # The QA gate holds back automatic publishing only; an operator's request
+                # passes it (publish --override-qa).
                 for index, where in (("data_registry_due_requested", DUE_REQUESTED),
-                                     ("data_registry_due_auto", DUE_AUTO)):
+                                     ("data_registry_due_auto",
+                                      f"{DUE_AUTO} AND {self._qa_hold} IS NULL")):
                     due += cast("list[tuple[int, int]]", cur.execute(
                         "SELECT id, COALESCE(size_bytes, 0) FROM data_registry"
                         f" INDEXED BY {index} WHERE {where}"
@@ -999,6 +1128,9 @@ class Registry:
                 "   ELSE ? END, publish_requested_at = NULL,"
                 " lease_expires_at = NULL, publish_temp = NULL,"
                 " publish_step = NULL, next_attempt_at = NULL,"
+                # Legacy readers take a set publish_error for a failing product; the
+                # failure history keeps every text.
+                " publish_error = NULL,"
                 " finalization_status = COALESCE(finalization_status, 'pending'),"
                 " updated_at = ? WHERE data_id = ? AND status = 'publishing'"
                 " AND (? IS NULL OR lease_owner = ?)",
@@ -1006,6 +1138,7 @@ class Registry:
                  item.publish_mode, now, item.data_id, owner, owner))
             if self.conn.changes() == 0:
                 return False
+            cur.execute(_LOG_PUBLISH, (item.data_id,))
             if item.supersedes:
                 cur.execute(
                     "INSERT OR IGNORE INTO data_relationships (parent_data_id,"
@@ -1026,11 +1159,43 @@ class Registry:
                 " metadata_json = COALESCE(metadata_json, ?), header_json = ?,"
                 " lease_owner = NULL,"
                 " lease_expires_at = NULL, publish_temp = NULL,"
-                " publish_step = NULL, next_attempt_at = NULL,"
+                " publish_step = NULL, next_attempt_at = NULL, publish_error = NULL,"
                 " publish_mode = COALESCE(publish_mode, 'auto'), updated_at = ?"
                 " WHERE data_id = ? AND status = 'publishing'",
                 (published_path, now, size_bytes, checksum, json.dumps(metadata, sort_keys=True),
                  json.dumps(metadata, sort_keys=True), now, data_id))
+            if self.conn.changes() == 0:
+                return False
+            cur.execute(_LOG_PUBLISH, (data_id,))
+            return True
+
+    def publish_records(self, data_id: str, stage_path: str) -> list[PublishRecord]:
+        """This program's publishes of a product (by its id or its staged path), newest
+        first."""
+        return [PublishRecord(*row) for row in self.conn.execute(
+            "SELECT data_id, data_type, stage_path, published_path, size_bytes, checksum,"
+            " sidecars_json, header_json, publish_mode, published_at FROM publish_log"
+            " WHERE data_id = ? OR stage_path = ? ORDER BY id DESC", (data_id, stage_path))]
+
+    def restore_published(self, row_id: int, record: PublishRecord,
+                          now: float | None = None) -> bool:
+        """A waiting row whose product is in the archive (its copy verified against
+        `record`) is `published` again, described from the record. Values the legacy writer
+        set are kept; what it reset is filled in."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            cur.execute(
+                "UPDATE data_registry SET status = 'published', published_path = ?,"
+                " published_at = COALESCE(published_at, ?), size_bytes = ?, checksum = ?,"
+                " header_json = ?, metadata_json = COALESCE(metadata_json, ?),"
+                " sidecars_json = ?, publish_mode = COALESCE(publish_mode, ?),"
+                " publish_error = NULL, next_attempt_at = NULL, lease_owner = NULL,"
+                " lease_expires_at = NULL, publish_target = NULL, publish_temp = NULL,"
+                " publish_step = NULL, publish_requested_at = NULL, updated_at = ?"
+                " WHERE id = ? AND status IN ('staging', 'failed')",
+                (record.published_path, record.published_at, record.size_bytes,
+                 record.checksum, record.header_json, record.header_json,
+                 record.sidecars_json, record.publish_mode or "auto", now, row_id))
             return self.conn.changes() > 0
 
     def record_failure(self, data_id: str, owner: str | None, kind: str, error: str,
@@ -1093,13 +1258,35 @@ class Registry:
 
     def forget_missing(self, data_id: str, reason: str, error_max_chars: int,
                        now: float | None = None) -> bool:
-        """A waiting product's file is gone from staging: it is rejected, with the reason."""
+        """A waiting product's file is gone from staging: it is rejected, with the reason.
+
+        A `failed` one stays `failed` with its last error (an operator is already asked to
+        look at it, and that text says why it failed); the new reason goes into its failure
+        history, once. Returns whether anything was recorded."""
         now = time.time() if now is None else now
+        text = truncate(reason, error_max_chars)
         with self.write() as cur:
+            row = _one(cur, "SELECT id, status, publish_attempts FROM data_registry"
+                       " WHERE data_id = ?", (data_id,))
+            if row is None:
+                return False
+            if row["status"] == Status.FAILED:
+                last = _one(cur, "SELECT kind, error FROM publish_failures WHERE data_id = ?"
+                            " ORDER BY at DESC, id DESC LIMIT 1", (data_id,))
+                if last is not None and (last["kind"], last["error"]) == (
+                        FailureKind.SOURCE_MISSING, text):
+                    return False
+                cur.execute(
+                    "INSERT INTO publish_failures (data_id, attempt, kind, error, at, host, pid)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (data_id, int(row["publish_attempts"] or 0), FailureKind.SOURCE_MISSING,
+                     text, now, socket.gethostname(), os.getpid()))
+                cur.execute("UPDATE data_registry SET checksum = NULL, updated_at = ?"
+                            " WHERE id = ?", (now, row["id"]))
+                return True
             cur.execute(
                 "UPDATE data_registry SET status = 'rejected', publish_error = ?, checksum = NULL,"
-                " updated_at = ? WHERE data_id = ? AND status IN ('staging', 'failed')",
-                (truncate(reason, error_max_chars), now, data_id))
+                " updated_at = ? WHERE id = ? AND status = 'staging'", (text, now, row["id"]))
             return self.conn.changes() > 0
 
     def park_outside_root(self, stage_root: str, data_types: Sequence[str], reason: str,
@@ -1169,18 +1356,21 @@ class Registry:
                         " WHERE data_id = ?", (0 if held else 1, now, data_id))
             return self.conn.changes() > 0
 
-    def mark_exhausted(self, max_attempts: int, now: float | None = None) -> list[str]:
+    def mark_exhausted(self, max_attempts: int, now: float | None = None,
+                       owns: Callable[[Product], bool] | None = None) -> list[str]:
         """Rows waiting with attempts already at the limit (legacy rows, a lowered limit)
-        become `failed`, so they wait for an operator instead of retrying forever."""
+        become `failed`, so they wait for an operator instead of retrying forever. With
+        `owns`, only the rows it accepts (the others belong to other writers)."""
         now = time.time() if now is None else now
         with self.write() as cur:
-            ids = [r[0] for r in cur.execute(
-                "SELECT data_id FROM data_registry WHERE status = 'staging'"
-                " AND COALESCE(publish_attempts, 0) >= ?", (max_attempts,))]
-            cur.execute("UPDATE data_registry SET status = 'failed', updated_at = ?"
-                        " WHERE status = 'staging' AND COALESCE(publish_attempts, 0) >= ?",
-                        (now, max_attempts))
-        return ids
+            rows = [r for r in self._products(
+                "SELECT * FROM data_registry WHERE status = 'staging'"
+                " AND COALESCE(publish_attempts, 0) >= ?", (max_attempts,))
+                if owns is None or owns(r)]
+            for r in rows:
+                cur.execute("UPDATE data_registry SET status = 'failed', updated_at = ?"
+                            " WHERE id = ? AND status = 'staging'", (now, r.id))
+        return [r.data_id for r in rows]
 
     def add_sidecars(self, data_id: str, names: Sequence[str], now: float | None = None
                      ) -> bool:
@@ -1198,6 +1388,8 @@ class Registry:
             merged = have + [n for n in names if n not in have]
             cur.execute("UPDATE data_registry SET sidecars_json = ?, updated_at = ?"
                         " WHERE data_id = ?", (json.dumps(merged), now, data_id))
+            cur.execute("UPDATE publish_log SET sidecars_json = ? WHERE id = (SELECT MAX(id)"
+                        " FROM publish_log WHERE data_id = ?)", (json.dumps(merged), data_id))
         return True
 
     def replace_unclaimed(self, found: Sequence[tuple[str, bytes, str, float, int | None]],
@@ -1309,10 +1501,58 @@ def oldest_unheld_waiting(registry: Registry) -> Product | None:
     """The longest-waiting product the daemon is expected to publish (held ones wait on
     purpose, unless an operator asked for a publish)."""
     rows = registry._products(
-        "SELECT * FROM data_registry WHERE status = 'staging'"
+        "SELECT * FROM data_registry WHERE status = 'staging' AND checksum IS NOT NULL"
         " AND (COALESCE(auto_publish_enabled, 1) = 1 OR publish_requested_at IS NOT NULL)"
+        f" AND ({registry._qa_hold} IS NULL OR publish_requested_at IS NOT NULL)"
         " ORDER BY staged_at, id LIMIT 1")
     return rows[0] if rows else None
+
+
+def held(registry: Registry, data_types: Sequence[str], limit: int | None = None
+         ) -> list[tuple[Product, str]]:
+    """Waiting products of these types that are not published automatically, with the
+    reason: the QA gate's, or a hold (auto_publish_enabled = 0), oldest first. A manual
+    publish that was asked for is not held."""
+    if not data_types:
+        return []
+    sql = (f"SELECT *, {registry._qa_hold} AS qa_hold FROM data_registry"
+           f" WHERE status = 'staging' AND data_type IN ({','.join('?' * len(data_types))})"
+           " AND publish_requested_at IS NULL"
+           f" AND (COALESCE(auto_publish_enabled, 1) = 0 OR {registry._qa_hold} IS NOT NULL)"
+           " ORDER BY staged_at, id")
+    args: list[Any] = list(data_types)
+    if limit is not None:
+        sql += " LIMIT ?"
+        args.append(limit)
+    cursor = registry.conn.cursor()
+    cursor.execute(sql, args)
+    try:
+        names = [d[0] for d in cursor.getdescription()]
+    except apsw.ExecutionCompleteError:
+        return []
+    out = []
+    for values in cursor:
+        row = dict(zip(names, values, strict=True))
+        out.append((_product(row), row["qa_hold"] or HELD_BY_OPERATOR))
+    return out
+
+
+HELD_BY_OPERATOR = ("auto_publish_enabled is 0 (`contimg-publisher release DATA_ID` "
+                    "lets it be published automatically)")
+
+
+def qa_holds(registry: Registry, data_ids: Sequence[str]) -> dict[str, str]:
+    """data_id -> the reason the QA gate holds it, for the rows it holds."""
+    out: dict[str, str] = {}
+    ids = list(data_ids)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        for data_id, reason in registry.conn.execute(
+                f"SELECT data_id, {registry._qa_hold} FROM data_registry"
+                f" WHERE data_id IN ({','.join('?' * len(chunk))})", chunk):
+            if reason is not None:
+                out[data_id] = reason
+    return out
 
 
 def recent_published(registry: Registry, limit: int = 10) -> list[Product]:

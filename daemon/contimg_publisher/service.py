@@ -28,11 +28,14 @@ from contimg_publisher import (
     logs,
     metrics,
     outage,
+    paths,
     publish,
+    qa,
     reconcile,
     watch,
     writers,
 )
+from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import (
     TRANSIENT,
@@ -112,6 +115,10 @@ def log_outcome(log: Any, outcome: detect.Outcome) -> None:
         product = outcome.product
         log.info(outcome.action, **fields, size_bytes=product.size_bytes if product else None,
                  checksum=product.checksum if product else None)
+    elif outcome.action is Detected.FOUND_PUBLISHED:
+        log.info("found_published", **fields, reason=outcome.reason,
+                 error="the row was written again by other code (its publish was reset); "
+                       "described again from the verified archived copy")
     elif outcome.action is Detected.VANISHED:
         log.warning("vanished", **fields, error="left the staging area before it was published")
     else:
@@ -241,6 +248,7 @@ class Daemon:
         notify("STATUS=opening the registry")
         refuse_new_over_archive(cfg.registry, cfg.products_root)
         self.registry = Registry(cfg.registry, cfg.busy_timeout_seconds)
+        self.registry.set_qa_gate(qa.conditions(cfg.products))
         self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
         notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
         self._reconcile(startup=True)
@@ -326,7 +334,11 @@ class Daemon:
             self.log.warning("reconciled", data_id=result.data_id, data_type=result.data_type,
                              stage_path=result.stage_path, outcome=result.status,
                              published_path=result.published_path)
-        exhausted = self.registry.mark_exhausted(cfg.max_attempts)
+            if result.status is Attempt.REQUEUED and self.detector is not None:
+                # A legacy row requeued has never been described: look at its file now.
+                self.detector.note(paths.undisplay(result.stage_path))
+        exhausted = self.registry.mark_exhausted(
+            cfg.max_attempts, owns=lambda row: detect.owns(cfg, row))
         for data_id in exhausted:
             self.log.error("max_attempts_reached", data_id=data_id,
                            max_attempts=cfg.max_attempts,
@@ -640,7 +652,8 @@ class Daemon:
         self.config = new
         logs.configure(new.log_level, new.log_format, new.error_max_chars)
         self.log = logs.get_logger()
-        assert self.detector is not None
+        assert self.detector is not None and self.registry is not None
+        self.registry.set_qa_gate(qa.conditions(new.products))
         self.detector.reconfigure(new)
         if new.stage_root != old.stage_root:
             if self.watcher is not None:
@@ -760,9 +773,10 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
     refuse_new_over_archive(cfg.registry, cfg.products_root)
     with lock.acquire(str(cfg.lock_path), "scan", wait_seconds=cfg.lock_wait_seconds), \
             Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
+        registry.set_qa_gate(qa.conditions(cfg.products))
         report.reconciled = reconcile.reconcile(cfg, registry, owner, log)
         park_outside_root(cfg, registry, log)
-        registry.mark_exhausted(cfg.max_attempts)
+        registry.mark_exhausted(cfg.max_attempts, owns=lambda row: detect.owns(cfg, row))
         detector = detect.Detector(cfg, registry)
         detector.scan()
         # Paths that finish settling within one settle time are taken in this same pass.
@@ -778,15 +792,19 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
     return report
 
 
-def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None = None
-                ) -> publish.Result | str:
+def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None = None,
+                override_qa: str | None = None) -> publish.Result | str:
     """`publish DATA_ID`: under the lock if it is free; otherwise handed to the daemon that
-    holds it, waiting for the outcome. Returns the result, or a string saying what blocked."""
+    holds it, waiting for the outcome. Returns the result, or a string saying what blocked.
+
+    A product the QA gate holds is published only with `override_qa`, the operator's
+    reason, which is logged with the gate's."""
     wait = cfg.lock_wait_seconds if wait_seconds is None else wait_seconds
     deadline = time.monotonic() + wait
     owner = lock.owner_id()
     refuse_new_over_archive(cfg.registry, cfg.products_root)
     with Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
+        registry.set_qa_gate(qa.conditions(cfg.products))
         row = registry.get(data_id)
         if row is None:
             return f"{data_id}: no such product"
@@ -794,6 +812,17 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
             return f"{data_id}: already published at {row.published_path}"
         if row.status == Status.REJECTED:
             return f"{data_id}: rejected ({row.publish_error}); fix the staged file first"
+        if not detect.owns(cfg, row):
+            return (f"{data_id}: no product rule of this configuration owns it (type "
+                    f"{row.data_type!r} at {row.stage_path}); it is another writer's row")
+        gate = registry_mod.qa_holds(registry, [data_id]).get(data_id)
+        if gate is not None:
+            if not override_qa:
+                return (f"{data_id}: {gate}; to publish it anyway: contimg-publisher publish "
+                        f"{data_id} --override-qa REASON")
+            log.warning("qa_overridden", data_id=data_id, data_type=row.data_type,
+                        stage_path=row.stage_path, qa_hold=gate, reason=override_qa,
+                        user=os.environ.get("SUDO_USER") or _user())
         requested = False
         while True:
             try:
@@ -823,6 +852,14 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
                     return f"{data_id}: cannot be claimed (status {status}; not yet described?)"
                 return publish.Publisher(cfg, registry, owner, log).publish(claimed[0],
                                                                           mode="manual")
+
+
+def _user() -> str:
+    import getpass
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
 
 
 def _result_from_row(row: Product) -> publish.Result:

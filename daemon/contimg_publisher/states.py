@@ -64,6 +64,8 @@ class Detected(StrEnum):
     REJECTED = "rejected"
     REJECTED_UNCHANGED = "rejected_unchanged"
     VANISHED = "vanished"                    # left the staging area before it was published
+    FOUND_PUBLISHED = "found_published"      # gone from staging, found verified in the archive
+    FOREIGN = "foreign"                      # registered by another writer as another type
 
 
 class Step(StrEnum):

@@ -110,8 +110,10 @@ def problems(health: Health, max_waiting_age: float, daemon_running: bool,
         out.append("no daemon holds the lock: nothing is being published")
     if health.counts.get("failed", 0):
         n = health.counts["failed"]
-        out.append(f"{n} failed product{'s wait' if n != 1 else ' waits'} for an operator "
-                   "(`contimg-publisher list --status failed`, then `retry`)")
+        names = [p.data_id for p in health.failed[:5]]
+        named = (": " + ", ".join(names) + (", …" if n > len(names) else "")) if names else ""
+        out.append(f"{n} failed product{'s wait' if n != 1 else ' waits'} for an operator"
+                   f"{named} (`contimg-publisher list --status failed`, then `retry`)")
     age = health.oldest_age
     if health.oldest is not None and age is not None and age > max_waiting_age:
         out.append(f"oldest waiting product {health.oldest.data_id} has waited "

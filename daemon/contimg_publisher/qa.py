@@ -1,0 +1,51 @@
+"""The QA gate: which values of the legacy QA columns keep a product from being published
+automatically.
+
+The pipeline's own code publishes a mosaic only once `validation_status = 'validated'` and
+`qa_status = 'passed'`, but not every site's pipeline fills these columns. So by default
+only an explicit verdict against a product holds it (`qa_status = 'failed'`,
+`validation_status = 'invalid'`): a site whose pipeline never writes them still publishes
+everything (the columns stay NULL), and a site whose pipeline does never archives a product
+its QA rejected. A rule's `require` makes a positive verdict necessary, which is what the
+legacy code did; a product then waits, held, until its pipeline records that verdict.
+
+The gate is evaluated by the registry inside the claim's own transaction (registry.py turns
+these conditions into SQL), so a verdict committed by the pipeline before the claim always
+counts. A manual `publish --override-qa REASON` passes it, and the reason is logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from contimg_publisher.config import ProductRule
+
+# Explicit verdicts against a product (the legacy values: qa_status passed, failed, warning or
+# pending; validation_status validated, invalid or pending).
+BLOCKING: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qa_status", ("failed",)),
+    ("validation_status", ("invalid",)),
+)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One test on one legacy column of the rows of one type. `required`: the column must
+    hold one of `values`; otherwise it must hold none of them."""
+
+    data_type: str
+    column: str
+    values: tuple[str, ...]
+    required: bool
+
+
+def conditions(rules: Iterable[ProductRule]) -> tuple[Condition, ...]:
+    """The gate of every rule, explicit failures first (they name the stronger reason)."""
+    out: list[Condition] = []
+    rules = tuple(rules)
+    for rule in rules:
+        out += [Condition(rule.type, column, values, False) for column, values in BLOCKING]
+    for rule in rules:
+        out += [Condition(rule.type, column, values, True) for column, values in rule.require]
+    return tuple(out)
