@@ -33,6 +33,9 @@ from contimg_publisher.states import FailureKind, Kind, Status
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
+# Reads outside a transaction ask fsguard at most this often: a burst makes thousands of
+# them, each asked anyway only a moment before SQLite touches the -shm. Writes ask always.
+READ_GUARD_SECONDS = 0.1
 SCHEMA_VERSION = 6
 
 STATUSES = tuple(Status)
@@ -482,6 +485,7 @@ class Registry:
         self.busy_timeout_seconds = busy_timeout_seconds
         self.guard_reads = guard_reads
         self._depth = 0  # write() nesting: 0 outside a transaction
+        self._reads_guarded_until = 0.0  # see conn
         self._counts: tuple[tuple[Any, int], dict[str, int]] | None = None  # see counts()
         self._qa_hold = "NULL"  # set_qa_gate(): no gate until the rules are known
         _check_path(self.path)
@@ -537,7 +541,10 @@ class Registry:
         """The connection, once the WAL index has been found safe to touch (guard()): every
         statement outside a transaction starts one, so asking here covers them all."""
         if not self._conn.in_transaction and self.guard_reads:
-            self.guard()
+            now = time.monotonic()
+            if now >= self._reads_guarded_until:
+                self.guard()
+                self._reads_guarded_until = now + READ_GUARD_SECONDS
         return self._conn
 
     def guard(self, write: bool = False) -> None:
