@@ -32,8 +32,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 BLOCK = 2880
 CARD = 80
 SIGNATURE = b"SIMPLE  ="
@@ -347,6 +345,10 @@ class _HeaderStream(_ReadStream):
 
 
 def _word_sum(data: memoryview | bytes) -> int:
+    # numpy is imported at the first sum, not with this module: registration from the
+    # headers alone never sums, and a copy's first chunks go on while its reader imports.
+    import numpy as np
+
     return int(np.frombuffer(data, dtype=">u4").sum(dtype=np.uint64))
 
 
@@ -370,7 +372,7 @@ def _walk(stream: _Stream, verify: bool = True) -> tuple[int, dict[str, Any], bo
     metadata: dict[str, Any] = {}
     checked = False
     while True:
-        header, header_sum = _read_header(stream, index)
+        header, header_sum = _read_header(stream, index, verify)
         if index == 0:
             if header.get("SIMPLE") is not True:
                 raise FitsError("not a standard FITS file: the primary header has SIMPLE = "
@@ -400,6 +402,8 @@ def _walk(stream: _Stream, verify: bool = True) -> tuple[int, dict[str, Any], bo
 
 def _all_zero(stream: _Stream) -> bool:
     """Whether every byte from the current offset to the end of the file is zero."""
+    import numpy as np  # see _word_sum
+
     while stream.remaining:
         piece = stream.view(stream.remaining)
         if np.frombuffer(piece, dtype=np.uint8).any():
@@ -408,8 +412,10 @@ def _all_zero(stream: _Stream) -> bool:
     return True
 
 
-def _read_header(stream: _Stream, index: int) -> tuple[dict[str, Any], int]:
-    """Read one header up to its END card; return it parsed, with the sum of its blocks."""
+def _read_header(stream: _Stream, index: int, summed: bool = True
+                 ) -> tuple[dict[str, Any], int]:
+    """Read one header up to its END card; return it parsed, with the sum of its blocks
+    (0 unless `summed`)."""
     start = stream.offset
     blocks: list[bytes] = []
     while True:
@@ -440,7 +446,7 @@ def _read_header(stream: _Stream, index: int) -> tuple[dict[str, Any], int]:
                 f"{stream.size - start} of its bytes (header starts at byte {start})")
     raw = b"".join(blocks)
     text = raw[:len(raw) - BLOCK + text_end].decode("ascii")
-    return _parse_header(text, index), _word_sum(raw)
+    return _parse_header(text, index), _word_sum(raw) if summed else 0
 
 
 def _end_card(block: bytes) -> int | None:
