@@ -15,8 +15,9 @@
     ext4 on a loop device whose writes are limited to 150 MB/s (--hdd-mbps) by cgroup v1
     blkio throttling (see Hdd), each measured against `cp` + `sync` of the same file onto
     the same disk just before it, all from a cold page cache: a fresh `scan` process from
-    the settled file to the durable product (registration reads and hashes the file, the
-    publish reads it again as it copies), and `publish DATA_ID` alone after registration.
+    the settled file to the durable product (registration reads the headers, the publish's
+    copy is the one read of the data: hash and FITS checks), and `publish DATA_ID` alone
+    after registration.
     Target: settled-to-published at least 0.9 of cp + sync. Reported as ratios.
 
 Mounting needs root; without it (a) and (c) are skipped with the reason printed. Run from
@@ -72,7 +73,8 @@ def cli(config_path: Path, *args: str, preexec_fn: Callable[[], None] | None = N
 
 
 def register(config_path: Path) -> list[str]:
-    """Detect and register what is staged (describe + hash), without publishing."""
+    """Detect and register what is staged, without publishing (across filesystems a FITS
+    file's headers are read, the data are left to the publish's copy)."""
     cfg = config_mod.load(config_path)
     with Registry(cfg.registry) as registry:
         detector = detect.Detector(cfg, registry)
@@ -189,7 +191,7 @@ def bench_big(workdir: Path, targets: list[str], repeat: int) -> list[tuple[str,
                     in_rates.append(size / in_s)
                     print(f"(a) {target} run {n + 1}: cp+sync {cp_s:.2f} s, "
                           f"publish {pub_s:.2f} s as a command, {in_s:.2f} s in the daemon's "
-                          f"process (registration, hashing it first: {reg_s:.2f} s)")
+                          f"process (registration: {reg_s:.2f} s)")
                 paired = median([p / c for p, c in zip(pub_rates, cp_rates, strict=True)])
                 rows.append((f"1 GiB across filesystems -> {target_label(target)}: "
                              "`cp` + `sync`", f"{median(cp_rates) / 2**20:,.0f} MiB/s", "1.00"))
@@ -335,8 +337,8 @@ def bench_hdd_size(hdd: Hdd, scratch: Path, gib: int, repeat: int
     cp_rates, scan_ratios, pub_ratios, scan_rates, pub_rates = [], [], [], [], []
     for n in range(repeat):
         before = hdd.written()
-        # Settled to published: a fresh `scan` (registration reads and hashes the file,
-        # then the publish reads it again as it copies), against cp + sync just before.
+        # Settled to published: a fresh `scan` (registration reads the headers, then the
+        # publish reads the file once as it copies), against cp + sync just before.
         cp1_s = cp_sync(hdd, pristine)
         box = Sandbox(scratch / f"scan-{gib}-{n}", products_root=hdd.mount,
                       detect={"settle_seconds": 0}, log={"level": "warning"})

@@ -689,3 +689,115 @@ def test_astropy_is_imported_only_for_cards_it_alone_reads(tmp_path: Path) -> No
     assert json.loads(result.stdout) == [
         [1, {"NAXIS1": 3, "NAXIS2": 2, "MEDRMS": 1.1e-4}, "absent"], True,
         "HDU 0 header has NAXIS1 = 10.0, not an integer >= 0", True]
+
+
+# --- the headers alone, and the checks fed by a copy ----------------------------------------
+
+def rchar() -> int:
+    """Bytes this process has read so far, by any read(2)/pread(2) (the kernel's count)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def chunked(raw: bytes, size: int) -> Iterator[bytes]:
+    return (raw[i:i + size] for i in range(0, len(raw), size))
+
+
+def test_read_headers_declares_what_scan_fits_finds(tmp_path: Path, open_fd) -> None:
+    for path, checksums in ((write_multi(tmp_path / "g.fits", checksum=True), True),
+                            (write_multi(tmp_path / "p.fits", checksum=False), False),
+                            (write_mosaic(tmp_path / "m.fits", checksum=True), True)):
+        fd = open_fd(path)
+        headers, report = fits.read_headers(fd), scan_fits(fd)
+        assert (headers.size, headers.hdus, headers.metadata) == (
+            report.size, report.hdus, report.metadata)
+        assert headers.declares_checksums is checksums
+        assert report.fits_checksums == ("verified" if checksums else "absent")
+
+
+def test_read_headers_reads_no_data(tmp_path: Path, open_fd) -> None:
+    """A 48 MB mosaic: its headers are a few blocks, and that is all that is read (the
+    kernel's count of bytes read says so); scan_fits of the same file reads all of it."""
+    path = write_mosaic(tmp_path / "big.fits", checksum=True, pixels=3500)
+    size = path.stat().st_size
+    assert size > 48_000_000
+    fd = open_fd(path)
+    before = rchar()
+    headers = fits.read_headers(fd)
+    read = rchar() - before
+    assert headers.size == size and headers.declares_checksums
+    assert read < 5 * BLOCK, read  # four blocks where the header starts, and /proc/self/io
+    before = rchar()
+    scan_fits(fd)
+    assert rchar() - before >= size
+
+
+def test_read_headers_fails_as_scan_fits_does_except_for_checksums(tmp_path: Path,
+                                                                   open_fd) -> None:
+    raw = write_multi(tmp_path / "full.fits", checksum=True).read_bytes()
+    with afits.open(tmp_path / "full.fits") as hdul:
+        data_starts = [hdul.fileinfo(i)["datLoc"] for i in range(3)]
+    bad = {
+        "cut_header": raw[:data_starts[2] - 100],
+        "cut_data": raw[:data_starts[1] + BLOCK],
+        "extra": raw + b"garbage\n",
+        "zeros": raw + bytes(2 * BLOCK),
+        "not_fits": PNG * 100,
+    }
+    for name, data in bad.items():
+        path = tmp_path / f"{name}.fits"
+        path.write_bytes(data)
+        with pytest.raises(FitsError) as info:
+            fits.read_headers(open_fd(path))
+        assert info.value.reason == scan_error(path, open_fd), name
+    # A wrong DATASUM is the data's business: the headers alone cannot tell.
+    corrupt = bytearray(raw)
+    corrupt[data_starts[1] + 10] ^= 0x01
+    path = tmp_path / "corrupt.fits"
+    path.write_bytes(corrupt)
+    assert fits.read_headers(open_fd(path)).declares_checksums
+    assert scan_error(path, open_fd).startswith("HDU 1 DATASUM mismatch")
+
+
+def test_check_chunks_is_scan_fits_over_any_chunks(tmp_path: Path, open_fd) -> None:
+    for path in (write_multi(tmp_path / "g.fits", checksum=True),
+                 write_multi(tmp_path / "p.fits", checksum=False),
+                 write_mosaic(tmp_path / "m.fits", checksum=True)):
+        raw = path.read_bytes()
+        expected = scan_fits(open_fd(path), algorithm="blake2b")
+        for size in (BLOCK, 5 * BLOCK, 1000, 7, 4 * 2880 * 1024, len(raw)):
+            assert fits.check_chunks(chunked(raw, size), len(raw), "blake2b") == expected, size
+
+
+def test_check_chunks_names_the_hdu_whose_data_fail(tmp_path: Path, open_fd) -> None:
+    """A data byte changed behind intact headers: found in the copy's chunks, with the same
+    reason scan_fits gives, naming the HDU."""
+    path = write_multi(tmp_path / "g.fits", checksum=True)
+    with afits.open(path) as hdul:
+        start = hdul.fileinfo(1)["datLoc"]
+    raw = bytearray(path.read_bytes())
+    raw[start + 10] ^= 0x01
+    path.write_bytes(raw)
+    reason = scan_error(path, open_fd)
+    assert reason.startswith("HDU 1 DATASUM mismatch: header says ")
+    for size in (BLOCK, 1000, len(raw)):
+        with pytest.raises(FitsError) as info:
+            fits.check_chunks(chunked(bytes(raw), size), len(raw))
+        assert info.value.reason == reason
+
+
+def test_check_chunks_short_or_long_of_the_declared_size(tmp_path: Path) -> None:
+    raw = write_mosaic(tmp_path / "m.fits", checksum=True).read_bytes()
+    with pytest.raises(FitsError) as info:
+        fits.check_chunks(chunked(raw[:-BLOCK - 100], BLOCK), len(raw))
+    assert info.value.reason == (f"truncated: the file ends after {len(raw) - BLOCK - 100} "
+                                 f"bytes; its headers declare {len(raw)}")
+    with pytest.raises(FitsError) as info:
+        fits.check_chunks(chunked(raw + b"x" * 10, 1000), len(raw))
+    assert info.value.reason == (f"10 unexpected bytes after the last HDU, from byte "
+                                 f"{len(raw)}; FITS allows only whole HDUs there")
+    with pytest.raises(FitsError) as info:
+        fits.check_chunks(iter(()), 0)
+    assert info.value.reason == "empty file (0 bytes)"

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
+from contimg_publisher import detect
 from contimg_publisher.publish import CRASH_ENV
+from contimg_publisher.registry import Registry
 from tests.helpers import (
     Sandbox,
     is_root,
@@ -32,7 +34,14 @@ from tests.helpers import (
     wait_for,
     write_fits,
 )
-from tests.test_publish import archive_files, register_only, sha256, stage, temps
+from tests.test_publish import (
+    archive_files,
+    history_kinds,
+    register_only,
+    sha256,
+    stage,
+    temps,
+)
 
 NO_CAP_LEASE = ("setpriv", "--inh-caps=-all", "--bounding-set=-lease", "--")
 
@@ -379,3 +388,188 @@ def test_without_leases_close_write_events_stand_in(tmp_path: Path) -> None:
     assert Path(row["published_path"]).read_bytes() == head + tail
     [check] = [e for e in log_events(sandbox) if e.get("event") == "writer_check"]
     assert check["method"] == "close-write" and "CAP_LEASE" in check["reason"], check
+
+
+# --- one read across filesystems -----------------------------------------------------------------
+
+def _stage_bytes(sandbox: Sandbox, name: str, data: bytes) -> Path:
+    """A finished file in the staging area, settled long ago."""
+    path = sandbox.mosaics / name
+    path.write_bytes(data)
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    return path
+
+
+def _corrupt_data(data: bytes, hdu: int) -> bytes:
+    """The same file with one data byte of HDU `hdu` changed; its headers, and the
+    CHECKSUM/DATASUM they state, are left as they were."""
+    import io
+    with fits.open(io.BytesIO(data)) as hdul:
+        at = hdul.fileinfo(hdu)["datLoc"] + 10
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+
+def _across(sandbox: Sandbox) -> bool:
+    return os.stat(sandbox.products).st_dev != os.stat(sandbox.stage).st_dev
+
+
+def _rchar() -> int:
+    """Bytes this process has read so far, by any read(2)/pread(2) (the kernel's count)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_fits_failing_its_checksum_is_rejected_and_nothing_is_archived(
+        sandbox_fs: Sandbox) -> None:
+    """A mosaic with one data byte changed behind intact headers (its DATASUM no longer
+    matches), with a preview: on one filesystem registration finds it; across filesystems
+    registration reads only the headers and the copy finds it. Either way the product is
+    rejected with the reason naming the HDU, no temporary file remains, nothing (not even
+    the preview) reaches the archive, and an unchanged file looked at again stays rejected
+    without being copied again."""
+    sandbox = sandbox_fs
+    head, tail = two_hdus(seed=11)
+    data = _corrupt_data(head + tail, 1)
+    staged = _stage_bytes(sandbox, "bad.fits", data)
+    preview = _stage_bytes(sandbox, "bad.png", b"\x89PNG preview of bad")
+    out = sandbox.cli("scan", check=True)
+    row = sandbox.row("bad")
+    assert row is not None and row["status"] == "rejected", out.stdout
+    reason = row["publish_error"]
+    assert reason.startswith("invalid FITS: HDU 1 DATASUM mismatch: header says "), reason
+    assert f"{staged}: {reason}" in out.stdout if _across(sandbox) else reason in out.stdout
+    assert "1 rejected" in out.stdout and "0 published" in out.stdout
+    assert archive_files(sandbox.products) == {}
+    assert temps(sandbox.products, sandbox.stage) == []
+    assert staged.read_bytes() == data and preview.read_bytes() == b"\x89PNG preview of bad"
+    # Across filesystems the rejection is the copy's: one attempt, in the history.
+    assert history_kinds(sandbox, "bad") == (["verify_mismatch"] if _across(sandbox) else [])
+    assert row["checksum"] is None and not row["checksum_pending"]
+    # Looked at again (as an event would make it), unchanged: the same reason, no copy.
+    cfg = sandbox.config()
+    with Registry(cfg.registry) as registry:
+        detector = detect.Detector(cfg, registry)
+        detector.note(staged)
+        [again] = detector.settle()
+    assert again.action == "rejected_unchanged" and again.reason == reason
+    sandbox.cli("scan", check=True)
+    assert sandbox.row("bad") == row
+    assert archive_files(sandbox.products) == {}
+
+
+def test_fits_across_filesystems_gets_its_checksum_from_the_copy(sandbox_fs: Sandbox) -> None:
+    """Registration across filesystems records the identity and what the headers declare
+    (size, metadata), the checksum pending; the publish's copy computes it, checks the FITS
+    checksums, and both are recorded with the product. On one filesystem registration
+    reads the file and records its checksum, as before."""
+    sandbox = sandbox_fs
+    head, tail = two_hdus(seed=12)
+    data = head + tail
+    _stage_bytes(sandbox, "good.fits", data)
+    assert register_only(sandbox) == ["good"]
+    row = sandbox.row("good")
+    assert row["size_bytes"] == len(data) and row["metadata"]["hdus"] == 2
+    assert row["metadata"]["OBJECT"] == "MOSAIC12"
+    if _across(sandbox):
+        assert row["checksum"] is None and row["checksum_pending"]
+        assert row["metadata"]["fits_checksums"] == "pending"
+        assert "computed by the copy" in sandbox.cli("show", "good", check=True).stdout
+    else:
+        assert row["checksum"] == f"sha256:{sha256(data)}" and not row["checksum_pending"]
+    out = sandbox.cli("publish", "good", check=True)
+    assert "published to" in out.stdout
+    row = sandbox.row("good")
+    assert row["status"] == "published" and not row["checksum_pending"]
+    assert row["checksum"] == f"sha256:{sha256(data)}"
+    assert row["metadata"]["fits_checksums"] == "verified"
+    assert archive_files(sandbox.products / "mosaics") == {"good.fits": data}
+    assert history_kinds(sandbox, "good") == []
+    assert_archive_matches_registry(sandbox)
+
+
+def test_truncated_fits_is_rejected_from_its_headers(sandbox_fs: Sandbox) -> None:
+    """Shorter than its headers declare: rejected at registration both ways, across
+    filesystems from the headers alone."""
+    sandbox = sandbox_fs
+    head, tail = two_hdus(seed=13)
+    _stage_bytes(sandbox, "short.fits", head + tail[:-2880])
+    sandbox.cli("scan", check=True)
+    row = sandbox.row("short")
+    assert row["status"] == "rejected"
+    assert row["publish_error"].startswith("invalid FITS: truncated: HDU 1 data needs ")
+    assert history_kinds(sandbox, "short") == []
+    assert archive_files(sandbox.products) == {}
+
+
+def test_registration_across_filesystems_reads_the_headers_not_the_data(
+        tmp_path: Path) -> None:
+    """The kernel's count of bytes this process read (rchar): registering a 48 MB mosaic
+    that will be copied to another filesystem reads a few blocks; the same registration
+    with the products area on the staging filesystem reads all of it (so the count would
+    show a read, were there one)."""
+    if not is_root():
+        pytest.skip("mounting a tmpfs for the products area needs root")
+    data = write_fits(tmp_path / "big.fits", pixels=3500, seed=14)
+    assert len(data) > 48_000_000
+    products = tmp_path / "products-tmpfs"
+    mount_tmpfs(products, "64m")
+    try:
+        read = {}
+        for name, box in (("across", Sandbox(tmp_path / "across", products_root=products)),
+                          ("same_fs", Sandbox(tmp_path / "same"))):
+            staged = _stage_bytes(box, "big.fits", data)
+            cfg = box.config()
+            with Registry(cfg.registry) as registry:
+                detector = detect.Detector(cfg, registry)
+                detector.scan()
+                before = _rchar()
+                [outcome] = detector.settle()
+                read[name] = _rchar() - before
+            assert outcome.action == "registered", outcome
+            assert outcome.product is not None and outcome.product.size_bytes == len(data)
+            assert staged.read_bytes() == data
+        assert read["across"] < 256 * 1024, read
+        assert read["same_fs"] >= len(data), read
+    finally:
+        umount(products)
+
+
+def test_pending_checksum_is_computed_before_a_rename_too(tmp_path: Path) -> None:
+    """Registered for a copy to another filesystem, then the products area moves onto the
+    staging filesystem (a reload): the rename path reads and checks the file first, as the
+    copy would have; a good file is published with its checksum, a corrupt one rejected
+    and left where it was staged."""
+    if not is_root():
+        pytest.skip("mounting a tmpfs for the products area needs root")
+    products = tmp_path / "products-tmpfs"
+    mount_tmpfs(products, "64m")
+    try:
+        sandbox = Sandbox(tmp_path, products_root=products)
+        good = fits_bytes_pair(15)
+        bad = _corrupt_data(fits_bytes_pair(16), 0)
+        _stage_bytes(sandbox, "good.fits", good)
+        staged_bad = _stage_bytes(sandbox, "bad.fits", bad)
+        assert register_only(sandbox) == ["bad", "good"]
+        assert sandbox.row("good")["checksum_pending"] and sandbox.row("bad")["checksum_pending"]
+    finally:
+        umount(products)
+    local = tmp_path / "products-local"
+    local.mkdir()
+    sandbox.update(paths={"products_root": str(local)})
+    assert sandbox.cli("publish", "good").returncode == 0
+    row = sandbox.row("good")
+    assert row["status"] == "published" and row["checksum"] == f"sha256:{sha256(good)}"
+    assert row["metadata"]["fits_checksums"] == "verified"
+    out = sandbox.cli("publish", "bad")
+    assert out.returncode == 1 and "HDU 0 DATASUM mismatch" in out.stderr, out.stderr
+    assert sandbox.row("bad")["status"] == "rejected"
+    assert staged_bad.read_bytes() == bad
+    assert archive_files(local) == {"mosaics/good.fits": good}
+
+
+def fits_bytes_pair(seed: int) -> bytes:
+    head, tail = two_hdus(seed)
+    return head + tail

@@ -142,14 +142,24 @@ def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
         assert len(there) == 1 or not same_fs, f"{rel} at both names after a rename"
     if point in ("after_sidecars", "after_temp_write"):
         # Killed during the first product: only its sidecar (and across filesystems its
-        # temporary copy) reached the products area.
+        # temporary copy) reached the products area. Across filesystems the copy comes
+        # first: its one read checks the file and computes the checksum, which is recorded
+        # before the sidecar takes its final name; on one filesystem the sidecar is renamed
+        # first and the checksum was known since registration.
         assert set(rows.values()) == {"publishing"}
         assert not any(f.exists() for f in finals.values())
-        [victim] = [n for n in names if previews[n].exists()]
-        if point == "after_temp_write":
-            assert [p.read_bytes() for p in left] == [expected[f"{victim}.fits"]]
-        else:
+        if same_fs:
+            [victim] = [n for n in names if previews[n].exists()]
             assert left == []
+        else:
+            [copy] = [p.read_bytes() for p in left]
+            [victim] = [n for n in names if expected[f"{n}.fits"] == copy]
+            assert [n for n in names if previews[n].exists()] == (
+                [victim] if point == "after_sidecars" else [])
+            recorded = {r["data_id"]: r["checksum"] for r in listed}
+            assert recorded == {n: f"sha256:{sha256(expected[f'{n}.fits'])}"
+                                if n == victim and point == "after_sidecars" else None
+                                for n in names}, recorded
         for name in names:
             assert (sandbox.mosaics / f"{name}.fits").exists()
             assert (sandbox.mosaics / f"{name}.png").exists() == (

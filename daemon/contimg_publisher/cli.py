@@ -337,7 +337,7 @@ def _show_text(row: Product, history: list[Any], relations: list[dict[str, str]]
            f"  staged      {row.stage_path}",
            f"  published   {row.published_path or '-'}",
            f"  size        {row.size_bytes if row.size_bytes is not None else '-'} bytes",
-           f"  checksum    {row.checksum or '-'}",
+           f"  checksum    {_checksum_text(row)}",
            f"  staged at   {_when(row.staged_at)}",
            f"  published at {_when(row.published_at)} ({row.publish_mode or '-'})",
            f"  attempts    {row.publish_attempts}",
@@ -361,6 +361,12 @@ def _show_text(row: Product, history: list[Any], relations: list[dict[str, str]]
                             _one_line(f.error, 100)] for f in history],
                           ["    AT", "ATTEMPT", "KIND", "WHERE", "ERROR"]))
     return "\n".join(out)
+
+
+def _checksum_text(row: Product) -> str:
+    if row.checksum_pending:
+        return "- (computed by the copy that publishes it)"
+    return row.checksum or "-"
 
 
 def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
@@ -409,6 +415,10 @@ def cmd_publish(cfg: Config, args: argparse.Namespace) -> int:
     if result.status is Attempt.PUBLISHED:
         print(f"{result.data_id}: published to {result.published_path}")
         return EXIT_OK
+    if result.status is Attempt.REJECTED:
+        print(f"contimg-publisher: publish: {result.data_id}: rejected ({result.error})",
+              file=sys.stderr)
+        return EXIT_FAILED
     print(f"contimg-publisher: publish: {result.data_id}: {result.status}"
           f" ({result.kind or 'error'}: {result.error})", file=sys.stderr)
     return EXIT_FAILED
@@ -456,7 +466,7 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_scan(cfg: Config, args: argparse.Namespace) -> int:
     from contimg_publisher import service  # astropy and watchdog: only where needed
     report = service.scan_once(cfg, logs.get_logger())
-    failed = 0
+    failed = rejected = 0
     for outcome in report.detected:
         if outcome.action in (Detected.REGISTERED, Detected.UPDATED, Detected.REJECTED,
                               Detected.VANISHED, Detected.LEFTOVER, Detected.FOUND_PUBLISHED):
@@ -467,13 +477,17 @@ def cmd_scan(cfg: Config, args: argparse.Namespace) -> int:
     for result in report.published:
         if result.status is Attempt.PUBLISHED:
             print(f"{'published':10} {result.data_id}  -> {result.published_path}")
+        elif result.status is Attempt.REJECTED:
+            # Bad input found by the copy's read, as detection would have found it.
+            rejected += 1
+            print(f"{'rejected':10} {result.data_id}  ({result.error})")
         else:
             failed += 1
             print(f"{result.status:10} {result.data_id}  ({result.kind}: {result.error})")
+    rejected += sum(o.action == 'rejected' for o in report.detected)
     print(f"scan: {sum(o.action in ('registered', 'updated') for o in report.detected)} "
           f"registered, {sum(r.status is Attempt.PUBLISHED for r in report.published)} published, "
-          f"{failed} failed, "
-          f"{sum(o.action == 'rejected' for o in report.detected)} rejected, "
+          f"{failed} failed, {rejected} rejected, "
           f"{report.waiting} still settling")
     return EXIT_FAILED if failed else EXIT_OK
 

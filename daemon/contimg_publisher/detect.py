@@ -9,6 +9,11 @@ then described in one streaming read (size, checksum, header metadata) and its
 identity is checked again afterwards, so a file that changed while being read
 goes back to waiting instead of being registered with a stale checksum.
 
+A FITS file that will be copied to another filesystem is described from its
+headers alone (its declared size, which must be its size, and its metadata):
+the copy is its one read, which computes the checksum and checks CHECKSUM and
+DATASUM (see `Detector._reads_data` for when the data are read here anyway).
+
 `Detector` is owned by the main loop: it holds the paths waiting to settle.
 """
 
@@ -30,7 +35,14 @@ from typing import Any
 
 from contimg_publisher import fits, paths, writers
 from contimg_publisher.config import Config, ProductRule
-from contimg_publisher.registry import Candidate, Identity, Product, Registry, RegistryError
+from contimg_publisher.registry import (
+    Candidate,
+    Identity,
+    Product,
+    Registry,
+    RegistryError,
+    pending_checksum,
+)
 from contimg_publisher.states import Detected, Kind, Status
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
@@ -279,8 +291,13 @@ class Description:
 
 def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
                   dirs: paths.DirCache | None = None,
-                  busy: Callable[[int, bytes], bool] | None = None) -> Description:
+                  busy: Callable[[int, bytes], bool] | None = None,
+                  read_data: bool = True) -> Description:
     """Check a staged file's content and describe it in one streaming read.
+
+    With read_data False a FITS file's headers alone are read: it is described by what
+    they declare, its checksum pending (registry.pending_checksum) until the publish's copy
+    reads it; its CHECKSUM/DATASUM are checked then (metadata fits_checksums "pending").
 
     `dirs` shares folder descriptors with the other files of one pass; without it the
     folders are opened for this file alone. The kept folders are not looked up again
@@ -289,7 +306,7 @@ def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
     """
     if dirs is None:
         with paths.DirCache(root_fd) as own:
-            return describe_file(root_fd, parts, algorithm, own, busy)
+            return describe_file(root_fd, parts, algorithm, own, busy, read_data)
     try:
         fd, parent_fd, st = dirs.open_file(parts, verify=False)
     except paths.UnsafePath as exc:
@@ -306,12 +323,19 @@ def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
         name = os.fsdecode(parts[-1]).lower()
         if fits.is_fits_signature(head):
             try:
-                report = fits.scan_fits(fd, algorithm=algorithm)
+                if read_data:
+                    report = fits.scan_fits(fd, algorithm=algorithm)
+                    checksum, metadata = report.checksum, dict(report.metadata)
+                    metadata["fits_checksums"] = report.fits_checksums
+                    metadata["hdus"] = report.hdus
+                else:
+                    headers = fits.read_headers(fd)
+                    checksum, metadata = pending_checksum(algorithm), dict(headers.metadata)
+                    metadata["fits_checksums"] = "pending" if headers.declares_checksums \
+                        else "absent"
+                    metadata["hdus"] = headers.hdus
             except fits.FitsError as exc:
                 raise Rejected(f"invalid FITS: {exc.reason}") from None
-            checksum, metadata = report.checksum, dict(report.metadata)
-            metadata["fits_checksums"] = report.fits_checksums
-            metadata["hdus"] = report.hdus
         elif name.endswith(FITS_SUFFIXES):
             raise Rejected("not a FITS file: it does not start with the card 'SIMPLE  ='")
         else:
@@ -468,6 +492,9 @@ class Detector:
         # Folders the last walk could not list: what is below them was not seen, not gone.
         self.unreadable: list[bytes] = []
         self._parsed = _Compiled(config)
+        # Device of each rule's products folder (or of its nearest existing parent), for
+        # one process() call: whether a product will be copied or renamed.
+        self._products_dev: dict[bytes, int | None] = {}
 
     def reconfigure(self, config: Config) -> None:
         if config.stage_root != self.config.stage_root:
@@ -724,6 +751,7 @@ class Detector:
                                       limit))
         if not ready:
             return []
+        self._products_dev.clear()
         outcomes: list[Outcome] = []
         candidates: list[tuple[Candidate, Match]] = []
         root_fd = paths.open_root(self.root)
@@ -812,7 +840,8 @@ class Detector:
             if want_dir:
                 desc = describe_directory(root_fd, m.parts, m.rule, algorithm, busy)
             else:
-                desc = describe_file(root_fd, m.parts, algorithm, dirs, busy)
+                desc = describe_file(root_fd, m.parts, algorithm, dirs, busy,
+                                     read_data=self._reads_data(m.rule, stage_path, st))
         except Rejected as exc:
             return self._reject(m, data_id, stage_path, str(exc), ident)
         except NotReady:
@@ -828,6 +857,42 @@ class Detector:
                          base_path=paths.display(self.root), stage_path=stage_path,
                          stage_path_bytes=os.path.join(self.root, *m.parts),
                          identity=desc.identity, checksum=desc.checksum, metadata=desc.metadata)
+
+    def _reads_data(self, rule: ProductRule, stage_path: str, st: os.stat_result) -> bool:
+        """Whether registration reads a staged FITS file's data, or leaves that to the
+        publish's copy, the one read of a file that goes to another filesystem.
+
+        Read here on one filesystem (the publish renames the inode, so there is no copy to
+        share a read with, and the rename relies on the content proven now); when it is
+        not known where the products folder lives; beside a rejected row of the same path
+        (the file is checked whole again, so an unchanged bad file keeps its reason rather
+        than being copied again); and beside a row published from the same path with the
+        same size (only the digest tells an identical rerun, which is not published again,
+        from new bytes)."""
+        dev = self._products_device(rule)
+        if dev is None or dev == st.st_dev:
+            return True
+        return any(row.status == Status.REJECTED or
+                   (row.status == Status.PUBLISHED and row.size_bytes == st.st_size)
+                   for row in self.registry.by_stage_path(stage_path))
+
+    def _products_device(self, rule: ProductRule) -> int | None:
+        """st_dev of the rule's products folder, or of its nearest parent that exists (where
+        the publish will create it); None when none can be looked at."""
+        where = os.path.join(os.fsencode(str(self.config.products_root)),
+                             os.fsencode(rule.destination))
+        if where not in self._products_dev:
+            dev, path = None, os.path.normpath(where)
+            while dev is None:
+                try:
+                    dev = os.stat(path).st_dev
+                except OSError:
+                    parent = os.path.dirname(path)
+                    if parent == path:
+                        break
+                    path = parent
+            self._products_dev[where] = dev
+        return self._products_dev[where]
 
     def _name_problem(self, parts: tuple[bytes, ...]) -> str | None:
         for part in parts:

@@ -1,4 +1,4 @@
-"""Prove that an open file is one complete FITS file, and describe it, in one streaming read.
+"""Prove that a file is one complete FITS file, and describe it, in one streaming read.
 
 The pipeline writes mosaics in place, in several writes, so a file that is still being
 written looks like a FITS file whose data stop short. The headers say exactly how long the
@@ -8,9 +8,13 @@ file is complete only when it is exactly that long and every CHECKSUM/DATASUM it
 matches. The same pass hashes every byte, so the digest that is registered is the digest of
 the bytes that were checked.
 
-Reads use os.pread from explicit offsets, so the caller's file position never matters, in
-chunks of a bounded size. Headers are small and parsed card by card; data are only summed,
-with numpy, a chunk at a time, so checking costs little more than hashing alone.
+The read is either this module's own (`scan_fits`: os.pread from explicit offsets, so the
+caller's file position never matters, in chunks of a bounded size) or a copy's
+(`check_chunks`: the chunks a copy reads, handed over as it goes, so a file that is copied is
+read once for the copy, the digest and the checks together). Headers are small and parsed
+card by card; data are only summed, with numpy, a chunk at a time, so checking costs little
+more than hashing alone. `read_headers` walks the headers alone, seeking over the data, for
+what they declare (the size, the metadata) before a copy reads the rest.
 
 Header cards in the plain fixed format that FITS writers produce are parsed here, which is
 fast and needs no astropy (importing it costs more than scanning a small file). A header with
@@ -24,10 +28,9 @@ import hashlib
 import math
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 BLOCK = 2880
 CARD = 80
@@ -46,6 +49,8 @@ _NEG_ZERO = 0xFFFFFFFF
 # Bytes summed per numpy call: (1 << 30) / 4 words of at most 2**32 - 1 fit in a uint64.
 _SUM_PIECE = 1 << 30
 _END_CARD = "END".ljust(CARD)
+# Bytes read_headers reads where a header starts: most headers fit in four blocks.
+_HEADER_READ = 4 * BLOCK
 # Keywords whose cards carry no value, as astropy treats them.
 _COMMENTARY = frozenset(("", "COMMENT", "HISTORY", "END"))
 # Keywords that change how astropy reads a card or its neighbours: left to astropy.
@@ -72,6 +77,16 @@ class FitsReport:
     checksum: str             # "<algorithm>:<hex>" of the whole file's bytes
     metadata: dict[str, Any]  # METADATA_KEYS present in the primary header
     fits_checksums: str       # "verified" or "absent"
+
+
+@dataclass(frozen=True)
+class FitsHeaders:
+    """What a file's headers declare, read without its data (read_headers)."""
+
+    size: int                 # the size the headers declare, which is the file's size
+    hdus: int
+    metadata: dict[str, Any]
+    declares_checksums: bool  # some HDU carries CHECKSUM or DATASUM, not yet checked
 
 
 class FitsError(Exception):
@@ -108,6 +123,17 @@ def hash_fd(fd: int, algorithm: str = "sha256", chunk_size: int = 8 << 20) -> tu
     return offset, f"{algorithm}:{hasher.hexdigest()}"
 
 
+def hash_chunks(chunks: Iterable[bytes], algorithm: str = "sha256") -> tuple[int, str]:
+    """(size, "algorithm:hex") of the bytes of `chunks`, for a copy of a file that is not
+    checked as FITS."""
+    hasher = hashlib.new(algorithm)
+    size = 0
+    for chunk in chunks:
+        hasher.update(chunk)
+        size += len(chunk)
+    return size, f"{algorithm}:{hasher.hexdigest()}"
+
+
 def scan_fits(fd: int, algorithm: str = "sha256", chunk_size: int = 8 << 20) -> FitsReport:
     """Check an open file's FITS structure and checksums and hash it, in one pass.
 
@@ -121,18 +147,66 @@ def scan_fits(fd: int, algorithm: str = "sha256", chunk_size: int = 8 << 20) -> 
     before = os.fstat(fd)
     if before.st_size == 0:
         raise FitsError("empty file (0 bytes)")
-    stream = _Stream(fd, before.st_size, hasher, chunk_size)
+    hdus, metadata, checked = _walk_unchanged(
+        fd, before, _ReadStream(fd, before.st_size, hasher, chunk_size), verify=True)
+    return FitsReport(size=before.st_size, hdus=hdus,
+                      checksum=f"{algorithm}:{hasher.hexdigest()}", metadata=metadata,
+                      fits_checksums="verified" if checked else "absent")
+
+
+def check_chunks(chunks: Iterable[bytes], size: int, algorithm: str = "sha256") -> FitsReport:
+    """scan_fits() over the chunks a copy reads (its single read of the file), for a file
+    whose headers declared `size` bytes.
+
+    The chunks may have any lengths; the same checks run with the same reasons, and the
+    HDU whose CHECKSUM or DATASUM fails is named. Chunks that stop short of `size` are a
+    truncated file, chunks that go on past it bytes after the last HDU. Whether the file
+    changed while it was copied is the caller's to tell, from its identity before and
+    after (scan_fits does that with its own read).
+    """
+    if size <= 0:
+        raise FitsError("empty file (0 bytes)")
+    hasher = hashlib.new(algorithm)
+    stream = _FedStream(iter(chunks), size, hasher)
+    hdus, metadata, checked = _walk(stream, verify=True)
+    extra = stream.drain()
+    if extra:
+        raise FitsError(f"{extra} unexpected bytes after the last HDU, from byte {size}; "
+                        "FITS allows only whole HDUs there")
+    return FitsReport(size=size, hdus=hdus, checksum=f"{algorithm}:{hasher.hexdigest()}",
+                      metadata=metadata, fits_checksums="verified" if checked else "absent")
+
+
+def read_headers(fd: int) -> FitsHeaders:
+    """What an open file's headers declare, reading only the headers: each HDU's data are
+    skipped by the size its header announces, so the file must be exactly as long as the
+    headers say. No data byte is read (unless, to name the problem, bytes found after the
+    last HDU); CHECKSUM and DATASUM are not checked here (check_chunks does that).
+
+    Raises FitsError as scan_fits does, for everything but the checksums.
+    """
+    before = os.fstat(fd)
+    if before.st_size == 0:
+        raise FitsError("empty file (0 bytes)")
+    hdus, metadata, declared = _walk_unchanged(fd, before, _HeaderStream(fd, before.st_size),
+                                               verify=False)
+    return FitsHeaders(size=before.st_size, hdus=hdus, metadata=metadata,
+                       declares_checksums=declared)
+
+
+def _walk_unchanged(fd: int, before: os.stat_result, stream: _Stream, verify: bool
+                    ) -> tuple[int, dict[str, Any], bool]:
+    """_walk() over the open file's own read; any failure of a file that changed meanwhile
+    is reported as that change."""
     try:
-        hdus, metadata, checked = _walk(stream)
+        result = _walk(stream, verify)
     except FitsError as exc:
         if exc.reason != CHANGED and _changed(fd, before):
             raise FitsError(CHANGED) from None
         raise
     if _changed(fd, before):
         raise FitsError(CHANGED)
-    return FitsReport(size=before.st_size, hdus=hdus,
-                      checksum=f"{algorithm}:{hasher.hexdigest()}", metadata=metadata,
-                      fits_checksums="verified" if checked else "absent")
+    return result
 
 
 def _changed(fd: int, before: os.stat_result) -> bool:
@@ -144,10 +218,10 @@ def _changed(fd: int, before: os.stat_result) -> bool:
 
 class _Stream:
     """The file read once, front to back, in chunks of whole blocks, each hashed as it
-    arrives. Chunks start at block offsets, so a 2880-byte block never spans two chunks."""
+    arrives. Chunks start at block offsets, so a 2880-byte block never spans two chunks.
+    Where the chunks come from is the subclass's: _fetch."""
 
-    def __init__(self, fd: int, size: int, hasher: Any, chunk_size: int) -> None:
-        self.fd = fd
+    def __init__(self, size: int, hasher: Any, chunk_size: int) -> None:
         self.size = size
         self.hasher = hasher
         self.chunk = max(BLOCK, chunk_size // BLOCK * BLOCK)
@@ -185,15 +259,96 @@ class _Stream:
     def _next_chunk(self) -> None:
         start = self._buf_start + len(self._buf)
         want = min(self.chunk, self.size - start)
-        data = os.pread(self.fd, want, start) if want > 0 else b""
-        if len(data) != want:
+        data = self._fetch(start, want) if want > 0 else b""
+        if want > 0 and (not data or len(data) % BLOCK and start + len(data) != self.size):
             raise FitsError(CHANGED)
         self.hasher.update(data)
         self._buf = memoryview(data)
         self._buf_start = start
 
+    def _fetch(self, start: int, want: int) -> bytes:
+        """Whole blocks from `start`, at most `want` bytes (fewer only at the end of the
+        chunks: the file ended early)."""
+        raise NotImplementedError
+
+
+class _ReadStream(_Stream):
+    """The stream read from an open file with os.pread."""
+
+    def __init__(self, fd: int, size: int, hasher: Any, chunk_size: int) -> None:
+        super().__init__(size, hasher, chunk_size)
+        self.fd = fd
+
+    def _fetch(self, start: int, want: int) -> bytes:
+        data = os.pread(self.fd, want, start)
+        if len(data) != want:
+            raise FitsError(CHANGED)
+        return data
+
+
+class _FedStream(_Stream):
+    """The stream made of the chunks a copy read, in their order, cut at block boundaries:
+    the few bytes of a chunk that end in the middle of a block wait for the next one (the
+    copy's chunks are whole blocks, so in practice nothing waits and nothing is copied)."""
+
+    def __init__(self, chunks: Iterator[bytes], size: int, hasher: Any) -> None:
+        super().__init__(size, hasher, size)
+        self.chunks = chunks
+        self._carry = b""
+
+    def _fetch(self, start: int, want: int) -> bytes:
+        data = self._carry
+        while True:
+            if len(data) >= want:
+                self._carry = data[want:]
+                return data[:want]
+            usable = len(data) - len(data) % BLOCK
+            if usable:
+                self._carry = data[usable:]
+                return data[:usable]
+            piece = next(self.chunks, None)
+            if piece is None:
+                raise FitsError(f"truncated: the file ends after {start + len(data)} bytes; "
+                                f"its headers declare {self.size}")
+            data = data + piece if data else piece
+
+    def drain(self) -> int:
+        """Hash what comes after the declared size; returns how many bytes did."""
+        extra = len(self._carry)
+        self.hasher.update(self._carry)
+        self._carry = b""
+        for piece in self.chunks:
+            self.hasher.update(piece)
+            extra += len(piece)
+        return extra
+
+
+class _HeaderStream(_ReadStream):
+    """The headers alone: a few blocks read where a header starts, the data skipped
+    (ones_sum consumes without reading), so what a file declares is known without reading
+    it. Nothing is hashed."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__(fd, size, None, _HEADER_READ)
+
+    def view(self, n: int) -> memoryview:
+        start = self.offset - self._buf_start
+        if not 0 <= start < len(self._buf):
+            want = min(self.chunk, self.size - self.offset)
+            self._buf = memoryview(self._fetch(self.offset, want) if want > 0 else b"")
+            self._buf_start, start = self.offset, 0
+        return self._buf[start:start + n]
+
+    def ones_sum(self, n: int) -> int:
+        self.advance(n)
+        return 0
+
 
 def _word_sum(data: memoryview | bytes) -> int:
+    # numpy is imported at the first sum, not with this module: registration from the
+    # headers alone never sums, and a copy's first chunks go on while its reader imports.
+    import numpy as np
+
     return int(np.frombuffer(data, dtype=">u4").sum(dtype=np.uint64))
 
 
@@ -206,8 +361,10 @@ def _fold(total: int) -> int:
 
 # --- structure --------------------------------------------------------------------------------
 
-def _walk(stream: _Stream) -> tuple[int, dict[str, Any], bool]:
-    """Walk every HDU; return (HDU count, primary metadata, whether any checksum was checked)."""
+def _walk(stream: _Stream, verify: bool = True) -> tuple[int, dict[str, Any], bool]:
+    """Walk every HDU; return (HDU count, primary metadata, whether any checksum was checked).
+    With verify False the data are not summed (a _HeaderStream): the third value says
+    whether any HDU declares a checksum, whose form alone is checked."""
     first = bytes(stream.view(BLOCK)[:len(SIGNATURE)])
     if not is_fits_signature(first):
         raise FitsError("not a FITS file: it does not start with the card 'SIMPLE  ='")
@@ -215,7 +372,7 @@ def _walk(stream: _Stream) -> tuple[int, dict[str, Any], bool]:
     metadata: dict[str, Any] = {}
     checked = False
     while True:
-        header, header_sum = _read_header(stream, index)
+        header, header_sum = _read_header(stream, index, verify)
         if index == 0:
             if header.get("SIMPLE") is not True:
                 raise FitsError("not a standard FITS file: the primary header has SIMPLE = "
@@ -228,7 +385,11 @@ def _walk(stream: _Stream) -> tuple[int, dict[str, Any], bool]:
                 f"truncated: HDU {index} data needs {padded} bytes from byte {stream.offset}, "
                 f"file ends after {stream.remaining} of them (file size {stream.size})")
         data_sum = stream.ones_sum(padded)
-        checked |= _verify(header, index, header_sum, data_sum)
+        if verify:
+            checked |= _verify(header, index, header_sum, data_sum)
+        else:
+            _datasum(header, index)
+            checked |= "CHECKSUM" in header or "DATASUM" in header
         index += 1
         if stream.remaining == 0:
             return index, metadata, checked
@@ -241,6 +402,8 @@ def _walk(stream: _Stream) -> tuple[int, dict[str, Any], bool]:
 
 def _all_zero(stream: _Stream) -> bool:
     """Whether every byte from the current offset to the end of the file is zero."""
+    import numpy as np  # see _word_sum
+
     while stream.remaining:
         piece = stream.view(stream.remaining)
         if np.frombuffer(piece, dtype=np.uint8).any():
@@ -249,8 +412,10 @@ def _all_zero(stream: _Stream) -> bool:
     return True
 
 
-def _read_header(stream: _Stream, index: int) -> tuple[dict[str, Any], int]:
-    """Read one header up to its END card; return it parsed, with the sum of its blocks."""
+def _read_header(stream: _Stream, index: int, summed: bool = True
+                 ) -> tuple[dict[str, Any], int]:
+    """Read one header up to its END card; return it parsed, with the sum of its blocks
+    (0 unless `summed`)."""
     start = stream.offset
     blocks: list[bytes] = []
     while True:
@@ -281,7 +446,7 @@ def _read_header(stream: _Stream, index: int) -> tuple[dict[str, Any], int]:
                 f"{stream.size - start} of its bytes (header starts at byte {start})")
     raw = b"".join(blocks)
     text = raw[:len(raw) - BLOCK + text_end].decode("ascii")
-    return _parse_header(text, index), _word_sum(raw)
+    return _parse_header(text, index), _word_sum(raw) if summed else 0
 
 
 def _end_card(block: bytes) -> int | None:
@@ -412,15 +577,11 @@ def _data_size(header: dict[str, Any], index: int) -> int:
 def _verify(header: dict[str, Any], index: int, header_sum: int, data_sum: int) -> bool:
     """Check DATASUM and CHECKSUM where present; True when at least one was checked."""
     datasum = _fold(data_sum)
-    has_datasum = "DATASUM" in header
-    if has_datasum:
-        stated = str(header["DATASUM"]).strip()
-        if not stated.isdigit() or int(stated) > 0xFFFFFFFF:
-            raise FitsError(f"HDU {index} DATASUM = {_show(header['DATASUM'])} is not "
-                            "an unsigned 32-bit integer")
-        if int(stated) != datasum:
-            raise FitsError(f"HDU {index} DATASUM mismatch: header says {int(stated)}, "
-                            f"data gives {datasum}")
+    stated = _datasum(header, index)
+    has_datasum = stated is not None
+    if stated is not None and stated != datasum:
+        raise FitsError(f"HDU {index} DATASUM mismatch: header says {stated}, "
+                        f"data gives {datasum}")
     if "CHECKSUM" in header:
         total = _fold(header_sum + data_sum)
         if total != _NEG_ZERO:
@@ -430,6 +591,17 @@ def _verify(header: dict[str, Any], index: int, header_sum: int, data_sum: int) 
                             f"{total:#010x}, not -0 (0xffffffff); {where}")
         return True
     return has_datasum
+
+
+def _datasum(header: dict[str, Any], index: int) -> int | None:
+    """The DATASUM a header states (None without one); FitsError when it is not a number."""
+    if "DATASUM" not in header:
+        return None
+    stated = str(header["DATASUM"]).strip()
+    if not stated.isdigit() or int(stated) > 0xFFFFFFFF:
+        raise FitsError(f"HDU {index} DATASUM = {_show(header['DATASUM'])} is not "
+                        "an unsigned 32-bit integer")
+    return int(stated)
 
 
 def _metadata(header: dict[str, Any]) -> dict[str, Any]:

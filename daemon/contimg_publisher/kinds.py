@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from contimg_publisher import detect, paths, transfer, writers
 from contimg_publisher.config import ProductRule
-from contimg_publisher.registry import Identity
+from contimg_publisher.registry import Identity, checksum_known
 from contimg_publisher.states import Kind
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -42,10 +42,13 @@ class ProductKind:
         writing."""
         return gate.busy(fd, path)
 
-    def copy(self, src_fd: int, dest_fd: int, temp: bytes, algorithm: str, file_mode: int,
-             dir_mode: int, cancel: threading.Event | None, tick: Tick) -> tuple[int, str]:
-        """Copy into `temp` (created here) in dest_fd; (bytes, checksum of the copy)."""
-        return transfer.copy_file(src_fd, dest_fd, temp, algorithm, file_mode, cancel, tick)
+    def copy(self, src_fd: int, dest_fd: int, temp: bytes, algorithm: str,
+             fits_size: int | None, file_mode: int, dir_mode: int,
+             cancel: threading.Event | None, tick: Tick) -> transfer.Copied:
+        """Copy into `temp` (created here) in dest_fd, hashing it, and with fits_size (the
+        size its headers declared) checking it as FITS in the same read (FitsError)."""
+        return transfer.copy_file(src_fd, dest_fd, temp, algorithm, file_mode, cancel, tick,
+                                  fits_size)
 
     def size_to_verify(self, st: os.stat_result, copied: int) -> int:
         """The size that must equal the registered one after a copy: the source's, so a
@@ -55,8 +58,9 @@ class ProductKind:
     def same_content(self, dir_fd: int, name: bytes, size: int | None,
                      checksum: str | None) -> bool:
         """Whether `name` in dir_fd already holds exactly these bytes (size: the registered
-        size of a file, checked before anything is read)."""
-        if checksum is None:
+        size of a file, checked before anything is read). A checksum not yet computed
+        matches nothing: nothing is read to compare with it."""
+        if not checksum_known(checksum):
             return False
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -124,12 +128,15 @@ class FolderKind(ProductKind):
                     os.close(file_fd)
         return False
 
-    def copy(self, src_fd: int, dest_fd: int, temp: bytes, algorithm: str, file_mode: int,
-             dir_mode: int, cancel: threading.Event | None, tick: Tick) -> tuple[int, str]:
+    def copy(self, src_fd: int, dest_fd: int, temp: bytes, algorithm: str,
+             fits_size: int | None, file_mode: int, dir_mode: int,
+             cancel: threading.Event | None, tick: Tick) -> transfer.Copied:
+        """A folder's files are hashed at registration, and its copy again (fits_size does
+        not apply: a folder is never checked as one FITS file)."""
         size = transfer.copy_tree(src_fd, dest_fd, temp, file_mode, dir_mode, cancel, tick)
         tmp_fd = os.open(temp, _DIR_FLAGS, dir_fd=dest_fd)
         try:
-            return size, detect.tree_digest(tmp_fd, algorithm)[1]
+            return transfer.Copied(size, detect.tree_digest(tmp_fd, algorithm)[1])
         finally:
             os.close(tmp_fd)
 

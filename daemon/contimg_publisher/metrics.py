@@ -215,6 +215,8 @@ class Metrics:
         elif result.status.failed:
             kind = result.kind if result.kind in FAILURE_KINDS else "other"
             self.failures.labels(kind).inc()
+        elif result.status is Attempt.REJECTED:  # found by the publish's read of the file
+            self.rejected.labels(result.data_type).inc()
         elif result.status == "lost":
             self.failures.labels("lost").inc()
 

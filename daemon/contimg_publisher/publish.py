@@ -14,7 +14,12 @@ The protocol, each step recoverable from what is on disk plus the row:
      across filesystems: copy into a temporary name created O_EXCL in the
      destination folder, hashing in the same pass, fsync, verify size and
      checksum against the registry, rename without replacing; then fsync the
-     destination folder (and, after a rename, the staging folder);
+     destination folder (and, after a rename, the staging folder). A FITS file
+     registered from its headers alone (its checksum pending) is checked in
+     that same pass (CHECKSUM/DATASUM, the declared size), its source identity
+     compared before and after, and the digest recorded in the row before the
+     sidecars and the product take their final names; a file that fails the
+     checks loses its temporary copy and is `rejected` with the reason;
   5. commit `published` durably (synchronous=FULL);
   6. only then remove the source of a copy, file or folder, if the name still leads
      to what was published (a folder: the same bytes, hashed again).
@@ -32,6 +37,7 @@ of step 5, one fsync per staging folder after step 6).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import signal
@@ -44,7 +50,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from contimg_publisher import detect, kinds, paths, transfer, writers
+from contimg_publisher import detect, fits, kinds, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import (
     FailureOutcome,
@@ -53,6 +59,7 @@ from contimg_publisher.registry import (
     Published,
     Registry,
     RegistryError,
+    checksum_known,
 )
 from contimg_publisher.states import Attempt, Detected, FailureKind, Status, Step
 from contimg_publisher.transfer import Cancelled, PublishFailure
@@ -339,6 +346,8 @@ class Publisher:
             return True
         except PublishFailure as exc:
             self._fail(job, exc.kind, str(exc))
+        except detect.Rejected as exc:
+            self._reject(job, str(exc))
         except paths.UnsafePath as exc:
             self._fail(job, FailureKind.SOURCE_CHANGED, f"{exc.path}: {exc.reason}")
         except OSError as exc:
@@ -355,6 +364,16 @@ class Publisher:
             result.status = Attempt.LOST
         else:
             result.status = Attempt.EXHAUSTED if result.failure.exhausted else Attempt.RETRY_DUE
+        job.finish()
+
+    def _reject(self, job: _Job, reason: str) -> None:
+        """The product is not publishable (found by the publish's read): `rejected` with
+        the reason, as detection would have recorded it."""
+        result = job.result
+        result.error = f"{job.product.stage_path}: {reason}"
+        result.status = Attempt.REJECTED if self.registry.reject_claimed(
+            job.product.data_id, self.owner, reason, self.config.error_max_chars) \
+            else Attempt.LOST
         job.finish()
 
     def _prepare(self, job: _Job, folders: _Folders) -> None:
@@ -451,9 +470,7 @@ class Publisher:
         result.how = "copy"
         temps = [job.temp]
         try:
-            result.bytes = self._copy(job.src_fd, job.src_parent, job.parts[-1], job.dest_fd,
-                                      job.temp, job.final, rule, job.product, job.sidecars,
-                                      temps, job.cancel)
+            result.bytes = self._copy(job, temps)
             temps.clear()
         finally:
             for temp in temps:
@@ -578,9 +595,19 @@ class Publisher:
     def _move_same_fs(self, job: _Job, rule: ProductRule) -> str:
         """Rename the staged inodes into the archive, sidecars first so that a product never
         appears without them; each is checked after its rename to be the inode that was
-        opened, and only then chmod-ed (it has no other name by then)."""
+        opened, and only then chmod-ed (it has no other name by then). A product whose
+        checksum is still pending (registered for a copy to another filesystem, which the
+        products area no longer is) is read and checked first, as the copy would have."""
         cfg = self.config
         name = job.parts[-1]
+        if not checksum_known(job.product.checksum):
+            try:
+                checked = transfer.read_all(job.src_fd, self._algorithm(job.product),
+                                            job.product.size_bytes, None, job.cancel,
+                                            self._renewer(job.product))
+            except fits.FitsError as exc:
+                raise self._refusal(job, exc) from None
+            self._judge(job, checked)
         for sc in job.sidecars:
             if not sc.placed:
                 self._move_sidecar(job, sc)
@@ -618,12 +645,11 @@ class Publisher:
         finally:
             os.close(fd)
 
-    def _copy(self, src_fd: int, src_parent: int, name: bytes, dest_fd: int, temp: bytes,
-              final: bytes, rule: ProductRule, product: Product, sidecars: list[_Source],
-              temps: list[bytes], cancel: threading.Event | None) -> int:
-        cfg = self.config
-        algorithm = (product.checksum or "sha256:").split(":", 1)[0]
+    def _algorithm(self, product: Product) -> str:
+        return (product.checksum or "sha256:").split(":", 1)[0]
 
+    def _renewer(self, product: Product) -> Callable[[], None]:
+        """The lease renewal a long read runs about once a second."""
         warned: list[str] = []
 
         def renew() -> None:
@@ -631,47 +657,99 @@ class Publisher:
             # write lock, a full disk) does not stop the copy: under the single-writer lock
             # nobody else can take the claim, and the commit checks it anyway.
             try:
-                self.registry.renew_lease(product.data_id, self.owner, cfg.lease_seconds)
+                self.registry.renew_lease(product.data_id, self.owner,
+                                          self.config.lease_seconds)
             except RegistryError as exc:
                 if not warned:
                     warned.append(str(exc))
                     self._warn("lease_not_renewed", data_id=product.data_id,
                                stage_path=product.stage_path, error=str(exc),
                                reason="the copy goes on; the commit checks the claim")
+        return renew
 
-        # Sidecars first, each to its final name, so the product's own rename is the last
-        # step: a product never appears without its sidecars.
-        for sc in sidecars:
+    def _copy(self, job: _Job, temps: list[bytes]) -> int:
+        """The product into its temporary name, in the one read that hashes it (and checks
+        a FITS file registered without its data), judged against the registry; then the
+        sidecars to their final names, so that the product's own rename is the last step
+        and a product never appears without its sidecars, nor a sidecar for a product that
+        turned out not to be publishable."""
+        cfg, product = self.config, job.product
+        assert job.temp is not None
+        algorithm = self._algorithm(product)
+        renew = self._renewer(product)
+        kind = job.kind
+        fits_size = None if checksum_known(product.checksum) else product.size_bytes
+        try:
+            copied = kind.copy(job.src_fd, job.dest_fd, job.temp, algorithm, fits_size,
+                               cfg.file_mode, cfg.dir_mode, job.cancel, renew)
+        except fits.FitsError as exc:
+            raise self._refusal(job, exc) from None
+        paths.fsync_dir(job.dest_fd)
+        _crash_point("after_temp_write")
+        self._judge(job, copied)
+        for sc in job.sidecars:
             if sc.placed:
                 continue
-            fd = os.open(sc.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_parent)
+            fd = os.open(sc.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=job.src_parent)
             try:
-                self._copy_sidecar_to(fd, dest_fd, sc, product, algorithm, temps, cancel, renew)
+                self._copy_sidecar_to(fd, job.dest_fd, sc, product, algorithm, temps,
+                                      job.cancel, renew)
             finally:
                 os.close(fd)
         _crash_point("after_sidecars")
+        self._no_writer(job.src_fd, product.stage_bytes, product.stage_path, kind)
+        paths.rename_noreplace(job.dest_fd, job.temp, job.dest_fd, job.final)
+        return copied.size
 
-        kind = kinds.of(rule)
-        size, checksum = kind.copy(src_fd, dest_fd, temp, algorithm, cfg.file_mode,
-                                   cfg.dir_mode, cancel, renew)
-        paths.fsync_dir(dest_fd)
-        _crash_point("after_temp_write")
-        st = os.fstat(src_fd)
-        if kind.size_to_verify(st, size) != product.size_bytes or \
-                checksum != product.checksum:
-            still = product.identity is not None and kind.same(product.identity,
-                                                               Identity.of(st))
-            if not still:
-                raise PublishFailure(
-                    FailureKind.SOURCE_CHANGED, f"{product.stage_path}: changed while "
-                    "being copied; it will be examined again")
+    def _changed(self, job: _Job) -> PublishFailure | None:
+        """A source that is no longer the registered file, unchanged (its identity after
+        the read): examined again, never published on this read."""
+        product = job.product
+        now = Identity.of(os.fstat(job.src_fd))
+        if product.identity is not None and job.kind.same(product.identity, now):
+            return None
+        return PublishFailure(FailureKind.SOURCE_CHANGED, f"{product.stage_path}: changed "
+                              "while being copied; it will be examined again")
+
+    def _refusal(self, job: _Job, error: fits.FitsError) -> Exception:
+        """What to raise for a FITS check that failed in the read: a source that changed
+        (or a read that ran short because it did) is examined again; otherwise the file
+        is not publishable, rejected with the reason that names the HDU."""
+        changed = self._changed(job)
+        if changed is not None:
+            return changed
+        if error.reason == fits.CHANGED:
+            return PublishFailure(FailureKind.SOURCE_CHANGED, f"{job.product.stage_path}: "
+                                  "changed while being copied; it will be examined again")
+        return detect.Rejected(f"invalid FITS: {error.reason}")
+
+    def _judge(self, job: _Job, read: transfer.Copied) -> None:
+        """The product's read, against the registry: a source that changed since
+        registration is examined again; bytes that differ from a registered digest are a
+        verify_mismatch. A digest that was pending is recorded now, durably, before
+        anything takes the product's final name (reconciliation checks that name
+        against it)."""
+        product = job.product
+        changed = self._changed(job)
+        if changed is not None:
+            raise changed
+        known = checksum_known(product.checksum)
+        st = os.fstat(job.src_fd)
+        if job.kind.size_to_verify(st, read.size) != product.size_bytes or \
+                (known and read.checksum != product.checksum):
             raise PublishFailure(FailureKind.VERIFY_MISMATCH,
                                  f"copy of {product.stage_path} does not match the registry: "
-                                 f"{size} bytes {checksum}, expected {product.size_bytes} bytes "
-                                 f"{product.checksum}")
-        self._no_writer(src_fd, product.stage_bytes, product.stage_path, kind)
-        paths.rename_noreplace(dest_fd, temp, dest_fd, final)
-        return size
+                                 f"{read.size} bytes {read.checksum}, expected "
+                                 f"{product.size_bytes} bytes {product.checksum}")
+        if known:
+            return
+        checks = read.fits.fits_checksums if read.fits is not None else None
+        if not self.registry.record_checksum(product.data_id, self.owner, read.checksum,
+                                             checks):
+            raise PublishFailure(FailureKind.OTHER,
+                                 "the claim on this product was lost during its copy")
+        job.product = dataclasses.replace(product, checksum=read.checksum)
 
     def _copy_sidecar(self, job: _Job, sc: _Source, fd: int, algorithm: str,
                       cancel: threading.Event | None) -> None:

@@ -15,7 +15,7 @@ from contimg_publisher import detect, fits, kinds, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for, step_of
-from contimg_publisher.registry import Product, Published, Registry
+from contimg_publisher.registry import Product, Published, Registry, checksum_known
 from contimg_publisher.states import Attempt, FailureKind, Status, Step
 
 
@@ -94,7 +94,9 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
         legacy = _resolve_legacy(publisher, row, rule, result)
         if legacy is not None:
             return legacy
-    if step is Step.PLANNED and target and rule is not None and row.checksum:
+    # A checksum still pending means the copy never finished its read: the final name was
+    # not taken for this publish (the digest is recorded before it is).
+    if step is Step.PLANNED and target and rule is not None and checksum_known(row.checksum):
         raw = paths.undisplay(target)
         parent_path, final = os.path.dirname(raw), os.path.basename(raw)
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):

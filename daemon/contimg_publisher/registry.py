@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import apsw
 
@@ -40,6 +40,22 @@ SCHEMA_VERSION = 6
 
 STATUSES = tuple(Status)
 FAILURE_KINDS = tuple(FailureKind)
+
+# The `checksum` of a row described without reading its data (a FITS file that is copied to
+# another filesystem): "<algorithm>:pending" until the publish's copy, the file's one read,
+# computes the digest and records it before the product can reach its final name. Not NULL,
+# which means "not described" (nothing is claimed before it is described); never equal to a
+# digest, whose hex has no such letters.
+PENDING = "pending"
+
+
+def pending_checksum(algorithm: str) -> str:
+    return f"{algorithm}:{PENDING}"
+
+
+def checksum_known(checksum: str | None) -> TypeGuard[str]:
+    """Whether a row's checksum is a digest (not NULL, not pending)."""
+    return checksum is not None and checksum.partition(":")[2] not in ("", PENDING)
 
 
 class RegistryError(Exception):
@@ -130,7 +146,7 @@ NEW_COLUMNS = {
     "lease_owner": "TEXT",
     "lease_expires_at": "REAL",
     "size_bytes": "INTEGER",
-    "checksum": "TEXT",                 # "algorithm:hex"; NULL until described
+    "checksum": "TEXT",                 # "algorithm:hex"; NULL until described; see PENDING
     "stage_path_bytes": "BLOB",         # exact bytes of stage_path (names need not be UTF-8)
     "stage_dev": "INTEGER",
     "stage_ino": "INTEGER",
@@ -360,6 +376,11 @@ class Product:
     def stage_bytes(self) -> bytes:
         return self.stage_path_bytes or os.fsencode(self.stage_path)
 
+    @property
+    def checksum_pending(self) -> bool:
+        """Described, with its digest still to be computed by the publish's copy."""
+        return self.checksum is not None and not checksum_known(self.checksum)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "data_id": self.data_id,
@@ -370,7 +391,8 @@ class Product:
             "publish_attempts": self.publish_attempts,
             "publish_error": self.publish_error,
             "size_bytes": self.size_bytes,
-            "checksum": self.checksum,
+            "checksum": self.checksum if checksum_known(self.checksum) else None,
+            "checksum_pending": self.checksum_pending,
             "metadata": self.metadata,
             "held": not self.auto_publish_enabled,
             "publish_mode": self.publish_mode,
@@ -967,17 +989,18 @@ class Registry:
         elif row["status"] == Status.PUBLISHING:
             outcome = "busy"
         elif row["status"] == Status.PUBLISHED:
-            outcome = "published" if row["checksum"] == c.checksum else "conflict"
-        elif (row["checksum"] == c.checksum and row["stage_ino"] == c.identity.ino
-              and row["stage_mtime_ns"] == c.identity.mtime_ns
-              and row["status"] != Status.REJECTED):
+            outcome = "published" if _same_bytes(row, c) else "conflict"
+        elif (_same_file(row, c) and row["status"] != Status.REJECTED and
+              row["checksum"] is not None and
+              (row["checksum"] == c.checksum or not checksum_known(c.checksum))):
+            # A description without a digest leaves the one the row has.
             outcome = "unchanged"
         else:
             # New content, or a rejected file that was rewritten: it waits again with a
             # fresh attempt budget. A legacy row described for the first time keeps its
             # status and attempts (a `failed` one still waits for an operator). Earlier
             # failures stay in publish_failures.
-            fresh = row["checksum"] is not None and row["checksum"] != c.checksum
+            fresh = row["checksum"] is not None and not _same_bytes(row, c)
             header = json.dumps(c.metadata, sort_keys=True)
             row = _one(
                 cur,
@@ -1118,6 +1141,53 @@ class Registry:
                         " WHERE data_id = ? AND status = 'publishing' AND lease_owner = ?",
                         (target, temp, json.dumps(list(sidecars)), data_id, owner))
             return self.conn.changes() > 0
+
+    def record_checksum(self, data_id: str, owner: str, checksum: str,
+                        fits_checksums: str | None, now: float | None = None) -> bool:
+        """The digest the publish's copy computed for a row registered without one, and
+        how its FITS checksums came out ("verified", "absent"), recorded before the product
+        can reach its final name (reconciliation verifies that name against it). False
+        when `owner` no longer holds the claim."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            cur.execute(
+                "UPDATE data_registry SET checksum = ?,"
+                " metadata_json = CASE WHEN ? IS NOT NULL AND metadata_json = header_json"
+                "   THEN json_set(metadata_json, '$.fits_checksums', ?) ELSE metadata_json END,"
+                " header_json = CASE WHEN ? IS NOT NULL AND header_json IS NOT NULL"
+                "   THEN json_set(header_json, '$.fits_checksums', ?) ELSE header_json END,"
+                " updated_at = ?"
+                " WHERE data_id = ? AND status = 'publishing' AND lease_owner = ?",
+                (checksum, fits_checksums, fits_checksums, fits_checksums, fits_checksums, now,
+                 data_id, owner))
+            return self.conn.changes() > 0
+
+    def reject_claimed(self, data_id: str, owner: str, reason: str, error_max_chars: int,
+                       now: float | None = None, host: str | None = None,
+                       pid: int | None = None) -> bool:
+        """A claimed product the publish found is not publishable (a FITS checksum that
+        fails in the copy's read): `rejected` with the reason, like a rejection at
+        registration, the attempt kept in the history. False when not `owner`'s claim."""
+        now = time.time() if now is None else now
+        text = truncate(reason, error_max_chars)
+        with self.write() as cur:
+            row = _one(cur, "SELECT id, publish_attempts FROM data_registry WHERE data_id = ?"
+                       " AND status = 'publishing' AND lease_owner = ?", (data_id, owner))
+            if row is None:
+                return False
+            attempts = int(row["publish_attempts"] or 0) + 1
+            cur.execute(
+                "UPDATE data_registry SET status = 'rejected', publish_error = ?,"
+                " publish_attempts = ?, checksum = NULL, next_attempt_at = NULL,"
+                " lease_owner = NULL, lease_expires_at = NULL, publish_target = NULL,"
+                " publish_temp = NULL, publish_step = NULL, publish_requested_at = NULL,"
+                " updated_at = ? WHERE id = ?", (text, attempts, now, row["id"]))
+            cur.execute(
+                "INSERT INTO publish_failures (data_id, attempt, kind, error, at, host, pid)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (data_id, attempts, FailureKind.VERIFY_MISMATCH, text, now,
+                 host or socket.gethostname(), pid or os.getpid()))
+        return True
 
     def mark_published(self, item: Published, owner: str | None,
                        now: float | None = None) -> bool:
@@ -1460,6 +1530,20 @@ def _one(cur: apsw.Cursor, sql: str, args: Sequence[Any]) -> dict[str, Any] | No
         return None
     row = cur.fetchone()
     return None if row is None else dict(zip(names, row, strict=True))
+
+
+def _same_file(row: dict[str, Any], c: Candidate) -> bool:
+    """Whether a candidate is the row's staged file, unchanged (inode, size, mtime)."""
+    return (row["stage_ino"], row["size_bytes"], row["stage_mtime_ns"]) == (
+        c.identity.ino, c.identity.size, c.identity.mtime_ns)
+
+
+def _same_bytes(row: dict[str, Any], c: Candidate) -> bool:
+    """Whether a candidate holds the row's bytes: by the digests when both are known; with
+    one still pending, only when it is the same file, unchanged."""
+    if checksum_known(row["checksum"]) and checksum_known(c.checksum):
+        return bool(row["checksum"] == c.checksum)
+    return row["checksum"] is not None and _same_file(row, c)
 
 
 def _product(row: dict[str, Any]) -> Product:

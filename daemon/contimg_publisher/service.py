@@ -101,6 +101,9 @@ def log_result(log: Any, result: publish.Result, max_attempts: int) -> None:
                       action=f"contimg-publisher show {result.data_id}; then retry")
     elif result.status is Attempt.REQUEUED:
         log.info("publish_requeued", **fields, reason=result.error, error_kind=result.kind)
+    elif result.status is Attempt.REJECTED:
+        log.warning("rejected", **fields, error=result.error,
+                    action="fix or remove the staged file; it is examined again when it changes")
     else:
         log.error("publish_lost", **fields, error=result.error)
 

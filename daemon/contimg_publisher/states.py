@@ -46,6 +46,7 @@ class Attempt(StrEnum):
     EXHAUSTED = "exhausted"      # failed; max_attempts reached, the row is now `failed`
     REQUEUED = "requeued"        # given back unfinished (a stop), no attempt counted
     LOST = "lost"                # the claim was lost to another process; nothing recorded
+    REJECTED = "rejected"        # its read found it not publishable: the row is `rejected`
 
     @property
     def failed(self) -> bool:

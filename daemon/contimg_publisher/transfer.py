@@ -6,19 +6,25 @@ inodes that have no other name. The protocol (`publish`) decides when each runs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from contimg_publisher import fits, paths
+from contimg_publisher.registry import checksum_known
 from contimg_publisher.states import FailureKind
 
-CHUNK = 8 << 20
+# Bytes per read of a copy: whole 4 KiB pages and whole 2880-byte FITS blocks (45 x their
+# least common multiple, 7.9 MiB), so the FITS check takes each chunk as it comes.
+CHUNK = 45 * 184320
 DELAY_ENV = "CONTIMG_PUBLISHER_TEST_COPY_DELAY"  # seconds per chunk, tests only
+
+T = TypeVar("T")
 
 
 class PublishFailure(Exception):
@@ -33,46 +39,75 @@ class Cancelled(Exception):
     """The daemon is stopping: the attempt is abandoned cleanly."""
 
 
-class _Hasher(threading.Thread):
-    """Hashes chunks beside the copy: hashlib releases the GIL, so reading, writing and
-    hashing overlap instead of adding up."""
+@dataclass(frozen=True)
+class Copied:
+    """What a copy's single read of the source found."""
 
-    def __init__(self, algorithm: str) -> None:
-        super().__init__(daemon=True, name="contimg-hash")
-        self.digest = hashlib.new(algorithm)
+    size: int                             # bytes copied
+    checksum: str                         # "algorithm:hex" of those bytes
+    fits: fits.FitsReport | None = None   # the FITS checks, when the copy made them
+
+
+class _Reader(threading.Thread):
+    """Takes the copy's chunks beside it (hashing, FITS checks): hashlib and numpy release
+    the GIL, so reading, writing and checking overlap instead of adding up. A reader that
+    fails stops the copy (`failed`) and keeps taking chunks, so the copy never blocks."""
+
+    def __init__(self, read: Callable[[Iterator[bytes]], Any]) -> None:
+        super().__init__(daemon=True, name="contimg-read")
+        self.read = read
         self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.failed = threading.Event()
+        self._ended = False
+
+    def _take(self) -> Iterator[bytes]:
+        while (chunk := self.chunks.get()) is not None:
+            yield chunk
+        self._ended = True
 
     def run(self) -> None:
-        while (chunk := self.chunks.get()) is not None:
-            self.digest.update(chunk)
+        try:
+            self.result = self.read(self._take())
+        except BaseException as exc:  # handed to the copying thread, which raises it
+            self.error = exc
+            self.failed.set()
+        while not self._ended:
+            self._ended = self.chunks.get() is None
 
 
-def copy_fd(src_fd: int, dst_fd: int, algorithm: str, *, cancel: threading.Event | None = None,
-            tick: Callable[[], None] | None = None) -> tuple[int, str]:
-    """Copy all of src into dst from offset 0, hashing the bytes copied; returns (size, checksum).
+def copy_fd(src_fd: int, dst_fd: int | None, read: Callable[[Iterator[bytes]], T], *,
+            cancel: threading.Event | None = None, tick: Callable[[], None] | None = None
+            ) -> tuple[int, T]:
+    """Read all of src once from offset 0, writing it to dst (None: read only) and handing
+    every chunk to `read` (a hash, or the FITS checks), which runs in a thread beside the
+    copy; returns (bytes copied, what `read` returned). What `read` raises is raised here,
+    once the copy has stopped (it stops early).
 
     `tick` runs about once a second (lease renewal); `cancel` aborts with Cancelled.
     """
     with contextlib.suppress(OSError, AttributeError):
         os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    hasher = _Hasher(algorithm)
-    hasher.start()
+    reader = _Reader(read)
+    reader.start()
     offset = 0
     # Tests stop the daemon in the middle of a copy; no disk here is slow enough to do it.
     delay = float(os.environ.get(DELAY_ENV) or 0)
     last_tick = time.monotonic()
     try:
-        while True:
+        while not reader.failed.is_set():
             if cancel is not None and cancel.is_set():
                 raise Cancelled("stopping")
             chunk = os.pread(src_fd, CHUNK, offset)
             if not chunk:
                 break
-            hasher.chunks.put(chunk)
-            view = memoryview(chunk)
-            while view:
-                written = os.write(dst_fd, view)
-                view = view[written:]
+            reader.chunks.put(chunk)
+            if dst_fd is not None:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(dst_fd, view)
+                    view = view[written:]
             offset += len(chunk)
             if delay:
                 time.sleep(delay)
@@ -80,25 +115,43 @@ def copy_fd(src_fd: int, dst_fd: int, algorithm: str, *, cancel: threading.Event
                 last_tick = time.monotonic()
                 tick()
     finally:
-        hasher.chunks.put(None)
-        hasher.join()
-    return offset, f"{algorithm}:{hasher.digest.hexdigest()}"
+        reader.chunks.put(None)
+        reader.join()
+    if reader.error is not None:
+        raise reader.error
+    return offset, cast(T, reader.result)
+
+
+def read_all(src_fd: int, algorithm: str, fits_size: int | None,
+             dst_fd: int | None = None, cancel: threading.Event | None = None,
+             tick: Callable[[], None] | None = None) -> Copied:
+    """The one read of a file (copied to dst_fd unless None): hashed, and with fits_size
+    (the size its headers declared) checked as FITS too; FitsError when that fails."""
+    if fits_size is None:
+        size, (_n, checksum) = copy_fd(src_fd, dst_fd, lambda c: fits.hash_chunks(c, algorithm),
+                                       cancel=cancel, tick=tick)
+        return Copied(size, checksum)
+    size, report = copy_fd(src_fd, dst_fd,
+                           lambda c: fits.check_chunks(c, fits_size, algorithm),
+                           cancel=cancel, tick=tick)
+    return Copied(size, report.checksum, report)
 
 
 def copy_file(src_fd: int, dest_fd: int, temp: bytes, algorithm: str, file_mode: int,
-              cancel: threading.Event | None, tick: Callable[[], None]) -> tuple[int, str]:
+              cancel: threading.Event | None, tick: Callable[[], None],
+              fits_size: int | None = None) -> Copied:
     """Copy a file into the new name `temp` in dest_fd, with its mtime, the archive's mode,
-    and an fsync; (bytes, checksum of what was copied)."""
+    and an fsync, checking it on the way (read_all)."""
     out = paths.create_exclusive(dest_fd, temp, 0o600)
     try:
-        size, checksum = copy_fd(src_fd, out, algorithm, cancel=cancel, tick=tick)
+        copied = read_all(src_fd, algorithm, fits_size, out, cancel, tick)
         st = os.fstat(src_fd)
         os.fchmod(out, file_mode)
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.fsync(out)
     finally:
         os.close(out)
-    return size, checksum
+    return copied
 
 
 def copy_tree(src_dir: int, dest_fd: int, temp: bytes, file_mode: int, dir_mode: int,
@@ -125,7 +178,7 @@ def copy_tree(src_dir: int, dest_fd: int, temp: bytes, file_mode: int, dir_mode:
                             raise PublishFailure(FailureKind.SOURCE_CHANGED,
                                                  f"{f} inside the folder is not a file")
                         total += copy_file(fd, out_dir, os.fsencode(f), "sha256", file_mode,
-                                           cancel, tick)[0]
+                                           cancel, tick).size
                     finally:
                         os.close(fd)
                 st = os.fstat(dfd)
@@ -155,7 +208,7 @@ def rerun_identical(src_parent: int, name: bytes, dest_fd: int, final: bytes,
                      checksum: str | None) -> bool:
     """Unlink the staged `name` when it and the archived `final` both hash to `checksum`
     (and the name still leads to the file that was hashed)."""
-    if checksum is None:
+    if not checksum_known(checksum):
         return False
     algorithm = checksum.split(":", 1)[0]
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
