@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import apsw
@@ -17,6 +18,7 @@ from contimg_publisher.paths import TEMP_PREFIX
 from contimg_publisher.registry import Registry
 from contimg_publisher.transfer import DELAY_ENV
 from tests.helpers import Sandbox, is_root, log_events, start_daemon, stop, wait_for, write_fits
+from tests.test_service import NotifySocket
 
 
 def stage_burst(sandbox: Sandbox, count: int) -> dict[str, str]:
@@ -66,9 +68,10 @@ def test_a_burst_is_published_in_batches_that_share_their_commits(tmp_path: Path
 
 
 def test_a_stop_during_a_batch_gives_the_rest_back(tmp_path: Path) -> None:
-    """Copies made slow (a delay per chunk, in the daemon's copy loop): SIGTERM once the
-    first copy of a batch is in place. The product in hand is finished, the rest wait again with no
-    attempt counted, and the next start publishes each of them exactly once."""
+    """Copies made slow (a delay per chunk, in the daemon's copy loop): the watchdog is
+    pinged on time meanwhile; SIGTERM once the first copy of a batch is in place. The
+    product in hand is finished, the rest wait again with no attempt counted, and the next
+    start publishes each of them exactly once."""
     if not is_root():
         pytest.skip("a products area on another filesystem (a tmpfs mount) needs root")
     from tests.helpers import mount_tmpfs, umount
@@ -77,17 +80,26 @@ def test_a_stop_during_a_batch_gives_the_rest_back(tmp_path: Path) -> None:
     try:
         sandbox = Sandbox(tmp_path, products_root=products)
         digests = stage_burst(sandbox, 40)
-        proc = start_daemon(sandbox, extra_env={DELAY_ENV: "0.25"})
+        notify = NotifySocket(tmp_path / "notify.sock")
+        proc = start_daemon(sandbox, notify.path, watchdog_usec=1_000_000,
+                            extra_env={DELAY_ENV: "0.25"})
         try:
             # A batch's copies are placed one by one, then recorded by one commit: stop once
             # the first copy has its final name.
             wait_for(lambda: [p for p in products.rglob("*.fits")
                               if not p.name.startswith(TEMP_PREFIX.decode())],
                      timeout=60, what="a first copy placed")
+            placing = time.monotonic()
+            time.sleep(2.0)
+            # The main loop keeps pinging the watchdog while the batch is copied.
+            pings = [t for t, _m in notify.with_key("WATCHDOG") if t >= placing]
+            gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+            assert len(pings) >= 3 and max(gaps) < 0.75, pings
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
         finally:
             stop(proc)
+            notify.close()
         events = log_events(sandbox)
         stopping = next(e for e in events if e.get("event") == "stopping")
         assert stopping["batch"] > 1, stopping  # the stop came in the middle of a batch

@@ -522,3 +522,42 @@ def test_write_lock_held_past_the_busy_timeout_while_registering(tmp_path: Path)
         assert stop(proc) == 0
     assert archive_files(sandbox.products / "mosaics") == {"first.fits": first,
                                                            "late.fits": late}
+
+
+def test_registry_immutable_at_start_waits_instead_of_exiting(tmp_path: Path) -> None:
+    """The registry made immutable before the daemon starts (as a full disk at boot would
+    be): no exit (under Restart=on-failure that would be a restart loop), one
+    registry_unavailable, no READY while it lasts, systemd's start timeout extended; at
+    chattr -i it starts by itself and publishes what waited."""
+    with _registry_on_ext4(tmp_path):
+        sandbox = Sandbox(tmp_path)
+        Registry(sandbox.registry).close()
+        waiting = write_fits(sandbox.mosaics / "waiting.fits", seed=3)
+        notify = NotifySocket(tmp_path / "notify.sock")
+        _chattr("+i", [sandbox.registry])
+        immutable = True
+        proc = start_daemon(sandbox, notify_path=notify.path)
+        try:
+            _reported(sandbox, proc, "the immutable registry reported at start")
+            time.sleep(4)  # retries after 1 and 2 s
+            assert proc.poll() is None, f"the daemon exited ({proc.returncode})"
+            [report] = _events(sandbox, "registry_unavailable")
+            assert "immutable" in report["error"], report
+            assert not notify.with_key("READY")
+            assert notify.with_key("EXTEND_TIMEOUT_USEC")
+            assert notify.with_key("STATUS")[-1][1]["STATUS"].startswith(
+                "paused: registry unavailable: ")
+            assert (sandbox.mosaics / "waiting.fits").read_bytes() == waiting
+            _chattr("-i", [sandbox.registry])
+            immutable = False
+            notify.wait("READY", "1", timeout=60)
+            wait_for(lambda: status_of(sandbox.registry, "waiting") == "published",
+                     timeout=60, what="the waiting product published")
+            assert len(_events(sandbox, "registry_available")) == 1
+        finally:
+            if immutable:
+                _chattr("-i", [sandbox.registry])
+            code = stop(proc)
+            notify.close()
+        assert code == 0
+        assert archive_files(sandbox.products / "mosaics") == {"waiting.fits": waiting}

@@ -250,17 +250,9 @@ class Daemon:
         self._install_signals()
         notify("STATUS=opening the registry")
         refuse_new_over_archive(cfg.registry, cfg.products_root)
-        self.registry = Registry(cfg.registry, cfg.busy_timeout_seconds)
-        self.registry.set_qa_gate(qa.conditions(cfg.products))
-        self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
-        notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
-        self._reconcile(startup=True)
-        park_outside_root(cfg, self.registry, self.log)
-        self.detector = detect.Detector(cfg, self.registry, gate=self.gate)
-        self._start_watcher()
-        self._probe_writers()
-        notify(f"STATUS=scanning {cfg.stage_root}")
-        self._rescan(startup=True)
+        while not self._prepare():
+            if self.stopping:
+                return
         self.worker = Worker(cfg, self.owner, self.wake, self.gate)
         self.worker.start()
         self._start_metrics()
@@ -269,6 +261,43 @@ class Daemon:
                       config=self.config_path, pid=os.getpid(), watching=self._watching())
         notify("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
         self._start_sweep()
+
+    def _prepare(self) -> bool:
+        """Open and lock the registry, reconcile, scan: True when done. While the registry
+        is unavailable (a full disk or immutable files at boot) it says so as the main loop
+        does, keeps systemd's start timeout extended, waits for the next try and returns
+        False: under Restart=on-failure an exit would become a restart loop."""
+        cfg = self.config
+        try:
+            if self.registry is None:
+                self.registry = Registry(cfg.registry, cfg.busy_timeout_seconds)
+                self.registry.set_qa_gate(qa.conditions(cfg.products))
+            if self.lock is None:
+                self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
+            notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
+            self._reconcile(startup=True)
+            park_outside_root(cfg, self.registry, self.log)
+            if self.detector is None:
+                self.detector = detect.Detector(cfg, self.registry, gate=self.gate)
+                self._start_watcher()
+                self._probe_writers()
+            notify(f"STATUS=scanning {cfg.stage_root}")
+            self._rescan(startup=True)
+        except TRANSIENT as exc:
+            self._registry_unavailable(exc)
+        else:
+            if self.outage is not None:
+                self._registry_available()
+            return True
+        assert self.outage is not None
+        deadline = self.outage.next_try
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            notify(f"EXTEND_TIMEOUT_USEC={int((left + 30) * 1e6)}")
+            self._sleep(min(left, 10.0))
+            # Only a stop is acted on before READY; a reload waits for the loop.
+            if any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals):
+                self.stopping = True
+        return False
 
     def _start_sweep(self) -> None:
         """Stray temporary files (left by a process that died) are looked for once per start
@@ -612,9 +641,9 @@ class Daemon:
             self.last_ping = now
 
     def _status_line(self) -> str:
-        assert self.registry is not None
         if self.outage is not None:
             return outage.status_line(self.outage)
+        assert self.registry is not None
         try:
             c = self.registry.counts()
         except TRANSIENT as exc:  # the loop's next turn pauses on it
