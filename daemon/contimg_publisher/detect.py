@@ -729,6 +729,8 @@ class Detector:
         recorded) or it left before it was published."""
         from contimg_publisher import archive  # archive -> kinds -> detect
 
+        if not self.registry.waiting_at(stage_path):
+            return None  # nearly always: the file left because it was published
         for row in self.registry.by_stage_path(stage_path):
             if row.status not in (Status.STAGING, Status.FAILED) or \
                     not owns(self.config, row):

@@ -853,6 +853,13 @@ class Registry:
             out[path] = (status, ident)
         return out
 
+    def waiting_at(self, stage_path: str) -> bool:
+        """Whether a row staged at this path waits (staging or failed): one index probe, asked
+        for every file that leaves the staging area, most of them just published."""
+        return bool(self._scalar("SELECT EXISTS (SELECT 1 FROM data_registry"
+                                 " WHERE stage_path = ? AND status IN ('staging', 'failed'))",
+                                 (stage_path,)))
+
     def published_at(self, stage_path: str) -> bool:
         """Whether a row staged at this path was published."""
         return bool(self._scalar("SELECT EXISTS (SELECT 1 FROM data_registry"
