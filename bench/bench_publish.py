@@ -448,10 +448,10 @@ def legacy_publish(files: list[Path], stage_base: Path, dest_base: Path, db_path
 PHASES_CHILD = """
 import json, sys, time
 t0 = time.monotonic()
-from contimg_publisher import cli, detect, service  # noqa: F401 (service: its imports)
+from contimg_publisher import cli, content, service  # noqa: F401 (service: its imports)
 imports = time.monotonic() - t0
 describe = 0.0
-plain = detect.describe_file
+plain = content.describe_file
 def timed(*args, **kwargs):
     global describe
     t = time.monotonic()
@@ -459,7 +459,7 @@ def timed(*args, **kwargs):
         return plain(*args, **kwargs)
     finally:
         describe += time.monotonic() - t
-detect.describe_file = timed
+content.describe_file = timed
 t1 = time.monotonic()
 code = cli.main(["--config", sys.argv[1], "scan"])
 scan = time.monotonic() - t1
@@ -470,7 +470,7 @@ sys.exit(code)
 
 def scan_with_phases(config_path: Path) -> subprocess.CompletedProcess[str]:
     """What `scan` does, in a fresh interpreter that times its imports, the pass, and the time
-    spent in detect.describe_file (reading, validating and hashing each file: the one part
+    spent in content.describe_file (reading, validating and hashing each file: the one part
     that could run in other processes). Its last line of stderr is the times, as JSON."""
     return subprocess.run([sys.executable, "-c", PHASES_CHILD, str(config_path)],
                           capture_output=True, text=True, env=child_env(), cwd=REPO,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from contimg_publisher import detect, paths
+from contimg_publisher import content, detect, paths
+from contimg_publisher import fits as fits_mod
 from contimg_publisher.registry import Candidate, Identity, Product, Registry
 from tests.helpers import (
     REPO,
@@ -457,7 +458,7 @@ def test_file_changed_while_being_read_goes_back_to_waiting(sandbox: Sandbox,
     path = sandbox.mosaics / "swap.fits"
     write_fits(path, seed=1)
     root_fd = paths.open_root(os.fsencode(sandbox.stage))
-    real_scan = detect.fits.scan_fits
+    real_scan = fits_mod.scan_fits
     replaced = write_fits(sandbox.root / "replacement.fits", seed=2)
 
     def scan_then_replace(fd: int, algorithm: str = "sha256"):  # noqa: ANN202
@@ -471,9 +472,9 @@ def test_file_changed_while_being_read_goes_back_to_waiting(sandbox: Sandbox,
     try:
         with pytest.MonkeyPatch.context() as mp:
             # The replacement happens between the read and the final identity check.
-            mp.setattr(detect.fits, "scan_fits", scan_then_replace)
+            mp.setattr(fits_mod, "scan_fits", scan_then_replace)
             with pytest.raises(detect.NotReady):
-                detect.describe_file(root_fd, (b"mosaics", b"swap.fits"), "sha256")
+                content.describe_file(root_fd, (b"mosaics", b"swap.fits"), "sha256")
     finally:
         os.close(root_fd)
     outs = inproc.settle(path)
@@ -601,7 +602,7 @@ def test_folder_product_losing_a_file_while_being_read_is_not_marked_gone(
     [first] = inproc.settle(image)
     assert first.action == "registered"
     (image / "table.f0").write_bytes(b"zero, rewritten")
-    real_hash = detect.fits.hash_fd
+    real_hash = fits_mod.hash_fd
     removed: list[str] = []
 
     def hash_then_remove(fd: int, algorithm: str = "sha256"):  # noqa: ANN202
@@ -610,7 +611,7 @@ def test_folder_product_losing_a_file_while_being_read_is_not_marked_gone(
             (image / "table.f9").unlink()
         return real_hash(fd, algorithm=algorithm)
 
-    monkeypatch.setattr(detect.fits, "hash_fd", hash_then_remove)
+    monkeypatch.setattr(fits_mod, "hash_fd", hash_then_remove)
     outs = inproc.settle(image)
     assert removed == ["table.f9"]
     assert [o.action for o in outs] == ["updated"], [(o.action, o.reason) for o in outs]
@@ -757,7 +758,7 @@ def test_folder_replaced_by_a_link_in_the_middle_of_a_pass_is_refused(
     write_fits(night / "a.fits", seed=1)
     write_fits(night / "b.fits", seed=2)
     moved = tmp_path / "moved"
-    real_scan = detect.fits.scan_fits
+    real_scan = fits_mod.scan_fits
 
     def scan_then_swap(fd: int, algorithm: str = "sha256"):  # noqa: ANN202
         report = real_scan(fd, algorithm=algorithm)
@@ -766,7 +767,7 @@ def test_folder_replaced_by_a_link_in_the_middle_of_a_pass_is_refused(
             os.symlink(moved, night)
         return report
 
-    monkeypatch.setattr(detect.fits, "scan_fits", scan_then_swap)
+    monkeypatch.setattr(fits_mod, "scan_fits", scan_then_swap)
     inproc.detector.note(os.fsencode(night / "a.fits"))
     inproc.detector.note(os.fsencode(night / "b.fits"))
     outs = inproc.detector.process(now=time.time() + 3600)

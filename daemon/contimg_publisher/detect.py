@@ -23,7 +23,6 @@ import contextlib
 import errno
 import fnmatch
 import functools
-import hashlib
 import itertools
 import os
 import re
@@ -31,21 +30,22 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from contimg_publisher import fits, paths, writers
+from contimg_publisher import kinds, paths, writers
 from contimg_publisher.config import Config, ProductRule
+from contimg_publisher.content import (  # detection's own words, used by its callers too
+    NotReady,
+    Rejected,
+)
 from contimg_publisher.registry import (
     Candidate,
     Identity,
     Product,
     Registry,
     RegistryError,
-    pending_checksum,
 )
 from contimg_publisher.states import Detected, Kind, Status
 
-FITS_SUFFIXES = (".fits", ".fit", ".fts")
 # How many paths one process() call describes; bounds the time the loop spends away.
 BATCH = 256
 
@@ -84,7 +84,7 @@ class _Rule:
     def __init__(self, rule: ProductRule) -> None:
         self.rule = rule
         self.pattern = tuple(p for p in rule.glob.split("/") if p)
-        self.directory = rule.kind == Kind.DIRECTORY
+        self.directory = kinds.of(rule).kind is Kind.DIRECTORY
         self._compiled = tuple(None if p == "**" else _compile_glob(p) for p in self.pattern)
         stars = [i for i, p in enumerate(self._compiled) if p is None]
         # With at most one '**' (the usual 'folder/**/*.fits'), the components before it
@@ -274,183 +274,6 @@ def data_id_for(rule: ProductRule, parts: tuple[bytes, ...]) -> str:
 
 # --- describing -------------------------------------------------------------------------------
 
-class Rejected(Exception):
-    """The path is bad input: recorded as `rejected` with this reason."""
-
-
-class NotReady(Exception):
-    """The path is still changing: look at it again later."""
-
-
-@dataclass(frozen=True)
-class Description:
-    identity: Identity
-    checksum: str
-    metadata: dict[str, Any]
-
-
-def describe_file(root_fd: int, parts: tuple[bytes, ...], algorithm: str,
-                  dirs: paths.DirCache | None = None,
-                  busy: Callable[[int, bytes], bool] | None = None,
-                  read_data: bool = True) -> Description:
-    """Check a staged file's content and describe it in one streaming read.
-
-    With read_data False a FITS file's headers alone are read: it is described by what
-    they declare, its checksum pending (registry.pending_checksum) until the publish's copy
-    reads it; its CHECKSUM/DATASUM are checked then (metadata fits_checksums "pending").
-
-    `dirs` shares folder descriptors with the other files of one pass; without it the
-    folders are opened for this file alone. The kept folders are not looked up again
-    before the open: after the read, the path must still lead through them to the file
-    that was read, or the file waits for another look.
-    """
-    if dirs is None:
-        with paths.DirCache(root_fd) as own:
-            return describe_file(root_fd, parts, algorithm, own, busy, read_data)
-    try:
-        fd, parent_fd, st = dirs.open_file(parts, verify=False)
-    except paths.UnsafePath as exc:
-        raise Rejected(exc.reason) from None
-    try:
-        before = Identity.of(st)
-        # No writer, no publish: a file some process still has open for writing is not
-        # finished, however long it has been quiet (a writer pausing between two HDUs).
-        if busy is not None and busy(fd, b""):
-            raise NotReady("open for writing by another process")
-        if before.size == 0:
-            raise Rejected("empty file (0 bytes)")
-        head = os.pread(fd, 80, 0)
-        name = os.fsdecode(parts[-1]).lower()
-        if fits.is_fits_signature(head):
-            try:
-                if read_data:
-                    report = fits.scan_fits(fd, algorithm=algorithm)
-                    checksum, metadata = report.checksum, dict(report.metadata)
-                    metadata["fits_checksums"] = report.fits_checksums
-                    metadata["hdus"] = report.hdus
-                else:
-                    headers = fits.read_headers(fd)
-                    checksum, metadata = pending_checksum(algorithm), dict(headers.metadata)
-                    metadata["fits_checksums"] = "pending" if headers.declares_checksums \
-                        else "absent"
-                    metadata["hdus"] = headers.hdus
-            except fits.FitsError as exc:
-                raise Rejected(f"invalid FITS: {exc.reason}") from None
-        elif name.endswith(FITS_SUFFIXES):
-            raise Rejected("not a FITS file: it does not start with the card 'SIMPLE  ='")
-        else:
-            _size, checksum = fits.hash_fd(fd, algorithm=algorithm)
-            metadata = {}
-        after = Identity.of(os.fstat(fd))
-        if not before.same(after) or after.ctime_ns != before.ctime_ns:
-            raise NotReady("changed while being read")
-        if busy is not None and busy(fd, b""):
-            raise NotReady("opened for writing while being read")
-        # The name must still lead to the file that was read, through the same folders.
-        try:
-            now = Identity.of(os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False))
-        except FileNotFoundError:
-            raise NotReady("vanished while being read") from None
-        if not now.same(after) or not dirs.is_current(parts[:-1], parent_fd):
-            raise NotReady("replaced while being read")
-        return Description(after, checksum, metadata)
-    finally:
-        os.close(fd)
-
-
-def tree_digest(dir_fd: int, algorithm: str,
-                busy: Callable[[int, bytes], bool] | None = None) -> tuple[int, str, int]:
-    """(total bytes, "algorithm:hex" over a sorted manifest of the tree, newest ctime_ns).
-
-    The manifest holds each entry's relative path, type, size and content digest, so two
-    folders digest equally exactly when they hold the same files with the same bytes.
-    Raises Rejected on a link or special file inside.
-    """
-    lines: list[bytes] = []
-    total = 0
-    newest = os.fstat(dir_fd).st_ctime_ns
-    for top, dirs, files, top_fd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
-        rel_top = os.fsencode(top)
-        for name in sorted(dirs + files):
-            st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
-            newest = max(newest, st.st_ctime_ns)
-            rel = os.path.normpath(os.path.join(rel_top, os.fsencode(name)))
-            if stat.S_ISDIR(st.st_mode):
-                lines.append(b"d\0" + rel + b"\n")
-            elif stat.S_ISREG(st.st_mode):
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top_fd)
-                try:
-                    if busy is not None and busy(fd, rel):
-                        raise NotReady(f"{paths.display(rel)} is open for writing")
-                    size, digest = fits.hash_fd(fd, algorithm=algorithm)
-                finally:
-                    os.close(fd)
-                total += size
-                lines.append(b"f\0" + rel + b"\0" + str(size).encode() + b"\0" +
-                             digest.encode() + b"\n")
-            else:
-                raise Rejected(f"{paths.display(rel)} inside the folder is "
-                               f"{paths.type_name(st.st_mode)}")
-    manifest = hashlib.new(algorithm)
-    for line in sorted(lines):
-        manifest.update(line)
-    return total, f"{algorithm}:{manifest.hexdigest()}", newest
-
-
-def describe_directory(root_fd: int, parts: tuple[bytes, ...], rule: ProductRule,
-                       algorithm: str,
-                       busy: Callable[[int, bytes], bool] | None = None) -> Description:
-    try:
-        dir_fd = paths.open_dir_under(root_fd, parts)
-    except paths.UnsafePath as exc:
-        raise Rejected(exc.reason) from None
-    try:
-        before = os.fstat(dir_fd)
-        for required in rule.required:
-            try:
-                st = os.stat(required, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                raise Rejected(f"incomplete {rule.type}: {required} is missing") from None
-            if not stat.S_ISREG(st.st_mode):
-                raise Rejected(f"{required} is {paths.type_name(st.st_mode)}, not a regular file")
-        try:
-            total, checksum, newest = tree_digest(dir_fd, algorithm, busy)
-        except FileNotFoundError:
-            # Something inside went away during the walk: the folder is still changing. (The
-            # folder itself is held open; if it is gone, the next check finds that.)
-            raise NotReady("changed while being read") from None
-        if tree_digest_quick(dir_fd)[2] != newest:
-            raise NotReady("changed while being read")
-        ident = Identity(before.st_dev, before.st_ino, total, before.st_mtime_ns, newest)
-        return Description(ident, checksum, {"files": _count_files(dir_fd)})
-    finally:
-        os.close(dir_fd)
-
-
-def tree_digest_quick(dir_fd: int) -> tuple[int, int, int]:
-    """(total bytes, file count, newest ctime_ns) without reading content: the settle witness
-    of a folder product."""
-    total = count = 0
-    newest = os.fstat(dir_fd).st_ctime_ns
-    for _top, dirs, files, top_fd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
-        for name in dirs + files:
-            try:
-                st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            # ctime only: every write moves it, while mtime can be set to any time (cp -p,
-            # tar, touch -d) and a future mtime would keep the product waiting until then.
-            newest = max(newest, st.st_ctime_ns)
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-                count += 1
-    return total, count, newest
-
-
-def _count_files(dir_fd: int) -> int:
-    return tree_digest_quick(dir_fd)[1]
-
-
 # --- the detector -----------------------------------------------------------------------------
 
 @dataclass
@@ -610,18 +433,18 @@ class Detector:
                 key = paths.display(os.path.join(self.root, *found.parts))
                 if found.parts == parts:
                     present.add(key)
-                elif found.rule.kind == Kind.FILE:
+                elif kinds.of(found.rule).has_sidecars:
                     sidecars.append((path, key, paths.display(found.parts[-1])))
                 if key in seen:
                     continue
                 seen.add(key)
                 known = index.get(key)
-                if known is not None and known[1] is not None and found.rule.kind == Kind.FILE:
+                if known is not None and known[1] is not None:
                     try:
                         st = os.lstat(path)
                     except FileNotFoundError:
                         continue
-                    if stat.S_ISREG(st.st_mode) and known[1].same(Identity.of(st)):
+                    if kinds.of(found.rule).unchanged(st, known[1]):
                         stats["known"] += 1
                         continue
                 self._queue(found)
@@ -697,7 +520,7 @@ class Detector:
     def _late_sidecar(self, m: Match, stage_path: str, dirs: paths.DirCache
                       ) -> Outcome | None:
         """A sidecar beside a product that was already published from this path."""
-        if m.rule.kind != Kind.FILE:
+        if not kinds.of(m.rule).has_sidecars:
             return None
         present = False
         for sidecar in sidecar_names(os.fsdecode(m.parts[-1]), m.rule):
@@ -812,14 +635,13 @@ class Detector:
         ident = Identity.of(st)
         if problem:
             return self._reject(m, data_id, stage_path, problem, ident)
-        want_dir = m.rule.kind == Kind.DIRECTORY
+        kind = kinds.of(m.rule)
         if stat.S_ISLNK(st.st_mode):
             return self._reject(m, data_id, stage_path,
                                 "is a symbolic link; stage the file itself, not a link", ident)
-        if want_dir != stat.S_ISDIR(st.st_mode):
-            wanted = "a folder" if want_dir else "a regular file"
+        if not kind.is_type(st.st_mode):
             return self._reject(m, data_id, stage_path,
-                                f"is {paths.type_name(st.st_mode)}, not {wanted}", ident)
+                                f"is {paths.type_name(st.st_mode)}, not {kind.type_text}", ident)
         quiet_since = self._quiet_since(root_fd, m, st, dirs)
         settle = self.config.settle_seconds
         if now - quiet_since < settle:
@@ -839,11 +661,8 @@ class Detector:
         def busy(fd: int, rel: bytes) -> bool:
             return self.gate.busy(fd, os.path.join(full, rel) if rel else full)
         try:
-            if want_dir:
-                desc = describe_directory(root_fd, m.parts, m.rule, algorithm, busy)
-            else:
-                desc = describe_file(root_fd, m.parts, algorithm, dirs, busy,
-                                     read_data=self._reads_data(m.rule, stage_path, st))
+            desc = kind.describe(root_fd, m.parts, m.rule, algorithm, dirs, busy,
+                                 self._reads_data(m.rule, st, rows))
         except Rejected as exc:
             return self._reject(m, data_id, stage_path, str(exc), ident)
         except NotReady:
@@ -860,7 +679,7 @@ class Detector:
                          stage_path_bytes=os.path.join(self.root, *m.parts),
                          identity=desc.identity, checksum=desc.checksum, metadata=desc.metadata)
 
-    def _reads_data(self, rule: ProductRule, stage_path: str, st: os.stat_result) -> bool:
+    def _reads_data(self, rule: ProductRule, st: os.stat_result, rows: list[Product]) -> bool:
         """Whether registration reads a staged FITS file's data, or leaves that to the
         publish's copy, the one read of a file that goes to another filesystem.
 
@@ -870,13 +689,13 @@ class Detector:
         (the file is checked whole again, so an unchanged bad file keeps its reason rather
         than being copied again); and beside a row published from the same path with the
         same size (only the digest tells an identical rerun, which is not published again,
-        from new bytes)."""
+        from new bytes). `rows`: the rows staged at the product's path."""
         dev = self._products_device(rule)
         if dev is None or dev == st.st_dev:
             return True
         return any(row.status == Status.REJECTED or
                    (row.status == Status.PUBLISHED and row.size_bytes == st.st_size)
-                   for row in self.registry.by_stage_path(stage_path))
+                   for row in rows)
 
     def _products_device(self, rule: ProductRule) -> int | None:
         """st_dev of the rule's products folder, or of its nearest parent that exists (where
@@ -907,16 +726,10 @@ class Detector:
                      dirs: paths.DirCache) -> float:
         """When the product (with its sidecars) last changed. `st` is the product's lstat,
         taken through `dirs` just before."""
-        # ctime, not mtime: see tree_digest_quick().
-        newest = st.st_ctime_ns
-        if m.rule.kind == Kind.DIRECTORY:
-            with contextlib.suppress(OSError, paths.UnsafePath):
-                dir_fd = paths.open_dir_under(root_fd, m.parts)
-                try:
-                    newest = max(newest, tree_digest_quick(dir_fd)[2])
-                finally:
-                    os.close(dir_fd)
-        else:
+        # ctime, not mtime: see content.tree_digest_quick().
+        kind = kinds.of(m.rule)
+        newest = max(st.st_ctime_ns, kind.newest_inside(root_fd, m.parts) or 0)
+        if kind.has_sidecars:
             name = os.fsdecode(m.parts[-1])
             for sidecar in sidecar_names(name, m.rule):
                 with contextlib.suppress(OSError, paths.UnsafePath):

@@ -1,9 +1,11 @@
-"""What publishing does differently for a file product and a folder product.
+"""What detection and publishing do differently for a file product and a folder product.
 
-The protocol (`publish`) is the same for both; each step that depends on the kind asks
-the product's `ProductKind` (`of(rule)`): how to open it, what its type must be, whether
-an inode in it has another name, whether some process is writing it, how to copy it,
-compare it, chmod it after a rename, and remove its staged copy.
+Detection and the protocol (`publish`) are the same for both; each step that depends on
+the kind asks the product's `ProductKind` (`of(rule)`): what its type must be, how to
+describe it, when it last changed, whether an lstat proves it unchanged, whether it has
+sidecars; and for publishing how to open it, whether an inode in it has another name,
+whether some process is writing it, how to copy it, compare it, chmod it after a rename,
+and remove its staged copy.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import stat
 import threading
 from collections.abc import Callable
 
-from contimg_publisher import detect, paths, transfer, writers
+from contimg_publisher import content, paths, transfer, writers
 from contimg_publisher.config import ProductRule
 from contimg_publisher.registry import Identity, checksum_known
 from contimg_publisher.states import Kind
@@ -28,10 +30,27 @@ class ProductKind:
 
     kind = Kind.FILE
     has_sidecars = True
+    type_text = "a regular file"
     open_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
     def is_type(self, mode: int) -> bool:
         return stat.S_ISREG(mode)
+
+    def describe(self, root_fd: int, parts: tuple[bytes, ...], rule: ProductRule,
+                 algorithm: str, dirs: paths.DirCache, busy: content.Busy,
+                 read_data: bool) -> content.Description:
+        """Check the staged product's content and describe it (content.Rejected: bad input;
+        content.NotReady: still changing or being written)."""
+        return content.describe_file(root_fd, parts, algorithm, dirs, busy, read_data)
+
+    def newest_inside(self, root_fd: int, parts: tuple[bytes, ...]) -> int | None:
+        """The newest ctime (ns) of what the product holds beyond its own inode."""
+        return None
+
+    def unchanged(self, st: os.stat_result, registered: Identity) -> bool:
+        """Whether an lstat alone proves the staged product is the one registered (a
+        rescan's shortcut past what is already described)."""
+        return self.is_type(st.st_mode) and registered.same(Identity.of(st))
 
     def linked_elsewhere(self, fd: int, st: os.stat_result) -> bool:
         """Whether renaming would move an inode that also has a name outside the product."""
@@ -98,10 +117,28 @@ class FolderKind(ProductKind):
 
     kind = Kind.DIRECTORY
     has_sidecars = False
+    type_text = "a folder"
     open_flags = ProductKind.open_flags | os.O_DIRECTORY
 
     def is_type(self, mode: int) -> bool:
         return stat.S_ISDIR(mode)
+
+    def describe(self, root_fd: int, parts: tuple[bytes, ...], rule: ProductRule,
+                 algorithm: str, dirs: paths.DirCache, busy: content.Busy,
+                 read_data: bool) -> content.Description:
+        return content.describe_directory(root_fd, parts, rule, algorithm, busy)
+
+    def newest_inside(self, root_fd: int, parts: tuple[bytes, ...]) -> int | None:
+        with contextlib.suppress(OSError, paths.UnsafePath):
+            dir_fd = paths.open_dir_under(root_fd, parts)
+            try:
+                return content.tree_digest_quick(dir_fd)[2]
+            finally:
+                os.close(dir_fd)
+        return None
+
+    def unchanged(self, st: os.stat_result, registered: Identity) -> bool:
+        return False  # the folder's own inode says nothing of the files in it
 
     def linked_elsewhere(self, fd: int, st: os.stat_result) -> bool:
         for _rel, _dirs, files, dfd in os.fwalk(".", dir_fd=fd, follow_symlinks=False):
@@ -136,7 +173,7 @@ class FolderKind(ProductKind):
         size = transfer.copy_tree(src_fd, dest_fd, temp, file_mode, dir_mode, cancel, tick)
         tmp_fd = os.open(temp, _DIR_FLAGS, dir_fd=dest_fd)
         try:
-            return transfer.Copied(size, detect.tree_digest(tmp_fd, algorithm)[1])
+            return transfer.Copied(size, content.tree_digest(tmp_fd, algorithm)[1])
         finally:
             os.close(tmp_fd)
 
@@ -147,8 +184,8 @@ class FolderKind(ProductKind):
                 algorithm: str) -> str | None:
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
         try:
-            return detect.tree_digest(fd, algorithm)[1]
-        except detect.Rejected:
+            return content.tree_digest(fd, algorithm)[1]
+        except content.Rejected:
             return None
         finally:
             os.close(fd)

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from contimg_publisher import detect, fits, kinds, paths, transfer, writers
+from contimg_publisher import content, detect, fits, kinds, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import (
     FailureOutcome,
@@ -346,7 +346,7 @@ class Publisher:
             return True
         except PublishFailure as exc:
             self._fail(job, exc.kind, str(exc))
-        except detect.Rejected as exc:
+        except content.Rejected as exc:
             self._reject(job, str(exc))
         except paths.UnsafePath as exc:
             self._fail(job, FailureKind.SOURCE_CHANGED, f"{exc.path}: {exc.reason}")
@@ -722,7 +722,7 @@ class Publisher:
         if error.reason == fits.CHANGED:
             return PublishFailure(FailureKind.SOURCE_CHANGED, f"{job.product.stage_path}: "
                                   "changed while being copied; it will be examined again")
-        return detect.Rejected(f"invalid FITS: {error.reason}")
+        return content.Rejected(f"invalid FITS: {error.reason}")
 
     def _judge(self, job: _Job, read: transfer.Copied) -> None:
         """The product's read, against the registry: a source that changed since
