@@ -26,6 +26,7 @@ import pytest
 
 from contimg_publisher import config as config_mod
 from contimg_publisher.config import ConfigError
+from contimg_publisher.publish import CRASH_ENV
 from contimg_publisher.registry import Candidate, Identity, Published, Registry
 from tests.helpers import (
     PYTHON,
@@ -485,6 +486,24 @@ def test_a_new_sink_starts_at_the_end_and_restoring_a_row_emits_nothing(tmp_path
         assert len(reg.events_for("old")) == 1
         (state,) = reg.sink_states(["webhook"])
         assert state.undelivered == 0
+
+
+@pytest.mark.parametrize("crash_at", ["after_rename", "after_commit"])
+def test_a_kill_around_the_commit_leaves_exactly_one_event(tmp_path, crash_at):
+    """Killed after the final rename (nothing committed: reconciliation completes the
+    publish, and its event with it) or just after the commit (the event is already in)."""
+    box = Sandbox(tmp_path, detect={"settle_seconds": 0})
+    box.cli("migrate", check=True)
+    write_fits(box.mosaics / "k.fits", seed=3)
+    old = time.time() - 60
+    os.utime(box.mosaics / "k.fits", (old, old))
+    crashed = box.cli("scan", env={CRASH_ENV: crash_at})
+    assert crashed.returncode == -9
+    with Registry(box.registry) as reg:
+        assert len(reg.events_for("k")) == (1 if crash_at == "after_commit" else 0)
+    box.cli("scan", check=True)
+    assert box.row("k")["status"] == "published"
+    assert_one_event_each(box, ["k"])
 
 
 # --- config ---------------------------------------------------------------------------------
