@@ -199,8 +199,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     else:
         print("SKIP part: not root, so no tmpfs; the failed product is made through the "
               "registry instead of by a full disk")
+    # A command sink, so the outbox's per-sink series exist (the rules name them).
     sandbox = Sandbox(root, products_root=products, metrics={"listen": f"127.0.0.1:{port}"},
-                      publish={"max_attempts": 1}, products=RULES_TWO_TYPES)
+                      publish={"max_attempts": 1}, products=RULES_TWO_TYPES,
+                      notify={"command": ["/bin/true"]})
     write_fits(sandbox.mosaics / "good.fits", pixels=8, seed=1)
     if mounted:
         write_fits(sandbox.stage / "big" / "stuck.fits", pixels=256, seed=2)

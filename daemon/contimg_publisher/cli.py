@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -21,12 +22,13 @@ from contimg_publisher.registry import (
     HELD_BY_OPERATOR,
     SCHEMA_VERSION,
     STATUSES,
+    Event,
     Product,
     Registry,
     RegistryError,
     refuse_new_over_archive,
 )
-from contimg_publisher.states import Attempt, Detected, Status
+from contimg_publisher.states import Attempt, Delivery, Detected, Status
 from contimg_publisher.statuspage import format_when as _when
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -76,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_id")
     p = sub.add_parser("release", help="allow automatic publishing of a product again")
     p.add_argument("data_id")
+    p = sub.add_parser("events", help="outbox events not yet delivered to every sink, oldest "
+                                      "first")
+    p.add_argument("--json", action="store_true",
+                   help="a JSON array; with --follow one JSON object per line")
+    p.add_argument("--follow", action="store_true",
+                   help="then print each new event, and each change of one, as it happens")
+    p.add_argument("--all", dest="everything", action="store_true",
+                   help="delivered events too")
+    p.add_argument("--limit", type=int, default=0, help="at most N events (default 0: all)")
+    p.add_argument("--redeliver-dead", action="store_true",
+                   help="send the events a sink gave up on, and those after them, again")
     sub.add_parser("migrate", help="bring the registry file to the current schema")
     sub.add_parser("check-config", help="validate the config and print the effective values")
     return parser
@@ -226,13 +239,15 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             failures = registry.failures_since(now - 3600)
             last = registry.last_published()
             health = statuspage.snapshot(registry, limit=0, now=now,
-                                         unclaimed_after=cfg.unclaimed_after_seconds)
+                                         unclaimed_after=cfg.unclaimed_after_seconds,
+                                         sinks=cfg.notify_sinks)
             held = registry_mod.held(registry, [r.type for r in cfg.products])
             health.failed = registry_mod.by_status(registry, Status.FAILED)
     except RegistryError as exc:
         return _status_unreadable(cfg, args, exc, holder, running, paused)
     max_age = cfg.status_max_waiting_age_seconds
-    problems = statuspage.problems(health, max_age, running, paused)
+    problems = statuspage.problems(health, max_age, running, paused,
+                                   max_undelivered_age=cfg.status_max_undelivered_age_seconds)
     data: dict[str, Any] = {
         "counts": counts,
         "oldest_waiting": None if oldest is None else {
@@ -258,6 +273,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                   "staged_at": r.staged_at} for r, why in held],
         "failed": [{"data_id": r.data_id, "data_type": r.data_type,
                     "publish_error": r.publish_error} for r in health.failed],
+        "events": [k.to_json(now) for k in health.sinks],
+        "max_undelivered_age_seconds": cfg.status_max_undelivered_age_seconds,
         "problems": problems,
         "ok": not problems,
     }
@@ -289,6 +306,15 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
               " waiting for an operator (`contimg-publisher show DATA_ID`, then `retry`)")
         for r in health.failed:
             print(f"  {r.data_id}  {_one_line(r.publish_error, 100)}")
+    if not health.sinks:
+        print("events     no sink configured ([notify] url, command): kept, sent nowhere")
+    for k in health.sinks:
+        waited = "" if k.oldest_undelivered_at is None else \
+            f", the oldest waiting {statuspage.format_age(now - k.oldest_undelivered_at)}"
+        failing = f"; {k.attempts} failed attempts, last: {_one_line(k.last_error, 80)}" \
+            if k.attempts else ""
+        dead = f"; {k.dead} given up on" if k.dead else ""
+        print(f"events     {k.sink}: {k.undelivered} undelivered{waited}{failing}{dead}")
     if health.unclaimed:
         print(f"unclaimed in staging  {len(health.unclaimed)} file"
               f"{'s' if len(health.unclaimed) != 1 else ''} that no product owns "
@@ -441,6 +467,95 @@ def cmd_release(cfg: Config, args: argparse.Namespace) -> int:
     return _hold(cfg, args.data_id, False)
 
 
+def _event_json(event: Event, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {**event.to_json(), "deliveries": states}
+
+
+def _event_line(event: Event, states: dict[str, dict[str, Any]], now: float) -> list[str]:
+    def one(sink: str, st: dict[str, Any]) -> str:
+        text = f"{sink}: {st['state']}"
+        if st["state"] != Delivery.DELIVERED and st.get("attempts"):
+            text += f" ({st['attempts']} attempts: {_one_line(st.get('error'), 60)})"
+        return text
+    return [str(event.seq), event.event_id, event.data_id,
+            statuspage.format_age(now - event.created_at),
+            "; ".join(one(k, v) for k, v in states.items()) or "no sink configured"]
+
+
+EVENT_HEADER = ["SEQ", "EVENT_ID", "DATA_ID", "AGE", "SINKS"]
+
+
+def cmd_events(cfg: Config, args: argparse.Namespace) -> int:
+    """The outbox: what waits for a consumer. Exit 0 whatever waits (`status` judges)."""
+    if args.limit < 0:
+        raise UsageError("--limit must be >= 0")
+    sinks = cfg.notify_sinks
+    with _open(cfg) as registry:
+        if args.redeliver_dead:
+            again = registry.redeliver_dead(sinks)
+            for sink in sinks:
+                print(f"{sink}: {again.get(sink, 0)} events to deliver again")
+            return EXIT_OK
+        with registry.read():
+            rows = registry.events(sinks, everything=args.everything, limit=args.limit or None)
+            last = registry.last_event_seq()
+        now = time.time()
+        if not args.follow:
+            if args.json:
+                print(json.dumps([_event_json(e, st) for e, st in rows], indent=2))
+            elif rows:
+                print(_table([_event_line(e, st, now) for e, st in rows], EVENT_HEADER))
+            else:
+                print("no undelivered events" if sinks else
+                      "no sink configured ([notify] url, command): events are kept, sent "
+                      "nowhere")
+            return EXIT_OK
+        return _follow(registry, sinks, rows, last, args.json)
+
+
+def _follow(registry: Registry, sinks: tuple[str, ...],
+            rows: list[tuple[Event, dict[str, dict[str, Any]]]], last: int,
+            as_json: bool) -> int:
+    """Print the rows, then each new event and each change of state of one, until
+    SIGINT or SIGTERM (exit 0)."""
+    stop: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    shown: dict[int, dict[str, dict[str, Any]]] = {}
+    if not as_json:
+        print("  ".join(EVENT_HEADER), flush=True)
+
+    def emit(event: Event, states: dict[str, dict[str, Any]]) -> None:
+        if as_json:
+            print(json.dumps(_event_json(event, states)), flush=True)
+        else:
+            print("  ".join(_event_line(event, states, time.time())), flush=True)
+
+    for event, states in rows:
+        emit(event, states)
+        shown[event.seq] = states
+    while not stop:
+        time.sleep(0.5)
+        watched = [seq for seq, st in shown.items()
+                   if any(v["state"] == Delivery.PENDING for v in st.values())]
+        low = min(watched, default=last + 1) - 1
+        with registry.read():
+            fresh = registry.events(sinks, everything=True, after=low)
+        for event, states in fresh:
+            if event.seq > last or (event.seq in shown and shown[event.seq] != states):
+                emit(event, states)
+            shown[event.seq] = states
+            last = max(last, event.seq)
+        for seq in [s for s, st in shown.items()
+                    if not any(v["state"] == Delivery.PENDING for v in st.values())]:
+            del shown[seq]
+    return EXIT_OK
+
+
 def cmd_migrate(cfg: Config, args: argparse.Namespace) -> int:
     with Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False) as registry:
         before = registry.version()
@@ -495,5 +610,5 @@ def cmd_scan(cfg: Config, args: argparse.Namespace) -> int:
 COMMANDS = {
     "status": cmd_status, "list": cmd_list, "show": cmd_show, "retry": cmd_retry,
     "publish": cmd_publish, "hold": cmd_hold, "release": cmd_release, "migrate": cmd_migrate,
-    "check-config": cmd_check_config, "scan": cmd_scan,
+    "check-config": cmd_check_config, "scan": cmd_scan, "events": cmd_events,
 }

@@ -12,6 +12,9 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
+
+from contimg_publisher.states import Sink
 
 DEFAULT_PATH = "/etc/contimg-publisher/config.toml"
 ENV_VAR = "CONTIMG_PUBLISHER_CONFIG"
@@ -97,13 +100,29 @@ class Config:
     # [metrics]
     metrics_enabled: bool = True
     metrics_listen: str = "127.0.0.1:9465"
+    # [notify]
+    notify_url: str | None = None
+    notify_command: tuple[str, ...] = ()
+    notify_connect_timeout_seconds: float = 5.0
+    notify_read_timeout_seconds: float = 30.0
+    notify_command_timeout_seconds: float = 60.0
+    notify_retry_initial_seconds: float = 1.0
+    notify_retry_max_seconds: float = 300.0
+    notify_max_attempts: int = 0  # 0: never give up on an event (it blocks those after it)
     # [status]
     status_max_waiting_age_seconds: float = 3600.0
+    status_max_undelivered_age_seconds: float = 900.0
     # [log]
     log_level: str = "info"
     log_format: str = "auto"
     # [[products]]
     products: tuple[ProductRule, ...] = field(default=DEFAULT_RULES)
+
+    @property
+    def notify_sinks(self) -> tuple[Sink, ...]:
+        """The outbox sinks configured ([notify] url, command), in delivery order."""
+        return (((Sink.WEBHOOK,) if self.notify_url else ())
+                + ((Sink.COMMAND,) if self.notify_command else ()))
 
     @property
     def lock_path(self) -> Path:
@@ -132,8 +151,8 @@ class Config:
         return out
 
 
-# (table, key) -> (Config field, kind). Kinds: path, posfloat, nonnegfloat, posint, str, mode,
-# strlist, level, format.
+# (table, key) -> (Config field, kind). Kinds: path, posfloat, nonnegfloat, posint, nonnegint,
+# str, mode, strlist, level, format, url, command.
 _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "paths": {
         "stage_root": ("stage_root", "path"),
@@ -164,7 +183,20 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     },
     "service": {"stop_timeout_seconds": ("stop_timeout_seconds", "nonnegfloat")},
     "metrics": {"enabled": ("metrics_enabled", "bool"), "listen": ("metrics_listen", "listen")},
-    "status": {"max_waiting_age_seconds": ("status_max_waiting_age_seconds", "posfloat")},
+    "notify": {
+        "url": ("notify_url", "url"),
+        "command": ("notify_command", "command"),
+        "connect_timeout_seconds": ("notify_connect_timeout_seconds", "posfloat"),
+        "read_timeout_seconds": ("notify_read_timeout_seconds", "posfloat"),
+        "command_timeout_seconds": ("notify_command_timeout_seconds", "posfloat"),
+        "retry_initial_seconds": ("notify_retry_initial_seconds", "posfloat"),
+        "retry_max_seconds": ("notify_retry_max_seconds", "posfloat"),
+        "max_attempts": ("notify_max_attempts", "nonnegint"),
+    },
+    "status": {
+        "max_waiting_age_seconds": ("status_max_waiting_age_seconds", "posfloat"),
+        "max_undelivered_age_seconds": ("status_max_undelivered_age_seconds", "posfloat"),
+    },
     "log": {"level": ("log_level", "level"), "format": ("log_format", "format")},
 }
 _PRODUCT_KEYS = {"type", "glob", "destination", "kind", "sidecars", "required", "require"}
@@ -238,12 +270,27 @@ def _convert(value: Any, kind: str, key: str, source: Path | None, base: Path) -
         if value != value or value in (float("inf"), float("-inf")):
             raise fail(f"must be finite, got {value}")
         return float(value)
-    if kind == "posint":
+    if kind in ("posint", "nonnegint"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail(f"must be an integer, got {type(value).__name__} {value!r}")
-        if value <= 0:
-            raise fail(f"must be > 0, got {value}")
+        if value < 0 or (kind == "posint" and value == 0):
+            raise fail(f"must be {'> 0' if kind == 'posint' else '>= 0'}, got {value}")
         return value
+    if kind == "url":
+        if not isinstance(value, str):
+            raise fail(f"must be a string URL, got {type(value).__name__} {value!r}")
+        try:
+            check_url(value)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        return value
+    if kind == "command":
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, str) and v and "\0" not in v for v in value):
+            raise fail("must be a non-empty list of non-empty strings, the program then its "
+                       f"arguments (e.g. [\"/usr/local/bin/on-publish\", \"--queue\"]), got "
+                       f"{value!r}")
+        return tuple(value)
     if kind == "mode":
         if isinstance(value, str):
             try:
@@ -282,6 +329,23 @@ def _convert(value: Any, kind: str, key: str, source: Path | None, base: Path) -
             raise fail(f"must be one of {', '.join(_ALGORITHMS)}, got {value!r}")
         return value
     raise AssertionError(kind)
+
+
+def check_url(value: str) -> None:
+    """ValueError naming what is wrong, unless an http:// or https:// URL with a host."""
+    if not value or any(not c.isprintable() or c.isspace() for c in value):
+        raise ValueError(f"must be a URL without spaces or control characters, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"must start with https:// or http://, got {value!r}")
+    if not parts.hostname:
+        raise ValueError(f"must name a host, got {value!r}")
+    if parts.fragment:
+        raise ValueError(f"must not carry a #fragment, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+    except ValueError:
+        raise ValueError(f"has a bad port, got {value!r}") from None
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -399,6 +463,10 @@ def _check_relations(config: Config, source: Path | None) -> None:
     if _inside(config.registry, products):
         raise ConfigError(source, "paths.registry",
                           f"{config.registry} is inside products_root {products}")
+    if config.notify_retry_max_seconds < config.notify_retry_initial_seconds:
+        raise ConfigError(source, "notify.retry_max_seconds",
+                          f"({config.notify_retry_max_seconds}) is less than "
+                          f"retry_initial_seconds ({config.notify_retry_initial_seconds})")
     if config.backoff_max_seconds < config.backoff_initial_seconds:
         raise ConfigError(source, "publish.backoff_max_seconds",
                           f"({config.backoff_max_seconds}) is less than backoff_initial_seconds "

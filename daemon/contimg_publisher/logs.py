@@ -22,6 +22,8 @@ MESSAGE_IDS = {
     "registry_unavailable": "9c2e4a6c8e0a4b2d9f1e3a5c7e9b1d67",
     "registry_still_unavailable": "4a6c8e0a2c4e4f6a8b0d2f4a6c8e0b68",
     "registry_available": "d0b2d4f6a8c04e2a9c4e6a8c0e2a4c69",
+    "event_delivery_failed": "1108bcda48964455b78dc737a51e7750",
+    "event_dead_lettered": "14be95682ac84e54a3ea4b92c014de64",
 }
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}

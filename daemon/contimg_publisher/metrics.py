@@ -40,7 +40,7 @@ from contimg_publisher import __version__, statuspage
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, split_listen
 from contimg_publisher.registry import FAILURE_KINDS, STATUSES, Registry, RegistryError
-from contimg_publisher.states import Attempt, Detected
+from contimg_publisher.states import Attempt, Detected, Sink
 
 PREFIX = "contimg_publisher"
 
@@ -102,6 +102,17 @@ class RegistryCollector(Collector):
         unclaimed_age = GaugeMetricFamily(
             f"{PREFIX}_unclaimed_oldest_age_seconds",
             "Time since the oldest unclaimed file last changed (0 when there is none)")
+        undelivered = GaugeMetricFamily(
+            f"{PREFIX}_events_undelivered",
+            "Outbox events a configured sink has not taken yet", labels=["sink"])
+        undelivered_age = GaugeMetricFamily(
+            f"{PREFIX}_events_oldest_undelivered_age_seconds",
+            "Age of the oldest event a configured sink has not taken (0 when none waits)",
+            labels=["sink"])
+        dead = GaugeMetricFamily(
+            f"{PREFIX}_events_dead",
+            "Events a configured sink gave up on after [notify] max_attempts",
+            labels=["sink"])
         try:
             with _reader(config) as registry, registry.read():
                 by_type = registry.counts_by_type()
@@ -109,6 +120,7 @@ class RegistryCollector(Collector):
                 newest = registry.last_published()
                 size_bytes = registry.size_bytes()
                 strays = registry.unclaimed(now - config.unclaimed_after_seconds)
+                sinks = registry.sink_states(config.notify_sinks)
         except (RegistryError, apsw.Error, OSError) as exc:
             self.metrics.note_scrape_error(f"{type(exc).__name__}: {exc}")
             readable.add_metric([], 0)
@@ -125,7 +137,13 @@ class RegistryCollector(Collector):
         size.add_metric([], size_bytes)
         unclaimed.add_metric([], len(strays))
         unclaimed_age.add_metric([], max((now - u.changed_at for u in strays), default=0.0))
-        yield from (readable, products, oldest, size, unclaimed, unclaimed_age)
+        for sink in sinks:
+            undelivered.add_metric([sink.sink], sink.undelivered)
+            undelivered_age.add_metric([sink.sink], 0.0 if sink.oldest_undelivered_at is None
+                                       else max(0.0, now - sink.oldest_undelivered_at))
+            dead.add_metric([sink.sink], sink.dead)
+        yield from (readable, products, oldest, size, unclaimed, unclaimed_age, undelivered,
+                    undelivered_age, dead)
         if newest is not None:
             yield last
 
@@ -181,6 +199,17 @@ class Metrics:
             f"{PREFIX}_registry_unavailable_seconds", "How long publishing has been paused "
             "because the registry cannot be used (0 when it can)", registry=r)
         self.registry_unavailable_seconds.set_function(self._paused_seconds)
+        self.delivered = Counter(f"{PREFIX}_events_delivered", "Outbox events a sink took, "
+                                 "by sink", ["sink"], registry=r)
+        self.delivery_failures = Counter(f"{PREFIX}_event_delivery_failures",
+                                         "Failed attempts to deliver an outbox event, by sink",
+                                         ["sink"], registry=r)
+        self.dead_lettered = Counter(f"{PREFIX}_events_dead_lettered", "Outbox events given "
+                                     "up on after [notify] max_attempts, by sink", ["sink"],
+                                     registry=r)
+        for sink in Sink:
+            for counter in (self.delivered, self.delivery_failures, self.dead_lettered):
+                counter.labels(sink)
         self.info.labels(__version__).set(1)
         self.start_time.set(self.started_at)
         self.last_reload_ok.set(1)
@@ -219,6 +248,13 @@ class Metrics:
             self.rejected.labels(result.data_type).inc()
         elif result.status == "lost":
             self.failures.labels("lost").inc()
+
+    def observe_delivery(self, sink: str, ok: bool, dead: bool = False) -> None:
+        """One delivery attempt, from the delivery thread (prometheus_client counters take
+        increments from any thread)."""
+        (self.delivered if ok else self.delivery_failures).labels(sink).inc()
+        if dead:
+            self.dead_lettered.labels(sink).inc()
 
     def observe_crash(self) -> None:
         self.failures.labels("crashed").inc()
@@ -305,7 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with _reader(config) as registry:
                 health = statuspage.snapshot(registry,
-                                             unclaimed_after=config.unclaimed_after_seconds)
+                                             unclaimed_after=config.unclaimed_after_seconds,
+                                             sinks=config.notify_sinks)
         except (RegistryError, apsw.Error, OSError) as exc:
             if paused is None:
                 raise
@@ -315,7 +352,9 @@ class _Handler(BaseHTTPRequestHandler):
                 ).encode("utf-8")
         return 200, statuspage.render(health, started_at=metrics.started_at,
                                       max_waiting_age=config.status_max_waiting_age_seconds,
-                                      paused=paused).encode("utf-8")
+                                      paused=paused,
+                                      max_undelivered_age=config.status_max_undelivered_age_seconds
+                                      ).encode("utf-8")
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         """Requests are not logged: a scrape every few seconds would flood the journal."""

@@ -19,6 +19,7 @@ import random
 import socket
 import stat
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,14 +30,14 @@ import apsw
 from contimg_publisher import fsguard, paths
 from contimg_publisher.config import QA_FIELDS
 from contimg_publisher.qa import Condition
-from contimg_publisher.states import FailureKind, Kind, Status
+from contimg_publisher.states import Delivery, FailureKind, Kind, Status
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
 # Reads outside a transaction ask fsguard at most this often: a burst makes thousands of
 # them, each asked anyway only a moment before SQLite touches the -shm. Writes ask always.
 READ_GUARD_SECONDS = 0.1
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 STATUSES = tuple(Status)
 FAILURE_KINDS = tuple(FailureKind)
@@ -242,6 +243,87 @@ _LOG_PUBLISH = (
     " SELECT data_id, data_type, stage_path, published_path, size_bytes, checksum,"
     " sidecars_json, header_json, publish_mode, published_at FROM data_registry"
     " WHERE data_id = ? AND status = 'published'")
+
+
+# The outbox: one event per publish, written in the transaction that makes the row
+# `published`, so a crash can lose neither the event nor the publish without the other.
+# `id` is the delivery order; `event_id` the stable id a consumer deduplicates by. Each sink
+# (outbox_sinks) has one cursor: every event up to `delivered_through` is done for it
+# (delivered, or given up on), so "what is undelivered" is a range of rowids, however long
+# the outbox grows. outbox_deliveries keeps how each event ended for each sink.
+SCHEMA_V7 = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    data_id TEXT NOT NULL,
+    payload_json TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_by_product ON outbox(data_id);
+CREATE TABLE IF NOT EXISTS outbox_sinks (
+    sink TEXT PRIMARY KEY,
+    delivered_through INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    last_attempt_at REAL,
+    added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox_deliveries (
+    event INTEGER NOT NULL,
+    sink TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    at REAL NOT NULL,
+    error TEXT,
+    PRIMARY KEY (event, sink)
+);
+"""
+
+EVENT_PUBLISHED = "published"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One outbox row: what a consumer is told, identical at every delivery."""
+
+    seq: int
+    event_id: str
+    type: str
+    data_id: str
+    created_at: float
+    payload: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The body sent to every sink."""
+        return {"event_id": self.event_id, "sequence": self.seq, "type": self.type,
+                "time": self.created_at, **self.payload}
+
+
+@dataclass(frozen=True)
+class SinkState:
+    """Where one sink stands: its backlog and the last failure at its head."""
+
+    sink: str
+    registered: bool
+    delivered_through: int
+    undelivered: int
+    oldest_undelivered_at: float | None
+    attempts: int
+    last_error: str | None
+    last_attempt_at: float | None
+    dead: int
+    head: int | None = None  # the sequence number of the event it waits to deliver
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        oldest = self.oldest_undelivered_at
+        return {"sink": self.sink, "registered": self.registered,
+                "undelivered": self.undelivered,
+                "oldest_undelivered_age_seconds": None if oldest is None
+                else round(max(0.0, now - oldest), 3),
+                "attempts": self.attempts, "last_error": self.last_error,
+                "last_attempt_at": self.last_attempt_at, "dead": self.dead,
+                "delivered_through": self.delivered_through}
 
 
 @dataclass(frozen=True)
@@ -735,7 +817,8 @@ class Registry:
         applied = []
         for target, step in ((1, self._migrate_legacy), (2, self._migrate_v2),
                              (3, self._migrate_v3), (4, self._migrate_v4),
-                             (5, self._migrate_v5), (6, self._migrate_v6)):
+                             (5, self._migrate_v5), (6, self._migrate_v6),
+                             (7, self._migrate_v7)):
             with self.write() as cur:
                 # Re-read inside the write lock: another process may have migrated meanwhile.
                 row = cur.execute("PRAGMA user_version").fetchone()
@@ -786,6 +869,12 @@ class Registry:
             " sidecars_json, header_json, publish_mode, COALESCE(published_at, 0)"
             " FROM data_registry WHERE status = 'published' AND published_path IS NOT NULL"
             " AND checksum IS NOT NULL")
+
+    def _migrate_v7(self, cur: apsw.Cursor) -> None:
+        """The outbox (see SCHEMA_V7). Nothing published before is put in it: those
+        products were handled by whatever ran then, and an upgrade must not send every
+        consumer the whole history of the archive."""
+        cur.execute(SCHEMA_V7)
 
     def _migrate_v2(self, cur: apsw.Cursor) -> None:
         have = self._columns(cur, "data_registry")
@@ -1228,6 +1317,7 @@ class Registry:
                     "INSERT OR IGNORE INTO data_relationships (parent_data_id,"
                     " child_data_id, relationship_type) VALUES (?, ?, 'supersedes')",
                     (item.data_id, item.supersedes))
+            self._emit_published(cur, item.data_id, item.supersedes, now)
         return True
 
     def confirm_published(self, data_id: str, published_path: str, size_bytes: int,
@@ -1251,7 +1341,207 @@ class Registry:
             if self.conn.changes() == 0:
                 return False
             cur.execute(_LOG_PUBLISH, (data_id,))
+            # Never recorded as published before, so no consumer was ever told.
+            self._emit_published(cur, data_id, None, now)
             return True
+
+    def _emit_published(self, cur: apsw.Cursor, data_id: str, supersedes: str | None,
+                        now: float) -> None:
+        """The outbox event of a row just made `published`, in the caller's transaction:
+        committed with the publish or not at all."""
+        row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
+        assert row is not None  # updated just above, in this transaction
+        product = _product(row)
+        payload = {
+            "data_id": product.data_id, "data_type": product.data_type,
+            "published_path": product.published_path, "stage_path": product.stage_path,
+            "checksum": product.checksum if checksum_known(product.checksum) else None,
+            "size_bytes": product.size_bytes, "metadata": product.metadata,
+            "sidecars": product.sidecars, "supersedes": supersedes,
+            "published_at": product.published_at, "publish_mode": product.publish_mode,
+            "host": socket.gethostname()}
+        cur.execute("INSERT INTO outbox (event_id, type, data_id, payload_json, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (str(uuid.uuid4()), EVENT_PUBLISHED, data_id,
+                     json.dumps(payload, sort_keys=True, default=str), now))
+
+    # --- the outbox -----------------------------------------------------------------------
+
+    def add_sinks(self, sinks: Sequence[str], now: float | None = None) -> list[str]:
+        """Give each sink not seen before its cursor at the end of the outbox: a new
+        consumer hears of the publishes from now on, not the archive's history. A sink seen
+        before keeps its cursor (one removed and configured again resumes where it
+        stopped). Returns the sinks added."""
+        now = time.time() if now is None else now
+        added = []
+        with self.write() as cur:
+            for sink in sinks:
+                cur.execute("INSERT OR IGNORE INTO outbox_sinks (sink, delivered_through,"
+                            " added_at) VALUES (?, (SELECT COALESCE(MAX(id), 0) FROM outbox),"
+                            " ?)", (sink, now))
+                if self.conn.changes():
+                    added.append(sink)
+        return added
+
+    def outbox_head(self, sink: str) -> Event | None:
+        """The oldest event not yet done for this sink (None: nothing waits, or the sink
+        is not registered)."""
+        rows = self._events(
+            "SELECT * FROM outbox WHERE id > (SELECT delivered_through FROM outbox_sinks"
+            " WHERE sink = ?) ORDER BY id LIMIT 1", (sink,))
+        return rows[0] if rows else None
+
+    def _events(self, sql: str, args: Sequence[Any] = ()) -> list[Event]:
+        out = []
+        for seq, event_id, type_, data_id, payload, created_at in self.conn.execute(
+                sql.replace("SELECT *", "SELECT id, event_id, type, data_id, payload_json,"
+                            " created_at", 1), args):
+            try:
+                body = json.loads(payload)
+            except ValueError:
+                body = {"_unparsed": payload}
+            out.append(Event(seq, event_id, type_, data_id, created_at,
+                             body if isinstance(body, dict) else {"_value": body}))
+        return out
+
+    def record_delivered(self, sink: str, seq: int, now: float | None = None) -> int:
+        """The sink took event `seq` (its head): the cursor moves past it. Returns the
+        attempts it took, 0 when the cursor was already past it (nothing changed)."""
+        return self._finish(sink, seq, Delivery.DELIVERED, None, None, now)
+
+    def record_delivery_failure(self, sink: str, seq: int, error: str, error_max_chars: int,
+                                max_attempts: int = 0, now: float | None = None
+                                ) -> tuple[int, bool]:
+        """A failed attempt at the sink's head, counted; with max_attempts > 0 and that many
+        failures the event is given up on for this sink (`dead`, kept in
+        outbox_deliveries) and the next one becomes the head. Returns (attempts, dead)."""
+        now = time.time() if now is None else now
+        text = truncate(error, error_max_chars)
+        with self.write() as cur:
+            row = _one(cur, "SELECT delivered_through, attempts FROM outbox_sinks"
+                       " WHERE sink = ?", (sink,))
+            if row is None or int(row["delivered_through"]) >= seq:
+                return 0, False
+            attempts = int(row["attempts"]) + 1
+            if max_attempts and attempts >= max_attempts:
+                self._finish(sink, seq, Delivery.DEAD, attempts, text, now)
+                return attempts, True
+            cur.execute("UPDATE outbox_sinks SET attempts = ?, last_error = ?,"
+                        " last_attempt_at = ? WHERE sink = ?", (attempts, text, now, sink))
+        return attempts, False
+
+    def _finish(self, sink: str, seq: int, outcome: str, attempts: int | None,
+                error: str | None, now: float | None) -> int:
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            if attempts is None:
+                attempts = int(self._scalar("SELECT attempts FROM outbox_sinks WHERE sink = ?",
+                                            (sink,)) or 0) + 1
+            # The head's failures go with it (a dead one's into outbox_deliveries).
+            cur.execute("UPDATE outbox_sinks SET delivered_through = ?, attempts = 0,"
+                        " last_error = NULL, last_attempt_at = ?"
+                        " WHERE sink = ? AND delivered_through < ?", (seq, now, sink, seq))
+            if self.conn.changes() == 0:
+                return 0
+            cur.execute("INSERT OR REPLACE INTO outbox_deliveries (event, sink, outcome,"
+                        " attempts, at, error) VALUES (?, ?, ?, ?, ?, ?)",
+                        (seq, sink, outcome, attempts, now, error))
+        return attempts
+
+    def redeliver_dead(self, sinks: Sequence[str]) -> dict[str, int]:
+        """Each sink's cursor goes back to just before the oldest event it gave up on:
+        that event and every one after it are delivered again, in order (a consumer that
+        deduplicates by event_id sees the ones it has once). Returns sink -> events
+        queued again."""
+        out: dict[str, int] = {}
+        with self.write() as cur:
+            for sink in sinks:
+                first = self._scalar("SELECT MIN(event) FROM outbox_deliveries WHERE sink = ?"
+                                     " AND outcome = 'dead'", (sink,))
+                if first is None:
+                    continue
+                cur.execute("DELETE FROM outbox_deliveries WHERE sink = ? AND event >= ?",
+                            (sink, first))
+                cur.execute("UPDATE outbox_sinks SET delivered_through = ?, attempts = 0,"
+                            " last_error = NULL WHERE sink = ?", (int(first) - 1, sink))
+                out[sink] = int(self._scalar("SELECT COUNT(*) FROM outbox WHERE id >= ?",
+                                             (first,)))
+        return out
+
+    def sink_states(self, sinks: Sequence[str]) -> list[SinkState]:
+        """Backlog and last failure of each sink; a sink the daemon has not registered yet
+        has no backlog (it starts at the end of the outbox)."""
+        out = []
+        for sink in sinks:
+            row = self.conn.execute(
+                "SELECT delivered_through, attempts, last_error, last_attempt_at"
+                " FROM outbox_sinks WHERE sink = ?", (sink,)).fetchone()
+            if row is None:
+                out.append(SinkState(sink, False, 0, 0, None, 0, None, None, 0))
+                continue
+            through, attempts, error, at = row
+            count, oldest, head = cast("tuple[int, float | None, int | None]", self.conn.execute(
+                "SELECT COUNT(*), MIN(created_at), MIN(id) FROM outbox WHERE id > ?",
+                (through,)).fetchone())
+            dead = int(self._scalar("SELECT COUNT(*) FROM outbox_deliveries WHERE sink = ?"
+                                    " AND outcome = 'dead'", (sink,)))
+            out.append(SinkState(sink, True, int(through), int(count), oldest, int(attempts),
+                                 error, at, dead, head))
+        return out
+
+    def events(self, sinks: Sequence[str], everything: bool = False, after: int = 0,
+               limit: int | None = None) -> list[tuple[Event, dict[str, dict[str, Any]]]]:
+        """Events oldest first, each with its state for every sink: {"state": "pending" |
+        "delivered" | "dead", "attempts", "at", "error"}. Without `everything`, only those
+        still pending for some sink or given up on by one."""
+        cursors = {s.sink: s for s in self.sink_states(sinks) if s.registered}
+        low = min((s.delivered_through for s in cursors.values()), default=None)
+        where = ["id > ?"]
+        args: list[Any] = [after]
+        if not everything:
+            pending = "" if low is None else f"id > {int(low)}"
+            dead = ("id IN (SELECT event FROM outbox_deliveries WHERE outcome = 'dead'"
+                    f" AND sink IN ({','.join('?' * len(cursors))}))") if cursors else ""
+            either = " OR ".join(p for p in (pending, dead) if p)
+            if not either:
+                return []
+            where.append(f"({either})")
+            args += list(cursors)
+        sql = f"SELECT * FROM outbox WHERE {' AND '.join(where)} ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        events = self._events(sql, args)
+        done: dict[tuple[int, str], dict[str, Any]] = {}
+        if events:
+            for seq, sink, outcome, attempts, at, error in self.conn.execute(
+                    "SELECT event, sink, outcome, attempts, at, error FROM outbox_deliveries"
+                    " WHERE event BETWEEN ? AND ?", (events[0].seq, events[-1].seq)):
+                done[(seq, sink)] = {"state": outcome, "attempts": attempts, "at": at,
+                                     "error": error}
+        out = []
+        for event in events:
+            states: dict[str, dict[str, Any]] = {}
+            for sink, state in cursors.items():
+                if event.seq > state.delivered_through:
+                    head = event.seq == state.head
+                    states[sink] = {"state": Delivery.PENDING,
+                                    "attempts": state.attempts if head else 0,
+                                    "at": state.last_attempt_at if head else None,
+                                    "error": state.last_error if head else None}
+                else:
+                    states[sink] = done.get((event.seq, sink)) or {
+                        "state": Delivery.DELIVERED, "attempts": None, "at": None,
+                        "error": None}
+            if everything or any(v["state"] != Delivery.DELIVERED for v in states.values()):
+                out.append((event, states))
+        return out
+
+    def last_event_seq(self) -> int:
+        return int(self._scalar("SELECT COALESCE(MAX(id), 0) FROM outbox"))
+
+    def events_for(self, data_id: str) -> list[Event]:
+        return self._events("SELECT * FROM outbox WHERE data_id = ? ORDER BY id", (data_id,))
 
     def publish_records(self, data_id: str, stage_path: str) -> list[PublishRecord]:
         """This program's publishes of a product (by its id or its staged path), newest

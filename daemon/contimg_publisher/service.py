@@ -28,6 +28,7 @@ from contimg_publisher import (
     logs,
     metrics,
     outage,
+    outbox,
     paths,
     publish,
     qa,
@@ -192,6 +193,7 @@ class Daemon:
         self.watcher: watch.Watcher | None = None
         self.detector: detect.Detector | None = None
         self.worker: Worker | None = None
+        self.delivery: outbox.Delivery | None = None  # the outbox's sinks, a thread of its own
         # Which process has a staged file open for writing: the kernel's leases, or the
         # watch's close-write events where leases do not answer (set up by _probe_writers).
         self.gate = writers.WriterGate(leases=True, tracker=writers.WriteTracker())
@@ -255,6 +257,8 @@ class Daemon:
                 return
         self.worker = Worker(cfg, self.owner, self.wake, self.gate)
         self.worker.start()
+        self.delivery = outbox.Delivery(cfg, self.metrics)
+        self.delivery.start()
         self._start_metrics()
         self.log.info("started", stage_root=str(cfg.stage_root),
                       products_root=str(cfg.products_root), registry=str(cfg.registry),
@@ -274,6 +278,9 @@ class Daemon:
                 self.registry.set_qa_gate(qa.conditions(cfg.products))
             if self.lock is None:
                 self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
+            # Before anything can publish: a sink configured for the first time hears of
+            # every publish from this start on.
+            self.registry.add_sinks(cfg.notify_sinks)
             notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
             self._reconcile(startup=True)
             park_outside_root(cfg, self.registry, self.log)
@@ -594,6 +601,8 @@ class Daemon:
         self.metrics.observe_result(result, product.size_bytes)
         if result.status is Attempt.PUBLISHED:
             self.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
+            if self.delivery is not None:
+                self.delivery.wake()  # its event is committed; never waited for
         if result.kind == "source_changed" and self.detector is not None:
             self.detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
                                is None else product.stage_path_bytes)
@@ -687,6 +696,8 @@ class Daemon:
         assert self.detector is not None and self.registry is not None
         self.registry.set_qa_gate(qa.conditions(new.products))
         self.detector.reconfigure(new)
+        if self.delivery is not None:
+            self.delivery.reconfigure(new)
         if new.stage_root != old.stage_root:
             if self.watcher is not None:
                 self.watcher.stop()
@@ -724,6 +735,8 @@ class Daemon:
                       batch=len(in_flight))
         if self.watcher is not None:
             self.watcher.stop()
+        if self.delivery is not None:
+            self.delivery.stop()  # a delivery in flight is cut short: sent again next start
         if self.worker is not None:
             self.worker.stop_batch.set()  # the product in hand is finished, the rest go back
             deadline = time.monotonic() + self.config.stop_timeout_seconds

@@ -92,3 +92,18 @@ class Kind(StrEnum):
 
     FILE = "file"
     DIRECTORY = "directory"
+
+
+class Sink(StrEnum):
+    """Where outbox events go (the [notify] keys that configure each)."""
+
+    WEBHOOK = "webhook"          # [notify] url: an HTTP POST
+    COMMAND = "command"          # [notify] command: the event on its standard input
+
+
+class Delivery(StrEnum):
+    """How one event stands for one sink (outbox_deliveries.outcome, or pending)."""
+
+    PENDING = "pending"          # not yet taken by the sink; the head blocks the rest
+    DELIVERED = "delivered"
+    DEAD = "dead"                # given up on after [notify] max_attempts

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from contimg_publisher import registry as registry_mod
-from contimg_publisher.registry import STATUSES, Product, Registry, Unclaimed
+from contimg_publisher.registry import STATUSES, Product, Registry, SinkState, Unclaimed
 
 HOUR, DAY = 3600.0, 86400.0
 
@@ -41,6 +41,8 @@ class Health:
     last: Product | None = None
     # Files in product folders that no product owns, unchanged for unclaimed_after seconds.
     unclaimed: list[Unclaimed] = field(default_factory=list)
+    # The outbox, per configured sink: what waits to be delivered to downstream consumers.
+    sinks: list[SinkState] = field(default_factory=list)
 
     @property
     def oldest_age(self) -> float | None:
@@ -75,7 +77,7 @@ def success_rate(published: int, failures: int) -> float | None:
 
 
 def snapshot(registry: Registry, limit: int = 50, now: float | None = None,
-             unclaimed_after: float = 3600.0) -> Health:
+             unclaimed_after: float = 3600.0, sinks: tuple[str, ...] = ()) -> Health:
     """Read everything in one transaction, so the counts and the lists agree. `limit`
     bounds each list of products; the unclaimed files are listed whole (limit 0) or up to
     the same bound."""
@@ -97,11 +99,12 @@ def snapshot(registry: Registry, limit: int = 50, now: float | None = None,
             recent=registry_mod.recent_published(registry, 10),
             last=registry.last_published(),
             unclaimed=registry.unclaimed(now - unclaimed_after, limit=limit or None),
+            sinks=registry.sink_states(sinks),
         )
 
 
 def problems(health: Health, max_waiting_age: float, daemon_running: bool,
-             paused: Paused | None = None) -> list[str]:
+             paused: Paused | None = None, max_undelivered_age: float = 900.0) -> list[str]:
     """What needs an operator, one line each; empty when all is well."""
     out = []
     if paused is not None:
@@ -118,6 +121,19 @@ def problems(health: Health, max_waiting_age: float, daemon_running: bool,
     if health.oldest is not None and age is not None and age > max_waiting_age:
         out.append(f"oldest waiting product {health.oldest.data_id} has waited "
                    f"{format_age(age)} (limit {format_age(max_waiting_age)})")
+    for sink in health.sinks:
+        waited = None if sink.oldest_undelivered_at is None else \
+            max(0.0, health.now - sink.oldest_undelivered_at)
+        if waited is not None and waited > max_undelivered_age:
+            why = f"; last error: {sink.last_error}" if sink.last_error else ""
+            out.append(f"{sink.undelivered} event{'s wait' if sink.undelivered != 1 else ' waits'}"
+                       f" for the {sink.sink} sink, the oldest for {format_age(waited)} "
+                       f"(limit {format_age(max_undelivered_age)}){why}"
+                       " (`contimg-publisher events`)")
+        if sink.dead:
+            out.append(f"the {sink.sink} sink gave up on {sink.dead} event"
+                       f"{'s' if sink.dead != 1 else ''} (`contimg-publisher events`, then "
+                       "`events --redeliver-dead`)")
     return out
 
 
@@ -221,11 +237,12 @@ def render_unreadable(error: str, paused: Paused, *, refresh_seconds: int = 10,
 
 def render(health: Health, *, refresh_seconds: int = 10, started_at: float | None = None,
            max_waiting_age: float = 3600.0, host: str | None = None,
-           paused: Paused | None = None) -> str:
+           paused: Paused | None = None, max_undelivered_age: float = 900.0) -> str:
     """The whole page, as one string of HTML."""
     host = host or socket.gethostname()
     now = health.now
-    issues = problems(health, max_waiting_age, daemon_running=True, paused=paused)
+    issues = problems(health, max_waiting_age, daemon_running=True, paused=paused,
+                      max_undelivered_age=max_undelivered_age)
     parts = _head(host, now, refresh_seconds, started_at)
     if issues:
         parts.append("<h2 class=\"bad\">Needs attention</h2><ul>"
@@ -279,6 +296,17 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
         [[_path(u.path), _e(format_age(now - u.changed_at)), _e(u.size_bytes), _e(u.reason)]
          for u in health.unclaimed],
         "every file in the product folders belongs to a product", numeric={1, 2}))
+
+    parts.append("<h2>Events to consumers</h2>")
+    parts.append(_table(
+        ["sink", "undelivered", "oldest waiting", "attempts at its head", "last error",
+         "given up"],
+        [[_e(k.sink), _e(k.undelivered),
+          _e("-" if k.oldest_undelivered_at is None
+             else format_age(now - k.oldest_undelivered_at)),
+          _e(k.attempts), _e(k.last_error), _e(k.dead)] for k in health.sinks],
+        "no sink is configured ([notify] url, command): events are kept, sent nowhere",
+        numeric={1, 2, 3, 5}))
 
     parts.append("<h2>Last publishes</h2>")
     parts.append(_table(
