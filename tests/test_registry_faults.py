@@ -66,14 +66,15 @@ def test_write_lock_held_past_the_busy_timeout_during_a_slow_copy(tmp_path: Path
         sandbox = Sandbox(tmp_path, products_root=products,
                           registry={"busy_timeout_seconds": 0.5})
         data = write_fits(sandbox.mosaics / "big.fits", pixels=3000)  # 36 MB: 5 chunks
-        # 0.6 s per 8 MiB chunk: a copy of about 3 s, with lease renewals once a second.
-        proc = start_daemon(sandbox, extra_env={DELAY_ENV: "0.6"})
+        # 1.2 s per 8 MiB chunk: a copy of about 6 s, with lease renewals once a second, so
+        # the lock below is taken while it runs even on a loaded machine.
+        proc = start_daemon(sandbox, extra_env={DELAY_ENV: "1.2"})
         try:
             wait_for(lambda: status_of(sandbox.registry, "big") == "publishing", timeout=30,
                      what="the copy to start")
             holder = _hold_lock(sandbox.registry, "stdin")
             try:
-                time.sleep(4.0)  # past the busy timeout, and past the end of the copy
+                time.sleep(7.0)  # past the busy timeout, and past the end of the copy
                 assert proc.poll() is None, "the daemon died while the registry was locked"
             finally:
                 holder.communicate("go\n", timeout=30)
