@@ -289,24 +289,30 @@ def open_dir_under(root_fd: int, components: Sequence[bytes], *, create: bool = 
     fd = os.dup(root_fd)
     try:
         for depth, part in enumerate(components):
-            shown = b"/".join(components[:depth + 1])
-            try:
-                nxt = _open_dir_at(fd, part, shown)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                try:
-                    os.mkdir(part, mode, dir_fd=fd)
-                    os.fsync(fd)
-                except FileExistsError:
-                    pass
-                nxt = _open_dir_at(fd, part, shown)
+            nxt = _open_or_make_dir_at(fd, part, b"/".join(components[:depth + 1]),
+                                       mode if create else None)
             os.close(fd)
             fd = nxt
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_or_make_dir_at(dir_fd: int, name: bytes, shown: bytes, mode: int | None) -> int:
+    """_open_dir_at(); with a mode, a missing folder is made first and its parent fsynced,
+    so the folder survives a crash."""
+    try:
+        return _open_dir_at(dir_fd, name, shown)
+    except FileNotFoundError:
+        if mode is None:
+            raise
+        try:
+            os.mkdir(name, mode, dir_fd=dir_fd)
+            os.fsync(dir_fd)
+        except FileExistsError:
+            pass
+        return _open_dir_at(dir_fd, name, shown)
 
 
 def open_file_under(root_fd: int, components: Sequence[bytes],
@@ -372,8 +378,14 @@ class DirCache:
     # Bound on folders held open, far below the usual limit of 1024 descriptors.
     LIMIT = 64
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, *, limit: int | None = LIMIT,
+                 create_mode: int | None = None) -> None:
+        """limit None: no folder is closed before close() (descriptors handed out stay
+        valid for the whole pass: a publish batch holds its folders across its steps).
+        create_mode: missing folders are made with it (see open_dir_under)."""
         self.root_fd = root_fd
+        self.limit = limit
+        self.create_mode = create_mode
         self._held: dict[tuple[bytes, ...], tuple[int, int, int]] = {}  # fd, st_dev, st_ino
 
     def __enter__(self) -> DirCache:
@@ -416,7 +428,7 @@ class DirCache:
         """folder() for components already checked."""
         if not verify and (held := self._held.get(components)) is not None:
             return held[0]
-        if len(self._held) >= self.LIMIT:
+        if self.limit is not None and len(self._held) >= self.limit:
             self.close()
         fd = self.root_fd
         for depth, part in enumerate(components):
@@ -427,7 +439,7 @@ class DirCache:
                     fd = held[0]
                     continue
                 self._drop(key)
-            nxt = _open_dir_at(fd, part, b"/".join(key))
+            nxt = _open_or_make_dir_at(fd, part, b"/".join(key), self.create_mode)
             try:
                 st = os.fstat(nxt)
             except BaseException:

@@ -192,40 +192,35 @@ class _Job:
 
 class _Folders:
     """The folders one batch works in, each opened once (from descriptors of the two roots,
-    without following links) and all closed when the batch ends, so a folder renamed or
-    replaced between batches is walked afresh."""
+    without following links; paths.DirCache, holding every folder until the batch ends)
+    and all closed when the batch ends, so a folder renamed or replaced between batches is
+    walked afresh."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stage_root = os.fsencode(str(config.stage_root))
         self.products_root = os.fsencode(str(config.products_root))
         self._roots: dict[bytes, int] = {}
-        self._sources: dict[tuple[bytes, ...], int] = {}
-        self._destinations: dict[tuple[bytes, ...], int] = {}
+        self._caches: dict[bytes, paths.DirCache] = {}
         self._same: dict[tuple[tuple[bytes, ...], tuple[bytes, ...]], bool] = {}
         self._taken: dict[tuple[bytes, ...], set[bytes]] = {}
 
-    def _root(self, path: bytes) -> int:
-        fd = self._roots.get(path)
-        if fd is None:
-            fd = self._roots[path] = paths.open_root(path)
-        return fd
+    def _cache(self, root: bytes, create_mode: int | None = None) -> paths.DirCache:
+        cache = self._caches.get(root)
+        if cache is None:
+            fd = self._roots[root] = paths.open_root(root)
+            cache = self._caches[root] = paths.DirCache(fd, limit=None,
+                                                        create_mode=create_mode)
+        return cache
 
     def source(self, folder: tuple[bytes, ...]) -> int:
-        fd = self._sources.get(folder)
-        if fd is None:
-            fd = self._sources[folder] = paths.open_dir_under(self._root(self.stage_root),
-                                                              folder)
-        return fd
+        return self._cache(self.stage_root).folder(folder, verify=False)
 
     def destination(self, folder: tuple[bytes, ...]) -> int:
-        fd = self._destinations.get(folder)
-        if fd is None:
-            if self.products_root not in self._roots:
-                os.makedirs(self.products_root, mode=self.config.dir_mode, exist_ok=True)
-            fd = self._destinations[folder] = paths.open_dir_under(
-                self._root(self.products_root), folder, create=True, mode=self.config.dir_mode)
-        return fd
+        if self.products_root not in self._caches:
+            os.makedirs(self.products_root, mode=self.config.dir_mode, exist_ok=True)
+        return self._cache(self.products_root, self.config.dir_mode).folder(folder,
+                                                                             verify=False)
 
     def same_filesystem(self, source: tuple[bytes, ...], destination: tuple[bytes, ...]
                         ) -> bool:
@@ -240,11 +235,11 @@ class _Folders:
         return self._taken.setdefault(folder, set())
 
     def close(self) -> None:
-        for fd in [*self._sources.values(), *self._destinations.values(),
-                   *self._roots.values()]:
+        for cache in self._caches.values():
+            cache.close()
+        for fd in self._roots.values():
             os.close(fd)
-        self._sources.clear()
-        self._destinations.clear()
+        self._caches.clear()
         self._roots.clear()
 
 
