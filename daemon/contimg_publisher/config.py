@@ -99,6 +99,12 @@ class Config:
     metrics_listen: str = "127.0.0.1:9465"
     # [status]
     status_max_waiting_age_seconds: float = 3600.0
+    # [audit]
+    audit_interval_seconds: float = 86400.0  # a full pass this often; 0: no background audit
+    audit_bytes_per_second: float = 50.0 * (1 << 20)  # read-back rate; 0: unlimited
+    # [hygiene]
+    hygiene_report_after_seconds: float = 7 * 86400.0
+    quarantine_dir: Path | None = None  # None: nothing is ever moved out of staging
     # [log]
     log_level: str = "info"
     log_format: str = "auto"
@@ -165,6 +171,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "service": {"stop_timeout_seconds": ("stop_timeout_seconds", "nonnegfloat")},
     "metrics": {"enabled": ("metrics_enabled", "bool"), "listen": ("metrics_listen", "listen")},
     "status": {"max_waiting_age_seconds": ("status_max_waiting_age_seconds", "posfloat")},
+    "audit": {"interval_seconds": ("audit_interval_seconds", "nonnegfloat"),
+              "bytes_per_second": ("audit_bytes_per_second", "nonnegfloat")},
+    "hygiene": {"report_after_seconds": ("hygiene_report_after_seconds", "posfloat"),
+                "quarantine_dir": ("quarantine_dir", "path")},
     "log": {"level": ("log_level", "level"), "format": ("log_format", "format")},
 }
 _PRODUCT_KEYS = {"type", "glob", "destination", "kind", "sidecars", "required", "require"}
@@ -399,6 +409,13 @@ def _check_relations(config: Config, source: Path | None) -> None:
     if _inside(config.registry, products):
         raise ConfigError(source, "paths.registry",
                           f"{config.registry} is inside products_root {products}")
+    quarantine = config.quarantine_dir
+    if quarantine is not None:
+        for root, name in ((stage, "stage_root"), (products, "products_root")):
+            if _inside(quarantine, root) or _inside(root, quarantine):
+                raise ConfigError(source, "hygiene.quarantine_dir",
+                                  f"{quarantine} overlaps {name} {root}; quarantined files "
+                                  "must leave the staging area and stay out of the archive")
     if config.backoff_max_seconds < config.backoff_initial_seconds:
         raise ConfigError(source, "publish.backoff_max_seconds",
                           f"({config.backoff_max_seconds}) is less than backoff_initial_seconds "
