@@ -22,6 +22,9 @@ MESSAGE_IDS = {
     "registry_unavailable": "9c2e4a6c8e0a4b2d9f1e3a5c7e9b1d67",
     "registry_still_unavailable": "4a6c8e0a2c4e4f6a8b0d2f4a6c8e0b68",
     "registry_available": "d0b2d4f6a8c04e2a9c4e6a8c0e2a4c69",
+    "audit_finding": "8763e1849da747239e2b4229cb1cd98e",
+    "audit_finding_resolved": "4baeb10b6e454292977f2a8bcf2336c4",
+    "quarantined": "36219607c59e46bb84bfe48ccc942f6e",
 }
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
