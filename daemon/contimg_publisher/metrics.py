@@ -102,8 +102,18 @@ class RegistryCollector(Collector):
         unclaimed_age = GaugeMetricFamily(
             f"{PREFIX}_unclaimed_oldest_age_seconds",
             "Time since the oldest unclaimed file last changed (0 when there is none)")
+        findings = GaugeMetricFamily(
+            f"{PREFIX}_audit_findings",
+            "Open findings of the fixity audit, by kind (missing, size_changed, "
+            "checksum_changed, dark_file, ...)", labels=["kind"])
+        last_pass = GaugeMetricFamily(
+            f"{PREFIX}_audit_last_pass_timestamp_seconds",
+            "Unix time the last full pass of the background audit finished (absent before "
+            "the first)")
         try:
             with _reader(config) as registry, registry.read():
+                finding_counts = registry.finding_counts()
+                audit_state = registry.audit_state()
                 by_type = registry.counts_by_type()
                 waiting = registry_mod.oldest_unheld_waiting(registry)
                 newest = registry.last_published()
@@ -125,9 +135,14 @@ class RegistryCollector(Collector):
         size.add_metric([], size_bytes)
         unclaimed.add_metric([], len(strays))
         unclaimed_age.add_metric([], max((now - u.changed_at for u in strays), default=0.0))
-        yield from (readable, products, oldest, size, unclaimed, unclaimed_age)
+        for kind, n in sorted(finding_counts.items()):
+            findings.add_metric([kind], n)
+        yield from (readable, products, oldest, size, unclaimed, unclaimed_age, findings)
         if newest is not None:
             yield last
+        if audit_state.get("last_pass_finished") is not None:
+            last_pass.add_metric([], float(audit_state["last_pass_finished"]))
+            yield last_pass
 
 
 class Metrics:
@@ -167,6 +182,8 @@ class Metrics:
         self.last_reload_time = Gauge(f"{PREFIX}_config_last_reload_timestamp_seconds",
                                       "Unix time of the last reload attempt (the start time "
                                       "before any)", registry=r)
+        self.audit_bytes = Counter(f"{PREFIX}_audit_bytes", "Bytes the background audit "
+                                   "read back from the products area", registry=r)
         self.info = Gauge(f"{PREFIX}_build_info", "Always 1; the version as a label",
                           ["version"], registry=r)
         # The daemon's own view: 0 while it pauses publishing because the registry cannot be
@@ -219,6 +236,10 @@ class Metrics:
             self.rejected.labels(result.data_type).inc()
         elif result.status == "lost":
             self.failures.labels("lost").inc()
+
+    def observe_audit_bytes(self, n: int) -> None:
+        """Called from the audit thread (prometheus_client counters are thread-safe)."""
+        self.audit_bytes.inc(n)
 
     def observe_crash(self) -> None:
         self.failures.labels("crashed").inc()

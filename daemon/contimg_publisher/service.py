@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contimg_publisher import config as config_mod
 from contimg_publisher import (
+    audit,
     detect,
     lock,
     logs,
@@ -35,6 +35,7 @@ from contimg_publisher import (
     watch,
     writers,
 )
+from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import (
@@ -192,6 +193,7 @@ class Daemon:
         self.watcher: watch.Watcher | None = None
         self.detector: detect.Detector | None = None
         self.worker: Worker | None = None
+        self.auditor: audit.Auditor | None = None
         # Which process has a staged file open for writing: the kernel's leases, or the
         # watch's close-write events where leases do not answer (set up by _probe_writers).
         self.gate = writers.WriterGate(leases=True, tracker=writers.WriteTracker())
@@ -263,6 +265,7 @@ class Daemon:
         self._rescan(startup=True)
         self.worker = Worker(cfg, self.owner, self.wake, self.gate)
         self.worker.start()
+        self._start_auditor()
         self._start_metrics()
         self.log.info("started", stage_root=str(cfg.stage_root),
                       products_root=str(cfg.products_root), registry=str(cfg.registry),
@@ -287,6 +290,20 @@ class Daemon:
             if time.monotonic() >= until:
                 return
         self.sweep = None
+
+    def _start_auditor(self) -> None:
+        """The fixity audit in a thread of its own; it reads only while the publish thread
+        has nothing in hand (see audit.Auditor)."""
+        worker = self.worker
+        self.auditor = audit.Auditor(self.config,
+                                     idle=lambda: worker is None or worker.busy is None,
+                                     on_bytes=self.metrics.observe_audit_bytes)
+        self.auditor.start()
+
+    def _stop_auditor(self) -> None:
+        if self.auditor is not None:
+            self.auditor.stop()
+            self.auditor = None
 
     def _start_metrics(self) -> None:
         """Serve /metrics and the status page; a daemon that cannot bind keeps publishing."""
@@ -658,6 +675,8 @@ class Daemon:
         assert self.detector is not None and self.registry is not None
         self.registry.set_qa_gate(qa.conditions(new.products))
         self.detector.reconfigure(new)
+        if self.auditor is not None:
+            self.auditor.reconfigure(new)
         if new.stage_root != old.stage_root:
             if self.watcher is not None:
                 self.watcher.stop()
@@ -695,6 +714,7 @@ class Daemon:
                       batch=len(in_flight))
         if self.watcher is not None:
             self.watcher.stop()
+        self._stop_auditor()
         if self.worker is not None:
             self.worker.stop_batch.set()  # the product in hand is finished, the rest go back
             deadline = time.monotonic() + self.config.stop_timeout_seconds
