@@ -406,7 +406,7 @@ class Auditor:
                                               reason="the registry cannot be used now; the "
                                                      "audit tries again in 30 s")
                     self.stop_event.wait(30.0)
-                except OSError as exc:
+                except Exception as exc:  # the thread must outlive one bad pass
                     logs.get_logger().error("audit_error", error=f"{type(exc).__name__}: {exc}",
                                             reason="the audit tries again in 60 s")
                     self.stop_event.wait(60.0)
