@@ -82,7 +82,13 @@ BAD: list[tuple[str, dict[str, dict[str, Any]], list[dict[str, Any]] | None, str
                          ("publish", "lease_seconds"), ("publish", "reconcile_seconds"),
                          ("publish", "legacy_quiet_seconds"),
                          ("publish", "lock_wait_seconds"), ("service", "stop_timeout_seconds"),
-                         ("status", "max_waiting_age_seconds")]],
+                         ("status", "max_waiting_age_seconds"),
+                         ("audit", "interval_seconds"), ("audit", "bytes_per_second"),
+                         ("hygiene", "report_after_seconds")]],
+    ("zero-report-after", {"hygiene": {"report_after_seconds": 0}}, None,
+     "hygiene.report_after_seconds", "must be > 0"),
+    ("type-audit-rate", {"audit": {"bytes_per_second": "50M"}}, None, "audit.bytes_per_second",
+     "must be a number"),
     ("negative-fraction", {"detect": {"settle_seconds": -0.5}}, None, "detect.settle_seconds",
      "must be >= 0"),
     ("not-finite-nan", {"detect": {"settle_seconds": float("nan")}}, None,
@@ -126,6 +132,11 @@ PATHS_BAD = [
                                   "registry": "R/b/registry.sqlite3"},
      "paths.registry", "inside products_root"),
 ]
+QUARANTINE_BAD = [
+    ("quarantine-inside-stage", "R/a/quarantine", "overlaps stage_root"),
+    ("quarantine-inside-products", "R/b/quarantine", "overlaps products_root"),
+    ("quarantine-holds-products", "R", "overlaps stage_root"),
+]
 
 
 def _assert_refused(cfg: Path, key: str, reason: str) -> str:
@@ -163,6 +174,29 @@ def test_overlapping_paths_are_refused(tmp_path, paths, key, reason):
     tables["paths"].update({k: v.replace("R", str(tmp_path), 1) for k, v in paths.items()})
     cfg = write_config(tmp_path / "config.toml", tables)
     _assert_refused(cfg, key, reason)
+
+
+@pytest.mark.parametrize(("where", "reason"), [c[1:] for c in QUARANTINE_BAD],
+                         ids=[c[0] for c in QUARANTINE_BAD])
+def test_quarantine_overlapping_a_root_is_refused(tmp_path, where, reason):
+    """Quarantined files must leave the staging area, and never become dark data."""
+    tables = _tables(tmp_path)
+    tables["paths"].update({"stage_root": str(tmp_path / "a"),
+                            "products_root": str(tmp_path / "b")})
+    tables["hygiene"] = {"quarantine_dir": where.replace("R", str(tmp_path), 1)}
+    cfg = write_config(tmp_path / "config.toml", tables)
+    _assert_refused(cfg, "hygiene.quarantine_dir", reason)
+
+
+def test_audit_and_hygiene_values_are_converted(tmp_path):
+    tables = _merge(_tables(tmp_path), {
+        "audit": {"interval_seconds": 0, "bytes_per_second": 1048576},
+        "hygiene": {"report_after_seconds": 60, "quarantine_dir": "q"}})
+    values = _effective(write_config(tmp_path / "config.toml", tables))
+    assert values["audit_interval_seconds"] == 0.0
+    assert values["audit_bytes_per_second"] == 1048576.0
+    assert values["hygiene_report_after_seconds"] == 60.0
+    assert values["quarantine_dir"] == str(tmp_path / "q")
 
 
 def test_relative_overlap_is_seen_after_resolving(tmp_path):

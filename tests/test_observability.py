@@ -352,6 +352,8 @@ def test_promtool_unit_tests_the_alerts(tmp_path: Path) -> None:
                  "values": "0+1x90"},
                 {"series": f'contimg_publisher_published_total{{{job}, type="mosaic"}}',
                  "values": "0+1x90"},
+                {"series": f'contimg_publisher_audit_findings{{{job}, kind="checksum_changed"}}',
+                 "values": "0x20 1x70"},
             ],
             "alert_rule_test": [
                 {"eval_time": "2m", "alertname": "ContimgPublisherDown", "exp_alerts": []},
@@ -397,6 +399,20 @@ def test_promtool_unit_tests_the_alerts(tmp_path: Path) -> None:
                                  }}]},
                 {"eval_time": "90m", "alertname": "ContimgPublisherReloadFailed",
                  "exp_alerts": []},
+                {"eval_time": "10m", "alertname": "ContimgPublisherArchiveFindings",
+                 "exp_alerts": []},
+                {"eval_time": "30m", "alertname": "ContimgPublisherArchiveFindings",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning",
+                                                "kind": "checksum_changed",
+                                                "instance": "pub:9465"},
+                                 "exp_annotations": {
+                                     "summary": "The archive audit on pub:9465 has 1 open "
+                                     "checksum_changed finding(s)",
+                                     "description": "A published product is missing or no "
+                                     "longer reads back as recorded, or the products area "
+                                     "holds something no row records. `contimg-publisher "
+                                     "audit` lists them; `contimg-publisher status` shows the "
+                                     "daemon's findings."}}]},
             ],
         }],
     }

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from contimg_publisher import __version__, lock, logs, outage, qa, statuspage
+from contimg_publisher import __version__, hygiene, lock, logs, outage, qa, statuspage
 from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, ConfigError
@@ -90,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redeliver-dead", action="store_true",
                    help="send the events a sink gave up on, and those after them, again")
     sub.add_parser("migrate", help="bring the registry file to the current schema")
+    p = sub.add_parser("audit", help="read the products area back against the registry: "
+                                     "missing or changed products, unrecorded files; exit 1 "
+                                     "when anything is wrong")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--path", metavar="SUBPATH",
+                   help="only this folder of the products area (relative to products_root)")
+    p.add_argument("--bytes-per-second", type=float, default=0.0, metavar="N",
+                   help="read back at most N bytes a second (default: unlimited)")
+    p = sub.add_parser("rebuild", help="create rows for archived products that have none")
+    p.add_argument("--from-archive", action="store_true", required=True,
+                   help="describe them from the products area (required)")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("quarantine", help="move rejected and unclaimed files older than "
+                                          "[hygiene] report_after_seconds out of staging, "
+                                          "into [hygiene] quarantine_dir")
+    p.add_argument("--dry-run", action="store_true", help="list them, move nothing")
+    p.add_argument("--json", action="store_true")
     sub.add_parser("check-config", help="validate the config and print the effective values")
     return parser
 
@@ -243,6 +260,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                                          sinks=cfg.notify_sinks)
             held = registry_mod.held(registry, [r.type for r in cfg.products])
             health.failed = registry_mod.by_status(registry, Status.FAILED)
+            stale = hygiene.stale(cfg, registry, now)
     except RegistryError as exc:
         return _status_unreadable(cfg, args, exc, holder, running, paused)
     max_age = cfg.status_max_waiting_age_seconds
@@ -275,6 +293,13 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                     "publish_error": r.publish_error} for r in health.failed],
         "events": [k.to_json(now) for k in health.sinks],
         "max_undelivered_age_seconds": cfg.status_max_undelivered_age_seconds,
+        "audit": {"findings": [f.to_json() for f in health.findings],
+                  "counts": health.finding_counts,
+                  "last_pass_finished": health.audit_last_pass},
+        "stale": [s.to_json(now) for s in stale],
+        "hygiene": {"report_after_seconds": cfg.hygiene_report_after_seconds,
+                    "quarantine_dir": None if cfg.quarantine_dir is None
+                    else str(cfg.quarantine_dir)},
         "problems": problems,
         "ok": not problems,
     }
@@ -322,6 +347,22 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         for u in health.unclaimed:
             print(f"  {u.path}  unchanged for {statuspage.format_age(now - u.changed_at)}: "
                   f"{u.reason}")
+    if stale:
+        where = f"`contimg-publisher quarantine` moves them to {cfg.quarantine_dir}" \
+            if cfg.quarantine_dir is not None else "nothing is deleted; set [hygiene] " \
+            "quarantine_dir to move them out with `contimg-publisher quarantine`"
+        print(f"stale in staging  {len(stale)} rejected or unclaimed file"
+              f"{'s' if len(stale) != 1 else ''} unchanged for over "
+              f"{statuspage.format_age(cfg.hygiene_report_after_seconds)} ({where})")
+        for item in stale:
+            print(f"  {item.kind:9} {item.path}  unchanged for "
+                  f"{statuspage.format_age(now - item.changed_at)}: {_one_line(item.reason)}")
+    if health.findings:
+        print(f"archive audit  {health.finding_total} open finding"
+              f"{'s' if health.finding_total != 1 else ''} (last full pass "
+              f"{_when(health.audit_last_pass)})")
+        for f in health.findings:
+            print(f"  {f.kind:16} {f.path}  {_one_line(f.detail)}")
     if problems:
         print("NEEDS ATTENTION")
         for line in problems:
@@ -607,8 +648,108 @@ def cmd_scan(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
+    """Exit 1 with the list when anything is wrong. Only reads: nothing in the products area
+    or the registry is changed (the daemon's own pass keeps the findings table)."""
+    from contimg_publisher import (
+        audit,  # numpy (detect): only where needed
+        paths,
+    )
+    sub: tuple[bytes, ...] = ()
+    if args.path:
+        try:
+            sub = paths.relative_components(os.fsencode(str(cfg.products_root)),
+                                            os.fsencode(args.path))
+        except paths.UnsafePath as exc:
+            raise UsageError(f"audit: --path {exc.path}: {exc.reason}") from None
+    if args.bytes_per_second < 0:
+        raise UsageError("audit: --bytes-per-second must be >= 0")
+
+    def progress(report: audit.Report) -> None:
+        print(f"audit: {report.checked} products checked, {report.bytes_read} bytes read, "
+              f"{len(report.findings)} findings so far", file=sys.stderr)
+
+    with _open(cfg) as registry:
+        report = audit.run(cfg, registry, audit.Throttle(args.bytes_per_second), sub, progress)
+    ok = not report.findings
+    if args.json:
+        print(json.dumps({"ok": ok, "products_root": str(cfg.products_root),
+                          "checked": report.checked, "bytes_read": report.bytes_read,
+                          "seconds": round(report.seconds, 3),
+                          "findings": [f.to_json() for f in report.findings],
+                          "skipped": [{"path": p, "reason": why} for p, why in report.skipped]},
+                         indent=2))
+    else:
+        for f in report.findings:
+            print(f"{f.kind:16} {f.path}" + (f"  ({f.data_id})" if f.data_id else "")
+                  + f"  {f.detail}")
+        for path, why in report.skipped:
+            print(f"{'skipped':16} {path}  {why}")
+        print(f"audit: {report.checked} products read back ({report.bytes_read} bytes in "
+              f"{report.seconds:.1f} s), {len(report.findings)} finding"
+              f"{'s' if len(report.findings) != 1 else ''}")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_rebuild(cfg: Config, args: argparse.Namespace) -> int:
+    """Under the lock (so never beside a running daemon), on the registry as it is or a new
+    one: a lost registry is exactly the case this is for."""
+    from contimg_publisher import rebuild  # numpy (detect): only where needed
+    with lock.acquire(str(cfg.lock_path), "rebuild", wait_seconds=0), \
+            Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
+        report = rebuild.rebuild(cfg, registry)
+    if args.json:
+        print(json.dumps({"created": [{"data_id": r.data_id, "data_type": r.data_type,
+                                       "published_path": r.published_path,
+                                       "size_bytes": r.size_bytes, "checksum": r.checksum,
+                                       "sidecars": list(r.sidecars)} for r in report.created],
+                          "already_recorded": report.recorded,
+                          "skipped": [{"path": p, "reason": why}
+                                      for p, why in report.skipped]}, indent=2))
+    else:
+        for r in report.created:
+            print(f"{'rebuilt':8} {r.data_id}  {r.published_path}  {r.checksum}")
+        for path, why in report.skipped:
+            print(f"{'skipped':8} {path}  {why}")
+        print(f"rebuild: {len(report.created)} rows created, {report.recorded} products "
+              f"already recorded, {len(report.skipped)} skipped")
+    return EXIT_FAILED if report.skipped else EXIT_OK
+
+
+def cmd_quarantine(cfg: Config, args: argparse.Namespace) -> int:
+    if cfg.quarantine_dir is None and not args.dry_run:
+        raise UsageError("quarantine: no [hygiene] quarantine_dir is configured; nothing is "
+                         "moved (`--dry-run` lists what would be)")
+    with _open(cfg) as registry:
+        if args.dry_run:
+            now = time.time()
+            items = hygiene.stale(cfg, registry, now)
+            if args.json:
+                print(json.dumps([s.to_json(now) for s in items], indent=2))
+            else:
+                for item in items:
+                    print(f"{'would move':10} {item.kind:9} {item.path}  "
+                          f"{_one_line(item.reason)}")
+                print(f"quarantine: {len(items)} file{'s' if len(items) != 1 else ''} "
+                      "would be moved")
+            return EXIT_OK
+        moved, kept = hygiene.quarantine(cfg, registry, logs.get_logger())
+    if args.json:
+        print(json.dumps({"moved": [m.to_json() for m in moved],
+                          "kept": [{"path": p, "reason": why} for p, why in kept]}, indent=2))
+    else:
+        for m in moved:
+            print(f"{'moved':6} {m.original_path} -> {m.quarantine_path}  ({m.how})")
+        for path, why in kept:
+            print(f"{'kept':6} {path}  {why}")
+        print(f"quarantine: {len(moved)} moved, {len(kept)} left in place")
+    return EXIT_FAILED if kept else EXIT_OK
+
+
 COMMANDS = {
     "status": cmd_status, "list": cmd_list, "show": cmd_show, "retry": cmd_retry,
     "publish": cmd_publish, "hold": cmd_hold, "release": cmd_release, "migrate": cmd_migrate,
     "check-config": cmd_check_config, "scan": cmd_scan, "events": cmd_events,
+    "audit": cmd_audit,
+    "rebuild": cmd_rebuild, "quarantine": cmd_quarantine,
 }

@@ -112,6 +112,12 @@ class Config:
     # [status]
     status_max_waiting_age_seconds: float = 3600.0
     status_max_undelivered_age_seconds: float = 900.0
+    # [audit]
+    audit_interval_seconds: float = 86400.0  # a full pass this often; 0: no background audit
+    audit_bytes_per_second: float = 50.0 * (1 << 20)  # read-back rate; 0: unlimited
+    # [hygiene]
+    hygiene_report_after_seconds: float = 7 * 86400.0
+    quarantine_dir: Path | None = None  # None: nothing is ever moved out of staging
     # [log]
     log_level: str = "info"
     log_format: str = "auto"
@@ -197,6 +203,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "max_waiting_age_seconds": ("status_max_waiting_age_seconds", "posfloat"),
         "max_undelivered_age_seconds": ("status_max_undelivered_age_seconds", "posfloat"),
     },
+    "audit": {"interval_seconds": ("audit_interval_seconds", "nonnegfloat"),
+              "bytes_per_second": ("audit_bytes_per_second", "nonnegfloat")},
+    "hygiene": {"report_after_seconds": ("hygiene_report_after_seconds", "posfloat"),
+                "quarantine_dir": ("quarantine_dir", "path")},
     "log": {"level": ("log_level", "level"), "format": ("log_format", "format")},
 }
 _PRODUCT_KEYS = {"type", "glob", "destination", "kind", "sidecars", "required", "require"}
@@ -467,6 +477,13 @@ def _check_relations(config: Config, source: Path | None) -> None:
         raise ConfigError(source, "notify.retry_max_seconds",
                           f"({config.notify_retry_max_seconds}) is less than "
                           f"retry_initial_seconds ({config.notify_retry_initial_seconds})")
+    quarantine = config.quarantine_dir
+    if quarantine is not None:
+        for root, name in ((stage, "stage_root"), (products, "products_root")):
+            if _inside(quarantine, root) or _inside(root, quarantine):
+                raise ConfigError(source, "hygiene.quarantine_dir",
+                                  f"{quarantine} overlaps {name} {root}; quarantined files "
+                                  "must leave the staging area and stay out of the archive")
     if config.backoff_max_seconds < config.backoff_initial_seconds:
         raise ConfigError(source, "publish.backoff_max_seconds",
                           f"({config.backoff_max_seconds}) is less than backoff_initial_seconds "

@@ -30,13 +30,17 @@ class NotReady(Exception):
 
 
 def tree_digest(dir_fd: int, algorithm: str,
-                busy: Callable[[int, bytes], bool] | None = None) -> tuple[int, str, int]:
+                busy: Callable[[int, bytes], bool] | None = None,
+                hash_fd: Callable[[int, str], tuple[int, str]] | None = None
+                ) -> tuple[int, str, int]:
     """(total bytes, "algorithm:hex" over a sorted manifest of the tree, newest ctime_ns).
 
     The manifest holds each entry's relative path, type, size and content digest, so two
     folders digest equally exactly when they hold the same files with the same bytes.
-    Raises Rejected on a link or special file inside.
+    Raises Rejected on a link or special file inside. `hash_fd` reads each file (the audit
+    passes one that keeps to its rate; default fits.hash_fd, looked up when called).
     """
+    read = hash_fd if hash_fd is not None else fits.hash_fd
     lines: list[bytes] = []
     total = 0
     newest = os.fstat(dir_fd).st_ctime_ns
@@ -53,7 +57,7 @@ def tree_digest(dir_fd: int, algorithm: str,
                 try:
                     if busy is not None and busy(fd, rel):
                         raise NotReady(f"{paths.display(rel)} is open for writing")
-                    size, digest = fits.hash_fd(fd, algorithm=algorithm)
+                    size, digest = read(fd, algorithm)
                 finally:
                     os.close(fd)
                 total += size

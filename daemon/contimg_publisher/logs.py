@@ -24,6 +24,9 @@ MESSAGE_IDS = {
     "registry_available": "d0b2d4f6a8c04e2a9c4e6a8c0e2a4c69",
     "event_delivery_failed": "1108bcda48964455b78dc737a51e7750",
     "event_dead_lettered": "14be95682ac84e54a3ea4b92c014de64",
+    "audit_finding": "8763e1849da747239e2b4229cb1cd98e",
+    "audit_finding_resolved": "4baeb10b6e454292977f2a8bcf2336c4",
+    "quarantined": "36219607c59e46bb84bfe48ccc942f6e",
 }
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}

@@ -113,8 +113,18 @@ class RegistryCollector(Collector):
             f"{PREFIX}_events_dead",
             "Events a configured sink gave up on after [notify] max_attempts",
             labels=["sink"])
+        findings = GaugeMetricFamily(
+            f"{PREFIX}_audit_findings",
+            "Open findings of the fixity audit, by kind (missing, size_changed, "
+            "checksum_changed, dark_file, ...)", labels=["kind"])
+        last_pass = GaugeMetricFamily(
+            f"{PREFIX}_audit_last_pass_timestamp_seconds",
+            "Unix time the last full pass of the background audit finished (absent before "
+            "the first)")
         try:
             with _reader(config) as registry, registry.read():
+                finding_counts = registry.finding_counts()
+                audit_state = registry.audit_state()
                 by_type = registry.counts_by_type()
                 waiting = registry_mod.oldest_unheld_waiting(registry)
                 newest = registry.last_published()
@@ -142,10 +152,15 @@ class RegistryCollector(Collector):
             undelivered_age.add_metric([sink.sink], 0.0 if sink.oldest_undelivered_at is None
                                        else max(0.0, now - sink.oldest_undelivered_at))
             dead.add_metric([sink.sink], sink.dead)
+        for kind, n in sorted(finding_counts.items()):
+            findings.add_metric([kind], n)
         yield from (readable, products, oldest, size, unclaimed, unclaimed_age, undelivered,
-                    undelivered_age, dead)
+                    undelivered_age, dead, findings)
         if newest is not None:
             yield last
+        if audit_state.get("last_pass_finished") is not None:
+            last_pass.add_metric([], float(audit_state["last_pass_finished"]))
+            yield last_pass
 
 
 class Metrics:
@@ -185,6 +200,8 @@ class Metrics:
         self.last_reload_time = Gauge(f"{PREFIX}_config_last_reload_timestamp_seconds",
                                       "Unix time of the last reload attempt (the start time "
                                       "before any)", registry=r)
+        self.audit_bytes = Counter(f"{PREFIX}_audit_bytes", "Bytes the background audit "
+                                   "read back from the products area", registry=r)
         self.info = Gauge(f"{PREFIX}_build_info", "Always 1; the version as a label",
                           ["version"], registry=r)
         # The daemon's own view: 0 while it pauses publishing because the registry cannot be
@@ -255,6 +272,9 @@ class Metrics:
         (self.delivered if ok else self.delivery_failures).labels(sink).inc()
         if dead:
             self.dead_lettered.labels(sink).inc()
+    def observe_audit_bytes(self, n: int) -> None:
+        """Called from the audit thread (prometheus_client counters are thread-safe)."""
+        self.audit_bytes.inc(n)
 
     def observe_crash(self) -> None:
         self.failures.labels("crashed").inc()

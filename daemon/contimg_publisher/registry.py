@@ -30,17 +30,18 @@ import apsw
 from contimg_publisher import fsguard, paths
 from contimg_publisher.config import QA_FIELDS
 from contimg_publisher.qa import Condition
-from contimg_publisher.states import Delivery, FailureKind, Kind, Status
+from contimg_publisher.states import Delivery, FailureKind, FindingKind, Kind, Status
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
 # Reads outside a transaction ask fsguard at most this often: a burst makes thousands of
 # them, each asked anyway only a moment before SQLite touches the -shm. Writes ask always.
 READ_GUARD_SECONDS = 0.1
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 STATUSES = tuple(Status)
 FAILURE_KINDS = tuple(FailureKind)
+FINDING_KINDS = tuple(FindingKind)
 
 # The `checksum` of a row described without reading its data (a FITS file that is copied to
 # another filesystem): "<algorithm>:pending" until the publish's copy, the file's one read,
@@ -236,6 +237,42 @@ CREATE INDEX IF NOT EXISTS publish_log_by_product ON publish_log(data_id);
 CREATE INDEX IF NOT EXISTS publish_log_by_stage_path ON publish_log(stage_path);
 """
 
+# Step 8: the fixity audit's findings and progress, and the record of files moved out of
+# staging into the quarantine folder (tables of their own: no legacy reader sees them). An
+# open finding is one per (kind, path); a resolved one keeps its history. publish_log gains
+# an index on published_path: the audit asks, folder by folder, what is recorded there.
+SCHEMA_V8 = """
+CREATE TABLE IF NOT EXISTS audit_findings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL,
+    data_id TEXT,
+    detail TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    resolved_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS audit_findings_open ON audit_findings(kind, path)
+    WHERE resolved_at IS NULL;
+CREATE TABLE IF NOT EXISTS audit_state (
+    key TEXT PRIMARY KEY,
+    value
+);
+CREATE TABLE IF NOT EXISTS quarantine_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    data_id TEXT,
+    original_path TEXT NOT NULL,
+    original_path_bytes BLOB NOT NULL,
+    quarantine_path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    size_bytes INTEGER,
+    how TEXT NOT NULL,
+    moved_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS publish_log_by_published_path ON publish_log(published_path);
+"""
+
 # Copies a row's publish into publish_log (the row was just made `published`).
 _LOG_PUBLISH = (
     "INSERT INTO publish_log (data_id, data_type, stage_path, published_path, size_bytes,"
@@ -383,6 +420,68 @@ class Unclaimed:
         return {"path": self.path, "reason": self.reason, "size_bytes": self.size_bytes,
                 "first_seen": self.first_seen, "changed_at": self.changed_at,
                 "age_seconds": round(max(0.0, now - self.changed_at), 3)}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing the fixity audit found wrong (states.FindingKind), at a path in the products
+    area (display form), with the product it concerns when a row records it."""
+
+    kind: str
+    path: str
+    detail: str
+    data_id: str | None = None
+    first_seen: float | None = None
+    last_seen: float | None = None
+    resolved_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "data_id": self.data_id,
+                "detail": self.detail, "first_seen": self.first_seen,
+                "last_seen": self.last_seen, "resolved_at": self.resolved_at}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the registry records in one folder of the products area (Registry.recorded_in):
+    names of products and sidecars in it, and names of its sub-folders that hold any."""
+
+    names: frozenset[str]
+    folders: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A row to create for an archived product that has none (rebuild --from-archive)."""
+
+    data_id: str
+    data_type: str
+    base_path: str
+    stage_path: str
+    stage_path_bytes: bytes
+    published_path: str
+    published_at: float
+    size_bytes: int
+    checksum: str
+    metadata: dict[str, Any]
+    sidecars: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """One file moved out of the staging area into the quarantine folder."""
+
+    kind: str
+    data_id: str | None
+    original_path: str
+    quarantine_path: str
+    reason: str
+    size_bytes: int | None
+    how: str
+    moved_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -818,7 +917,7 @@ class Registry:
         for target, step in ((1, self._migrate_legacy), (2, self._migrate_v2),
                              (3, self._migrate_v3), (4, self._migrate_v4),
                              (5, self._migrate_v5), (6, self._migrate_v6),
-                             (7, self._migrate_v7)):
+                             (7, self._migrate_v7), (8, self._migrate_v8)):
             with self.write() as cur:
                 # Re-read inside the write lock: another process may have migrated meanwhile.
                 row = cur.execute("PRAGMA user_version").fetchone()
@@ -875,6 +974,10 @@ class Registry:
         products were handled by whatever ran then, and an upgrade must not send every
         consumer the whole history of the archive."""
         cur.execute(SCHEMA_V7)
+
+    def _migrate_v8(self, cur: apsw.Cursor) -> None:
+        """audit_findings, audit_state, quarantine_log (see SCHEMA_V8)."""
+        cur.execute(SCHEMA_V8)
 
     def _migrate_v2(self, cur: apsw.Cursor) -> None:
         have = self._columns(cur, "data_registry")
@@ -1795,6 +1898,199 @@ class Registry:
             args.append(limit)
         return [Unclaimed(*row) for row in self.conn.execute(sql, args)]
 
+    # --- the fixity audit -------------------------------------------------------------------
+
+    def published_after(self, after_id: int, limit: int, prefix: str | None = None
+                        ) -> list[Product]:
+        """Published rows with a published path, in id order after `after_id` (the audit's
+        cursor); with prefix, only those whose published path starts with it."""
+        sql = ("SELECT * FROM data_registry WHERE id > ? AND status = 'published'"
+               " AND published_path IS NOT NULL")
+        args: list[Any] = [after_id]
+        if prefix is not None:
+            sql += " AND substr(published_path, 1, ?) = ?"
+            args += [len(prefix), prefix]
+        return self._products(sql + " ORDER BY id LIMIT ?", (*args, limit))
+
+    def recorded_in(self, folder: str) -> Recorded:
+        """What any row records in `folder` (display form, no trailing slash): published
+        products of every status and row, the final names and sidecars of publishes in
+        flight, and every publish this program logged (a row another writer reset still
+        has its product in the archive). Range queries on the published_path indexes."""
+        prefix = folder.rstrip("/") + "/"
+        upper = prefix[:-1] + "0"  # the first string after every one starting with prefix
+        names: set[str] = set()
+        folders: set[str] = set()
+
+        def take(path: str | None, sidecars_json: str | None) -> None:
+            if not path or not path.startswith(prefix):
+                return
+            rest = path[len(prefix):]
+            head, sep, _tail = rest.partition("/")
+            if sep:
+                folders.add(head)
+                return
+            names.add(rest)
+            try:
+                sidecars = json.loads(sidecars_json or "[]")
+            except ValueError:
+                sidecars = []
+            if isinstance(sidecars, list):
+                names.update(paths.display(os.fsencode(n)) for n in sidecars
+                             if isinstance(n, str))
+
+        with self.read() as cur:
+            for sql in (
+                    "SELECT published_path, sidecars_json FROM data_registry"
+                    " WHERE published_path >= ? AND published_path < ?",
+                    "SELECT published_path, sidecars_json FROM publish_log"
+                    " WHERE published_path >= ? AND published_path < ?"):
+                for path, sidecars_json in cur.execute(sql, (prefix, upper)):
+                    take(path, sidecars_json)
+            for path, sidecars_json in cur.execute(
+                    "SELECT publish_target, sidecars_json FROM data_registry"
+                    " WHERE status = 'publishing' AND publish_target IS NOT NULL"):
+                take(path, sidecars_json)
+        return Recorded(frozenset(names), frozenset(folders))
+
+    def is_recorded(self, path: str) -> bool:
+        """Whether any row or logged publish names this published path."""
+        return bool(self._scalar(
+            "SELECT EXISTS (SELECT 1 FROM data_registry WHERE published_path = ?)"
+            " OR EXISTS (SELECT 1 FROM publish_log WHERE published_path = ?)"
+            " OR EXISTS (SELECT 1 FROM data_registry WHERE status = 'publishing'"
+            " AND publish_target = ?)", (path, path, path)))
+
+    def observe_findings(self, findings: Sequence[Finding], now: float | None = None,
+                         state: dict[str, Any] | None = None) -> list[Finding]:
+        """Record what a slice of the audit found: a finding already open is seen again
+        (last_seen), a new one is opened. Returns the new ones (to be logged once). `state`
+        is saved in the same transaction (the audit's cursor)."""
+        now = time.time() if now is None else now
+        new: list[Finding] = []
+        with self.write() as cur:
+            for f in findings:
+                cur.execute("UPDATE audit_findings SET last_seen = ?, detail = ?,"
+                            " data_id = COALESCE(?, data_id)"
+                            " WHERE kind = ? AND path = ? AND resolved_at IS NULL",
+                            (now, f.detail, f.data_id, f.kind, f.path))
+                if self._conn.changes():
+                    continue
+                cur.execute("INSERT INTO audit_findings (kind, path, data_id, detail,"
+                            " first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?)",
+                            (f.kind, f.path, f.data_id, f.detail, now, now))
+                new.append(Finding(f.kind, f.path, f.detail, f.data_id, now, now))
+            if state:
+                self._save_audit_state(cur, state)
+        return new
+
+    def resolve_findings(self, seen_before: float, now: float | None = None,
+                         state: dict[str, Any] | None = None) -> list[Finding]:
+        """At the end of a full pass: open findings that the pass (started at seen_before)
+        did not see again are resolved. Returns them."""
+        now = time.time() if now is None else now
+        with self.write() as cur:
+            rows = cur.execute(
+                "UPDATE audit_findings SET resolved_at = ? WHERE resolved_at IS NULL"
+                " AND last_seen < ? RETURNING kind, path, detail, data_id, first_seen,"
+                " last_seen, resolved_at", (now, seen_before)).fetchall()
+            if state:
+                self._save_audit_state(cur, state)
+        return [Finding(*cast("tuple[Any, ...]", row)) for row in rows]
+
+    def findings(self, open_only: bool = True, limit: int | None = None) -> list[Finding]:
+        sql = ("SELECT kind, path, detail, data_id, first_seen, last_seen, resolved_at"
+               " FROM audit_findings")
+        if open_only:
+            sql += " WHERE resolved_at IS NULL"
+        sql += " ORDER BY first_seen, id"
+        args: list[Any] = []
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [Finding(*cast("tuple[Any, ...]", row)) for row in self.conn.execute(sql, args)]
+
+    def finding_counts(self) -> dict[str, int]:
+        """Open findings by kind (every kind, zero included)."""
+        counts: dict[str, int] = {str(k): 0 for k in FINDING_KINDS}
+        for kind, n in self.conn.execute("SELECT kind, COUNT(*) FROM audit_findings"
+                                         " WHERE resolved_at IS NULL GROUP BY kind"):
+            counts[kind] = n
+        return counts
+
+    def audit_state(self) -> dict[str, Any]:
+        """The background audit's progress: pass_started (a pass under way), cursor (the
+        last row id it checked), last_pass_started, last_pass_finished, ..."""
+        return {str(k): v for k, v in self.conn.execute("SELECT key, value FROM audit_state")}
+
+    def save_audit_state(self, state: dict[str, Any]) -> None:
+        with self.write() as cur:
+            self._save_audit_state(cur, state)
+
+    def _save_audit_state(self, cur: apsw.Cursor, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            cur.execute("INSERT OR REPLACE INTO audit_state (key, value) VALUES (?, ?)",
+                        (key, value))
+
+    # --- rebuild from the archive --------------------------------------------------------
+
+    def insert_rebuilt(self, item: Rebuilt, now: float | None = None) -> str:
+        """A row for an archived product that has none, described from its bytes on disk
+        (publish_mode 'rebuilt'), and its publish_log record. Returns "created", or why
+        nothing was written: "recorded" (some row names the path by now), "id_taken" (the
+        data_id belongs to another row, which is never changed)."""
+        now = time.time() if now is None else now
+        header = json.dumps(item.metadata, sort_keys=True)
+        with self.write() as cur:
+            if self.is_recorded(item.published_path):
+                return "recorded"
+            if _one(cur, "SELECT id FROM data_registry WHERE data_id = ?",
+                    (item.data_id,)) is not None:
+                return "id_taken"
+            cur.execute(
+                "INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
+                " stage_path_bytes, published_path, created_at, staged_at, published_at,"
+                " publish_mode, metadata_json, header_json, auto_publish_enabled,"
+                " publish_attempts, size_bytes, checksum, sidecars_json, updated_at)"
+                " VALUES (?, ?, ?, 'published', ?, ?, ?, ?, ?, ?, 'rebuilt', ?, ?, 1, 0, ?, ?,"
+                " ?, ?)",
+                (item.data_type, item.data_id, item.base_path, item.stage_path,
+                 item.stage_path_bytes, item.published_path, now, item.published_at,
+                 item.published_at, header, header, item.size_bytes, item.checksum,
+                 json.dumps(list(item.sidecars)), now))
+            cur.execute(_LOG_PUBLISH, (item.data_id,))
+        return "created"
+
+    # --- staging hygiene -------------------------------------------------------------------
+
+    def rejected_before(self, before: float) -> list[Product]:
+        """Rejected rows whose record last changed before `before`, oldest first."""
+        return self._products(
+            "SELECT * FROM data_registry WHERE status = 'rejected'"
+            " AND COALESCE(updated_at, staged_at) <= ? ORDER BY COALESCE(updated_at, staged_at),"
+            " id", (before,))
+
+    def record_quarantine(self, item: Quarantined, original_bytes: bytes) -> None:
+        """A file moved into the quarantine folder; an unclaimed one leaves that list."""
+        with self.write() as cur:
+            cur.execute(
+                "INSERT INTO quarantine_log (kind, data_id, original_path, original_path_bytes,"
+                " quarantine_path, reason, size_bytes, how, moved_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item.kind, item.data_id, item.original_path, original_bytes,
+                 item.quarantine_path, item.reason, item.size_bytes, item.how, item.moved_at))
+            cur.execute("DELETE FROM unclaimed_files WHERE path = ?", (item.original_path,))
+
+    def quarantined(self, limit: int | None = None) -> list[Quarantined]:
+        """Files moved into the quarantine folder, newest first."""
+        sql = ("SELECT kind, data_id, original_path, quarantine_path, reason, size_bytes, how,"
+               " moved_at FROM quarantine_log ORDER BY moved_at DESC, id DESC")
+        args: list[Any] = []
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [Quarantined(*row) for row in self.conn.execute(sql, args)]
+
     def size_bytes(self) -> int:
         page_size = int(self._scalar("PRAGMA page_size"))
         return page_size * int(self._scalar("PRAGMA page_count"))
@@ -1816,7 +2112,8 @@ def refuse_new_over_archive(path: str | os.PathLike[str], products_root: str | o
                     f"registry {path}: no such file, but {products_root} already holds "
                     f"published products (e.g. {paths.display(example)}); refusing to start "
                     "on a new, empty registry. Restore the registry from its backup, or create "
-                    "an empty one on purpose with `contimg-publisher migrate`")
+                    "an empty one on purpose with `contimg-publisher migrate`, or recover the "
+                    "rows of what is archived with `contimg-publisher rebuild --from-archive`")
 
 
 def _one(cur: apsw.Cursor, sql: str, args: Sequence[Any]) -> dict[str, Any] | None:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contimg_publisher import config as config_mod
 from contimg_publisher import (
+    audit,
     detect,
     lock,
     logs,
@@ -36,6 +36,7 @@ from contimg_publisher import (
     watch,
     writers,
 )
+from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import (
@@ -194,6 +195,7 @@ class Daemon:
         self.detector: detect.Detector | None = None
         self.worker: Worker | None = None
         self.delivery: outbox.Delivery | None = None  # the outbox's sinks, a thread of its own
+        self.auditor: audit.Auditor | None = None
         # Which process has a staged file open for writing: the kernel's leases, or the
         # watch's close-write events where leases do not answer (set up by _probe_writers).
         self.gate = writers.WriterGate(leases=True, tracker=writers.WriteTracker())
@@ -259,6 +261,7 @@ class Daemon:
         self.worker.start()
         self.delivery = outbox.Delivery(cfg, self.metrics)
         self.delivery.start()
+        self._start_auditor()
         self._start_metrics()
         self.log.info("started", stage_root=str(cfg.stage_root),
                       products_root=str(cfg.products_root), registry=str(cfg.registry),
@@ -323,6 +326,20 @@ class Daemon:
             if time.monotonic() >= until:
                 return
         self.sweep = None
+
+    def _start_auditor(self) -> None:
+        """The fixity audit in a thread of its own; it reads only while the publish thread
+        has nothing in hand (see audit.Auditor)."""
+        worker = self.worker
+        self.auditor = audit.Auditor(self.config,
+                                     idle=lambda: worker is None or worker.busy is None,
+                                     on_bytes=self.metrics.observe_audit_bytes)
+        self.auditor.start()
+
+    def _stop_auditor(self) -> None:
+        if self.auditor is not None:
+            self.auditor.stop()
+            self.auditor = None
 
     def _start_metrics(self) -> None:
         """Serve /metrics and the status page; a daemon that cannot bind keeps publishing."""
@@ -698,6 +715,8 @@ class Daemon:
         self.detector.reconfigure(new)
         if self.delivery is not None:
             self.delivery.reconfigure(new)
+        if self.auditor is not None:
+            self.auditor.reconfigure(new)
         if new.stage_root != old.stage_root:
             if self.watcher is not None:
                 self.watcher.stop()
@@ -737,6 +756,7 @@ class Daemon:
             self.watcher.stop()
         if self.delivery is not None:
             self.delivery.stop()  # a delivery in flight is cut short: sent again next start
+        self._stop_auditor()
         if self.worker is not None:
             self.worker.stop_batch.set()  # the product in hand is finished, the rest go back
             deadline = time.monotonic() + self.config.stop_timeout_seconds

@@ -107,3 +107,22 @@ class Delivery(StrEnum):
     PENDING = "pending"          # not yet taken by the sink; the head blocks the rest
     DELIVERED = "delivered"
     DEAD = "dead"                # given up on after [notify] max_attempts
+class FindingKind(StrEnum):
+    """What the fixity audit found wrong with the products area (audit_findings.kind)."""
+
+    MISSING = "missing"                  # a published row's file or folder is not there
+    SIZE_CHANGED = "size_changed"        # there, with another size than recorded
+    CHECKSUM_CHANGED = "checksum_changed"  # there, same size, other bytes
+    TYPE_CHANGED = "type_changed"        # a folder where a file was published, or the reverse
+    SIDECAR_MISSING = "sidecar_missing"  # a sidecar the row records is not beside it
+    SYMLINK = "symlink"                  # a symbolic link in the products area (never followed)
+    DARK_FILE = "dark_file"              # a file that no row records
+    DARK_FOLDER = "dark_folder"          # a folder with nothing recorded in it
+    UNREADABLE = "unreadable"            # cannot be read back (permission, I/O error)
+
+
+class StaleKind(StrEnum):
+    """What a file left in the staging area is (hygiene.Stale.kind, quarantine_log.kind)."""
+
+    REJECTED = "rejected"    # a product rejected as bad input
+    UNCLAIMED = "unclaimed"  # a file in a product folder that no product owns

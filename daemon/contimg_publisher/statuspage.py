@@ -16,7 +16,14 @@ import time
 from dataclasses import dataclass, field
 
 from contimg_publisher import registry as registry_mod
-from contimg_publisher.registry import STATUSES, Product, Registry, SinkState, Unclaimed
+from contimg_publisher.registry import (
+    STATUSES,
+    Finding,
+    Product,
+    Registry,
+    SinkState,
+    Unclaimed,
+)
 
 HOUR, DAY = 3600.0, 86400.0
 
@@ -43,6 +50,15 @@ class Health:
     unclaimed: list[Unclaimed] = field(default_factory=list)
     # The outbox, per configured sink: what waits to be delivered to downstream consumers.
     sinks: list[SinkState] = field(default_factory=list)
+    # The fixity audit: open findings (up to the limit), their count by kind, and when its
+    # last full pass finished (None: none yet).
+    findings: list[Finding] = field(default_factory=list)
+    finding_counts: dict[str, int] = field(default_factory=dict)
+    audit_last_pass: float | None = None
+
+    @property
+    def finding_total(self) -> int:
+        return sum(self.finding_counts.values())
 
     @property
     def oldest_age(self) -> float | None:
@@ -83,6 +99,7 @@ def snapshot(registry: Registry, limit: int = 50, now: float | None = None,
     the same bound."""
     now = time.time() if now is None else now
     with registry.read():
+        last_pass = registry.audit_state().get("last_pass_finished")
         return Health(
             now=now,
             counts=registry.counts(),
@@ -100,6 +117,9 @@ def snapshot(registry: Registry, limit: int = 50, now: float | None = None,
             last=registry.last_published(),
             unclaimed=registry.unclaimed(now - unclaimed_after, limit=limit or None),
             sinks=registry.sink_states(sinks),
+            findings=registry.findings(limit=limit or None),
+            finding_counts=registry.finding_counts(),
+            audit_last_pass=None if last_pass is None else float(last_pass),
         )
 
 
@@ -117,6 +137,11 @@ def problems(health: Health, max_waiting_age: float, daemon_running: bool,
         named = (": " + ", ".join(names) + (", …" if n > len(names) else "")) if names else ""
         out.append(f"{n} failed product{'s wait' if n != 1 else ' waits'} for an operator"
                    f"{named} (`contimg-publisher list --status failed`, then `retry`)")
+    if health.finding_total:
+        n = health.finding_total
+        kinds = ", ".join(f"{c} {k}" for k, c in sorted(health.finding_counts.items()) if c)
+        out.append(f"the archive audit has {n} open finding{'s' if n != 1 else ''} ({kinds}): "
+                   "`contimg-publisher audit` lists them")
     age = health.oldest_age
     if health.oldest is not None and age is not None and age > max_waiting_age:
         out.append(f"oldest waiting product {health.oldest.data_id} has waited "
@@ -307,6 +332,15 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
           _e(k.attempts), _e(k.last_error), _e(k.dead)] for k in health.sinks],
         "no sink is configured ([notify] url, command): events are kept, sent nowhere",
         numeric={1, 2, 3, 5}))
+    parts.append("<h2>Archive audit</h2>")
+    parts.append(f"<p class=\"muted\">last full pass: {_e(format_when(health.audit_last_pass))}"
+                 "</p>")
+    parts.append(_table(
+        ["kind", "path", "product", "since", "detail"],
+        [[_e(f.kind), _path(f.path), _e(f.data_id), _e(format_when(f.first_seen)),
+          _e(f.detail)] for f in health.findings],
+        "no open findings: every product read back as recorded, nothing unrecorded"))
+    parts.append(_more(len(health.findings), health.finding_total))
 
     parts.append("<h2>Last publishes</h2>")
     parts.append(_table(
