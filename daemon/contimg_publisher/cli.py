@@ -22,8 +22,9 @@ from contimg_publisher.registry import (
     SCHEMA_VERSION,
     STATUSES,
     Product,
-    Registry,
+    RegistryBackend,
     RegistryError,
+    open_registry,
     refuse_new_over_archive,
 )
 from contimg_publisher.states import Attempt, Detected, Status
@@ -127,23 +128,22 @@ def _one_line(text: str | None, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _open(cfg: Config) -> Registry:
+def _open(cfg: Config) -> RegistryBackend:
     """Read commands use the registry as it is: an older file is not migrated behind the
     operator's back.
 
     Reads are not refused when the -shm cannot be written (Registry guard_reads): this
     short-lived process opens it after the fact, and SQLite then maps it read-only, so an
     operator can still read a registry made immutable. Writes are refused with the reason."""
-    if not os.path.exists(cfg.registry):
+    if not cfg.registry_is_server and not os.path.exists(cfg.registry):
         refuse_new_over_archive(cfg.registry, cfg.products_root)
-        registry = Registry(cfg.registry, cfg.busy_timeout_seconds)
+        registry = open_registry(cfg)
     else:
-        registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False,
-                            guard_reads=False)
+        registry = open_registry(cfg, migrate=False, guard_reads=False)
         if registry.version() < SCHEMA_VERSION:
             version = registry.version()
             registry.close()
-            raise RegistryError(f"registry {cfg.registry} is at schema version {version}, "
+            raise RegistryError(f"registry {cfg.registry_shown} is at schema version {version}, "
                                 f"this program needs {SCHEMA_VERSION}: run `contimg-publisher "
                                 "migrate` (or start the daemon, which migrates)")
     registry.set_qa_gate(qa.conditions(cfg.products))
@@ -442,15 +442,15 @@ def cmd_release(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(cfg: Config, args: argparse.Namespace) -> int:
-    with Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False) as registry:
+    with open_registry(cfg, migrate=False) as registry:
         before = registry.version()
         applied = registry.migrate()
         after = registry.version()
     if applied:
-        print(f"{cfg.registry}: migrated from schema version {before} to {after} "
+        print(f"{cfg.registry_shown}: migrated from schema version {before} to {after} "
               f"(steps {', '.join(map(str, applied))})")
     else:
-        print(f"{cfg.registry}: already at schema version {after}")
+        print(f"{cfg.registry_shown}: already at schema version {after}")
     return EXIT_OK
 
 

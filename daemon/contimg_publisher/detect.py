@@ -39,7 +39,7 @@ from contimg_publisher.registry import (
     Candidate,
     Identity,
     Product,
-    Registry,
+    RegistryBackend,
     RegistryError,
     pending_checksum,
 )
@@ -480,7 +480,7 @@ REGISTRATION_ACTIONS = {"new": Detected.REGISTERED, "updated": Detected.UPDATED,
 class Detector:
     """Paths waiting to settle, and the checks that turn them into registered products."""
 
-    def __init__(self, config: Config, registry: Registry,
+    def __init__(self, config: Config, registry: RegistryBackend,
                  clock: Callable[[], float] = time.time,
                  gate: writers.WriterGate | None = None) -> None:
         self.config = config

@@ -39,7 +39,13 @@ from prometheus_client.registry import Collector
 from contimg_publisher import __version__, statuspage
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, split_listen
-from contimg_publisher.registry import FAILURE_KINDS, STATUSES, Registry, RegistryError
+from contimg_publisher.registry import (
+    FAILURE_KINDS,
+    STATUSES,
+    RegistryBackend,
+    RegistryError,
+    open_registry,
+)
 from contimg_publisher.states import Attempt, Detected
 
 PREFIX = "contimg_publisher"
@@ -60,9 +66,8 @@ def is_loopback(host: str) -> bool:
 
 
 @contextlib.contextmanager
-def _reader(config: Config) -> Iterator[Registry]:
-    registry = Registry(config.registry, config.busy_timeout_seconds, migrate=False,
-                        create=False)
+def _reader(config: Config) -> Iterator[RegistryBackend]:
+    registry = open_registry(config, migrate=False, create=False)
     try:
         yield registry
     finally:

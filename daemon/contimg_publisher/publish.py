@@ -57,7 +57,7 @@ from contimg_publisher.registry import (
     Identity,
     Product,
     Published,
-    Registry,
+    RegistryBackend,
     RegistryError,
     checksum_known,
 )
@@ -251,7 +251,7 @@ class _Folders:
 class Publisher:
     """Publishes claimed rows; one instance per thread (it uses that thread's Registry)."""
 
-    def __init__(self, config: Config, registry: Registry, owner: str,
+    def __init__(self, config: Config, registry: RegistryBackend, owner: str,
                  log: Any = None, gate: writers.WriterGate | None = None) -> None:
         self.config = config
         self.registry = registry

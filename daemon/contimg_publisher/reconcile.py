@@ -15,11 +15,11 @@ from contimg_publisher import detect, fits, kinds, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for, step_of
-from contimg_publisher.registry import Product, Published, Registry, checksum_known
+from contimg_publisher.registry import Product, Published, RegistryBackend, checksum_known
 from contimg_publisher.states import Attempt, FailureKind, Status, Step
 
 
-def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
+def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = None,
               now: float | None = None, sweep: bool = True) -> list[Result]:
     """Resolve publishes a crash interrupted, and remove temporary files nobody claims.
 
@@ -58,7 +58,7 @@ def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
     return results
 
 
-def resolve_own(config: Config, registry: Registry, owner: str, data_ids: list[str],
+def resolve_own(config: Config, registry: RegistryBackend, owner: str, data_ids: list[str],
                 log: Any = None) -> list[Result]:
     """Publishes of this very process that died inside it (an exception in the publish
     thread, a registry error during a commit): resolved now, from disk and the row, as a
@@ -221,13 +221,14 @@ def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
                 os.close(fd)
 
 
-def remove_stray_temps(config: Config, registry: Registry, owner: str, log: Any = None) -> int:
+def remove_stray_temps(config: Config, registry: RegistryBackend, owner: str,
+                       log: Any = None) -> int:
     """Remove temporary names (ours, by their prefix) that no live publish claims. Nothing
     else in the products area is ever touched."""
     return sum(stray_temp_sweep(config, registry, owner, log))
 
 
-def stray_temp_sweep(config: Config, registry: Registry, owner: str, log: Any = None
+def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log: Any = None
                      ) -> Iterator[int]:
     """remove_stray_temps one folder at a time: yields how many it removed in each, so a
     caller can spread the walk of a large archive over many turns of its loop.

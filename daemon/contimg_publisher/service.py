@@ -40,9 +40,10 @@ from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import (
     TRANSIENT,
     Product,
-    Registry,
+    RegistryBackend,
     RegistryError,
     RegistryGone,
+    open_registry,
     refuse_new_over_archive,
     unavailable,
 )
@@ -160,12 +161,12 @@ class Worker:
         self.jobs.put(None)
 
     def _run(self) -> None:
-        registry: Registry | None = None
+        registry: RegistryBackend | None = None
         while (job := self.jobs.get()) is not None:
             products, cfg, mode = job
             try:
                 if registry is None:
-                    registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False)
+                    registry = open_registry(cfg, migrate=False)
                 publisher = publish.Publisher(cfg, registry, self.owner, logs.get_logger(),
                                               self.gate)
                 result: Any = publisher.publish_many(products, mode=mode, cancel=self.cancel,
@@ -187,7 +188,7 @@ class Daemon:
         self.signals: list[int] = []
         self.changes: queue.SimpleQueue[watch.Change | str] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.registry: Registry | None = None
+        self.registry: RegistryBackend | None = None
         self.lock: lock.Lock | None = None
         self.watcher: watch.Watcher | None = None
         self.detector: detect.Detector | None = None
@@ -250,7 +251,7 @@ class Daemon:
         self._install_signals()
         notify("STATUS=opening the registry")
         refuse_new_over_archive(cfg.registry, cfg.products_root)
-        self.registry = Registry(cfg.registry, cfg.busy_timeout_seconds)
+        self.registry = open_registry(cfg)
         self.registry.set_qa_gate(qa.conditions(cfg.products))
         self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
         notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
@@ -729,7 +730,7 @@ def _with(cfg: Config, **changes: Any) -> Config:
 TIDY_ACTIONS = (Detected.LEFTOVER, Detected.LATE_SIDECAR)
 
 
-def park_outside_root(cfg: Config, registry: Registry, log: Any,
+def park_outside_root(cfg: Config, registry: RegistryBackend, log: Any,
                       old_root: Path | None = None) -> None:
     """Rows registered under another staging root wait for an operator, with the reason.
 
@@ -775,7 +776,7 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
     owner = lock.owner_id()
     refuse_new_over_archive(cfg.registry, cfg.products_root)
     with lock.acquire(str(cfg.lock_path), "scan", wait_seconds=cfg.lock_wait_seconds), \
-            Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
+            open_registry(cfg) as registry:
         registry.set_qa_gate(qa.conditions(cfg.products))
         report.reconciled = reconcile.reconcile(cfg, registry, owner, log)
         park_outside_root(cfg, registry, log)
@@ -806,7 +807,7 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
     deadline = time.monotonic() + wait
     owner = lock.owner_id()
     refuse_new_over_archive(cfg.registry, cfg.products_root)
-    with Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
+    with open_registry(cfg) as registry:
         registry.set_qa_gate(qa.conditions(cfg.products))
         row = registry.get(data_id)
         if row is None:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from contimg_publisher import registry as registry_mod
-from contimg_publisher.registry import STATUSES, Product, Registry, Unclaimed
+from contimg_publisher.registry import STATUSES, Product, RegistryBackend, Unclaimed
 
 HOUR, DAY = 3600.0, 86400.0
 
@@ -74,7 +74,7 @@ def success_rate(published: int, failures: int) -> float | None:
     return None if total == 0 else published / total
 
 
-def snapshot(registry: Registry, limit: int = 50, now: float | None = None,
+def snapshot(registry: RegistryBackend, limit: int = 50, now: float | None = None,
              unclaimed_after: float = 3600.0) -> Health:
     """Read everything in one transaction, so the counts and the lists agree. `limit`
     bounds each list of products; the unclaimed files are listed whole (limit 0) or up to
