@@ -304,7 +304,8 @@ class Publisher:
                            self.registry.set_publish_plan(
                                self.owner, job.product.data_id,
                                job.result.published_path or "", job.temp_shown,
-                               [os.fsdecode(s.dest_name) for s in job.sidecars])}
+                               [os.fsdecode(s.dest_name) for s in job.sidecars],
+                               token=job.product.claim_token)}
             placed: list[_Job] = []
             for index, job in enumerate(ready):
                 if not job.identical and job.product.data_id not in planned:
@@ -322,7 +323,8 @@ class Publisher:
                                 left.lose("the claim on this product was lost before the "
                                           "publish")
                                 continue
-                            self.registry.requeue(left.product.data_id, self.owner)
+                            self.registry.requeue(left.product.data_id, self.owner,
+                                                  token=left.product.claim_token)
                             left.result.status = Attempt.REQUEUED
                             left.result.error = "stopped before the publish finished"
                             left.finish()
@@ -359,7 +361,8 @@ class Publisher:
         result.kind, result.error = kind, text
         result.failure = self.registry.record_failure(
             job.product.data_id, self.owner, kind, text, cfg.max_attempts,
-            cfg.backoff_initial_seconds, cfg.backoff_max_seconds, cfg.error_max_chars)
+            cfg.backoff_initial_seconds, cfg.backoff_max_seconds, cfg.error_max_chars,
+            token=job.product.claim_token)
         if result.failure is None:
             result.status = Attempt.LOST
         else:
@@ -372,7 +375,8 @@ class Publisher:
         result = job.result
         result.error = f"{job.product.stage_path}: {reason}"
         result.status = Attempt.REJECTED if self.registry.reject_claimed(
-            job.product.data_id, self.owner, reason, self.config.error_max_chars) \
+            job.product.data_id, self.owner, reason, self.config.error_max_chars,
+            token=job.product.claim_token) \
             else Attempt.LOST
         job.finish()
 
@@ -516,7 +520,8 @@ class Publisher:
             done = {job.product.data_id for job in placed if self.registry.mark_published(
                 Published(job.product.data_id, job.result.published_path or "", job.mode,
                           tuple(os.fsdecode(s.dest_name) for s in job.sidecars),
-                          job.result.supersedes), self.owner, now)}
+                          job.result.supersedes), self.owner, now,
+                token=job.product.claim_token)}
         published = []
         for job in placed:
             if job.product.data_id in done:
@@ -658,7 +663,7 @@ class Publisher:
             # nobody else can take the claim, and the commit checks it anyway.
             try:
                 self.registry.renew_lease(product.data_id, self.owner,
-                                          self.config.lease_seconds)
+                                          self.config.lease_seconds, token=product.claim_token)
             except RegistryError as exc:
                 if not warned:
                     warned.append(str(exc))
@@ -746,7 +751,7 @@ class Publisher:
             return
         checks = read.fits.fits_checksums if read.fits is not None else None
         if not self.registry.record_checksum(product.data_id, self.owner, read.checksum,
-                                             checks):
+                                             checks, token=product.claim_token):
             raise PublishFailure(FailureKind.OTHER,
                                  "the claim on this product was lost during its copy")
         job.product = dataclasses.replace(product, checksum=read.checksum)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +31,7 @@ def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = 
     sweeps it in slices after READY (stray_temp_sweep), since that walk grows with the
     archive.
     """
-    now = time.time() if now is None else now
+    now = registry.clock() if now is None else now  # leases are the registry's clock
     results: list[Result] = []
     publisher = Publisher(config, registry, owner, log)
     for row in registry.publishing():

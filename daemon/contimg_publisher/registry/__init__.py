@@ -11,6 +11,7 @@ postgres.py, one registry for several nodes. `open_registry` picks the backend f
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -91,10 +92,12 @@ def open_registry(target: Config | str | os.PathLike[str],
         target = cfg.registry
         busy_timeout_seconds = cfg.busy_timeout_seconds if busy_timeout_seconds is None \
             else busy_timeout_seconds
+        node = cfg.node_name if node is None else node
     timeout = 10.0 if busy_timeout_seconds is None else busy_timeout_seconds
     if is_server(target):
-        raise RegistryError(f"registry {target}: a server registry needs the PostgreSQL "
-                            "backend, which this version does not have yet")
+        from contimg_publisher.registry.postgres import PostgresRegistry
+        return PostgresRegistry(str(target), timeout, migrate=migrate,
+                                node=node or socket.gethostname())
     return Registry(target, timeout, migrate=migrate, create=create, guard_reads=guard_reads)
 
 

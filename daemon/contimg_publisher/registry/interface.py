@@ -41,17 +41,21 @@ class RegistryBackend(Protocol):
         process makes on closing (it writes the -shm: SIGBUS)."""
 
     def probe(self) -> None:
-        """A real write that leaves nothing behind (a row added and removed in one transaction, so
-        pages reach the WAL and the commit is fsynced): whether the registry takes commits
-        again. RegistryUnavailable when it does not."""
+        """A real write that leaves nothing behind: whether the registry takes commits again.
+        RegistryUnavailable when it does not."""
 
     def set_qa_gate(self, conditions: Sequence[Condition]) -> None:
         """The QA gate claims, due times and hold reasons apply from now on (qa.conditions of the
         configured rules)."""
 
+    def clock(self) -> float:
+        """Now, by the clock leases are measured by (a server's own, for a shared registry):
+        what reconciliation compares lease_expires_at with."""
+
     def check_identity(self) -> None:
-        """RegistryGone unless the configured path still leads to the file this connection has open
-        (asked before claims and before every commit that lets a source go)."""
+        """RegistryGone unless the registry is still the one this connection writes (for a file:
+        the configured path still leads to it); asked before claims and before every commit
+        that lets a source go."""
 
     def __enter__(self) -> Self:
         ...
@@ -97,10 +101,7 @@ class RegistryBackend(Protocol):
         ...
 
     def counts(self) -> dict[str, int]:
-        """Rows per status. Nearly every row of a long-lived registry is `published`, so the other
-        statuses are counted through the status index and `published` is what remains of
-        COUNT(*), which SQLite answers from b-tree pages without visiting rows: a few ms at a
-        million rows instead of a scan. One statement, so one consistent snapshot."""
+        """Rows per status (every status a key), in one consistent snapshot."""
 
     def counts_by_type(self) -> dict[tuple[str, str], int]:
         ...
@@ -136,17 +137,18 @@ class RegistryBackend(Protocol):
         """Move due rows to `publishing` under a lease held by `owner`."""
 
     def renew_lease(self, data_id: str, owner: str, lease_seconds: float,
-                    now: float | None = None) -> bool:
+                    now: float | None = None, token: str | None = None) -> bool:
         ...
 
     def set_publish_plan(self, owner: str, data_id: str, target: str, temp: str | None,
-                         sidecars: Sequence[str] = ()) -> bool:
+                         sidecars: Sequence[str] = (), token: str | None = None) -> bool:
         """Record the final name, the temporary name and the sidecars' final names a publish is
         about to write (reconciliation, and the next attempt after a crash, read them); False
         when `owner` no longer holds the claim."""
 
     def record_checksum(self, data_id: str, owner: str, checksum: str,
-                        fits_checksums: str | None, now: float | None = None) -> bool:
+                        fits_checksums: str | None, now: float | None = None,
+                        token: str | None = None) -> bool:
         """The digest the publish's copy computed for a row registered without one, and how its
         FITS checksums came out ("verified", "absent"), recorded before the product can reach
         its final name (reconciliation verifies that name against it). False when `owner` no
@@ -154,13 +156,13 @@ class RegistryBackend(Protocol):
 
     def reject_claimed(self, data_id: str, owner: str, reason: str, error_max_chars: int,
                        now: float | None = None, host: str | None = None,
-                       pid: int | None = None) -> bool:
+                       pid: int | None = None, token: str | None = None) -> bool:
         """A claimed product the publish found is not publishable (a FITS checksum that fails in
         the copy's read): `rejected` with the reason, like a rejection at registration, the
         attempt kept in the history. False when not `owner`'s claim."""
 
     def mark_published(self, item: Published, owner: str | None,
-                       now: float | None = None) -> bool:
+                       now: float | None = None, token: str | None = None) -> bool:
         """Durably record a publish; with owner None the lease is not checked (reconciliation).
         False when the row's claim is no longer `owner`'s (it is left as it is)."""
 
@@ -183,11 +185,13 @@ class RegistryBackend(Protocol):
                        max_attempts: int, backoff_initial: float, backoff_max: float,
                        error_max_chars: int, now: float | None = None,
                        host: str | None = None, pid: int | None = None,
-                       rng: random.Random | None = None) -> FailureOutcome | None:
+                       rng: random.Random | None = None, token: str | None = None
+                       ) -> FailureOutcome | None:
         """Count a failed attempt (unless its kind says nothing about the product), keep it in the
         history, and schedule the next try; `failed` once attempts reach max_attempts."""
 
-    def requeue(self, data_id: str, owner: str | None, now: float | None = None) -> bool:
+    def requeue(self, data_id: str, owner: str | None, now: float | None = None,
+                token: str | None = None) -> bool:
         """Give a claimed row back, due now, without counting an attempt (clean shutdown)."""
 
     def forget_missing(self, data_id: str, reason: str, error_max_chars: int,

@@ -190,6 +190,10 @@ class Product:
     publish_step: str | None
     sidecars: list[str]
     publish_requested_at: float | None = None
+    # The claim this row is held under (a backend that fences writes after a claim sets it
+    # at the claim; they name it), and the node whose staging area holds the product.
+    claim_token: str | None = None
+    node: str | None = None
 
     @property
     def stage_bytes(self) -> bytes:
@@ -325,7 +329,8 @@ def _product(row: dict[str, Any]) -> Product:
         size_bytes=row.get("size_bytes"), checksum=row.get("checksum"), identity=ident,
         publish_target=row.get("publish_target"), publish_temp=row.get("publish_temp"),
         publish_step=row.get("publish_step"),
-        sidecars=sidecars, publish_requested_at=row.get("publish_requested_at"))
+        sidecars=sidecars, publish_requested_at=row.get("publish_requested_at"),
+        claim_token=row.get("claim_token"), node=row.get("node"))
 
 
 # --- read queries for metrics, the status page and `status` ---------------------------------

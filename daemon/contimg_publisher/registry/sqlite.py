@@ -264,7 +264,11 @@ def _create_empty(path: str) -> None:
 
 
 class Registry:
-    """One APSW connection to the registry file; open one per thread."""
+    """One APSW connection to the registry file; open one per thread.
+
+    Claims are fenced by their owner (host, pid, start time: one process) and the single-
+    writer lock; a claim's `token` (RegistryBackend) is accepted and not needed here: a
+    file on one host has no node whose lease could run out under another's."""
 
     def __init__(self, path: str | os.PathLike[str], busy_timeout_seconds: float = 10.0,
                  migrate: bool = True, create: bool = True, guard_reads: bool = True) -> None:
@@ -373,6 +377,10 @@ class Registry:
         """The QA gate claims, due times and hold reasons apply from now on (qa.conditions
         of the configured rules)."""
         self._qa_hold = qa_hold_sql(conditions)
+
+    def clock(self) -> float:
+        """The clock leases are measured by: this host's (an SQLite file has one host)."""
+        return time.time()
 
     def check_identity(self) -> None:
         """RegistryGone unless the configured path still leads to the file this connection
@@ -888,7 +896,7 @@ class Registry:
         return [_product(by_id[i]) for i in ids]
 
     def renew_lease(self, data_id: str, owner: str, lease_seconds: float,
-                    now: float | None = None) -> bool:
+                    now: float | None = None, token: str | None = None) -> bool:
         now = time.time() if now is None else now
         with self.write() as cur:
             cur.execute("UPDATE data_registry SET lease_expires_at = ? WHERE data_id = ?"
@@ -897,7 +905,7 @@ class Registry:
             return self.conn.changes() > 0
 
     def set_publish_plan(self, owner: str, data_id: str, target: str, temp: str | None,
-                         sidecars: Sequence[str] = ()) -> bool:
+                         sidecars: Sequence[str] = (), token: str | None = None) -> bool:
         """Record the final name, the temporary name and the sidecars' final names a publish
         is about to write (reconciliation, and the next attempt after a crash, read them);
         False when `owner` no longer holds the claim."""
@@ -909,7 +917,8 @@ class Registry:
             return self.conn.changes() > 0
 
     def record_checksum(self, data_id: str, owner: str, checksum: str,
-                        fits_checksums: str | None, now: float | None = None) -> bool:
+                        fits_checksums: str | None, now: float | None = None,
+                        token: str | None = None) -> bool:
         """The digest the publish's copy computed for a row registered without one, and
         how its FITS checksums came out ("verified", "absent"), recorded before the product
         can reach its final name (reconciliation verifies that name against it). False
@@ -930,7 +939,7 @@ class Registry:
 
     def reject_claimed(self, data_id: str, owner: str, reason: str, error_max_chars: int,
                        now: float | None = None, host: str | None = None,
-                       pid: int | None = None) -> bool:
+                       pid: int | None = None, token: str | None = None) -> bool:
         """A claimed product the publish found is not publishable (a FITS checksum that
         fails in the copy's read): `rejected` with the reason, like a rejection at
         registration, the attempt kept in the history. False when not `owner`'s claim."""
@@ -956,7 +965,7 @@ class Registry:
         return True
 
     def mark_published(self, item: Published, owner: str | None,
-                       now: float | None = None) -> bool:
+                       now: float | None = None, token: str | None = None) -> bool:
         """Durably record a publish; with owner None the lease is not checked (reconciliation).
         False when the row's claim is no longer `owner`'s (it is left as it is).
 
@@ -1045,7 +1054,8 @@ class Registry:
                        max_attempts: int, backoff_initial: float, backoff_max: float,
                        error_max_chars: int, now: float | None = None,
                        host: str | None = None, pid: int | None = None,
-                       rng: random.Random | None = None) -> FailureOutcome | None:
+                       rng: random.Random | None = None, token: str | None = None
+                       ) -> FailureOutcome | None:
         """Count a failed attempt (unless its kind says nothing about the product), keep it in
         the history, and schedule the next try; `failed` once attempts reach max_attempts.
 
@@ -1086,7 +1096,8 @@ class Registry:
                  kind, text, now, host or socket.gethostname(), pid or os.getpid()))
         return FailureOutcome(attempts, status, next_at, counted, text)
 
-    def requeue(self, data_id: str, owner: str | None, now: float | None = None) -> bool:
+    def requeue(self, data_id: str, owner: str | None, now: float | None = None,
+                token: str | None = None) -> bool:
         """Give a claimed row back, due now, without counting an attempt (clean shutdown)."""
         now = time.time() if now is None else now
         with self.write() as cur:
