@@ -245,6 +245,25 @@ def test_a_write_around_many_calls_is_one_transaction(opener: Opener) -> None:
     assert reg.get("m_000001") is not None and reg.get("m_000002") is None
 
 
+def test_heartbeats_list_a_running_daemon_until_its_clean_stop(opener: Opener,
+                                                                request: pytest.FixtureRequest
+                                                                ) -> None:
+    reg = opener(node="node-h")
+    reg.heartbeat("host:1:2:3", 1_700_000_000.0, "0.1.0")
+    reg.heartbeat("host:1:2:3", 1_700_000_000.0, "0.1.0")  # renewed, not a second row
+    beats = reg.heartbeats()
+    if "sqlite" in request.node.callspec.id:
+        assert beats == []  # one host, one daemon: the lock file names it
+        return
+    (beat,) = beats
+    assert (beat.owner, beat.node, beat.pid, beat.version) == ("host:1:2:3", "node-h",
+                                                               os.getpid(), "0.1.0")
+    assert beat.started == 1_700_000_000.0 and 0 <= beat.age_seconds < 5 and not beat.stale
+    assert beat.to_json()["stale"] is False
+    reg.end_heartbeat("host:1:2:3")
+    assert reg.heartbeats() == []
+
+
 # --- what a shared server adds (PostgreSQL only) --------------------------------------------
 
 @pytest.fixture
@@ -414,3 +433,13 @@ def test_fixture_reason_when_unavailable() -> None:
     """The server fixture's own check: here it either finds a way to run or says why."""
     reason = pg.unavailable()
     assert reason is None or "postgres" in reason.lower()
+
+
+def test_a_heartbeat_that_stopped_is_flagged_stale(server: Server) -> None:
+    with _pg(server, node="node-a") as a, _pg(server, node="node-b") as b:
+        a.heartbeat("a:1:1:1", 1.0, "0.1.0")
+        b.heartbeat("b:2:2:2", 2.0, "0.1.0")
+        server.psql("UPDATE heartbeats SET last_seen = last_seen - 300 WHERE node = 'node-b'")
+        by_node = {h.node: h for h in a.heartbeats()}
+        assert not by_node["node-a"].stale
+        assert by_node["node-b"].stale and by_node["node-b"].age_seconds >= 300

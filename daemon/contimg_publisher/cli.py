@@ -197,13 +197,13 @@ def _status_unreadable(cfg: Config, args: argparse.Namespace, error: RegistryErr
     if not running:
         problems.append("no daemon holds the lock: nothing is being published")
     if args.json:
-        print(json.dumps({"counts": None, "registry": str(cfg.registry),
+        print(json.dumps({"counts": None, "registry": cfg.registry_shown,
                           "registry_error": str(error),
                           "lock": {"path": str(cfg.lock_path), "holder": holder},
                           "daemon_running": running, "paused": _paused_json(paused),
                           "problems": problems, "ok": False}, indent=2))
     else:
-        print(f"registry   {cfg.registry}: cannot be read")
+        print(f"registry   {cfg.registry_shown}: cannot be read")
         print(f"daemon     {f'running, {holder}' if running else 'not running'}"
               + (" (publishing paused)" if paused is not None else ""))
         print("NEEDS ATTENTION")
@@ -228,11 +228,15 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             health = statuspage.snapshot(registry, limit=0, now=now,
                                          unclaimed_after=cfg.unclaimed_after_seconds)
             held = registry_mod.held(registry, [r.type for r in cfg.products])
+            beats = registry.heartbeats()
             health.failed = registry_mod.by_status(registry, Status.FAILED)
     except RegistryError as exc:
         return _status_unreadable(cfg, args, exc, holder, running, paused)
     max_age = cfg.status_max_waiting_age_seconds
     problems = statuspage.problems(health, max_age, running, paused)
+    problems += [f"node {b.node}: its daemon (pid {b.pid} on {b.host}) was last heard from "
+                 f"{statuspage.format_age(b.age_seconds)} ago: stopped without a clean stop, "
+                 "or its host is down or cut off from the registry" for b in beats if b.stale]
     data: dict[str, Any] = {
         "counts": counts,
         "oldest_waiting": None if oldest is None else {
@@ -245,7 +249,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "lock": {"path": str(cfg.lock_path), "holder": holder},
         "daemon_running": running,
         "paused": _paused_json(paused),
-        "registry": str(cfg.registry),
+        "registry": cfg.registry_shown,
         "success_rate": {
             "last_hour": {"published": health.published_hour, "failures": health.failures_hour,
                           "rate": health.success_rate_hour},
@@ -258,16 +262,21 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                   "staged_at": r.staged_at} for r, why in held],
         "failed": [{"data_id": r.data_id, "data_type": r.data_type,
                     "publish_error": r.publish_error} for r in health.failed],
+        "nodes": [b.to_json() for b in beats],
         "problems": problems,
         "ok": not problems,
     }
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_FAILED if problems else EXIT_OK
-    print(f"registry   {cfg.registry}")
+    print(f"registry   {cfg.registry_shown}")
     print(f"daemon     {f'running, {holder}' if running else 'not running'}"
           + (f" (lock held by {holder})" if holder and not running else "")
           + (" (publishing paused)" if paused is not None else ""))
+    for b in beats:
+        print(f"node       {b.node}: pid {b.pid} on {b.host}, last heard from "
+              f"{statuspage.format_age(b.age_seconds)} ago"
+              + (" (STOPPED? no heartbeat)" if b.stale else ""))
     print("products   " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
     if oldest is not None:
         waited = statuspage.format_age(now - oldest.staged_at)

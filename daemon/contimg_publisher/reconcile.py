@@ -244,7 +244,9 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
                  if paths.parse_temp_name(os.fsencode(name)) is not None]
         removed = 0
         if temps:
-            claimed = {row.publish_temp for row in registry.publishing()
+            # Every node's claims: a products area shared by several nodes holds their
+            # copies in flight too, each recorded in its row before it is created.
+            claimed = {row.publish_temp for row in registry.publishing(every_node=True)
                        if row.publish_temp and (row.lease_owner == owner
                                                 or owner_alive(row.lease_owner) is not False)}
             for name in temps:

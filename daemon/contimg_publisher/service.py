@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contimg_publisher import config as config_mod
 from contimg_publisher import (
+    __version__,
     detect,
     lock,
     logs,
@@ -35,6 +35,7 @@ from contimg_publisher import (
     watch,
     writers,
 )
+from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import (
@@ -201,6 +202,7 @@ class Daemon:
         self.next_rescan = 0.0
         self.next_reconcile = 0.0
         self.next_status = 0.0
+        self.next_heartbeat = 0.0
         self.last_published: str | None = None
         # Publishes that died inside the publish thread: resolved by the loop, not left
         # `publishing` under this process's live lease until a restart.
@@ -254,7 +256,7 @@ class Daemon:
         self.registry = open_registry(cfg)
         self.registry.set_qa_gate(qa.conditions(cfg.products))
         self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
-        notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
+        notify(f"STATUS=reconciling interrupted publishes ({cfg.registry_shown})")
         self._reconcile(startup=True)
         park_outside_root(cfg, self.registry, self.log)
         self.detector = detect.Detector(cfg, self.registry, gate=self.gate)
@@ -266,7 +268,7 @@ class Daemon:
         self.worker.start()
         self._start_metrics()
         self.log.info("started", stage_root=str(cfg.stage_root),
-                      products_root=str(cfg.products_root), registry=str(cfg.registry),
+                      products_root=str(cfg.products_root), registry=cfg.registry_shown,
                       config=self.config_path, pid=os.getpid(), watching=self._watching())
         notify("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
         self._start_sweep()
@@ -403,11 +405,11 @@ class Daemon:
     def _registry_unavailable(self, exc: Exception) -> None:
         """Publishing pauses: nothing is claimed, registered or removed until a retry
         proves the registry takes commits again. Said once, then at most once a minute."""
-        error = str(unavailable(exc, str(self.config.registry)))
+        error = str(unavailable(exc, self.config.registry_shown))
         now = time.monotonic()
         if self.outage is None:
             self.outage = outage.begin(error, now, time.time())
-            self.log.error("registry_unavailable", registry=str(self.config.registry),
+            self.log.error("registry_unavailable", registry=self.config.registry_shown,
                            error=error, retry_in_seconds=outage.RETRY_INITIAL_SECONDS,
                            reason="publishing paused: nothing leaves staging without its "
                                   "record; retried with backoff, resumes by itself",
@@ -415,7 +417,7 @@ class Daemon:
                                   "(chattr -i, remount read-write) or end the process that "
                                   "holds its write lock")
         elif outage.failed_again(self.outage, error, now):
-            self.log.warning("registry_still_unavailable", registry=str(self.config.registry),
+            self.log.warning("registry_still_unavailable", registry=self.config.registry_shown,
                              error=error, seconds=round(self.outage.seconds(now), 1),
                              tries=self.outage.tries,
                              retry_in_seconds=round(self.outage.next_try - now, 1))
@@ -434,7 +436,7 @@ class Daemon:
         assert self.outage is not None
         was = self.outage
         self.outage = None
-        self.log.info("registry_available", registry=str(self.config.registry),
+        self.log.info("registry_available", registry=self.config.registry_shown,
                       seconds=round(was.seconds(time.monotonic()), 1), tries=was.tries,
                       error_was=was.reason, reason="publishing resumed")
         self._say_outage()
@@ -483,7 +485,16 @@ class Daemon:
         self._advance_sweep()
         if time.monotonic() >= self.next_reconcile:
             self._reconcile()
+        self._heartbeat()
         self._ping()
+
+    def _heartbeat(self) -> None:
+        """This daemon is alive (the registry's heartbeats, which `status` lists per node)."""
+        assert self.registry is not None
+        now = time.monotonic()
+        if now >= self.next_heartbeat:
+            self.registry.heartbeat(self.owner, self.started_at, __version__)
+            self.next_heartbeat = now + registry_mod.HEARTBEAT_SECONDS
 
     def _drain_changes(self) -> None:
         assert self.detector is not None
@@ -574,7 +585,7 @@ class Daemon:
         """The registry file was deleted or replaced under the daemon: publish nothing more,
         remove nothing, say so loudly, and exit non-zero (systemd's restart then meets the
         start-up check, which will not create an empty registry beside the archive)."""
-        self.log.critical("registry_gone", registry=str(self.config.registry), error=str(exc),
+        self.log.critical("registry_gone", registry=self.config.registry_shown, error=str(exc),
                           action="restore the registry file (from the copy the daemon had "
                                  "open, or a backup), then start the daemon")
         notify(f"STATUS=stopped: {exc}")
@@ -619,7 +630,7 @@ class Daemon:
         try:
             c = self.registry.counts()
         except TRANSIENT as exc:  # the loop's next turn pauses on it
-            return f"registry unavailable: {unavailable(exc, str(self.config.registry))}"
+            return f"registry unavailable: {unavailable(exc, self.config.registry_shown)}"
         watching = "watching" if self._watching() else "scanning every " \
             f"{self.config.rescan_seconds:g} s"
         line = (f"{watching} {self.config.stage_root}: {c['staging']} waiting, "
@@ -713,6 +724,8 @@ class Daemon:
                 self.worker.thread.join(timeout=10)
         self._stop_metrics()
         if self.registry is not None:
+            with contextlib.suppress(RegistryError):
+                self.registry.end_heartbeat(self.owner)
             self.registry.close()
         if self.lock is not None:
             self.lock.release()
@@ -885,5 +898,5 @@ def run(config_path: str) -> int:
                          error=f"another publisher holds the lock: {exc.holder}")
         return 1
     except RegistryError as exc:
-        daemon.log.error("registry_unusable", registry=str(cfg.registry), error=str(exc))
+        daemon.log.error("registry_unusable", registry=cfg.registry_shown, error=str(exc))
         return 1

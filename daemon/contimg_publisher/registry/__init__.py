@@ -19,6 +19,7 @@ from contimg_publisher.registry import sqlite
 from contimg_publisher.registry.interface import RegistryBackend
 from contimg_publisher.registry.model import (
     FAILURE_KINDS,
+    HEARTBEAT_SECONDS,
     HELD_BY_OPERATOR,
     PENDING,
     SCHEMA_VERSION,
@@ -26,6 +27,7 @@ from contimg_publisher.registry.model import (
     Candidate,
     Failure,
     FailureOutcome,
+    Heartbeat,
     Identity,
     Product,
     Published,
@@ -56,13 +58,14 @@ SQLiteRegistry = Registry
 URI_SCHEMES = ("postgresql://", "postgres://")
 
 __all__ = [
-    "FAILURE_KINDS", "HELD_BY_OPERATOR", "LEGACY_DDL", "PENDING", "SCHEMA_VERSION", "STATUSES",
-    "TRANSIENT", "Candidate", "Failure", "FailureOutcome", "Identity", "Product", "Published",
-    "PublishRecord", "Registry", "RegistryBackend", "RegistryBusy", "RegistryError",
-    "RegistryGone", "RegistryUnavailable", "SQLiteRegistry", "Unclaimed", "backoff_delay",
-    "by_status", "checksum_known", "held", "is_server", "oldest_unheld_waiting", "open_registry",
-    "pending_checksum", "qa_hold_sql", "qa_holds", "recent_published", "refuse_new_over_archive",
-    "truncate", "unavailable", "waiting",
+    "FAILURE_KINDS", "HEARTBEAT_SECONDS", "HELD_BY_OPERATOR", "LEGACY_DDL", "PENDING",
+    "SCHEMA_VERSION", "STATUSES", "TRANSIENT", "Candidate", "Failure", "FailureOutcome",
+    "Heartbeat", "Identity", "Product", "Published", "PublishRecord", "Registry",
+    "RegistryBackend", "RegistryBusy", "RegistryError", "RegistryGone", "RegistryUnavailable",
+    "SQLiteRegistry", "Unclaimed", "backoff_delay", "by_status", "checksum_known", "held",
+    "is_server", "oldest_unheld_waiting", "open_registry", "pending_checksum", "qa_hold_sql",
+    "qa_holds", "recent_published", "refuse_new_over_archive", "truncate", "unavailable",
+    "waiting",
 ]
 
 

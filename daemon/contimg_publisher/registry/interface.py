@@ -22,6 +22,7 @@ from contimg_publisher.registry.model import (
     Candidate,
     Failure,
     FailureOutcome,
+    Heartbeat,
     Identity,
     Product,
     Published,
@@ -121,8 +122,8 @@ class RegistryBackend(Protocol):
     def next_due_at(self) -> float | None:
         """When the earliest waiting product becomes due (None: nothing waits)."""
 
-    def publishing(self) -> list[Product]:
-        ...
+    def publishing(self, every_node: bool = False) -> list[Product]:
+        """Rows in `publishing`: this node's, or with every_node those of all nodes."""
 
     def register(self, c: Candidate, now: float | None = None) -> tuple[str, Product]:
         """Record a finished product; idempotent."""
@@ -237,6 +238,15 @@ class RegistryBackend(Protocol):
 
     def size_bytes(self) -> int:
         ...
+
+    def heartbeat(self, owner: str, started: float, version: str) -> None:
+        """This daemon (`owner`, started at `started`) is alive now; renewed by its main loop."""
+
+    def end_heartbeat(self, owner: str) -> None:
+        """This daemon stopped cleanly."""
+
+    def heartbeats(self) -> list[Heartbeat]:
+        """The running daemons of every node (none for a backend without the table)."""
 
     def waiting(self, limit: int | None = None) -> list[Product]:
         """Products waiting to be published, longest-waiting first."""

@@ -270,6 +270,35 @@ class Published:
     supersedes: str | None = None
 
 
+# A daemon renews its heartbeat this often; one not renewed for STALE_AFTER_BEATS of these
+# is flagged: its daemon stopped without saying so (killed, its host down or cut off).
+HEARTBEAT_SECONDS = 10.0
+STALE_AFTER_BEATS = 3
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """One running daemon, as its main loop last said (ages by the registry's clock)."""
+
+    owner: str
+    node: str
+    host: str
+    pid: int
+    started: float
+    last_seen: float
+    version: str
+    age_seconds: float
+
+    @property
+    def stale(self) -> bool:
+        return self.age_seconds > HEARTBEAT_SECONDS * STALE_AFTER_BEATS
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "host": self.host, "pid": self.pid, "owner": self.owner,
+                "started": self.started, "last_seen": self.last_seen, "version": self.version,
+                "age_seconds": round(self.age_seconds, 3), "stale": self.stale}
+
+
 def truncate(text: str, limit: int) -> str:
     """At most `limit` characters; a cut is marked so nobody mistakes it for the whole text."""
     if len(text) <= limit:

@@ -49,6 +49,7 @@ from contimg_publisher.registry.model import (
     Candidate,
     Failure,
     FailureOutcome,
+    Heartbeat,
     Identity,
     Product,
     Published,
@@ -523,10 +524,11 @@ class PostgresRegistry:
             f" OR ({DUE_REQUESTED}))", (self.node,))
         return None if value is None else float(value)
 
-    def publishing(self) -> list[Product]:
-        """This node's rows in `publishing` (the ones its reconciliation may resolve)."""
+    def publishing(self, every_node: bool = False) -> list[Product]:
+        """This node's rows in `publishing` (the ones its reconciliation may resolve), or
+        every node's (the temporary names a shared products area must keep)."""
         return self._products("SELECT * FROM data_registry WHERE status = 'publishing'"
-                              " AND node = %s", (self.node,))
+                              " AND (%s OR node = %s)", (every_node, self.node))
 
     # --- writes -------------------------------------------------------------------------
 
@@ -1020,6 +1022,28 @@ class PostgresRegistry:
         return int(self._scalar(
             "SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0) AS n"
             " FROM unnest(%s::text[]) AS t", (list(TABLES),)))
+
+    # --- heartbeats -----------------------------------------------------------------------
+
+    def heartbeat(self, owner: str, started: float, version: str) -> None:
+        """This daemon is alive now (the server's clock): its row, made or renewed."""
+        self._rows(
+            "INSERT INTO heartbeats (owner, node, host, pid, started, last_seen, version)"
+            f" VALUES (%(owner)s, %(node)s, %(host)s, %(pid)s, %(started)s, {NOW},"
+            " %(version)s) ON CONFLICT (owner) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
+            " node = EXCLUDED.node, version = EXCLUDED.version",
+            {"owner": owner, "node": self.node, "host": socket.gethostname(),
+             "pid": os.getpid(), "started": started, "version": version})
+
+    def end_heartbeat(self, owner: str) -> None:
+        """A clean stop: the daemon is no longer listed."""
+        self._rows("DELETE FROM heartbeats WHERE owner = %s", (owner,))
+
+    def heartbeats(self) -> list[Heartbeat]:
+        """Every node's daemons, with how long ago each was last heard from."""
+        return [Heartbeat(**r) for r in self._rows(
+            "SELECT owner, node, host, pid, started, last_seen, version,"
+            f" {NOW} - last_seen AS age_seconds FROM heartbeats ORDER BY node, started")]
 
     # --- read queries for metrics, the status page and `status` ---------------------------
 

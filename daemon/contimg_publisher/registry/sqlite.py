@@ -35,6 +35,7 @@ from contimg_publisher.registry.model import (
     Candidate,
     Failure,
     FailureOutcome,
+    Heartbeat,
     Identity,
     Product,
     Published,
@@ -707,7 +708,7 @@ class Registry:
         assert row is not None  # an aggregate without GROUP BY returns one row
         return None if row[0] is None else float(row[0])
 
-    def publishing(self) -> list[Product]:
+    def publishing(self, every_node: bool = False) -> list[Product]:
         return self._products("SELECT * FROM data_registry WHERE status = 'publishing'")
 
     # --- writes -------------------------------------------------------------------------------
@@ -1278,6 +1279,19 @@ class Registry:
     def size_bytes(self) -> int:
         page_size = int(self._scalar("PRAGMA page_size"))
         return page_size * int(self._scalar("PRAGMA page_count"))
+
+    # An SQLite registry has one host and one daemon, which the lock file names: nothing to
+    # record (a write every few seconds would also cost an fsync and end the counts cache).
+
+    def heartbeat(self, owner: str, started: float, version: str) -> None:
+        """Nothing to record (see above)."""
+
+    def end_heartbeat(self, owner: str) -> None:
+        """Nothing to remove."""
+
+    def heartbeats(self) -> list[Heartbeat]:
+        """None: the lock file says which daemon runs."""
+        return []
 
     def waiting(self, limit: int | None = None) -> list[Product]:
         """Products waiting to be published, longest-waiting first."""

@@ -1,0 +1,104 @@
+"""The real daemon against a real PostgreSQL registry (tests/pg.py): it publishes real
+files, its main loop keeps a heartbeat that `status` lists per node, and two daemons with
+their own staging folders and one products folder each publish their own products, once.
+What is checked is read from the disk and from the server, not only from the daemon's word.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
+from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
+
+
+def _node_sandbox(root: Path, server: Server, node: str, products: Path | None = None
+                  ) -> Sandbox:
+    root.mkdir(parents=True, exist_ok=True)
+    return Sandbox(root, products_root=products,
+                   paths={"registry": server.uri, "lock_file": str(root / "publisher.lock")},
+                   node={"name": node}, metrics={"enabled": False})
+
+
+def _archive(products: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(products)): p.read_bytes()
+            for p in sorted(products.rglob("*")) if p.is_file()}
+
+
+def _rows(server: Server) -> list[tuple[str, ...]]:
+    out = server.psql("SELECT data_id, status, node, published_path FROM data_registry"
+                      " ORDER BY data_id")
+    return [tuple(line.split("|")) for line in out.splitlines()]
+
+
+def test_the_daemon_publishes_into_a_postgresql_registry(tmp_path: Path,
+                                                         pg_server: Server) -> None:  # noqa: F811
+    box = _node_sandbox(tmp_path / "a", pg_server, "node-a")
+    sources = {f"m_{i}.fits": write_fits(box.mosaics / f"m_{i}.fits", pixels=32, seed=i)
+               for i in range(3)}
+    proc = start_daemon(box)
+    try:
+        wait_for(lambda: sorted(_archive(box.products)) == sorted(
+            f"mosaics/{n}" for n in sources), 60, what="three mosaics published")
+        wait_for(lambda: pg_server.psql("SELECT count(*) FROM heartbeats") == "1", 30,
+                 what="the daemon's heartbeat")
+        status = box.cli("status", "--json")
+        data = json.loads(status.stdout)
+        assert [n["node"] for n in data["nodes"]] == ["node-a"], data["nodes"]
+        assert data["nodes"][0]["stale"] is False
+        assert data["counts"]["published"] == 3
+        assert "postgresql://" in data["registry"]
+    finally:
+        assert stop(proc) == 0
+    archived = _archive(box.products)
+    assert archived == {f"mosaics/{n}": data for n, data in sources.items()}
+    assert list(box.mosaics.iterdir()) == [], "staging still holds published mosaics"
+    rows = _rows(pg_server)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (f"m_{i}", "published", "node-a") for i in range(3)]
+    assert pg_server.psql("SELECT count(*) FROM publish_log") == "3"
+    assert pg_server.psql("SELECT count(*) FROM heartbeats") == "0", "a clean stop ends it"
+    events = [e.get("event") for e in log_events(box)]
+    assert events.count("published") == 3
+
+
+def test_two_daemons_share_one_archive_and_each_publishes_its_own_once(
+        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+    a = _node_sandbox(tmp_path / "a", pg_server, "node-a")
+    b = _node_sandbox(tmp_path / "b", pg_server, "node-b", products=a.products)
+    want: dict[str, bytes] = {}
+    for box, tag in ((a, "a"), (b, "b")):
+        for i in range(4):
+            want[f"mosaics/{tag}_{i}.fits"] = write_fits(box.mosaics / f"{tag}_{i}.fits",
+                                                         pixels=48, seed=hash((tag, i)) % 1000)
+    procs = [start_daemon(a), start_daemon(b)]
+    try:
+        wait_for(lambda: sorted(_archive(a.products)) == sorted(want), 90,
+                 what="eight mosaics published from two staging folders")
+        # More arrive while both run.
+        for box, tag in ((a, "a"), (b, "b")):
+            want[f"mosaics/{tag}_late.fits"] = write_fits(box.mosaics / f"{tag}_late.fits",
+                                                          pixels=40, seed=7 if tag == "a" else 8)
+        wait_for(lambda: sorted(_archive(a.products)) == sorted(want), 90,
+                 what="the late mosaics published")
+        wait_for(lambda: pg_server.psql("SELECT count(*) FROM heartbeats") == "2", 30,
+                 what="both daemons' heartbeats")
+        nodes = {n["node"] for n in json.loads(a.cli("status", "--json").stdout)["nodes"]}
+        assert nodes == {"node-a", "node-b"}
+    finally:
+        codes = [stop(p) for p in procs]
+    assert codes == [0, 0]
+    assert _archive(a.products) == want  # each once, byte for byte, no temporary names left
+    assert list(a.mosaics.iterdir()) == [] and list(b.mosaics.iterdir()) == []
+    rows = _rows(pg_server)
+    assert len(rows) == len(want)
+    for data_id, status, node, published in rows:
+        assert status == "published"
+        assert node == f"node-{data_id[0]}", (data_id, node)
+        assert published.endswith(f"/mosaics/{data_id}.fits")
+    assert pg_server.psql("SELECT count(*) FROM publish_log") == str(len(want))
+    published_events = {box.root.name: [e["data_id"] for e in log_events(box)
+                                        if e.get("event") == "published"] for box in (a, b)}
+    assert sorted(published_events["a"]) == sorted(d for d, *_ in rows if d.startswith("a"))
+    assert sorted(published_events["b"]) == sorted(d for d, *_ in rows if d.startswith("b"))
