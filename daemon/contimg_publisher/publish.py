@@ -44,7 +44,6 @@ import signal
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -457,7 +456,8 @@ class Publisher:
                               "links; it is copied, so the archive gets its own inode and "
                               "the other names are left as they are")
         if not job.same_fs:
-            job.temp = paths.temp_name(final, f"{product.id}-{uuid.uuid4().hex[:8]}")
+            job.temp = paths.temp_name(final, paths.temp_token(self.config.node_name,
+                                                                product.id))
             job.temp_shown = paths.display(_full(folders.products_root, folder, job.temp))
 
     def _place(self, job: _Job, _folders: _Folders) -> None:
@@ -771,7 +771,8 @@ class Publisher:
                          algorithm: str, temps: list[bytes], cancel: threading.Event | None,
                          tick: Callable[[], None]) -> None:
         """A sidecar through a temporary name to its final name, never replacing one."""
-        sc_temp = paths.temp_name(sc.dest_name, f"{product.id}-{uuid.uuid4().hex[:8]}")
+        sc_temp = paths.temp_name(sc.dest_name,
+                                  paths.temp_token(self.config.node_name, product.id))
         temps.append(sc_temp)
         transfer.copy_file(fd, dest_fd, sc_temp, algorithm, self.config.file_mode, cancel, tick)
         self._no_writer(fd, os.path.join(os.path.dirname(product.stage_bytes), sc.name),

@@ -235,13 +235,21 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
     Each folder's names are listed before the claims are read: a temporary name is recorded
     in its row before it is created, so one that is listed and not claimed is stray. A
     caller that advances the sweep while its own publishes run must not (the daemon advances
-    it only while its publish thread is idle)."""
+    it only while its publish thread is idle).
+
+    Only this node's temporary names are removed (those its node tag names, and untagged
+    older ones): in a products area several nodes share, another node's name is that
+    node's to judge, by its own claims and processes."""
     root = os.fsencode(str(config.products_root))
     if not os.path.isdir(root):
         return
+    mine = paths.node_tag(config.node_name)
     for top, dirs, files, dfd in os.fwalk(root, follow_symlinks=False):
-        temps = [name for name in list(dirs) + files
-                 if paths.parse_temp_name(os.fsencode(name)) is not None]
+        tokens = {name: token for name in list(dirs) + files
+                  if (token := paths.parse_temp_name(os.fsencode(name))) is not None}
+        dirs[:] = [name for name in dirs if name not in tokens]  # never walked into
+        temps = [name for name, token in tokens.items()
+                 if paths.temp_node(token) in (None, mine)]
         removed = 0
         if temps:
             # Every node's claims: a products area shared by several nodes holds their
@@ -251,8 +259,6 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
                                                 or owner_alive(row.lease_owner) is not False)}
             for name in temps:
                 full = os.path.join(os.fsencode(top), os.fsencode(name))
-                if name in dirs:
-                    dirs.remove(name)
                 if paths.display(full) in claimed:
                     continue
                 with contextlib.suppress(FileNotFoundError):
