@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_id")
     p = sub.add_parser("release", help="allow automatic publishing of a product again")
     p.add_argument("data_id")
-    sub.add_parser("migrate", help="bring the registry file to the current schema")
+    p = sub.add_parser("migrate", help="bring the registry to the current schema; with "
+                       "--from, copy an SQLite registry into the configured PostgreSQL one")
+    p.add_argument("--from", dest="from_sqlite", metavar="SQLITE_FILE",
+                   help="an SQLite registry to copy, every row and value, into the (empty) "
+                        "PostgreSQL registry of [paths] registry; its products belong to "
+                        "this node ([node] name)")
     sub.add_parser("check-config", help="validate the config and print the effective values")
     return parser
 
@@ -450,7 +455,31 @@ def cmd_release(cfg: Config, args: argparse.Namespace) -> int:
     return _hold(cfg, args.data_id, False)
 
 
+def _copy_site(cfg: Config, source: str) -> int:
+    """`migrate --from FILE`: the SQLite registry into the configured PostgreSQL one."""
+    from contimg_publisher.registry.copy import copy_sqlite
+    from contimg_publisher.registry.postgres import PostgresRegistry
+    if not cfg.registry_is_server:
+        print("contimg-publisher: migrate --from: [paths] registry must be a postgresql:// "
+              "URI to copy into", file=sys.stderr)
+        return EXIT_USAGE
+    if not os.path.isfile(source):
+        print(f"contimg-publisher: migrate --from: {source}: no such file", file=sys.stderr)
+        return EXIT_USAGE
+    with open_registry(cfg) as registry:
+        assert isinstance(registry, PostgresRegistry)
+        copied = copy_sqlite(source, registry, cfg.node_name)
+    for c in copied:
+        print(f"{c.table}: {c.rows} row{'s' if c.rows != 1 else ''} copied"
+              + (f" (left out: {', '.join(c.left_out)})" if c.left_out else ""))
+    print(f"{source} copied into {cfg.registry_shown} as node {cfg.node_name}; the file is "
+          "unchanged, and no longer the registry: legacy readers of it see no new publishes")
+    return EXIT_OK
+
+
 def cmd_migrate(cfg: Config, args: argparse.Namespace) -> int:
+    if args.from_sqlite:
+        return _copy_site(cfg, args.from_sqlite)
     with open_registry(cfg, migrate=False) as registry:
         before = registry.version()
         applied = registry.migrate()
