@@ -7,6 +7,7 @@ What is checked is read from the disk and from the server, not only from the dae
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
@@ -102,3 +103,54 @@ def test_two_daemons_share_one_archive_and_each_publishes_its_own_once(
                                         if e.get("event") == "published"] for box in (a, b)}
     assert sorted(published_events["a"]) == sorted(d for d, *_ in rows if d.startswith("a"))
     assert sorted(published_events["b"]) == sorted(d for d, *_ in rows if d.startswith("b"))
+
+
+def test_a_server_restart_pauses_the_daemon_and_it_resumes_by_itself(
+        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+    box = _node_sandbox(tmp_path / "a", pg_server, "node-a")
+    want = {f"mosaics/m_{i}.fits": write_fits(box.mosaics / f"m_{i}.fits", pixels=32, seed=i)
+            for i in range(2)}
+    proc = start_daemon(box)
+    try:
+        wait_for(lambda: sorted(_archive(box.products)) == sorted(want), 60,
+                 what="the first two published")
+        pg_server.stop("immediate")
+        for i in range(2, 4):
+            want[f"mosaics/m_{i}.fits"] = write_fits(box.mosaics / f"m_{i}.fits", pixels=32,
+                                                     seed=i)
+        wait_for(lambda: "registry_unavailable" in [e.get("event") for e in log_events(box)],
+                 60, what="the daemon to pause on the stopped server")
+        assert proc.poll() is None, "the daemon exited instead of pausing"
+        time.sleep(1.0)
+        assert sorted(_archive(box.products)) == sorted(want)[:2], "published while paused"
+        pg_server.start()
+        wait_for(lambda: sorted(_archive(box.products)) == sorted(want), 90,
+                 what="the rest published once the server is back")
+        wait_for(lambda: "registry_available" in [e.get("event") for e in log_events(box)],
+                 30, what="registry_available")
+    finally:
+        assert stop(proc) == 0
+    assert _archive(box.products) == want
+    assert [r[1] for r in _rows(pg_server)] == ["published"] * 4
+    assert pg_server.psql("SELECT count(*) FROM publish_log") == "4"
+
+
+def test_two_nodes_publishing_one_name_get_two_versions(tmp_path: Path,
+                                                         pg_server: Server) -> None:  # noqa: F811
+    a = _node_sandbox(tmp_path / "a", pg_server, "node-a")
+    b = _node_sandbox(tmp_path / "b", pg_server, "node-b", products=a.products)
+    data_a = write_fits(a.mosaics / "nightly_20260101.fits", pixels=32, seed=1)
+    data_b = write_fits(b.mosaics / "nightly_20260101.fits", pixels=32, seed=2)
+    procs = [start_daemon(a), start_daemon(b)]
+    try:
+        wait_for(lambda: len(_archive(a.products)) == 2, 90, what="both published")
+    finally:
+        codes = [stop(p) for p in procs]
+    assert codes == [0, 0]
+    archived = _archive(a.products)
+    assert sorted(archived.values()) == sorted([data_a, data_b]), sorted(archived)
+    assert "mosaics/nightly_20260101.fits" in archived, sorted(archived)
+    rows = _rows(pg_server)
+    assert sorted(r[2] for r in rows) == ["node-a", "node-b"]
+    assert all(r[1] == "published" for r in rows)
+    assert len({r[3] for r in rows}) == 2
