@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+from contimg_publisher.registry import open_registry
 from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
 from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
 
@@ -154,3 +155,48 @@ def test_two_nodes_publishing_one_name_get_two_versions(tmp_path: Path,
     assert sorted(r[2] for r in rows) == ["node-a", "node-b"]
     assert all(r[1] == "published" for r in rows)
     assert len({r[3] for r in rows}) == 2
+
+
+def test_status_page_metrics_and_status_show_every_node_and_flag_a_silent_one(
+        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+    import urllib.request
+
+    from tests.test_observability import free_port
+    port = free_port()
+    box = _node_sandbox(tmp_path / "a", pg_server, "node-a")
+    box.update(metrics={"enabled": True, "listen": f"127.0.0.1:{port}"})
+    open_registry(pg_server.uri).close()  # the schema, as the first daemon would make it
+    # A node whose daemon was killed: its heartbeat row stays, and stops being renewed.
+    pg_server.psql("INSERT INTO heartbeats VALUES ('gone:9:9:9', 'node-z', 'hostz', 9, 1.0,"
+                   " extract(epoch from now()) - 600, '0.1.0')")
+    proc = start_daemon(box)
+    try:
+        wait_for(lambda: pg_server.psql("SELECT count(*) FROM heartbeats") == "2", 30,
+                 what="the daemon's heartbeat")
+
+        def get(path: str) -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return r.read().decode()
+        page = wait_for(lambda: _try(get, "/"), 30, what="the status page")
+        assert "<h2>Nodes</h2>" in page and "node-a" in page and "node-z" in page
+        assert "(no heartbeat)" in page and "node node-z: its daemon (pid 9 on hostz)" in page
+        metrics = get("/metrics")
+        assert 'contimg_publisher_node_stale{host="hostz",node="node-z",pid="9"} 1.0' in metrics
+        assert 'node="node-a"' in metrics
+        status = box.cli("status", "--json")
+        data = json.loads(status.stdout)
+        assert status.returncode == 1, "a silent node needs attention"
+        assert {n["node"]: n["stale"] for n in data["nodes"]} == {"node-a": False,
+                                                                   "node-z": True}
+        assert any("node node-z" in p for p in data["problems"])
+        text = box.cli("status").stdout
+        assert "node       node-z: pid 9 on hostz" in text and "(STOPPED? no heartbeat)" in text
+    finally:
+        assert stop(proc) == 0
+
+
+def _try(get, path: str) -> str | None:  # noqa: ANN001 - a local helper of one test
+    try:
+        return get(path)
+    except OSError:
+        return None

@@ -233,15 +233,12 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             health = statuspage.snapshot(registry, limit=0, now=now,
                                          unclaimed_after=cfg.unclaimed_after_seconds)
             held = registry_mod.held(registry, [r.type for r in cfg.products])
-            beats = registry.heartbeats()
             health.failed = registry_mod.by_status(registry, Status.FAILED)
     except RegistryError as exc:
         return _status_unreadable(cfg, args, exc, holder, running, paused)
     max_age = cfg.status_max_waiting_age_seconds
     problems = statuspage.problems(health, max_age, running, paused)
-    problems += [f"node {b.node}: its daemon (pid {b.pid} on {b.host}) was last heard from "
-                 f"{statuspage.format_age(b.age_seconds)} ago: stopped without a clean stop, "
-                 "or its host is down or cut off from the registry" for b in beats if b.stale]
+    beats = health.nodes
     data: dict[str, Any] = {
         "counts": counts,
         "oldest_waiting": None if oldest is None else {

@@ -107,6 +107,14 @@ class RegistryCollector(Collector):
         unclaimed_age = GaugeMetricFamily(
             f"{PREFIX}_unclaimed_oldest_age_seconds",
             "Time since the oldest unclaimed file last changed (0 when there is none)")
+        node_age = GaugeMetricFamily(
+            f"{PREFIX}_node_heartbeat_age_seconds",
+            "Time since each node's daemon last renewed its heartbeat (a shared registry)",
+            labels=["node", "host", "pid"])
+        node_stale = GaugeMetricFamily(
+            f"{PREFIX}_node_stale",
+            "1 for a node's daemon whose heartbeat stopped, else 0 (a shared registry)",
+            labels=["node", "host", "pid"])
         try:
             with _reader(config) as registry, registry.read():
                 by_type = registry.counts_by_type()
@@ -114,6 +122,7 @@ class RegistryCollector(Collector):
                 newest = registry.last_published()
                 size_bytes = registry.size_bytes()
                 strays = registry.unclaimed(now - config.unclaimed_after_seconds)
+                beats = registry.heartbeats()
         except (RegistryError, apsw.Error, OSError) as exc:
             self.metrics.note_scrape_error(f"{type(exc).__name__}: {exc}")
             readable.add_metric([], 0)
@@ -130,7 +139,12 @@ class RegistryCollector(Collector):
         size.add_metric([], size_bytes)
         unclaimed.add_metric([], len(strays))
         unclaimed_age.add_metric([], max((now - u.changed_at for u in strays), default=0.0))
+        for b in beats:
+            node_age.add_metric([b.node, b.host, str(b.pid)], b.age_seconds)
+            node_stale.add_metric([b.node, b.host, str(b.pid)], 1 if b.stale else 0)
         yield from (readable, products, oldest, size, unclaimed, unclaimed_age)
+        if beats:
+            yield from (node_age, node_stale)
         if newest is not None:
             yield last
 

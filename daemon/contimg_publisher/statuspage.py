@@ -16,7 +16,13 @@ import time
 from dataclasses import dataclass, field
 
 from contimg_publisher import registry as registry_mod
-from contimg_publisher.registry import STATUSES, Product, RegistryBackend, Unclaimed
+from contimg_publisher.registry import (
+    STATUSES,
+    Heartbeat,
+    Product,
+    RegistryBackend,
+    Unclaimed,
+)
 
 HOUR, DAY = 3600.0, 86400.0
 
@@ -41,6 +47,8 @@ class Health:
     last: Product | None = None
     # Files in product folders that no product owns, unchanged for unclaimed_after seconds.
     unclaimed: list[Unclaimed] = field(default_factory=list)
+    # The daemons of every node that share the registry (a PostgreSQL one), by heartbeat.
+    nodes: list[Heartbeat] = field(default_factory=list)
 
     @property
     def oldest_age(self) -> float | None:
@@ -97,6 +105,7 @@ def snapshot(registry: RegistryBackend, limit: int = 50, now: float | None = Non
             recent=registry_mod.recent_published(registry, 10),
             last=registry.last_published(),
             unclaimed=registry.unclaimed(now - unclaimed_after, limit=limit or None),
+            nodes=registry.heartbeats(),
         )
 
 
@@ -118,6 +127,9 @@ def problems(health: Health, max_waiting_age: float, daemon_running: bool,
     if health.oldest is not None and age is not None and age > max_waiting_age:
         out.append(f"oldest waiting product {health.oldest.data_id} has waited "
                    f"{format_age(age)} (limit {format_age(max_waiting_age)})")
+    out += [f"node {b.node}: its daemon (pid {b.pid} on {b.host}) was last heard from "
+            f"{format_age(b.age_seconds)} ago: stopped without a clean stop, or its host is "
+            "down or cut off from the registry" for b in health.nodes if b.stale]
     return out
 
 
@@ -232,6 +244,15 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
                      + "".join(f"<li class=\"bad\">{_e(i)}</li>" for i in issues) + "</ul>")
     else:
         parts.append("<p class=\"ok\">All well: nothing waits for an operator.</p>")
+
+    if health.nodes:
+        parts.append("<h2>Nodes</h2>")
+        parts.append(_table(
+            ["node", "host", "pid", "last heard from", "running since", "version"],
+            [[_e(b.node) + (" <em class=\"bad\">(no heartbeat)</em>" if b.stale else ""),
+              _e(b.host), _e(b.pid), _e(format_age(b.age_seconds) + " ago"),
+              _e(format_when(b.started)), _e(b.version)] for b in health.nodes],
+            "", numeric={2}))
 
     parts.append("<h2>Products</h2>")
     parts.append(_table(["status", "count"],
