@@ -245,6 +245,33 @@ def test_a_write_around_many_calls_is_one_transaction(opener: Opener) -> None:
     assert reg.get("m_000001") is not None and reg.get("m_000002") is None
 
 
+def _raw(reg: RegistryBackend, sql: str) -> None:
+    """A statement other code (the pipeline's own writers) makes, on either backend."""
+    if isinstance(reg, PostgresRegistry):
+        with reg.write() as conn:
+            conn.execute(sql)
+    else:
+        reg.conn.execute(sql)  # type: ignore[attr-defined]
+
+
+def test_the_qa_gate_holds_and_says_why_alike_on_both_backends(opener: Opener) -> None:
+    from contimg_publisher.qa import Condition
+    reg = opener()
+    reg.set_qa_gate([Condition("mosaic", "qa_status", ("passed", "100%"), True)])
+    for n in range(3):
+        reg.register(candidate(n))
+    _raw(reg, "UPDATE data_registry SET qa_status = 'passed' WHERE data_id = 'm_000000'")
+    _raw(reg, "UPDATE data_registry SET qa_status = '100%' WHERE data_id = 'm_000001'")
+    assert [r.data_id for r in reg.claim("o", LEASE, limit=5)] == ["m_000000", "m_000001"]
+    assert reg.qa_holds(["m_000000", "m_000001", "m_000002"]) == {
+        "m_000002": "QA gate: waits for qa_status one of 'passed', '100%' (now NULL)"}
+    assert [(p.data_id, why) for p, why in reg.held(["mosaic"])] == [
+        ("m_000002", "QA gate: waits for qa_status one of 'passed', '100%' (now NULL)")]
+    assert reg.next_due_at() is None and reg.oldest_unheld_waiting() is None
+    assert reg.request_publish("m_000002")  # an operator's request passes the gate
+    assert [r.data_id for r in reg.claim("o", LEASE)] == ["m_000002"]
+
+
 def test_heartbeats_list_a_running_daemon_until_its_clean_stop(opener: Opener,
                                                                 request: pytest.FixtureRequest
                                                                 ) -> None:

@@ -255,7 +255,7 @@ class PostgresRegistry:
         self._conn: psycopg.Connection[DictRow] | None = None  # inside write()/read()
         wait_ms = max(1, int(busy_timeout_seconds * 1000))
         self._pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
-            uri, min_size=1, max_size=1, open=False, name=f"contimg-{self.node}",
+            uri, min_size=1, max_size=1, num_workers=1, open=False, name=f"contimg-{self.node}",
             timeout=max(busy_timeout_seconds, 1.0),
             check=ConnectionPool.check_connection,
             kwargs={"autocommit": True, "row_factory": dict_row,
@@ -303,7 +303,9 @@ class PostgresRegistry:
               ) -> list[DictRow]:
         with self._session() as conn:
             try:
-                cur = conn.execute(sql, args)
+                # Always with parameters, so a literal % (written %%) means the same in
+                # every statement, those without placeholders included.
+                cur = conn.execute(sql, {} if args is None else args)
                 return cur.fetchall() if cur.description is not None else []
             except _UNAVAILABLE as exc:
                 raise self._unavailable(exc) from None
