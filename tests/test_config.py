@@ -112,6 +112,11 @@ BAD: list[tuple[str, dict[str, dict[str, Any]], list[dict[str, Any]] | None, str
     ("backoff-max-below-initial", {"publish": {"backoff_initial_seconds": 60,
                                                "backoff_max_seconds": 30}}, None,
      "publish.backoff_max_seconds", "less than backoff_initial_seconds"),
+    ("node-name-empty", {"node": {"name": ""}}, None, "node.name", "must be 1 to 63"),
+    ("node-name-slash", {"node": {"name": "a/b"}}, None, "node.name", "must be 1 to 63"),
+    ("node-name-number", {"node": {"name": 7}}, None, "node.name", "must be 1 to 63"),
+    ("registry-uri-without-database", {"paths": {"registry": "postgresql://u:secret@db:5432"}},
+     None, "paths.registry", "must name its database"),
 ]
 
 # Relations between paths, written relative to the sandbox root "R".
@@ -350,3 +355,29 @@ def test_config_path_from_the_environment(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == (f"contimg-publisher: bad config: {cfg}: publish.max_attempts: "
                                   "must be > 0, got -2")
+
+
+def test_node_name_defaults_to_the_host_name_and_can_be_set(tmp_path):
+    import socket
+    cfg = config_mod.from_mapping(_tables(tmp_path))
+    assert cfg.node_name == socket.gethostname()
+    cfg = config_mod.from_mapping(_merge(_tables(tmp_path), {"node": {"name": "dsa-node-2"}}))
+    assert cfg.node_name == "dsa-node-2"
+    assert cfg.as_dict()["node_name"] == "dsa-node-2"
+
+
+def test_registry_uri_is_kept_as_written_and_shown_without_its_password(tmp_path):
+    uri = "postgresql://contimg:s3cret@db.example:5433/contimg?sslmode=disable"
+    cfg = config_mod.from_mapping(_merge(_tables(tmp_path), {"paths": {"registry": uri}}))
+    assert cfg.registry == uri and cfg.registry_is_server
+    assert cfg.registry_shown == "postgresql://contimg:***@db.example:5433/contimg?sslmode=disable"
+    assert "s3cret" not in json.dumps(cfg.as_dict())
+    assert cfg.lock_path == config_mod.SERVER_LOCK_DEFAULT
+    with_lock = config_mod.from_mapping(_merge(_tables(tmp_path), {
+        "paths": {"registry": uri, "lock_file": str(tmp_path / "l.lock")}}))
+    assert with_lock.lock_path == tmp_path / "l.lock"
+    file_cfg = config_mod.from_mapping(_tables(tmp_path))
+    assert not file_cfg.registry_is_server
+    assert file_cfg.registry == tmp_path / "state" / "registry.sqlite3"
+    assert config_mod.hide_password("postgresql:///x?host=/tmp&password=pw&user=u") == \
+        "postgresql:///x?host=/tmp&password=***&user=u"

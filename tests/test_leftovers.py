@@ -162,3 +162,28 @@ def test_orphan_sidecar_and_stray_files_are_listed_never_deleted(tmp_path: Path)
     assert [u["path"] for u in status["unclaimed"]] == [str(stray)]
     assert (sandbox.products / "mosaics" / "lost.weights.fits").read_bytes() == orphan_data
     assert not any(e.get("event") == "leftover_removed" for e in log_events(sandbox))
+
+
+def test_the_sweep_removes_this_nodes_stray_temporary_names_and_no_other_nodes(
+        tmp_path: Path) -> None:
+    """One products area, several nodes: a temporary name another node wrote is its copy
+    in flight (or that node's to clean up), never this node's stray."""
+    sandbox = Sandbox(tmp_path, node={"name": "node-a"})
+    folder = sandbox.products / "mosaics"
+    folder.mkdir(parents=True)
+    other = folder / ".contimg-tmp.x.fits.node-b-5-abcdef12"
+    own = folder / ".contimg-tmp.y.fits.node-a-6-abcdef12"
+    older = folder / ".contimg-tmp.z.fits.7-abcdef12"
+    other_dir = folder / ".contimg-tmp.w.image.node-b-8-abcdef12"
+    for path in (other, own, older):
+        path.write_bytes(b"partial copy")
+    other_dir.mkdir()
+    (other_dir / "table.dat").write_bytes(b"x")
+    sandbox.cli("migrate", check=True)  # the registry exists: this is not a lost one
+    out = sandbox.cli("scan")
+    assert out.returncode == 0, out.stderr
+    assert other.read_bytes() == b"partial copy"
+    assert (other_dir / "table.dat").exists()
+    assert not own.exists() and not older.exists()
+    removed = sorted(e["path"] for e in events(out.stdout + out.stderr, "temp_removed"))
+    assert removed == sorted([str(own), str(older)])

@@ -428,3 +428,14 @@ def test_name_problem(name: bytes, reason: str) -> None:
     assert problem is not None and reason in problem
     assert paths.name_problem(b"L" * 240) is None
     assert paths.name_problem("café.fits".encode()) is None
+
+
+@pytest.mark.parametrize("node", ["dsa-node-1", "host.example.org", "n" * 63, "a_b"])
+def test_temp_token_carries_the_node_and_fits_every_name(node: str) -> None:
+    token = paths.temp_token(node, 123456789012)
+    assert len(token) <= 64 and paths.parse_temp_name(paths.temp_name(b"m.fits", token)) == token
+    assert paths.temp_node(token) == paths.node_tag(node)
+    assert paths.node_tag(node) == node.replace(".", "_")[:32]
+    assert paths.temp_node("123-abcdef12") is None  # older names carry no node
+    assert paths.temp_node("a" * 64) is None
+    assert paths.temp_node("vm-4242-1-boot") is None  # not the attempt's 8 hex digits

@@ -15,10 +15,10 @@ import os
 
 from contimg_publisher import detect, kinds, paths
 from contimg_publisher.config import Config, ProductRule
-from contimg_publisher.registry import Product, PublishRecord, Registry
+from contimg_publisher.registry import Product, PublishRecord, RegistryBackend
 
 
-def find_published(config: Config, registry: Registry, row: Product) -> PublishRecord | None:
+def find_published(config: Config, registry: RegistryBackend, row: Product) -> PublishRecord | None:
     """The newest publish of this product (by its id or its staged path) whose copy is in
     the archive with the recorded bytes; None when there is none."""
     rule = detect.owner_rule(config, row.data_type, row.stage_bytes)

@@ -20,13 +20,15 @@ from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import (
     HELD_BY_OPERATOR,
-    SCHEMA_VERSION,
     STATUSES,
     Event,
     Product,
     Registry,
+    RegistryBackend,
     RegistryError,
+    open_registry,
     refuse_new_over_archive,
+    sqlite_only,
 )
 from contimg_publisher.states import Attempt, Delivery, Detected, Status
 from contimg_publisher.statuspage import format_when as _when
@@ -89,7 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="at most N events (default 0: all)")
     p.add_argument("--redeliver-dead", action="store_true",
                    help="send the events a sink gave up on, and those after them, again")
-    sub.add_parser("migrate", help="bring the registry file to the current schema")
     p = sub.add_parser("audit", help="read the products area back against the registry: "
                                      "missing or changed products, unrecorded files; exit 1 "
                                      "when anything is wrong")
@@ -107,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "into [hygiene] quarantine_dir")
     p.add_argument("--dry-run", action="store_true", help="list them, move nothing")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("migrate", help="bring the registry to the current schema; with "
+                       "--from, copy an SQLite registry into the configured PostgreSQL one")
+    p.add_argument("--from", dest="from_sqlite", metavar="SQLITE_FILE",
+                   help="an SQLite registry to copy, every row and value, into the (empty) "
+                        "PostgreSQL registry of [paths] registry; its products belong to "
+                        "this node ([node] name)")
     sub.add_parser("check-config", help="validate the config and print the effective values")
     return parser
 
@@ -157,24 +164,24 @@ def _one_line(text: str | None, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _open(cfg: Config) -> Registry:
+def _open(cfg: Config) -> RegistryBackend:
     """Read commands use the registry as it is: an older file is not migrated behind the
     operator's back.
 
     Reads are not refused when the -shm cannot be written (Registry guard_reads): this
     short-lived process opens it after the fact, and SQLite then maps it read-only, so an
     operator can still read a registry made immutable. Writes are refused with the reason."""
-    if not os.path.exists(cfg.registry):
+    if not cfg.registry_is_server and not os.path.exists(cfg.registry):
         refuse_new_over_archive(cfg.registry, cfg.products_root)
-        registry = Registry(cfg.registry, cfg.busy_timeout_seconds)
+        registry = open_registry(cfg)
     else:
-        registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False,
-                            guard_reads=False)
-        if registry.version() < SCHEMA_VERSION:
+        registry = open_registry(cfg, migrate=False, guard_reads=False)
+        if registry.version() < registry.schema_version:
             version = registry.version()
             registry.close()
-            raise RegistryError(f"registry {cfg.registry} is at schema version {version}, "
-                                f"this program needs {SCHEMA_VERSION}: run `contimg-publisher "
+            raise RegistryError(f"registry {cfg.registry_shown} is at schema version {version}, "
+                                f"this program needs {registry.schema_version}: run "
+                                "`contimg-publisher "
                                 "migrate` (or start the daemon, which migrates)")
     registry.set_qa_gate(qa.conditions(cfg.products))
     return registry
@@ -227,13 +234,13 @@ def _status_unreadable(cfg: Config, args: argparse.Namespace, error: RegistryErr
     if not running:
         problems.append("no daemon holds the lock: nothing is being published")
     if args.json:
-        print(json.dumps({"counts": None, "registry": str(cfg.registry),
+        print(json.dumps({"counts": None, "registry": cfg.registry_shown,
                           "registry_error": str(error),
                           "lock": {"path": str(cfg.lock_path), "holder": holder},
                           "daemon_running": running, "paused": _paused_json(paused),
                           "problems": problems, "ok": False}, indent=2))
     else:
-        print(f"registry   {cfg.registry}: cannot be read")
+        print(f"registry   {cfg.registry_shown}: cannot be read")
         print(f"daemon     {f'running, {holder}' if running else 'not running'}"
               + (" (publishing paused)" if paused is not None else ""))
         print("NEEDS ATTENTION")
@@ -260,12 +267,14 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                                          sinks=cfg.notify_sinks)
             held = registry_mod.held(registry, [r.type for r in cfg.products])
             health.failed = registry_mod.by_status(registry, Status.FAILED)
-            stale = hygiene.stale(cfg, registry, now)
+            stale = hygiene.stale(cfg, registry, now) \
+                if isinstance(registry, registry_mod.Registry) else []
     except RegistryError as exc:
         return _status_unreadable(cfg, args, exc, holder, running, paused)
     max_age = cfg.status_max_waiting_age_seconds
     problems = statuspage.problems(health, max_age, running, paused,
                                    max_undelivered_age=cfg.status_max_undelivered_age_seconds)
+    beats = health.nodes
     data: dict[str, Any] = {
         "counts": counts,
         "oldest_waiting": None if oldest is None else {
@@ -278,7 +287,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "lock": {"path": str(cfg.lock_path), "holder": holder},
         "daemon_running": running,
         "paused": _paused_json(paused),
-        "registry": str(cfg.registry),
+        "registry": cfg.registry_shown,
         "success_rate": {
             "last_hour": {"published": health.published_hour, "failures": health.failures_hour,
                           "rate": health.success_rate_hour},
@@ -300,16 +309,21 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "hygiene": {"report_after_seconds": cfg.hygiene_report_after_seconds,
                     "quarantine_dir": None if cfg.quarantine_dir is None
                     else str(cfg.quarantine_dir)},
+        "nodes": [b.to_json() for b in beats],
         "problems": problems,
         "ok": not problems,
     }
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_FAILED if problems else EXIT_OK
-    print(f"registry   {cfg.registry}")
+    print(f"registry   {cfg.registry_shown}")
     print(f"daemon     {f'running, {holder}' if running else 'not running'}"
           + (f" (lock held by {holder})" if holder and not running else "")
           + (" (publishing paused)" if paused is not None else ""))
+    for b in beats:
+        print(f"node       {b.node}: pid {b.pid} on {b.host}, last heard from "
+              f"{statuspage.format_age(b.age_seconds)} ago"
+              + (" (STOPPED? no heartbeat)" if b.stale else ""))
     print("products   " + ", ".join(f"{counts[s]} {s}" for s in STATUSES))
     if oldest is not None:
         waited = statuspage.format_age(now - oldest.staged_at)
@@ -531,7 +545,8 @@ def cmd_events(cfg: Config, args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise UsageError("--limit must be >= 0")
     sinks = cfg.notify_sinks
-    with _open(cfg) as registry:
+    with _open(cfg) as backend:
+        registry = sqlite_only(backend, "`events` (the outbox)")
         if args.redeliver_dead:
             again = registry.redeliver_dead(sinks)
             for sink in sinks:
@@ -597,16 +612,40 @@ def _follow(registry: Registry, sinks: tuple[str, ...],
     return EXIT_OK
 
 
+def _copy_site(cfg: Config, source: str) -> int:
+    """`migrate --from FILE`: the SQLite registry into the configured PostgreSQL one."""
+    from contimg_publisher.registry.copy import copy_sqlite
+    from contimg_publisher.registry.postgres import PostgresRegistry
+    if not cfg.registry_is_server:
+        print("contimg-publisher: migrate --from: [paths] registry must be a postgresql:// "
+              "URI to copy into", file=sys.stderr)
+        return EXIT_USAGE
+    if not os.path.isfile(source):
+        print(f"contimg-publisher: migrate --from: {source}: no such file", file=sys.stderr)
+        return EXIT_USAGE
+    with open_registry(cfg) as registry:
+        assert isinstance(registry, PostgresRegistry)
+        copied = copy_sqlite(source, registry, cfg.node_name)
+    for c in copied:
+        print(f"{c.table}: {c.rows} row{'s' if c.rows != 1 else ''} copied"
+              + (f" (left out: {', '.join(c.left_out)})" if c.left_out else ""))
+    print(f"{source} copied into {cfg.registry_shown} as node {cfg.node_name}; the file is "
+          "unchanged, and no longer the registry: legacy readers of it see no new publishes")
+    return EXIT_OK
+
+
 def cmd_migrate(cfg: Config, args: argparse.Namespace) -> int:
-    with Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False) as registry:
+    if args.from_sqlite:
+        return _copy_site(cfg, args.from_sqlite)
+    with open_registry(cfg, migrate=False) as registry:
         before = registry.version()
         applied = registry.migrate()
         after = registry.version()
     if applied:
-        print(f"{cfg.registry}: migrated from schema version {before} to {after} "
+        print(f"{cfg.registry_shown}: migrated from schema version {before} to {after} "
               f"(steps {', '.join(map(str, applied))})")
     else:
-        print(f"{cfg.registry}: already at schema version {after}")
+        print(f"{cfg.registry_shown}: already at schema version {after}")
     return EXIT_OK
 
 
@@ -670,7 +709,8 @@ def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
               f"{len(report.findings)} findings so far", file=sys.stderr)
 
     with _open(cfg) as registry:
-        report = audit.run(cfg, registry, audit.Throttle(args.bytes_per_second), sub, progress)
+        report = audit.run(cfg, sqlite_only(registry, "`audit`"),
+                           audit.Throttle(args.bytes_per_second), sub, progress)
     ok = not report.findings
     if args.json:
         print(json.dumps({"ok": ok, "products_root": str(cfg.products_root),
@@ -696,7 +736,8 @@ def cmd_rebuild(cfg: Config, args: argparse.Namespace) -> int:
     one: a lost registry is exactly the case this is for."""
     from contimg_publisher import rebuild  # numpy (detect): only where needed
     with lock.acquire(str(cfg.lock_path), "rebuild", wait_seconds=0), \
-            Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
+            open_registry(cfg) as backend:
+        registry = sqlite_only(backend, "`rebuild --from-archive`")
         report = rebuild.rebuild(cfg, registry)
     if args.json:
         print(json.dumps({"created": [{"data_id": r.data_id, "data_type": r.data_type,
@@ -720,7 +761,8 @@ def cmd_quarantine(cfg: Config, args: argparse.Namespace) -> int:
     if cfg.quarantine_dir is None and not args.dry_run:
         raise UsageError("quarantine: no [hygiene] quarantine_dir is configured; nothing is "
                          "moved (`--dry-run` lists what would be)")
-    with _open(cfg) as registry:
+    with _open(cfg) as backend:
+        registry = sqlite_only(backend, "`quarantine`")
         if args.dry_run:
             now = time.time()
             items = hygiene.stale(cfg, registry, now)

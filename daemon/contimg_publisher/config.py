@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import socket
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -20,6 +23,13 @@ DEFAULT_PATH = "/etc/contimg-publisher/config.toml"
 ENV_VAR = "CONTIMG_PUBLISHER_CONFIG"
 
 DEFAULT_IGNORE = (".*", "*.tmp", "*.part", "*~", ".nfs*")
+
+# `[paths] registry` given as one of these is a PostgreSQL server, not an SQLite file.
+SERVER_SCHEMES = ("postgresql://", "postgres://")
+# With a server registry, the single-writer lock (one daemon per staging area on this host)
+# has no registry file to sit beside: this is its default place.
+SERVER_LOCK_DEFAULT = Path("/var/lib/contimg-publisher/publisher.lock")
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class ConfigError(Exception):
@@ -73,8 +83,11 @@ class Config:
     # [paths]
     stage_root: Path = Path("/stage/dsa110-contimg")
     products_root: Path = Path("/data/dsa110-contimg/products")
-    registry: Path = Path("/var/lib/contimg-publisher/registry.sqlite3")
+    # An SQLite file, or a PostgreSQL URI (a str, kept as written: see registry_is_server)
+    registry: Path | str = Path("/var/lib/contimg-publisher/registry.sqlite3")
     lock_file: Path | None = None  # default: beside the registry
+    # [node]
+    node_name: str = field(default_factory=socket.gethostname)
     # [registry]
     busy_timeout_seconds: float = 10.0
     # [detect]
@@ -131,8 +144,23 @@ class Config:
                 + ((Sink.COMMAND,) if self.notify_command else ()))
 
     @property
+    def registry_is_server(self) -> bool:
+        """Whether the registry is a PostgreSQL server (a URI) rather than an SQLite file."""
+        return isinstance(self.registry, str)
+
+    @property
+    def registry_shown(self) -> str:
+        """The registry as logs and `check-config` show it: a URI without its password."""
+        return hide_password(self.registry) if isinstance(self.registry, str) \
+            else str(self.registry)
+
+    @property
     def lock_path(self) -> Path:
-        return self.lock_file or self.registry.with_name(self.registry.name + ".lock")
+        if self.lock_file is not None:
+            return self.lock_file
+        if isinstance(self.registry, str):
+            return SERVER_LOCK_DEFAULT
+        return self.registry.with_name(self.registry.name + ".lock")
 
     def as_dict(self) -> dict[str, Any]:
         """Effective values, for `check-config` and logs."""
@@ -153,19 +181,21 @@ class Config:
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
+        out["registry"] = self.registry_shown
         out["lock_file"] = str(self.lock_path)
         return out
 
 
-# (table, key) -> (Config field, kind). Kinds: path, posfloat, nonnegfloat, posint, nonnegint,
-# str, mode, strlist, level, format, url, command.
+# (table, key) -> (Config field, kind). Kinds: path, registry (a path or a URI), node,
+# posfloat, nonnegfloat, posint, nonnegint, str, mode, strlist, level, format, url, command.
 _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "paths": {
         "stage_root": ("stage_root", "path"),
         "products_root": ("products_root", "path"),
-        "registry": ("registry", "path"),
+        "registry": ("registry", "registry"),
         "lock_file": ("lock_file", "path"),
     },
+    "node": {"name": ("node_name", "node")},
     "registry": {"busy_timeout_seconds": ("busy_timeout_seconds", "nonnegfloat")},
     "detect": {
         "settle_seconds": ("settle_seconds", "nonnegfloat"),
@@ -272,6 +302,19 @@ def _convert(value: Any, kind: str, key: str, source: Path | None, base: Path) -
             raise fail(f"must be a non-empty string path, got {value!r}")
         p = Path(value).expanduser()
         return Path(os.path.normpath(p if p.is_absolute() else base / p))
+    if kind == "registry":
+        if isinstance(value, str) and value.startswith(SERVER_SCHEMES):
+            parsed = urllib.parse.urlsplit(value)
+            if not parsed.path.strip("/") and "dbname=" not in parsed.query:
+                raise fail("a PostgreSQL URI must name its database (postgresql://[user@]host"
+                           f"[:port]/DBNAME), got {hide_password(value)!r}")
+            return value
+        return _convert(value, "path", key, source, base)
+    if kind == "node":
+        if not isinstance(value, str) or not _NODE_NAME.fullmatch(value):
+            raise fail("must be 1 to 63 letters, digits, '.', '-' or '_', starting with a letter "
+                       f"or digit, got {value!r}")
+        return value
     if kind in ("posfloat", "nonnegfloat"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise fail(f"must be a number, got {type(value).__name__} {value!r}")
@@ -356,6 +399,18 @@ def check_url(value: str) -> None:
         parts.port  # noqa: B018 - raises ValueError on a port out of range
     except ValueError:
         raise ValueError(f"has a bad port, got {value!r}") from None
+def hide_password(uri: str) -> str:
+    """A URI with its password (user:PASSWORD@, or password= in the query) replaced by ***."""
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -467,12 +522,16 @@ def _check_relations(config: Config, source: Path | None) -> None:
     if _inside(stage, products):
         raise ConfigError(source, "paths.stage_root",
                           f"{stage} is inside products_root {products}; they must be separate")
-    if _inside(config.registry, stage):
+    if isinstance(config.registry, Path) and _inside(config.registry, stage):
         raise ConfigError(source, "paths.registry",
                           f"{config.registry} is inside stage_root {stage}")
-    if _inside(config.registry, products):
+    if isinstance(config.registry, Path) and _inside(config.registry, products):
         raise ConfigError(source, "paths.registry",
                           f"{config.registry} is inside products_root {products}")
+    if config.registry_is_server and config.notify_sinks:
+        key = "notify.url" if config.notify_url else "notify.command"
+        raise ConfigError(source, key, "the outbox needs an SQLite registry; with a "
+                          "PostgreSQL registry ([paths] registry) it is not available yet")
     if config.notify_retry_max_seconds < config.notify_retry_initial_seconds:
         raise ConfigError(source, "notify.retry_max_seconds",
                           f"({config.notify_retry_max_seconds}) is less than "

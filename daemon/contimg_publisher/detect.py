@@ -41,7 +41,7 @@ from contimg_publisher.registry import (
     Candidate,
     Identity,
     Product,
-    Registry,
+    RegistryBackend,
     RegistryError,
 )
 from contimg_publisher.states import Detected, Kind, Status
@@ -303,7 +303,7 @@ REGISTRATION_ACTIONS = {"new": Detected.REGISTERED, "updated": Detected.UPDATED,
 class Detector:
     """Paths waiting to settle, and the checks that turn them into registered products."""
 
-    def __init__(self, config: Config, registry: Registry,
+    def __init__(self, config: Config, registry: RegistryBackend,
                  clock: Callable[[], float] = time.time,
                  gate: writers.WriterGate | None = None) -> None:
         self.config = config

@@ -39,7 +39,13 @@ from prometheus_client.registry import Collector
 from contimg_publisher import __version__, statuspage
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, split_listen
-from contimg_publisher.registry import FAILURE_KINDS, STATUSES, Registry, RegistryError
+from contimg_publisher.registry import (
+    FAILURE_KINDS,
+    STATUSES,
+    RegistryBackend,
+    RegistryError,
+    open_registry,
+)
 from contimg_publisher.states import Attempt, Detected, Sink
 
 PREFIX = "contimg_publisher"
@@ -60,9 +66,8 @@ def is_loopback(host: str) -> bool:
 
 
 @contextlib.contextmanager
-def _reader(config: Config) -> Iterator[Registry]:
-    registry = Registry(config.registry, config.busy_timeout_seconds, migrate=False,
-                        create=False)
+def _reader(config: Config) -> Iterator[RegistryBackend]:
+    registry = open_registry(config, migrate=False, create=False)
     try:
         yield registry
     finally:
@@ -121,16 +126,27 @@ class RegistryCollector(Collector):
             f"{PREFIX}_audit_last_pass_timestamp_seconds",
             "Unix time the last full pass of the background audit finished (absent before "
             "the first)")
+        node_age = GaugeMetricFamily(
+            f"{PREFIX}_node_heartbeat_age_seconds",
+            "Time since each node's daemon last renewed its heartbeat (a shared registry)",
+            labels=["node", "host", "pid"])
+        node_stale = GaugeMetricFamily(
+            f"{PREFIX}_node_stale",
+            "1 for a node's daemon whose heartbeat stopped, else 0 (a shared registry)",
+            labels=["node", "host", "pid"])
         try:
             with _reader(config) as registry, registry.read():
-                finding_counts = registry.finding_counts()
-                audit_state = registry.audit_state()
+                # The outbox and the audit exist on the SQLite registry only (for now).
+                local = registry if isinstance(registry, registry_mod.Registry) else None
+                finding_counts = {} if local is None else local.finding_counts()
+                audit_state = {} if local is None else local.audit_state()
                 by_type = registry.counts_by_type()
                 waiting = registry_mod.oldest_unheld_waiting(registry)
                 newest = registry.last_published()
                 size_bytes = registry.size_bytes()
                 strays = registry.unclaimed(now - config.unclaimed_after_seconds)
-                sinks = registry.sink_states(config.notify_sinks)
+                sinks = [] if local is None else local.sink_states(config.notify_sinks)
+                beats = registry.heartbeats()
         except (RegistryError, apsw.Error, OSError) as exc:
             self.metrics.note_scrape_error(f"{type(exc).__name__}: {exc}")
             readable.add_metric([], 0)
@@ -154,8 +170,13 @@ class RegistryCollector(Collector):
             dead.add_metric([sink.sink], sink.dead)
         for kind, n in sorted(finding_counts.items()):
             findings.add_metric([kind], n)
+        for b in beats:
+            node_age.add_metric([b.node, b.host, str(b.pid)], b.age_seconds)
+            node_stale.add_metric([b.node, b.host, str(b.pid)], 1 if b.stale else 0)
         yield from (readable, products, oldest, size, unclaimed, unclaimed_age, undelivered,
                     undelivered_age, dead, findings)
+        if beats:
+            yield from (node_age, node_stale)
         if newest is not None:
             yield last
         if audit_state.get("last_pass_finished") is not None:

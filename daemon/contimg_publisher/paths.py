@@ -17,6 +17,7 @@ import platform
 import re
 import stat
 import unicodedata
+import uuid
 from collections.abc import Sequence
 
 TEMP_PREFIX = b".contimg-tmp."
@@ -622,6 +623,32 @@ def temp_name(final_name: bytes, token: str) -> bytes:
             part = part[:cut]
             break
     return TEMP_PREFIX + part + b"." + token_b
+
+
+_NODE_TAG_MAX = 32  # leaves room in the 64-character token for a row id and 8 hex digits
+_ATTEMPT = re.compile(r"[0-9a-f]{8}")
+
+
+def node_tag(node: str) -> str:
+    """A node's name as it stands in its temporary names: letters, digits, '-' and '_'
+    (anything else becomes '_'), at most 32 characters."""
+    return (re.sub(r"[^A-Za-z0-9_-]", "_", node)[:_NODE_TAG_MAX]) or "_"
+
+
+def temp_token(node: str, row_id: int) -> str:
+    """The token of a temporary name: '<node tag>-<row id>-<8 random hex digits>'. The node
+    says whose copy in flight it is, in a products area several nodes share; the row id
+    which product; the random part which attempt."""
+    return f"{node_tag(node)}-{row_id}-{uuid.uuid4().hex[:8]}"
+
+
+def temp_node(token: str) -> str | None:
+    """The node tag of a token made by temp_token(), or None for a token without one
+    (written before temporary names carried the node)."""
+    parts = token.rsplit("-", 2)
+    if len(parts) == 3 and parts[0] and parts[1].isdigit() and _ATTEMPT.fullmatch(parts[2]):
+        return parts[0]
+    return None
 
 
 def parse_temp_name(name: bytes) -> str | None:

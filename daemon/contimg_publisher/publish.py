@@ -44,7 +44,6 @@ import signal
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -57,7 +56,7 @@ from contimg_publisher.registry import (
     Identity,
     Product,
     Published,
-    Registry,
+    RegistryBackend,
     RegistryError,
     checksum_known,
 )
@@ -246,7 +245,7 @@ class _Folders:
 class Publisher:
     """Publishes claimed rows; one instance per thread (it uses that thread's Registry)."""
 
-    def __init__(self, config: Config, registry: Registry, owner: str,
+    def __init__(self, config: Config, registry: RegistryBackend, owner: str,
                  log: Any = None, gate: writers.WriterGate | None = None) -> None:
         self.config = config
         self.registry = registry
@@ -299,7 +298,8 @@ class Publisher:
                            self.registry.set_publish_plan(
                                self.owner, job.product.data_id,
                                job.result.published_path or "", job.temp_shown,
-                               [os.fsdecode(s.dest_name) for s in job.sidecars])}
+                               [os.fsdecode(s.dest_name) for s in job.sidecars],
+                               token=job.product.claim_token)}
             placed: list[_Job] = []
             for index, job in enumerate(ready):
                 if not job.identical and job.product.data_id not in planned:
@@ -317,7 +317,8 @@ class Publisher:
                                 left.lose("the claim on this product was lost before the "
                                           "publish")
                                 continue
-                            self.registry.requeue(left.product.data_id, self.owner)
+                            self.registry.requeue(left.product.data_id, self.owner,
+                                                  token=left.product.claim_token)
                             left.result.status = Attempt.REQUEUED
                             left.result.error = "stopped before the publish finished"
                             left.finish()
@@ -354,7 +355,8 @@ class Publisher:
         result.kind, result.error = kind, text
         result.failure = self.registry.record_failure(
             job.product.data_id, self.owner, kind, text, cfg.max_attempts,
-            cfg.backoff_initial_seconds, cfg.backoff_max_seconds, cfg.error_max_chars)
+            cfg.backoff_initial_seconds, cfg.backoff_max_seconds, cfg.error_max_chars,
+            token=job.product.claim_token)
         if result.failure is None:
             result.status = Attempt.LOST
         else:
@@ -367,7 +369,8 @@ class Publisher:
         result = job.result
         result.error = f"{job.product.stage_path}: {reason}"
         result.status = Attempt.REJECTED if self.registry.reject_claimed(
-            job.product.data_id, self.owner, reason, self.config.error_max_chars) \
+            job.product.data_id, self.owner, reason, self.config.error_max_chars,
+            token=job.product.claim_token) \
             else Attempt.LOST
         job.finish()
 
@@ -448,7 +451,8 @@ class Publisher:
                               "links; it is copied, so the archive gets its own inode and "
                               "the other names are left as they are")
         if not job.same_fs:
-            job.temp = paths.temp_name(final, f"{product.id}-{uuid.uuid4().hex[:8]}")
+            job.temp = paths.temp_name(final, paths.temp_token(self.config.node_name,
+                                                                product.id))
             job.temp_shown = paths.display(_full(folders.products_root, folder, job.temp))
 
     def _place(self, job: _Job, _folders: _Folders) -> None:
@@ -511,7 +515,8 @@ class Publisher:
             done = {job.product.data_id for job in placed if self.registry.mark_published(
                 Published(job.product.data_id, job.result.published_path or "", job.mode,
                           tuple(os.fsdecode(s.dest_name) for s in job.sidecars),
-                          job.result.supersedes), self.owner, now)}
+                          job.result.supersedes), self.owner, now,
+                token=job.product.claim_token)}
         published = []
         for job in placed:
             if job.product.data_id in done:
@@ -653,7 +658,7 @@ class Publisher:
             # nobody else can take the claim, and the commit checks it anyway.
             try:
                 self.registry.renew_lease(product.data_id, self.owner,
-                                          self.config.lease_seconds)
+                                          self.config.lease_seconds, token=product.claim_token)
             except RegistryError as exc:
                 if not warned:
                     warned.append(str(exc))
@@ -741,7 +746,7 @@ class Publisher:
             return
         checks = read.fits.fits_checksums if read.fits is not None else None
         if not self.registry.record_checksum(product.data_id, self.owner, read.checksum,
-                                             checks):
+                                             checks, token=product.claim_token):
             raise PublishFailure(FailureKind.OTHER,
                                  "the claim on this product was lost during its copy")
         job.product = dataclasses.replace(product, checksum=read.checksum)
@@ -761,7 +766,8 @@ class Publisher:
                          algorithm: str, temps: list[bytes], cancel: threading.Event | None,
                          tick: Callable[[], None]) -> None:
         """A sidecar through a temporary name to its final name, never replacing one."""
-        sc_temp = paths.temp_name(sc.dest_name, f"{product.id}-{uuid.uuid4().hex[:8]}")
+        sc_temp = paths.temp_name(sc.dest_name,
+                                  paths.temp_token(self.config.node_name, product.id))
         temps.append(sc_temp)
         transfer.copy_file(fd, dest_fd, sc_temp, algorithm, self.config.file_mode, cancel, tick)
         self._no_writer(fd, os.path.join(os.path.dirname(product.stage_bytes), sc.name),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,11 +14,11 @@ from contimg_publisher import detect, fits, kinds, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for, step_of
-from contimg_publisher.registry import Product, Published, Registry, checksum_known
+from contimg_publisher.registry import Product, Published, RegistryBackend, checksum_known
 from contimg_publisher.states import Attempt, FailureKind, Status, Step
 
 
-def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
+def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = None,
               now: float | None = None, sweep: bool = True) -> list[Result]:
     """Resolve publishes a crash interrupted, and remove temporary files nobody claims.
 
@@ -32,7 +31,7 @@ def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
     sweeps it in slices after READY (stray_temp_sweep), since that walk grows with the
     archive.
     """
-    now = time.time() if now is None else now
+    now = registry.clock() if now is None else now  # leases are the registry's clock
     results: list[Result] = []
     publisher = Publisher(config, registry, owner, log)
     for row in registry.publishing():
@@ -58,7 +57,7 @@ def reconcile(config: Config, registry: Registry, owner: str, log: Any = None,
     return results
 
 
-def resolve_own(config: Config, registry: Registry, owner: str, data_ids: list[str],
+def resolve_own(config: Config, registry: RegistryBackend, owner: str, data_ids: list[str],
                 log: Any = None) -> list[Result]:
     """Publishes of this very process that died inside it (an exception in the publish
     thread, a registry error during a commit): resolved now, from disk and the row, as a
@@ -221,13 +220,14 @@ def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
                 os.close(fd)
 
 
-def remove_stray_temps(config: Config, registry: Registry, owner: str, log: Any = None) -> int:
+def remove_stray_temps(config: Config, registry: RegistryBackend, owner: str,
+                       log: Any = None) -> int:
     """Remove temporary names (ours, by their prefix) that no live publish claims. Nothing
     else in the products area is ever touched."""
     return sum(stray_temp_sweep(config, registry, owner, log))
 
 
-def stray_temp_sweep(config: Config, registry: Registry, owner: str, log: Any = None
+def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log: Any = None
                      ) -> Iterator[int]:
     """remove_stray_temps one folder at a time: yields how many it removed in each, so a
     caller can spread the walk of a large archive over many turns of its loop.
@@ -235,22 +235,30 @@ def stray_temp_sweep(config: Config, registry: Registry, owner: str, log: Any = 
     Each folder's names are listed before the claims are read: a temporary name is recorded
     in its row before it is created, so one that is listed and not claimed is stray. A
     caller that advances the sweep while its own publishes run must not (the daemon advances
-    it only while its publish thread is idle)."""
+    it only while its publish thread is idle).
+
+    Only this node's temporary names are removed (those its node tag names, and untagged
+    older ones): in a products area several nodes share, another node's name is that
+    node's to judge, by its own claims and processes."""
     root = os.fsencode(str(config.products_root))
     if not os.path.isdir(root):
         return
+    mine = paths.node_tag(config.node_name)
     for top, dirs, files, dfd in os.fwalk(root, follow_symlinks=False):
-        temps = [name for name in list(dirs) + files
-                 if paths.parse_temp_name(os.fsencode(name)) is not None]
+        tokens = {name: token for name in list(dirs) + files
+                  if (token := paths.parse_temp_name(os.fsencode(name))) is not None}
+        dirs[:] = [name for name in dirs if name not in tokens]  # never walked into
+        temps = [name for name, token in tokens.items()
+                 if paths.temp_node(token) in (None, mine)]
         removed = 0
         if temps:
-            claimed = {row.publish_temp for row in registry.publishing()
+            # Every node's claims: a products area shared by several nodes holds their
+            # copies in flight too, each recorded in its row before it is created.
+            claimed = {row.publish_temp for row in registry.publishing(every_node=True)
                        if row.publish_temp and (row.lease_owner == owner
                                                 or owner_alive(row.lease_owner) is not False)}
             for name in temps:
                 full = os.path.join(os.fsencode(top), os.fsencode(name))
-                if name in dirs:
-                    dirs.remove(name)
                 if paths.display(full) in claimed:
                     continue
                 with contextlib.suppress(FileNotFoundError):

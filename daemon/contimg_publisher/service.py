@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from contimg_publisher import (
+    __version__,
     audit,
     detect,
     lock,
@@ -42,9 +43,10 @@ from contimg_publisher.config import Config, ConfigError
 from contimg_publisher.registry import (
     TRANSIENT,
     Product,
-    Registry,
+    RegistryBackend,
     RegistryError,
     RegistryGone,
+    open_registry,
     refuse_new_over_archive,
     unavailable,
 )
@@ -162,12 +164,12 @@ class Worker:
         self.jobs.put(None)
 
     def _run(self) -> None:
-        registry: Registry | None = None
+        registry: RegistryBackend | None = None
         while (job := self.jobs.get()) is not None:
             products, cfg, mode = job
             try:
                 if registry is None:
-                    registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False)
+                    registry = open_registry(cfg, migrate=False)
                 publisher = publish.Publisher(cfg, registry, self.owner, logs.get_logger(),
                                               self.gate)
                 result: Any = publisher.publish_many(products, mode=mode, cancel=self.cancel,
@@ -189,7 +191,7 @@ class Daemon:
         self.signals: list[int] = []
         self.changes: queue.SimpleQueue[watch.Change | str] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.registry: Registry | None = None
+        self.registry: RegistryBackend | None = None
         self.lock: lock.Lock | None = None
         self.watcher: watch.Watcher | None = None
         self.detector: detect.Detector | None = None
@@ -204,6 +206,7 @@ class Daemon:
         self.next_rescan = 0.0
         self.next_reconcile = 0.0
         self.next_status = 0.0
+        self.next_heartbeat = 0.0
         self.last_published: str | None = None
         # Publishes that died inside the publish thread: resolved by the loop, not left
         # `publishing` under this process's live lease until a restart.
@@ -259,12 +262,18 @@ class Daemon:
                 return
         self.worker = Worker(cfg, self.owner, self.wake, self.gate)
         self.worker.start()
-        self.delivery = outbox.Delivery(cfg, self.metrics)
-        self.delivery.start()
-        self._start_auditor()
+        if cfg.registry_is_server:
+            # The outbox and the fixity audit exist on the SQLite registry only (for now).
+            self.log.info("audit_unavailable", registry=cfg.registry_shown,
+                          reason="the background audit and the outbox need an SQLite "
+                                 "registry; on PostgreSQL they are not available yet")
+        else:
+            self.delivery = outbox.Delivery(cfg, self.metrics)
+            self.delivery.start()
+            self._start_auditor()
         self._start_metrics()
         self.log.info("started", stage_root=str(cfg.stage_root),
-                      products_root=str(cfg.products_root), registry=str(cfg.registry),
+                      products_root=str(cfg.products_root), registry=cfg.registry_shown,
                       config=self.config_path, pid=os.getpid(), watching=self._watching())
         notify("READY=1", f"STATUS={self._status_line()}", f"MAINPID={os.getpid()}")
         self._start_sweep()
@@ -277,14 +286,15 @@ class Daemon:
         cfg = self.config
         try:
             if self.registry is None:
-                self.registry = Registry(cfg.registry, cfg.busy_timeout_seconds)
+                self.registry = open_registry(cfg)
                 self.registry.set_qa_gate(qa.conditions(cfg.products))
             if self.lock is None:
                 self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
             # Before anything can publish: a sink configured for the first time hears of
             # every publish from this start on.
-            self.registry.add_sinks(cfg.notify_sinks)
-            notify(f"STATUS=reconciling interrupted publishes ({cfg.registry})")
+            if isinstance(self.registry, registry_mod.Registry):
+                self.registry.add_sinks(cfg.notify_sinks)
+            notify(f"STATUS=reconciling interrupted publishes ({cfg.registry_shown})")
             self._reconcile(startup=True)
             park_outside_root(cfg, self.registry, self.log)
             if self.detector is None:
@@ -455,11 +465,11 @@ class Daemon:
     def _registry_unavailable(self, exc: Exception) -> None:
         """Publishing pauses: nothing is claimed, registered or removed until a retry
         proves the registry takes commits again. Said once, then at most once a minute."""
-        error = str(unavailable(exc, str(self.config.registry)))
+        error = str(unavailable(exc, self.config.registry_shown))
         now = time.monotonic()
         if self.outage is None:
             self.outage = outage.begin(error, now, time.time())
-            self.log.error("registry_unavailable", registry=str(self.config.registry),
+            self.log.error("registry_unavailable", registry=self.config.registry_shown,
                            error=error, retry_in_seconds=outage.RETRY_INITIAL_SECONDS,
                            reason="publishing paused: nothing leaves staging without its "
                                   "record; retried with backoff, resumes by itself",
@@ -467,7 +477,7 @@ class Daemon:
                                   "(chattr -i, remount read-write) or end the process that "
                                   "holds its write lock")
         elif outage.failed_again(self.outage, error, now):
-            self.log.warning("registry_still_unavailable", registry=str(self.config.registry),
+            self.log.warning("registry_still_unavailable", registry=self.config.registry_shown,
                              error=error, seconds=round(self.outage.seconds(now), 1),
                              tries=self.outage.tries,
                              retry_in_seconds=round(self.outage.next_try - now, 1))
@@ -486,7 +496,7 @@ class Daemon:
         assert self.outage is not None
         was = self.outage
         self.outage = None
-        self.log.info("registry_available", registry=str(self.config.registry),
+        self.log.info("registry_available", registry=self.config.registry_shown,
                       seconds=round(was.seconds(time.monotonic()), 1), tries=was.tries,
                       error_was=was.reason, reason="publishing resumed")
         self._say_outage()
@@ -535,7 +545,16 @@ class Daemon:
         self._advance_sweep()
         if time.monotonic() >= self.next_reconcile:
             self._reconcile()
+        self._heartbeat()
         self._ping()
+
+    def _heartbeat(self) -> None:
+        """This daemon is alive (the registry's heartbeats, which `status` lists per node)."""
+        assert self.registry is not None
+        now = time.monotonic()
+        if now >= self.next_heartbeat:
+            self.registry.heartbeat(self.owner, self.started_at, __version__)
+            self.next_heartbeat = now + registry_mod.HEARTBEAT_SECONDS
 
     def _drain_changes(self) -> None:
         assert self.detector is not None
@@ -628,7 +647,7 @@ class Daemon:
         """The registry file was deleted or replaced under the daemon: publish nothing more,
         remove nothing, say so loudly, and exit non-zero (systemd's restart then meets the
         start-up check, which will not create an empty registry beside the archive)."""
-        self.log.critical("registry_gone", registry=str(self.config.registry), error=str(exc),
+        self.log.critical("registry_gone", registry=self.config.registry_shown, error=str(exc),
                           action="restore the registry file (from the copy the daemon had "
                                  "open, or a backup), then start the daemon")
         notify(f"STATUS=stopped: {exc}")
@@ -673,7 +692,7 @@ class Daemon:
         try:
             c = self.registry.counts()
         except TRANSIENT as exc:  # the loop's next turn pauses on it
-            return f"registry unavailable: {unavailable(exc, str(self.config.registry))}"
+            return f"registry unavailable: {unavailable(exc, self.config.registry_shown)}"
         watching = "watching" if self._watching() else "scanning every " \
             f"{self.config.rescan_seconds:g} s"
         line = (f"{watching} {self.config.stage_root}: {c['staging']} waiting, "
@@ -774,6 +793,8 @@ class Daemon:
                 self.worker.thread.join(timeout=10)
         self._stop_metrics()
         if self.registry is not None:
+            with contextlib.suppress(RegistryError):
+                self.registry.end_heartbeat(self.owner)
             self.registry.close()
         if self.lock is not None:
             self.lock.release()
@@ -791,7 +812,7 @@ def _with(cfg: Config, **changes: Any) -> Config:
 TIDY_ACTIONS = (Detected.LEFTOVER, Detected.LATE_SIDECAR)
 
 
-def park_outside_root(cfg: Config, registry: Registry, log: Any,
+def park_outside_root(cfg: Config, registry: RegistryBackend, log: Any,
                       old_root: Path | None = None) -> None:
     """Rows registered under another staging root wait for an operator, with the reason.
 
@@ -837,7 +858,7 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
     owner = lock.owner_id()
     refuse_new_over_archive(cfg.registry, cfg.products_root)
     with lock.acquire(str(cfg.lock_path), "scan", wait_seconds=cfg.lock_wait_seconds), \
-            Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
+            open_registry(cfg) as registry:
         registry.set_qa_gate(qa.conditions(cfg.products))
         report.reconciled = reconcile.reconcile(cfg, registry, owner, log)
         park_outside_root(cfg, registry, log)
@@ -868,7 +889,7 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
     deadline = time.monotonic() + wait
     owner = lock.owner_id()
     refuse_new_over_archive(cfg.registry, cfg.products_root)
-    with Registry(cfg.registry, cfg.busy_timeout_seconds) as registry:
+    with open_registry(cfg) as registry:
         registry.set_qa_gate(qa.conditions(cfg.products))
         row = registry.get(data_id)
         if row is None:
@@ -946,5 +967,5 @@ def run(config_path: str) -> int:
                          error=f"another publisher holds the lock: {exc.holder}")
         return 1
     except RegistryError as exc:
-        daemon.log.error("registry_unusable", registry=str(cfg.registry), error=str(exc))
+        daemon.log.error("registry_unusable", registry=cfg.registry_shown, error=str(exc))
         return 1

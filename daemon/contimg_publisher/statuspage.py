@@ -19,8 +19,9 @@ from contimg_publisher import registry as registry_mod
 from contimg_publisher.registry import (
     STATUSES,
     Finding,
+    Heartbeat,
     Product,
-    Registry,
+    RegistryBackend,
     SinkState,
     Unclaimed,
 )
@@ -59,6 +60,8 @@ class Health:
     @property
     def finding_total(self) -> int:
         return sum(self.finding_counts.values())
+    # The daemons of every node that share the registry (a PostgreSQL one), by heartbeat.
+    nodes: list[Heartbeat] = field(default_factory=list)
 
     @property
     def oldest_age(self) -> float | None:
@@ -92,14 +95,16 @@ def success_rate(published: int, failures: int) -> float | None:
     return None if total == 0 else published / total
 
 
-def snapshot(registry: Registry, limit: int = 50, now: float | None = None,
+def snapshot(registry: RegistryBackend, limit: int = 50, now: float | None = None,
              unclaimed_after: float = 3600.0, sinks: tuple[str, ...] = ()) -> Health:
     """Read everything in one transaction, so the counts and the lists agree. `limit`
     bounds each list of products; the unclaimed files are listed whole (limit 0) or up to
     the same bound."""
     now = time.time() if now is None else now
+    # The outbox and the audit exist on the SQLite registry only (for now).
+    local = registry if isinstance(registry, registry_mod.Registry) else None
     with registry.read():
-        last_pass = registry.audit_state().get("last_pass_finished")
+        last_pass = None if local is None else local.audit_state().get("last_pass_finished")
         return Health(
             now=now,
             counts=registry.counts(),
@@ -116,10 +121,11 @@ def snapshot(registry: Registry, limit: int = 50, now: float | None = None,
             recent=registry_mod.recent_published(registry, 10),
             last=registry.last_published(),
             unclaimed=registry.unclaimed(now - unclaimed_after, limit=limit or None),
-            sinks=registry.sink_states(sinks),
-            findings=registry.findings(limit=limit or None),
-            finding_counts=registry.finding_counts(),
+            sinks=[] if local is None else local.sink_states(sinks),
+            findings=[] if local is None else local.findings(limit=limit or None),
+            finding_counts={} if local is None else local.finding_counts(),
             audit_last_pass=None if last_pass is None else float(last_pass),
+            nodes=registry.heartbeats(),
         )
 
 
@@ -159,6 +165,9 @@ def problems(health: Health, max_waiting_age: float, daemon_running: bool,
             out.append(f"the {sink.sink} sink gave up on {sink.dead} event"
                        f"{'s' if sink.dead != 1 else ''} (`contimg-publisher events`, then "
                        "`events --redeliver-dead`)")
+    out += [f"node {b.node}: its daemon (pid {b.pid} on {b.host}) was last heard from "
+            f"{format_age(b.age_seconds)} ago: stopped without a clean stop, or its host is "
+            "down or cut off from the registry" for b in health.nodes if b.stale]
     return out
 
 
@@ -274,6 +283,15 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
                      + "".join(f"<li class=\"bad\">{_e(i)}</li>" for i in issues) + "</ul>")
     else:
         parts.append("<p class=\"ok\">All well: nothing waits for an operator.</p>")
+
+    if health.nodes:
+        parts.append("<h2>Nodes</h2>")
+        parts.append(_table(
+            ["node", "host", "pid", "last heard from", "running since", "version"],
+            [[_e(b.node) + (" <em class=\"bad\">(no heartbeat)</em>" if b.stale else ""),
+              _e(b.host), _e(b.pid), _e(format_age(b.age_seconds) + " ago"),
+              _e(format_when(b.started)), _e(b.version)] for b in health.nodes],
+            "", numeric={2}))
 
     parts.append("<h2>Products</h2>")
     parts.append(_table(["status", "count"],

@@ -1,4 +1,4 @@
-"""The product registry: every SQL statement of the project lives here.
+"""The SQLite backend of the registry: the embedded default, which needs no server.
 
 The file is an SQLite database shared with older pipeline code that reads the
 legacy `data_registry`, `data_relationships` and `data_tags` tables, so those
@@ -23,56 +23,47 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeGuard, cast
+from typing import Any, cast
 
 import apsw
 
 from contimg_publisher import fsguard, paths
-from contimg_publisher.config import QA_FIELDS
 from contimg_publisher.qa import Condition
-from contimg_publisher.states import Delivery, FailureKind, FindingKind, Kind, Status
+from contimg_publisher.registry.model import (
+    FAILURE_KINDS,
+    HELD_BY_OPERATOR,
+    STATUSES,
+    Candidate,
+    Failure,
+    FailureOutcome,
+    Heartbeat,
+    Identity,
+    Product,
+    Published,
+    PublishRecord,
+    RegistryBusy,
+    RegistryError,
+    RegistryGone,
+    RegistryUnavailable,
+    Unclaimed,
+    _product,
+    _same_bytes,
+    _same_file,
+    backoff_delay,
+    checksum_known,
+    qa_hold_sql,
+    truncate,
+)
+from contimg_publisher.states import Delivery, FailureKind, FindingKind, Status
+
+# This backend's schema (steps 7 and 8, the outbox and the audit, exist here only).
+SCHEMA_VERSION = 8
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
 # Reads outside a transaction ask fsguard at most this often: a burst makes thousands of
 # them, each asked anyway only a moment before SQLite touches the -shm. Writes ask always.
 READ_GUARD_SECONDS = 0.1
-SCHEMA_VERSION = 8
-
-STATUSES = tuple(Status)
-FAILURE_KINDS = tuple(FailureKind)
-FINDING_KINDS = tuple(FindingKind)
-
-# The `checksum` of a row described without reading its data (a FITS file that is copied to
-# another filesystem): "<algorithm>:pending" until the publish's copy, the file's one read,
-# computes the digest and records it before the product can reach its final name. Not NULL,
-# which means "not described" (nothing is claimed before it is described); never equal to a
-# digest, whose hex has no such letters.
-PENDING = "pending"
-
-
-def pending_checksum(algorithm: str) -> str:
-    return f"{algorithm}:{PENDING}"
-
-
-def checksum_known(checksum: str | None) -> TypeGuard[str]:
-    """Whether a row's checksum is a digest (not NULL, not pending)."""
-    return checksum is not None and checksum.partition(":")[2] not in ("", PENDING)
-
-
-class RegistryError(Exception):
-    """The registry cannot be used; the message names the file and the reason."""
-
-
-class RegistryUnavailable(RegistryError):
-    """The registry cannot be written or read now (a full disk, a read-only, immutable or
-    failing one, a write lock held past the busy timeout); what was being recorded was
-    rolled back. A state to wait out and retry, never a crash."""
-
-
-class RegistryBusy(RegistryUnavailable):
-    """Another process held the write lock for longer than the busy timeout."""
-
 
 # What SQLite says when the file (or its -wal/-shm) cannot take a write.
 _UNAVAILABLE = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError)
@@ -89,11 +80,6 @@ def unavailable(exc: Exception, path: str) -> RegistryUnavailable:
     return RegistryUnavailable(f"registry {path}: cannot be used now "
                                f"({type(exc).__name__}: {exc})")
 
-
-class RegistryGone(RegistryError):
-    """The file at the configured path is no longer the one this connection writes: deleted
-    or replaced while in use. Every later commit would be lost, so nothing may be
-    published or removed on its word."""
 
 
 LEGACY_DDL = """
@@ -282,6 +268,46 @@ _LOG_PUBLISH = (
     " WHERE data_id = ? AND status = 'published'")
 
 
+FINDING_KINDS = tuple(FindingKind)
+
+
+# Step 8: the fixity audit's findings and progress, and the record of files moved out of
+# staging into the quarantine folder (tables of their own: no legacy reader sees them). An
+# open finding is one per (kind, path); a resolved one keeps its history. publish_log gains
+# an index on published_path: the audit asks, folder by folder, what is recorded there.
+SCHEMA_V8 = """
+CREATE TABLE IF NOT EXISTS audit_findings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL,
+    data_id TEXT,
+    detail TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    resolved_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS audit_findings_open ON audit_findings(kind, path)
+    WHERE resolved_at IS NULL;
+CREATE TABLE IF NOT EXISTS audit_state (
+    key TEXT PRIMARY KEY,
+    value
+);
+CREATE TABLE IF NOT EXISTS quarantine_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    data_id TEXT,
+    original_path TEXT NOT NULL,
+    original_path_bytes BLOB NOT NULL,
+    quarantine_path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    size_bytes INTEGER,
+    how TEXT NOT NULL,
+    moved_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS publish_log_by_published_path ON publish_log(published_path);
+"""
+
+
 # The outbox: one event per publish, written in the transaction that makes the row
 # `published`, so a crash can lose neither the event nor the publish without the other.
 # `id` is the delivery order; `event_id` the stable id a consumer deduplicates by. Each sink
@@ -316,6 +342,7 @@ CREATE TABLE IF NOT EXISTS outbox_deliveries (
     PRIMARY KEY (event, sink)
 );
 """
+
 
 EVENT_PUBLISHED = "published"
 
@@ -361,65 +388,6 @@ class SinkState:
                 "attempts": self.attempts, "last_error": self.last_error,
                 "last_attempt_at": self.last_attempt_at, "dead": self.dead,
                 "delivered_through": self.delivered_through}
-
-
-@dataclass(frozen=True)
-class PublishRecord:
-    """One publish as publish_log keeps it."""
-
-    data_id: str
-    data_type: str
-    stage_path: str
-    published_path: str
-    size_bytes: int | None
-    checksum: str | None
-    sidecars_json: str | None
-    header_json: str | None
-    publish_mode: str | None
-    published_at: float
-
-
-def _literal(text: str) -> str:
-    """An SQL string literal (the QA gate's values come from the config file)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
-def qa_hold_sql(conditions: Sequence[Condition]) -> str:
-    """An SQL expression over a data_registry row: NULL when the QA gate lets it be
-    published automatically, else the reason it is held (qa.py says which values hold)."""
-    whens = []
-    for c in conditions:
-        if c.column not in QA_FIELDS:
-            raise ValueError(f"QA gate: {c.column!r} is not a QA column ({', '.join(QA_FIELDS)})")
-        values = ", ".join(_literal(v) for v in c.values)
-        if c.required:
-            wanted = values if len(c.values) == 1 else f"one of {values}"
-            test = f"{c.column} IS NULL OR {c.column} NOT IN ({values})"
-            reason = (f"{_literal(f'QA gate: waits for {c.column} {wanted} (now ')}"
-                      f" || quote({c.column}) || ')'")
-        else:
-            test = f"{c.column} IN ({values})"
-            reason = f"{_literal(f'QA gate: {c.column} is ')} || quote({c.column})"
-        whens.append(f"WHEN data_type = {_literal(c.data_type)} AND ({test}) THEN {reason}")
-    return f"(CASE {' '.join(whens)} END)" if whens else "NULL"
-
-
-@dataclass(frozen=True)
-class Unclaimed:
-    """A file in a product folder of the staging area that no product owns: a sidecar whose
-    product never came, or a name no rule matches. Listed, never deleted."""
-
-    path: str
-    path_bytes: bytes
-    reason: str
-    first_seen: float
-    changed_at: float
-    size_bytes: int | None
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        return {"path": self.path, "reason": self.reason, "size_bytes": self.size_bytes,
-                "first_seen": self.first_seen, "changed_at": self.changed_at,
-                "age_seconds": round(max(0.0, now - self.changed_at), 3)}
 
 
 @dataclass(frozen=True)
@@ -484,165 +452,6 @@ class Quarantined:
         return dict(self.__dict__)
 
 
-@dataclass(frozen=True)
-class Identity:
-    """What a staged file was when it was described; a publish checks it again with fstat."""
-
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> Identity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    def same(self, other: Identity, kind: str = Kind.FILE) -> bool:
-        """Whether `other` is this file unchanged (the same inode, size and mtime), or for a
-        folder product the same folder (its files are compared by their checksums)."""
-        if kind == Kind.DIRECTORY:
-            return (self.dev, self.ino) == (other.dev, other.ino)
-        return (self.dev, self.ino, self.size, self.mtime_ns) == (
-            other.dev, other.ino, other.size, other.mtime_ns)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A described, finished product ready to be registered."""
-
-    data_id: str
-    data_type: str
-    base_path: str
-    stage_path: str             # display form
-    stage_path_bytes: bytes     # exact bytes
-    identity: Identity
-    checksum: str
-    metadata: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Product:
-    """One row of data_registry, with the fields the daemon uses."""
-
-    id: int
-    data_id: str
-    data_type: str
-    status: str
-    base_path: str
-    stage_path: str
-    stage_path_bytes: bytes | None
-    published_path: str | None
-    created_at: float
-    staged_at: float
-    published_at: float | None
-    publish_mode: str | None
-    metadata: dict[str, Any]
-    auto_publish_enabled: bool
-    publish_attempts: int
-    publish_error: str | None
-    next_attempt_at: float | None
-    lease_owner: str | None
-    lease_expires_at: float | None
-    size_bytes: int | None
-    checksum: str | None
-    identity: Identity | None
-    publish_target: str | None
-    publish_temp: str | None
-    publish_step: str | None
-    sidecars: list[str]
-    publish_requested_at: float | None = None
-
-    @property
-    def stage_bytes(self) -> bytes:
-        return self.stage_path_bytes or os.fsencode(self.stage_path)
-
-    @property
-    def checksum_pending(self) -> bool:
-        """Described, with its digest still to be computed by the publish's copy."""
-        return self.checksum is not None and not checksum_known(self.checksum)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "data_id": self.data_id,
-            "data_type": self.data_type,
-            "status": self.status,
-            "stage_path": self.stage_path,
-            "published_path": self.published_path,
-            "publish_attempts": self.publish_attempts,
-            "publish_error": self.publish_error,
-            "size_bytes": self.size_bytes,
-            "checksum": self.checksum if checksum_known(self.checksum) else None,
-            "checksum_pending": self.checksum_pending,
-            "metadata": self.metadata,
-            "held": not self.auto_publish_enabled,
-            "publish_mode": self.publish_mode,
-            "created_at": self.created_at,
-            "staged_at": self.staged_at,
-            "published_at": self.published_at,
-            "next_attempt_at": self.next_attempt_at,
-            "lease_owner": self.lease_owner,
-            "lease_expires_at": self.lease_expires_at,
-            "publish_step": self.publish_step,
-            "sidecars": self.sidecars,
-        }
-
-
-@dataclass(frozen=True)
-class Failure:
-    data_id: str
-    attempt: int
-    kind: str
-    error: str
-    at: float
-    host: str
-    pid: int
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class FailureOutcome:
-    """What recording a failure did, so the caller can log it."""
-
-    attempts: int
-    status: Status
-    next_attempt_at: float | None
-    counted: bool
-    error: str
-
-    @property
-    def exhausted(self) -> bool:
-        return self.status is Status.FAILED
-
-
-@dataclass(frozen=True)
-class Published:
-    """One row's publish, as mark_published records it."""
-
-    data_id: str
-    published_path: str
-    publish_mode: str
-    sidecars: tuple[str, ...] = ()
-    supersedes: str | None = None
-
-
-def truncate(text: str, limit: int) -> str:
-    """At most `limit` characters; a cut is marked so nobody mistakes it for the whole text."""
-    if len(text) <= limit:
-        return text
-    marker = "…"
-    return text[: max(limit - len(marker), 0)] + marker[: limit]
-
-
-def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float = 0.1,
-                  rng: random.Random | None = None) -> float:
-    """min(max, initial * 2^(attempt-1)), spread by +-jitter so retries do not march in step."""
-    base: float = min(maximum, initial * (2 ** max(attempt - 1, 0)))
-    spread = (rng or random).uniform(-jitter, jitter) if jitter else 0.0
-    return min(maximum, max(0.0, base * (1.0 + spread)))
-
 
 def _check_path(path: str) -> None:
     """Refuse what cannot be a registry file, by its metadata alone.
@@ -680,11 +489,20 @@ def _create_empty(path: str) -> None:
 
 
 class Registry:
-    """One APSW connection to the registry file; open one per thread."""
+    """One APSW connection to the registry file; open one per thread.
+
+    The outbox and the fixity audit (schema steps 7 and 8) exist on this backend only.
+
+    Claims are fenced by their owner (host, pid, start time: one process) and the single-
+    writer lock; a claim's `token` (RegistryBackend) is accepted and not needed here: a
+    file on one host has no node whose lease could run out under another's."""
+
+    schema_version = SCHEMA_VERSION
 
     def __init__(self, path: str | os.PathLike[str], busy_timeout_seconds: float = 10.0,
                  migrate: bool = True, create: bool = True, guard_reads: bool = True) -> None:
         self.path = os.fspath(path)
+        self.location = self.path
         self.busy_timeout_seconds = busy_timeout_seconds
         self.guard_reads = guard_reads
         self._depth = 0  # write() nesting: 0 outside a transaction
@@ -788,6 +606,10 @@ class Registry:
         """The QA gate claims, due times and hold reasons apply from now on (qa.conditions
         of the configured rules)."""
         self._qa_hold = qa_hold_sql(conditions)
+
+    def clock(self) -> float:
+        """The clock leases are measured by: this host's (an SQLite file has one host)."""
+        return time.time()
 
     def check_identity(self) -> None:
         """RegistryGone unless the configured path still leads to the file this connection
@@ -1132,7 +954,7 @@ class Registry:
         assert row is not None  # an aggregate without GROUP BY returns one row
         return None if row[0] is None else float(row[0])
 
-    def publishing(self) -> list[Product]:
+    def publishing(self, every_node: bool = False) -> list[Product]:
         return self._products("SELECT * FROM data_registry WHERE status = 'publishing'")
 
     # --- writes -------------------------------------------------------------------------------
@@ -1321,7 +1143,7 @@ class Registry:
         return [_product(by_id[i]) for i in ids]
 
     def renew_lease(self, data_id: str, owner: str, lease_seconds: float,
-                    now: float | None = None) -> bool:
+                    now: float | None = None, token: str | None = None) -> bool:
         now = time.time() if now is None else now
         with self.write() as cur:
             cur.execute("UPDATE data_registry SET lease_expires_at = ? WHERE data_id = ?"
@@ -1330,7 +1152,7 @@ class Registry:
             return self.conn.changes() > 0
 
     def set_publish_plan(self, owner: str, data_id: str, target: str, temp: str | None,
-                         sidecars: Sequence[str] = ()) -> bool:
+                         sidecars: Sequence[str] = (), token: str | None = None) -> bool:
         """Record the final name, the temporary name and the sidecars' final names a publish
         is about to write (reconciliation, and the next attempt after a crash, read them);
         False when `owner` no longer holds the claim."""
@@ -1342,7 +1164,8 @@ class Registry:
             return self.conn.changes() > 0
 
     def record_checksum(self, data_id: str, owner: str, checksum: str,
-                        fits_checksums: str | None, now: float | None = None) -> bool:
+                        fits_checksums: str | None, now: float | None = None,
+                        token: str | None = None) -> bool:
         """The digest the publish's copy computed for a row registered without one, and
         how its FITS checksums came out ("verified", "absent"), recorded before the product
         can reach its final name (reconciliation verifies that name against it). False
@@ -1363,7 +1186,7 @@ class Registry:
 
     def reject_claimed(self, data_id: str, owner: str, reason: str, error_max_chars: int,
                        now: float | None = None, host: str | None = None,
-                       pid: int | None = None) -> bool:
+                       pid: int | None = None, token: str | None = None) -> bool:
         """A claimed product the publish found is not publishable (a FITS checksum that
         fails in the copy's read): `rejected` with the reason, like a rejection at
         registration, the attempt kept in the history. False when not `owner`'s claim."""
@@ -1389,7 +1212,7 @@ class Registry:
         return True
 
     def mark_published(self, item: Published, owner: str | None,
-                       now: float | None = None) -> bool:
+                       now: float | None = None, token: str | None = None) -> bool:
         """Durably record a publish; with owner None the lease is not checked (reconciliation).
         False when the row's claim is no longer `owner`'s (it is left as it is).
 
@@ -1679,7 +1502,8 @@ class Registry:
                        max_attempts: int, backoff_initial: float, backoff_max: float,
                        error_max_chars: int, now: float | None = None,
                        host: str | None = None, pid: int | None = None,
-                       rng: random.Random | None = None) -> FailureOutcome | None:
+                       rng: random.Random | None = None, token: str | None = None
+                       ) -> FailureOutcome | None:
         """Count a failed attempt (unless its kind says nothing about the product), keep it in
         the history, and schedule the next try; `failed` once attempts reach max_attempts.
 
@@ -1720,7 +1544,8 @@ class Registry:
                  kind, text, now, host or socket.gethostname(), pid or os.getpid()))
         return FailureOutcome(attempts, status, next_at, counted, text)
 
-    def requeue(self, data_id: str, owner: str | None, now: float | None = None) -> bool:
+    def requeue(self, data_id: str, owner: str | None, now: float | None = None,
+                token: str | None = None) -> bool:
         """Give a claimed row back, due now, without counting an attempt (clean shutdown)."""
         now = time.time() if now is None else now
         with self.write() as cur:
@@ -2095,6 +1920,97 @@ class Registry:
         page_size = int(self._scalar("PRAGMA page_size"))
         return page_size * int(self._scalar("PRAGMA page_count"))
 
+    # An SQLite registry has one host and one daemon, which the lock file names: nothing to
+    # record (a write every few seconds would also cost an fsync and end the counts cache).
+
+    def heartbeat(self, owner: str, started: float, version: str) -> None:
+        """Nothing to record (see above)."""
+
+    def end_heartbeat(self, owner: str) -> None:
+        """Nothing to remove."""
+
+    def heartbeats(self) -> list[Heartbeat]:
+        """None: the lock file says which daemon runs."""
+        return []
+
+    def waiting(self, limit: int | None = None) -> list[Product]:
+        """Products waiting to be published, longest-waiting first."""
+        sql = "SELECT * FROM data_registry WHERE status = 'staging' ORDER BY staged_at, id"
+        if limit is None:
+            return self._products(sql)
+        return self._products(sql + " LIMIT ?", (limit,))
+
+
+    def oldest_unheld_waiting(self) -> Product | None:
+        """The longest-waiting product the daemon is expected to publish (held ones wait on
+        purpose, unless an operator asked for a publish)."""
+        rows = self._products(
+            "SELECT * FROM data_registry WHERE status = 'staging' AND checksum IS NOT NULL"
+            " AND (COALESCE(auto_publish_enabled, 1) = 1 OR publish_requested_at IS NOT NULL)"
+            f" AND ({self._qa_hold} IS NULL OR publish_requested_at IS NOT NULL)"
+            " ORDER BY staged_at, id LIMIT 1")
+        return rows[0] if rows else None
+
+
+    def held(self, data_types: Sequence[str], limit: int | None = None
+             ) -> list[tuple[Product, str]]:
+        """Waiting products of these types that are not published automatically, with the
+        reason: the QA gate's, or a hold (auto_publish_enabled = 0), oldest first. A manual
+        publish that was asked for is not held."""
+        if not data_types:
+            return []
+        sql = (f"SELECT *, {self._qa_hold} AS qa_hold FROM data_registry"
+               f" WHERE status = 'staging' AND data_type IN ({','.join('?' * len(data_types))})"
+               " AND publish_requested_at IS NULL"
+               f" AND (COALESCE(auto_publish_enabled, 1) = 0 OR {self._qa_hold} IS NOT NULL)"
+               " ORDER BY staged_at, id")
+        args: list[Any] = list(data_types)
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        cursor = self.conn.cursor()
+        cursor.execute(sql, args)
+        try:
+            names = [d[0] for d in cursor.getdescription()]
+        except apsw.ExecutionCompleteError:
+            return []
+        out = []
+        for values in cursor:
+            row = dict(zip(names, values, strict=True))
+            out.append((_product(row), row["qa_hold"] or HELD_BY_OPERATOR))
+        return out
+
+
+
+    def qa_holds(self, data_ids: Sequence[str]) -> dict[str, str]:
+        """data_id -> the reason the QA gate holds it, for the rows it holds."""
+        out: dict[str, str] = {}
+        ids = list(data_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            for data_id, reason in self.conn.execute(
+                    f"SELECT data_id, {self._qa_hold} FROM data_registry"
+                    f" WHERE data_id IN ({','.join('?' * len(chunk))})", chunk):
+                if reason is not None:
+                    out[data_id] = reason
+        return out
+
+
+    def recent_published(self, limit: int = 10) -> list[Product]:
+        """The last publishes, newest first."""
+        return self._products(
+            "SELECT * FROM data_registry WHERE status = 'published' AND published_at IS NOT NULL"
+            " ORDER BY published_at DESC, id DESC LIMIT ?", (limit,))
+
+
+    def by_status(self, status: str, limit: int | None = None) -> list[Product]:
+        """Rows in one status, most recently changed first."""
+        sql = ("SELECT * FROM data_registry WHERE status = ?"
+               " ORDER BY COALESCE(updated_at, staged_at) DESC, id DESC")
+        if limit is None:
+            return self._products(sql, (status,))
+        return self._products(sql + " LIMIT ?", (status, limit))
+
 
 def refuse_new_over_archive(path: str | os.PathLike[str], products_root: str | os.PathLike[str]
                             ) -> None:
@@ -2125,132 +2041,3 @@ def _one(cur: apsw.Cursor, sql: str, args: Sequence[Any]) -> dict[str, Any] | No
     row = cur.fetchone()
     return None if row is None else dict(zip(names, row, strict=True))
 
-
-def _same_file(row: dict[str, Any], c: Candidate) -> bool:
-    """Whether a candidate is the row's staged file, unchanged (inode, size, mtime)."""
-    return (row["stage_ino"], row["size_bytes"], row["stage_mtime_ns"]) == (
-        c.identity.ino, c.identity.size, c.identity.mtime_ns)
-
-
-def _same_bytes(row: dict[str, Any], c: Candidate) -> bool:
-    """Whether a candidate holds the row's bytes: by the digests when both are known; with
-    one still pending, only when it is the same file, unchanged."""
-    if checksum_known(row["checksum"]) and checksum_known(c.checksum):
-        return bool(row["checksum"] == c.checksum)
-    return row["checksum"] is not None and _same_file(row, c)
-
-
-def _product(row: dict[str, Any]) -> Product:
-    try:
-        metadata = json.loads(row.get("header_json") or row.get("metadata_json") or "{}")
-    except ValueError:
-        metadata = {"_unparsed": row.get("header_json") or row.get("metadata_json")}
-    if not isinstance(metadata, dict):
-        metadata = {"_value": metadata}
-    try:
-        sidecars = json.loads(row.get("sidecars_json") or "[]")
-    except ValueError:
-        sidecars = []
-    ident = None
-    if row.get("stage_ino") is not None:
-        ident = Identity(row["stage_dev"], row["stage_ino"], row["size_bytes"],
-                         row["stage_mtime_ns"], row["stage_ctime_ns"])
-    enabled = row.get("auto_publish_enabled")
-    return Product(
-        id=row["id"], data_id=row["data_id"], data_type=row["data_type"], status=row["status"],
-        base_path=row["base_path"], stage_path=row["stage_path"],
-        stage_path_bytes=row.get("stage_path_bytes"), published_path=row["published_path"],
-        created_at=row["created_at"], staged_at=row["staged_at"],
-        published_at=row["published_at"], publish_mode=row["publish_mode"], metadata=metadata,
-        auto_publish_enabled=enabled is None or bool(enabled),
-        publish_attempts=int(row.get("publish_attempts") or 0),
-        publish_error=row.get("publish_error"), next_attempt_at=row.get("next_attempt_at"),
-        lease_owner=row.get("lease_owner"), lease_expires_at=row.get("lease_expires_at"),
-        size_bytes=row.get("size_bytes"), checksum=row.get("checksum"), identity=ident,
-        publish_target=row.get("publish_target"), publish_temp=row.get("publish_temp"),
-        publish_step=row.get("publish_step"),
-        sidecars=sidecars, publish_requested_at=row.get("publish_requested_at"))
-
-
-# --- read queries for metrics, the status page and `status` ---------------------------------
-
-def waiting(registry: Registry, limit: int | None = None) -> list[Product]:
-    """Products waiting to be published, longest-waiting first."""
-    sql = "SELECT * FROM data_registry WHERE status = 'staging' ORDER BY staged_at, id"
-    if limit is None:
-        return registry._products(sql)
-    return registry._products(sql + " LIMIT ?", (limit,))
-
-
-def oldest_unheld_waiting(registry: Registry) -> Product | None:
-    """The longest-waiting product the daemon is expected to publish (held ones wait on
-    purpose, unless an operator asked for a publish)."""
-    rows = registry._products(
-        "SELECT * FROM data_registry WHERE status = 'staging' AND checksum IS NOT NULL"
-        " AND (COALESCE(auto_publish_enabled, 1) = 1 OR publish_requested_at IS NOT NULL)"
-        f" AND ({registry._qa_hold} IS NULL OR publish_requested_at IS NOT NULL)"
-        " ORDER BY staged_at, id LIMIT 1")
-    return rows[0] if rows else None
-
-
-def held(registry: Registry, data_types: Sequence[str], limit: int | None = None
-         ) -> list[tuple[Product, str]]:
-    """Waiting products of these types that are not published automatically, with the
-    reason: the QA gate's, or a hold (auto_publish_enabled = 0), oldest first. A manual
-    publish that was asked for is not held."""
-    if not data_types:
-        return []
-    sql = (f"SELECT *, {registry._qa_hold} AS qa_hold FROM data_registry"
-           f" WHERE status = 'staging' AND data_type IN ({','.join('?' * len(data_types))})"
-           " AND publish_requested_at IS NULL"
-           f" AND (COALESCE(auto_publish_enabled, 1) = 0 OR {registry._qa_hold} IS NOT NULL)"
-           " ORDER BY staged_at, id")
-    args: list[Any] = list(data_types)
-    if limit is not None:
-        sql += " LIMIT ?"
-        args.append(limit)
-    cursor = registry.conn.cursor()
-    cursor.execute(sql, args)
-    try:
-        names = [d[0] for d in cursor.getdescription()]
-    except apsw.ExecutionCompleteError:
-        return []
-    out = []
-    for values in cursor:
-        row = dict(zip(names, values, strict=True))
-        out.append((_product(row), row["qa_hold"] or HELD_BY_OPERATOR))
-    return out
-
-
-HELD_BY_OPERATOR = ("auto_publish_enabled is 0 (`contimg-publisher release DATA_ID` "
-                    "lets it be published automatically)")
-
-
-def qa_holds(registry: Registry, data_ids: Sequence[str]) -> dict[str, str]:
-    """data_id -> the reason the QA gate holds it, for the rows it holds."""
-    out: dict[str, str] = {}
-    ids = list(data_ids)
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        for data_id, reason in registry.conn.execute(
-                f"SELECT data_id, {registry._qa_hold} FROM data_registry"
-                f" WHERE data_id IN ({','.join('?' * len(chunk))})", chunk):
-            if reason is not None:
-                out[data_id] = reason
-    return out
-
-
-def recent_published(registry: Registry, limit: int = 10) -> list[Product]:
-    """The last publishes, newest first."""
-    return registry._products(
-        "SELECT * FROM data_registry WHERE status = 'published' AND published_at IS NOT NULL"
-        " ORDER BY published_at DESC, id DESC LIMIT ?", (limit,))
-
-
-def by_status(registry: Registry, status: str, limit: int | None = None) -> list[Product]:
-    """Rows in one status, most recently changed first."""
-    sql = ("SELECT * FROM data_registry WHERE status = ?"
-           " ORDER BY COALESCE(updated_at, staged_at) DESC, id DESC")
-    if limit is None:
-        return registry._products(sql, (status,))
-    return registry._products(sql + " LIMIT ?", (status, limit))

@@ -1,0 +1,156 @@
+"""The product registry: every SQL statement of the project lives in this package.
+
+One contract (interface.RegistryBackend) and one module per backend: sqlite.py, the
+embedded default that needs no server (a file shared with the pipeline's older code), and
+postgres.py, one registry for several nodes. `open_registry` picks the backend from
+`[paths] registry`: a file path, or a `postgresql://` URI.
+
+`Registry` is the SQLite backend, under the name the code and its tests always used.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from contimg_publisher.registry import sqlite
+from contimg_publisher.registry.interface import RegistryBackend
+from contimg_publisher.registry.model import (
+    FAILURE_KINDS,
+    HEARTBEAT_SECONDS,
+    HELD_BY_OPERATOR,
+    PENDING,
+    STATUSES,
+    Candidate,
+    Failure,
+    FailureOutcome,
+    Heartbeat,
+    Identity,
+    Product,
+    Published,
+    PublishRecord,
+    RegistryBusy,
+    RegistryError,
+    RegistryGone,
+    RegistryUnavailable,
+    Unclaimed,
+    backoff_delay,
+    checksum_known,
+    pending_checksum,
+    qa_hold_sql,
+    truncate,
+)
+from contimg_publisher.registry.sqlite import (  # the outbox and the audit: SQLite only
+    EVENT_PUBLISHED,
+    FINDING_KINDS,
+    LEGACY_DDL,
+    SCHEMA_VERSION,
+    TRANSIENT,
+    Event,
+    Finding,
+    Quarantined,
+    Rebuilt,
+    Recorded,
+    Registry,
+    SinkState,
+    unavailable,
+)
+
+if TYPE_CHECKING:
+    from contimg_publisher.config import Config
+
+SQLiteRegistry = Registry
+
+URI_SCHEMES = ("postgresql://", "postgres://")
+
+__all__ = [
+    "Candidate", "EVENT_PUBLISHED", "Event", "FAILURE_KINDS", "FINDING_KINDS", "Failure",
+    "FailureOutcome", "Finding", "HEARTBEAT_SECONDS", "HELD_BY_OPERATOR", "Heartbeat", "Identity",
+    "LEGACY_DDL", "PENDING", "Product", "PublishRecord", "Published", "Quarantined", "Rebuilt",
+    "Recorded", "Registry", "RegistryBackend", "RegistryBusy", "RegistryError", "RegistryGone",
+    "RegistryUnavailable", "SCHEMA_VERSION", "SQLiteRegistry", "STATUSES", "SinkState",
+    "TRANSIENT", "Unclaimed", "backoff_delay", "by_status", "checksum_known", "held", "is_server",
+    "oldest_unheld_waiting", "open_registry", "pending_checksum", "qa_hold_sql", "qa_holds",
+    "recent_published", "refuse_new_over_archive", "sqlite_only", "truncate", "unavailable",
+    "waiting",
+]
+
+
+def sqlite_only(registry: RegistryBackend, what: str) -> Registry:
+    """The SQLite backend, for what exists on it alone (the outbox, the fixity audit,
+    rebuild and quarantine); RegistryError naming `what` on another backend."""
+    if isinstance(registry, Registry):
+        return registry
+    raise RegistryError(f"{what} needs an SQLite registry: on a PostgreSQL registry "
+                        f"({registry.location}) it is not available yet")
+
+
+def is_server(target: str | os.PathLike[str]) -> bool:
+    """Whether `[paths] registry` names a database server (a URI) rather than a file."""
+    return isinstance(target, str) and target.startswith(URI_SCHEMES)
+
+
+def refuse_new_over_archive(target: str | os.PathLike[str],
+                            products_root: str | os.PathLike[str]) -> None:
+    """An SQLite registry that does not exist is not created silently beside an archive that
+    holds products (sqlite.refuse_new_over_archive); a server's database is never created
+    by this program, so there is nothing to refuse."""
+    if not is_server(target):
+        sqlite.refuse_new_over_archive(target, products_root)
+
+
+def open_registry(target: Config | str | os.PathLike[str],
+                  busy_timeout_seconds: float | None = None,
+                  *, migrate: bool = True, create: bool = True, guard_reads: bool = True,
+                  node: str | None = None) -> RegistryBackend:
+    """The backend `target` names (a Config's `[paths] registry`, a file path or a
+    `postgresql://` URI), connected. With a Config, its busy timeout and `[node] name` are
+    the defaults. `create`/`guard_reads` are SQLite's (a server's database exists, or not)."""
+    if not isinstance(target, str | os.PathLike):
+        cfg = target
+        target = cfg.registry
+        busy_timeout_seconds = cfg.busy_timeout_seconds if busy_timeout_seconds is None \
+            else busy_timeout_seconds
+        node = cfg.node_name if node is None else node
+    timeout = 10.0 if busy_timeout_seconds is None else busy_timeout_seconds
+    if is_server(target):
+        from contimg_publisher.registry.postgres import PostgresRegistry
+        return PostgresRegistry(str(target), timeout, migrate=migrate,
+                                node=node or socket.gethostname())
+    return Registry(target, timeout, migrate=migrate, create=create, guard_reads=guard_reads)
+
+
+# --- read queries for metrics, the status page and `status` (each backend answers them) ---
+
+def waiting(registry: RegistryBackend, limit: int | None = None) -> list[Product]:
+    """Products waiting to be published, longest-waiting first."""
+    return registry.waiting(limit)
+
+
+def oldest_unheld_waiting(registry: RegistryBackend) -> Product | None:
+    """The longest-waiting product the daemon is expected to publish."""
+    return registry.oldest_unheld_waiting()
+
+
+def held(registry: RegistryBackend, data_types: Sequence[str], limit: int | None = None
+         ) -> list[tuple[Product, str]]:
+    """Waiting products of these types not published automatically, with the reason."""
+    return registry.held(data_types, limit)
+
+
+def qa_holds(registry: RegistryBackend, data_ids: Sequence[str]) -> dict[str, str]:
+    """data_id -> the reason the QA gate holds it, for the rows it holds."""
+    return registry.qa_holds(data_ids)
+
+
+def recent_published(registry: RegistryBackend, limit: int = 10) -> list[Product]:
+    """The last publishes, newest first."""
+    return registry.recent_published(limit)
+
+
+def by_status(registry: RegistryBackend, status: str, limit: int | None = None
+              ) -> list[Product]:
+    """Rows in one status, most recently changed first."""
+    return registry.by_status(status, limit)
