@@ -447,11 +447,12 @@ def test_a_server_that_goes_away_is_unavailable_then_used_again(server: Server) 
 
 
 def test_schema_version_is_recorded_and_a_newer_one_refused(server: Server) -> None:
-    from contimg_publisher.registry import SCHEMA_VERSION, RegistryError
+    from contimg_publisher.registry import RegistryError
     with _pg(server) as reg:
-        assert reg.version() == SCHEMA_VERSION
+        assert reg.version() == reg.schema_version  # PostgreSQL's schema: its own numbers
         assert reg.migrate() == []
-    server.psql(f"UPDATE contimg_schema SET version = {SCHEMA_VERSION + 1}")
+        newer = reg.schema_version + 1
+    server.psql(f"UPDATE contimg_schema SET version = {newer}")
     with pytest.raises(RegistryError, match="newer than this program"):
         _pg(server)
 
