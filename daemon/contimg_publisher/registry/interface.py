@@ -36,6 +36,9 @@ class RegistryBackend(Protocol):
 
     #: Where it is: a file path, or a server's URI without its password.
     location: str
+    #: Whether other hosts' daemons use it too (a server): a claim is then only counted
+    #: on while its lease can be renewed.
+    shared: bool
 
     def close(self) -> None:
         """Close; when the files cannot be written, without the checkpoint the last connection of a

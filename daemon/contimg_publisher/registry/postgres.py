@@ -244,6 +244,8 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
 class PostgresRegistry:
     """A pool of one connection to the registry database; open one per thread."""
 
+    shared = True  # every node's daemons: see RegistryBackend.shared
+
     def __init__(self, uri: str, busy_timeout_seconds: float = 10.0, migrate: bool = True,
                  node: str | None = None, application: str = "contimg-publisher") -> None:
         self.uri = uri

@@ -271,6 +271,8 @@ class Registry:
     writer lock; a claim's `token` (RegistryBackend) is accepted and not needed here: a
     file on one host has no node whose lease could run out under another's."""
 
+    shared = False  # one host: see RegistryBackend.shared
+
     def __init__(self, path: str | os.PathLike[str], busy_timeout_seconds: float = 10.0,
                  migrate: bool = True, create: bool = True, guard_reads: bool = True) -> None:
         self.path = os.fspath(path)
