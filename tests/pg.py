@@ -82,6 +82,8 @@ class Server:
         # cp -a keeps the postgres user's ownership and the 0700 mode initdb gave the folder.
         subprocess.run(["cp", "-a", str(template), str(self.data)], check=True)
         self.uri = f"postgresql:///{DATABASE}?host={self.socket_dir}&user=postgres"
+        self.listen = ""  # TCP addresses to listen on as well (see listen_on)
+        self.port = 5432
 
     def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _as_postgres(self.bin / "pg_ctl", "-D", self.data, "-l", self.log, *args,
@@ -91,11 +93,23 @@ class Server:
         # fsync=off: a crash of the server (pg_ctl stop -m immediate) loses nothing, since
         # the kernel still has every write; only a crash of this machine would. Commits stay
         # synchronous: an immediate stop must not lose what a client was told is committed.
-        options = f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off"
+        options = (f"-k {self.socket_dir} -c listen_addresses='{self.listen}' -p {self.port}"
+                   " -c fsync=off")
         result = self.pg_ctl("-w", "-t", "60", "-o", options, "start", check=False)
         if result.returncode != 0:
             log = self.log.read_text() if self.log.exists() else ""
             raise RuntimeError(f"pg_ctl start failed: {result.stderr}\n{log}")
+
+    def listen_on(self, address: str, port: int, clients: str) -> str:
+        """Listen on TCP too (restarting), trusting the `clients` network; the URI there."""
+        with open(self.data / "pg_hba.conf", "a") as hba:
+            hba.write(f"host all all {clients} trust\n")
+        self.stop()
+        self.listen, self.port = address, port  # the unix socket's name follows the port
+        self.uri = (f"postgresql:///{DATABASE}?host={self.socket_dir}&port={port}"
+                    "&user=postgres")
+        self.start()
+        return f"postgresql://postgres@{address}:{port}/{DATABASE}"
 
     def stop(self, mode: str = "fast") -> None:
         self.pg_ctl("-w", "-m", mode, "stop", check=False)
@@ -129,6 +143,7 @@ def make_template() -> Path:
     server = Server.__new__(Server)
     server.bin, server.top, server.data, server.socket_dir = binaries, top, data, top
     server.log = top / "template.log"
+    server.listen, server.port = "", 5432
     server.start()
     try:
         _as_postgres(binaries / "createdb", "-h", top, DATABASE)

@@ -471,3 +471,22 @@ def test_a_heartbeat_that_stopped_is_flagged_stale(server: Server) -> None:
         by_node = {h.node: h for h in a.heartbeats()}
         assert not by_node["node-a"].stale
         assert by_node["node-b"].stale and by_node["node-b"].age_seconds >= 300
+
+
+def test_two_nodes_registering_one_data_id_at_once_get_new_and_conflict(
+        server: Server) -> None:
+    a, b = _pg(server, node="node-a"), _pg(server, node="node-b")
+    outcome: list[str] = []
+    try:
+        with a.write():
+            assert a.register(candidate(1))[0] == "new"  # not committed yet
+            other = threading.Thread(target=lambda: outcome.append(b.register(candidate(1))[0]))
+            other.start()
+            time.sleep(0.5)  # B's insert waits on A's uncommitted key
+        other.join(30)
+        assert outcome == ["conflict"]  # the caller takes another id (the detector: .vN)
+        row = a.get("m_000001")
+        assert row is not None and row.node == "node-a"
+    finally:
+        a.close()
+        b.close()

@@ -252,6 +252,9 @@ class Publisher:
         self.owner = owner
         self.log = log
         self.gate = gate if gate is not None else writers.WriterGate()
+        # When the claims in hand were last known to hold (claimed, or a lease renewed):
+        # with a shared registry, a batch stops once that is a lease ago (_keep_lease).
+        self._renewed_at = time.monotonic()
 
     def _no_writer(self, fd: int, path: bytes, shown: str,
                    kind: kinds.ProductKind = kinds.FILE) -> None:
@@ -287,6 +290,7 @@ class Publisher:
         the copy in hand.
         """
         folders = _Folders(self.config)
+        self._renewed_at = time.monotonic()  # the rows were just claimed
         jobs = [_Job(p, mode, Result(p.data_id, p.data_type, Attempt.RETRY_DUE, p.stage_path),
                      cancel)
                 for p in products]
@@ -308,6 +312,7 @@ class Publisher:
                 try:
                     if stop is not None and stop.is_set():
                         raise Cancelled
+                    self._keep_lease(job.product)
                     if self._attempt(job, folders, self._place):
                         placed.append(job)
                 except Cancelled:
@@ -648,6 +653,30 @@ class Publisher:
     def _algorithm(self, product: Product) -> str:
         return (product.checksum or "sha256:").split(":", 1)[0]
 
+    def _lease_lost(self, exc: RegistryError) -> None:
+        """Cancelled when the registry is shared and the claims in hand could not be renewed
+        for a whole lease: a node cut off from the registry stops publishing within its
+        lease (the rows go back to waiting once it is reachable again)."""
+        if self.registry.shared and \
+                time.monotonic() - self._renewed_at >= self.config.lease_seconds:
+            self._warn("lease_lost", error=str(exc),
+                       reason=f"the lease could not be renewed for {self.config.lease_seconds:g}"
+                              " s; the rest of the batch is given back")
+            raise Cancelled(f"lease lost: {exc}")
+
+    def _keep_lease(self, product: Product) -> None:
+        """Before each product of a batch, with a shared registry: the lease is renewed once
+        half of it has gone by, and the batch stops when it cannot be for a whole lease."""
+        if not self.registry.shared or \
+                time.monotonic() - self._renewed_at < self.config.lease_seconds / 2:
+            return
+        try:
+            if self.registry.renew_lease(product.data_id, self.owner, self.config.lease_seconds,
+                                         token=product.claim_token):
+                self._renewed_at = time.monotonic()
+        except RegistryError as exc:
+            self._lease_lost(exc)
+
     def _renewer(self, product: Product) -> Callable[[], None]:
         """The lease renewal a long read runs about once a second."""
         warned: list[str] = []
@@ -657,9 +686,12 @@ class Publisher:
             # write lock, a full disk) does not stop the copy: under the single-writer lock
             # nobody else can take the claim, and the commit checks it anyway.
             try:
-                self.registry.renew_lease(product.data_id, self.owner,
-                                          self.config.lease_seconds, token=product.claim_token)
+                if self.registry.renew_lease(product.data_id, self.owner,
+                                             self.config.lease_seconds,
+                                             token=product.claim_token):
+                    self._renewed_at = time.monotonic()
             except RegistryError as exc:
+                self._lease_lost(exc)
                 if not warned:
                     warned.append(str(exc))
                     self._warn("lease_not_renewed", data_id=product.data_id,

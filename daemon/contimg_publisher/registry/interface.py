@@ -38,6 +38,9 @@ class RegistryBackend(Protocol):
     location: str
     #: The schema this program needs of this backend.
     schema_version: int
+    #: Whether other hosts' daemons use it too (a server): a claim is then only counted
+    #: on while its lease can be renewed.
+    shared: bool
 
     def close(self) -> None:
         """Close; when the files cannot be written, without the checkpoint the last connection of a

@@ -245,6 +245,7 @@ class PostgresRegistry:
     """A pool of one connection to the registry database; open one per thread."""
 
     schema_version = SCHEMA_VERSION
+    shared = True  # every node's daemons: see RegistryBackend.shared
 
     def __init__(self, uri: str, busy_timeout_seconds: float = 10.0, migrate: bool = True,
                  node: str | None = None, application: str = "contimg-publisher") -> None:
@@ -576,12 +577,17 @@ class PostgresRegistry:
                 " stage_ino, stage_mtime_ns, stage_ctime_ns, updated_at, node)"
                 f" VALUES (%(type)s, %(id)s, %(base)s, 'staging', %(path)s, {at()}, {at()},"
                 " %(header)s, %(header)s, 1, 0, %(size)s, %(checksum)s, %(raw)s, %(dev)s,"
-                f" %(ino)s, %(mtime)s, %(ctime)s, {at()}, %(node)s) RETURNING *",
+                f" %(ino)s, %(mtime)s, %(ctime)s, {at()}, %(node)s)"
+                " ON CONFLICT DO NOTHING RETURNING *",
                 {"type": c.data_type, "id": c.data_id, "base": c.base_path,
                  "path": c.stage_path, "now": now, "header": header, "size": ident.size,
                  "checksum": c.checksum, "raw": c.stage_path_bytes, "dev": ident.dev,
                  "ino": ident.ino, "mtime": ident.mtime_ns, "ctime": ident.ctime_ns,
                  "node": self.node})
+            if row is None:
+                # Another node registered this data_id since _find (its commit came first):
+                # judged again against that row, which is a "conflict" for a new id.
+                return self._register(c, now)
             outcome = "new"
         elif not here:
             outcome = "conflict"
@@ -640,7 +646,10 @@ class PostgresRegistry:
                     " stage_ino, stage_mtime_ns, stage_ctime_ns, updated_at, node)"
                     f" VALUES (%(type)s, %(id)s, %(base)s, 'rejected', %(path)s, {at()},"
                     f" {at()}, 1, 0, %(reason)s, %(raw)s, %(size)s, %(dev)s, %(ino)s,"
-                    f" %(mtime)s, %(ctime)s, {at()}, %(node)s) RETURNING *", values)
+                    f" %(mtime)s, %(ctime)s, {at()}, %(node)s)"
+                    " ON CONFLICT DO NOTHING RETURNING *", values)
+                if row is None:  # another node's row took this data_id meanwhile
+                    return "skipped", self.get(data_id)
                 outcome = "new"
             elif row["status"] in (Status.PUBLISHED, Status.PUBLISHING) or \
                     row["stage_path"] != stage_path or row["data_type"] != data_type or \

@@ -498,6 +498,7 @@ class Registry:
     file on one host has no node whose lease could run out under another's."""
 
     schema_version = SCHEMA_VERSION
+    shared = False  # one host: see RegistryBackend.shared
 
     def __init__(self, path: str | os.PathLike[str], busy_timeout_seconds: float = 10.0,
                  migrate: bool = True, create: bool = True, guard_reads: bool = True) -> None:

@@ -1,0 +1,114 @@
+"""A node cut off from the registry: its daemon runs in a network namespace of its own,
+reaching the PostgreSQL server over a veth link, and the link goes down while it
+publishes. Within its lease (and the copy already in flight) it stops publishing, while
+the daemon keeps running; once the link is back it finishes, and nothing is published
+twice. Read from the archive on disk and from the server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for
+from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
+from tests.test_publish import (  # noqa: F401 - tmpfs_products is a fixture
+    archive_files,
+    sha256,
+    stage,
+    temps,
+    tmpfs_products,
+)
+
+NS, HOST_IF, NS_IF = "ct15part", "ct15h", "ct15n"
+HOST_IP, NS_IP, NET = "10.215.15.1", "10.215.15.2", "10.215.15.0/24"
+LEASE = 5.0
+PRODUCTS = 24
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A namespace whose only way out is a veth link to this one's HOST_IP."""
+    if _ip("netns", "add", NS, check=False).returncode != 0:
+        pytest.skip("cannot create a network namespace here (ip netns add)")
+    try:
+        _ip("link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
+        _ip("link", "set", NS_IF, "netns", NS)
+        _ip("addr", "add", f"{HOST_IP}/24", "dev", HOST_IF)
+        _ip("link", "set", HOST_IF, "up")
+        _ip("-n", NS, "addr", "add", f"{NS_IP}/24", "dev", NS_IF)
+        _ip("-n", NS, "link", "set", NS_IF, "up")
+        _ip("-n", NS, "link", "set", "lo", "up")
+        yield NS
+    finally:
+        _ip("link", "del", HOST_IF, check=False)
+        _ip("netns", "del", NS, check=False)
+
+
+def _final(products: Path) -> dict[str, bytes]:
+    """What stands under final names (a copy in flight, under its temporary name, aside)."""
+    return {name: data for name, data in archive_files(products / "mosaics").items()
+            if not Path(name).name.startswith(".contimg-tmp.")}
+
+
+def _published(server: Server) -> int:
+    try:
+        return int(server.psql("SELECT count(*) FROM data_registry"
+                               " WHERE status = 'published'"))
+    except subprocess.CalledProcessError:  # before the daemon made the schema
+        return 0
+
+
+def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
+        tmp_path: Path, pg_server: Server, netns: str,  # noqa: F811
+        tmpfs_products: Path) -> None:  # noqa: F811
+    uri = pg_server.listen_on(HOST_IP, 5432, NET)
+    box = Sandbox(tmp_path, products_root=tmpfs_products,
+                  paths={"registry": uri, "lock_file": str(tmp_path / "p.lock")},
+                  node={"name": "node-cut"}, metrics={"enabled": False},
+                  registry={"busy_timeout_seconds": 3},
+                  detect={"settle_seconds": 0.0, "rescan_seconds": 300},
+                  publish={"lease_seconds": LEASE, "reconcile_seconds": 3})
+    expected = {f"m_{i:02d}.fits": sha256(stage(box, f"m_{i:02d}.fits", pixels=700, seed=i))
+                for i in range(PRODUCTS)}
+    proc = start_daemon(box, prefix=("ip", "netns", "exec", netns),
+                        extra_env={"CONTIMG_PUBLISHER_TEST_COPY_DELAY": "0.3"})
+    try:
+        # One batch holds them all; its products reach their final names one by one.
+        wait_for(lambda: len(_final(box.products)) >= 2, 60,
+                 what="the first products placed")
+        _ip("link", "set", HOST_IF, "down")
+        cut = time.monotonic()
+        # What was in flight may still reach its final name; then nothing more.
+        time.sleep(LEASE + 3)
+        frozen = _final(box.products)
+        time.sleep(10)
+        assert _final(box.products) == frozen, \
+            "a product reached the archive long after the node lost the registry"
+        assert len(frozen) < PRODUCTS, "everything was published before the cut"
+        assert proc.poll() is None, "the daemon exited instead of pausing"
+        # Its statements over the dead link fail once TCP gives up (tcp_user_timeout).
+        wait_for(lambda: "registry_unavailable" in [e.get("event") for e in log_events(box)],
+                 60, what="the daemon to pause on the unreachable registry")
+        assert _final(box.products) == frozen
+        print(f"cut off for {time.monotonic() - cut:.0f} s with {len(frozen)} published")
+        _ip("link", "set", HOST_IF, "up")
+        wait_for(lambda: _published(pg_server) == PRODUCTS and not temps(box.products), 120,
+                 interval=0.5, what="every product published once the link is back")
+    finally:
+        assert stop(proc) == 0
+    found = archive_files(box.products / "mosaics")
+    assert {name: sha256(data) for name, data in found.items()} == expected  # once each
+    assert list(box.mosaics.rglob("*.fits")) == []
+    assert pg_server.psql("SELECT count(*), count(DISTINCT data_id) FROM publish_log") == \
+        f"{PRODUCTS}|{PRODUCTS}"
+    assert set(pg_server.psql("SELECT DISTINCT status FROM data_registry").split()) == \
+        {"published"}
