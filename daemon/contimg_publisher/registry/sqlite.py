@@ -271,43 +271,6 @@ _LOG_PUBLISH = (
 FINDING_KINDS = tuple(FindingKind)
 
 
-# Step 8: the fixity audit's findings and progress, and the record of files moved out of
-# staging into the quarantine folder (tables of their own: no legacy reader sees them). An
-# open finding is one per (kind, path); a resolved one keeps its history. publish_log gains
-# an index on published_path: the audit asks, folder by folder, what is recorded there.
-SCHEMA_V8 = """
-CREATE TABLE IF NOT EXISTS audit_findings (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    path TEXT NOT NULL,
-    data_id TEXT,
-    detail TEXT NOT NULL,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    resolved_at REAL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS audit_findings_open ON audit_findings(kind, path)
-    WHERE resolved_at IS NULL;
-CREATE TABLE IF NOT EXISTS audit_state (
-    key TEXT PRIMARY KEY,
-    value
-);
-CREATE TABLE IF NOT EXISTS quarantine_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    data_id TEXT,
-    original_path TEXT NOT NULL,
-    original_path_bytes BLOB NOT NULL,
-    quarantine_path TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    size_bytes INTEGER,
-    how TEXT NOT NULL,
-    moved_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS publish_log_by_published_path ON publish_log(published_path);
-"""
-
-
 # The outbox: one event per publish, written in the transaction that makes the row
 # `published`, so a crash can lose neither the event nor the publish without the other.
 # `id` is the delivery order; `event_id` the stable id a consumer deduplicates by. Each sink
