@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -174,3 +175,37 @@ def test_opening_a_second_connection_keeps_the_first_ones_locks(tmp_path: Path) 
         assert sql(db, "SELECT COUNT(*) FROM data_tags") == "2"
     finally:
         first.close()
+
+
+
+_OPEN_EACH = """
+import sys, time
+from contimg_publisher.registry import Registry
+folder, count, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+while time.time() < start:
+    pass
+for i in range(count):
+    try:
+        Registry(f"{folder}/registry-{i}.sqlite3").close()
+        print("opened")
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}")
+"""
+
+
+def test_processes_creating_one_new_registry_at_once_all_open_it(tmp_path: Path) -> None:
+    """A new file is in rollback mode until the first switch to WAL; two processes
+    switching at once deadlock on the exclusive lock and SQLite answers one of them BUSY
+    at once, without its busy handler. A daemon and an `events --follow` started beside it
+    meet exactly this. Four processes open the same 100 new files in the same order."""
+    count = 100
+    start = time.time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_EACH, str(tmp_path), str(count),
+                               str(start)], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outcomes = [line for p in procs for line in p.communicate(timeout=300)[0].splitlines()]
+    assert len(outcomes) == 4 * count
+    assert outcomes == ["opened"] * len(outcomes), sorted(set(outcomes) - {"opened"})
+    for i in range(count):
+        with Registry(tmp_path / f"registry-{i}.sqlite3") as registry:
+            assert registry.version() == Registry.schema_version

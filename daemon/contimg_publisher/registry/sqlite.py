@@ -488,7 +488,7 @@ class Registry:
             # Before anything writes (switching to WAL rewrites the header): a file from a newer
             # program or another application is left byte for byte as it was.
             self._check_version()
-            mode = self._scalar("PRAGMA journal_mode=WAL")
+            mode = self._switch_to_wal()
         except RegistryError:
             self.close()
             raise
@@ -520,6 +520,20 @@ class Registry:
         except BaseException:
             self.close()  # a failed open leaves no connection (and no lock) behind
             raise
+
+    def _switch_to_wal(self) -> str:
+        """PRAGMA journal_mode=WAL, asked again until the busy timeout has passed. On a file
+        still in rollback mode (a new registry) two processes switching at once deadlock on
+        the upgrade to an exclusive lock, and SQLite answers the loser BUSY at once, without
+        its busy handler: waiting and asking again is the way through."""
+        deadline = time.monotonic() + self.busy_timeout_seconds
+        while True:
+            try:
+                return str(self._scalar("PRAGMA journal_mode=WAL"))
+            except apsw.BusyError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     @property
     def conn(self) -> apsw.Connection:
