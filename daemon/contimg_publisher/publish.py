@@ -180,6 +180,7 @@ class _Job:
     same_fs: bool = False             # published by a rename of the staged inode
     temp: bytes | None = None
     temp_shown: str | None = None
+    reserved: str | None = None       # the final name reserved in the registry (a folder)
 
     def lose(self, why: str) -> None:
         self.result.status, self.result.error = Attempt.LOST, why
@@ -240,6 +241,29 @@ class _Folders:
             os.close(fd)
         self._caches.clear()
         self._roots.clear()
+
+
+class _Reservation:
+    """The final names one folder product's publish reserves in the registry while it
+    chooses its name (RegistryBackend.reserve_name): the one it got, and those that other
+    products' publishes held."""
+
+    def __init__(self, registry: RegistryBackend, owner: str, product: Product, root: bytes,
+                 folder: tuple[bytes, ...]) -> None:
+        self.registry, self.owner, self.product = registry, owner, product
+        self.root, self.folder = root, folder
+        self.mine: str | None = None
+        self.refused: list[tuple[str, str]] = []  # (published path, the holder's data_id)
+
+    def take(self, name: bytes) -> bool:
+        path = paths.display(_full(self.root, self.folder, name))
+        holder = self.registry.reserve_name(path, self.product.data_id, self.owner,
+                                            token=self.product.claim_token)
+        if holder is None:
+            self.mine = path
+            return True
+        self.refused.append((path, holder))
+        return False
 
 
 class Publisher:
@@ -324,6 +348,7 @@ class Publisher:
                                 continue
                             self.registry.requeue(left.product.data_id, self.owner,
                                                   token=left.product.claim_token)
+                            self._release(left)
                             left.result.status = Attempt.REQUEUED
                             left.result.error = "stopped before the publish finished"
                             left.finish()
@@ -366,6 +391,7 @@ class Publisher:
             result.status = Attempt.LOST
         else:
             result.status = Attempt.EXHAUSTED if result.failure.exhausted else Attempt.RETRY_DUE
+        self._release(job)
         job.finish()
 
     def _reject(self, job: _Job, reason: str) -> None:
@@ -377,7 +403,20 @@ class Publisher:
             job.product.data_id, self.owner, reason, self.config.error_max_chars,
             token=job.product.claim_token) \
             else Attempt.LOST
+        self._release(job)
         job.finish()
+
+    def _release(self, job: _Job) -> None:
+        """The attempt ends without its product at the reserved name: the name goes back.
+        Best effort: a reservation left behind is released by reconciliation, and one whose
+        name this product did take (a folder fsync that failed) guards nothing the disk
+        does not (a name that exists is never chosen)."""
+        if job.reserved is None:
+            return
+        with contextlib.suppress(RegistryError):
+            self.registry.release_name(job.reserved, job.product.data_id,
+                                       token=job.product.claim_token)
+        job.reserved = None
 
     def _prepare(self, job: _Job, folders: _Folders) -> None:
         """Steps 1 and 2: open and check the source, choose the final name."""
@@ -423,20 +462,32 @@ class Publisher:
                                  f"{paths.display(folders.products_root)}: {exc.reason}"
                                  ) from None
         job.sidecars = self._sidecars(job.src_parent, name, parts[-1], rule)
+        reservation = _Reservation(self.registry, self.owner, product, folders.products_root,
+                                   folder) if job.kind.reserves_name else None
         final, version, job.identical = self._choose_name(
             job.src_parent, job.dest_fd, name, rule, product, job.sidecars,
-            folders.taken(folder))
+            folders.taken(folder), reservation)
         job.final = final
+        job.reserved = reservation.mine if reservation is not None else None
         folders.taken(folder).add(final)
         for sc in job.sidecars:
             sc.dest_name = sidecar_destination(sc.name, parts[-1], final, rule)
         final_path = paths.display(_full(folders.products_root, folder, final))
         result.published_path = final_path
+        if reservation is not None:
+            for path, holder_id in reservation.refused:
+                self._warn("name_reserved", data_id=product.data_id,
+                           data_type=product.data_type, stage_path=product.stage_path,
+                           published_path=final_path, existing=path, holder=holder_id,
+                           reason="another product's publish reserved this name first "
+                                  "(in the registry, before its rename); publishing as "
+                                  f"version {version}")
         if version > 1:
             previous = paths.display(_full(folders.products_root, folder,
                                            versioned(name, rule, version - 1)))
             holder = self.registry.by_published_path(previous)
-            result.supersedes = holder.data_id if holder else None
+            reserved_by = dict(reservation.refused).get(previous) if reservation else None
+            result.supersedes = holder.data_id if holder else reserved_by
             self._warn("name_taken", data_id=product.data_id, data_type=product.data_type,
                        stage_path=product.stage_path, published_path=final_path,
                        existing=previous,
@@ -572,13 +623,16 @@ class Publisher:
 
     def _choose_name(self, src_parent: int, dest_fd: int, name: bytes, rule: ProductRule,
                      product: Product, sidecars: list[_Source],
-                     taken: Collection[bytes] = ()) -> tuple[bytes, int, bool]:
+                     taken: Collection[bytes] = (),
+                     reservation: _Reservation | None = None) -> tuple[bytes, int, bool]:
         """The first of name, name.v2, ... that is free or already holds these bytes.
 
         A name is free when neither it nor its sidecars' names exist, or when the sidecars
         there hold exactly the staged sidecars' bytes: an interrupted attempt of this same
         product moved them first (they go before the product, so that a product never
-        appears without them)."""
+        appears without them). With a reservation (a folder product), a free name must also
+        be reserved in the registry for this product: one that another product's publish
+        reserved first is taken, though nothing is there yet."""
         for version in range(1, 10_000):
             candidate = versioned(name, rule, version)
             if candidate in taken:
@@ -589,6 +643,8 @@ class Publisher:
                        for s in sidecars
                        if transfer.exists(dest_fd,
                                           sidecar_destination(s.name, name, candidate, rule))):
+                    if reservation is not None and not reservation.take(candidate):
+                        continue
                     return candidate, version, False
                 continue
             if kinds.of(rule).same_content(dest_fd, candidate, product.size_bytes,

@@ -35,9 +35,7 @@ def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = 
     results: list[Result] = []
     publisher = Publisher(config, registry, owner, log)
     for row in registry.publishing():
-        alive = owner_alive(row.lease_owner)
-        live_lease = row.lease_expires_at is not None and row.lease_expires_at > now
-        if row.lease_owner == owner or (alive is not False and live_lease):
+        if _claim_live(row, owner, now):
             continue
         if step_of(row) is Step.LEGACY:
             rule = detect.owner_rule(config, row.data_type, row.stage_bytes)
@@ -52,9 +50,41 @@ def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = 
                                     f"{config.legacy_quiet_seconds:g} s")
                 continue
         results.append(_resolve(publisher, row))
+    release_dead_reservations(registry, owner, now, log)
     if sweep:
         remove_stray_temps(config, registry, owner, log)
     return results
+
+
+def _claim_live(row: Product, owner: str, now: float) -> bool:
+    """Whether a `publishing` row is in the hands of a live publish: this process's, or
+    another one's while its lease runs and its process is not known to be gone."""
+    alive = owner_alive(row.lease_owner)
+    live_lease = row.lease_expires_at is not None and row.lease_expires_at > now
+    return row.lease_owner == owner or (alive is not False and live_lease)
+
+
+def release_dead_reservations(registry: RegistryBackend, owner: str, now: float,
+                              log: Any = None) -> list[str]:
+    """Release this node's folder-name reservations whose claim is dead: the product is
+    not publishing under the claim that reserved the name (requeued, failed, claimed again
+    since) or that claim's process is gone. Run after the rows are resolved, so that a
+    rename that finished before a crash has made its row published (and its reservation
+    settled) first. The release names the claim's token: a reservation the product's new
+    claim took over meanwhile stays. Returns the released names."""
+    released = []
+    for res in registry.reservations():
+        row = registry.get(res.data_id)
+        if row is not None and row.status == Status.PUBLISHING and \
+                row.claim_token == res.claim_token and _claim_live(row, owner, now):
+            continue
+        if registry.release_name(res.published_path, res.data_id, token=res.claim_token):
+            released.append(res.published_path)
+            if log is not None:
+                log.info("reservation_released", data_id=res.data_id,
+                         published_path=res.published_path, owner=res.owner,
+                         reason="the publish that reserved this name is no longer live")
+    return released
 
 
 def resolve_own(config: Config, registry: RegistryBackend, owner: str, data_ids: list[str],
