@@ -180,6 +180,7 @@ class _Job:
     same_fs: bool = False             # published by a rename of the staged inode
     temp: bytes | None = None
     temp_shown: str | None = None
+    token: str = ""                   # of this attempt's temporary names
     reserved: str | None = None       # the final name reserved in the registry (a folder)
 
     def lose(self, why: str) -> None:
@@ -462,6 +463,7 @@ class Publisher:
                                  f"{paths.display(folders.products_root)}: {exc.reason}"
                                  ) from None
         job.sidecars = self._sidecars(job.src_parent, name, parts[-1], rule)
+        job.token = paths.temp_token(self.config.node_name, product.id)
         reservation = _Reservation(self.registry, self.owner, product, folders.products_root,
                                    folder) if job.kind.reserves_name else None
         final, version, job.identical = self._choose_name(
@@ -507,8 +509,7 @@ class Publisher:
                               "links; it is copied, so the archive gets its own inode and "
                               "the other names are left as they are")
         if not job.same_fs:
-            job.temp = paths.temp_name(final, paths.temp_token(self.config.node_name,
-                                                                product.id))
+            job.temp = paths.temp_name(final, job.token)
             job.temp_shown = paths.display(_full(folders.products_root, folder, job.temp))
 
     def _place(self, job: _Job, _folders: _Folders) -> None:
@@ -782,7 +783,7 @@ class Publisher:
                          dir_fd=job.src_parent)
             try:
                 self._copy_sidecar_to(fd, job.dest_fd, sc, product, algorithm, temps,
-                                      job.cancel, renew)
+                                      job.cancel, renew, job.token)
             finally:
                 os.close(fd)
         _crash_point("after_sidecars")
@@ -844,7 +845,7 @@ class Publisher:
         temps: list[bytes] = []
         try:
             self._copy_sidecar_to(fd, job.dest_fd, sc, job.product, algorithm, temps, cancel,
-                                  lambda: None)
+                                  lambda: None, job.token)
         finally:
             for temp in temps:
                 with contextlib.suppress(OSError):
@@ -852,9 +853,12 @@ class Publisher:
 
     def _copy_sidecar_to(self, fd: int, dest_fd: int, sc: _Source, product: Product,
                          algorithm: str, temps: list[bytes], cancel: threading.Event | None,
-                         tick: Callable[[], None]) -> None:
-        """A sidecar through a temporary name to its final name, never replacing one."""
-        sc_temp = paths.temp_name(sc.dest_name,
+                         tick: Callable[[], None], token: str = "") -> None:
+        """A sidecar through a temporary name to its final name, never replacing one; its
+        temporary name carries the attempt's token (that of the product's own temporary
+        name, which the row records), so that a sweep by another daemon of this node
+        knows it for a live publish's."""
+        sc_temp = paths.temp_name(sc.dest_name, token or
                                   paths.temp_token(self.config.node_name, product.id))
         temps.append(sc_temp)
         transfer.copy_file(fd, dest_fd, sc_temp, algorithm, self.config.file_mode, cancel, tick)
