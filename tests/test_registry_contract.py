@@ -555,3 +555,17 @@ def test_a_reservation_passes_to_the_same_products_next_claim_and_is_released(
     finally:
         a.close()
         b.close()
+
+
+def test_a_schema_6_database_gains_the_reservations_table_and_keeps_its_rows(
+        server: Server) -> None:
+    with _pg(server) as reg:
+        reg.register(candidate(1))
+    server.psql("DROP TABLE name_reservations; UPDATE contimg_schema SET version = 6")
+    with _pg(server, migrate=False) as old:
+        assert old.version() == 6
+    with _pg(server) as reg:  # opening migrates
+        assert reg.version() == 7
+        assert [p.data_id for p in reg.products()] == ["m_000001"]
+        assert reg.reserve_name("/products/images/a.image", "m_000001", "owner-1") is None
+    assert server.psql("SELECT data_id FROM name_reservations") == "m_000001"
