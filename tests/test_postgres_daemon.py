@@ -162,6 +162,38 @@ def test_two_nodes_publishing_one_name_get_two_versions(tmp_path: Path,
     assert len({r[3] for r in rows}) == 2
 
 
+def test_two_nodes_copying_one_file_name_at_once_get_two_versions_no_attempt_counted(
+        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
+    """Two mosaics of one name copied at once (slowed) into one products area: both
+    choose the free name, the no-replace rename gives it to one, and the other's lost
+    race is an `interrupted` attempt, not counted and due again at once, that publishes
+    version 2; each file whole and byte-identical, recorded once."""
+    a = _node_sandbox(tmp_path / "a", pg_server, "node-a", products=tmpfs_products)
+    b = _node_sandbox(tmp_path / "b", pg_server, "node-b", products=tmpfs_products)
+    for box in (a, b):  # a backoff far longer than the test: only an uncounted retry is due
+        box.update(publish={"backoff_initial_seconds": 600, "backoff_max_seconds": 600})
+    data = {box.root.name: write_fits(box.mosaics / "nightly_20260102.fits", pixels=64,
+                                      seed=i) for i, box in enumerate((a, b))}
+    open_registry(pg_server.uri).close()
+    procs = [start_daemon(box, extra_env={DELAY_ENV: "1.5"}) for box in (a, b)]
+    try:
+        wait_for(lambda: pg_server.psql("SELECT count(*) FROM data_registry"
+                                        " WHERE status = 'published'") == "2", 120,
+                 what="both mosaics published")
+    finally:
+        codes = [stop(p) for p in procs]
+    assert codes == [0, 0]
+    assert sorted(_archive(tmpfs_products)) == ["mosaics/nightly_20260102.fits",
+                                                "mosaics/nightly_20260102.v2.fits"]
+    for _data_id, _status, node, published in _rows(pg_server):
+        assert Path(published).read_bytes() == data[node[-1]], (node, published)
+    assert pg_server.psql("SELECT count(*), count(DISTINCT data_id) FROM publish_log") == "2|2"
+    assert pg_server.psql("SELECT sum(publish_attempts) FROM data_registry") == "0"
+    failures = pg_server.psql("SELECT kind, error FROM publish_failures").splitlines()
+    assert len(failures) == 1, failures  # the copies overlapped: one lost the rename
+    assert failures[0].startswith("interrupted|") and "taken by another publish" in failures[0]
+
+
 def test_two_nodes_publishing_one_folder_name_at_once_get_two_versions(
         tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
     """Two folder products of one name, copied at once (slowed: a second per file) by two

@@ -675,8 +675,11 @@ class Publisher:
                 self._move_sidecar(job, sc)
         _crash_point("after_sidecars")
         self._no_writer(job.src_fd, job.product.stage_bytes, job.product.stage_path, job.kind)
-        transfer.rename_checked(job.src_parent, name, job.src_fd, job.dest_fd, job.final,
-                                job.product.stage_path)
+        try:
+            transfer.rename_checked(job.src_parent, name, job.src_fd, job.dest_fd, job.final,
+                                    job.product.stage_path)
+        except FileExistsError:
+            raise _name_lost(job) from None
         job.kind.after_rename(job.dest_fd, job.final, job.src_fd, cfg.file_mode, cfg.dir_mode)
         return "rename"
 
@@ -788,7 +791,10 @@ class Publisher:
                 os.close(fd)
         _crash_point("after_sidecars")
         self._no_writer(job.src_fd, product.stage_bytes, product.stage_path, kind)
-        paths.rename_noreplace(job.dest_fd, job.temp, job.dest_fd, job.final)
+        try:
+            paths.rename_noreplace(job.dest_fd, job.temp, job.dest_fd, job.final)
+        except FileExistsError:
+            raise _name_lost(job) from None
         return copied.size
 
     def _changed(self, job: _Job) -> PublishFailure | None:
@@ -1065,6 +1071,16 @@ class _StagedAndPublished:
         for fd in (self.dest_fd, self.src_parent, self.stage_fd):
             if fd >= 0:
                 os.close(fd)
+
+
+def _name_lost(job: _Job) -> PublishFailure:
+    """The final name was free when chosen and taken when renamed to: another node's (or
+    process's) publish of another product took it in between, and the no-replace rename
+    kept it. Nothing about this product failed: an `interrupted` attempt, not counted and
+    due again at once, whose next try chooses the name again (a later version)."""
+    return PublishFailure(FailureKind.INTERRUPTED,
+                          f"{job.result.published_path}: taken by another publish just before "
+                          "this one's rename; the name is chosen again")
 
 
 def _already_placed(dest_fd: int, src_parent: int, staged_name: bytes, final: bytes,
