@@ -33,11 +33,14 @@ def write_mosaic(path: Path, pixels: int = 256, seed: int = 0) -> Path:
 
 
 def main() -> int:
+    """FOLDER [SEED]: the seed makes the pixels (two nodes' mosaics of one name differ)."""
     folder = Path(sys.argv[1])
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     folder.mkdir(parents=True, exist_ok=True)
     if any(folder.iterdir()):
         return 0
-    path = write_mosaic(folder / f"nightly_{time.strftime('%Y%m%d', time.gmtime())}.fits")
+    path = write_mosaic(folder / f"nightly_{time.strftime('%Y%m%d', time.gmtime())}.fits",
+                        seed=seed)
     print(f"wrote a demo mosaic: {path}")
     return 0
 

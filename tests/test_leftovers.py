@@ -187,3 +187,44 @@ def test_the_sweep_removes_this_nodes_stray_temporary_names_and_no_other_nodes(
     assert not own.exists() and not older.exists()
     removed = sorted(e["path"] for e in events(out.stdout + out.stderr, "temp_removed"))
     assert removed == sorted([str(own), str(older)])
+
+
+def test_the_sweep_keeps_the_temporary_names_of_another_live_daemon_of_this_node(
+        tmp_path: Path) -> None:
+    """Two daemons on one node share its node tag: one's sweep must keep what the other's
+    publishes in flight wrote (the product's temporary name, recorded in its row, the
+    sidecars' beside it, which carry the same token, and a rename publish's sidecar copy,
+    which carries its row id) and still remove a dead attempt's names."""
+    from contimg_publisher import lock, reconcile
+    from contimg_publisher.registry import Candidate, Identity, Registry
+
+    sandbox = Sandbox(tmp_path, node={"name": "node-a"})
+    folder = sandbox.products / "mosaics"
+    folder.mkdir(parents=True)
+    cfg = sandbox.config()
+    other_daemon = lock.owner_id()  # a live process of this host: this test's
+    with Registry(cfg.registry) as reg:
+        rows = []
+        for n in (1, 2):
+            path = f"{cfg.stage_root}/mosaics/m{n}.fits"
+            reg.register(Candidate(
+                data_id=f"m{n}", data_type="mosaic", base_path=str(cfg.stage_root),
+                stage_path=path, stage_path_bytes=path.encode(),
+                identity=Identity(1, n, 10, n, n), checksum=f"sha256:{n:064x}", metadata={}))
+            rows.append(reg.claim(other_daemon, 600, data_id=f"m{n}")[0])
+        copy, rename = rows
+        token = f"node-a-{copy.id}-0123abcd"
+        product_temp = folder / f".contimg-tmp.m1.fits.{token}"
+        assert reg.set_publish_plan(other_daemon, "m1", str(folder / "m1.fits"),
+                                    str(product_temp), ["m1.png"], token=copy.claim_token)
+        assert reg.set_publish_plan(other_daemon, "m2", str(folder / "m2.fits"), None,
+                                    token=rename.claim_token)
+        kept = [product_temp, folder / f".contimg-tmp.m1.png.{token}",
+                folder / f".contimg-tmp.m2.png.node-a-{rename.id}-99990000"]
+        stray = [folder / f".contimg-tmp.m1.png.node-a-{copy.id}-deadbeef",  # an old attempt
+                 folder / ".contimg-tmp.m9.fits.node-a-999-deadbeef"]
+        for path in kept + stray:
+            path.write_bytes(b"partial copy")
+        removed = reconcile.remove_stray_temps(cfg, reg, "this-daemon")
+    assert removed == len(stray)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in kept)

@@ -7,12 +7,17 @@ What is checked is read from the disk and from the server, not only from the dae
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
-from contimg_publisher.registry import open_registry
+from contimg_publisher import lock, reconcile
+from contimg_publisher.registry import Candidate, Identity, open_registry
+from contimg_publisher.transfer import DELAY_ENV
 from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
 from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
+from tests.test_integrity import IMAGE_RULES, _image, tree
+from tests.test_publish import temps, tmpfs_products  # noqa: F401 - tmpfs_products: a fixture
 
 
 def _node_sandbox(root: Path, server: Server, node: str, products: Path | None = None
@@ -155,6 +160,113 @@ def test_two_nodes_publishing_one_name_get_two_versions(tmp_path: Path,
     assert sorted(r[2] for r in rows) == ["node-a", "node-b"]
     assert all(r[1] == "published" for r in rows)
     assert len({r[3] for r in rows}) == 2
+
+
+def test_two_nodes_copying_one_file_name_at_once_get_two_versions_no_attempt_counted(
+        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
+    """Two mosaics of one name copied at once (slowed) into one products area: both
+    choose the free name, the no-replace rename gives it to one, and the other's lost
+    race is an `interrupted` attempt, not counted and due again at once, that publishes
+    version 2; each file whole and byte-identical, recorded once."""
+    a = _node_sandbox(tmp_path / "a", pg_server, "node-a", products=tmpfs_products)
+    b = _node_sandbox(tmp_path / "b", pg_server, "node-b", products=tmpfs_products)
+    for box in (a, b):  # a backoff far longer than the test: only an uncounted retry is due
+        box.update(publish={"backoff_initial_seconds": 600, "backoff_max_seconds": 600})
+    data = {box.root.name: write_fits(box.mosaics / "nightly_20260102.fits", pixels=64,
+                                      seed=i) for i, box in enumerate((a, b))}
+    open_registry(pg_server.uri).close()
+    procs = [start_daemon(box, extra_env={DELAY_ENV: "1.5"}) for box in (a, b)]
+    try:
+        wait_for(lambda: pg_server.psql("SELECT count(*) FROM data_registry"
+                                        " WHERE status = 'published'") == "2", 120,
+                 what="both mosaics published")
+    finally:
+        codes = [stop(p) for p in procs]
+    assert codes == [0, 0]
+    assert sorted(_archive(tmpfs_products)) == ["mosaics/nightly_20260102.fits",
+                                                "mosaics/nightly_20260102.v2.fits"]
+    for _data_id, _status, node, published in _rows(pg_server):
+        assert Path(published).read_bytes() == data[node[-1]], (node, published)
+    assert pg_server.psql("SELECT count(*), count(DISTINCT data_id) FROM publish_log") == "2|2"
+    assert pg_server.psql("SELECT sum(publish_attempts) FROM data_registry") == "0"
+    failures = pg_server.psql("SELECT kind, error FROM publish_failures").splitlines()
+    assert len(failures) == 1, failures  # the copies overlapped: one lost the rename
+    assert failures[0].startswith("interrupted|") and "taken by another publish" in failures[0]
+
+
+def test_two_nodes_publishing_one_folder_name_at_once_get_two_versions(
+        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
+    """Two folder products of one name, copied at once (slowed: a second per file) by two
+    nodes into one products area: the name is reserved in the registry before either
+    copy, so the second node takes version 2 at once, with no failed rename and no
+    attempt counted; each folder is complete and byte-identical under its own name,
+    recorded once, and the reservations name what was published."""
+    a = _node_sandbox(tmp_path / "a", pg_server, "node-a", products=tmpfs_products)
+    b = _node_sandbox(tmp_path / "b", pg_server, "node-b", products=tmpfs_products)
+    staged = {}
+    for box in (a, b):
+        box.update(products=IMAGE_RULES)
+        staged[box.root.name] = _image(box, "field.image")
+    assert staged["a"] != staged["b"]
+    open_registry(pg_server.uri).close()  # the schema, so the wait below can ask for rows
+    procs = [start_daemon(box, extra_env={DELAY_ENV: "1.0"}) for box in (a, b)]
+    try:
+        wait_for(lambda: pg_server.psql("SELECT count(*) FROM data_registry"
+                                        " WHERE status = 'published'") == "2", 120,
+                 what="both folders published")
+    finally:
+        codes = [stop(p) for p in procs]
+    assert codes == [0, 0]
+    images = tmpfs_products / "images"
+    assert sorted(p.name for p in images.iterdir()) == ["field.image", "field.v2.image"]
+    assert temps(tmpfs_products) == []
+    rows = _rows(pg_server)
+    assert sorted(r[2] for r in rows) == ["node-a", "node-b"]
+    assert all(r[1] == "published" for r in rows)
+    for _data_id, _status, node, published in rows:  # each node's own folder, whole
+        assert tree(Path(published)) == staged[node[-1]], (node, published)
+    for box in (a, b):
+        assert list((box.stage / "images").iterdir()) == [], "staging still holds a folder"
+    assert pg_server.psql("SELECT count(*), count(DISTINCT data_id) FROM publish_log") == "2|2"
+    assert pg_server.psql("SELECT count(*) FROM publish_failures") == "0", \
+        "a node lost the race at its rename instead of at the reservation"
+    reserved = pg_server.psql("SELECT r.data_id, r.published_path FROM name_reservations r"
+                              " ORDER BY 1")
+    assert reserved == "\n".join(f"{r[0]}|{r[3]}" for r in sorted(rows))
+    # The copies overlapped: one node met the other's reservation while nothing was there.
+    met = [e for box in (a, b) for e in log_events(box) if e.get("event") == "name_reserved"]
+    assert len(met) == 1, met
+    assert met[0]["existing"] == str(images / "field.image")
+    assert met[0]["published_path"] == str(images / "field.v2.image")
+
+
+def test_reconciliation_releases_a_folder_name_whose_claim_died(tmp_path: Path,
+                                                                pg_server: Server) -> None:  # noqa: F811
+    """A publish killed after reserving its folder's name holds it no longer once this
+    node reconciles: its row goes back to waiting and the name is free for any product;
+    a reservation of a live process's claim stays (a second daemon of this node)."""
+    box = _node_sandbox(tmp_path / "a", pg_server, "node-a")
+    box.update(products=IMAGE_RULES)
+    cfg = box.config()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead, live = lock.owner_id(gone.pid), lock.owner_id()
+    images = f"{cfg.products_root}/images"
+    with open_registry(cfg) as reg:
+        for n, owner in ((1, dead), (2, live)):
+            path = f"{cfg.stage_root}/images/f{n}.image"
+            reg.register(Candidate(
+                data_id=f"f{n}", data_type="image", base_path=str(cfg.stage_root),
+                stage_path=path, stage_path_bytes=path.encode(),
+                identity=Identity(1, n, 10, n, n), checksum=f"sha256:{n:064x}", metadata={}))
+            row = reg.claim(owner, 600, data_id=f"f{n}")[0]
+            assert reg.reserve_name(f"{images}/f.v{n}.image", row.data_id, owner,
+                                    token=row.claim_token) is None
+        results = reconcile.reconcile(cfg, reg, "this-run", sweep=False)
+        assert [(r.data_id, r.status) for r in results] == [("f1", "requeued")]
+        assert [(r.data_id, r.owner) for r in reg.reservations()] == [("f2", live)]
+        assert reg.reserve_name(f"{images}/f.v1.image", "other", "x") is None  # free again
+        assert reg.get("f2").status == "publishing"  # type: ignore[union-attr]
 
 
 def test_status_page_metrics_and_status_show_every_node_and_flag_a_silent_one(

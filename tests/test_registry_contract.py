@@ -490,3 +490,82 @@ def test_two_nodes_registering_one_data_id_at_once_get_new_and_conflict(
     finally:
         a.close()
         b.close()
+
+
+# --- folder-name reservations ------------------------------------------------------------
+
+def test_sqlite_grants_every_reservation_and_records_none(tmp_path: Path) -> None:
+    """Single host, single writer (the lock file): nothing to arbitrate."""
+    reg = open_registry(str(tmp_path / "registry.sqlite3"))
+    try:
+        assert reg.reserve_name("/products/images/a.image", "a", "owner-1") is None
+        assert reg.reserve_name("/products/images/a.image", "b", "owner-2") is None
+        assert reg.reservations() == []
+        assert reg.release_name("/products/images/a.image", "a") is False
+    finally:
+        reg.close()
+
+
+def test_one_name_reserved_by_many_nodes_at_once_goes_to_exactly_one(server: Server) -> None:
+    path = "/products/images/field.image"
+    start = threading.Barrier(6)
+    got: dict[str, str | None] = {}
+
+    def reserve(i: int) -> None:
+        with _pg(server, node=f"node-{i}") as reg:
+            start.wait()
+            got[f"p{i}"] = reg.reserve_name(path, f"p{i}", f"owner-{i}", token=f"t{i}")
+
+    threads = [threading.Thread(target=reserve, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    winners = [d for d, holder in got.items() if holder is None]
+    assert len(got) == 6 and len(winners) == 1, got
+    assert {holder for d, holder in got.items() if d not in winners} == set(winners)
+    assert server.psql("SELECT data_id, claim_token FROM name_reservations") == \
+        f"{winners[0]}|t{winners[0][1:]}"
+
+
+def test_a_reservation_passes_to_the_same_products_next_claim_and_is_released(
+        server: Server) -> None:
+    a, b = _pg(server, node="node-a"), _pg(server, node="node-b")
+    try:
+        a.register(candidate(1))
+        first = a.claim("owner-1", LEASE)[0]
+        path = "/products/images/m.image"
+        assert a.reserve_name(path, first.data_id, "owner-1", token=first.claim_token) is None
+        assert b.reserve_name(path, "other", "owner-b", token="x") == first.data_id
+        assert [r.claim_token for r in a.reservations()] == [first.claim_token]
+        assert b.reservations() == []  # node-b's own only
+        a.requeue(first.data_id, "owner-1", token=first.claim_token)
+        again = a.claim("owner-2", LEASE)[0]
+        assert a.reserve_name(path, again.data_id, "owner-2", token=again.claim_token) is None
+        # The old claim's release changes nothing: the reservation is the new claim's now.
+        assert a.release_name(path, first.data_id, token=first.claim_token) is False
+        assert [r.owner for r in a.reservations()] == ["owner-2"]
+        assert a.mark_published(Published(first.data_id, path, "auto"), "owner-2",
+                                token=again.claim_token)
+        assert a.reservations() == []  # settled: published under the reserved name
+        assert server.psql("SELECT count(*) FROM name_reservations") == "1"  # kept
+        assert b.reserve_name(path, "other", "owner-b") == first.data_id
+        assert a.release_name(path, first.data_id) is True
+        assert b.reserve_name(path, "other", "owner-b") is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_schema_6_database_gains_the_reservations_table_and_keeps_its_rows(
+        server: Server) -> None:
+    with _pg(server) as reg:
+        reg.register(candidate(1))
+    server.psql("DROP TABLE name_reservations; UPDATE contimg_schema SET version = 6")
+    with _pg(server, migrate=False) as old:
+        assert old.version() == 6
+    with _pg(server) as reg:  # opening migrates
+        assert reg.version() == 7
+        assert [p.data_id for p in reg.products()] == ["m_000001"]
+        assert reg.reserve_name("/products/images/a.image", "m_000001", "owner-1") is None
+    assert server.psql("SELECT data_id FROM name_reservations") == "m_000001"

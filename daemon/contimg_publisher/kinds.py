@@ -30,6 +30,9 @@ class ProductKind:
 
     kind = Kind.FILE
     has_sidecars = True
+    # Whether the final name is reserved in the registry before the rename: a file's is
+    # taken atomically by its no-replace rename (or link) alone.
+    reserves_name = False
     type_text = "a regular file"
     open_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -117,6 +120,9 @@ class FolderKind(ProductKind):
 
     kind = Kind.DIRECTORY
     has_sidecars = False
+    # A folder cannot be linked, and a products area shared by several nodes may live on a
+    # filesystem without a no-replace rename: its name is reserved in the registry first.
+    reserves_name = True
     type_text = "a folder"
     open_flags = ProductKind.open_flags | os.O_DIRECTORY
 

@@ -651,6 +651,14 @@ def temp_node(token: str) -> str | None:
     return None
 
 
+def temp_row(token: str) -> int | None:
+    """The row id of a token made by temp_token(), or None for a token without one."""
+    parts = token.rsplit("-", 2)
+    if len(parts) == 3 and parts[0] and parts[1].isdigit() and _ATTEMPT.fullmatch(parts[2]):
+        return int(parts[1])
+    return None
+
+
 def parse_temp_name(name: bytes) -> str | None:
     """The token of a temporary name made by temp_name(), or None if the name is not ours."""
     name = os.fsencode(name)

@@ -180,6 +180,8 @@ class _Job:
     same_fs: bool = False             # published by a rename of the staged inode
     temp: bytes | None = None
     temp_shown: str | None = None
+    token: str = ""                   # of this attempt's temporary names
+    reserved: str | None = None       # the final name reserved in the registry (a folder)
 
     def lose(self, why: str) -> None:
         self.result.status, self.result.error = Attempt.LOST, why
@@ -240,6 +242,29 @@ class _Folders:
             os.close(fd)
         self._caches.clear()
         self._roots.clear()
+
+
+class _Reservation:
+    """The final names one folder product's publish reserves in the registry while it
+    chooses its name (RegistryBackend.reserve_name): the one it got, and those that other
+    products' publishes held."""
+
+    def __init__(self, registry: RegistryBackend, owner: str, product: Product, root: bytes,
+                 folder: tuple[bytes, ...]) -> None:
+        self.registry, self.owner, self.product = registry, owner, product
+        self.root, self.folder = root, folder
+        self.mine: str | None = None
+        self.refused: list[tuple[str, str]] = []  # (published path, the holder's data_id)
+
+    def take(self, name: bytes) -> bool:
+        path = paths.display(_full(self.root, self.folder, name))
+        holder = self.registry.reserve_name(path, self.product.data_id, self.owner,
+                                            token=self.product.claim_token)
+        if holder is None:
+            self.mine = path
+            return True
+        self.refused.append((path, holder))
+        return False
 
 
 class Publisher:
@@ -324,6 +349,7 @@ class Publisher:
                                 continue
                             self.registry.requeue(left.product.data_id, self.owner,
                                                   token=left.product.claim_token)
+                            self._release(left)
                             left.result.status = Attempt.REQUEUED
                             left.result.error = "stopped before the publish finished"
                             left.finish()
@@ -366,6 +392,7 @@ class Publisher:
             result.status = Attempt.LOST
         else:
             result.status = Attempt.EXHAUSTED if result.failure.exhausted else Attempt.RETRY_DUE
+        self._release(job)
         job.finish()
 
     def _reject(self, job: _Job, reason: str) -> None:
@@ -377,7 +404,20 @@ class Publisher:
             job.product.data_id, self.owner, reason, self.config.error_max_chars,
             token=job.product.claim_token) \
             else Attempt.LOST
+        self._release(job)
         job.finish()
+
+    def _release(self, job: _Job) -> None:
+        """The attempt ends without its product at the reserved name: the name goes back.
+        Best effort: a reservation left behind is released by reconciliation, and one whose
+        name this product did take (a folder fsync that failed) guards nothing the disk
+        does not (a name that exists is never chosen)."""
+        if job.reserved is None:
+            return
+        with contextlib.suppress(RegistryError):
+            self.registry.release_name(job.reserved, job.product.data_id,
+                                       token=job.product.claim_token)
+        job.reserved = None
 
     def _prepare(self, job: _Job, folders: _Folders) -> None:
         """Steps 1 and 2: open and check the source, choose the final name."""
@@ -423,20 +463,33 @@ class Publisher:
                                  f"{paths.display(folders.products_root)}: {exc.reason}"
                                  ) from None
         job.sidecars = self._sidecars(job.src_parent, name, parts[-1], rule)
+        job.token = paths.temp_token(self.config.node_name, product.id)
+        reservation = _Reservation(self.registry, self.owner, product, folders.products_root,
+                                   folder) if job.kind.reserves_name else None
         final, version, job.identical = self._choose_name(
             job.src_parent, job.dest_fd, name, rule, product, job.sidecars,
-            folders.taken(folder))
+            folders.taken(folder), reservation)
         job.final = final
+        job.reserved = reservation.mine if reservation is not None else None
         folders.taken(folder).add(final)
         for sc in job.sidecars:
             sc.dest_name = sidecar_destination(sc.name, parts[-1], final, rule)
         final_path = paths.display(_full(folders.products_root, folder, final))
         result.published_path = final_path
+        if reservation is not None:
+            for path, holder_id in reservation.refused:
+                self._warn("name_reserved", data_id=product.data_id,
+                           data_type=product.data_type, stage_path=product.stage_path,
+                           published_path=final_path, existing=path, holder=holder_id,
+                           reason="another product's publish reserved this name first "
+                                  "(in the registry, before its rename); publishing as "
+                                  f"version {version}")
         if version > 1:
             previous = paths.display(_full(folders.products_root, folder,
                                            versioned(name, rule, version - 1)))
             holder = self.registry.by_published_path(previous)
-            result.supersedes = holder.data_id if holder else None
+            reserved_by = dict(reservation.refused).get(previous) if reservation else None
+            result.supersedes = holder.data_id if holder else reserved_by
             self._warn("name_taken", data_id=product.data_id, data_type=product.data_type,
                        stage_path=product.stage_path, published_path=final_path,
                        existing=previous,
@@ -456,8 +509,7 @@ class Publisher:
                               "links; it is copied, so the archive gets its own inode and "
                               "the other names are left as they are")
         if not job.same_fs:
-            job.temp = paths.temp_name(final, paths.temp_token(self.config.node_name,
-                                                                product.id))
+            job.temp = paths.temp_name(final, job.token)
             job.temp_shown = paths.display(_full(folders.products_root, folder, job.temp))
 
     def _place(self, job: _Job, _folders: _Folders) -> None:
@@ -572,13 +624,16 @@ class Publisher:
 
     def _choose_name(self, src_parent: int, dest_fd: int, name: bytes, rule: ProductRule,
                      product: Product, sidecars: list[_Source],
-                     taken: Collection[bytes] = ()) -> tuple[bytes, int, bool]:
+                     taken: Collection[bytes] = (),
+                     reservation: _Reservation | None = None) -> tuple[bytes, int, bool]:
         """The first of name, name.v2, ... that is free or already holds these bytes.
 
         A name is free when neither it nor its sidecars' names exist, or when the sidecars
         there hold exactly the staged sidecars' bytes: an interrupted attempt of this same
         product moved them first (they go before the product, so that a product never
-        appears without them)."""
+        appears without them). With a reservation (a folder product), a free name must also
+        be reserved in the registry for this product: one that another product's publish
+        reserved first is taken, though nothing is there yet."""
         for version in range(1, 10_000):
             candidate = versioned(name, rule, version)
             if candidate in taken:
@@ -589,6 +644,8 @@ class Publisher:
                        for s in sidecars
                        if transfer.exists(dest_fd,
                                           sidecar_destination(s.name, name, candidate, rule))):
+                    if reservation is not None and not reservation.take(candidate):
+                        continue
                     return candidate, version, False
                 continue
             if kinds.of(rule).same_content(dest_fd, candidate, product.size_bytes,
@@ -618,8 +675,11 @@ class Publisher:
                 self._move_sidecar(job, sc)
         _crash_point("after_sidecars")
         self._no_writer(job.src_fd, job.product.stage_bytes, job.product.stage_path, job.kind)
-        transfer.rename_checked(job.src_parent, name, job.src_fd, job.dest_fd, job.final,
-                                job.product.stage_path)
+        try:
+            transfer.rename_checked(job.src_parent, name, job.src_fd, job.dest_fd, job.final,
+                                    job.product.stage_path)
+        except FileExistsError:
+            raise _name_lost(job) from None
         job.kind.after_rename(job.dest_fd, job.final, job.src_fd, cfg.file_mode, cfg.dir_mode)
         return "rename"
 
@@ -726,12 +786,15 @@ class Publisher:
                          dir_fd=job.src_parent)
             try:
                 self._copy_sidecar_to(fd, job.dest_fd, sc, product, algorithm, temps,
-                                      job.cancel, renew)
+                                      job.cancel, renew, job.token)
             finally:
                 os.close(fd)
         _crash_point("after_sidecars")
         self._no_writer(job.src_fd, product.stage_bytes, product.stage_path, kind)
-        paths.rename_noreplace(job.dest_fd, job.temp, job.dest_fd, job.final)
+        try:
+            paths.rename_noreplace(job.dest_fd, job.temp, job.dest_fd, job.final)
+        except FileExistsError:
+            raise _name_lost(job) from None
         return copied.size
 
     def _changed(self, job: _Job) -> PublishFailure | None:
@@ -788,7 +851,7 @@ class Publisher:
         temps: list[bytes] = []
         try:
             self._copy_sidecar_to(fd, job.dest_fd, sc, job.product, algorithm, temps, cancel,
-                                  lambda: None)
+                                  lambda: None, job.token)
         finally:
             for temp in temps:
                 with contextlib.suppress(OSError):
@@ -796,9 +859,12 @@ class Publisher:
 
     def _copy_sidecar_to(self, fd: int, dest_fd: int, sc: _Source, product: Product,
                          algorithm: str, temps: list[bytes], cancel: threading.Event | None,
-                         tick: Callable[[], None]) -> None:
-        """A sidecar through a temporary name to its final name, never replacing one."""
-        sc_temp = paths.temp_name(sc.dest_name,
+                         tick: Callable[[], None], token: str = "") -> None:
+        """A sidecar through a temporary name to its final name, never replacing one; its
+        temporary name carries the attempt's token (that of the product's own temporary
+        name, which the row records), so that a sweep by another daemon of this node
+        knows it for a live publish's."""
+        sc_temp = paths.temp_name(sc.dest_name, token or
                                   paths.temp_token(self.config.node_name, product.id))
         temps.append(sc_temp)
         transfer.copy_file(fd, dest_fd, sc_temp, algorithm, self.config.file_mode, cancel, tick)
@@ -1005,6 +1071,16 @@ class _StagedAndPublished:
         for fd in (self.dest_fd, self.src_parent, self.stage_fd):
             if fd >= 0:
                 os.close(fd)
+
+
+def _name_lost(job: _Job) -> PublishFailure:
+    """The final name was free when chosen and taken when renamed to: another node's (or
+    process's) publish of another product took it in between, and the no-replace rename
+    kept it. Nothing about this product failed: an `interrupted` attempt, not counted and
+    due again at once, whose next try chooses the name again (a later version)."""
+    return PublishFailure(FailureKind.INTERRUPTED,
+                          f"{job.result.published_path}: taken by another publish just before "
+                          "this one's rename; the name is chosen again")
 
 
 def _already_placed(dest_fd: int, src_parent: int, staged_name: bytes, final: bytes,

@@ -35,9 +35,7 @@ def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = 
     results: list[Result] = []
     publisher = Publisher(config, registry, owner, log)
     for row in registry.publishing():
-        alive = owner_alive(row.lease_owner)
-        live_lease = row.lease_expires_at is not None and row.lease_expires_at > now
-        if row.lease_owner == owner or (alive is not False and live_lease):
+        if _claim_live(row, owner, now):
             continue
         if step_of(row) is Step.LEGACY:
             rule = detect.owner_rule(config, row.data_type, row.stage_bytes)
@@ -52,9 +50,45 @@ def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = 
                                     f"{config.legacy_quiet_seconds:g} s")
                 continue
         results.append(_resolve(publisher, row))
+    release_dead_reservations(registry, owner, now, log)
     if sweep:
         remove_stray_temps(config, registry, owner, log)
     return results
+
+
+def _claim_live(row: Product, owner: str, now: float) -> bool:
+    """Whether a `publishing` row is in the hands of a live publish: this process's, or
+    another one's while its lease runs and its process is not known to be gone (on this
+    host: a second daemon of this node, a `publish` command). A claim whose lease ran out
+    is resolved even when its process lives (stalled, cut off from the registry): every
+    later write of that claim names its token and changes nothing, and its copy in flight
+    (whose temporary name is removed here) could not be committed anyway."""
+    alive = owner_alive(row.lease_owner)
+    live_lease = row.lease_expires_at is not None and row.lease_expires_at > now
+    return row.lease_owner == owner or (alive is not False and live_lease)
+
+
+def release_dead_reservations(registry: RegistryBackend, owner: str, now: float,
+                              log: Any = None) -> list[str]:
+    """Release this node's folder-name reservations whose claim is dead: the product is
+    not publishing under the claim that reserved the name (requeued, failed, claimed again
+    since) or that claim's process is gone. Run after the rows are resolved, so that a
+    rename that finished before a crash has made its row published (and its reservation
+    settled) first. The release names the claim's token: a reservation the product's new
+    claim took over meanwhile stays. Returns the released names."""
+    released = []
+    for res in registry.reservations():
+        row = registry.get(res.data_id)
+        if row is not None and row.status == Status.PUBLISHING and \
+                row.claim_token == res.claim_token and _claim_live(row, owner, now):
+            continue
+        if registry.release_name(res.published_path, res.data_id, token=res.claim_token):
+            released.append(res.published_path)
+            if log is not None:
+                log.info("reservation_released", data_id=res.data_id,
+                         published_path=res.published_path, owner=res.owner,
+                         reason="the publish that reserved this name is no longer live")
+    return released
 
 
 def resolve_own(config: Config, registry: RegistryBackend, owner: str, data_ids: list[str],
@@ -239,7 +273,10 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
 
     Only this node's temporary names are removed (those its node tag names, and untagged
     older ones): in a products area several nodes share, another node's name is that
-    node's to judge, by its own claims and processes."""
+    node's to judge, by its own claims and processes. Of this node's names, those of a live
+    claim are kept, whichever daemon of the node holds it: the product's own temporary
+    name (recorded in the row), the sidecars' copied beside it (they carry its token),
+    and, for a publish by rename (no temporary name recorded), any of its row's."""
     root = os.fsencode(str(config.products_root))
     if not os.path.isdir(root):
         return
@@ -254,12 +291,17 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
         if temps:
             # Every node's claims: a products area shared by several nodes holds their
             # copies in flight too, each recorded in its row before it is created.
-            claimed = {row.publish_temp for row in registry.publishing(every_node=True)
-                       if row.publish_temp and (row.lease_owner == owner
-                                                or owner_alive(row.lease_owner) is not False)}
+            live = [row for row in registry.publishing(every_node=True)
+                    if row.lease_owner == owner or owner_alive(row.lease_owner) is not False]
+            claimed = {row.publish_temp for row in live if row.publish_temp}
+            live_tokens = {token for row in live if row.publish_temp and (
+                token := paths.parse_temp_name(os.path.basename(
+                    paths.undisplay(row.publish_temp)))) is not None}
+            renames = {row.id for row in live if not row.publish_temp}
             for name in temps:
                 full = os.path.join(os.fsencode(top), os.fsencode(name))
-                if paths.display(full) in claimed:
+                if paths.display(full) in claimed or tokens[name] in live_tokens or \
+                        paths.temp_row(tokens[name]) in renames:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     paths.remove_tree_under(dfd, os.fsencode(name))

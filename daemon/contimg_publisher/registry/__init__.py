@@ -35,6 +35,7 @@ from contimg_publisher.registry.model import (
     RegistryError,
     RegistryGone,
     RegistryUnavailable,
+    Reservation,
     Unclaimed,
     backoff_delay,
     checksum_known,
@@ -70,11 +71,11 @@ __all__ = [
     "FailureOutcome", "Finding", "HEARTBEAT_SECONDS", "HELD_BY_OPERATOR", "Heartbeat", "Identity",
     "LEGACY_DDL", "PENDING", "Product", "PublishRecord", "Published", "Quarantined", "Rebuilt",
     "Recorded", "Registry", "RegistryBackend", "RegistryBusy", "RegistryError", "RegistryGone",
-    "RegistryUnavailable", "SCHEMA_VERSION", "SQLiteRegistry", "STATUSES", "SinkState",
-    "TRANSIENT", "Unclaimed", "backoff_delay", "by_status", "checksum_known", "held", "is_server",
-    "oldest_unheld_waiting", "open_registry", "pending_checksum", "qa_hold_sql", "qa_holds",
-    "recent_published", "refuse_new_over_archive", "sqlite_only", "truncate", "unavailable",
-    "waiting",
+    "RegistryUnavailable", "Reservation", "SCHEMA_VERSION", "SQLiteRegistry", "STATUSES",
+    "SinkState", "TRANSIENT", "Unclaimed", "backoff_delay", "by_status", "checksum_known", "held",
+    "is_server", "oldest_unheld_waiting", "open_registry", "pending_checksum", "qa_hold_sql",
+    "qa_holds", "recent_published", "refuse_new_over_archive", "sqlite_only", "truncate",
+    "unavailable", "waiting",
 ]
 
 

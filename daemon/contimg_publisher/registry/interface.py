@@ -27,6 +27,7 @@ from contimg_publisher.registry.model import (
     Product,
     Published,
     PublishRecord,
+    Reservation,
     Unclaimed,
 )
 
@@ -277,3 +278,24 @@ class RegistryBackend(Protocol):
 
     def by_status(self, status: str, limit: int | None = None) -> list[Product]:
         """Rows in one status, most recently changed first."""
+
+    # --- folder-name reservations (a products area several nodes share) -------------------
+
+    def reserve_name(self, published_path: str, data_id: str, owner: str,
+                     token: str | None = None) -> str | None:
+        """Reserve a folder product's final name before its rename, atomically against every
+        other publish that uses this registry: None when it is now this product's (reserved
+        afresh, or already by an earlier attempt of the same product, which this claim then
+        holds); otherwise the data_id of the product that holds it (the caller takes the
+        next version). A folder cannot be linked, and not every filesystem a shared products
+        area lives on renames without replacing; the reservation is what keeps two nodes
+        from choosing one name."""
+
+    def release_name(self, published_path: str, data_id: str, token: str | None = None
+                     ) -> bool:
+        """Give a reserved name back (the publish ended without taking it); with `token`,
+        only while that claim still holds the reservation."""
+
+    def reservations(self) -> list[Reservation]:
+        """This node's reservations whose product is not published under the reserved name:
+        each is live while its claim is, and reconciliation releases the others."""

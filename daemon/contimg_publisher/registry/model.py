@@ -17,7 +17,7 @@ from contimg_publisher.states import FailureKind, Kind, Status
 
 # The schema both backends are at: version N means the same tables, columns and meanings in
 # SQLite (PRAGMA user_version) and in PostgreSQL (its schema version table).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 STATUSES = tuple(Status)
 FAILURE_KINDS = tuple(FailureKind)
@@ -360,6 +360,22 @@ def _product(row: dict[str, Any]) -> Product:
         publish_step=row.get("publish_step"),
         sidecars=sidecars, publish_requested_at=row.get("publish_requested_at"),
         claim_token=row.get("claim_token"), node=row.get("node"))
+
+
+# --- folder-name reservations (a products area several nodes share) ---------------------------
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A final name in the products area that a folder product's publish reserved before its
+    rename, and that product is not (yet) published under: the claim that reserved it
+    (data_id, claim_token) is what reconciliation checks to keep or release it."""
+
+    published_path: str
+    data_id: str
+    owner: str
+    claim_token: str | None
+    reserved_at: float
 
 
 # --- read queries for metrics, the status page and `status` ---------------------------------

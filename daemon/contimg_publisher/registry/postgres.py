@@ -57,6 +57,7 @@ from contimg_publisher.registry.model import (
     RegistryBusy,
     RegistryError,
     RegistryUnavailable,
+    Reservation,
     Unclaimed,
     _product,
     _same_bytes,
@@ -212,10 +213,22 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     last_seen DOUBLE PRECISION NOT NULL,
     version TEXT NOT NULL
 );
+-- Folder-name reservations (schema 7): a folder product's final name, reserved before its
+-- rename; unique on the name, so two nodes never choose one (see reserve_name).
+CREATE TABLE IF NOT EXISTS name_reservations (
+    published_path TEXT PRIMARY KEY,
+    data_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    claim_token TEXT,
+    reserved_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS name_reservations_by_node ON name_reservations(node);
 """
 
 TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
-          "unclaimed_files", "publish_log", "heartbeats", "contimg_schema")
+          "unclaimed_files", "publish_log", "heartbeats", "contimg_schema",
+          "name_reservations")
 
 # Copies a row's publish into publish_log (the row was just made `published`).
 _LOG_PUBLISH = (
@@ -1105,3 +1118,45 @@ class PostgresRegistry:
         return self._products(
             "SELECT * FROM data_registry WHERE status = %s"
             " ORDER BY COALESCE(updated_at, staged_at) DESC, id DESC LIMIT %s", (status, limit))
+
+    # --- folder-name reservations (a products area several nodes share) -------------------
+
+    def reserve_name(self, published_path: str, data_id: str, owner: str,
+                     token: str | None = None) -> str | None:
+        """INSERT on the unique name: of two nodes reserving one name at once, the server
+        lets exactly one insert it; the other sees the holder. A reservation the same product
+        made earlier (a crashed attempt, a failed one) passes to this claim."""
+        values = {"path": published_path, "id": data_id, "node": self.node, "owner": owner,
+                  "token": token}
+        for _ in range(3):  # a holder that releases between the two statements: try again
+            if self._one(
+                    "INSERT INTO name_reservations (published_path, data_id, node, owner,"
+                    f" claim_token, reserved_at) VALUES (%(path)s, %(id)s, %(node)s,"
+                    f" %(owner)s, %(token)s, {NOW}) ON CONFLICT (published_path) DO UPDATE"
+                    " SET node = EXCLUDED.node, owner = EXCLUDED.owner,"
+                    " claim_token = EXCLUDED.claim_token, reserved_at = EXCLUDED.reserved_at"
+                    " WHERE name_reservations.data_id = EXCLUDED.data_id RETURNING data_id",
+                    values) is not None:
+                return None
+            holder = self._scalar("SELECT data_id FROM name_reservations"
+                                  " WHERE published_path = %(path)s", values)
+            if holder is not None:
+                return str(holder)
+        raise RegistryBusy(f"registry {self.location}: the reservation of {published_path} "
+                           "kept changing hands; nothing was reserved")
+
+    def release_name(self, published_path: str, data_id: str, token: str | None = None
+                     ) -> bool:
+        return self._changed(
+            "DELETE FROM name_reservations WHERE published_path = %(path)s"
+            " AND data_id = %(id)s AND (%(token)s::text IS NULL OR claim_token = %(token)s)",
+            {"path": published_path, "id": data_id, "token": token}) > 0
+
+    def reservations(self) -> list[Reservation]:
+        """This node's reservations not settled by a publish under the reserved name."""
+        return [Reservation(**r) for r in self._rows(
+            "SELECT r.published_path, r.data_id, r.owner, r.claim_token, r.reserved_at"
+            " FROM name_reservations r LEFT JOIN data_registry d ON d.data_id = r.data_id"
+            " WHERE r.node = %s AND NOT COALESCE(d.status = 'published'"
+            " AND d.published_path = r.published_path, false)"
+            " ORDER BY r.reserved_at", (self.node,))]

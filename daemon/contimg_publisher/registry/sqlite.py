@@ -45,6 +45,7 @@ from contimg_publisher.registry.model import (
     RegistryError,
     RegistryGone,
     RegistryUnavailable,
+    Reservation,
     Unclaimed,
     _product,
     _same_bytes,
@@ -1988,6 +1989,26 @@ class Registry:
         if limit is None:
             return self._products(sql, (status,))
         return self._products(sql + " LIMIT ?", (status, limit))
+
+    # --- folder-name reservations -----------------------------------------------------------
+    # Trivially granted, with no table: an SQLite registry has one host, and one publishing
+    # process at a time holds its single-writer lock, so no two publishes choose a name at
+    # once; within a batch, publish keeps the names it chose, and the no-replace rename
+    # stays the guard against anything else.
+
+    def reserve_name(self, published_path: str, data_id: str, owner: str,
+                     token: str | None = None) -> str | None:
+        """Always this product's (see above)."""
+        return None
+
+    def release_name(self, published_path: str, data_id: str, token: str | None = None
+                     ) -> bool:
+        """Nothing was recorded, nothing to release."""
+        return False
+
+    def reservations(self) -> list[Reservation]:
+        """None recorded."""
+        return []
 
 
 def refuse_new_over_archive(path: str | os.PathLike[str], products_root: str | os.PathLike[str]
