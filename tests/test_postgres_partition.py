@@ -7,6 +7,7 @@ twice. Read from the archive on disk and from the server.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for
+from tests.helpers import PYTHON, REPO, Sandbox, log_events, start_daemon, stop, wait_for
 from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
 from tests.test_publish import (  # noqa: F401 - tmpfs_products is a fixture
     archive_files,
@@ -112,3 +113,56 @@ def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
         f"{PRODUCTS}|{PRODUCTS}"
     assert set(pg_server.psql("SELECT DISTINCT status FROM data_registry").split()) == \
         {"published"}
+
+
+def test_no_registry_call_blocks_past_its_bound_on_a_dead_link(
+        pg_server: Server, netns: str) -> None:  # noqa: F811
+    """Each kind of call the daemon's loop and publish thread make, over a link that went
+    down: each gives up with RegistryUnavailable within its bound (a fraction of the lease),
+    not after TCP's own half a minute."""
+    uri = pg_server.listen_on(HOST_IP, 5432, NET)
+    busy = 3.0
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, PYTHON, str(REPO / "tests/support/pg_dead_link_client.py"),
+         uri, str(busy), str(LEASE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        first = json.loads(proc.stdout.readline() or "{}")
+        assert first.get("ready"), proc.stderr.read() if proc.stderr else ""
+        limits = first["limits"]
+        assert limits["call_seconds"] <= LEASE / 4 + 1e-9
+        assert _sessions(pg_server, "idle in transaction") == 1
+        _ip("link", "set", HOST_IF, "down")
+        cut = time.monotonic()
+        # The server ends the transaction the vanished client left open, and its locks go.
+        wait_for(lambda: _sessions(pg_server, "idle in transaction") == 0,
+                 limits["idle_in_transaction_seconds"] + 5, interval=0.2,
+                 what="the server to end the cut-off client's open transaction")
+        ended = time.monotonic() - cut
+        pg_server.psql("SET lock_timeout = '1s'; UPDATE heartbeats SET version = 'taken'"
+                       " WHERE owner = 'cut:1:1:1'")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        results = [json.loads(line) for line in proc.stdout]
+        assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _ip("link", "set", HOST_IF, "up", check=False)
+    print(f"dead link: open transaction ended by the server after {ended:.1f} s;",
+          ", ".join(f"{r['call']} {r['seconds']} s" for r in results))
+    assert [r["call"] for r in results] == ["commit", "clock", "heartbeat", "next_due_at",
+                                            "claim", "probe"]
+    # A pooled connection's check, then one connection attempt: well under half a lease.
+    bound = limits["call_seconds"] + limits["statement_seconds"] + 1.0
+    for r in results:
+        assert r["error"] is not None and r["error"].startswith("RegistryUnavailable"), r
+        assert r["seconds"] <= bound < LEASE, r
+    assert pg_server.psql("SELECT version FROM heartbeats WHERE owner = 'cut:1:1:1'") == \
+        "taken", "the cut-off client's commit must not have happened"
+
+
+def _sessions(server: Server, state: str) -> int:
+    return int(server.psql("SELECT count(*) FROM pg_stat_activity"
+                           f" WHERE application_name LIKE '%node-cut' AND state = '{state}'"))

@@ -21,11 +21,14 @@ itself (no INDEXED BY); counts are not cached (no data_version to tell a change)
 
 Each Registry holds a pool of one connection (psycopg-pool), which reconnects in the
 background after the server restarts or the network comes back. A lost connection, a
-server that is down or read-only, a full disk: RegistryUnavailable, nothing recorded.
+server that is down or read-only, a full disk: RegistryUnavailable, nothing recorded. No
+call waits longer than a fraction of the lease and the busy timeout (pgconn.Limits), so
+a dead link pauses the daemon within its lease instead of blocking it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -37,10 +40,11 @@ from typing import Any
 import psycopg
 import psycopg.errors
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from contimg_publisher.config import hide_password
 from contimg_publisher.qa import Condition
+from contimg_publisher.registry import pgconn
 from contimg_publisher.registry.model import (
     FAILURE_KINDS,
     HELD_BY_OPERATOR,
@@ -236,9 +240,13 @@ CLAIM_CLEARED = ("lease_owner = NULL, lease_expires_at = NULL, claim_token = NUL
                  " publish_target = NULL, publish_temp = NULL, publish_step = NULL")
 
 # What the server says when it cannot take work now: a lost connection, a server shutting
-# down or in recovery, a full disk, a lock past lock_timeout, a read-only server.
+# down or in recovery, a full disk, a lock past lock_timeout, a statement past
+# statement_timeout, no connection within the pool's wait, a read-only server, a
+# transaction the server ended (see pgconn: every wait has a bound).
 _UNAVAILABLE: tuple[type[Exception], ...] = (
-    psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction)
+    psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.IdleInTransactionSessionTimeout)
+_POOL_NUMBERS = itertools.count(1)  # each registry's pool has a name of its own
 
 
 class PostgresRegistry:
@@ -248,27 +256,26 @@ class PostgresRegistry:
     shared = True  # every node's daemons: see RegistryBackend.shared
 
     def __init__(self, uri: str, busy_timeout_seconds: float = 10.0, migrate: bool = True,
-                 node: str | None = None, application: str = "contimg-publisher") -> None:
+                 node: str | None = None, application: str = "contimg-publisher",
+                 lease_seconds: float | None = None) -> None:
         self.uri = uri
         self.location = hide_password(uri)
         self.path = self.location  # what messages name, as the SQLite backend's file path
         self.node = node or socket.gethostname()
         self.busy_timeout_seconds = busy_timeout_seconds
+        # Every wait bounded by a fraction of the lease and the busy timeout (see pgconn).
+        self.limits = pgconn.limits(busy_timeout_seconds, lease_seconds)
         self._qa_hold = "NULL"
         self._conn: psycopg.Connection[DictRow] | None = None  # inside write()/read()
-        wait_ms = max(1, int(busy_timeout_seconds * 1000))
+        self._pool_name = f"contimg-{self.node}-{next(_POOL_NUMBERS)}"
         self._pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
-            uri, min_size=1, max_size=1, num_workers=1, open=False, name=f"contimg-{self.node}",
-            timeout=max(busy_timeout_seconds, 1.0),
+            uri, min_size=1, max_size=1, num_workers=1, open=False, name=self._pool_name,
+            timeout=self.limits.call_seconds,
+            reconnect_timeout=self.limits.reconnect_seconds,
             check=ConnectionPool.check_connection,
             kwargs={"autocommit": True, "row_factory": dict_row,
-                    "connect_timeout": max(2, int(busy_timeout_seconds)),
                     "application_name": f"{application} {self.node}",
-                    # A row lock held past the busy timeout is RegistryBusy, as SQLite's.
-                    "options": f"-c lock_timeout={wait_ms}",
-                    # A peer that vanished (a cut network) is noticed within a lease.
-                    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-                    "keepalives_count": 3, "tcp_user_timeout": 30000})
+                    **self.limits.connect_kwargs()})
         try:
             self._pool.open(wait=False)
             if migrate:
@@ -282,13 +289,24 @@ class PostgresRegistry:
     # --- connection ---------------------------------------------------------------------
 
     def _unavailable(self, exc: Exception) -> RegistryUnavailable:
+        lim = self.limits
         if isinstance(exc, psycopg.errors.LockNotAvailable):
             return RegistryBusy(
                 f"registry {self.location}: a row lock was held by another process for longer "
-                f"than the busy timeout ({self.busy_timeout_seconds:g} s); nothing was written")
-        text = " ".join(str(exc).split()) or type(exc).__name__
+                f"than the busy timeout ({lim.call_seconds:g} s); nothing was written")
+        if isinstance(exc, PoolTimeout):
+            last = pgconn.CONNECT_ERRORS.last(self._pool_name)
+            why = f"no connection to the server within {lim.call_seconds:g} s" + (
+                f" (the last attempt: {last})" if last else "")
+        elif isinstance(exc, psycopg.errors.QueryCanceled):
+            why = f"a statement ran past its bound of {lim.statement_seconds:g} s"
+        elif isinstance(exc, psycopg.errors.IdleInTransactionSessionTimeout):
+            why = (f"the server ended a transaction left idle for "
+                   f"{lim.idle_in_transaction_seconds:g} s")
+        else:
+            why = " ".join(str(exc).split()) or type(exc).__name__
         return RegistryUnavailable(f"registry {self.location}: cannot be used now "
-                                   f"({type(exc).__name__}: {text}); nothing was recorded")
+                                   f"({type(exc).__name__}: {why}); nothing was recorded")
 
     @contextmanager
     def _session(self) -> Iterator[psycopg.Connection[DictRow]]:
@@ -375,6 +393,7 @@ class PostgresRegistry:
 
     def close(self) -> None:
         self._pool.close()
+        pgconn.CONNECT_ERRORS.forget(self._pool_name)
 
     def __enter__(self) -> PostgresRegistry:
         return self
