@@ -366,8 +366,9 @@ class PostgresRegistry:
         lim = self.limits
         if isinstance(exc, psycopg.errors.LockNotAvailable):
             return RegistryBusy(
-                f"registry {self.location}: a row lock was held by another process for longer "
-                f"than the busy timeout ({lim.call_seconds:g} s); nothing was written")
+                f"registry {self.location}: a lock (a row's, or the migration's) was held by "
+                f"another process for longer than the busy timeout ({lim.call_seconds:g} s);"
+                " nothing was written")
         if isinstance(exc, PoolTimeout):
             last = pgconn.CONNECT_ERRORS.last(self._pool_name)
             why = f"no connection to the server within {lim.call_seconds:g} s" + (
