@@ -27,6 +27,7 @@ from tests.test_publish import (  # noqa: F401 - tmpfs_products is a fixture
     temps,
     tmpfs_products,
 )
+from tests.test_service import NotifySocket
 
 NS, HOST_IF, NS_IF = "ct15part", "ct15h", "ct15n"
 HOST_IP, NS_IP, NET = "10.215.15.1", "10.215.15.2", "10.215.15.0/24"
@@ -83,7 +84,10 @@ def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
                   publish={"lease_seconds": LEASE, "reconcile_seconds": 3})
     expected = {f"m_{i:02d}.fits": sha256(stage(box, f"m_{i:02d}.fits", pixels=700, seed=i))
                 for i in range(PRODUCTS)}
-    proc = start_daemon(box, prefix=("ip", "netns", "exec", netns),
+    notify = NotifySocket(tmp_path / "notify.sock")
+    # systemd's watchdog at 4 s: the loop pings every 2 s, and must go on doing so.
+    proc = start_daemon(box, prefix=("ip", "netns", "exec", netns), notify_path=notify.path,
+                        watchdog_usec=4_000_000,
                         extra_env={"CONTIMG_PUBLISHER_TEST_COPY_DELAY": "0.3"})
     try:
         # One batch holds them all; its products reach their final names one by one.
@@ -95,6 +99,13 @@ def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
         time.sleep(LEASE + 3)
         frozen = _final(box.products)
         time.sleep(10)
+        # The main loop's registry calls over the dead link give up within their bound,
+        # so the watchdog pings go on through the cut, never a lease apart.
+        pings = [t for t, _m in notify.with_key("WATCHDOG") if t >= cut - 2]
+        gaps = [b - a for a, b in zip([cut, *pings], pings, strict=False)]
+        print(f"watchdog pings during the cut: {len(pings)}, longest gap {max(gaps):.1f} s")
+        assert pings and max(gaps) < LEASE, gaps
+        assert time.monotonic() - pings[-1] < LEASE
         assert _final(box.products) == frozen, \
             "a product reached the archive long after the node lost the registry"
         assert len(frozen) < PRODUCTS, "everything was published before the cut"
@@ -108,7 +119,9 @@ def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
         wait_for(lambda: _published(pg_server) == PRODUCTS and not temps(box.products), 120,
                  interval=0.5, what="every product published once the link is back")
     finally:
-        assert stop(proc) == 0
+        code = stop(proc)
+        notify.close()
+    assert code == 0
     found = archive_files(box.products / "mosaics")
     assert {name: sha256(data) for name, data in found.items()} == expected  # once each
     assert list(box.mosaics.rglob("*.fits")) == []
