@@ -121,8 +121,8 @@ class Server:
     def running(self) -> bool:
         return self.pg_ctl("status", check=False).returncode == 0
 
-    def psql(self, sql: str) -> str:
-        result = _as_postgres(self.bin / "psql", "-h", self.socket_dir, "-d", DATABASE,
+    def psql(self, sql: str, database: str = DATABASE) -> str:
+        result = _as_postgres(self.bin / "psql", "-h", self.socket_dir, "-d", database,
                               "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql)
         return result.stdout.strip()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from contimg_publisher import lock, reconcile
 from contimg_publisher.registry import Candidate, Identity, open_registry
+from contimg_publisher.registry.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from contimg_publisher.transfer import DELAY_ENV
 from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
 from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
@@ -312,3 +313,76 @@ def _try(get, path: str) -> str | None:  # noqa: ANN001 - a local helper of one 
         return get(path)
     except OSError:
         return None
+
+
+def test_started_while_the_server_is_down_it_waits_and_resumes_by_itself(
+        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+    """A node booting before its registry server (the first connection and the migration
+    both fail): no exit, which under Restart=on-failure would be a restart loop; one
+    registry_unavailable with the connection's own reason, and none of the pool's
+    per-attempt lines; no READY, systemd's start timeout extended; once the server is up
+    the daemon migrates, becomes ready and publishes, without a restart."""
+    from tests.test_service import NotifySocket
+    box = _node_sandbox(tmp_path / "a", pg_server, "node-a")
+    box.update(registry={"busy_timeout_seconds": 2})
+    waiting = write_fits(box.mosaics / "waiting.fits", pixels=32, seed=5)
+    pg_server.stop()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = start_daemon(box, notify_path=notify.path)
+    try:
+        wait_for(lambda: "registry_unavailable" in [e.get("event") for e in log_events(box)],
+                 30, what="the pause on a stopped server")
+        time.sleep(8)  # several retries (after 1, 2 and 4 s)
+        assert proc.poll() is None, f"the daemon exited ({proc.returncode})"
+        [report] = [e for e in log_events(box) if e.get("event") == "registry_unavailable"]
+        assert "No such file or directory" in report["error"], report  # the attempt's reason
+        assert "PostgreSQL server" in report["action"], report
+        assert "registry_still_unavailable" not in [e.get("event") for e in log_events(box)]
+        assert "error connecting" not in (box.root / "daemon.log").read_text()
+        assert not notify.with_key("READY")
+        assert notify.with_key("EXTEND_TIMEOUT_USEC")
+        assert notify.with_key("STATUS")[-1][1]["STATUS"].startswith(
+            "paused: registry unavailable: ")
+        assert not _archive(box.products)
+        pg_server.start()
+        notify.wait("READY", "1", timeout=60)
+        wait_for(lambda: _archive(box.products) == {"mosaics/waiting.fits": waiting}, 60,
+                 what="the waiting product published")
+        assert [e.get("event") for e in log_events(box)].count("registry_available") == 1
+    finally:
+        code = stop(proc)
+        notify.close()
+    assert code == 0
+    assert pg_server.psql("SELECT version FROM contimg_schema") == str(PG_SCHEMA_VERSION)
+    assert [r[:3] for r in _rows(pg_server)] == [("waiting", "published", "node-a")]
+    assert list(box.mosaics.iterdir()) == []
+
+
+def test_a_migration_held_up_by_another_node_pauses_the_start_until_it_is_done(
+        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+    """Another node holds the migration lock (a long migration of its own): this daemon's
+    start pauses on it like on a server that is down, then migrates and publishes."""
+    import psycopg
+
+    from contimg_publisher.registry.postgres import MIGRATE_LOCK
+    box = _node_sandbox(tmp_path / "a", pg_server, "node-a")
+    box.update(registry={"busy_timeout_seconds": 1})
+    waiting = write_fits(box.mosaics / "waiting.fits", pixels=32, seed=6)
+    with psycopg.connect(pg_server.uri, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+        proc = start_daemon(box)
+        try:
+            wait_for(lambda: "registry_unavailable" in [e.get("event")
+                                                        for e in log_events(box)],
+                     30, what="the pause on the migration lock")
+            [report] = [e for e in log_events(box) if e.get("event") == "registry_unavailable"]
+            assert "the migration's" in report["error"], report
+            assert proc.poll() is None
+            assert pg_server.psql("SELECT to_regclass('contimg_schema') IS NULL") == "t"
+            holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
+            wait_for(lambda: _archive(box.products) == {"mosaics/waiting.fits": waiting}, 60,
+                     what="the waiting product published once the lock is released")
+        finally:
+            code = stop(proc)
+    assert code == 0
+    assert pg_server.psql("SELECT version FROM contimg_schema") == str(PG_SCHEMA_VERSION)

@@ -347,8 +347,11 @@ class Publisher:
                                 left.lose("the claim on this product was lost before the "
                                           "publish")
                                 continue
-                            self.registry.requeue(left.product.data_id, self.owner,
-                                                  token=left.product.claim_token)
+                            if not self.registry.requeue(left.product.data_id, self.owner,
+                                                         token=left.product.claim_token):
+                                left.lose("the claim on this product was lost before the "
+                                          "publish")
+                                continue
                             self._release(left)
                             left.result.status = Attempt.REQUEUED
                             left.result.error = "stopped before the publish finished"
@@ -713,16 +716,38 @@ class Publisher:
     def _algorithm(self, product: Product) -> str:
         return (product.checksum or "sha256:").split(":", 1)[0]
 
-    def _lease_lost(self, exc: RegistryError) -> None:
-        """Cancelled when the registry is shared and the claims in hand could not be renewed
-        for a whole lease: a node cut off from the registry stops publishing within its
-        lease (the rows go back to waiting once it is reachable again)."""
-        if self.registry.shared and \
-                time.monotonic() - self._renewed_at >= self.config.lease_seconds:
-            self._warn("lease_lost", error=str(exc),
-                       reason=f"the lease could not be renewed for {self.config.lease_seconds:g}"
-                              " s; the rest of the batch is given back")
-            raise Cancelled(f"lease lost: {exc}")
+    def _lease_lost(self, product: Product, reason: str, error: str | None = None) -> None:
+        """The claims in hand no longer hold: said once (`lease_lost`, naming the product in
+        hand) and Cancelled, so the product is not placed nor committed and its staged
+        file stays; the rest of the batch is given back (see publish_many)."""
+        self._warn("lease_lost", data_id=product.data_id, data_type=product.data_type,
+                   stage_path=product.stage_path, reason=reason, error=error,
+                   lease_seconds=self.config.lease_seconds,
+                   seconds_since_renewal=round(time.monotonic() - self._renewed_at, 1),
+                   action="the product stays in staging; the rest of the batch goes back "
+                          "to waiting once the registry can be written")
+        raise Cancelled(f"lease lost: {reason}")
+
+    def _renew(self, product: Product) -> None:
+        """Renew the lease of the batch (through the product in hand). With a shared
+        registry, a claim that is no longer this one (taken by another claim, or resolved
+        as dead) and a lease not renewed for a whole lease are a lost lease: another node
+        may hold the rows by now."""
+        try:
+            renewed = self.registry.renew_lease(product.data_id, self.owner,
+                                                self.config.lease_seconds,
+                                                token=product.claim_token)
+        except RegistryError as exc:
+            if self.registry.shared and \
+                    time.monotonic() - self._renewed_at >= self.config.lease_seconds:
+                self._lease_lost(product, f"the lease could not be renewed for "
+                                 f"{self.config.lease_seconds:g} s", str(exc))
+            raise
+        if renewed:
+            self._renewed_at = time.monotonic()
+        elif self.registry.shared:
+            self._lease_lost(product, "the claim is no longer this process's: the row was "
+                             "claimed again or resolved as an abandoned publish")
 
     def _keep_lease(self, product: Product) -> None:
         """Before each product of a batch, with a shared registry: the lease is renewed once
@@ -730,12 +755,8 @@ class Publisher:
         if not self.registry.shared or \
                 time.monotonic() - self._renewed_at < self.config.lease_seconds / 2:
             return
-        try:
-            if self.registry.renew_lease(product.data_id, self.owner, self.config.lease_seconds,
-                                         token=product.claim_token):
-                self._renewed_at = time.monotonic()
-        except RegistryError as exc:
-            self._lease_lost(exc)
+        with contextlib.suppress(RegistryError):  # tried again before the next product
+            self._renew(product)
 
     def _renewer(self, product: Product) -> Callable[[], None]:
         """The lease renewal a long read runs about once a second."""
@@ -746,12 +767,8 @@ class Publisher:
             # write lock, a full disk) does not stop the copy: under the single-writer lock
             # nobody else can take the claim, and the commit checks it anyway.
             try:
-                if self.registry.renew_lease(product.data_id, self.owner,
-                                             self.config.lease_seconds,
-                                             token=product.claim_token):
-                    self._renewed_at = time.monotonic()
+                self._renew(product)
             except RegistryError as exc:
-                self._lease_lost(exc)
                 if not warned:
                     warned.append(str(exc))
                     self._warn("lease_not_renewed", data_id=product.data_id,

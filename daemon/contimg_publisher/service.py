@@ -473,9 +473,7 @@ class Daemon:
                            error=error, retry_in_seconds=outage.RETRY_INITIAL_SECONDS,
                            reason="publishing paused: nothing leaves staging without its "
                                   "record; retried with backoff, resumes by itself",
-                           action="free space, make the registry files writable again "
-                                  "(chattr -i, remount read-write) or end the process that "
-                                  "holds its write lock")
+                           action=_outage_action(self.config))
         elif outage.failed_again(self.outage, error, now):
             self.log.warning("registry_still_unavailable", registry=self.config.registry_shown,
                              error=error, seconds=round(self.outage.seconds(now), 1),
@@ -800,6 +798,15 @@ class Daemon:
             self.lock.release()
         self.log.info("stopped")
         return 0
+
+
+def _outage_action(cfg: Config) -> str:
+    """What an operator can do about a registry that cannot be used, per backend."""
+    if cfg.registry_is_server:
+        return ("start the PostgreSQL server, restore the network to it, or make it "
+                "writable again (free space, promote a standby)")
+    return ("free space, make the registry files writable again (chattr -i, remount "
+            "read-write) or end the process that holds its write lock")
 
 
 def _with(cfg: Config, **changes: Any) -> Config:

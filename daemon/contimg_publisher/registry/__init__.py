@@ -105,21 +105,24 @@ def refuse_new_over_archive(target: str | os.PathLike[str],
 def open_registry(target: Config | str | os.PathLike[str],
                   busy_timeout_seconds: float | None = None,
                   *, migrate: bool = True, create: bool = True, guard_reads: bool = True,
-                  node: str | None = None) -> RegistryBackend:
+                  node: str | None = None, lease_seconds: float | None = None
+                  ) -> RegistryBackend:
     """The backend `target` names (a Config's `[paths] registry`, a file path or a
     `postgresql://` URI), connected. With a Config, its busy timeout and `[node] name` are
-    the defaults. `create`/`guard_reads` are SQLite's (a server's database exists, or not)."""
+    the defaults, and its lease bounds a server's waits too (postgres: pgconn.limits).
+    `create`/`guard_reads` are SQLite's (a server's database exists, or not)."""
     if not isinstance(target, str | os.PathLike):
         cfg = target
         target = cfg.registry
         busy_timeout_seconds = cfg.busy_timeout_seconds if busy_timeout_seconds is None \
             else busy_timeout_seconds
         node = cfg.node_name if node is None else node
+        lease_seconds = cfg.lease_seconds if lease_seconds is None else lease_seconds
     timeout = 10.0 if busy_timeout_seconds is None else busy_timeout_seconds
     if is_server(target):
         from contimg_publisher.registry.postgres import PostgresRegistry
         return PostgresRegistry(str(target), timeout, migrate=migrate,
-                                node=node or socket.gethostname())
+                                node=node or socket.gethostname(), lease_seconds=lease_seconds)
     return Registry(target, timeout, migrate=migrate, create=create, guard_reads=guard_reads)
 
 

@@ -15,10 +15,6 @@ from contimg_publisher.config import QA_FIELDS
 from contimg_publisher.qa import Condition
 from contimg_publisher.states import FailureKind, Kind, Status
 
-# The schema both backends are at: version N means the same tables, columns and meanings in
-# SQLite (PRAGMA user_version) and in PostgreSQL (its schema version table).
-SCHEMA_VERSION = 7
-
 STATUSES = tuple(Status)
 FAILURE_KINDS = tuple(FailureKind)
 
