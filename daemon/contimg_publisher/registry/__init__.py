@@ -18,23 +18,31 @@ from typing import TYPE_CHECKING
 from contimg_publisher.registry import sqlite
 from contimg_publisher.registry.interface import RegistryBackend
 from contimg_publisher.registry.model import (
+    EVENT_PUBLISHED,
     FAILURE_KINDS,
+    FINDING_KINDS,
     HEARTBEAT_SECONDS,
     HELD_BY_OPERATOR,
     PENDING,
     STATUSES,
     Candidate,
+    Event,
     Failure,
     FailureOutcome,
+    Finding,
     Heartbeat,
     Identity,
     Product,
     Published,
     PublishRecord,
+    Quarantined,
+    Rebuilt,
+    Recorded,
     RegistryBusy,
     RegistryError,
     RegistryGone,
     RegistryUnavailable,
+    SinkState,
     Unclaimed,
     backoff_delay,
     checksum_known,
@@ -42,19 +50,11 @@ from contimg_publisher.registry.model import (
     qa_hold_sql,
     truncate,
 )
-from contimg_publisher.registry.sqlite import (  # the outbox and the audit: SQLite only
-    EVENT_PUBLISHED,
-    FINDING_KINDS,
+from contimg_publisher.registry.sqlite import (
     LEGACY_DDL,
     SCHEMA_VERSION,
     TRANSIENT,
-    Event,
-    Finding,
-    Quarantined,
-    Rebuilt,
-    Recorded,
     Registry,
-    SinkState,
     unavailable,
 )
 
