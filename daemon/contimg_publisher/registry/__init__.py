@@ -73,18 +73,9 @@ __all__ = [
     "RegistryUnavailable", "SCHEMA_VERSION", "SQLiteRegistry", "STATUSES", "SinkState",
     "TRANSIENT", "Unclaimed", "backoff_delay", "by_status", "checksum_known", "held", "is_server",
     "oldest_unheld_waiting", "open_registry", "pending_checksum", "qa_hold_sql", "qa_holds",
-    "recent_published", "refuse_new_over_archive", "sqlite_only", "truncate", "unavailable",
+    "recent_published", "refuse_new_over_archive", "truncate", "unavailable",
     "waiting",
 ]
-
-
-def sqlite_only(registry: RegistryBackend, what: str) -> Registry:
-    """The SQLite backend, for what exists on it alone (the outbox, the fixity audit,
-    rebuild and quarantine); RegistryError naming `what` on another backend."""
-    if isinstance(registry, Registry):
-        return registry
-    raise RegistryError(f"{what} needs an SQLite registry: on a PostgreSQL registry "
-                        f"({registry.location}) it is not available yet")
 
 
 def is_server(target: str | os.PathLike[str]) -> bool:

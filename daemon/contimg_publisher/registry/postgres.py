@@ -13,6 +13,10 @@ publish_failures, data_relationships, data_tags, unclaimed_files, publish_log), 
   row was claimed again (by anyone, itself included) changes nothing.
 - `contimg_schema`, the schema version (SQLite's PRAGMA user_version).
 - `heartbeats`: one row per running daemon, renewed by its main loop.
+- the outbox, the fixity audit's findings and progress and the quarantine log (SQLite's
+  tables), shared by every node, and `duties`: the outbox's delivery and the audit are
+  each one daemon's at a time, under a lease (see the section "the outbox, duties, ..."
+  below for what several nodes mean for each).
 
 Where SQLite's nuances have no equivalent here: check_identity is a no-op (a server has
 no file to be replaced under the connection); there is no fsguard (a server refuses a
