@@ -768,3 +768,39 @@ def test_schema_6_is_migrated_to_7_with_the_outbox_and_audit_tables(server: Serv
         assert reg.finding_counts()["missing"] == 0
         assert _publish(reg, 2) == "m_000002" and len(reg.events_for("m_000002")) == 1
 
+
+def test_a_publish_its_client_stopped_driving_does_not_hold_other_nodes_back(
+        server: Server) -> None:
+    """node-a's transaction holds the outbox's order, then its client goes silent before
+    the COMMIT (cut off, stopped): the server ends it, node-b's publish goes through, and
+    node-a's publish is not recorded (its commit fails: nothing half-written)."""
+    with _pg(server, node="node-a", busy_timeout_seconds=1.0) as a, \
+            _pg(server, node="node-b") as b:
+        a.register(candidate(1))
+        b.register(candidate(2))
+        (ra,) = a.claim("owner-a", LEASE)
+        (rb,) = b.claim("owner-b", LEASE)
+        took: list[float] = []
+
+        def publish_b() -> None:
+            start = time.monotonic()
+            assert b.mark_published(Published(rb.data_id, "/p/m2.fits", "auto"), "owner-b",
+                                    token=rb.claim_token)
+            took.append(time.monotonic() - start)
+
+        thread = threading.Thread(target=publish_b)
+        with pytest.raises(RegistryUnavailable), a.write():
+            assert a.mark_published(Published(ra.data_id, "/p/m1.fits", "auto"), "owner-a",
+                                    token=ra.claim_token)
+            thread.start()
+            thread.join(20)  # the client drives nothing meanwhile
+            assert took, "node-b's publish never went through"
+        assert 4.0 <= took[0] < 15.0, took  # it waited for the server to end node-a's
+        still = b.get(ra.data_id)
+        assert still is not None and still.status == "publishing"
+        assert b.events_for(ra.data_id) == [] and len(b.events_for(rb.data_id)) == 1
+        # node-a's pool reconnects; its next publish is recorded.
+        assert a.mark_published(Published(ra.data_id, "/p/m1.fits", "auto"), "owner-a",
+                                token=ra.claim_token)
+        assert len(a.events_for(ra.data_id)) == 1
+

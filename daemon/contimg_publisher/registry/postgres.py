@@ -313,6 +313,7 @@ TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures"
 # first (and holds to its commit): events get their ids in commit order, so a sink's cursor
 # (delivered_through) never passes an event another node had not committed yet.
 OUTBOX_LOCK = (MIGRATE_LOCK << 8) | 7
+OUTBOX_IDLE_SECONDS = 5.0
 
 # Copies a row's publish into publish_log (the row was just made `published`).
 _LOG_PUBLISH = (
@@ -333,9 +334,11 @@ CLAIM_CLEARED = ("lease_owner = NULL, lease_expires_at = NULL, claim_token = NUL
                  " publish_target = NULL, publish_temp = NULL, publish_step = NULL")
 
 # What the server says when it cannot take work now: a lost connection, a server shutting
-# down or in recovery, a full disk, a lock past lock_timeout, a read-only server.
+# down or in recovery, a full disk, a lock past lock_timeout, a read-only server, a
+# transaction the server ended while its client was silent (OUTBOX_IDLE_SECONDS).
 _UNAVAILABLE: tuple[type[Exception], ...] = (
-    psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction)
+    psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.IdleInTransactionSessionTimeout)
 
 
 class PostgresRegistry:
@@ -1228,8 +1231,15 @@ class PostgresRegistry:
     def _emit_published(self, data_id: str, supersedes: str | None, now: float | None
                         ) -> None:
         """The outbox event of a row just made `published`, in the caller's transaction:
-        committed with the publish or not at all, its id in commit order (OUTBOX_LOCK)."""
+        committed with the publish or not at all, its id in commit order (OUTBOX_LOCK).
+
+        Every node's publishes wait while one holds that lock, so a transaction holding it
+        that its client no longer drives (a node cut off before its COMMIT arrived) is
+        ended by the server after OUTBOX_IDLE_SECONDS (at least; 3 busy timeouts), not
+        after the server's TCP keepalives give up, which can take hours."""
         self._rows("SELECT pg_advisory_xact_lock(%s)", (OUTBOX_LOCK,))
+        idle = max(OUTBOX_IDLE_SECONDS, 3 * self.busy_timeout_seconds)
+        self._rows(f"SET LOCAL idle_in_transaction_session_timeout = {int(idle * 1000)}")
         row = self._one("SELECT * FROM data_registry WHERE data_id = %s", (data_id,))
         assert row is not None  # updated just above, in this transaction
         payload = published_payload(_product(row), supersedes, socket.gethostname(), self.node)
