@@ -253,6 +253,13 @@ def test_two_nodes_deliver_each_event_once_and_one_audits_the_shared_archive(
             wait_for(lambda: pg_server.psql(
                 "SELECT count(*) FROM audit_findings WHERE resolved_at IS NULL") == "0", 60,
                 what="the finding resolved once the bytes are back")
+            # Who held each duty while both ran (the first to stop hands its duties over).
+            running = {box.root.name: log_events(box) for box in (a, b)}
+            duty = {name: [e["leading"] for e in events if e.get("event") == "outbox_duty"]
+                    for name, events in running.items()}
+            audit_duty = {name: [e["leading"] for e in events
+                                 if e.get("event") == "audit_duty"]
+                          for name, events in running.items()}
         finally:
             codes = [stop(p) for p in procs]
         assert codes == [0, 0]
@@ -274,14 +281,10 @@ def test_two_nodes_deliver_each_event_once_and_one_audits_the_shared_archive(
         delivered = {name: [e["event_id"] for e in events if e.get("event") ==
                             "event_delivered"] for name, events in logs.items()}
         assert sorted(delivered["a"] + delivered["b"]) == sorted(keys)
-        duty = {name: [e["leading"] for e in events if e.get("event") == "outbox_duty"]
-                for name, events in logs.items()}
         assert sorted(duty.values()) == [[False], [True]], duty
         leader = "a" if duty["a"] == [True] else "b"
         assert len(delivered[leader]) == len(keys)  # the other sent nothing
 
-        audit_duty = {name: [e["leading"] for e in events if e.get("event") == "audit_duty"]
-                      for name, events in logs.items()}
         assert sorted(audit_duty.values()) == [[False], [True]], audit_duty
         found = [(name, e["path"]) for name, events in logs.items() for e in events
                  if e.get("event") == "audit_finding"]
@@ -290,5 +293,13 @@ def test_two_nodes_deliver_each_event_once_and_one_audits_the_shared_archive(
         assert pg_server.psql("SELECT kind, path, data_id FROM audit_findings") == \
             f"checksum_changed|{target}|b_1"
         assert pg_server.psql("SELECT count(*) FROM duties") == "0", "a clean stop resigns"
+        # The commands read the shared outbox and archive from either node.
+        listed = json.loads(b.cli("events", "--all", "--json", check=True).stdout)
+        assert [e["event_id"] for e in listed] == keys
+        assert {e["deliveries"]["webhook"]["state"] for e in listed} == {"delivered"}, listed
+        assert json.loads(a.cli("events", "--json", check=True).stdout) == []
+        audited = a.cli("audit", "--json")
+        assert audited.returncode == 0, audited.stdout + audited.stderr
+        assert json.loads(audited.stdout)["checked"] == len(want)
     finally:
         receiver.close()
