@@ -386,3 +386,106 @@ def test_a_migration_held_up_by_another_node_pauses_the_start_until_it_is_done(
             code = stop(proc)
     assert code == 0
     assert pg_server.psql("SELECT version FROM contimg_schema") == str(PG_SCHEMA_VERSION)
+
+
+def test_two_nodes_deliver_each_event_once_and_one_audits_the_shared_archive(
+        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+    """Two daemons on two nodes, one webhook consumer and one archive: every publish of
+    either node reaches the consumer exactly once, in the order of the shared outbox, sent
+    by whichever daemon holds the delivery duty; a flipped byte in the archive is found by
+    the one daemon that audits it, once, and its finding is on the server for both."""
+    from tests.test_events import Receiver
+    receiver = Receiver()
+    try:
+        a = _node_sandbox(tmp_path / "a", pg_server, "node-a")
+        b = _node_sandbox(tmp_path / "b", pg_server, "node-b", products=a.products)
+        for box in (a, b):
+            box.update(notify={"url": receiver.url, "retry_initial_seconds": 0.2,
+                               "retry_max_seconds": 1},
+                       audit={"interval_seconds": 1.0, "bytes_per_second": 0})
+        want: dict[str, bytes] = {}
+        for box, tag in ((a, "a"), (b, "b")):
+            for i in range(3):
+                want[f"mosaics/{tag}_{i}.fits"] = write_fits(
+                    box.mosaics / f"{tag}_{i}.fits", pixels=32, seed=(7 if tag == "a" else 70) + i)
+        procs = [start_daemon(a), start_daemon(b)]
+        try:
+            wait_for(lambda: sorted(_archive(a.products)) == sorted(want), 90,
+                     what="six mosaics published from two nodes")
+            wait_for(lambda: len(receiver.seen) == len(want), 60,
+                     what="every event received")
+            # One more from each node while both run, then every event is done for the sink.
+            for box, tag in ((a, "a"), (b, "b")):
+                want[f"mosaics/{tag}_late.fits"] = write_fits(
+                    box.mosaics / f"{tag}_late.fits", pixels=40, seed=3 if tag == "a" else 4)
+            wait_for(lambda: len(receiver.seen) == len(want), 90,
+                     what="the late events received")
+            wait_for(lambda: pg_server.psql(
+                "SELECT delivered_through = (SELECT MAX(id) FROM outbox) FROM outbox_sinks"
+                " WHERE sink = 'webhook'") == "t", 30, what="the sink's cursor at the end")
+            time.sleep(3.0)  # the standing-by daemon's passes would show a second delivery
+
+            target = a.products / "mosaics" / "b_1.fits"
+            original = target.read_bytes()
+            flipped = bytearray(original)
+            flipped[-100] ^= 0xFF
+            target.write_bytes(bytes(flipped))
+            wait_for(lambda: pg_server.psql(
+                "SELECT count(*) FROM audit_findings WHERE resolved_at IS NULL") == "1", 60,
+                what="the flipped byte found by the audit")
+            status = json.loads(b.cli("status", "--json").stdout)
+            assert [f["path"] for f in status["audit"]["findings"]] == [str(target)]
+            target.write_bytes(original)
+            wait_for(lambda: pg_server.psql(
+                "SELECT count(*) FROM audit_findings WHERE resolved_at IS NULL") == "0", 60,
+                what="the finding resolved once the bytes are back")
+            # Who held each duty while both ran (the first to stop hands its duties over).
+            running = {box.root.name: log_events(box) for box in (a, b)}
+            duty = {name: [e["leading"] for e in events if e.get("event") == "outbox_duty"]
+                    for name, events in running.items()}
+            audit_duty = {name: [e["leading"] for e in events
+                                 if e.get("event") == "audit_duty"]
+                          for name, events in running.items()}
+        finally:
+            codes = [stop(p) for p in procs]
+        assert codes == [0, 0]
+
+        # Each event was sent once: no request repeated a key, none failed.
+        keys = [r["key"] for r in receiver.requests]
+        assert len(keys) == len(want) and len(set(keys)) == len(want), receiver.requests
+        outbox = [tuple(line.split("|")) for line in pg_server.psql(
+            "SELECT event_id, data_id, node FROM outbox ORDER BY id").splitlines()]
+        assert [e for e, _d, _n in outbox] == keys  # in the shared outbox's order
+        for event_id, data_id, node in outbox:
+            body = receiver.seen[event_id]
+            assert body["data_id"] == data_id and body["node"] == node
+            assert node == f"node-{data_id[0]}", (data_id, node)
+        assert sorted(d for _e, d, _n in outbox) == sorted(
+            p.removeprefix("mosaics/").removesuffix(".fits") for p in want)
+
+        logs = {box.root.name: log_events(box) for box in (a, b)}
+        delivered = {name: [e["event_id"] for e in events if e.get("event") ==
+                            "event_delivered"] for name, events in logs.items()}
+        assert sorted(delivered["a"] + delivered["b"]) == sorted(keys)
+        assert sorted(duty.values()) == [[False], [True]], duty
+        leader = "a" if duty["a"] == [True] else "b"
+        assert len(delivered[leader]) == len(keys)  # the other sent nothing
+
+        assert sorted(audit_duty.values()) == [[False], [True]], audit_duty
+        found = [(name, e["path"]) for name, events in logs.items() for e in events
+                 if e.get("event") == "audit_finding"]
+        auditor = "a" if audit_duty["a"] == [True] else "b"
+        assert found == [(auditor, str(target))]  # logged once, by the one auditing
+        assert pg_server.psql("SELECT kind, path, data_id FROM audit_findings") == \
+            f"checksum_changed|{target}|b_1"
+        assert pg_server.psql("SELECT count(*) FROM duties") == "0", "a clean stop resigns"
+        # The commands read the shared outbox and archive from either node.
+        listed = json.loads(b.cli("events", "--all", "--json", check=True).stdout)
+        assert [e["event_id"] for e in listed] == keys
+        assert {e["deliveries"]["webhook"]["state"] for e in listed} == {"delivered"}, listed
+        assert json.loads(a.cli("events", "--json", check=True).stdout) == []
+        audited = a.cli("audit", "--json")
+        assert audited.returncode == 0, audited.stdout + audited.stderr
+        assert json.loads(audited.stdout)["checked"] == len(want)
+    finally:
+        receiver.close()

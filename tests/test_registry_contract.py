@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from contimg_publisher import paths
 from contimg_publisher.registry import (
     Candidate,
     Identity,
@@ -24,6 +25,7 @@ from contimg_publisher.registry import (
     RegistryUnavailable,
     open_registry,
 )
+from contimg_publisher.registry.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from contimg_publisher.registry.postgres import PostgresRegistry
 from contimg_publisher.states import FailureKind
 from tests import pg
@@ -289,6 +291,217 @@ def test_heartbeats_list_a_running_daemon_until_its_clean_stop(opener: Opener,
     assert beat.to_json()["stale"] is False
     reg.end_heartbeat("host:1:2:3")
     assert reg.heartbeats() == []
+
+
+# --- the outbox, the audit, rebuild and quarantine, on both backends -----------------------
+
+def _publish(reg: RegistryBackend, n: int, supersedes: str | None = None) -> str:
+    """Register, claim and publish candidate n; returns its data_id."""
+    reg.register(candidate(n))
+    (row,) = reg.claim("owner-1", LEASE, data_id=f"m_{n:06d}")
+    assert reg.mark_published(Published(row.data_id, f"/products/mosaics/m_{n:06d}.fits",
+                                        "auto", (f"m_{n:06d}.weights.fits",), supersedes),
+                              "owner-1", token=row.claim_token)
+    return row.data_id
+
+
+def test_each_publish_writes_one_event_in_its_own_commit(opener: Opener,
+                                                         request: pytest.FixtureRequest
+                                                         ) -> None:
+    reg = opener(node="node-e")
+    first = _publish(reg, 1)
+    (event,) = reg.events_for(first)
+    row = reg.get(first)
+    assert row is not None
+    assert (event.type, event.data_id) == ("published", first)
+    body = event.to_json()
+    assert body["event_id"] == event.event_id and body["sequence"] == event.seq
+    assert (body["published_path"], body["checksum"], body["size_bytes"], body["sidecars"]) \
+        == (row.published_path, row.checksum, row.size_bytes, row.sidecars)
+    assert body["metadata"] == {"NIMAGES": 10, "n": 1} and body["publish_mode"] == "auto"
+    assert body["published_at"] == row.published_at
+    if "postgres" in request.node.callspec.id:
+        assert body["node"] == "node-e"  # the node whose daemon published it
+    # A publish rolled back takes its event with it.
+    reg.register(candidate(2))
+    (claimed,) = reg.claim("owner-1", LEASE)
+    with pytest.raises(RuntimeError), reg.write():
+        assert reg.mark_published(Published(claimed.data_id, "/products/m2.fits", "auto"),
+                                  "owner-1", token=claimed.claim_token)
+        assert len(reg.events_for(claimed.data_id)) == 1  # inside the transaction
+        raise RuntimeError("the commit never happens")
+    assert reg.events_for(claimed.data_id) == []
+    still = reg.get(claimed.data_id)
+    assert still is not None and still.status == "publishing"
+    # A publish an older program finished is told once; a restored row is not told again.
+    assert reg.confirm_published(claimed.data_id, "/products/m2.fits", 5760,
+                                 "sha256:" + "2" * 64, {"n": 2})
+    (confirmed,) = reg.events_for(claimed.data_id)
+    assert confirmed.seq > event.seq and confirmed.payload["checksum"] == "sha256:" + "2" * 64
+    assert reg.last_event_seq() == confirmed.seq
+
+
+def test_a_sinks_cursor_keeps_order_through_failures_dead_events_and_redelivery(
+        opener: Opener) -> None:
+    reg = opener()
+    assert reg.add_sinks(["webhook"]) == ["webhook"]
+    assert reg.add_sinks(["webhook"]) == []  # one seen before keeps its cursor
+    ids = [_publish(reg, n) for n in range(3)]
+    seqs = [e.seq for d in ids for e in reg.events_for(d)]
+    assert seqs == sorted(seqs) and len(seqs) == 3
+    head = reg.outbox_head("webhook")
+    assert head is not None and head.seq == seqs[0]
+    assert reg.record_delivery_failure("webhook", seqs[0], "HTTP 500 " + "x" * 900, 40) == (
+        1, False)
+    (state,) = reg.sink_states(["webhook"])
+    assert (state.registered, state.undelivered, state.attempts, state.head) == (
+        True, 3, 1, seqs[0])
+    assert state.last_error is not None and len(state.last_error) == 40
+    assert state.oldest_undelivered_at is not None
+    assert reg.record_delivered("webhook", seqs[0]) == 2  # the attempt that took it counts
+    assert reg.record_delivered("webhook", seqs[0]) == 0  # already past it
+    head = reg.outbox_head("webhook")
+    assert head is not None and head.seq == seqs[1]
+    assert reg.record_delivery_failure("webhook", seqs[1], "down", 100, max_attempts=2) == (
+        1, False)
+    assert reg.record_delivery_failure("webhook", seqs[1], "down", 100, max_attempts=2) == (
+        2, True)
+    head = reg.outbox_head("webhook")
+    assert head is not None and head.seq == seqs[2]  # the dead one no longer blocks
+    (state,) = reg.sink_states(["webhook"])
+    assert (state.undelivered, state.dead, state.attempts, state.last_error) == (1, 1, 0, None)
+    listed = {e.seq: st["webhook"] for e, st in reg.events(["webhook"])}
+    assert {k: v["state"] for k, v in listed.items()} == {seqs[1]: "dead", seqs[2]: "pending"}
+    assert listed[seqs[1]]["attempts"] == 2 and listed[seqs[1]]["error"] == "down"
+    everything = reg.events(["webhook"], everything=True)
+    assert [(e.seq, st["webhook"]["state"]) for e, st in everything] == [
+        (seqs[0], "delivered"), (seqs[1], "dead"), (seqs[2], "pending")]
+    assert everything[0][1]["webhook"]["attempts"] == 2
+    assert [e.seq for e, _ in reg.events(["webhook"], everything=True, after=seqs[0])] == \
+        seqs[1:]
+    assert reg.redeliver_dead(["webhook", "command"]) == {"webhook": 2}
+    head = reg.outbox_head("webhook")
+    assert head is not None and head.seq == seqs[1]
+    assert reg.sink_states(["webhook"])[0].dead == 0
+    # A sink configured later hears of publishes from then on, not the history.
+    assert reg.sink_states(["command"])[0].registered is False
+    assert reg.add_sinks(["webhook", "command"]) == ["command"]
+    assert reg.outbox_head("command") is None
+    later = _publish(reg, 9)
+    head = reg.outbox_head("command")
+    assert head is not None and head.data_id == later
+    assert reg.outbox_head("nobody") is None
+
+
+def test_audit_findings_open_once_stay_open_and_resolve_with_the_state(opener: Opener) -> None:
+    from contimg_publisher.registry import Finding
+    reg = opener()
+    a = Finding("checksum_changed", "/products/mosaics/a.fits", "other bytes", "a")
+    b = Finding("dark_file", "/products/mosaics/stray.fits", "no row records it")
+    t0 = reg.clock()
+    new = reg.observe_findings([a, b], now=t0, state={"pass_started": t0, "cursor": 7})
+    assert [(f.kind, f.path, f.data_id, f.first_seen) for f in new] == [
+        (a.kind, a.path, "a", t0), (b.kind, b.path, None, t0)]
+    assert reg.audit_state() == {"pass_started": t0, "cursor": 7}
+    again = reg.observe_findings([Finding(a.kind, a.path, "still other bytes")], now=t0 + 5)
+    assert again == []  # seen again: not new, not logged twice
+    counts = reg.finding_counts()
+    assert counts["checksum_changed"] == 1 and counts["dark_file"] == 1
+    assert sum(counts.values()) == 2 and "missing" in counts
+    open_ = {f.path: f for f in reg.findings()}
+    assert open_[a.path].last_seen == t0 + 5 and open_[a.path].detail == "still other bytes"
+    assert open_[a.path].data_id == "a"  # kept when not given again
+    resolved = reg.resolve_findings(t0 + 1, now=t0 + 6, state={
+        "pass_started": None, "cursor": 0, "last_pass_finished": t0 + 6,
+        "last_pass_bytes": 12345, "note": "é"})
+    assert [(f.path, f.resolved_at) for f in resolved] == [(b.path, t0 + 6)]
+    assert [f.path for f in reg.findings()] == [a.path]
+    assert len(reg.findings(open_only=False)) == 2 and len(reg.findings(limit=1)) == 1
+    state = reg.audit_state()
+    assert state == {"pass_started": None, "cursor": 0, "last_pass_finished": t0 + 6,
+                     "last_pass_bytes": 12345, "note": "é"}
+    assert isinstance(state["last_pass_bytes"], int)
+    # Found again after it was resolved: a new finding, its history kept.
+    (reopened,) = reg.observe_findings([b], now=t0 + 10)
+    assert reopened.first_seen == t0 + 10 and len(reg.findings(open_only=False)) == 3
+    reg.save_audit_state({"cursor": 42})
+    assert reg.audit_state()["cursor"] == 42
+
+
+def test_rebuild_inserts_a_row_once_and_the_audit_sees_it_recorded(opener: Opener) -> None:
+    from contimg_publisher.registry import Rebuilt
+    reg = opener()
+    item = Rebuilt("r_1", "mosaic", "/stage", "/stage/mosaics/r_1.fits",
+                   b"/stage/mosaics/r_1.fits", "/products/mosaics/2026/r_1.fits",
+                   1_700_000_000.5, 2880, "sha256:" + "e" * 64, {"OBJECT": "M31"},
+                   ("r_1.weights.fits",))
+    assert not reg.is_recorded(item.published_path)
+    assert reg.insert_rebuilt(item) == "created"
+    assert reg.insert_rebuilt(item) == "recorded"
+    taken = Rebuilt(**{**item.__dict__, "published_path": "/products/mosaics/other.fits"})
+    assert reg.insert_rebuilt(taken) == "id_taken"
+    row = reg.get("r_1")
+    assert row is not None and row.status == "published" and row.publish_mode == "rebuilt"
+    assert (row.published_at, row.size_bytes, row.checksum, row.metadata, row.sidecars) == (
+        1_700_000_000.5, 2880, item.checksum, {"OBJECT": "M31"}, ["r_1.weights.fits"])
+    assert row.stage_path_bytes == item.stage_path_bytes
+    (record,) = reg.publish_records("r_1", item.stage_path)
+    assert record.published_path == item.published_path and record.publish_mode == "rebuilt"
+    assert reg.is_recorded(item.published_path)
+    assert reg.events_for("r_1") == []  # nothing new was published
+    published = _publish(reg, 3)
+    top = reg.recorded_in("/products/mosaics")
+    assert top.names == {"m_000003.fits", "m_000003.weights.fits"} and top.folders == {"2026"}
+    inner = reg.recorded_in("/products/mosaics/2026/")
+    assert inner.names == {"r_1.fits", "r_1.weights.fits"} and inner.folders == frozenset()
+    assert reg.recorded_in("/products/mosaics/20").names == frozenset()
+    assert [r.data_id for r in reg.published_after(0, 10)] == ["r_1", published]
+    first = reg.get("r_1")
+    assert first is not None
+    assert [r.data_id for r in reg.published_after(first.id, 10)] == [published]
+    assert [r.data_id for r in reg.published_after(0, 10, "/products/mosaics/2026/")] == [
+        "r_1"]
+
+
+def test_quarantine_is_recorded_and_the_file_leaves_the_unclaimed_list(opener: Opener) -> None:
+    from contimg_publisher.registry import Quarantined
+    reg = opener()
+    raw = b"/stage/mosaics/junk-\xff.txt"
+    shown = paths.display(raw)  # the display form every path column holds
+    reg.replace_unclaimed([(shown, raw, "matches no product rule", 1.0, 9),
+                           ("/stage/mosaics/kept.txt", b"/stage/mosaics/kept.txt",
+                            "matches no product rule", 1.0, 3)])
+    reg.reject("bad_1", "mosaic", "/stage", "/stage/mosaics/bad_1.fits",
+               b"/stage/mosaics/bad_1.fits", "not FITS", None, 500, now=100.0)
+    assert [r.data_id for r in reg.rejected_before(200.0)] == ["bad_1"]
+    assert reg.rejected_before(50.0) == []
+    item = Quarantined("unclaimed", None, shown, "/quarantine/junk.txt",
+                       "matches no product rule", 9, "rename", 1_700_000_123.25)
+    reg.record_quarantine(item, raw)
+    assert [u.path for u in reg.unclaimed()] == ["/stage/mosaics/kept.txt"]
+    other = Quarantined("rejected", "bad_1", "/stage/mosaics/bad_1.fits", "/q/bad_1.fits",
+                        "not FITS", None, "copy", 1_700_000_200.0)
+    reg.record_quarantine(other, b"/stage/mosaics/bad_1.fits")
+    assert reg.quarantined() == [other, item]
+    assert reg.quarantined(limit=1) == [other]
+
+
+def test_a_duty_is_held_by_one_daemon_until_it_resigns(opener: Opener,
+                                                       request: pytest.FixtureRequest) -> None:
+    a, b = opener(node="node-a"), opener(node="node-b")
+    assert a.lead("outbox", "daemon-a", 60)
+    assert a.lead("outbox", "daemon-a", 60)  # renewed
+    if "sqlite" in request.node.callspec.id:
+        assert b.lead("outbox", "daemon-b", 60)  # one daemon per file: nobody to share with
+        return
+    assert not b.lead("outbox", "daemon-b", 60)
+    assert b.lead("audit", "daemon-b", 60)  # another duty, another holder
+    assert not a.lead("audit", "daemon-a", 60)
+    b.resign("outbox", "daemon-b")  # not its duty: changes nothing
+    assert not b.lead("outbox", "daemon-b", 60)
+    a.resign("outbox", "daemon-a")
+    assert b.lead("outbox", "daemon-b", 60)
+    assert not a.lead("outbox", "daemon-a", 60)
 
 
 # --- what a shared server adds (PostgreSQL only) --------------------------------------------
@@ -565,7 +778,109 @@ def test_a_schema_6_database_gains_the_reservations_table_and_keeps_its_rows(
     with _pg(server, migrate=False) as old:
         assert old.version() == 6
     with _pg(server) as reg:  # opening migrates
-        assert reg.version() == 7
+        assert reg.version() == PG_SCHEMA_VERSION
         assert [p.data_id for p in reg.products()] == ["m_000001"]
         assert reg.reserve_name("/products/images/a.image", "m_000001", "owner-1") is None
     assert server.psql("SELECT data_id FROM name_reservations") == "m_000001"
+
+
+def test_a_duty_whose_lease_lapsed_passes_to_another_daemon(server: Server) -> None:
+    with _pg(server, node="node-a") as a, _pg(server, node="node-b") as b:
+        assert a.lead("audit", "daemon-a", 1.0)
+        assert not b.lead("audit", "daemon-b", 1.0)
+        time.sleep(1.3)  # daemon-a stopped renewing (killed, cut off)
+        assert b.lead("audit", "daemon-b", 60)
+        assert not a.lead("audit", "daemon-a", 60)
+        rows = server.psql("SELECT duty, owner, node FROM duties")
+        assert rows == "audit|daemon-b|node-b"
+
+
+def test_events_of_two_nodes_are_numbered_in_commit_order(server: Server) -> None:
+    """A publish whose transaction is still open holds the outbox's order: another node's
+    publish waits for its commit, so a sink's cursor can never pass an event that was not
+    committed yet."""
+    with _pg(server, node="node-a") as a, _pg(server, node="node-b") as b:
+        a.register(candidate(1))
+        b.register(candidate(2))
+        (ra,) = a.claim("owner-a", LEASE)
+        (rb,) = b.claim("owner-b", LEASE)
+        b_done = threading.Event()
+
+        def publish_b() -> None:
+            assert b.mark_published(Published(rb.data_id, "/p/m2.fits", "auto"), "owner-b",
+                                    token=rb.claim_token)
+            b_done.set()
+
+        with a.write():
+            assert a.mark_published(Published(ra.data_id, "/p/m1.fits", "auto"), "owner-a",
+                                    token=ra.claim_token)
+            thread = threading.Thread(target=publish_b)
+            thread.start()
+            waiting = ""
+            for _ in range(100):
+                waiting = server.psql("SELECT count(*) FROM pg_stat_activity"
+                                      " WHERE wait_event_type = 'Lock'"
+                                      " AND wait_event = 'advisory'")
+                if waiting == "1":
+                    break
+                time.sleep(0.05)
+            assert waiting == "1", "node-b's publish did not wait for node-a's commit"
+            assert not b_done.is_set()
+        thread.join(10)
+        assert b_done.is_set()
+        (ea,) = a.events_for(ra.data_id)
+        (eb,) = a.events_for(rb.data_id)
+        assert ea.seq < eb.seq
+        assert (ea.payload["node"], eb.payload["node"]) == ("node-a", "node-b")
+        assert server.psql("SELECT node FROM outbox ORDER BY id") == "node-a\nnode-b"
+
+
+def test_schema_7_is_migrated_to_8_with_the_outbox_and_audit_tables(server: Server) -> None:
+    with _pg(server) as reg:
+        _publish(reg, 1)
+    server.psql("DROP TABLE outbox, outbox_sinks, outbox_deliveries, duties, audit_findings,"
+                " audit_state, quarantine_log; UPDATE contimg_schema SET version = 7")
+    with _pg(server, migrate=False) as old:
+        assert old.version() == 7
+    with _pg(server) as reg:
+        assert reg.version() == PG_SCHEMA_VERSION == 8
+        assert reg.events_for("m_000001") == []  # nothing published before is sent
+        assert reg.finding_counts()["missing"] == 0
+        assert _publish(reg, 2) == "m_000002" and len(reg.events_for("m_000002")) == 1
+
+
+def test_a_publish_its_client_stopped_driving_does_not_hold_other_nodes_back(
+        server: Server) -> None:
+    """node-a's transaction holds the outbox's order, then its client goes silent before
+    the COMMIT (cut off, stopped): the server ends it, node-b's publish goes through, and
+    node-a's publish is not recorded (its commit fails: nothing half-written)."""
+    with _pg(server, node="node-a", busy_timeout_seconds=1.0) as a, \
+            _pg(server, node="node-b") as b:
+        a.register(candidate(1))
+        b.register(candidate(2))
+        (ra,) = a.claim("owner-a", LEASE)
+        (rb,) = b.claim("owner-b", LEASE)
+        took: list[float] = []
+
+        def publish_b() -> None:
+            start = time.monotonic()
+            assert b.mark_published(Published(rb.data_id, "/p/m2.fits", "auto"), "owner-b",
+                                    token=rb.claim_token)
+            took.append(time.monotonic() - start)
+
+        thread = threading.Thread(target=publish_b)
+        with pytest.raises(RegistryUnavailable), a.write():
+            assert a.mark_published(Published(ra.data_id, "/p/m1.fits", "auto"), "owner-a",
+                                    token=ra.claim_token)
+            thread.start()
+            thread.join(20)  # the client drives nothing meanwhile
+            assert took, "node-b's publish never went through"
+        assert 4.0 <= took[0] < 15.0, took  # it waited for the server to end node-a's
+        still = b.get(ra.data_id)
+        assert still is not None and still.status == "publishing"
+        assert b.events_for(ra.data_id) == [] and len(b.events_for(rb.data_id)) == 1
+        # node-a's pool reconnects; its next publish is recorded.
+        assert a.mark_published(Published(ra.data_id, "/p/m1.fits", "auto"), "owner-a",
+                                token=ra.claim_token)
+        assert len(a.events_for(ra.data_id)) == 1
+

@@ -1,5 +1,6 @@
 """Moving a site: `migrate --from FILE` copies an SQLite registry (legacy rows of every
-status, this program's rows, their failure history and publish log) into a real
+status, this program's rows, their failure history and publish log, the outbox with each
+sink's place in it, the audit's findings and progress, the quarantine log) into a real
 PostgreSQL server, and every row and value is found there as it was; the file is left
 byte for byte unchanged."""
 
@@ -13,14 +14,15 @@ import apsw
 import psycopg
 from psycopg.rows import dict_row
 
-from contimg_publisher.registry import Published, Registry
+from contimg_publisher.registry import Finding, Published, Quarantined, Registry, open_registry
 from contimg_publisher.states import FailureKind
 from tests.helpers import Sandbox
 from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
 from tests.test_registry import _build_legacy, candidate
 
 TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
-          "unclaimed_files", "publish_log")
+          "unclaimed_files", "publish_log", "outbox", "outbox_sinks", "outbox_deliveries",
+          "audit_findings", "audit_state", "quarantine_log")
 
 
 def _sqlite_rows(path: Path, table: str) -> list[dict[str, Any]]:
@@ -41,6 +43,7 @@ def test_migrate_from_copies_every_row_and_value(tmp_path: Path,
     source = tmp_path / "site" / "data_registry.db"
     _build_legacy(source, with_optional=True)
     with Registry(source) as reg:  # this program's own rows and history on top
+        assert reg.add_sinks(["webhook", "command"], now=10.5) == ["webhook", "command"]
         reg.register(candidate(1))
         reg.register(candidate(2))
         (one, two) = reg.claim("host:1:1:1", 600, limit=2)
@@ -52,9 +55,24 @@ def test_migrate_from_copies_every_row_and_value(tmp_path: Path,
                                 "matches no product rule", 1.5, 12)])
         reg.conn.execute("INSERT INTO data_tags (data_id, tag) VALUES ('legacy_000_staging',"
                          " 'nightly')")
+        (event,) = reg.events_for(one.data_id)
+        assert reg.record_delivered("webhook", event.seq, now=20.25) == 1
+        assert reg.record_delivery_failure("command", event.seq, "exit status 1", 500,
+                                           now=21.0) == (1, False)
+        reg.observe_findings([Finding("missing", "/p/gone.fits", "its folder is gone", "g"),
+                              Finding("dark_file", "/p/stray.fits", "no row records it")],
+                             now=30.0, state={"pass_started": 29.5, "cursor": 3})
+        reg.observe_findings([Finding("missing", "/p/gone.fits", "still gone", "g")],
+                             now=31.5)  # seen again by the next pass; the stray was not
+        reg.resolve_findings(31.0, now=32.0, state={"last_pass_bytes": 4096,
+                                                     "pass_started": None, "note": "é"})
+        reg.record_quarantine(Quarantined("unclaimed", None, "/stage/mosaics/y.txt",
+                                          "/q/x.txt", "stale", 12, "rename", 40.5),
+                              b"/stage/mosaics/y.txt")
     before = source.read_bytes()
     expected = {table: _sqlite_rows(source, table) for table in TABLES}
     assert len(expected["data_registry"]) == 18 and expected["publish_failures"]
+    assert all(expected[t] for t in TABLES)  # each has rows to copy
 
     box = Sandbox(tmp_path / "box", paths={"registry": pg_server.uri,
                                            "lock_file": str(tmp_path / "l.lock")},
@@ -79,7 +97,19 @@ def test_migrate_from_copies_every_row_and_value(tmp_path: Path,
                                " RETURNING id").fetchone()
         assert next_id is not None and next_id["id"] > max(r["id"] for r in expected["data_tags"])
 
-    # The copy is a working registry: the node's rows are its own.
+    # The copy is a working registry: each sink resumes where it stood, the audit too.
+    with open_registry(pg_server.uri, node="node-old") as reg:
+        assert reg.outbox_head("webhook") is None
+        head = reg.outbox_head("command")
+        assert head is not None and head.event_id == event.event_id
+        assert head.payload == event.payload
+        (command,) = reg.sink_states(["command"])
+        assert (command.attempts, command.last_error) == (1, "exit status 1")
+        assert [f.path for f in reg.findings()] == ["/p/gone.fits"]
+        assert reg.audit_state() == {"pass_started": None, "cursor": 3,
+                                     "last_pass_bytes": 4096, "note": "é"}
+        assert [q.quarantine_path for q in reg.quarantined()] == ["/q/x.txt"]
+    # The node's rows are its own.
     status = box.cli("list", "--json", "--limit", "0")
     assert status.returncode == 0, status.stderr
     again = box.cli("migrate", "--from", str(source))

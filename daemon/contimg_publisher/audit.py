@@ -12,6 +12,12 @@ resumes the pass), reading at most `[audit] bytes_per_second` and only while the
 thread is idle, so publishing never waits for it; no registry transaction is open while it
 reads files. Its findings go into audit_findings (new ones logged once, those a full pass no
 longer sees resolved), the metrics and the status page.
+
+On a registry several nodes share, the archive, the cursor and the findings are shared and
+the audit is one daemon's duty at a time (registry.lead(Duty.AUDIT)), renewed whenever the
+pass records its progress: another node's daemon takes a pass over where it stopped once
+the holder stops or its lease lapses, and the holder then ends its pass (HandedOver).
+Pass times are the registry's clock, the one every node's findings are seen by.
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ from contimg_publisher.registry import (
     TRANSIENT,
     Finding,
     Product,
-    Registry,
+    RegistryBackend,
     RegistryError,
     checksum_known,
+    open_registry,
 )
-from contimg_publisher.states import FindingKind, Kind
+from contimg_publisher.states import Duty, FindingKind, Kind
 
 CHUNK = 1 << 20
 ROWS_PER_QUERY = 200
@@ -47,6 +54,10 @@ RECORD_ROWS = 500
 # With no pass recorded yet, the first starts this long after the daemon (or after one
 # interval, if shorter): a start-up has its own work (reconciliation, a backlog).
 FIRST_PASS_DELAY = 3600.0
+# The audit duty's lease on a shared registry (renewed at every record), and how often a
+# daemon that does not hold it looks again.
+DUTY_LEASE = 600.0
+STANDBY_SECONDS = 30.0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _RETRY: tuple[type[Exception], ...] = (RegistryError, *TRANSIENT)
@@ -54,6 +65,11 @@ _RETRY: tuple[type[Exception], ...] = (RegistryError, *TRANSIENT)
 
 class Stopped(Exception):
     """The daemon is stopping: the pass ends where it is (its cursor is kept)."""
+
+
+class HandedOver(Exception):
+    """Another daemon of the shared registry holds the audit duty now: this one's pass ends
+    where it is, and that one resumes it from the shared cursor."""
 
 
 class Throttle:
@@ -229,7 +245,7 @@ def _open_sub(root_fd: int, sub: tuple[bytes, ...]) -> int | None:
         return None
 
 
-def dark_data(config: Config, registry: Registry, throttle: Throttle,
+def dark_data(config: Config, registry: RegistryBackend, throttle: Throttle,
               sub: tuple[bytes, ...] = ()) -> Iterator[list[Finding]]:
     """Walk the products area (below `sub`), a folder at a time: what no row records, and
     every symbolic link. Each folder is listed before the registry is asked what it records
@@ -303,7 +319,7 @@ class Report:
     seconds: float = 0.0
 
 
-def run(config: Config, registry: Registry, throttle: Throttle | None = None,
+def run(config: Config, registry: RegistryBackend, throttle: Throttle | None = None,
         sub: tuple[bytes, ...] = (), progress: Callable[[Report], None] | None = None
         ) -> Report:
     """One whole pass (below `sub` of the products area): every published row there, then
@@ -363,12 +379,15 @@ class Auditor:
     nothing in hand) gates every read; reconfigure() takes a reloaded Config."""
 
     def __init__(self, config: Config, idle: Callable[[], bool],
-                 on_bytes: Callable[[int], None] | None = None) -> None:
+                 on_bytes: Callable[[int], None] | None = None, owner: str | None = None
+                 ) -> None:
         self.config = config
         self.idle = idle
         self.on_bytes = on_bytes
+        self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:audit"
+        self.leading: bool | None = None  # holds the duty (None: not asked yet)
         self.stop_event = threading.Event()
-        self.started_at = time.time()
+        self.started_at = time.monotonic()
         self.thread: threading.Thread | None = None
         self._throttle: Throttle | None = None
 
@@ -387,20 +406,25 @@ class Auditor:
             self._throttle.rate = config.audit_bytes_per_second
 
     def _run(self) -> None:
-        registry: Registry | None = None
+        registry: RegistryBackend | None = None
         try:
             while not self.stop_event.is_set():
                 try:
                     if registry is None:
-                        registry = Registry(self.config.registry,
-                                            self.config.busy_timeout_seconds, migrate=False)
+                        registry = open_registry(self.config, migrate=False)
                     wait = self._due_in(registry)
                     if wait > 0:
                         self.stop_event.wait(min(wait, 5.0))
                         continue
+                    if not self._lead(registry):
+                        self.stop_event.wait(STANDBY_SECONDS)
+                        continue
                     self._pass(registry)
                 except Stopped:
                     return
+                except HandedOver:
+                    self._lead(registry)  # logs the change
+                    continue
                 except _RETRY as exc:
                     logs.get_logger().warning("audit_paused", error=str(exc),
                                               reason="the registry cannot be used now; the "
@@ -413,9 +437,23 @@ class Auditor:
         finally:
             if registry is not None:
                 with contextlib.suppress(Exception):
+                    if self.leading:
+                        registry.resign(Duty.AUDIT, self.owner)
                     registry.close()
 
-    def _due_in(self, registry: Registry) -> float:
+    def _lead(self, registry: RegistryBackend | None) -> bool:
+        """Take or renew the audit duty; a change is logged once."""
+        leading = registry is not None and registry.lead(Duty.AUDIT, self.owner, DUTY_LEASE)
+        if leading != self.leading:
+            logs.get_logger().info(
+                "audit_duty", leading=leading, owner=self.owner,
+                reason="this daemon audits the archive" if leading else
+                "another daemon of the shared registry audits the archive; this one takes "
+                "over if that one stops")
+            self.leading = leading
+        return leading
+
+    def _due_in(self, registry: RegistryBackend) -> float:
         """Seconds until the next pass may start (a pass under way resumes at once)."""
         interval = self.config.audit_interval_seconds
         if interval <= 0:
@@ -424,11 +462,11 @@ class Auditor:
         if state.get("pass_started") is not None:
             return 0.0
         last = state.get("last_pass_finished")
-        due = float(last) + interval if last is not None else \
-            self.started_at + min(interval, FIRST_PASS_DELAY)
-        return due - time.time()
+        if last is not None:
+            return float(last) + interval - registry.clock()
+        return self.started_at + min(interval, FIRST_PASS_DELAY) - time.monotonic()
 
-    def _pass(self, registry: Registry) -> None:
+    def _pass(self, registry: RegistryBackend) -> None:
         log = logs.get_logger()
         config = self.config
         state = registry.audit_state()
@@ -436,7 +474,7 @@ class Auditor:
         cursor = int(state.get("cursor") or 0)
         resumed = started is not None
         if started is None:
-            started = time.time()
+            started = registry.clock()
             cursor = 0
             registry.save_audit_state({"pass_started": started, "cursor": 0})
         throttle = self._throttle = Throttle(config.audit_bytes_per_second, self.idle,
@@ -451,6 +489,8 @@ class Auditor:
 
         def record(state: dict[str, Any] | None) -> None:
             nonlocal pending, new, last_record, rows_since
+            if not registry.lead(Duty.AUDIT, self.owner, DUTY_LEASE):
+                raise HandedOver
             for f in registry.observe_findings(pending, state=state):
                 new += 1
                 log.warning("audit_finding", finding_kind=f.kind, path=f.path,
@@ -486,7 +526,7 @@ class Auditor:
             if time.monotonic() - last_record >= RECORD_SECONDS:
                 record(None)
         record(None)
-        now = time.time()
+        now = registry.clock()
         resolved = registry.resolve_findings(started, now, state={
             "pass_started": None, "cursor": 0, "last_pass_started": started,
             "last_pass_finished": now, "last_pass_bytes": throttle.bytes})

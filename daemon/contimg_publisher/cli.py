@@ -23,12 +23,10 @@ from contimg_publisher.registry import (
     STATUSES,
     Event,
     Product,
-    Registry,
     RegistryBackend,
     RegistryError,
     open_registry,
     refuse_new_over_archive,
-    sqlite_only,
 )
 from contimg_publisher.states import Attempt, Delivery, Detected, Status
 from contimg_publisher.statuspage import format_when as _when
@@ -267,8 +265,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                                          sinks=cfg.notify_sinks)
             held = registry_mod.held(registry, [r.type for r in cfg.products])
             health.failed = registry_mod.by_status(registry, Status.FAILED)
-            stale = hygiene.stale(cfg, registry, now) \
-                if isinstance(registry, registry_mod.Registry) else []
+            stale = hygiene.stale(cfg, registry, now)
     except RegistryError as exc:
         return _status_unreadable(cfg, args, exc, holder, running, paused)
     max_age = cfg.status_max_waiting_age_seconds
@@ -545,8 +542,7 @@ def cmd_events(cfg: Config, args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise UsageError("--limit must be >= 0")
     sinks = cfg.notify_sinks
-    with _open(cfg) as backend:
-        registry = sqlite_only(backend, "`events` (the outbox)")
+    with _open(cfg) as registry:
         if args.redeliver_dead:
             again = registry.redeliver_dead(sinks)
             for sink in sinks:
@@ -569,7 +565,7 @@ def cmd_events(cfg: Config, args: argparse.Namespace) -> int:
         return _follow(registry, sinks, rows, last, args.json)
 
 
-def _follow(registry: Registry, sinks: tuple[str, ...],
+def _follow(registry: RegistryBackend, sinks: tuple[str, ...],
             rows: list[tuple[Event, dict[str, dict[str, Any]]]], last: int,
             as_json: bool) -> int:
     """Print the rows, then each new event and each change of state of one, until
@@ -709,7 +705,7 @@ def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
               f"{len(report.findings)} findings so far", file=sys.stderr)
 
     with _open(cfg) as registry:
-        report = audit.run(cfg, sqlite_only(registry, "`audit`"),
+        report = audit.run(cfg, registry,
                            audit.Throttle(args.bytes_per_second), sub, progress)
     ok = not report.findings
     if args.json:
@@ -736,8 +732,7 @@ def cmd_rebuild(cfg: Config, args: argparse.Namespace) -> int:
     one: a lost registry is exactly the case this is for."""
     from contimg_publisher import rebuild  # numpy (detect): only where needed
     with lock.acquire(str(cfg.lock_path), "rebuild", wait_seconds=0), \
-            open_registry(cfg) as backend:
-        registry = sqlite_only(backend, "`rebuild --from-archive`")
+            open_registry(cfg) as registry:
         report = rebuild.rebuild(cfg, registry)
     if args.json:
         print(json.dumps({"created": [{"data_id": r.data_id, "data_type": r.data_type,
@@ -761,8 +756,7 @@ def cmd_quarantine(cfg: Config, args: argparse.Namespace) -> int:
     if cfg.quarantine_dir is None and not args.dry_run:
         raise UsageError("quarantine: no [hygiene] quarantine_dir is configured; nothing is "
                          "moved (`--dry-run` lists what would be)")
-    with _open(cfg) as backend:
-        registry = sqlite_only(backend, "`quarantine`")
+    with _open(cfg) as registry:
         if args.dry_run:
             now = time.time()
             items = hygiene.stale(cfg, registry, now)

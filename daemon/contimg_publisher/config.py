@@ -528,10 +528,6 @@ def _check_relations(config: Config, source: Path | None) -> None:
     if isinstance(config.registry, Path) and _inside(config.registry, products):
         raise ConfigError(source, "paths.registry",
                           f"{config.registry} is inside products_root {products}")
-    if config.registry_is_server and config.notify_sinks:
-        key = "notify.url" if config.notify_url else "notify.command"
-        raise ConfigError(source, key, "the outbox needs an SQLite registry; with a "
-                          "PostgreSQL registry ([paths] registry) it is not available yet")
     if config.notify_retry_max_seconds < config.notify_retry_initial_seconds:
         raise ConfigError(source, "notify.retry_max_seconds",
                           f"({config.notify_retry_max_seconds}) is less than "

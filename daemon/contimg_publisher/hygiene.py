@@ -25,7 +25,7 @@ from typing import Any
 
 from contimg_publisher import paths, transfer
 from contimg_publisher.config import Config
-from contimg_publisher.registry import Quarantined, Registry
+from contimg_publisher.registry import Quarantined, RegistryBackend
 from contimg_publisher.states import StaleKind
 
 
@@ -52,7 +52,7 @@ def _changed(st: os.stat_result) -> float:
     return max(st.st_mtime, st.st_ctime)
 
 
-def stale(config: Config, registry: Registry, now: float | None = None) -> list[Stale]:
+def stale(config: Config, registry: RegistryBackend, now: float | None = None) -> list[Stale]:
     """Rejected products and unclaimed files still in staging, unchanged (by their own
     mtime and ctime) for report_after_seconds; oldest first."""
     now = time.time() if now is None else now
@@ -95,7 +95,7 @@ def _free_name(dir_fd: int, name: bytes) -> bytes:
     return candidate
 
 
-def quarantine(config: Config, registry: Registry, log: Any, now: float | None = None
+def quarantine(config: Config, registry: RegistryBackend, log: Any, now: float | None = None
                ) -> tuple[list[Quarantined], list[tuple[str, str]]]:
     """Move every stale file into quarantine_dir: (moved, kept with the reason)."""
     assert config.quarantine_dir is not None

@@ -136,16 +136,14 @@ class RegistryCollector(Collector):
             labels=["node", "host", "pid"])
         try:
             with _reader(config) as registry, registry.read():
-                # The outbox and the audit exist on the SQLite registry only (for now).
-                local = registry if isinstance(registry, registry_mod.Registry) else None
-                finding_counts = {} if local is None else local.finding_counts()
-                audit_state = {} if local is None else local.audit_state()
+                finding_counts = registry.finding_counts()
+                audit_state = registry.audit_state()
                 by_type = registry.counts_by_type()
                 waiting = registry_mod.oldest_unheld_waiting(registry)
                 newest = registry.last_published()
                 size_bytes = registry.size_bytes()
                 strays = registry.unclaimed(now - config.unclaimed_after_seconds)
-                sinks = [] if local is None else local.sink_states(config.notify_sinks)
+                sinks = registry.sink_states(config.notify_sinks)
                 beats = registry.heartbeats()
         except (RegistryError, apsw.Error, OSError) as exc:
             self.metrics.note_scrape_error(f"{type(exc).__name__}: {exc}")

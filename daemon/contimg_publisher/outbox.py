@@ -7,6 +7,12 @@ sink takes the events in order: its oldest undelivered event (its head) is sent 
 sink takes it, with backoff, and the ones after it wait (for that sink only). A delivery is
 recorded after the sink took it, so a kill in between sends it again: at least once, with
 the same event_id, which the webhook also carries as its Idempotency-Key.
+
+On a registry several nodes share, delivery is one daemon's duty at a time
+(registry.lead(Duty.OUTBOX)): the others' threads stand by, so each event reaches each sink
+once, and the one holding the duty renews it before every attempt. Its lease outlasts an
+attempt (twice the sinks' timeouts), so a daemon that was killed hands the duty over
+within that lease and a living one never loses it in the middle of an attempt.
 """
 
 from __future__ import annotations
@@ -31,12 +37,13 @@ from contimg_publisher.config import Config
 from contimg_publisher.registry import (
     TRANSIENT,
     Event,
-    Registry,
+    RegistryBackend,
     RegistryError,
     backoff_delay,
+    open_registry,
     unavailable,
 )
-from contimg_publisher.states import Sink
+from contimg_publisher.states import Duty, Sink
 
 POLL_SECONDS = 2.0  # events written by other processes (`scan`, `publish`) are found this fast
 ANSWER_MAX_BYTES = 2048  # of a refusal's body or a command's stderr, kept for the error text
@@ -211,6 +218,13 @@ class Command:
             self._kill(proc)
 
 
+def duty_lease(cfg: Config) -> float:
+    """How long the delivery duty is held without a renewal: twice the longest attempt a
+    sink can take, and at least a minute."""
+    return max(60.0, 2 * (cfg.notify_connect_timeout_seconds + cfg.notify_read_timeout_seconds),
+               2 * cfg.notify_command_timeout_seconds)
+
+
 def targets(cfg: Config) -> list[Target]:
     """The configured sinks, in the order config.notify_sinks names them."""
     out: list[Target] = []
@@ -226,9 +240,11 @@ class Delivery:
     """The delivery thread. The main loop only calls wake() (a new publish), reconfigure()
     (SIGHUP) and stop(); none of them waits for a sink."""
 
-    def __init__(self, config: Config, metrics: Any = None) -> None:
+    def __init__(self, config: Config, metrics: Any = None, owner: str | None = None) -> None:
         self.config = config
         self.metrics = metrics  # metrics.Metrics; its counters are thread-safe
+        # Who holds the delivery duty on a shared registry: the daemon's lease owner.
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:outbox"
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._next: dict[str, float] = {}  # sink -> monotonic time of its next attempt
@@ -260,19 +276,29 @@ class Delivery:
             self.thread.join(timeout)
 
     def _run(self) -> None:
-        registry: Registry | None = None
+        registry: RegistryBackend | None = None
         known: tuple[str, ...] = ()
+        leading: bool | None = None  # whether this daemon holds the duty (None: not asked)
         pause = 0.0  # while the registry cannot be used: backoff, said once
         while not self._stop.is_set():
             cfg = self.config
             wait = POLL_SECONDS
             try:
                 if registry is None:
-                    registry = Registry(cfg.registry, cfg.busy_timeout_seconds, migrate=False)
+                    registry = open_registry(cfg, migrate=False)
                 if cfg.notify_sinks != known:
                     registry.add_sinks(cfg.notify_sinks)
                     known = cfg.notify_sinks
-                wait = self._pass(registry, cfg)
+                now_leading = registry.lead(Duty.OUTBOX, self.owner, duty_lease(cfg))
+                if now_leading != leading:
+                    logs.get_logger().info(
+                        "outbox_duty", leading=now_leading, owner=self.owner,
+                        reason="this daemon delivers the outbox" if now_leading else
+                        "another daemon of the shared registry delivers the outbox; this one "
+                        "takes over if that one stops")
+                    leading = now_leading
+                if now_leading:
+                    wait = self._pass(registry, cfg)
                 if pause:
                     logs.get_logger().info("outbox_resumed", reason="the registry can be "
                                            "used again")
@@ -294,9 +320,12 @@ class Delivery:
             self._wake.wait(wait)
             self._wake.clear()
         if registry is not None:
+            if leading:
+                with contextlib.suppress(Exception):  # else its lease lapses by itself
+                    registry.resign(Duty.OUTBOX, self.owner)
             registry.close()
 
-    def _pass(self, registry: Registry, cfg: Config) -> float:
+    def _pass(self, registry: RegistryBackend, cfg: Config) -> float:
         """One attempt for each sink that is due and has an event; returns how long to wait
         before the next pass (0: a sink took an event, more may wait)."""
         wait = POLL_SECONDS
@@ -325,7 +354,7 @@ class Delivery:
                 wait = min(wait, self._failed(registry, cfg, target, event, outcome))
         return wait
 
-    def _delivered(self, registry: Registry, target: Target, event: Event) -> None:
+    def _delivered(self, registry: RegistryBackend, target: Target, event: Event) -> None:
         self._next.pop(target.name, None)
         attempts = registry.record_delivered(target.name, event.seq)
         if self.metrics is not None:
@@ -334,7 +363,7 @@ class Delivery:
                                event_id=event.event_id, sequence=event.seq,
                                data_id=event.data_id, attempts=attempts)
 
-    def _failed(self, registry: Registry, cfg: Config, target: Target, event: Event,
+    def _failed(self, registry: RegistryBackend, cfg: Config, target: Target, event: Event,
                 outcome: Outcome) -> float:
         error = outcome.error or "failed"
         attempts, dead = registry.record_delivery_failure(

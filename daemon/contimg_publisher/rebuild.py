@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from contimg_publisher import content, detect, fits, paths
 from contimg_publisher.config import Config, ProductRule
-from contimg_publisher.registry import Rebuilt, Registry
+from contimg_publisher.registry import Rebuilt, RegistryBackend
 from contimg_publisher.states import Kind
 
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -73,7 +73,7 @@ def describe(dir_fd: int, name: bytes, kind: str, algorithm: str
         os.close(fd)
 
 
-def rebuild(config: Config, registry: Registry,
+def rebuild(config: Config, registry: RegistryBackend,
             progress: Callable[[Report], None] | None = None) -> Report:
     """Create the missing rows; see the module's docstring. The caller holds the lock."""
     report = Report()
@@ -102,7 +102,7 @@ def rebuild(config: Config, registry: Registry,
     return report
 
 
-def _walk_rule(config: Config, registry: Registry, rule: ProductRule, root: bytes,
+def _walk_rule(config: Config, registry: RegistryBackend, rule: ProductRule, root: bytes,
                stage_root: bytes, dest: tuple[bytes, ...], dest_fd: int, report: Report,
                progress: Callable[[Report], None] | None) -> None:
     base = tuple(os.fsencode(p) for p in rule.base.parts)

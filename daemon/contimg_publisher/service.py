@@ -262,15 +262,10 @@ class Daemon:
                 return
         self.worker = Worker(cfg, self.owner, self.wake, self.gate)
         self.worker.start()
-        if cfg.registry_is_server:
-            # The outbox and the fixity audit exist on the SQLite registry only (for now).
-            self.log.info("audit_unavailable", registry=cfg.registry_shown,
-                          reason="the background audit and the outbox need an SQLite "
-                                 "registry; on PostgreSQL they are not available yet")
-        else:
-            self.delivery = outbox.Delivery(cfg, self.metrics)
-            self.delivery.start()
-            self._start_auditor()
+        # On a shared registry each is one daemon's duty at a time (registry.lead).
+        self.delivery = outbox.Delivery(cfg, self.metrics, owner=self.owner)
+        self.delivery.start()
+        self._start_auditor()
         self._start_metrics()
         self.log.info("started", stage_root=str(cfg.stage_root),
                       products_root=str(cfg.products_root), registry=cfg.registry_shown,
@@ -292,8 +287,7 @@ class Daemon:
                 self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
             # Before anything can publish: a sink configured for the first time hears of
             # every publish from this start on.
-            if isinstance(self.registry, registry_mod.Registry):
-                self.registry.add_sinks(cfg.notify_sinks)
+            self.registry.add_sinks(cfg.notify_sinks)
             notify(f"STATUS=reconciling interrupted publishes ({cfg.registry_shown})")
             self._reconcile(startup=True)
             park_outside_root(cfg, self.registry, self.log)
@@ -343,7 +337,8 @@ class Daemon:
         worker = self.worker
         self.auditor = audit.Auditor(self.config,
                                      idle=lambda: worker is None or worker.busy is None,
-                                     on_bytes=self.metrics.observe_audit_bytes)
+                                     on_bytes=self.metrics.observe_audit_bytes,
+                                     owner=self.owner)
         self.auditor.start()
 
     def _stop_auditor(self) -> None:

@@ -126,3 +126,11 @@ class StaleKind(StrEnum):
 
     REJECTED = "rejected"    # a product rejected as bad input
     UNCLAIMED = "unclaimed"  # a file in a product folder that no product owns
+
+
+class Duty(StrEnum):
+    """A task that one daemon of all the nodes sharing a registry does at a time (the
+    registry's `lead`): the others stand by and take it over when its lease lapses."""
+
+    OUTBOX = "outbox"  # delivering the shared outbox to the sinks
+    AUDIT = "audit"    # the background fixity audit of the shared archive

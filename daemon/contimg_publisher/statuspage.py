@@ -101,10 +101,8 @@ def snapshot(registry: RegistryBackend, limit: int = 50, now: float | None = Non
     bounds each list of products; the unclaimed files are listed whole (limit 0) or up to
     the same bound."""
     now = time.time() if now is None else now
-    # The outbox and the audit exist on the SQLite registry only (for now).
-    local = registry if isinstance(registry, registry_mod.Registry) else None
     with registry.read():
-        last_pass = None if local is None else local.audit_state().get("last_pass_finished")
+        last_pass = registry.audit_state().get("last_pass_finished")
         return Health(
             now=now,
             counts=registry.counts(),
@@ -121,9 +119,9 @@ def snapshot(registry: RegistryBackend, limit: int = 50, now: float | None = Non
             recent=registry_mod.recent_published(registry, 10),
             last=registry.last_published(),
             unclaimed=registry.unclaimed(now - unclaimed_after, limit=limit or None),
-            sinks=[] if local is None else local.sink_states(sinks),
-            findings=[] if local is None else local.findings(limit=limit or None),
-            finding_counts={} if local is None else local.finding_counts(),
+            sinks=registry.sink_states(sinks),
+            findings=registry.findings(limit=limit or None),
+            finding_counts=registry.finding_counts(),
             audit_last_pass=None if last_pass is None else float(last_pass),
             nodes=registry.heartbeats(),
         )

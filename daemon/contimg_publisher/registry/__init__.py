@@ -18,24 +18,32 @@ from typing import TYPE_CHECKING
 from contimg_publisher.registry import sqlite
 from contimg_publisher.registry.interface import RegistryBackend
 from contimg_publisher.registry.model import (
+    EVENT_PUBLISHED,
     FAILURE_KINDS,
+    FINDING_KINDS,
     HEARTBEAT_SECONDS,
     HELD_BY_OPERATOR,
     PENDING,
     STATUSES,
     Candidate,
+    Event,
     Failure,
     FailureOutcome,
+    Finding,
     Heartbeat,
     Identity,
     Product,
     Published,
     PublishRecord,
+    Quarantined,
+    Rebuilt,
+    Recorded,
     RegistryBusy,
     RegistryError,
     RegistryGone,
     RegistryUnavailable,
     Reservation,
+    SinkState,
     Unclaimed,
     backoff_delay,
     checksum_known,
@@ -43,19 +51,11 @@ from contimg_publisher.registry.model import (
     qa_hold_sql,
     truncate,
 )
-from contimg_publisher.registry.sqlite import (  # the outbox and the audit: SQLite only
-    EVENT_PUBLISHED,
-    FINDING_KINDS,
+from contimg_publisher.registry.sqlite import (
     LEGACY_DDL,
     SCHEMA_VERSION,
     TRANSIENT,
-    Event,
-    Finding,
-    Quarantined,
-    Rebuilt,
-    Recorded,
     Registry,
-    SinkState,
     unavailable,
 )
 
@@ -74,18 +74,9 @@ __all__ = [
     "RegistryUnavailable", "Reservation", "SCHEMA_VERSION", "SQLiteRegistry", "STATUSES",
     "SinkState", "TRANSIENT", "Unclaimed", "backoff_delay", "by_status", "checksum_known", "held",
     "is_server", "oldest_unheld_waiting", "open_registry", "pending_checksum", "qa_hold_sql",
-    "qa_holds", "recent_published", "refuse_new_over_archive", "sqlite_only", "truncate",
+    "qa_holds", "recent_published", "refuse_new_over_archive", "truncate",
     "unavailable", "waiting",
 ]
-
-
-def sqlite_only(registry: RegistryBackend, what: str) -> Registry:
-    """The SQLite backend, for what exists on it alone (the outbox, the fixity audit,
-    rebuild and quarantine); RegistryError naming `what` on another backend."""
-    if isinstance(registry, Registry):
-        return registry
-    raise RegistryError(f"{what} needs an SQLite registry: on a PostgreSQL registry "
-                        f"({registry.location}) it is not available yet")
 
 
 def is_server(target: str | os.PathLike[str]) -> bool:

@@ -3,7 +3,11 @@ value as it is (legacy columns, ids, times, byte paths), in one transaction.
 
 The SQLite file is opened read-only and left as it was; a file at an older schema is
 copied as it is (columns it lacks stay NULL, as the SQLite migration would leave them).
-Its products belong to the node whose staging area they were registered from: `node`.
+Its products belong to the node whose staging area they were registered from: `node`,
+which is also the node of its outbox events and quarantine records. The outbox keeps its
+ids and each sink its cursor, so a sink resumes on the server exactly where it stood; the
+audit's findings and progress come along, audit_state's untyped values as JSON of the same
+Python value.
 """
 
 from __future__ import annotations
@@ -13,15 +17,23 @@ import os
 from dataclasses import dataclass
 
 import apsw
+from psycopg.types.json import Jsonb
 
 from contimg_publisher.registry.model import RegistryError
 from contimg_publisher.registry.postgres import PostgresRegistry
 
 # Copied in this order; the tables a node's rows carry `node` in.
 TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
-          "unclaimed_files", "publish_log")
-NODE_TABLES = ("data_registry", "unclaimed_files", "publish_log")
+          "unclaimed_files", "publish_log", "outbox", "outbox_sinks", "outbox_deliveries",
+          "audit_findings", "audit_state", "quarantine_log")
+NODE_TABLES = ("data_registry", "unclaimed_files", "publish_log", "outbox", "quarantine_log")
+# Columns SQLite leaves untyped that the server keeps as JSONB.
+JSON_COLUMNS = {("audit_state", "value")}
 BATCH = 1000
+
+
+def _json(value: object) -> Jsonb | None:
+    return None if value is None else Jsonb(value)
 
 
 @dataclass(frozen=True)
@@ -70,11 +82,15 @@ def copy_sqlite(path: str | os.PathLike[str], target: PostgresRegistry, node: st
                 sql = (f"INSERT INTO {table} ({', '.join(names)}) VALUES"
                        f" ({', '.join(['%s'] * len(names))})")
                 rows = 0
+                as_json = [i for i, c in enumerate(columns) if (table, c) in JSON_COLUMNS]
                 cursor = source.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1")
                 with conn.cursor() as cur:
                     while batch := list(itertools.islice(cursor, BATCH)):
-                        cur.executemany(sql, [tuple(row) + ((node,) if with_node else ())
-                                              for row in batch])
+                        values = [list(row) + ([node] if with_node else []) for row in batch]
+                        for row in values:
+                            for i in as_json:
+                                row[i] = _json(row[i])
+                        cur.executemany(sql, [tuple(row) for row in values])
                         rows += len(batch)
                 if "id" in columns:
                     conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"

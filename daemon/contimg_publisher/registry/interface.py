@@ -20,14 +20,20 @@ from typing import Any, Protocol, Self
 from contimg_publisher.qa import Condition
 from contimg_publisher.registry.model import (
     Candidate,
+    Event,
     Failure,
     FailureOutcome,
+    Finding,
     Heartbeat,
     Identity,
     Product,
     Published,
     PublishRecord,
+    Quarantined,
+    Rebuilt,
+    Recorded,
     Reservation,
+    SinkState,
     Unclaimed,
 )
 
@@ -299,3 +305,100 @@ class RegistryBackend(Protocol):
     def reservations(self) -> list[Reservation]:
         """This node's reservations whose product is not published under the reserved name:
         each is live while its claim is, and reconciliation releases the others."""
+
+    # --- the outbox: one event per publish, in the publish's own commit -----------------
+
+    def add_sinks(self, sinks: Sequence[str], now: float | None = None) -> list[str]:
+        """Each sink not seen before starts at the end of the outbox (it hears of publishes
+        from now on); one seen before keeps its cursor. Returns the sinks added."""
+
+    def outbox_head(self, sink: str) -> Event | None:
+        """The oldest event not yet done for this sink (None: nothing waits, or the sink is
+        not registered)."""
+
+    def record_delivered(self, sink: str, seq: int, now: float | None = None) -> int:
+        """The sink took event `seq` (its head): its cursor moves past it. Returns the
+        attempts it took, 0 when the cursor was already past it (nothing changed)."""
+
+    def record_delivery_failure(self, sink: str, seq: int, error: str, error_max_chars: int,
+                                max_attempts: int = 0, now: float | None = None
+                                ) -> tuple[int, bool]:
+        """A failed attempt at the sink's head; at max_attempts (> 0) it is given up on for
+        this sink (`dead`) and the next event becomes the head. Returns (attempts, dead)."""
+
+    def redeliver_dead(self, sinks: Sequence[str]) -> dict[str, int]:
+        """Each sink's cursor goes back to just before the oldest event it gave up on.
+        Returns sink -> events queued again."""
+
+    def sink_states(self, sinks: Sequence[str]) -> list[SinkState]:
+        """Backlog and last failure of each sink."""
+
+    def events(self, sinks: Sequence[str], everything: bool = False, after: int = 0,
+               limit: int | None = None) -> list[tuple[Event, dict[str, dict[str, Any]]]]:
+        """Events oldest first with their state for every sink; without `everything` only
+        those pending for some sink or given up on by one."""
+
+    def last_event_seq(self) -> int:
+        ...
+
+    def events_for(self, data_id: str) -> list[Event]:
+        ...
+
+    def lead(self, duty: str, owner: str, lease_seconds: float) -> bool:
+        """Whether `owner` is the one daemon that does `duty` (states.Duty) now: taken when
+        nobody holds it or its holder's lease lapsed, renewed for `lease_seconds` when
+        `owner` holds it. A registry with one daemon (SQLite) always says yes."""
+
+    def resign(self, duty: str, owner: str) -> None:
+        """`owner` stops doing `duty` (a clean stop): another daemon may take it at once."""
+
+    # --- the fixity audit -----------------------------------------------------------------
+
+    def published_after(self, after_id: int, limit: int, prefix: str | None = None
+                        ) -> list[Product]:
+        """Published rows with a published path in id order after `after_id`; with prefix,
+        only those whose published path starts with it."""
+
+    def recorded_in(self, folder: str) -> Recorded:
+        """What any row or logged publish records in one folder of the products area."""
+
+    def is_recorded(self, path: str) -> bool:
+        """Whether any row or logged publish names this published path."""
+
+    def observe_findings(self, findings: Sequence[Finding], now: float | None = None,
+                         state: dict[str, Any] | None = None) -> list[Finding]:
+        """Open new findings, see open ones again; `state` saved in the same commit. Returns
+        the new ones."""
+
+    def resolve_findings(self, seen_before: float, now: float | None = None,
+                         state: dict[str, Any] | None = None) -> list[Finding]:
+        """Open findings a full pass (started at seen_before) did not see again are resolved.
+        Returns them."""
+
+    def findings(self, open_only: bool = True, limit: int | None = None) -> list[Finding]:
+        ...
+
+    def finding_counts(self) -> dict[str, int]:
+        """Open findings by kind (every kind, zero included)."""
+
+    def audit_state(self) -> dict[str, Any]:
+        """The background audit's progress (pass_started, cursor, last_pass_finished, ...)."""
+
+    def save_audit_state(self, state: dict[str, Any]) -> None:
+        ...
+
+    # --- rebuild from the archive and staging hygiene -------------------------------------
+
+    def insert_rebuilt(self, item: Rebuilt, now: float | None = None) -> str:
+        """A row and a publish_log record for an archived product that has none: "created",
+        "recorded" (a row names the path by now) or "id_taken"."""
+
+    def rejected_before(self, before: float) -> list[Product]:
+        """Rejected rows (of this node's staging area) unchanged since `before`, oldest
+        first."""
+
+    def record_quarantine(self, item: Quarantined, original_bytes: bytes) -> None:
+        """A file moved into the quarantine folder; an unclaimed one leaves that list."""
+
+    def quarantined(self, limit: int | None = None) -> list[Quarantined]:
+        """Files moved into the quarantine folder, newest first."""

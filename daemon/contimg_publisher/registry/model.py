@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from contimg_publisher import paths
 from contimg_publisher.config import QA_FIELDS
 from contimg_publisher.qa import Condition
-from contimg_publisher.states import FailureKind, Kind, Status
+from contimg_publisher.states import FailureKind, FindingKind, Kind, Status
 
 STATUSES = tuple(Status)
 FAILURE_KINDS = tuple(FailureKind)
@@ -378,3 +379,172 @@ class Reservation:
 HELD_BY_OPERATOR = ("auto_publish_enabled is 0 (`contimg-publisher release DATA_ID` "
                     "lets it be published automatically)")
 
+
+# --- the outbox, the fixity audit, rebuild and quarantine (every backend) -------------------
+
+FINDING_KINDS = tuple(FindingKind)
+
+EVENT_PUBLISHED = "published"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One outbox row: what a consumer is told, identical at every delivery."""
+
+    seq: int
+    event_id: str
+    type: str
+    data_id: str
+    created_at: float
+    payload: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The body sent to every sink."""
+        return {"event_id": self.event_id, "sequence": self.seq, "type": self.type,
+                "time": self.created_at, **self.payload}
+
+
+@dataclass(frozen=True)
+class SinkState:
+    """Where one sink stands: its backlog and the last failure at its head."""
+
+    sink: str
+    registered: bool
+    delivered_through: int
+    undelivered: int
+    oldest_undelivered_at: float | None
+    attempts: int
+    last_error: str | None
+    last_attempt_at: float | None
+    dead: int
+    head: int | None = None  # the sequence number of the event it waits to deliver
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        oldest = self.oldest_undelivered_at
+        return {"sink": self.sink, "registered": self.registered,
+                "undelivered": self.undelivered,
+                "oldest_undelivered_age_seconds": None if oldest is None
+                else round(max(0.0, now - oldest), 3),
+                "attempts": self.attempts, "last_error": self.last_error,
+                "last_attempt_at": self.last_attempt_at, "dead": self.dead,
+                "delivered_through": self.delivered_through}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing the fixity audit found wrong (states.FindingKind), at a path in the products
+    area (display form), with the product it concerns when a row records it."""
+
+    kind: str
+    path: str
+    detail: str
+    data_id: str | None = None
+    first_seen: float | None = None
+    last_seen: float | None = None
+    resolved_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "data_id": self.data_id,
+                "detail": self.detail, "first_seen": self.first_seen,
+                "last_seen": self.last_seen, "resolved_at": self.resolved_at}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the registry records in one folder of the products area (Registry.recorded_in):
+    names of products and sidecars in it, and names of its sub-folders that hold any."""
+
+    names: frozenset[str]
+    folders: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A row to create for an archived product that has none (rebuild --from-archive)."""
+
+    data_id: str
+    data_type: str
+    base_path: str
+    stage_path: str
+    stage_path_bytes: bytes
+    published_path: str
+    published_at: float
+    size_bytes: int
+    checksum: str
+    metadata: dict[str, Any]
+    sidecars: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """One file moved out of the staging area into the quarantine folder."""
+
+    kind: str
+    data_id: str | None
+    original_path: str
+    quarantine_path: str
+    reason: str
+    size_bytes: int | None
+    how: str
+    moved_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def published_payload(product: Product, supersedes: str | None, host: str,
+                      node: str | None = None) -> dict[str, Any]:
+    """The body of a row's `published` event (the row as the publish just left it); with a
+    shared registry it also names the node whose daemon published it."""
+    payload: dict[str, Any] = {
+        "data_id": product.data_id, "data_type": product.data_type,
+        "published_path": product.published_path, "stage_path": product.stage_path,
+        "checksum": product.checksum if checksum_known(product.checksum) else None,
+        "size_bytes": product.size_bytes, "metadata": product.metadata,
+        "sidecars": product.sidecars, "supersedes": supersedes,
+        "published_at": product.published_at, "publish_mode": product.publish_mode,
+        "host": host}
+    if node is not None:
+        payload["node"] = node
+    return payload
+
+
+def event_of(seq: int, event_id: str, type_: str, data_id: str, payload: str,
+             created_at: float) -> Event:
+    """An outbox row as an Event (a payload that is not a JSON object is kept, wrapped)."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        body = {"_unparsed": payload}
+    return Event(seq, event_id, type_, data_id, created_at,
+                 body if isinstance(body, dict) else {"_value": body})
+
+
+def folder_range(folder: str) -> tuple[str, str]:
+    """(prefix, upper): every path in `folder` (display form) is >= prefix and < upper, in
+    code point (byte) order, so one range query on a published_path index finds them."""
+    prefix = folder.rstrip("/") + "/"
+    return prefix, prefix[:-1] + "0"  # "0" is the character after "/"
+
+
+def recorded_under(prefix: str, rows: Iterable[tuple[str | None, str | None]]) -> Recorded:
+    """What (published path, sidecars_json) pairs record directly in the folder `prefix`
+    names: product and sidecar names in it, and names of its sub-folders that hold any."""
+    names: set[str] = set()
+    folders: set[str] = set()
+    for path, sidecars_json in rows:
+        if not path or not path.startswith(prefix):
+            continue
+        rest = path[len(prefix):]
+        head, sep, _tail = rest.partition("/")
+        if sep:
+            folders.add(head)
+            continue
+        names.add(rest)
+        try:
+            sidecars = json.loads(sidecars_json or "[]")
+        except ValueError:
+            sidecars = []
+        if isinstance(sidecars, list):
+            names.update(paths.display(os.fsencode(n)) for n in sidecars if isinstance(n, str))
+    return Recorded(frozenset(names), frozenset(folders))

@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, cast
 
 import apsw
@@ -30,34 +29,46 @@ import apsw
 from contimg_publisher import fsguard, paths
 from contimg_publisher.qa import Condition
 from contimg_publisher.registry.model import (
+    EVENT_PUBLISHED,
     FAILURE_KINDS,
+    FINDING_KINDS,
     HELD_BY_OPERATOR,
     STATUSES,
     Candidate,
+    Event,
     Failure,
     FailureOutcome,
+    Finding,
     Heartbeat,
     Identity,
     Product,
     Published,
     PublishRecord,
+    Quarantined,
+    Rebuilt,
+    Recorded,
     RegistryBusy,
     RegistryError,
     RegistryGone,
     RegistryUnavailable,
     Reservation,
+    SinkState,
     Unclaimed,
     _product,
     _same_bytes,
     _same_file,
     backoff_delay,
     checksum_known,
+    event_of,
+    folder_range,
+    published_payload,
     qa_hold_sql,
+    recorded_under,
     truncate,
 )
-from contimg_publisher.states import Delivery, FailureKind, FindingKind, Status
+from contimg_publisher.states import Delivery, FailureKind, Status
 
-# This backend's schema (steps 7 and 8, the outbox and the audit, exist here only).
+# This backend's schema, in its own steps (PostgreSQL numbers its own: model.py).
 SCHEMA_VERSION = 8
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
@@ -269,9 +280,6 @@ _LOG_PUBLISH = (
     " WHERE data_id = ? AND status = 'published'")
 
 
-FINDING_KINDS = tuple(FindingKind)
-
-
 # The outbox: one event per publish, written in the transaction that makes the row
 # `published`, so a crash can lose neither the event nor the publish without the other.
 # `id` is the delivery order; `event_id` the stable id a consumer deduplicates by. Each sink
@@ -306,115 +314,6 @@ CREATE TABLE IF NOT EXISTS outbox_deliveries (
     PRIMARY KEY (event, sink)
 );
 """
-
-
-EVENT_PUBLISHED = "published"
-
-
-@dataclass(frozen=True)
-class Event:
-    """One outbox row: what a consumer is told, identical at every delivery."""
-
-    seq: int
-    event_id: str
-    type: str
-    data_id: str
-    created_at: float
-    payload: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        """The body sent to every sink."""
-        return {"event_id": self.event_id, "sequence": self.seq, "type": self.type,
-                "time": self.created_at, **self.payload}
-
-
-@dataclass(frozen=True)
-class SinkState:
-    """Where one sink stands: its backlog and the last failure at its head."""
-
-    sink: str
-    registered: bool
-    delivered_through: int
-    undelivered: int
-    oldest_undelivered_at: float | None
-    attempts: int
-    last_error: str | None
-    last_attempt_at: float | None
-    dead: int
-    head: int | None = None  # the sequence number of the event it waits to deliver
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        oldest = self.oldest_undelivered_at
-        return {"sink": self.sink, "registered": self.registered,
-                "undelivered": self.undelivered,
-                "oldest_undelivered_age_seconds": None if oldest is None
-                else round(max(0.0, now - oldest), 3),
-                "attempts": self.attempts, "last_error": self.last_error,
-                "last_attempt_at": self.last_attempt_at, "dead": self.dead,
-                "delivered_through": self.delivered_through}
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing the fixity audit found wrong (states.FindingKind), at a path in the products
-    area (display form), with the product it concerns when a row records it."""
-
-    kind: str
-    path: str
-    detail: str
-    data_id: str | None = None
-    first_seen: float | None = None
-    last_seen: float | None = None
-    resolved_at: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": self.path, "data_id": self.data_id,
-                "detail": self.detail, "first_seen": self.first_seen,
-                "last_seen": self.last_seen, "resolved_at": self.resolved_at}
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """What the registry records in one folder of the products area (Registry.recorded_in):
-    names of products and sidecars in it, and names of its sub-folders that hold any."""
-
-    names: frozenset[str]
-    folders: frozenset[str]
-
-
-@dataclass(frozen=True)
-class Rebuilt:
-    """A row to create for an archived product that has none (rebuild --from-archive)."""
-
-    data_id: str
-    data_type: str
-    base_path: str
-    stage_path: str
-    stage_path_bytes: bytes
-    published_path: str
-    published_at: float
-    size_bytes: int
-    checksum: str
-    metadata: dict[str, Any]
-    sidecars: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Quarantined:
-    """One file moved out of the staging area into the quarantine folder."""
-
-    kind: str
-    data_id: str | None
-    original_path: str
-    quarantine_path: str
-    reason: str
-    size_bytes: int | None
-    how: str
-    moved_at: float
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 
 def _check_path(path: str) -> None:
@@ -1256,15 +1155,7 @@ class Registry:
         committed with the publish or not at all."""
         row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
         assert row is not None  # updated just above, in this transaction
-        product = _product(row)
-        payload = {
-            "data_id": product.data_id, "data_type": product.data_type,
-            "published_path": product.published_path, "stage_path": product.stage_path,
-            "checksum": product.checksum if checksum_known(product.checksum) else None,
-            "size_bytes": product.size_bytes, "metadata": product.metadata,
-            "sidecars": product.sidecars, "supersedes": supersedes,
-            "published_at": product.published_at, "publish_mode": product.publish_mode,
-            "host": socket.gethostname()}
+        payload = published_payload(_product(row), supersedes, socket.gethostname())
         cur.execute("INSERT INTO outbox (event_id, type, data_id, payload_json, created_at)"
                     " VALUES (?, ?, ?, ?, ?)",
                     (str(uuid.uuid4()), EVENT_PUBLISHED, data_id,
@@ -1297,17 +1188,9 @@ class Registry:
         return rows[0] if rows else None
 
     def _events(self, sql: str, args: Sequence[Any] = ()) -> list[Event]:
-        out = []
-        for seq, event_id, type_, data_id, payload, created_at in self.conn.execute(
-                sql.replace("SELECT *", "SELECT id, event_id, type, data_id, payload_json,"
-                            " created_at", 1), args):
-            try:
-                body = json.loads(payload)
-            except ValueError:
-                body = {"_unparsed": payload}
-            out.append(Event(seq, event_id, type_, data_id, created_at,
-                             body if isinstance(body, dict) else {"_value": body}))
-        return out
+        return [event_of(*row) for row in self.conn.execute(
+            sql.replace("SELECT *", "SELECT id, event_id, type, data_id, payload_json,"
+                        " created_at", 1), args)]
 
     def record_delivered(self, sink: str, seq: int, now: float | None = None) -> int:
         """The sink took event `seq` (its head): the cursor moves past it. Returns the
@@ -1447,6 +1330,14 @@ class Registry:
 
     def events_for(self, data_id: str) -> list[Event]:
         return self._events("SELECT * FROM outbox WHERE data_id = ? ORDER BY id", (data_id,))
+
+    # An SQLite registry has one daemon, the one holding the lock file: every duty is its.
+
+    def lead(self, duty: str, owner: str, lease_seconds: float) -> bool:
+        return True
+
+    def resign(self, duty: str, owner: str) -> None:
+        pass
 
     def publish_records(self, data_id: str, stage_path: str) -> list[PublishRecord]:
         """This program's publishes of a product (by its id or its staged path), newest
@@ -1721,41 +1612,19 @@ class Registry:
         products of every status and row, the final names and sidecars of publishes in
         flight, and every publish this program logged (a row another writer reset still
         has its product in the archive). Range queries on the published_path indexes."""
-        prefix = folder.rstrip("/") + "/"
-        upper = prefix[:-1] + "0"  # the first string after every one starting with prefix
-        names: set[str] = set()
-        folders: set[str] = set()
-
-        def take(path: str | None, sidecars_json: str | None) -> None:
-            if not path or not path.startswith(prefix):
-                return
-            rest = path[len(prefix):]
-            head, sep, _tail = rest.partition("/")
-            if sep:
-                folders.add(head)
-                return
-            names.add(rest)
-            try:
-                sidecars = json.loads(sidecars_json or "[]")
-            except ValueError:
-                sidecars = []
-            if isinstance(sidecars, list):
-                names.update(paths.display(os.fsencode(n)) for n in sidecars
-                             if isinstance(n, str))
-
+        prefix, upper = folder_range(folder)
+        found: list[tuple[str | None, str | None]] = []
         with self.read() as cur:
             for sql in (
                     "SELECT published_path, sidecars_json FROM data_registry"
                     " WHERE published_path >= ? AND published_path < ?",
                     "SELECT published_path, sidecars_json FROM publish_log"
                     " WHERE published_path >= ? AND published_path < ?"):
-                for path, sidecars_json in cur.execute(sql, (prefix, upper)):
-                    take(path, sidecars_json)
-            for path, sidecars_json in cur.execute(
-                    "SELECT publish_target, sidecars_json FROM data_registry"
-                    " WHERE status = 'publishing' AND publish_target IS NOT NULL"):
-                take(path, sidecars_json)
-        return Recorded(frozenset(names), frozenset(folders))
+                found += cur.execute(sql, (prefix, upper))
+            found += cur.execute(
+                "SELECT publish_target, sidecars_json FROM data_registry"
+                " WHERE status = 'publishing' AND publish_target IS NOT NULL")
+        return recorded_under(prefix, found)
 
     def is_recorded(self, path: str) -> bool:
         """Whether any row or logged publish names this published path."""
