@@ -329,17 +329,27 @@ def _same_bytes(row: dict[str, Any], c: Candidate) -> bool:
     return row["checksum"] is not None and _same_file(row, c)
 
 
-def _product(row: dict[str, Any]) -> Product:
+def _metadata(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's metadata as Product.metadata has it (the header's, else the legacy column)."""
     try:
         metadata = json.loads(row.get("header_json") or row.get("metadata_json") or "{}")
     except ValueError:
         metadata = {"_unparsed": row.get("header_json") or row.get("metadata_json")}
     if not isinstance(metadata, dict):
         metadata = {"_value": metadata}
+    return metadata
+
+
+def _sidecars(row: dict[str, Any]) -> list[str]:
     try:
         sidecars = json.loads(row.get("sidecars_json") or "[]")
     except ValueError:
         sidecars = []
+    return sidecars  # type: ignore[no-any-return]
+
+
+def _product(row: dict[str, Any]) -> Product:
+    metadata, sidecars = _metadata(row), _sidecars(row)
     ident = None
     if row.get("stage_ino") is not None:
         ident = Identity(row["stage_dev"], row["stage_ino"], row["size_bytes"],

@@ -46,9 +46,11 @@ from contimg_publisher.registry.model import (
     RegistryGone,
     RegistryUnavailable,
     Unclaimed,
+    _metadata,
     _product,
     _same_bytes,
     _same_file,
+    _sidecars,
     backoff_delay,
     checksum_known,
     qa_hold_sql,
@@ -269,6 +271,12 @@ _LOG_PUBLISH = (
 
 
 FINDING_KINDS = tuple(FindingKind)
+
+# What a `published` event says of its row (Registry._emit_published).
+_EVENT_COLUMNS = (
+    "SELECT data_id, data_type, published_path, stage_path, checksum, size_bytes,"
+    " header_json, metadata_json, sidecars_json, published_at, publish_mode"
+    " FROM data_registry WHERE data_id = ?")
 
 
 # The outbox: one event per publish, written in the transaction that makes the row
@@ -1239,16 +1247,17 @@ class Registry:
                         now: float) -> None:
         """The outbox event of a row just made `published`, in the caller's transaction:
         committed with the publish or not at all."""
-        row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
+        # Only the columns the event carries: no Product is built for it, per publish.
+        row = _one(cur, _EVENT_COLUMNS, (data_id,))
         assert row is not None  # updated just above, in this transaction
-        product = _product(row)
+        checksum = row["checksum"]
         payload = {
-            "data_id": product.data_id, "data_type": product.data_type,
-            "published_path": product.published_path, "stage_path": product.stage_path,
-            "checksum": product.checksum if checksum_known(product.checksum) else None,
-            "size_bytes": product.size_bytes, "metadata": product.metadata,
-            "sidecars": product.sidecars, "supersedes": supersedes,
-            "published_at": product.published_at, "publish_mode": product.publish_mode,
+            "data_id": row["data_id"], "data_type": row["data_type"],
+            "published_path": row["published_path"], "stage_path": row["stage_path"],
+            "checksum": checksum if checksum_known(checksum) else None,
+            "size_bytes": row["size_bytes"], "metadata": _metadata(row),
+            "sidecars": _sidecars(row), "supersedes": supersedes,
+            "published_at": row["published_at"], "publish_mode": row["publish_mode"],
             "host": socket.gethostname()}
         cur.execute("INSERT INTO outbox (event_id, type, data_id, payload_json, created_at)"
                     " VALUES (?, ?, ?, ?, ?)",
