@@ -146,6 +146,57 @@ def test_moves_in_and_out_name_the_right_side(running: Running, tmp_path: Path) 
     assert (str(away), "moved_in") not in seen(items)
 
 
+def test_own_moves_out_are_dropped_and_given_back_when_not_published(tmp_path: Path) -> None:
+    """The renames the daemon expects (its publishes) reach neither the queue nor the loop's
+    wake-up; a path it stops expecting gets its dropped event back; others pass."""
+    root, away = tmp_path / "stage", tmp_path / "products"
+    (root / "night").mkdir(parents=True)
+    away.mkdir()
+    names = ("ours", "failed", "theirs", "within")
+    for name in names:
+        (root / "night" / f"{name}.fits").write_bytes(b"x" * 2880)
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    own = watch.OwnMoves()
+    wakes: list[int] = []
+    watcher = Watcher(str(root), out, wake=lambda: wakes.append(1), log=ListLog(), own=own)
+    assert watcher.start() is True
+    try:
+        path = {n: str(root / "night" / f"{n}.fits") for n in names}
+        own.expect([path["ours"], path["failed"], path["within"]])
+        for name in ("ours", "failed", "theirs"):
+            os.rename(path[name], away / f"{name}.fits")
+        os.rename(path["within"], root / "within2.fits")  # stays in staging: passed on
+        items = drain(out, quiet=1.5)
+        assert (path["theirs"], "moved_out") in seen(items)
+        assert (path["within"], "moved_out") in seen(items)
+        assert (path["ours"], "moved_out") not in seen(items)
+        assert (path["failed"], "moved_out") not in seen(items)
+        assert len(wakes) == len(items)
+        own.published(path["ours"])
+        assert own.release(path["failed"]) == Change(path["failed"], "moved_out")
+        assert own.release(path["ours"]) is None  # its event was ours, nothing to give back
+        assert own.release(path["within"]) is None  # a move within staging is never dropped
+        assert len(own) == 0
+        # Once released, the same path's events pass again.
+        (root / "night" / "failed.fits").write_bytes(b"y")
+        os.rename(root / "night" / "failed.fits", away / "failed2.fits")
+        items = collect(out, has((path["failed"], "moved_out")))
+        assert (path["failed"], "moved_out") in seen(items)
+    finally:
+        watcher.stop()
+
+
+def test_own_moves_expire() -> None:
+    own = watch.OwnMoves(seconds=0.05)
+    own.expect(["/s/a.fits"])
+    time.sleep(0.1)
+    assert not own.take(Change("/s/a.fits", "moved_out"))
+    own.expect(["/s/b.fits"])  # expired entries go as a new batch is expected
+    assert len(own) == 1
+    assert not own.take(Change("/s/b.fits", "modified"))
+    assert own.take(Change("/s/b.fits", "deleted"))
+
+
 def test_new_folder_and_a_file_written_in_it_at_once(running: Running) -> None:
     folder = stage(running) / "mosaics" / "2025"
     os.makedirs(folder)

@@ -517,6 +517,15 @@ class Detector:
         else:
             self.note(os.path.join(self.root, *found.parts))  # a file inside a folder product
 
+    def drop(self, path: str | bytes) -> None:
+        """A product this process just published left staging: it no longer waits to settle
+        (forget() without asking the registry about a row that is the one published)."""
+        try:
+            parts = paths.relative_components(self.root, os.fsencode(path))
+        except paths.UnsafePath:
+            return
+        self.pending.pop(parts, None)
+
     def _late_sidecar(self, m: Match, stage_path: str, dirs: paths.DirCache
                       ) -> Outcome | None:
         """A sidecar beside a product that was already published from this path."""

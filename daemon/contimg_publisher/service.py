@@ -194,6 +194,9 @@ class Daemon:
         self.registry: RegistryBackend | None = None
         self.lock: lock.Lock | None = None
         self.watcher: watch.Watcher | None = None
+        # The products the publish thread is moving out of staging: the watch drops the
+        # events of those renames, and the loop does what they would have asked for.
+        self.own_moves = watch.OwnMoves()
         self.detector: detect.Detector | None = None
         self.worker: Worker | None = None
         self.delivery: outbox.Delivery | None = None  # the outbox's sinks, a thread of its own
@@ -376,7 +379,8 @@ class Daemon:
     def _start_watcher(self) -> None:
         root = str(self.config.stage_root)
         os.makedirs(root, exist_ok=True)
-        self.watcher = watch.Watcher(root, self.changes, wake=self.wake, log=self.log)
+        self.watcher = watch.Watcher(root, self.changes, wake=self.wake, log=self.log,
+                                     own=self.own_moves)
         if not self.watcher.start():
             self.watcher = None
 
@@ -596,6 +600,7 @@ class Daemon:
         claimed = self.registry.claim(self.owner, self.config.lease_seconds, limit=SCAN_BATCH,
                                       max_bytes=SCAN_BATCH_BYTES)
         if claimed:
+            self.own_moves.expect([_event_path(p) for p in claimed])
             self.worker.submit(claimed, self.config)
 
     def _collect_results(self) -> None:
@@ -606,6 +611,9 @@ class Daemon:
             except queue.Empty:
                 return
             self.worker.busy = None
+            if isinstance(results, Exception):
+                for product in products:
+                    self._not_moved(product)
             if isinstance(results, RegistryGone):
                 self._registry_gone(results)
                 continue
@@ -625,7 +633,29 @@ class Daemon:
             for product, result in zip(products, results, strict=True):
                 self._after_publish(product, result)
 
+    def _not_moved(self, product: Product) -> None:
+        """The publish from this path did not happen: an event the watch dropped for it
+        (another hand moved the file) is handled as any other."""
+        change = self.own_moves.release(_event_path(product))
+        if change is not None:
+            self.changes.put(change)
+
+    def _moved_out(self, product: Product) -> None:
+        """What the event of our own rename out of staging would have done (see _drain_changes:
+        the tracker and the detector forget the path; the registry need not be asked whether
+        a row still waits there, its row is the one just published)."""
+        path = _event_path(product)
+        self.own_moves.published(path)
+        if self.gate.tracker is not None:
+            self.gate.tracker.moved(path, "")
+        if self.detector is not None:
+            self.detector.drop(path)
+
     def _after_publish(self, product: Product, result: publish.Result) -> None:
+        if result.status is Attempt.PUBLISHED:
+            self._moved_out(product)
+        else:
+            self._not_moved(product)
         log_result(self.log, result, self.config.max_attempts)
         self.metrics.observe_result(result, product.size_bytes)
         if result.status is Attempt.PUBLISHED:
@@ -802,6 +832,11 @@ def _outage_action(cfg: Config) -> str:
                 "writable again (free space, promote a standby)")
     return ("free space, make the registry files writable again (chattr -i, remount "
             "read-write) or end the process that holds its write lock")
+
+
+def _event_path(product: Product) -> str:
+    """The product's staged path as the watch names it in its events (os.fsdecode form)."""
+    return os.fsdecode(product.stage_bytes)
 
 
 def _with(cfg: Config, **changes: Any) -> Config:

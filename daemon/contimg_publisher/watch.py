@@ -115,6 +115,65 @@ def reason_for(exc: OSError) -> str:
     return f"{exc.strerror or exc} (errno {exc.errno})"
 
 
+# How long a path the daemon published from stays expected: the event of its rename reaches the
+# queue after the publish's result, as late as watchdog's pairing of moves (half a second).
+OWN_MOVE_SECONDS = 30.0
+
+
+class OwnMoves:
+    """Paths the daemon itself is moving out of the staging area (the products it publishes).
+
+    The event of such a rename tells the loop nothing it does not know, and in a burst there
+    is one per product: the watch drops it (`take`) instead of queueing it and waking the
+    loop. The loop `expect`s a batch's paths before the publish thread starts on them and
+    `settle`s each when its result comes back: a path published from stays expected a while,
+    for its event; any other outcome gives back the event if one was dropped (`release`).
+    Shared by the loop and the watch's dispatch thread; every step is one dict operation."""
+
+    def __init__(self, seconds: float = OWN_MOVE_SECONDS) -> None:
+        self.seconds = seconds
+        # path -> (monotonic time it stops being expected, whether its publish is done)
+        self._until: dict[str, tuple[float, bool]] = {}
+        self._dropped: dict[str, str] = {}  # path -> kind of the event dropped, publish not done
+
+    def expect(self, paths_: list[str]) -> None:
+        now = time.monotonic()
+        for path, (until, _done) in list(self._until.items()):
+            if until < now:
+                self._until.pop(path, None)
+        entry = (now + self.seconds, False)
+        for path in paths_:
+            self._until[path] = entry
+            self._dropped.pop(path, None)
+
+    def take(self, change: Change) -> bool:
+        """Whether `change` is the event of one of our own moves (then it is dropped)."""
+        if change.kind not in ("moved_out", "deleted") or change.dest:
+            return False
+        entry = self._until.pop(change.path, None)
+        if entry is None or entry[0] < time.monotonic():
+            return False
+        if not entry[1]:
+            self._dropped[change.path] = change.kind
+        return True
+
+    def published(self, path: str) -> None:
+        """The product at `path` left staging through our publish: its event, if still to
+        come, is dropped for a while yet."""
+        if self._dropped.pop(path, None) is None and path in self._until:
+            self._until[path] = (time.monotonic() + self.seconds, True)
+
+    def release(self, path: str) -> Change | None:
+        """The publish from `path` did not happen: it is no longer expected, and the event
+        dropped for it (the file left by another hand), if any, is returned."""
+        self._until.pop(path, None)
+        kind = self._dropped.pop(path, None)
+        return None if kind is None else Change(path, kind)
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
 class _NullLog:
     def __getattr__(self, _name: str) -> Callable[..., None]:
         return lambda *_args, **_kwargs: None
@@ -132,8 +191,10 @@ class _Sink:
     """Where the watch threads hand what they found: the queue, the wake-up, the log."""
 
     def __init__(self, root: str, out: queue.SimpleQueue[Change | str],
-                 wake: Callable[[], None] | None, log: Any) -> None:
+                 wake: Callable[[], None] | None, log: Any, own: OwnMoves | None = None
+                 ) -> None:
         self.root = root
+        self.own = own
         self.watched = os.path.realpath(root)  # a symlinked root is watched where it points
         self.out = out
         self.wake = wake
@@ -183,8 +244,10 @@ class _Sink:
         except Exception as exc:  # never let one odd event stop the dispatch thread
             self.lost(f"an event could not be read: {type(exc).__name__}: {exc}")
             return
+        own = self.own
         for change in changes:
-            self.put(change)
+            if own is None or not own.take(change):
+                self.put(change)
 
     def lost(self, reason: str, key: str = "", **fields: Any) -> None:
         """Events may have been lost: say why (at most once a minute per `key`, when given),
@@ -344,8 +407,10 @@ class Watcher:
     """Recursive inotify watch of `root`, feeding Change objects and RESCAN into `out`."""
 
     def __init__(self, root: str, out: queue.SimpleQueue[Change | str],
-                 wake: Callable[[], None] | None = None, log: Any | None = None) -> None:
+                 wake: Callable[[], None] | None = None, log: Any | None = None,
+                 own: OwnMoves | None = None) -> None:
         self.root = os.path.abspath(os.fsdecode(root))
+        self.own = own
         self.out = out
         self.wake = wake
         self.log = log if log is not None else _default_log()
@@ -359,7 +424,7 @@ class Watcher:
             raise RuntimeError(f"the watch on {self.root} is already running")
         if not os.path.isdir(self.root):
             return self._unavailable(f"{self.root} is not a folder or does not exist")
-        sink = self._sink = _Sink(self.root, self.out, self.wake, self.log)
+        sink = self._sink = _Sink(self.root, self.out, self.wake, self.log, self.own)
         try:
             observer = _Observer(sink)
         except OSError as exc:

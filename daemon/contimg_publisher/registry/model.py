@@ -326,17 +326,27 @@ def _same_bytes(row: dict[str, Any], c: Candidate) -> bool:
     return row["checksum"] is not None and _same_file(row, c)
 
 
-def _product(row: dict[str, Any]) -> Product:
+def _metadata(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's metadata as Product.metadata has it (the header's, else the legacy column)."""
     try:
         metadata = json.loads(row.get("header_json") or row.get("metadata_json") or "{}")
     except ValueError:
         metadata = {"_unparsed": row.get("header_json") or row.get("metadata_json")}
     if not isinstance(metadata, dict):
         metadata = {"_value": metadata}
+    return metadata
+
+
+def _sidecars(row: dict[str, Any]) -> list[str]:
     try:
         sidecars = json.loads(row.get("sidecars_json") or "[]")
     except ValueError:
         sidecars = []
+    return sidecars  # type: ignore[no-any-return]
+
+
+def _product(row: dict[str, Any]) -> Product:
+    metadata, sidecars = _metadata(row), _sidecars(row)
     ident = None
     if row.get("stage_ino") is not None:
         ident = Identity(row["stage_dev"], row["stage_ino"], row["size_bytes"],
@@ -492,17 +502,24 @@ class Quarantined:
         return dict(self.__dict__)
 
 
-def published_payload(product: Product, supersedes: str | None, host: str,
+# The columns a `published` event carries (published_payload), selected by each backend.
+EVENT_COLUMNS = ("data_id, data_type, published_path, stage_path, checksum, size_bytes,"
+                 " header_json, metadata_json, sidecars_json, published_at, publish_mode")
+
+
+def published_payload(row: dict[str, Any], supersedes: str | None, host: str,
                       node: str | None = None) -> dict[str, Any]:
-    """The body of a row's `published` event (the row as the publish just left it); with a
-    shared registry it also names the node whose daemon published it."""
+    """The body of a row's `published` event (the row as the publish just left it, its
+    EVENT_COLUMNS: no Product is built per publish); with a shared registry it also names
+    the node whose daemon published it."""
+    checksum = row["checksum"]
     payload: dict[str, Any] = {
-        "data_id": product.data_id, "data_type": product.data_type,
-        "published_path": product.published_path, "stage_path": product.stage_path,
-        "checksum": product.checksum if checksum_known(product.checksum) else None,
-        "size_bytes": product.size_bytes, "metadata": product.metadata,
-        "sidecars": product.sidecars, "supersedes": supersedes,
-        "published_at": product.published_at, "publish_mode": product.publish_mode,
+        "data_id": row["data_id"], "data_type": row["data_type"],
+        "published_path": row["published_path"], "stage_path": row["stage_path"],
+        "checksum": checksum if checksum_known(checksum) else None,
+        "size_bytes": row["size_bytes"], "metadata": _metadata(row),
+        "sidecars": _sidecars(row), "supersedes": supersedes,
+        "published_at": row["published_at"], "publish_mode": row["publish_mode"],
         "host": host}
     if node is not None:
         payload["node"] = node

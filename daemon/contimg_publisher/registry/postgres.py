@@ -51,6 +51,7 @@ from contimg_publisher.config import hide_password
 from contimg_publisher.qa import Condition
 from contimg_publisher.registry import pgconn
 from contimg_publisher.registry.model import (
+    EVENT_COLUMNS,
     EVENT_PUBLISHED,
     FAILURE_KINDS,
     FINDING_KINDS,
@@ -1412,9 +1413,10 @@ class PostgresRegistry:
         self._rows("SELECT pg_advisory_xact_lock(%s)", (OUTBOX_LOCK,))
         idle = max(OUTBOX_IDLE_SECONDS, 3 * self.busy_timeout_seconds)
         self._rows(f"SET LOCAL idle_in_transaction_session_timeout = {int(idle * 1000)}")
-        row = self._one("SELECT * FROM data_registry WHERE data_id = %s", (data_id,))
+        row = self._one(f"SELECT {EVENT_COLUMNS} FROM data_registry WHERE data_id = %s",
+                        (data_id,))
         assert row is not None  # updated just above, in this transaction
-        payload = published_payload(_product(row), supersedes, socket.gethostname(), self.node)
+        payload = published_payload(row, supersedes, socket.gethostname(), self.node)
         self._rows(
             "INSERT INTO outbox (event_id, type, data_id, payload_json, created_at, node)"
             f" VALUES (gen_random_uuid()::text, %(type)s, %(id)s, %(payload)s, {at()},"

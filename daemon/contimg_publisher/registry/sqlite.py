@@ -29,6 +29,7 @@ import apsw
 from contimg_publisher import fsguard, paths
 from contimg_publisher.qa import Condition
 from contimg_publisher.registry.model import (
+    EVENT_COLUMNS,
     EVENT_PUBLISHED,
     FAILURE_KINDS,
     FINDING_KINDS,
@@ -278,6 +279,10 @@ _LOG_PUBLISH = (
     " SELECT data_id, data_type, stage_path, published_path, size_bytes, checksum,"
     " sidecars_json, header_json, publish_mode, published_at FROM data_registry"
     " WHERE data_id = ? AND status = 'published'")
+
+
+# What a `published` event says of its row (Registry._emit_published).
+_EVENT_COLUMNS = f"SELECT {EVENT_COLUMNS} FROM data_registry WHERE data_id = ?"
 
 
 # The outbox: one event per publish, written in the transaction that makes the row
@@ -1153,9 +1158,10 @@ class Registry:
                         now: float) -> None:
         """The outbox event of a row just made `published`, in the caller's transaction:
         committed with the publish or not at all."""
-        row = _one(cur, "SELECT * FROM data_registry WHERE data_id = ?", (data_id,))
+        # Only the columns the event carries: no Product is built for it, per publish.
+        row = _one(cur, _EVENT_COLUMNS, (data_id,))
         assert row is not None  # updated just above, in this transaction
-        payload = published_payload(_product(row), supersedes, socket.gethostname())
+        payload = published_payload(row, supersedes, socket.gethostname())
         cur.execute("INSERT INTO outbox (event_id, type, data_id, payload_json, created_at)"
                     " VALUES (?, ?, ?, ?, ?)",
                     (str(uuid.uuid4()), EVENT_PUBLISHED, data_id,
