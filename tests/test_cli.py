@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -140,6 +141,34 @@ def test_read_commands_do_not_migrate_an_older_file(tmp_path):
     assert "run `contimg-publisher migrate`" in out.stderr
     with sqlite3.connect(sandbox.registry) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
+def test_a_read_command_waits_for_a_migration_in_progress(tmp_path):
+    """A daemon's first start migrates step by step while an operator's `list` opens the
+    file: the command waits for the steps (the version moves) instead of refusing."""
+    import sqlite3
+    import time
+
+    from contimg_publisher.registry import LEGACY_DDL
+    sandbox = Sandbox(tmp_path)
+    sandbox.registry.parent.mkdir(parents=True)
+    with sqlite3.connect(sandbox.registry) as db:
+        db.executescript(LEGACY_DDL)
+    proc = subprocess.Popen([sys.executable, "-m", "contimg_publisher", "--config",
+                             str(sandbox.config_path), "list", "--json"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fds = f"/proc/{proc.pid}/fd"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError):
+            if any(os.readlink(os.path.join(fds, fd)) == str(sandbox.registry)
+                   for fd in os.listdir(fds)):
+                break
+        time.sleep(0.005)
+    Registry(sandbox.registry).close()  # what the daemon's start does: every step
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out) == []
 
 
 def test_check_config_prints_effective_values(tmp_path):

@@ -162,6 +162,20 @@ def _one_line(text: str | None, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _wait_for_migration(registry: RegistryBackend, limit_seconds: float) -> None:
+    """A daemon starting on this registry may be stepping through its migration right now
+    (one transaction per step): wait while the version moves, up to the busy timeout, and
+    not at all longer than a second for a file that nobody is migrating."""
+    version = registry.version()
+    now = time.monotonic()
+    deadline, quiet_until = now + limit_seconds, now + 1.0
+    while version < registry.schema_version and now < min(deadline, quiet_until):
+        time.sleep(0.1)
+        seen, now = registry.version(), time.monotonic()
+        if seen != version:
+            version, quiet_until = seen, now + 1.0
+
+
 def _open(cfg: Config) -> RegistryBackend:
     """Read commands use the registry as it is: an older file is not migrated behind the
     operator's back.
@@ -174,6 +188,7 @@ def _open(cfg: Config) -> RegistryBackend:
         registry = open_registry(cfg)
     else:
         registry = open_registry(cfg, migrate=False, guard_reads=False)
+        _wait_for_migration(registry, cfg.busy_timeout_seconds)
         if registry.version() < registry.schema_version:
             version = registry.version()
             registry.close()
