@@ -489,3 +489,36 @@ def test_two_nodes_deliver_each_event_once_and_one_audits_the_shared_archive(
         assert json.loads(audited.stdout)["checked"] == len(want)
     finally:
         receiver.close()
+
+
+def test_a_batch_longer_than_its_lease_keeps_every_rows_lease(
+        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
+    """One claim takes the whole backlog; its copies (slowed to a second each) outlast the
+    lease several times over. No row of the batch waiting its turn may lapse meanwhile:
+    another daemon of this node would claim it again and copy it for nothing."""
+    box = _node_sandbox(tmp_path / "a", pg_server, "node-a", tmpfs_products)  # copies
+    box.update(publish={"lease_seconds": 3}, detect={"settle_seconds": 0.0})
+    staged = {f"m_{i}": write_fits(box.mosaics / f"m_{i}.fits", pixels=32, seed=i)
+              for i in range(8)}
+    proc = start_daemon(box, extra_env={DELAY_ENV: "1.0"})
+    lapsed: list[str] = []
+    try:
+        wait_for(lambda: "started" in [e.get("event") for e in log_events(box)], 60,
+                 what="the daemon started (its schema made)")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            lapsed += pg_server.psql(
+                "SELECT data_id FROM data_registry WHERE status = 'publishing'"
+                " AND lease_expires_at < extract(epoch from now())").split()
+            if pg_server.psql("SELECT count(*) FROM data_registry"
+                              " WHERE status = 'published'") == str(len(staged)):
+                break
+            time.sleep(0.2)
+    finally:
+        assert stop(proc) == 0
+    assert not lapsed, f"leases lapsed in the batch: {sorted(set(lapsed))}"
+    assert _archive(box.products) == {f"mosaics/{name}.fits": data
+                                      for name, data in staged.items()}
+    claimed = [e for e in log_events(box) if e.get("event") == "published"]
+    assert len(claimed) == len(staged)
+    assert pg_server.psql("SELECT count(*) FROM publish_failures") == "0"

@@ -280,6 +280,8 @@ class Publisher:
         # When the claims in hand were last known to hold (claimed, or a lease renewed):
         # with a shared registry, a batch stops once that is a lease ago (_keep_lease).
         self._renewed_at = time.monotonic()
+        self._batch: list[Product] = []  # the rows of the batch in hand (_renew_rest)
+        self._rest_renewed_at = time.monotonic()
 
     def _no_writer(self, fd: int, path: bytes, shown: str,
                    kind: kinds.ProductKind = kinds.FILE) -> None:
@@ -315,7 +317,8 @@ class Publisher:
         the copy in hand.
         """
         folders = _Folders(self.config)
-        self._renewed_at = time.monotonic()  # the rows were just claimed
+        self._renewed_at = self._rest_renewed_at = time.monotonic()  # just claimed
+        self._batch = list(products)
         jobs = [_Job(p, mode, Result(p.data_id, p.data_type, Attempt.RETRY_DUE, p.stage_path),
                      cancel)
                 for p in products]
@@ -745,9 +748,27 @@ class Publisher:
             raise
         if renewed:
             self._renewed_at = time.monotonic()
+            self._renew_rest(product)
         elif self.registry.shared:
             self._lease_lost(product, "the claim is no longer this process's: the row was "
                              "claimed again or resolved as an abandoned publish")
+
+    def _renew_rest(self, product: Product) -> None:
+        """With a shared registry, the batch's other rows keep their lease too, once half
+        of it has gone by (one transaction): a row further down a batch that outlasts the
+        lease would otherwise expire, and another daemon of this node would claim it again
+        and copy it for nothing (its writes are fenced, the copy is wasted). Rows already
+        done are no longer this claim's and are left as they are."""
+        if not self.registry.shared or \
+                time.monotonic() - self._rest_renewed_at < self.config.lease_seconds / 2:
+            return
+        with contextlib.suppress(RegistryError), self.registry.write():
+            for other in self._batch:
+                if other.data_id != product.data_id:
+                    self.registry.renew_lease(other.data_id, self.owner,
+                                              self.config.lease_seconds,
+                                              token=other.claim_token)
+            self._rest_renewed_at = time.monotonic()
 
     def _keep_lease(self, product: Product) -> None:
         """Before each product of a batch, with a shared registry: the lease is renewed once
