@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 from contimg_publisher import paths
 from contimg_publisher.config import QA_FIELDS
 from contimg_publisher.qa import Condition
-from contimg_publisher.states import FailureKind, FindingKind, Kind, Status
+from contimg_publisher.states import Delivery, FailureKind, FindingKind, Kind, Status
 
 STATUSES = tuple(Status)
 FAILURE_KINDS = tuple(FailureKind)
@@ -565,3 +565,29 @@ def recorded_under(prefix: str, rows: Iterable[tuple[str | None, str | None]]) -
         if isinstance(sidecars, list):
             names.update(paths.display(os.fsencode(n)) for n in sidecars if isinstance(n, str))
     return Recorded(frozenset(names), frozenset(folders))
+
+
+def delivery_states(events: Sequence[Event], cursors: dict[str, SinkState],
+                    done: dict[tuple[int, str], dict[str, Any]], everything: bool
+                    ) -> list[tuple[Event, dict[str, dict[str, Any]]]]:
+    """Each event's state for every sink, from the sinks' cursors and the recorded
+    outcomes (`done`, by (event, sink)): past a cursor an event is pending (the head with
+    the sink's attempts), before it delivered unless an outcome says otherwise. Without
+    `everything`, only the events some sink has not delivered."""
+    out = []
+    for event in events:
+        states: dict[str, dict[str, Any]] = {}
+        for sink, state in cursors.items():
+            if event.seq > state.delivered_through:
+                head = event.seq == state.head
+                states[sink] = {"state": Delivery.PENDING,
+                                "attempts": state.attempts if head else 0,
+                                "at": state.last_attempt_at if head else None,
+                                "error": state.last_error if head else None}
+            else:
+                states[sink] = done.get((event.seq, sink)) or {
+                    "state": Delivery.DELIVERED, "attempts": None, "at": None,
+                    "error": None}
+        if everything or any(v["state"] != Delivery.DELIVERED for v in states.values()):
+            out.append((event, states))
+    return out

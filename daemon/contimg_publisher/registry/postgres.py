@@ -81,6 +81,7 @@ from contimg_publisher.registry.model import (
     _same_file,
     backoff_delay,
     checksum_known,
+    delivery_states,
     event_of,
     folder_range,
     published_payload,
@@ -1549,23 +1550,7 @@ class PostgresRegistry:
                 done[(int(r["event"]), r["sink"])] = {
                     "state": r["outcome"], "attempts": r["attempts"], "at": r["at"],
                     "error": r["error"]}
-        out = []
-        for event in events:
-            states: dict[str, dict[str, Any]] = {}
-            for sink, state in cursors.items():
-                if event.seq > state.delivered_through:
-                    head = event.seq == state.head
-                    states[sink] = {"state": Delivery.PENDING,
-                                    "attempts": state.attempts if head else 0,
-                                    "at": state.last_attempt_at if head else None,
-                                    "error": state.last_error if head else None}
-                else:
-                    states[sink] = done.get((event.seq, sink)) or {
-                        "state": Delivery.DELIVERED, "attempts": None, "at": None,
-                        "error": None}
-            if everything or any(v["state"] != Delivery.DELIVERED for v in states.values()):
-                out.append((event, states))
-        return out
+        return delivery_states(events, cursors, done, everything)
 
     def last_event_seq(self) -> int:
         return int(self._scalar("SELECT COALESCE(MAX(id), 0) AS n FROM outbox"))
