@@ -145,3 +145,69 @@ def test_stray_temporary_files_are_swept_after_ready(tmp_path: Path) -> None:
     assert names.index("started") < names.index("temp_removed"), names
     assert kept.read_bytes() == b"an archived product"
     assert sorted(os.listdir(folder)) == ["m0.fits"]
+
+
+def test_a_burst_moved_in_as_one_folder_is_published_once_each(tmp_path: Path) -> None:
+    """The pipeline's nights arrive as folders of folders, moved in at once: the loop walks
+    the moved folder on its one event, registering and publishing take turns, and every
+    product is registered once and published once, with no product reported vanished."""
+    sandbox = Sandbox(tmp_path)
+    outside = tmp_path / "incoming"
+    digests = {}
+    for i in range(300):
+        sub = outside / f"n{i // 100:02}"
+        sub.mkdir(parents=True, exist_ok=True)
+        data = write_fits(sub / f"m{i:04}.fits", pixels=8, seed=i)
+        digests[f"m{i:04}.fits"] = hashlib.sha256(data).hexdigest()
+    sandbox.mosaics.mkdir(parents=True, exist_ok=True)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = start_daemon(sandbox, notify.path)
+    try:
+        notify.wait("READY", "1", timeout=60)
+        os.rename(outside, sandbox.mosaics / "night")
+        wait_for(lambda: sum(r["status"] == "published" for r in rows(sandbox)) == 300,
+                 timeout=120, what="300 products published")
+    finally:
+        assert stop(proc) == 0
+        notify.close()
+    assert archived(sandbox) == digests
+    events = log_events(sandbox)
+    registered = [e["data_id"] for e in events if e.get("event") == "registered"]
+    published = [e["data_id"] for e in events if e.get("event") == "published"]
+    assert len(registered) == len(set(registered)) == 300
+    assert sorted(published) == sorted(registered)
+    assert not [e for e in events if e.get("level") in ("warning", "error", "critical")]
+
+
+def test_detection_goes_on_beside_a_long_copy(tmp_path: Path) -> None:
+    """Registering waits for a short batch in flight, never for a long copy: a mosaic
+    staged while a slow copy runs is registered before that copy is done."""
+    if not is_root():
+        pytest.skip("a products area on another filesystem (a tmpfs mount) needs root")
+    from tests.helpers import mount_tmpfs, umount
+    products = tmp_path / "products"
+    mount_tmpfs(products, "64m")
+    try:
+        sandbox = Sandbox(tmp_path, products_root=products)
+        big = sandbox.mosaics / "big" / "big.fits"
+        big.parent.mkdir(parents=True)
+        write_fits(big, pixels=2048, seed=1)  # two chunks of the copy, 3 s each
+        proc = start_daemon(sandbox, extra_env={DELAY_ENV: "3.0"})
+        try:
+            wait_for(lambda: [p for p in products.rglob("*") if p.is_file()],
+                     timeout=60, what="the slow copy begun (its temporary file)")
+            late = sandbox.mosaics / "late" / "late.fits"
+            late.parent.mkdir()
+            write_fits(late, pixels=8, seed=99)
+            wait_for(lambda: sum(r["status"] == "published" for r in rows(sandbox)) == 2,
+                     timeout=120, what="both published")
+        finally:
+            assert stop(proc) == 0
+        events = log_events(sandbox)
+        first = next(e for e in events if e.get("event") == "published")
+        late_registered = next(e for e in events if e.get("event") == "registered"
+                               and e["data_id"].endswith("late"))
+        assert first["data_id"].endswith("big"), first
+        assert late_registered["timestamp"] < first["timestamp"], (late_registered, first)
+    finally:
+        umount(products)

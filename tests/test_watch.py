@@ -202,10 +202,10 @@ def test_new_folder_and_a_file_written_in_it_at_once(running: Running) -> None:
     os.makedirs(folder)
     inner = folder / "mosaic_20250101_000000_n10.fits"
     inner.write_bytes(b"SIMPLE")
-    # watchdog reports each new folder as created; the file comes either from its own events
-    # (when the folder's watch was added first) or from a created event watchdog makes up by
-    # listing the folder right after adding the watch, possibly both.
-    want = [(str(folder.parent), "created"), (str(folder), "created"), (str(inner), "created")]
+    # watchdog reports each new folder as created. The file has its own events only when the
+    # folder's watch was added first; the events watchdog makes up by listing a new folder
+    # are not passed on, since the loop walks the folder itself on the folder's event.
+    want = [(str(folder.parent), "created"), (str(folder), "created")]
     items = collect(running.out, has(*want))
     assert set(want) <= seen(items)
     later = folder / "later.fits"  # the new folder is watched from then on
@@ -214,16 +214,29 @@ def test_new_folder_and_a_file_written_in_it_at_once(running: Running) -> None:
     assert {(str(later), "created"), (str(later), "closed")} <= seen(items)
 
 
-def test_folder_moved_in_reports_the_folder_and_its_files(running: Running,
-                                                          tmp_path: Path) -> None:
+def test_folder_moved_in_reports_the_folder_not_each_file(running: Running,
+                                                         tmp_path: Path) -> None:
+    """A burst arrives as one folder: one event for it (the loop walks it), not one made-up
+    event per file inside, which in a burst of 20,000 is 20,000 more for the loop."""
     outside = tmp_path / "old.image"
     outside.mkdir()
     (outside / "table.f0").write_bytes(b"t")
     inside = stage(running) / "old.image"
     os.rename(outside, inside)
-    want = [(str(inside), "moved_in"), (str(inside / "table.f0"), "created")]
-    items = collect(running.out, has(*want))
-    assert set(want) <= seen(items)
+    items = collect(running.out, has((str(inside), "moved_in")))
+    items += drain(running.out)
+    assert (str(inside), "moved_in") in seen(items)
+    assert not [path for path, _kind in seen(items) if path.startswith(str(inside) + "/")]
+    # Moved within the watch: the old paths inside are still reported (the close-write
+    # tracker follows writers' descriptors through the rename), the new ones are not.
+    moved = stage(running) / "moved.image"
+    os.rename(inside, moved)
+    items = collect(running.out, has((str(inside / "table.f0"), "moved_out")))
+    items += drain(running.out)
+    assert {(str(inside), "moved_out"), (str(moved), "moved_in"),
+            (str(inside / "table.f0"), "moved_out")} <= seen(items)
+    assert (str(moved / "table.f0"), "moved_in") not in seen(items)
+    inside = moved
     (inside / "table.f1").write_bytes(b"t")  # and it is watched
     items = collect(running.out, has((str(inside / "table.f1"), "closed")))
     assert (str(inside / "table.f1"), "closed") in seen(items)

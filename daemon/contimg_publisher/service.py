@@ -150,6 +150,7 @@ class Worker:
     stop_batch: threading.Event = field(default_factory=threading.Event)  # rest back
     cancel: threading.Event = field(default_factory=threading.Event)      # copy too
     busy: list[Product] | None = None
+    busy_since: float = 0.0  # monotonic time the batch in `busy` was handed over
     thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -158,6 +159,7 @@ class Worker:
 
     def submit(self, products: list[Product], config: Config, mode: str = "auto") -> None:
         self.busy = products
+        self.busy_since = time.monotonic()
         self.jobs.put((products, config, mode))
 
     def stop(self) -> None:
@@ -522,7 +524,9 @@ class Daemon:
             self.registry is not None
         self.registry.check_identity()  # a stat: every turn, before anything is recorded
         now = time.monotonic()
-        self._drain_changes()
+        detecting = not self._publish_turn(now)
+        if detecting:
+            self._drain_changes()
         if self.watcher is not None and not self.watcher.healthy():
             self.log.warning("watch_restarting", stage_root=str(cfg.stage_root))
             self.watcher.stop()
@@ -530,11 +534,12 @@ class Daemon:
             self.rescan_requested = True
         if self.watcher is None and now >= self.next_rescan - cfg.rescan_seconds + 60:
             self._start_watcher()  # retry a watch that could not be set up
-        if self.rescan_requested or now >= self.next_rescan:
+        if detecting and (self.rescan_requested or now >= self.next_rescan):
             self._rescan()
-        for outcome in self.detector.process():
-            self._after_detect(outcome)
         self._collect_results()
+        if detecting:
+            for outcome in self.detector.process():
+                self._after_detect(outcome)
         if self.abandoned and self.worker.busy is None:
             self._resolve_abandoned()
         if self.worker.busy is None:
@@ -544,6 +549,17 @@ class Daemon:
             self._reconcile()
         self._heartbeat()
         self._ping()
+
+    def _publish_turn(self, now: float) -> bool:
+        """Whether detection waits for the batch in flight. Two threads busy in Python at
+        once hand the GIL to each other at every system call, which on two cores costs more
+        than either does: a burst drains fastest when registering and publishing take turns,
+        as in `scan`. A batch still running after PUBLISH_TURN_SECONDS is in a long copy
+        (system calls, no Python to compete with), and detection goes on beside it."""
+        assert self.worker is not None
+        worker = self.worker
+        return worker.busy is not None and worker.results.empty() and \
+            now - worker.busy_since < PUBLISH_TURN_SECONDS
 
     def _heartbeat(self) -> None:
         """This daemon is alive (the registry's heartbeats, which `status` lists per node)."""
@@ -691,7 +707,10 @@ class Daemon:
     def _timeout(self) -> float:
         now = time.monotonic()
         deadlines = [self.next_rescan, self.next_reconcile, now + 1.0]
-        if self.detector is not None and (check := self.detector.next_check()) is not None:
+        if self._publish_turn(now):
+            assert self.worker is not None
+            deadlines.append(self.worker.busy_since + PUBLISH_TURN_SECONDS)
+        elif self.detector is not None and (check := self.detector.next_check()) is not None:
             deadlines.append(now + (check - time.time()))
         if self.worker is not None and self.worker.busy is None and self.next_due is not None:
             deadlines.append(now + (self.next_due - time.time()))  # asked by _claim_next
@@ -879,6 +898,9 @@ def log_tidied(log: Any, events: list[tuple[str, dict[str, Any]]]) -> None:
 # long, and a lone large product is a batch of its own.
 SCAN_BATCH = 256
 SCAN_BATCH_BYTES = 256 << 20
+# How long detection waits for a batch in flight (Daemon._publish_turn): longer than a batch
+# of small products takes, shorter than a copy worth overlapping.
+PUBLISH_TURN_SECONDS = 0.5
 
 
 @dataclass

@@ -227,6 +227,10 @@ class _Sink:
             found = [(event.src_path, "moved_out"), (event.dest_path, "moved_in")]
         else:
             found = [(event.src_path, _KIND_OF.get(type(event), ""))]
+        if event.is_synthetic:
+            # watchdog's walk of a folder created or moved in: the loop walks that folder
+            # itself on the folder's own event, so only the old paths of a move are news.
+            found = found[:1] if isinstance(event, FileSystemMovedEvent) else []
         changes = []
         for raw, kind in found:
             path = self.rebase(raw) if raw and kind else None
