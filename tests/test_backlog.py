@@ -5,10 +5,12 @@ only after READY."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import apsw
@@ -17,7 +19,17 @@ import pytest
 from contimg_publisher.paths import TEMP_PREFIX
 from contimg_publisher.registry import Registry
 from contimg_publisher.transfer import DELAY_ENV
-from tests.helpers import Sandbox, is_root, log_events, start_daemon, stop, wait_for, write_fits
+from tests.helpers import (
+    Sandbox,
+    is_root,
+    log_events,
+    mount_tmpfs,
+    start_daemon,
+    stop,
+    umount,
+    wait_for,
+    write_fits,
+)
 from tests.test_service import NotifySocket
 
 
@@ -30,6 +42,20 @@ def stage_burst(sandbox: Sandbox, count: int) -> dict[str, str]:
         data = write_fits(folder / f"m{i:04}.fits", pixels=8, seed=i)
         digests[f"m{i:04}.fits"] = hashlib.sha256(data).hexdigest()
     return digests
+
+
+@contextlib.contextmanager
+def products_on_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A products area on another filesystem, so that publishing copies (the copy loop's
+    test delay applies) instead of renaming."""
+    if not is_root():
+        pytest.skip("a products area on another filesystem (a tmpfs mount) needs root")
+    products = tmp_path / "products"
+    mount_tmpfs(products, "64m")
+    try:
+        yield products
+    finally:
+        umount(products)
 
 
 def archived(sandbox: Sandbox) -> dict[str, str]:
@@ -72,12 +98,7 @@ def test_a_stop_during_a_batch_gives_the_rest_back(tmp_path: Path) -> None:
     pinged on time meanwhile; SIGTERM once the first copy of a batch is in place. The
     product in hand is finished, the rest wait again with no attempt counted, and the next
     start publishes each of them exactly once."""
-    if not is_root():
-        pytest.skip("a products area on another filesystem (a tmpfs mount) needs root")
-    from tests.helpers import mount_tmpfs, umount
-    products = tmp_path / "products"
-    mount_tmpfs(products, "64m")
-    try:
+    with products_on_tmpfs(tmp_path) as products:
         sandbox = Sandbox(tmp_path, products_root=products)
         digests = stage_burst(sandbox, 40)
         notify = NotifySocket(tmp_path / "notify.sock")
@@ -120,8 +141,6 @@ def test_a_stop_during_a_batch_gives_the_rest_back(tmp_path: Path) -> None:
         finally:
             assert stop(proc) == 0
         assert archived(sandbox) == digests
-    finally:
-        umount(products)
 
 
 def test_stray_temporary_files_are_swept_after_ready(tmp_path: Path) -> None:
@@ -182,12 +201,7 @@ def test_a_burst_moved_in_as_one_folder_is_published_once_each(tmp_path: Path) -
 def test_detection_goes_on_beside_a_long_copy(tmp_path: Path) -> None:
     """Registering waits for a short batch in flight, never for a long copy: a mosaic
     staged while a slow copy runs is registered before that copy is done."""
-    if not is_root():
-        pytest.skip("a products area on another filesystem (a tmpfs mount) needs root")
-    from tests.helpers import mount_tmpfs, umount
-    products = tmp_path / "products"
-    mount_tmpfs(products, "64m")
-    try:
+    with products_on_tmpfs(tmp_path) as products:
         sandbox = Sandbox(tmp_path, products_root=products)
         big = sandbox.mosaics / "big" / "big.fits"
         big.parent.mkdir(parents=True)
@@ -209,5 +223,3 @@ def test_detection_goes_on_beside_a_long_copy(tmp_path: Path) -> None:
                                and e["data_id"].endswith("late"))
         assert first["data_id"].endswith("big"), first
         assert late_registered["timestamp"] < first["timestamp"], (late_registered, first)
-    finally:
-        umount(products)
