@@ -648,6 +648,11 @@ class Daemon:
                 continue
             for product, result in zip(products, results, strict=True):
                 self._after_publish(product, result)
+            if self.delivery is not None and any(
+                    result.status is Attempt.PUBLISHED for result in results):
+                # The batch's events are committed; never waited for. Once a batch, not once
+                # a product: each wake-up is the delivery thread taking the GIL.
+                self.delivery.wake()
 
     def _not_moved(self, product: Product) -> None:
         """The publish from this path did not happen: an event the watch dropped for it
@@ -676,8 +681,6 @@ class Daemon:
         self.metrics.observe_result(result, product.size_bytes)
         if result.status is Attempt.PUBLISHED:
             self.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
-            if self.delivery is not None:
-                self.delivery.wake()  # its event is committed; never waited for
         if result.kind == "source_changed" and self.detector is not None:
             self.detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
                                is None else product.stage_path_bytes)
