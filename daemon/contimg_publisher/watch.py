@@ -40,7 +40,7 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver, EventQueue, ObservedWatch
 from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyFD
+from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 from watchdog.version import VERSION_STRING as WATCHDOG_VERSION
 
 from contimg_publisher import paths
@@ -51,6 +51,7 @@ if not hasattr(InotifyWatchGroup, "on_queue_overflow"):  # overflows would go un
 
 RESCAN = "rescan"
 STOP_SECONDS = 2.0
+DROPPED_FROM_KEPT = 4096  # first halves of own renames remembered, in case a second half comes
 WARN_EVERY_SECONDS = 60.0  # a flood overflows the kernel queue again and again: warn once a minute
 
 # Only these reach the queue. Leaving out opens and read-only closes keeps the detector's own
@@ -150,12 +151,24 @@ class OwnMoves:
         """Whether `change` is the event of one of our own moves (then it is dropped)."""
         if change.kind not in ("moved_out", "deleted") or change.dest:
             return False
-        entry = self._until.pop(change.path, None)
+        return self._take(change.path, change.kind) is not None
+
+    def take_moved_from(self, path: str) -> tuple[float, bool] | None:
+        """take() for the first half of a rename, before its other half is known: the entry
+        taken, to give back (`untake`) should the rename end inside the watch."""
+        return self._take(path, "moved_out")
+
+    def untake(self, path: str, entry: tuple[float, bool]) -> None:
+        self._until[path] = entry
+        self._dropped.pop(path, None)
+
+    def _take(self, path: str, kind: str) -> tuple[float, bool] | None:
+        entry = self._until.pop(path, None)
         if entry is None or entry[0] < time.monotonic():
-            return False
+            return None
         if not entry[1]:
-            self._dropped[change.path] = change.kind
-        return True
+            self._dropped[path] = kind
+        return entry
 
     def published(self, path: str) -> None:
         """The product at `path` left staging through our publish: its event, if still to
@@ -298,6 +311,36 @@ class _WatchGroup(InotifyWatchGroup):
 
     sink: _Sink | None = None
     _failures: list[tuple[bytes, OSError]] | None = field(default=None, init=False)
+    # cookie -> (path, OwnMoves entry, event): first halves of renames dropped by on_event
+    _dropped_from: dict[int, tuple[str, tuple[float, bool], InotifyEvent]] = field(
+        default_factory=dict, init=False)
+
+    def on_event(self, event: InotifyEvent) -> None:
+        """The first half of one of the daemon's own renames out of staging is dropped here,
+        before watchdog holds it half a second for its other half and builds an event of it
+        in two more threads: a burst has one per product. Should the other half come after
+        all (a rename within staging, by another hand), both go on as before. Called by the
+        inotify reader thread only."""
+        sink = self.sink
+        own = sink.own if sink is not None else None
+        if event.is_moved_to and self._dropped_from:
+            dropped = self._dropped_from.pop(event.cookie, None)
+            if dropped is not None and own is not None:
+                moved, entry, first_half = dropped
+                own.untake(moved, entry)
+                super().on_event(first_half)
+        elif event.is_moved_from and not event.is_directory and sink is not None and \
+                own is not None and len(own):
+            with self._lock:
+                raw = self._build_event_source_path(event) if self.is_active else None
+            path = sink.rebase(raw) if raw is not None else None
+            taken = own.take_moved_from(path) if path is not None else None
+            if path is not None and taken is not None:
+                if len(self._dropped_from) >= DROPPED_FROM_KEPT:  # their renames ended outside
+                    self._dropped_from.pop(next(iter(self._dropped_from)))
+                self._dropped_from[event.cookie] = (path, taken, event)
+                return
+        super().on_event(event)
 
     def on_queue_overflow(self) -> None:
         super().on_queue_overflow()  # rebuilds the watches first, so the rescan sees them
