@@ -75,9 +75,6 @@ SCHEMA_VERSION = 8
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
-# Reads outside a transaction ask fsguard at most this often: a burst makes thousands of
-# them, each asked anyway only a moment before SQLite touches the -shm. Writes ask always.
-READ_GUARD_SECONDS = 0.1
 
 # What SQLite says when the file (or its -wal/-shm) cannot take a write.
 _UNAVAILABLE = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError)
@@ -376,7 +373,6 @@ class Registry:
         self.busy_timeout_seconds = busy_timeout_seconds
         self.guard_reads = guard_reads
         self._depth = 0  # write() nesting: 0 outside a transaction
-        self._reads_guarded_until = 0.0  # see conn
         self._counts: tuple[tuple[Any, int], dict[str, int]] | None = None  # see counts()
         self._qa_hold = "NULL"  # set_qa_gate(): no gate until the rules are known
         _check_path(self.path)
@@ -446,10 +442,10 @@ class Registry:
         """The connection, once the WAL index has been found safe to touch (guard()): every
         statement outside a transaction starts one, so asking here covers them all."""
         if not self._conn.in_transaction and self.guard_reads:
-            now = time.monotonic()
-            if now >= self._reads_guarded_until:
-                self.guard()
-                self._reads_guarded_until = now + READ_GUARD_SECONDS
+            # Every time (a statx, about 4 us): a guard reused for a while left a window in
+            # which a chattr +i just after another process's commit met the next read's
+            # read mark, and the daemon died of SIGBUS.
+            self.guard()
         return self._conn
 
     def guard(self, write: bool = False) -> None:
