@@ -531,12 +531,32 @@ def test_burst_of_10000_files_all_registered_once(sandbox: Sandbox, notify: Noti
     assert {r.checksum for r in rows(sandbox)} == {sha256(data)}
 
 
+def test_mosaic_staged_after_ready_is_registered_by_the_watch(tmp_path: Path,
+                                                             notify: NotifySocket) -> None:
+    """The watch, not a rescan, finds a mosaic staged once the daemon is up: the periodic
+    rescan is an hour away, and the start-up walk saw an empty staging area."""
+    sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.5, "rescan_seconds": 3600},
+                      metrics={"enabled": False})
+    with daemon(sandbox, notify):
+        staged = sandbox.mosaics / "nightly_20250101.fits"
+        data = write_fits(staged, seed=11)
+        wait_for(lambda: any(r.stage_path == str(staged) and r.status == "published"
+                             for r in rows(sandbox)),
+                 timeout=30, interval=0.1, what="the mosaic staged after READY published")
+    (row,) = rows(sandbox)
+    assert row.checksum == sha256(data)
+    assert Path(row.published_path or "").read_bytes() == data
+    log = (sandbox.root / "daemon.log").read_text()
+    assert "watch_unavailable" not in log and "watch_degraded" not in log, log[-2000:]
+
+
 def test_overflowed_event_queue_is_recovered_by_rescan(tmp_path: Path, notify: NotifySocket
                                                        ) -> None:
-    """When the kernel drops events (queue overflow), the rescan still finds every file."""
+    """When the kernel drops events (queue overflow), the rescan that the lost events start
+    finds every file: the periodic rescan is an hour away."""
     if not is_root():
         pytest.skip("lowering fs.inotify.max_queued_events needs root")
-    sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.2, "rescan_seconds": 2},
+    sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.2, "rescan_seconds": 3600},
                       metrics={"enabled": False})
     data = fits_bytes(pixels=4)
     with open(QUEUED_EVENTS) as fh:
@@ -546,6 +566,8 @@ def test_overflowed_event_queue_is_recovered_by_rescan(tmp_path: Path, notify: N
         with open(QUEUED_EVENTS, "w") as fh:
             fh.write("16")
         with daemon(sandbox, notify) as proc:
+            with open(QUEUED_EVENTS, "w") as fh:  # the daemon's instance has it now
+                fh.write(saved)
             written = burst(sandbox.mosaics / "flood", 3000, data)
             wait_for(lambda: len(counts_by_path(sandbox)) == 3000, timeout=300, interval=0.5,
                      what="3,000 files registered")
@@ -559,7 +581,7 @@ def test_overflowed_event_queue_is_recovered_by_rescan(tmp_path: Path, notify: N
     assert set(found) == {os.fsencode(p) for p in written}
     assert all(len(v) == 1 and v[0] in TAKEN for v in found.values())
     log = (sandbox.root / "daemon.log").read_text()
-    assert "overflow" in log.lower()
+    assert "inotify event queue overflowed" in log and "max_queued_events=16" in log
 
 
 def test_future_mtime_does_not_delay_registration(sandbox: Sandbox, inproc: InProcess) -> None:

@@ -197,22 +197,6 @@ def test_own_moves_expire() -> None:
     assert own.take(Change("/s/b.fits", "deleted"))
 
 
-def test_own_move_taken_at_its_first_half_is_given_back_whole() -> None:
-    """The watch takes the first half of an expected rename as it reads it; when the second
-    half shows the rename stayed in staging, untake leaves OwnMoves as if nothing was taken."""
-    own = watch.OwnMoves()
-    own.expect(["/s/a.fits", "/s/b.fits"])
-    entry = own.take_moved_from("/s/a.fits")
-    assert entry is not None and own.take_moved_from("/s/a.fits") is None  # taken once
-    assert own.take_moved_from("/s/elsewhere.fits") is None  # not expected
-    own.untake("/s/a.fits", entry)
-    assert len(own) == 2
-    assert own.release("/s/a.fits") is None  # no dropped event to give back
-    # Taken and not given back: a publish that then fails gets the event back.
-    assert own.take_moved_from("/s/b.fits") is not None
-    assert own.release("/s/b.fits") == Change("/s/b.fits", "moved_out")
-
-
 def test_new_folder_and_a_file_written_in_it_at_once(running: Running) -> None:
     folder = stage(running) / "mosaics" / "2025"
     os.makedirs(folder)

@@ -1,26 +1,33 @@
 """Filesystem events under the staging root, turned into candidate paths for the main loop.
 
 The watcher owns no product state: its threads put `Change` objects on a queue and wake the
-loop. Inotify loses events in ways watchdog hides (a kernel queue overflow is only written to
-watchdog's own log; a subfolder whose watch cannot be added, e.g. at max_user_watches, is
-skipped silently; a thread that dies just stops the events). Each of those puts `RESCAN` on
-the queue so the loop rescans at once instead of waiting for its next periodic rescan.
+loop. Inotify loses events in three ways, and each puts `RESCAN` on the queue so the loop
+rescans at once instead of waiting for its next periodic rescan:
 
-The observer is watchdog's InotifyObserver, assembled with thin subclasses that report those
-cases; it relies on watchdog >= 7.1, which delivers IN_Q_OVERFLOW to the watch groups.
+- the kernel queue overflows: watchdog repairs its watches and delivers `EventsLostEvent`;
+- a subfolder cannot be watched (max_user_watches, EACCES): watchdog skips it with a line in
+  its own log, so the watcher compares the folders it walks with the inodes the kernel says
+  this process watches (/proc/self/fdinfo, see proc(5)) and reports the difference;
+- a watch thread dies: `healthy()` checks the threads that starting the observer created.
+
+Only watchdog's public API is used (observer, handler, events), so a patch release of
+watchdog cannot change what this module relies on without changing its documentation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import os
 import queue
+import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from watchdog.events import (
@@ -28,6 +35,7 @@ from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -38,29 +46,25 @@ from watchdog.events import (
     FileSystemEventHandler,
     FileSystemMovedEvent,
 )
-from watchdog.observers.api import BaseObserver, EventQueue, ObservedWatch
-from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
-from watchdog.version import VERSION_STRING as WATCHDOG_VERSION
+from watchdog.observers.inotify import InotifyObserver
 
 from contimg_publisher import paths
 
-if not hasattr(InotifyWatchGroup, "on_queue_overflow"):  # overflows would go unreported
-    raise ImportError(f"contimg_publisher.watch needs watchdog >= 7.1 (it reports inotify "
-                      f"queue overflows to watch groups); watchdog {WATCHDOG_VERSION} is installed")
-
 RESCAN = "rescan"
 STOP_SECONDS = 2.0
-DROPPED_FROM_KEPT = 4096  # first halves of own renames remembered, in case a second half comes
+CHECK_FOLDERS_MAX = 100_000  # folders compared with the watch list in one check, at most
+PROBES_MAX = 8  # unwatched folders whose reason is asked of the kernel in one check
 WARN_EVERY_SECONDS = 60.0  # a flood overflows the kernel queue again and again: warn once a minute
 
 # Only these reach the queue. Leaving out opens and read-only closes keeps the detector's own
 # reads of staged files from coming back as events (and from filling the kernel queue).
 # DirModifiedEvent is what watchdog adds for the parent folder of every child change; the
 # child's own event already names the path, so it is left out too.
+# EventsLostEvent reaches a watch with an event filter only when the filter lists it.
 EVENT_TYPES: list[type[FileSystemEvent]] = [
     FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileAttribEvent, DirAttribEvent,
     FileClosedEvent, FileDeletedEvent, DirDeletedEvent, FileMovedEvent, DirMovedEvent,
+    EventsLostEvent,
 ]
 # A folder can be watched twice (added by the walk of its new parent, then by its own
 # IN_CREATE); watchdog keeps one callback and warns. Expected here, so kept out of the journal.
@@ -151,24 +155,12 @@ class OwnMoves:
         """Whether `change` is the event of one of our own moves (then it is dropped)."""
         if change.kind not in ("moved_out", "deleted") or change.dest:
             return False
-        return self._take(change.path, change.kind) is not None
-
-    def take_moved_from(self, path: str) -> tuple[float, bool] | None:
-        """take() for the first half of a rename, before its other half is known: the entry
-        taken, to give back (`untake`) should the rename end inside the watch."""
-        return self._take(path, "moved_out")
-
-    def untake(self, path: str, entry: tuple[float, bool]) -> None:
-        self._until[path] = entry
-        self._dropped.pop(path, None)
-
-    def _take(self, path: str, kind: str) -> tuple[float, bool] | None:
-        entry = self._until.pop(path, None)
+        entry = self._until.pop(change.path, None)
         if entry is None or entry[0] < time.monotonic():
-            return None
+            return False
         if not entry[1]:
-            self._dropped[path] = kind
-        return entry
+            self._dropped[change.path] = change.kind
+        return True
 
     def published(self, path: str) -> None:
         """The product at `path` left staging through our publish: its event, if still to
@@ -200,6 +192,93 @@ def _default_log() -> Any:
         return _NullLog()
 
 
+def inotify_fds() -> set[int]:
+    """This process's inotify instances: descriptors whose link names an inotify inode."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError, ValueError):
+                if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:inotify":
+                    found.add(int(name))
+    return found
+
+
+def watched_inodes(fds: Iterable[int]) -> set[int] | None:
+    """Inode numbers watched through the inotify instances `fds`, as the kernel lists them in
+    /proc/self/fdinfo (proc(5): one "inotify wd:.. ino:<hex> sdev:<hex> ..." line a watch).
+    Only inode numbers are compared: a stat's st_dev and the kernel's sdev differ on some
+    filesystems (btrfs subvolumes). None when no instance could be read."""
+    found: set[int] = set()
+    read = False
+    for fd in fds:
+        try:
+            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        read = True
+        for line in text.splitlines():
+            if not line.startswith("inotify wd:"):
+                continue
+            for part in line.split():
+                if part.startswith("ino:"):
+                    with contextlib.suppress(ValueError):
+                        found.add(int(part[4:], 16))
+    return found if read else None
+
+
+def folders_below(top: str, limit: int = CHECK_FOLDERS_MAX) -> list[tuple[str, int]]:
+    """(path, inode) of `top` and every folder below it, symlinks not followed; an iterative
+    walk of at most `limit` folders. Folders that cannot be listed are still returned (their
+    own watch is what is checked); what vanishes meanwhile is left out."""
+    found: list[tuple[str, int]] = []
+    try:
+        st = os.lstat(top)
+    except OSError:
+        return found
+    if not stat.S_ISDIR(st.st_mode):
+        return found
+    found.append((top, st.st_ino))
+    pending = [top]
+    while pending and len(found) < limit:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        if entry.is_dir(follow_symlinks=False):
+                            found.append((entry.path, entry.inode()))
+                            pending.append(entry.path)
+                    if len(found) >= limit:
+                        break
+        except OSError:
+            continue
+    return found
+
+
+_IN_CREATE = 0x100
+_libc: Any = None
+
+
+def watch_error(folder: str) -> OSError | None:
+    """Why inotify would refuse to watch `folder` now: a watch tried on an instance of its
+    own, then dropped with it. None when the kernel accepts it."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    fd = _libc.inotify_init1(os.O_CLOEXEC)
+    if fd < 0:
+        code = ctypes.get_errno()
+        return OSError(code, os.strerror(code))
+    try:
+        if _libc.inotify_add_watch(fd, os.fsencode(folder), _IN_CREATE) < 0:
+            code = ctypes.get_errno()
+            return OSError(code, os.strerror(code))
+        return None
+    finally:
+        os.close(fd)
+
+
 class _Sink:
     """Where the watch threads hand what they found: the queue, the wake-up, the log."""
 
@@ -216,6 +295,7 @@ class _Sink:
         self.closed = False  # set by Watcher.stop(): nothing reaches the queue afterwards
         self.broken: str | None = None  # why the watch stopped working, once it has
         self.warned: dict[str, tuple[float, int]] = {}  # key -> (last warning, warnings held)
+        self.fds: set[int] = set()  # the observer's inotify instances, known once started
 
     def put(self, item: Change | str) -> None:
         if self.closed:
@@ -256,6 +336,7 @@ class _Sink:
         return changes
 
     def event(self, event: FileSystemEvent) -> None:
+        """One event from the observer's dispatch thread."""
         try:
             changes = self.changes_for(event)
         except Exception as exc:  # never let one odd event stop the dispatch thread
@@ -265,6 +346,34 @@ class _Sink:
         for change in changes:
             if own is None or not own.take(change):
                 self.put(change)
+        if not event.is_directory or event.is_synthetic:
+            return
+        if isinstance(event, DirDeletedEvent) and os.fsdecode(event.src_path) == self.watched:
+            # watchdog stops the emitter once the root itself is gone
+            self.broken = "the watched folder went away"
+            self.lost(self.broken)
+        elif isinstance(event, DirCreatedEvent | DirMovedEvent):
+            # watchdog added the new folder's watches before it queued this event
+            new = event.dest_path if isinstance(event, DirMovedEvent) else event.src_path
+            if new and self.rebase(new) is not None:
+                self.check_watched(os.fsdecode(new))
+
+    def check_watched(self, top: str) -> int:
+        """Compare `top` and the folders below it with the watch list; report the folders
+        that are not watched (RESCAN). Returns how many were not."""
+        watched = watched_inodes(self.fds)
+        if watched is None:
+            return 0
+        unwatched = [folder for folder, inode in folders_below(top) if inode not in watched]
+        missing: list[tuple[str, OSError | None]] = []
+        for folder in unwatched:
+            # the first few say why; the others are counted with them
+            error = watch_error(folder) if len(missing) < PROBES_MAX else None
+            if error is None or error.errno not in (errno.ENOENT, errno.ENOTDIR):
+                missing.append((folder, error))  # a folder gone meanwhile is no failure
+        if missing:
+            self.watch_failed(missing)
+        return len(missing)
 
     def lost(self, reason: str, key: str = "", **fields: Any) -> None:
         """Events may have been lost: say why (at most once a minute per `key`, when given),
@@ -286,166 +395,29 @@ class _Sink:
         self.lost("inotify event queue overflowed (fs.inotify.max_queued_events="
                   f"{self.queued_limit}); events were lost, rescanning", key="overflow")
 
-    def watch_failed(self, failures: list[tuple[bytes, OSError]]) -> None:
+    def watch_failed(self, failures: list[tuple[str, OSError | None]]) -> None:
         folder, exc = failures[0]
-        self.lost(f"a subfolder cannot be watched: {reason_for(exc)}", key=f"watch:{exc.errno}",
-                  folder=paths.display(folder), folders=len(failures))
-
-    def thread_ended(self, name: str, exc: BaseException | None) -> None:
-        if self.closed:
-            return
-        if exc is not None:
-            reason = f"the {name} thread failed: {type(exc).__name__}: {exc}"
-        elif not os.path.isdir(self.watched):
-            reason = f"the watched folder went away (the {name} thread stopped)"
-        else:
-            reason = f"the {name} thread stopped"
-        if self.broken is None:
-            self.broken = reason
-        self.lost(reason)
-
-
-@dataclass
-class _WatchGroup(InotifyWatchGroup):
-    """watchdog's recursive watch group, reporting what it would otherwise swallow."""
-
-    sink: _Sink | None = None
-    _failures: list[tuple[bytes, OSError]] | None = field(default=None, init=False)
-    # cookie -> (path, OwnMoves entry, event): first halves of renames dropped by on_event
-    _dropped_from: dict[int, tuple[str, tuple[float, bool], InotifyEvent]] = field(
-        default_factory=dict, init=False)
-
-    def on_event(self, event: InotifyEvent) -> None:
-        """The first half of one of the daemon's own renames out of staging is dropped here,
-        before watchdog holds it half a second for its other half and builds an event of it
-        in two more threads: a burst has one per product. Should the other half come after
-        all (a rename within staging, by another hand), both go on as before. Called by the
-        inotify reader thread only."""
-        sink = self.sink
-        own = sink.own if sink is not None else None
-        if event.is_moved_to and self._dropped_from:
-            dropped = self._dropped_from.pop(event.cookie, None)
-            if dropped is not None and own is not None:
-                moved, entry, first_half = dropped
-                own.untake(moved, entry)
-                super().on_event(first_half)
-        elif event.is_moved_from and not event.is_directory and sink is not None and \
-                own is not None and len(own):
-            with self._lock:
-                raw = self._build_event_source_path(event) if self.is_active else None
-            path = sink.rebase(raw) if raw is not None else None
-            taken = own.take_moved_from(path) if path is not None else None
-            if path is not None and taken is not None:
-                if len(self._dropped_from) >= DROPPED_FROM_KEPT:  # their renames ended outside
-                    self._dropped_from.pop(next(iter(self._dropped_from)))
-                self._dropped_from[event.cookie] = (path, taken, event)
-                return
-        super().on_event(event)
-
-    def on_queue_overflow(self) -> None:
-        super().on_queue_overflow()  # rebuilds the watches first, so the rescan sees them
-        if self.sink is not None:
-            self.sink.overflowed()
-
-    def _add_all_callbacks(self, path: bytes) -> None:
-        failures: list[tuple[bytes, OSError]] = []
-        self._failures = failures
-        try:
-            super()._add_all_callbacks(path)
-        except OSError as exc:
-            if self.sink is not None and self.is_active:  # the root, lost after start
-                self.sink.broken = f"the watch on the root was lost: {reason_for(exc)}"
-                self.sink.lost(self.sink.broken)
-            raise
-        finally:
-            self._failures = None
-            if failures and self.sink is not None:
-                self.sink.watch_failed(failures)
-
-    def _add_callback(self, path: bytes) -> None:
-        # Same as watchdog's, except that a subfolder that cannot be watched is recorded.
-        try:
-            wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
-            if wd < 0:  # InotifyFD returns -1 instead of raising on EACCES
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        except OSError as exc:
-            if path == self.path:
-                raise
-            if self._failures is not None:
-                self._failures.append((path, exc))
-            return
-        self._active_callbacks_by_path[path] = wd
-        self._active_callbacks_by_watch[wd] = path
-
-
-class _Emitter(InotifyFullEmitter):
-    """The full emitter (moves in and out reported as such) with the reporting watch group."""
-
-    def __init__(self, event_queue: EventQueue, watch: ObservedWatch, *, sink: _Sink,
-                 **kwargs: Any) -> None:
-        super().__init__(event_queue, watch, **kwargs)
-        self.sink = sink
-
-    def on_thread_start(self) -> None:
-        self._inotify = _WatchGroup(
-            self._inotify_fd, os.fsencode(self.watch.path),
-            event_mask=self.get_event_mask_from_filter(), is_recursive=self.watch.is_recursive,
-            follow_symlink=self.watch.follow_symlink, sink=self.sink)
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except Exception as exc:
-            self.sink.thread_ended("event", exc)
-        else:
-            self.sink.thread_ended("event", None)
-
-
-class _Reader(InotifyFD):
-    """watchdog's inotify reader, saying so when it stops on its own."""
-
-    def __init__(self, sink: _Sink) -> None:
-        super().__init__()
-        self.sink = sink
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except Exception as exc:
-            self.sink.thread_ended("inotify reader", exc)
-        else:
-            self.sink.thread_ended("inotify reader", None)
-
-
-class _Observer(InotifyObserver):
-    """InotifyObserver built from the reporting reader and emitter."""
-
-    def __init__(self, sink: _Sink) -> None:
-        # InotifyObserver.__init__ would create a plain reader; this is the same assembly.
-        reader = _Reader(sink)
-        BaseObserver.__init__(self, _Emitter, inotify_fd=reader, sink=sink)
-        self._inotify_fd = self.reader = reader
-        self.sink = sink
-        reader.start()
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except Exception as exc:
-            self.sink.thread_ended("dispatch", exc)
-        else:
-            self.sink.thread_ended("dispatch", None)
+        reason = (reason_for(exc) if exc is not None else
+                  "not watched, though inotify would accept it now; relying on periodic rescans")
+        code = exc.errno if exc is not None else 0
+        self.lost(f"a subfolder cannot be watched: {reason}", key=f"watch:{code}",
+                  folder=paths.display(self.rebase(folder) or folder), folders=len(failures))
 
 
 class _Handler(FileSystemEventHandler):
     def __init__(self, sink: _Sink) -> None:
         self.sink = sink
 
-    def dispatch(self, event: FileSystemEvent) -> None:
-        self.sink.event(event)
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if not isinstance(event, EventsLostEvent):
+            self.sink.event(event)
+
+    def on_events_lost(self, event: EventsLostEvent) -> None:
+        # watchdog has rebuilt its watches before it queues this: the rescan will see them
+        self.sink.overflowed()
 
 
-def _stop_observer(observer: _Observer) -> None:
+def _stop_observer(observer: InotifyObserver) -> None:
     with contextlib.suppress(Exception):
         observer.stop()  # also stops the emitter and the reader, and closes the inotify fd
 
@@ -462,7 +434,8 @@ class Watcher:
         self.wake = wake
         self.log = log if log is not None else _default_log()
         self._sink: _Sink | None = None
-        self._observer: _Observer | None = None
+        self._observer: InotifyObserver | None = None
+        self._threads: list[threading.Thread] = []  # what starting the observer started
 
     def start(self) -> bool:
         """Start watching. False (and a `watch_unavailable` log) when no watch could be set
@@ -472,19 +445,24 @@ class Watcher:
         if not os.path.isdir(self.root):
             return self._unavailable(f"{self.root} is not a folder or does not exist")
         sink = self._sink = _Sink(self.root, self.out, self.wake, self.log, self.own)
+        threads_before = set(threading.enumerate())
+        fds_before = inotify_fds()
+        observer = InotifyObserver(generate_full_events=True)
         try:
-            observer = _Observer(sink)
-        except OSError as exc:
-            return self._unavailable(reason_for(exc))
-        observer.schedule(_Handler(sink), sink.watched, recursive=True, event_filter=EVENT_TYPES)
-        try:
-            observer.start()  # adds every watch before it returns; raises if the root fails
+            # schedule() creates the inotify instance; start() adds every watch before it
+            # returns, and raises when the root, or the tree at the watch limit, cannot be.
+            observer.schedule(_Handler(sink), sink.watched, recursive=True,
+                              event_filter=EVENT_TYPES)
+            observer.start()
         except Exception as exc:
             sink.closed = True
             _stop_observer(observer)
             return self._unavailable(reason_for(exc) if isinstance(exc, OSError)
                                      else f"{type(exc).__name__}: {exc}")
+        self._threads = [t for t in threading.enumerate() if t not in threads_before]
+        sink.fds = (inotify_fds() - fds_before) or inotify_fds()
         self._observer = observer
+        sink.check_watched(sink.watched)  # folders skipped while the tree was added
         return True
 
     def _unavailable(self, reason: str) -> bool:
@@ -516,9 +494,12 @@ class Watcher:
         observer, sink = self._observer, self._sink
         if observer is None or sink is None or sink.closed or sink.broken is not None:
             return False
-        threads = [observer, observer.reader, *observer.emitters]
-        if all(thread.is_alive() for thread in threads):
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        if not dead:
             return True
-        sink.broken = "a watch thread is no longer running"
+        if not os.path.isdir(sink.watched):
+            sink.broken = f"the watched folder went away (thread {dead[0]} stopped)"
+        else:
+            sink.broken = f"a watch thread is no longer running ({', '.join(dead)})"
         sink.lost(sink.broken)
         return False
