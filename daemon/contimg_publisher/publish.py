@@ -146,7 +146,8 @@ def sidecar_destination(sidecar: bytes, staged_name: bytes, final_name: bytes,
     return os.fsencode(os.fsdecode(sidecar).replace(staged_stem, final_stem, 1))
 
 
-def _full(root: bytes, folder: tuple[bytes, ...], name: bytes) -> bytes:
+def joined_path(root: bytes, folder: tuple[bytes, ...], name: bytes) -> bytes:
+    """The path of `name` in `folder` (its parts below `root`), as bytes."""
     return os.path.join(root, *folder, name)
 
 
@@ -257,7 +258,7 @@ class _Reservation:
         self.refused: list[tuple[str, str]] = []  # (published path, the holder's data_id)
 
     def take(self, name: bytes) -> bool:
-        path = paths.display(_full(self.root, self.folder, name))
+        path = paths.display(joined_path(self.root, self.folder, name))
         holder = self.registry.reserve_name(path, self.product.data_id, self.owner,
                                             token=self.product.claim_token)
         if holder is None:
@@ -480,7 +481,7 @@ class Publisher:
         folders.taken(folder).add(final)
         for sc in job.sidecars:
             sc.dest_name = sidecar_destination(sc.name, parts[-1], final, rule)
-        final_path = paths.display(_full(folders.products_root, folder, final))
+        final_path = paths.display(joined_path(folders.products_root, folder, final))
         result.published_path = final_path
         if reservation is not None:
             for path, holder_id in reservation.refused:
@@ -491,7 +492,7 @@ class Publisher:
                                   "(in the registry, before its rename); publishing as "
                                   f"version {version}")
         if version > 1:
-            previous = paths.display(_full(folders.products_root, folder,
+            previous = paths.display(joined_path(folders.products_root, folder,
                                            versioned(name, rule, version - 1)))
             holder = self.registry.by_published_path(previous)
             reserved_by = dict(reservation.refused).get(previous) if reservation else None
@@ -516,7 +517,7 @@ class Publisher:
                               "the other names are left as they are")
         if not job.same_fs:
             job.temp = paths.temp_name(final, job.token)
-            job.temp_shown = paths.display(_full(folders.products_root, folder, job.temp))
+            job.temp_shown = paths.display(joined_path(folders.products_root, folder, job.temp))
 
     def _place(self, job: _Job, _folders: _Folders) -> None:
         """Step 4: put the product at its final name (not yet durable)."""

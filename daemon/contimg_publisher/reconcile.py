@@ -13,7 +13,14 @@ from typing import Any
 from contimg_publisher import detect, fits, kinds, paths, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
-from contimg_publisher.publish import Publisher, Result, _full, destination, rule_for, step_of
+from contimg_publisher.publish import (
+    Publisher,
+    Result,
+    destination,
+    joined_path,
+    rule_for,
+    step_of,
+)
 from contimg_publisher.registry import Product, Published, RegistryBackend, checksum_known
 from contimg_publisher.states import Attempt, FailureKind, Status, Step
 
@@ -176,7 +183,7 @@ def legacy_in_progress(config: Config, rule: ProductRule, row: Product, now: flo
     except paths.UnsafePath:
         return None
     folder, name = destination(config, rule, parts)
-    copy = _full(os.fsencode(str(config.products_root)), folder, name)
+    copy = joined_path(os.fsencode(str(config.products_root)), folder, name)
     newest: float | None = None
     for path in (copy, row.stage_bytes):
         with contextlib.suppress(OSError):
@@ -204,7 +211,7 @@ def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
         return None
     folder, name = destination(config, rule, parts)
     products_root = os.fsencode(str(config.products_root))
-    shown = paths.display(_full(products_root, folder, name))
+    shown = paths.display(joined_path(products_root, folder, name))
     stage_fd = products_fd = dest_dir = src_fd = src_parent = copy_fd_ = -1
     try:
         products_fd = paths.open_root(products_root)
