@@ -65,6 +65,8 @@ class Sandbox:
             "publish": {"backoff_initial_seconds": 1, "backoff_max_seconds": 10,
                         "lock_wait_seconds": 30},
             "log": {"format": "json", "level": "debug"},
+            # a port of its own: two test runs (or a daemon of `.ci/dev run`) never collide
+            "metrics": {"listen": "127.0.0.1:0"},
         }
         self.products_rules: list[dict[str, Any]] | None = None
         self.update(**overrides)
