@@ -30,6 +30,10 @@ SERVER_SCHEMES = ("postgresql://", "postgres://")
 # has no registry file to sit beside: this is its default place.
 SERVER_LOCK_DEFAULT = Path("/var/lib/contimg-publisher/publisher.lock")
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# Never handed to a sink's command: the registry's credentials and settings (libpq's PG*)
+# and systemd's protocol with the daemon (a child using them would speak for it).
+_ENV_WITHHELD = re.compile(r"PG.*|NOTIFY_SOCKET|WATCHDOG_.*|LISTEN_.*|CONTIMG_.*")
 
 
 class ConfigError(Exception):
@@ -116,6 +120,9 @@ class Config:
     # [notify]
     notify_url: str | None = None
     notify_command: tuple[str, ...] = ()
+    # Variables of the daemon's environment passed on to the command (besides PATH, LANG,
+    # LC_ALL, HOME and the event's CONTIMG_*): nothing else of the daemon's reaches it.
+    notify_command_environment: tuple[str, ...] = ()
     notify_connect_timeout_seconds: float = 5.0
     notify_read_timeout_seconds: float = 30.0
     notify_command_timeout_seconds: float = 60.0
@@ -187,7 +194,8 @@ class Config:
 
 
 # (table, key) -> (Config field, kind). Kinds: path, registry (a path or a URI), node,
-# posfloat, nonnegfloat, posint, nonnegint, str, mode, strlist, level, format, url, command.
+# posfloat, nonnegfloat, posint, nonnegint, str, mode, strlist, level, format, url, command,
+# envnames.
 _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "paths": {
         "stage_root": ("stage_root", "path"),
@@ -222,6 +230,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "notify": {
         "url": ("notify_url", "url"),
         "command": ("notify_command", "command"),
+        "command_environment": ("notify_command_environment", "envnames"),
         "connect_timeout_seconds": ("notify_connect_timeout_seconds", "posfloat"),
         "read_timeout_seconds": ("notify_read_timeout_seconds", "posfloat"),
         "command_timeout_seconds": ("notify_command_timeout_seconds", "posfloat"),
@@ -344,6 +353,17 @@ def _convert(value: Any, kind: str, key: str, source: Path | None, base: Path) -
                        f"arguments (e.g. [\"/usr/local/bin/on-publish\", \"--queue\"]), got "
                        f"{value!r}")
         return tuple(value)
+    if kind == "envnames":
+        if not isinstance(value, list) or not all(
+                isinstance(v, str) and _ENV_NAME.fullmatch(v) for v in value):
+            raise fail("must be a list of environment variable names (letters, digits, '_'), "
+                       f"got {value!r}")
+        withheld = [v for v in value if _ENV_WITHHELD.fullmatch(v)]
+        if withheld:
+            raise fail(f"{', '.join(withheld)} cannot be passed to the command: PG* hold the "
+                       "registry's credentials, NOTIFY_SOCKET, WATCHDOG_* and LISTEN_* are "
+                       "systemd's to the daemon, CONTIMG_* are set by the daemon")
+        return tuple(dict.fromkeys(value))
     if kind == "mode":
         if isinstance(value, str):
             try:
