@@ -550,6 +550,31 @@ def test_mosaic_staged_after_ready_is_registered_by_the_watch(tmp_path: Path,
     assert "watch_unavailable" not in log and "watch_degraded" not in log, log[-2000:]
 
 
+def test_watch_lost_with_its_root_is_restarted_and_logged(tmp_path: Path,
+                                                          notify: NotifySocket) -> None:
+    """The staging root removed and made again: the watch on the old folder ended with it;
+    the daemon logs it, restarts the watch, and the watch finds the next mosaic (the
+    periodic rescan is an hour away)."""
+    sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.3, "rescan_seconds": 3600},
+                      metrics={"enabled": False})
+    with daemon(sandbox, notify):
+        shutil.rmtree(sandbox.stage)
+        wait_for(lambda: "watch_restarting" in (sandbox.root / "daemon.log").read_text(),
+                 timeout=30, interval=0.1, what="the watch restarted")
+        sandbox.mosaics.mkdir(parents=True, exist_ok=True)
+        staged = sandbox.mosaics / "group_3.fits"
+        data = write_fits(staged, seed=12)
+        wait_for(lambda: any(r.stage_path == str(staged) and r.status == "published"
+                             for r in rows(sandbox)),
+                 timeout=30, interval=0.1, what="the mosaic staged after the restart published")
+    (row,) = rows(sandbox)
+    assert Path(row.published_path or "").read_bytes() == data
+    events = [json.loads(line) for line in (sandbox.root / "daemon.log").read_text().splitlines()
+              if line.startswith("{")]
+    degraded = [e for e in events if e.get("event") == "watch_degraded"]
+    assert any("went away" in e["reason"] for e in degraded), degraded
+
+
 def test_overflowed_event_queue_is_recovered_by_rescan(tmp_path: Path, notify: NotifySocket
                                                        ) -> None:
     """When the kernel drops events (queue overflow), the rescan that the lost events start

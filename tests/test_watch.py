@@ -338,6 +338,19 @@ def test_stop_joins_its_threads_in_bounded_time(tmp_path: Path) -> None:
     run.watcher.stop()  # a second stop is harmless
 
 
+def test_a_watch_thread_that_ends_is_noticed(running: Running) -> None:
+    """healthy() follows the threads that starting the observer created: when they end
+    (here stopped behind the watcher's back), the watch says so and asks for a rescan."""
+    observer = running.watcher._observer
+    assert observer is not None and running.watcher.healthy()
+    observer.stop()
+    observer.join(5)
+    assert running.watcher.healthy() is False
+    assert RESCAN in drain(running.out)
+    reasons = [r["reason"] for r in running.log.events("watch_degraded")]
+    assert any("no longer running" in r for r in reasons), reasons
+
+
 def _writable(path: str) -> bool:
     try:
         with open(path) as f:
