@@ -67,3 +67,26 @@ def test_unit_declares_the_service_contract():
     assert re.search(r"^WatchdogSec=\d+", text, flags=re.M)
     sysusers = (REPO / "systemd" / "contimg-publisher.sysusers").read_text()
     assert re.search(r"^u contimg ", sysusers, flags=re.M)
+
+
+BACKUP = REPO / "systemd" / "contimg-publisher-backup.service"
+TIMER = REPO / "systemd" / "contimg-publisher-backup.timer"
+
+
+def test_backup_units_verify_and_keep_a_week_of_hourly_backups(tmp_path, analyze):
+    service = tmp_path / BACKUP.name
+    service.write_text(re.sub(r"^ExecStart=/usr/bin/contimg-publisher ",
+                              "ExecStart=/bin/echo ", BACKUP.read_text(), flags=re.M))
+    timer = tmp_path / TIMER.name
+    timer.write_text(TIMER.read_text())
+    out = subprocess.run([analyze, "verify", "--man=no", str(service), str(timer)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
+    assert re.search(r"^ExecStart=/usr/bin/contimg-publisher backup \S+ --keep 168$",
+                     BACKUP.read_text(), flags=re.M)
+    assert re.search(r"^OnCalendar=hourly$", TIMER.read_text(), flags=re.M)
+    assert re.search(r"^Persistent=true$", TIMER.read_text(), flags=re.M)
+    score = subprocess.run([analyze, "security", "--offline=yes", str(service)],
+                           capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", score.stdout + score.stderr)
+    assert match and float(match.group(1)) <= 1.0, score.stdout[-2000:]

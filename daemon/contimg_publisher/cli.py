@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from contimg_publisher import __version__, hygiene, lock, logs, outage, qa, statuspage
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "PostgreSQL registry of [paths] registry; its products belong to "
                         "this node ([node] name)")
     sub.add_parser("check-config", help="validate the config and print the effective values")
+    p = sub.add_parser("backup", help="an online, checked copy of the SQLite registry into "
+                                      "DEST as registry-<UTC time>.sqlite3")
+    p.add_argument("dest", metavar="DEST", help="the backup folder (created if missing)")
+    p.add_argument("--keep", type=int, metavar="N",
+                   help="then keep only the newest N backups in DEST")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -669,6 +676,33 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_backup(cfg: Config, args: argparse.Namespace) -> int:
+    from contimg_publisher.registry import backup
+    if cfg.registry_is_server:
+        raise UsageError(f"the registry is a PostgreSQL database ({cfg.registry_shown}): back it "
+                         "up with the site's PostgreSQL backups (pg_dump, or base backups with "
+                         "WAL archiving)")
+    if args.keep is not None and args.keep < 1:
+        raise UsageError("--keep takes a whole number of at least 1")
+    try:
+        made = backup.backup(str(cfg.registry), Path(args.dest), keep=args.keep,
+                             busy_timeout_seconds=cfg.busy_timeout_seconds)
+    except backup.BackupError as exc:
+        print(f"contimg-publisher: backup of {cfg.registry_shown}: {exc}; nothing kept",
+              file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({"path": str(made.path), "size_bytes": made.size_bytes,
+                          "products": made.products, "schema_version": made.schema_version,
+                          "integrity": "ok", "removed": [str(p) for p in made.removed]}))
+    else:
+        print(f"{made.path}: {made.size_bytes} bytes, {made.products} products, schema "
+              f"version {made.schema_version}, integrity_check ok")
+        for old in made.removed:
+            print(f"removed {old} (--keep {args.keep})")
+    return EXIT_OK
+
+
 def cmd_scan(cfg: Config, args: argparse.Namespace) -> int:
     from contimg_publisher import service  # astropy and watchdog: only where needed
     report = service.scan_once(cfg, logs.get_logger())
@@ -802,5 +836,5 @@ COMMANDS = {
     "publish": cmd_publish, "hold": cmd_hold, "release": cmd_release, "migrate": cmd_migrate,
     "check-config": cmd_check_config, "scan": cmd_scan, "events": cmd_events,
     "audit": cmd_audit,
-    "rebuild": cmd_rebuild, "quarantine": cmd_quarantine,
+    "rebuild": cmd_rebuild, "quarantine": cmd_quarantine, "backup": cmd_backup,
 }
