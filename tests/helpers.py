@@ -63,7 +63,9 @@ class Sandbox:
                       "registry": str(self.registry)},
             "detect": {"settle_seconds": 0.3, "rescan_seconds": 300},
             "publish": {"backoff_initial_seconds": 1, "backoff_max_seconds": 10,
-                        "lock_wait_seconds": 30},
+                        "lock_wait_seconds": 30,
+                        # test disks are small tmpfs mounts: no margin beyond each copy
+                        "min_free_bytes": 0},
             "log": {"format": "json", "level": "debug"},
             # a port of its own: two test runs (or a daemon of `.ci/dev run`) never collide
             "metrics": {"listen": "127.0.0.1:0"},

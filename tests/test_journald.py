@@ -35,15 +35,18 @@ def journal(tmp_path_factory):
     _need_journald()
     tmp_path = tmp_path_factory.mktemp("journald")
     products = tmp_path / "products"
-    # Room for the small mosaic, not for the big one: a real ENOSPC.
-    mount_tmpfs(products, "256k")
+    # Full by inodes once the small mosaic is in (the root, mosaics/, small.fits): statvfs
+    # shows room for the big one, so its copy starts and meets a real ENOSPC. (A product
+    # larger than the free bytes would wait for space instead, without failing.)
+    mount_tmpfs(products, "1m,nr_inodes=3")
     try:
         box = Sandbox(tmp_path, products_root=products,
                       log={"format": "journal", "level": "info"},
                       publish={"max_attempts": 2, "backoff_initial_seconds": 0.5,
                                "backoff_max_seconds": 1, "error_max_chars": 60})
         small = write_fits(box.mosaics / "small.fits", pixels=32, seed=1)
-        write_fits(box.mosaics / "big.fits", pixels=400, seed=2)
+        late = write_fits(tmp_path / "incoming" / "big.fits", pixels=64, seed=2)
+        assert len(late) < 512 * 1024
         whole = write_fits(box.mosaics / "truncated.fits", pixels=64, seed=3)
         (box.mosaics / "truncated.fits").write_bytes(whole[:-2880])
         broken = tmp_path / "broken.toml"
@@ -53,7 +56,8 @@ def journal(tmp_path_factory):
         env.pop("JOURNAL_STREAM", None)
         proc = subprocess.run([str(SUPPORT / "with-journald.sh"), sys.executable,
                                str(SUPPORT / "journal_scenario.py"), str(box.config_path),
-                               str(broken), str(out)], capture_output=True, text=True,
+                               str(broken), str(out), str(tmp_path / "incoming" / "big.fits"),
+                               str(box.mosaics / "big.fits")], capture_output=True, text=True,
                               timeout=300, env=env, cwd=REPO)
         stderr = out.with_suffix(".stderr")
         assert proc.returncode == 0, (proc.stdout, proc.stderr,

@@ -195,7 +195,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     products = root / "products"
     mounted = is_root()
     if mounted:
-        mount_tmpfs(products, "96k")
+        # Full by inodes, not bytes: statvfs shows room for the copy, so the daemon starts
+        # it (a product larger than the free bytes would wait instead), and the kernel
+        # refuses the new folder with ENOSPC. Three inodes: the root, mosaics/, good.fits.
+        mount_tmpfs(products, "8m,nr_inodes=3")
     else:
         print("SKIP part: not root, so no tmpfs; the failed product is made through the "
               "registry instead of by a full disk")
@@ -204,9 +207,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                       publish={"max_attempts": 1}, products=RULES_TWO_TYPES,
                       notify={"command": ["/bin/true"]})
     write_fits(sandbox.mosaics / "good.fits", pixels=8, seed=1)
-    if mounted:
-        write_fits(sandbox.stage / "big" / "stuck.fits", pixels=256, seed=2)
-    else:
+    if not mounted:
         _fail_through_the_registry(sandbox)
     (sandbox.mosaics / "bad.fits").write_bytes(b"this is not FITS\n" * 200)
     (sandbox.mosaics / f"{SCRIPT_NAME}.fits").write_bytes(b"<script>alert(2)</script>" * 10)
@@ -214,6 +215,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     try:
         wait_for(lambda: reachable(f"http://127.0.0.1:{port}/healthz"), 30,
                  what="the metrics server")
+        if mounted:  # after good.fits took the last inode
+            wait_for(lambda: (r := rows(sandbox).get("good")) is not None
+                     and r.status == "published", 30, what="good.fits published")
+            write_fits(sandbox.stage / "big" / "stuck.fits", pixels=256, seed=2)
 
         def settled() -> bool:
             r = rows(sandbox)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from contimg_publisher import __version__, hygiene, lock, logs, outage, qa, statuspage
+from contimg_publisher import __version__, hygiene, lock, logs, outage, qa, space, statuspage
 from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, ConfigError
@@ -205,6 +205,31 @@ def _open(cfg: Config) -> RegistryBackend:
                                 "migrate` (or start the daemon, which migrates)")
     registry.set_qa_gate(qa.conditions(cfg.products))
     return registry
+
+
+def _products_room(cfg: Config) -> space.Room | None:
+    """Room on the products filesystem, when publishing there is a copy (None: a rename)."""
+    try:
+        if os.stat(cfg.stage_root).st_dev == os.stat(cfg.products_root).st_dev:
+            return None
+        return space.Room.of(os.statvfs(cfg.products_root))
+    except OSError:
+        return None
+
+
+def wait_reasons(cfg: Config, registry: RegistryBackend, rows: list[Product]) -> dict[str, str]:
+    """Why waiting rows wait: the QA gate's reasons, then the room a copy needs."""
+    waiting = [r for r in rows if r.status == Status.STAGING]
+    reasons = registry_mod.qa_holds(registry, [r.data_id for r in waiting])
+    room = _products_room(cfg) if waiting else None
+    if room is None:
+        return reasons
+    for row in waiting:
+        if row.data_id not in reasons and row.size_bytes is not None:
+            shortfall = room.shortfall(row.size_bytes, cfg.min_free_bytes)
+            if shortfall is not None:
+                reasons[row.data_id] = shortfall
+    return reasons
 
 
 def held_reason(row: Product, qa_reasons: dict[str, str]) -> str | None:
@@ -411,8 +436,7 @@ def cmd_list(cfg: Config, args: argparse.Namespace) -> int:
     with _open(cfg) as registry:
         rows = registry.products(status=args.status, data_type=args.data_type,
                                  limit=args.limit or None)
-        reasons = registry_mod.qa_holds(registry, [r.data_id for r in rows
-                                                   if r.status == Status.STAGING])
+        reasons = wait_reasons(cfg, registry, rows)
     if args.json:
         print(json.dumps([_product_json(cfg, r, reasons) for r in rows], indent=2))
         return EXIT_OK
@@ -477,7 +501,7 @@ def cmd_show(cfg: Config, args: argparse.Namespace) -> int:
             return EXIT_FAILED
         history = registry.history(row.data_id)
         relations = registry.relationships(row.data_id)
-        reasons = registry_mod.qa_holds(registry, [row.data_id])
+        reasons = wait_reasons(cfg, registry, [row])
     data = _product_json(cfg, row, reasons)
     if args.json:
         data["failures"] = [f.to_json() for f in history]

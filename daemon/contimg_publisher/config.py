@@ -105,6 +105,8 @@ class Config:
     backoff_initial_seconds: float = 60.0
     backoff_max_seconds: float = 3600.0
     error_max_chars: int = 500
+    # Free space kept on the products filesystem beyond a copy; None: 1 GiB or 1 %, the larger.
+    min_free_bytes: int | None = None
     checksum_algorithm: str = "sha256"
     file_mode: int = 0o644
     dir_mode: int = 0o755
@@ -217,6 +219,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "backoff_initial_seconds": ("backoff_initial_seconds", "nonnegfloat"),
         "backoff_max_seconds": ("backoff_max_seconds", "nonnegfloat"),
         "error_max_chars": ("error_max_chars", "posint"),
+        "min_free_bytes": ("min_free_bytes", "nonnegint"),
         "checksum_algorithm": ("checksum_algorithm", "algorithm"),
         "file_mode": ("file_mode", "mode"),
         "dir_mode": ("dir_mode", "mode"),

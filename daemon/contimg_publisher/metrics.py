@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
 import threading
 import time
@@ -36,7 +37,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contimg_publisher import __version__, statuspage
+from contimg_publisher import __version__, space, statuspage
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, split_listen
 from contimg_publisher.registry import (
@@ -182,6 +183,37 @@ class RegistryCollector(Collector):
             yield last_pass
 
 
+class FilesystemCollector(Collector):
+    """Free and total space of the filesystems the daemon writes (statvfs at each scrape):
+    a full products disk is seen coming, not found by a failing copy."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        config = self.metrics.config
+        free = GaugeMetricFamily(
+            f"{PREFIX}_filesystem_free_bytes",
+            "Bytes an unprivileged writer may still use on the filesystem of each root "
+            "(statvfs f_bavail)", labels=["root"])
+        size = GaugeMetricFamily(f"{PREFIX}_filesystem_size_bytes",
+                                 "Size of the filesystem of each root", labels=["root"])
+        roots = {"stage": str(config.stage_root), "products": str(config.products_root)}
+        if not config.registry_is_server:
+            roots["registry"] = os.path.dirname(str(config.registry)) or "."
+        for name, path in roots.items():
+            try:
+                room = space.Room.of(os.statvfs(path))
+            except OSError:
+                continue  # not there (yet): no sample rather than a made-up one
+            free.add_metric([name], room.free_bytes)
+            size.add_metric([name], room.size_bytes)
+        yield from (free, size)
+
+
 class Metrics:
     """The daemon's collectors; `observe_*` are called from the main loop."""
 
@@ -256,6 +288,7 @@ class Metrics:
             self.failures.labels(kind)
         self.configure(config)
         r.register(RegistryCollector(self))
+        r.register(FilesystemCollector(self))
 
     def configure(self, config: Config) -> None:
         """Give every configured product type its series from the start, so a rate() or an

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from contimg_publisher import content, detect, fits, kinds, paths, transfer, writers
+from contimg_publisher import content, detect, fits, kinds, paths, space, transfer, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import (
     FailureOutcome,
@@ -149,6 +149,11 @@ def sidecar_destination(sidecar: bytes, staged_name: bytes, final_name: bytes,
 def joined_path(root: bytes, folder: tuple[bytes, ...], name: bytes) -> bytes:
     """The path of `name` in `folder` (its parts below `root`), as bytes."""
     return os.path.join(root, *folder, name)
+
+
+class NoRoom(Exception):
+    """The products filesystem lacks room for the copy (with its margin): the product waits,
+    nothing is written and no attempt is counted."""
 
 
 @dataclass
@@ -380,6 +385,8 @@ class Publisher:
             return True
         except PublishFailure as exc:
             self._fail(job, exc.kind, str(exc))
+        except NoRoom as exc:
+            self._defer(job, str(exc))
         except content.Rejected as exc:
             self._reject(job, str(exc))
         except paths.UnsafePath as exc:
@@ -399,6 +406,18 @@ class Publisher:
             result.status = Attempt.LOST
         else:
             result.status = Attempt.EXHAUSTED if result.failure.exhausted else Attempt.RETRY_DUE
+        self._release(job)
+        job.finish()
+
+    def _defer(self, job: _Job, reason: str) -> None:
+        """Given back before anything was written, due again after the initial backoff;
+        not a failure of the product."""
+        result = job.result
+        result.error = reason
+        due = self.registry.clock() + self.config.backoff_initial_seconds
+        result.status = Attempt.DEFERRED if self.registry.requeue(
+            job.product.data_id, self.owner, token=job.product.claim_token, due_at=due) \
+            else Attempt.LOST
         self._release(job)
         job.finish()
 
@@ -516,8 +535,20 @@ class Publisher:
                               "links; it is copied, so the archive gets its own inode and "
                               "the other names are left as they are")
         if not job.same_fs:
+            self._check_room(job)
             job.temp = paths.temp_name(final, job.token)
             job.temp_shown = paths.display(joined_path(folders.products_root, folder, job.temp))
+
+    def _check_room(self, job: _Job) -> None:
+        """Before a copy: the product and its sidecars, plus the margin, fit (statvfs)."""
+        needed = job.product.size_bytes or 0
+        for sc in job.sidecars:
+            with contextlib.suppress(OSError):
+                needed += os.stat(sc.name, dir_fd=job.src_parent, follow_symlinks=False).st_size
+        shortfall = space.Room.of(os.fstatvfs(job.dest_fd)).shortfall(
+            needed, self.config.min_free_bytes)
+        if shortfall is not None:
+            raise NoRoom(f"{job.product.stage_path}: {shortfall}")
 
     def _place(self, job: _Job, _folders: _Folders) -> None:
         """Step 4: put the product at its final name (not yet durable)."""

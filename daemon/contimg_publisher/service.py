@@ -105,6 +105,10 @@ def log_result(log: Any, result: publish.Result, max_attempts: int) -> None:
                       action=f"contimg-publisher show {result.data_id}; then retry")
     elif result.status is Attempt.REQUEUED:
         log.info("publish_requeued", **fields, reason=result.error, error_kind=result.kind)
+    elif result.status is Attempt.DEFERRED:
+        log.warning("waiting_for_space", **fields, reason=result.error,
+                    action="free space on the products filesystem (or lower [publish] "
+                           "min_free_bytes); it is published once the copy fits")
     elif result.status is Attempt.REJECTED:
         log.warning("rejected", **fields, error=result.error,
                     action="fix or remove the staged file; it is examined again when it changes")
@@ -199,6 +203,7 @@ class Daemon:
         # The products the publish thread is moving out of staging: the watch drops the
         # events of those renames, and the loop does what they would have asked for.
         self.own_moves = watch.OwnMoves()
+        self.waiting_for_space: set[str] = set()  # data_ids whose wait for room was logged
         self.detector: detect.Detector | None = None
         self.worker: Worker | None = None
         self.delivery: outbox.Delivery | None = None  # the outbox's sinks, a thread of its own
@@ -677,6 +682,12 @@ class Daemon:
             self._moved_out(product)
         else:
             self._not_moved(product)
+        if result.status is Attempt.DEFERRED:
+            if result.data_id in self.waiting_for_space:
+                return  # said once; tried again after the backoff, quietly
+            self.waiting_for_space.add(result.data_id)
+        else:
+            self.waiting_for_space.discard(result.data_id)
         log_result(self.log, result, self.config.max_attempts)
         self.metrics.observe_result(result, product.size_bytes)
         if result.status is Attempt.PUBLISHED:

@@ -47,6 +47,8 @@ class Attempt(StrEnum):
     REQUEUED = "requeued"        # given back unfinished (a stop), no attempt counted
     LOST = "lost"                # the claim was lost to another process; nothing recorded
     REJECTED = "rejected"        # its read found it not publishable: the row is `rejected`
+    DEFERRED = "deferred"        # given back before a byte was written (no room on the
+    #                              products filesystem): no attempt counted, due again later
 
     @property
     def failed(self) -> bool:

@@ -2,7 +2,10 @@
 mosaic, fails on one that does not fit, rejects a truncated one, reloads its config once
 badly and once well, stops; then the journal is written out as JSON lines.
 
-    journal_scenario.py CONFIG BROKEN_CONFIG OUT_JSONL
+    journal_scenario.py CONFIG BROKEN_CONFIG OUT_JSONL [LATE_FILE STAGED_PATH]
+
+LATE_FILE is renamed to STAGED_PATH once the first mosaic is published (the products disk
+is then full).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def main() -> int:
                                str(config), "run"], cwd=REPO, stdout=log, stderr=log)
     try:
         wait(lambda: status_of(config, "small") == "published", "small published")
+        if len(sys.argv) > 5:
+            os.rename(sys.argv[4], sys.argv[5])
         wait(lambda: status_of(config, "big") == "failed", "big failed at max attempts")
         wait(lambda: status_of(config, "truncated") == "rejected", "truncated rejected")
         good = config.read_bytes()

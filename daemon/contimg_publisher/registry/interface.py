@@ -207,8 +207,9 @@ class RegistryBackend(Protocol):
         history, and schedule the next try; `failed` once attempts reach max_attempts."""
 
     def requeue(self, data_id: str, owner: str | None, now: float | None = None,
-                token: str | None = None) -> bool:
-        """Give a claimed row back, due now, without counting an attempt (clean shutdown)."""
+                token: str | None = None, due_at: float | None = None) -> bool:
+        """Give a claimed row back, due now (or at `due_at`), without counting an attempt
+        (clean shutdown; no room for it yet)."""
 
     def forget_missing(self, data_id: str, reason: str, error_max_chars: int,
                        now: float | None = None) -> bool:

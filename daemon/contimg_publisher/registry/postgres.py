@@ -1117,12 +1117,14 @@ class PostgresRegistry:
         return FailureOutcome(attempts, status, next_at, counted, text)
 
     def requeue(self, data_id: str, owner: str | None, now: float | None = None,
-                token: str | None = None) -> bool:
+                token: str | None = None, due_at: float | None = None) -> bool:
         return self._changed(
             f"UPDATE data_registry SET status = 'staging', {CLAIM_CLEARED},"
-            f" next_attempt_at = NULL, updated_at = {at()} WHERE data_id = %(data_id)s"
+            f" next_attempt_at = %(due_at)s::float8, updated_at = {at()}"
+            f" WHERE data_id = %(data_id)s"
             f" AND status = 'publishing' AND {FENCE_OR_NONE}",
-            {"now": now, "data_id": data_id, "owner": owner, "token": token}) > 0
+            {"now": now, "data_id": data_id, "owner": owner, "token": token,
+             "due_at": due_at}) > 0
 
     def forget_missing(self, data_id: str, reason: str, error_max_chars: int,
                        now: float | None = None) -> bool:

@@ -1402,17 +1402,18 @@ class Registry:
         return FailureOutcome(attempts, status, next_at, counted, text)
 
     def requeue(self, data_id: str, owner: str | None, now: float | None = None,
-                token: str | None = None) -> bool:
-        """Give a claimed row back, due now, without counting an attempt (clean shutdown)."""
+                token: str | None = None, due_at: float | None = None) -> bool:
+        """Give a claimed row back, due now (or at `due_at`), without counting an attempt
+        (clean shutdown; no room for it yet)."""
         now = time.time() if now is None else now
         with self.write() as cur:
             cur.execute(
                 "UPDATE data_registry SET status = 'staging', lease_owner = NULL,"
                 " lease_expires_at = NULL, publish_target = NULL, publish_temp = NULL,"
                 " publish_step = NULL,"
-                " next_attempt_at = NULL, updated_at = ? WHERE data_id = ?"
+                " next_attempt_at = ?, updated_at = ? WHERE data_id = ?"
                 " AND status = 'publishing' AND (? IS NULL OR lease_owner = ?)",
-                (now, data_id, owner, owner))
+                (due_at, now, data_id, owner, owner))
             return self.conn.changes() > 0
 
     def forget_missing(self, data_id: str, reason: str, error_max_chars: int,
