@@ -390,8 +390,8 @@ class _Handler(statusserver.BufferedHandler):
         return 200, statuspage.render(health, started_at=metrics.started_at,
                                       max_waiting_age=config.status_max_waiting_age_seconds,
                                       paused=paused,
-                                      max_undelivered_age=config.status_max_undelivered_age_seconds
-                                      ).encode("utf-8")
+                                      max_undelivered_age=config.status_max_undelivered_age_seconds,
+                                      targets=config.sink_targets).encode("utf-8")
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         """Requests are not logged: a scrape every few seconds would flood the journal."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from contimg_publisher import __version__, logs
+from contimg_publisher import __version__, logs, redact
 from contimg_publisher.config import Config
 from contimg_publisher.registry import (
     TRANSIENT,
@@ -65,12 +65,8 @@ def body(event: Event) -> bytes:
 
 
 def shown_url(url: str) -> str:
-    """The URL without credentials or query (a token often travels there), for logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path or '/'}"
+    """The URL as logs show it (redact.url: no password, no token)."""
+    return redact.url(url)
 
 
 class Target(Protocol):
@@ -178,7 +174,7 @@ class Command:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def describe(self) -> str:
-        return " ".join(self.argv)
+        return redact.text(" ".join(self.argv))
 
     def deliver(self, event: Event) -> Outcome:
         env = dict(os.environ, CONTIMG_EVENT_ID=event.event_id, CONTIMG_EVENT_TYPE=event.type,
@@ -365,7 +361,8 @@ class Delivery:
 
     def _failed(self, registry: RegistryBackend, cfg: Config, target: Target, event: Event,
                 outcome: Outcome) -> float:
-        error = outcome.error or "failed"
+        # An answer may name a URL (a redirect's Location): kept and shown without secrets.
+        error = redact.text(outcome.error or "failed")
         attempts, dead = registry.record_delivery_failure(
             target.name, event.seq, error, cfg.error_max_chars, cfg.notify_max_attempts)
         log = logs.get_logger()
