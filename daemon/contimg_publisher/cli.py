@@ -15,7 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from contimg_publisher import __version__, hygiene, lock, logs, outage, qa, space, statuspage
+from contimg_publisher import (
+    __version__,
+    hygiene,
+    lock,
+    logs,
+    outage,
+    qa,
+    redact,
+    space,
+    statuspage,
+)
 from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, ConfigError
@@ -165,7 +175,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def _one_line(text: str | None, limit: int = 80) -> str:
     if not text:
         return "-"
-    text = text.replace("\n", "\\n")
+    text = redact.text(text).replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -280,7 +290,7 @@ def _status_unreadable(cfg: Config, args: argparse.Namespace, error: RegistryErr
         problems.append("no daemon holds the lock: nothing is being published")
     if args.json:
         print(json.dumps({"counts": None, "registry": cfg.registry_shown,
-                          "registry_error": str(error),
+                          "registry_error": redact.text(str(error)),
                           "lock": {"path": str(cfg.lock_path), "holder": holder},
                           "daemon_running": running, "paused": _paused_json(paused),
                           "problems": problems, "ok": False}, indent=2))
@@ -344,7 +354,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                   "staged_at": r.staged_at} for r, why in held],
         "failed": [{"data_id": r.data_id, "data_type": r.data_type,
                     "publish_error": r.publish_error} for r in health.failed],
-        "events": [k.to_json(now) for k in health.sinks],
+        "events": [dict(k.to_json(now), target=cfg.sink_targets.get(k.sink))
+                   for k in health.sinks],
         "max_undelivered_age_seconds": cfg.status_max_undelivered_age_seconds,
         "audit": {"findings": [f.to_json() for f in health.findings],
                   "counts": health.finding_counts,
@@ -358,7 +369,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "ok": not problems,
     }
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(redact.deep(data), indent=2))  # a URL anywhere: without secrets
         return EXIT_FAILED if problems else EXIT_OK
     print(f"registry   {cfg.registry_shown}")
     print(f"daemon     {f'running, {holder}' if running else 'not running'}"
@@ -397,7 +408,9 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         failing = f"; {k.attempts} failed attempts, last: {_one_line(k.last_error, 80)}" \
             if k.attempts else ""
         dead = f"; {k.dead} given up on" if k.dead else ""
-        print(f"events     {k.sink}: {k.undelivered} undelivered{waited}{failing}{dead}")
+        target = cfg.sink_targets.get(k.sink)
+        print(f"events     {k.sink}: {k.undelivered} undelivered{waited}{failing}{dead}"
+              + (f"; sent to {target}" if target else ""))
     if health.unclaimed:
         print(f"unclaimed in staging  {len(health.unclaimed)} file"
               f"{'s' if len(health.unclaimed) != 1 else ''} that no product owns "

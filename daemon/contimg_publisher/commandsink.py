@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterable, Mapping
 
+from contimg_publisher import redact
 from contimg_publisher.registry import Event
 from contimg_publisher.sinks import ANSWER_MAX_BYTES, Outcome, body
 from contimg_publisher.states import Sink
@@ -77,7 +78,7 @@ class Command:
         self._leftovers: list[subprocess.Popen[bytes]] = []
 
     def describe(self) -> str:
-        return " ".join(self.argv)
+        return redact.text(" ".join(self.argv))
 
     def deliver(self, event: Event) -> Outcome:
         self._reap()

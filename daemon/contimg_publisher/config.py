@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+from contimg_publisher import redact
 from contimg_publisher.states import Sink
 
 DEFAULT_PATH = "/etc/contimg-publisher/config.toml"
@@ -42,8 +43,8 @@ class ConfigError(Exception):
     def __init__(self, path: str | os.PathLike[str] | None, key: str, reason: str) -> None:
         self.path = str(path) if path is not None else "<defaults>"
         self.key = key
-        self.reason = reason
-        super().__init__(f"{self.path}: {key}: {reason}")
+        self.reason = redact.text(reason)  # a bad URL is quoted: without its secrets
+        super().__init__(f"{self.path}: {key}: {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,18 @@ class Config:
     @property
     def registry_shown(self) -> str:
         """The registry as logs and `check-config` show it: a URI without its password."""
-        return hide_password(self.registry) if isinstance(self.registry, str) \
+        return redact.url(self.registry) if isinstance(self.registry, str) \
             else str(self.registry)
+
+    @property
+    def sink_targets(self) -> dict[str, str]:
+        """Where each configured sink sends events, as it may be shown (redact)."""
+        shown: dict[str, str] = {}
+        if self.notify_url:
+            shown[Sink.WEBHOOK] = redact.url(self.notify_url)
+        if self.notify_command:
+            shown[Sink.COMMAND] = redact.text(" ".join(self.notify_command))
+        return shown
 
     @property
     def lock_path(self) -> Path:
@@ -192,7 +203,8 @@ class Config:
             out[f.name] = value
         out["registry"] = self.registry_shown
         out["lock_file"] = str(self.lock_path)
-        return out
+        shown: dict[str, Any] = redact.deep(out)  # a URL in any value: without its secrets
+        return shown
 
 
 # (table, key) -> (Config field, kind). Kinds: path, registry (a path or a URI), node,
@@ -422,18 +434,8 @@ def check_url(value: str) -> None:
         parts.port  # noqa: B018 - raises ValueError on a port out of range
     except ValueError:
         raise ValueError(f"has a bad port, got {value!r}") from None
-def hide_password(uri: str) -> str:
-    """A URI with its password (user:PASSWORD@, or password= in the query) replaced by ***."""
-    parts = urllib.parse.urlsplit(uri)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        if ":" in user:
-            user = user.split(":", 1)[0] + ":***"
-        netloc = f"{user}@{host}"
-    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
-    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
-            + (f"#{parts.fragment}" if parts.fragment else ""))
+# The older name of redact.url, kept for callers of this module.
+hide_password = redact.url
 
 
 def split_listen(value: str) -> tuple[str, int]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 
+from contimg_publisher import redact
 from contimg_publisher.registry import truncate
 
 MESSAGE_IDS = {
@@ -52,6 +53,16 @@ def _truncate_error(_logger: Any, _level: str, event: dict[str, Any]) -> dict[st
     return event
 
 
+def _redact(_logger: Any, _level: str, event: dict[str, Any]) -> dict[str, Any]:
+    """No log line carries a URL's password or token, whichever field holds it."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redact.text(value)
+        elif isinstance(value, dict | list | tuple):
+            event[key] = redact.deep(value)
+    return event
+
+
 def _journal(_logger: Any, level: str, event: dict[str, Any]) -> str:
     from systemd import journal
     name = str(event.pop("event", ""))
@@ -79,7 +90,7 @@ def configure(level: str = "info", fmt: str = "auto", error_max_chars: int = 500
         fmt = "journal" if _under_journal() else "console"
     processors: list[Any] = [structlog.processors.add_log_level,
                              structlog.processors.TimeStamper(fmt="iso", utc=True),
-                             _truncate_error]
+                             _truncate_error, _redact]
     if fmt == "journal":
         processors.append(_journal)
     elif fmt == "json":

@@ -7,9 +7,10 @@ an older tool). What only the daemon sees as it happens (publishes, failures by 
 durations, detection latency, reloads) goes into counters and histograms fed from the
 main loop's events. Counters restart at zero with the process, as Prometheus expects.
 
-The server is the standard library's threaded HTTP server in a daemon thread. Each
-request thread reads the registry through its own short-lived APSW connection, so a
-scrape never shares a connection with the main loop.
+The server (statusserver) caps its connections and their deadlines, so a local user with
+many idle connections cannot take the daemon's descriptors or threads. Each answer reads
+the registry through its own short-lived connection, so a scrape never shares a
+connection with the main loop.
 """
 
 from __future__ import annotations
@@ -17,11 +18,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import apsw
@@ -37,7 +35,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contimg_publisher import __version__, space, statuspage
+from contimg_publisher import __version__, logs, space, statuspage, statusserver
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, split_listen
 from contimg_publisher.registry import (
@@ -369,8 +367,8 @@ class Metrics:
 
 # --- the HTTP server ------------------------------------------------------------------------
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+class _Handler(statusserver.BufferedHandler):
+    server: _Server  # type: ignore[assignment]
     server_version = f"contimg-publisher/{__version__}"
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
@@ -425,27 +423,32 @@ class _Handler(BaseHTTPRequestHandler):
         return 200, statuspage.render(health, started_at=metrics.started_at,
                                       max_waiting_age=config.status_max_waiting_age_seconds,
                                       paused=paused,
-                                      max_undelivered_age=config.status_max_undelivered_age_seconds
-                                      ).encode("utf-8")
+                                      max_undelivered_age=config.status_max_undelivered_age_seconds,
+                                      targets=config.sink_targets).encode("utf-8")
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         """Requests are not logged: a scrape every few seconds would flood the journal."""
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _Server(statusserver.BoundedServer):
     def __init__(self, address: tuple[str, int], metrics: Metrics) -> None:
-        host = address[0]
-        if ":" in host:
-            self.address_family = socket.AF_INET6
         self.metrics = metrics
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, on_event=_say)
+
+
+def _say(event: str, **fields: Any) -> None:
+    """What the server's thread has to tell an operator (descriptors ran out, or came
+    back)."""
+    log = logs.get_logger()
+    if event.endswith("out_of_descriptors"):
+        log.error(event, **fields, reason="new connections to the status port wait; "
+                                          "publishing goes on")
+    else:
+        log.info(event, **fields)
 
 
 class Server:
-    """The metrics and status page server, in a daemon thread."""
+    """The metrics and status page server, in threads of its own (see statusserver)."""
 
     def __init__(self, metrics: Metrics, listen: str) -> None:
         self.metrics = metrics
@@ -453,9 +456,6 @@ class Server:
         self.host, port = split_listen(listen)
         self._server = _Server((self.host, port), metrics)  # OSError if the port is taken
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.5},
-                                        name="contimg-metrics", daemon=True)
 
     @property
     def address(self) -> str:
@@ -463,10 +463,8 @@ class Server:
         return f"{host}:{self.port}"
 
     def start(self) -> Server:
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._server.stop(timeout=5)

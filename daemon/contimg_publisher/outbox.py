@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from contimg_publisher import logs
+from contimg_publisher import logs, redact
 from contimg_publisher.commandsink import KILL_WAIT_SECONDS, Command
 from contimg_publisher.config import Config
 from contimg_publisher.registry import (
@@ -249,7 +249,8 @@ class SinkWorker:
 
     def _failed(self, registry: RegistryBackend, cfg: Config, dest: Target, event: Event,
                 outcome: Outcome) -> float:
-        error = outcome.error or "failed"
+        # An answer may name a URL (a redirect's Location): kept and shown without secrets.
+        error = redact.text(outcome.error or "failed")
         attempts, dead = registry.record_delivery_failure(
             self.sink, event.seq, error, cfg.error_max_chars, cfg.notify_max_attempts)
         log = logs.get_logger()

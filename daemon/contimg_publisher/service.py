@@ -25,6 +25,7 @@ from contimg_publisher import (
     __version__,
     audit,
     detect,
+    fdlimit,
     lock,
     logs,
     metrics,
@@ -228,6 +229,8 @@ class Daemon:
         # backoff (see outage). A stage_root change whose rows could not be parked then.
         self.outage: outage.Outage | None = None
         self.pending_park: Path | None = None
+        # While turns fail for lack of descriptors: said once, waited out with backoff.
+        self.shortage: fdlimit.Shortage | None = None
         self.last_ping = 0.0
         self.status_note = ""
         self.started_at = time.time()
@@ -454,17 +457,50 @@ class Daemon:
                 self._ping()
                 timeout = self._paused_timeout()
             except (RegistryError, OSError) as exc:
-                # A staging area that went away: say so and try again on the next turn;
-                # the watchdog still sees a loop that turns.
-                self.log.error("loop_error", error=f"{type(exc).__name__}: {exc}")
-                self._sleep(1.0)
-                timeout = 0.0
+                if fdlimit.exhausted(exc):
+                    timeout = self._out_of_descriptors(exc)
+                else:
+                    # A staging area that went away: say so and try again on the next
+                    # turn; the watchdog still sees a loop that turns.
+                    self.log.error("loop_error", error=f"{type(exc).__name__}: {exc}")
+                    self._sleep(1.0)
+                    timeout = 0.0
             else:
                 if retried and self.outage is not None:
                     self._registry_available()
+                if self.shortage is not None:
+                    self._descriptors_available()
             self._sleep(timeout)
         status = self._shutdown()
         return self.exit_code or status
+
+    # --- out of descriptors -----------------------------------------------------------------
+
+    def _out_of_descriptors(self, exc: BaseException) -> float:
+        """A turn failed for lack of descriptors: said once, then the loop waits a growing
+        pause (pinging the watchdog) instead of failing again at once."""
+        error = f"{type(exc).__name__}: {exc}"
+        if self.shortage is None:
+            self.shortage = fdlimit.Shortage(time.monotonic(), error)
+            soft, hard = fdlimit.limits()
+            self.log.error("descriptors_exhausted", error=error, limit_soft=soft,
+                           limit_hard=hard, retry_in_seconds=self.shortage.pause,
+                           reason="publishing waits until descriptors are free again; "
+                                  "retried with backoff, resumes by itself",
+                           action="see what holds this process's descriptors (ls -l "
+                                  f"/proc/{os.getpid()}/fd) or the system's (fs.file-nr)")
+            pause = self.shortage.pause
+        else:
+            pause = self.shortage.again()
+        self._ping()
+        return pause
+
+    def _descriptors_available(self) -> None:
+        assert self.shortage is not None
+        was, self.shortage = self.shortage, None
+        self.log.info("descriptors_available", seconds=round(time.monotonic() - was.since, 1),
+                      failed_turns=was.turns, error_was=was.error,
+                      open_descriptors=fdlimit.open_count(), reason="publishing resumed")
 
     # --- the registry unavailable ---------------------------------------------------------
 
@@ -1032,6 +1068,13 @@ def run(config_path: str) -> int:
     """`run`: load, then loop until SIGTERM/SIGINT."""
     cfg = config_mod.load(config_path)
     logs.configure(cfg.log_level, cfg.log_format, cfg.error_max_chars)
+    limits = fdlimit.raise_soft_limit()
+    fields = {"soft_before": limits.soft_before, "soft": limits.soft, "hard": limits.hard}
+    if limits.error:
+        logs.get_logger().warning("descriptor_limit", **fields, error=limits.error,
+                                  reason="the soft limit could not be raised to the hard one")
+    else:
+        logs.get_logger().info("descriptor_limit", **fields)
     daemon = Daemon(config_path, cfg)
     try:
         return daemon.run()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from contimg_publisher import __version__
+from contimg_publisher import __version__, redact
 from contimg_publisher.registry import Event
 from contimg_publisher.states import Sink
 
@@ -52,12 +52,8 @@ def body(event: Event) -> bytes:
 
 
 def shown_url(url: str) -> str:
-    """The URL without credentials or query (a token often travels there), for logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path or '/'}"
+    """The URL as logs show it (redact.url: no password, no token)."""
+    return redact.url(url)
 
 
 def retry_after(value: str | None) -> float | None:

@@ -15,6 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from contimg_publisher import redact
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.registry import (
     STATUSES,
@@ -195,7 +196,9 @@ def format_when(epoch: float | None) -> str:
 
 
 def _e(value: object) -> str:
-    return html.escape("-" if value is None or value == "" else str(value), quote=True)
+    """Escaped for HTML; a URL in it without its secrets (redact)."""
+    return html.escape("-" if value is None or value == "" else redact.text(str(value)),
+                       quote=True)
 
 
 def _path(value: str | None) -> str:
@@ -269,8 +272,10 @@ def render_unreadable(error: str, paused: Paused, *, refresh_seconds: int = 10,
 
 def render(health: Health, *, refresh_seconds: int = 10, started_at: float | None = None,
            max_waiting_age: float = 3600.0, host: str | None = None,
-           paused: Paused | None = None, max_undelivered_age: float = 900.0) -> str:
-    """The whole page, as one string of HTML."""
+           paused: Paused | None = None, max_undelivered_age: float = 900.0,
+           targets: dict[str, str] | None = None) -> str:
+    """The whole page, as one string of HTML; targets: where each sink sends (shown)."""
+    targets = targets or {}
     host = host or socket.gethostname()
     now = health.now
     issues = problems(health, max_waiting_age, daemon_running=True, paused=paused,
@@ -342,7 +347,8 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
     parts.append(_table(
         ["sink", "undelivered", "oldest waiting", "attempts at its head", "last error",
          "given up"],
-        [[_e(k.sink), _e(k.undelivered),
+        [[_e(f"{k.sink}: {targets[k.sink]}" if targets.get(k.sink) else k.sink),
+          _e(k.undelivered),
           _e("-" if k.oldest_undelivered_at is None
              else format_age(now - k.oldest_undelivered_at)),
           _e(k.attempts), _e(k.last_error), _e(k.dead)] for k in health.sinks],

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from contimg_publisher import paths
+from contimg_publisher import paths, redact
 from contimg_publisher.config import QA_FIELDS
 from contimg_publisher.qa import Condition
 from contimg_publisher.states import Delivery, FailureKind, FindingKind, Kind, Status
@@ -523,7 +523,8 @@ def published_payload(row: dict[str, Any], supersedes: str | None, host: str,
         "host": host}
     if node is not None:
         payload["node"] = node
-    return payload
+    shown: dict[str, Any] = redact.deep(payload)  # a URL in a header value: no secrets
+    return shown
 
 
 def event_of(seq: int, event_id: str, type_: str, data_id: str, payload: str,

@@ -47,7 +47,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from contimg_publisher.config import hide_password
+from contimg_publisher import redact
 from contimg_publisher.qa import Condition
 from contimg_publisher.registry import pgconn
 from contimg_publisher.registry.model import (
@@ -462,7 +462,7 @@ class PostgresRegistry:
                  node: str | None = None, application: str = "contimg-publisher",
                  lease_seconds: float | None = None) -> None:
         self.uri = uri
-        self.location = hide_password(uri)
+        self.location = redact.url(uri)
         self.path = self.location  # what messages name, as the SQLite backend's file path
         self.node = node or socket.gethostname()
         self.busy_timeout_seconds = busy_timeout_seconds
