@@ -12,7 +12,19 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
+import pytest
+
+from tests.helpers import (
+    Sandbox,
+    is_root,
+    log_events,
+    mount_tmpfs,
+    start_daemon,
+    stop,
+    umount,
+    wait_for,
+    write_fits,
+)
 
 RULES = [
     {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics",
@@ -311,6 +323,47 @@ def test_quarantine_across_filesystems_copies_verifies_then_removes(tmp_path: Pa
         assert not [p for p in (quarantine / "mosaics").iterdir() if p.name.startswith(".")]
     finally:
         shutil.rmtree(quarantine, ignore_errors=True)
+
+
+def test_quarantine_on_a_full_disk_leaves_no_temporary_and_succeeds_once_space_is_freed(
+        tmp_path: Path) -> None:
+    if not is_root():
+        pytest.skip("mounting a small tmpfs for the quarantine folder needs root")
+    quarantine = tmp_path / "quarantine"
+    mount_tmpfs(quarantine, "1m")
+    try:
+        box = _site(tmp_path, hygiene={"report_after_seconds": 1.0,
+                                       "quarantine_dir": str(quarantine)})
+        staged = os.urandom(512 << 10)
+        (box.mosaics / "bad.fits").write_bytes(staged)
+        box.cli("scan", check=True)
+        time.sleep(1.5)
+        filler = quarantine / "filler"
+        filler.write_bytes(b"\0" * (768 << 10))
+
+        full = box.cli("quarantine", "--json")
+        assert full.returncode == 1, full.stdout + full.stderr
+        result = json.loads(full.stdout)
+        assert result["moved"] == []
+        assert [k["path"] for k in result["kept"]] == [str(box.mosaics / "bad.fits")]
+        assert "No space left on device" in result["kept"][0]["reason"]
+        assert (box.mosaics / "bad.fits").read_bytes() == staged
+        left = [p.name for p in quarantine.rglob("*") if p.name.startswith(".contimg-tmp.")]
+        assert left == []
+
+        filler.unlink()
+        # What the version before left after such a failure, under its fixed token.
+        (quarantine / "mosaics" / ".contimg-tmp.bad.fits.quarantine").write_bytes(b"partial")
+        out = box.cli("quarantine", "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        moved = json.loads(out.stdout)["moved"]
+        assert [(m["how"], m["quarantine_path"]) for m in moved] == [
+            ("copy", str(quarantine / "mosaics" / "bad.fits"))]
+        assert (quarantine / "mosaics" / "bad.fits").read_bytes() == staged
+        assert not (box.mosaics / "bad.fits").exists()
+        assert [p.name for p in (quarantine / "mosaics").iterdir()] == ["bad.fits"]
+    finally:
+        umount(quarantine)
 
 
 def test_audit_config_is_validated(tmp_path: Path) -> None:
