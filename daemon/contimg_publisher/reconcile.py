@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from contimg_publisher import detect, fits, kinds, paths, transfer, writers
+from contimg_publisher import temps as temps_mod
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import (
@@ -359,17 +360,10 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
         if temps:
             # Every node's claims: a products area shared by several nodes holds their
             # copies in flight too, each recorded in its row before it is created.
-            live = [row for row in registry.publishing(every_node=True)
-                    if row.lease_owner == owner or owner_alive(row.lease_owner) is not False]
-            claimed = {row.publish_temp for row in live if row.publish_temp}
-            live_tokens = {token for row in live if row.publish_temp and (
-                token := paths.parse_temp_name(os.path.basename(
-                    paths.undisplay(row.publish_temp)))) is not None}
-            renames = {row.id for row in live if not row.publish_temp}
+            claims = temps_mod.live(registry, owner)
             for name in temps:
                 full = os.path.join(os.fsencode(top), os.fsencode(name))
-                if paths.display(full) in claimed or tokens[name] in live_tokens or \
-                        paths.temp_row(tokens[name]) in renames:
+                if claims.owns(paths.display(full), tokens[name]):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     paths.remove_tree_under(dfd, os.fsencode(name))
