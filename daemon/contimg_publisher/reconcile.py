@@ -20,6 +20,7 @@ from contimg_publisher.publish import (
     destination,
     joined_path,
     rule_for,
+    staged_in_archive,
     step_of,
 )
 from contimg_publisher.registry import Product, Published, RegistryBackend, checksum_known
@@ -240,6 +241,8 @@ def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
                 result.how = "legacy"
                 return result
             return None
+        if staged_in_archive(src_parent, products_root):
+            return None  # an alias of the archive: never removed from there (publish says so)
         copy_st, src_st = os.fstat(copy_fd_), os.fstat(src_fd)
         if copy_st.st_size == src_st.st_size:
             return _adopt_equal_copy(publisher, row, result, shown, (dest_dir, name, copy_fd_),
