@@ -12,7 +12,19 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
+import pytest
+
+from tests.helpers import (
+    Sandbox,
+    is_root,
+    log_events,
+    mount_tmpfs,
+    start_daemon,
+    stop,
+    umount,
+    wait_for,
+    write_fits,
+)
 
 RULES = [
     {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics",
@@ -248,6 +260,95 @@ def test_rebuild_after_the_registry_was_deleted_restores_every_row(tmp_path: Pat
         assert stop(proc) == 0
 
 
+def test_rebuild_skips_and_lists_names_detection_rejects(tmp_path: Path) -> None:
+    box = _site(tmp_path)
+    write_fits(box.mosaics / "a.fits", seed=1)
+    write_fits(box.mosaics / "b.fits", seed=2)
+    box.cli("scan", check=True)
+    _published(box, 2)
+    m = box.products / "mosaics"
+    # Valid mosaics put in the archive by hand under names detection never takes.
+    hostile = [b"line\nbreak.fits", b"esc\x1b[31mred.fits", b"bell\x07.fits"]
+    for i, name in enumerate(hostile):
+        write_fits(Path(os.fsdecode(os.path.join(os.fsencode(m), name))), seed=20 + i)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{box.registry}{suffix}").unlink(missing_ok=True)
+
+    out = box.cli("rebuild", "--from-archive", "--json")
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert sorted(r["data_id"] for r in report["created"]) == ["a", "b"]
+    skipped = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert len(skipped) == 3, skipped
+    for path, why in skipped.items():
+        assert path.startswith(str(m) + "/"), path
+        assert "not a product detection would take" in why and "control" in why, why
+    rows = box.registry_rows()
+    assert sorted(r["data_id"] for r in rows) == ["a", "b"]
+    assert {r["status"] for r in rows} == {"published"}
+    assert sorted(os.listdir(os.fsencode(m))) == sorted([b"a.fits", b"b.fits", *hostile])
+
+
+def test_audit_reports_old_unowned_temporaries_and_names_detection_rejects(
+        tmp_path: Path) -> None:
+    from contimg_publisher import lock
+    from contimg_publisher.registry import Candidate, Identity, Rebuilt, open_registry
+
+    box = _site(tmp_path, publish={"lease_seconds": 1.0})
+    write_fits(box.mosaics / "a.fits", seed=1)
+    box.cli("scan", check=True)
+    _published(box, 1)
+    m = box.products / "mosaics"
+    # Named like in-flight temporaries, 1 MiB each: an untagged one and another node's.
+    planted = [m / ".contimg-tmp.x.fits.123", m / ".contimg-tmp.y.fits.elsewhere-7-0badcafe"]
+    for path in planted:
+        path.write_bytes(os.urandom(1 << 20))
+    # A copy in flight of a live claim (this test's own process holds it), as old.
+    owned = m / ".contimg-tmp.c.fits.live-1-0123abcd"
+    owned.write_bytes(b"copy in flight")
+    cfg = box.config()
+    with open_registry(cfg) as reg:
+        staged = str(box.mosaics / "c.fits")
+        reg.register(Candidate(data_id="c", data_type="mosaic", base_path=str(box.stage),
+                               stage_path=staged, stage_path_bytes=os.fsencode(staged),
+                               identity=Identity(1, 9, 14, 1, 1),
+                               checksum="sha256:" + "1" * 64, metadata={}))
+        me = lock.owner_id()
+        assert [p.data_id for p in reg.claim(me, 3600, data_id="c")] == ["c"]
+        assert reg.set_publish_plan(me, "c", str(m / "c.fits"), str(owned))
+        # What an older rebuild recorded: a published row under a name with an escape in it.
+        bad = os.path.join(os.fsencode(m), b"esc\x1bname.fits")
+        Path(os.fsdecode(bad)).write_bytes(write_fits(box.root / "x.fits", seed=3))
+        shown = str(m / "esc\\x1bname.fits")  # paths.display's form
+        size = os.stat(bad).st_size
+        from contimg_publisher import fits as fits_mod
+        fd = os.open(bad, os.O_RDONLY)
+        try:
+            checksum = fits_mod.hash_fd(fd)[1]
+        finally:
+            os.close(fd)
+        assert reg.insert_rebuilt(Rebuilt(
+            data_id="escname", data_type="mosaic", base_path=str(box.stage),
+            stage_path=str(box.mosaics / "esc\\x1bname.fits"),
+            stage_path_bytes=os.path.join(os.fsencode(box.mosaics), b"esc\x1bname.fits"),
+            published_path=shown, published_at=time.time(), size_bytes=size,
+            checksum=checksum, metadata={}, sidecars=())) == "created"
+    time.sleep(1.5)  # older than a lease
+
+    code, report = _audit(box)
+    assert code == 1, report
+    found = {(f["kind"], f["path"]) for f in report["findings"]}
+    assert found == {("stray_temporary", str(planted[0])),
+                     ("stray_temporary", str(planted[1])),
+                     ("name_rejected", shown)}, report["findings"]
+    by_path = {f["path"]: f["detail"] for f in report["findings"]}
+    assert "1048576 bytes" in by_path[str(planted[0])]
+    assert "this node's daemon removes it" in by_path[str(planted[0])]
+    assert "node elsewhere's daemon" in by_path[str(planted[1])]
+    assert "control" in by_path[shown]
+    assert all(p.exists() for p in [*planted, owned])  # the audit changes nothing
+
+
 def test_stale_staged_files_are_listed_and_quarantined_with_a_record(tmp_path: Path) -> None:
     quarantine = tmp_path / "quarantine"
     box = _site(tmp_path, hygiene={"report_after_seconds": 1.0})
@@ -311,6 +412,47 @@ def test_quarantine_across_filesystems_copies_verifies_then_removes(tmp_path: Pa
         assert not [p for p in (quarantine / "mosaics").iterdir() if p.name.startswith(".")]
     finally:
         shutil.rmtree(quarantine, ignore_errors=True)
+
+
+def test_quarantine_on_a_full_disk_leaves_no_temporary_and_succeeds_once_space_is_freed(
+        tmp_path: Path) -> None:
+    if not is_root():
+        pytest.skip("mounting a small tmpfs for the quarantine folder needs root")
+    quarantine = tmp_path / "quarantine"
+    mount_tmpfs(quarantine, "1m")
+    try:
+        box = _site(tmp_path, hygiene={"report_after_seconds": 1.0,
+                                       "quarantine_dir": str(quarantine)})
+        staged = os.urandom(512 << 10)
+        (box.mosaics / "bad.fits").write_bytes(staged)
+        box.cli("scan", check=True)
+        time.sleep(1.5)
+        filler = quarantine / "filler"
+        filler.write_bytes(b"\0" * (768 << 10))
+
+        full = box.cli("quarantine", "--json")
+        assert full.returncode == 1, full.stdout + full.stderr
+        result = json.loads(full.stdout)
+        assert result["moved"] == []
+        assert [k["path"] for k in result["kept"]] == [str(box.mosaics / "bad.fits")]
+        assert "No space left on device" in result["kept"][0]["reason"]
+        assert (box.mosaics / "bad.fits").read_bytes() == staged
+        left = [p.name for p in quarantine.rglob("*") if p.name.startswith(".contimg-tmp.")]
+        assert left == []
+
+        filler.unlink()
+        # What the version before left after such a failure, under its fixed token.
+        (quarantine / "mosaics" / ".contimg-tmp.bad.fits.quarantine").write_bytes(b"partial")
+        out = box.cli("quarantine", "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        moved = json.loads(out.stdout)["moved"]
+        assert [(m["how"], m["quarantine_path"]) for m in moved] == [
+            ("copy", str(quarantine / "mosaics" / "bad.fits"))]
+        assert (quarantine / "mosaics" / "bad.fits").read_bytes() == staged
+        assert not (box.mosaics / "bad.fits").exists()
+        assert [p.name for p in (quarantine / "mosaics").iterdir()] == ["bad.fits"]
+    finally:
+        umount(quarantine)
 
 
 def test_audit_config_is_validated(tmp_path: Path) -> None:

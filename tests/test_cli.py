@@ -215,3 +215,56 @@ def test_config_from_environment(tmp_path):
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert str(sandbox.config_path) in out.stdout
+
+
+def test_retry_of_a_product_registered_under_another_stage_root_is_refused(tmp_path):
+    """stage_root A -> B leaves A's waiting product `failed`, naming the change; `retry`
+    must not make it wait again where nothing looks at it: it is refused with both roots
+    and what to do, and the row keeps its operator state. Under B, retry works as ever."""
+    from tests.helpers import write_fits
+    from tests.test_publish import register_only
+
+    sandbox = Sandbox(tmp_path)
+    root_a, root_b = sandbox.stage, tmp_path / "stage-b"
+    (root_b / "mosaics").mkdir(parents=True)
+    write_fits(root_a / "mosaics" / "in_a.fits", seed=1)
+    assert register_only(sandbox) == ["in_a"]
+    sandbox.cli("hold", "in_a", check=True)
+    sandbox.update(paths={"stage_root": str(root_b)})
+    sandbox.cli("scan", check=True)
+    parked = sandbox.row("in_a")
+    assert parked["status"] == "failed" and f"stage_root is now {root_b}" in \
+        parked["publish_error"]
+    cfg = sandbox.config()
+    with Registry(cfg.registry) as reg:  # a product that failed under B, the current root
+        path = str(root_b / "mosaics" / "in_b.fits")
+        reg.register(Candidate(data_id="in_b", data_type="mosaic", base_path=str(root_b),
+                               stage_path=path, stage_path_bytes=os.fsencode(path),
+                               identity=Identity(1, 7, 2880, 1, 1), checksum="sha256:" + "0" * 64,
+                               metadata={}))
+        for _ in range(cfg.max_attempts):
+            reg.claim("tester", 60, data_id="in_b")
+            reg.record_failure("in_b", "tester", "no_space", "No space left on device",
+                               cfg.max_attempts, 1, 10, cfg.error_max_chars)
+
+    out = sandbox.cli("retry", "in_a")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "in_a: not retried" in out.stderr
+    assert str(root_a) in out.stderr and str(root_b) in out.stderr, out.stderr
+    assert "stage_root" in out.stderr and "Move the file" in out.stderr
+    assert "due again" not in out.stdout
+    row = sandbox.row("in_a")
+    assert (row["status"], row["publish_error"]) == ("failed", parked["publish_error"])
+    assert len(row["failures"]) == len(parked["failures"])
+
+    every = sandbox.cli("retry", "--all-failed")
+    assert every.returncode == 1, every.stdout + every.stderr
+    assert every.stdout.strip() == "in_b: due again"
+    assert "in_a: not retried" in every.stderr
+    assert sandbox.row("in_a")["status"] == "failed"
+    assert sandbox.row("in_b")["status"] == "staging"
+
+    sandbox.update(paths={"stage_root": str(root_a)})  # the root set back: retry works
+    back = sandbox.cli("retry", "in_a")
+    assert back.returncode == 0 and back.stdout.strip() == "in_a: due again", back.stderr
+    assert sandbox.row("in_a")["status"] == "staging"

@@ -27,7 +27,18 @@ from typing import Any
 import pytest
 
 from contimg_publisher.registry import LEGACY_DDL
-from tests.helpers import PYTHON, Sandbox, log_events, start_daemon, stop, wait_for, write_fits
+from tests.helpers import (
+    PYTHON,
+    Sandbox,
+    is_root,
+    log_events,
+    mount_tmpfs,
+    start_daemon,
+    stop,
+    umount,
+    wait_for,
+    write_fits,
+)
 
 LEGACY_COLUMNS = ("id", "data_type", "data_id", "base_path", "status", "stage_path",
                   "published_path", "created_at", "staged_at", "published_at", "publish_mode",
@@ -171,6 +182,44 @@ def test_stuck_publishing_with_truncated_copy_is_published_whole_under_its_name(
     assert not (site.box.mosaics / "cut.fits").exists()
     assert [f["kind"] for f in row["failures"]] == ["interrupted"]
     assert row["publish_attempts"] == 0
+
+
+@pytest.mark.parametrize("products_fs", ["same_fs", "across"])
+def test_stuck_publishing_with_complete_copy_and_staged_file_is_adopted_not_copied_again(
+        tmp_path, products_fs):
+    """Across filesystems the staged file is registered with its digest pending (the copy
+    reads it), so only the bytes on both sides can tell the copy is the product's."""
+    if products_fs == "across":
+        if not is_root():
+            pytest.skip("mounting a tmpfs for the products area needs root")
+        mount_tmpfs(tmp_path / "products", "64m")
+    try:
+        site = LegacySite(tmp_path, products_root=tmp_path / "products")
+        try:
+            _adopted_not_copied_again(site)
+        finally:
+            site.db.close()
+    finally:
+        if products_fs == "across":
+            umount(tmp_path / "products")
+
+
+def _adopted_not_copied_again(site: LegacySite) -> None:
+    data = write_fits(site.box.mosaics / "twice.fits", seed=6)
+    # The older code copied it whole, then died before its unlink and its row update.
+    (site.dest / "twice.fits").write_bytes(data)
+    site.row("twice", "publishing")
+    out = site.box.cli("scan", check=True)
+    row = site.box.row("twice")
+    assert row["status"] == "published", (row, out.stdout)
+    assert row["published_path"] == str(site.dest / "twice.fits")
+    assert row["checksum"] == sha(data) and row["size_bytes"] == len(data)
+    assert sorted(p.name for p in site.dest.iterdir()) == ["twice.fits"]
+    assert (site.dest / "twice.fits").read_bytes() == data
+    assert not (site.box.mosaics / "twice.fits").exists()
+    assert site.get("twice")["status"] == "published"
+    adopted = [e for e in out.stdout.splitlines() if "twice" in e]
+    assert not any(".v2" in line for line in adopted), out.stdout
 
 
 def test_stuck_publishing_next_to_other_content_never_overwrites(site):

@@ -3,7 +3,9 @@
 Every published row's product must be where its row says, with the recorded size and,
 read back from disk, the recorded checksum, its sidecars beside it; and every file or folder
 in the products area must be recorded by some row (else it is dark data). Temporary names of
-publishes in flight are neither. Nothing in the products area is ever changed, and no link
+publishes in flight are neither; one that no live publish owns and that has not changed for
+a lease is a stray temporary. A published name that detection would reject (a newline, an
+escape, ...) is a finding too. Nothing in the products area is ever changed, and no link
 is followed: a symbolic link is itself a finding.
 
 `audit` (the command) runs one whole pass and reports. The daemon runs the same checks in an
@@ -32,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from contimg_publisher import content, detect, logs, paths
+from contimg_publisher import content, detect, logs, paths, temps
 from contimg_publisher.config import Config
 from contimg_publisher.registry import (
     TRANSIENT,
@@ -153,6 +155,19 @@ def check_product(config: Config, root_fd: int, row: Product, throttle: Throttle
     def found(kind: FindingKind, detail: str, where: str = path) -> list[Finding]:
         return [Finding(kind, where, detail, row.data_id)]
 
+    # Detection's name checks; the length is not judged here (a version suffix may take
+    # a name past what detection allows a staged name).
+    problem = detect.name_problem(parts, paths.NAME_MAX)
+    named = [] if problem is None else found(
+        FindingKind.NAME_REJECTED, f"{problem}; detection would never have taken it (a row "
+                                   "made by an older rebuild, or by another program)")
+    findings, why = _check_under(config, root_fd, root, parts, row, throttle, found)
+    return named + findings, why
+
+
+def _check_under(config: Config, root_fd: int, root: bytes, parts: tuple[bytes, ...],
+                 row: Product, throttle: Throttle, found: Callable[..., list[Finding]]
+                 ) -> tuple[list[Finding], str | None]:
     try:
         folder_fd = paths.open_dir_under(root_fd, parts[:-1])
     except FileNotFoundError:
@@ -269,12 +284,18 @@ def dark_data(config: Config, registry: RegistryBackend, throttle: Throttle,
                 shown = paths.display(folder)
                 recorded = registry.recorded_in(shown)
                 out: list[Finding] = []
+                claims: temps.LiveTemps | None = None
                 for name in sorted(dirs + files):
                     raw = os.fsencode(name)
                     is_dir = name in dirs
-                    if paths.parse_temp_name(raw) is not None:
+                    if (token := paths.parse_temp_name(raw)) is not None:
                         if is_dir:
                             dirs.remove(name)
+                        if claims is None:  # read after the folder was listed (see above)
+                            claims = temps.live(registry)
+                        stray = _stray_temp(config, dfd, raw, token, folder, claims)
+                        if stray is not None:
+                            out.append(stray)
                         continue
                     try:
                         st = os.stat(raw, dir_fd=dfd, follow_symlinks=False)
@@ -306,6 +327,34 @@ def dark_data(config: Config, registry: RegistryBackend, throttle: Throttle,
             os.close(start_fd)
     finally:
         os.close(root_fd)
+
+
+def _stray_temp(config: Config, dfd: int, raw: bytes, token: str, folder: bytes,
+                claims: temps.LiveTemps) -> Finding | None:
+    """A name shaped like a publish's temporary that no live claim owns and that has not
+    changed (mtime or ctime, of the name itself) for a lease: a finding. A younger one may
+    be a copy in flight whose claim is being recorded; it is looked at in the next pass."""
+    where = os.path.join(folder, raw)
+    if claims.owns(paths.display(where), token):
+        return None
+    try:
+        st = os.stat(raw, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    age = time.time() - max(st.st_mtime, st.st_ctime)
+    if age < config.lease_seconds:
+        return None
+    node = paths.temp_node(token)
+    if node in (None, paths.node_tag(config.node_name)):
+        who = "this node's daemon removes it when it next starts (its sweep of stray " \
+              "temporaries), or remove it by hand"
+    else:
+        who = f"node {node}'s daemon removes it when it next starts, or remove it by hand"
+    what = "a folder" if stat.S_ISDIR(st.st_mode) else \
+        f"{paths.type_name(st.st_mode)} ({st.st_size} bytes)"
+    return Finding(FindingKind.STRAY_TEMPORARY, paths.display(where),
+                   f"{what} named like the temporary of a publish in flight, which no live "
+                   f"publish owns, unchanged for {age:.0f} s; {who}")
 
 
 @dataclass

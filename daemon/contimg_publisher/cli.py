@@ -23,6 +23,7 @@ from contimg_publisher import (
     outage,
     qa,
     redact,
+    roots,
     space,
     statuspage,
 )
@@ -531,15 +532,25 @@ def cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
     if args.data_ids and args.all_failed:
         raise UsageError("retry: DATA_IDs and --all-failed exclude each other")
     with _open(cfg) as registry:
-        changed = registry.retry(args.data_ids, all_failed=args.all_failed)
-        missing = [d for d in args.data_ids if d not in changed]
+        rows = registry.by_status(Status.FAILED) if args.all_failed else \
+            [row for d in args.data_ids if (row := registry.get(d)) is not None]
+        # A row under a staging root the configuration no longer names would wait where
+        # nothing looks: it keeps its operator state, with the reason (roots.py).
+        refused = {row.data_id: why for row in rows
+                   if (why := roots.registered_elsewhere(cfg, row)) is not None}
+        wanted = [row.data_id for row in rows if row.data_id not in refused] \
+            if args.all_failed else [d for d in args.data_ids if d not in refused]
+        changed = registry.retry(wanted) if wanted else []
+        missing = [d for d in args.data_ids if d not in changed and d not in refused]
         for data_id in changed:
             print(f"{data_id}: due again")
+        for data_id, why in refused.items():
+            print(f"{data_id}: not retried: {why}", file=sys.stderr)
         for data_id in missing:
             row = registry.get(data_id)
             why = "no such product" if row is None else f"status {row.status}, nothing to retry"
             print(f"{data_id}: {why}", file=sys.stderr)
-    return EXIT_FAILED if missing else EXIT_OK
+    return EXIT_FAILED if missing or refused else EXIT_OK
 
 
 def cmd_publish(cfg: Config, args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-from contimg_publisher import redact
+from contimg_publisher import aliases, redact
 from contimg_publisher.states import Sink
 
 DEFAULT_PATH = "/etc/contimg-publisher/config.toml"
@@ -536,6 +536,35 @@ def _inside(child: Path, parent: Path) -> bool:
                for c, p in ((child, parent), (real_child, real_parent)))
 
 
+def _check_identities(config: Config, source: Path | None) -> None:
+    """The roots compared by what they are (aliases.py): a bind mount or another alias of
+    one root inside another is refused as the spelled overlap is, naming both."""
+    table = aliases.current_table()
+    stage, products = config.stage_root, config.products_root
+    how = aliases.overlap(products, stage, table)
+    if how is not None:
+        raise ConfigError(source, "paths.products_root",
+                          f"{products} {how} stage_root {stage} by device and inode (a bind "
+                          "mount or another alias); they must be separate folders")
+    pairs: list[tuple[str, Path, bool]] = []
+    if isinstance(config.registry, Path):
+        pairs.append(("paths.registry", config.registry.parent, False))
+    if config.quarantine_dir is not None:
+        pairs.append(("hygiene.quarantine_dir", config.quarantine_dir, True))
+    for key, folder, both_ways in pairs:
+        for root, name in ((stage, "stage_root"), (products, "products_root")):
+            if aliases.inside(folder, root, table):
+                how = "is the same folder as" if aliases.inside(root, folder, table) else \
+                    "lies inside"
+            elif both_ways and aliases.inside(root, folder, table):
+                how = "contains"
+            else:
+                continue
+            raise ConfigError(source, key, f"{folder} {how} {name} {root} by device and inode "
+                                           "(a bind mount or another alias); they must be "
+                                           "separate folders")
+
+
 def _check_relations(config: Config, source: Path | None) -> None:
     stage, products = config.stage_root, config.products_root
     if stage == products or os.path.realpath(stage) == os.path.realpath(products):
@@ -564,6 +593,7 @@ def _check_relations(config: Config, source: Path | None) -> None:
                 raise ConfigError(source, "hygiene.quarantine_dir",
                                   f"{quarantine} overlaps {name} {root}; quarantined files "
                                   "must leave the staging area and stay out of the archive")
+    _check_identities(config, source)
     if config.backoff_max_seconds < config.backoff_initial_seconds:
         raise ConfigError(source, "publish.backoff_max_seconds",
                           f"({config.backoff_max_seconds}) is less than backoff_initial_seconds "

@@ -263,6 +263,17 @@ def owns(config: Config, row: Product) -> bool:
     return owner_rule(config, row.data_type, row.stage_bytes) is not None
 
 
+def name_problem(parts: tuple[bytes, ...], max_bytes: int) -> str | None:
+    """Why detection rejects a product at these components below its root (a newline, an
+    escape or another control character, bytes that are not UTF-8, a name too long, a
+    temporary's prefix), or None. Rebuild and the audit apply it to the archive too."""
+    for part in parts:
+        problem = paths.name_problem(part, max_bytes)
+        if problem:
+            return f"name {paths.display(part)!s}: {problem}"
+    return None
+
+
 def data_id_for(rule: ProductRule, parts: tuple[bytes, ...]) -> str:
     """The product's id: its sub-path below the rule's fixed prefix, without its suffix."""
     base = len(rule.base.parts)
@@ -725,11 +736,7 @@ class Detector:
         return self._products_dev[where]
 
     def _name_problem(self, parts: tuple[bytes, ...]) -> str | None:
-        for part in parts:
-            problem = paths.name_problem(part, self.config.max_name_bytes)
-            if problem:
-                return f"name {paths.display(part)!s}: {problem}"
-        return None
+        return name_problem(parts, self.config.max_name_bytes)
 
     def _quiet_since(self, root_fd: int, m: Match, st: os.stat_result,
                      dirs: paths.DirCache) -> float:

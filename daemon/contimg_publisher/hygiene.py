@@ -20,6 +20,7 @@ import contextlib
 import os
 import stat
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,15 +166,36 @@ def _move(config: Config, stage_fd: int, q_fd: int, qroot: bytes, root: bytes, i
                        item.size_bytes, how, time.time())
 
 
+# The temporary name's token before every attempt had one of its own: a copy that failed
+# left it behind and every later attempt for the same name failed on it.
+_LEGACY_TOKEN = "quarantine"
+
+
+def _token() -> str:
+    """A token for one attempt's temporary name: no attempt ever meets another's leftover."""
+    return f"quarantine-{uuid.uuid4().hex[:12]}"
+
+
 def _copy_then_remove(src_parent: int, name: bytes, dest_parent: int, final: bytes,
                       st: os.stat_result) -> None:
-    """Copy to a temporary name (fsynced), verify it against a second read, give it its
-    name without replacing, and only then remove the staged file."""
-    temp = paths.temp_name(final, "quarantine")
+    """Copy to a temporary name of this attempt (fsynced), verify it against a second read,
+    give it its name without replacing, and only then remove the staged file. On any failure
+    (a full disk included) the temporary is removed and the staged file stays."""
+    with contextlib.suppress(FileNotFoundError):
+        # Left by a failed copy of the version before tokens were unique: only this
+        # command ever made that name, and it is never the only copy of anything.
+        os.unlink(paths.temp_name(final, _LEGACY_TOKEN), dir_fd=dest_parent)
+    temp = paths.temp_name(final, _token())
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_parent)
     try:
-        copied = transfer.copy_file(fd, dest_parent, temp, "sha256", stat.S_IMODE(st.st_mode),
-                                    None, lambda: None)
+        try:
+            copied = transfer.copy_file(fd, dest_parent, temp, "sha256",
+                                        stat.S_IMODE(st.st_mode), None, lambda: None)
+        except FileExistsError:
+            raise  # not this attempt's file: never remove it
+        except BaseException:
+            _remove_temp(dest_parent, temp)
+            raise
         now = os.fstat(fd)
     finally:
         os.close(fd)
@@ -185,8 +207,15 @@ def _copy_then_remove(src_parent: int, name: bytes, dest_parent: int, final: byt
                           "does not read back the same; left in place")
         paths.rename_noreplace(dest_parent, temp, dest_parent, final)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=dest_parent)
+        _remove_temp(dest_parent, temp)
         raise
     paths.fsync_dir(dest_parent)
     os.unlink(name, dir_fd=src_parent)
+
+
+def _remove_temp(dest_parent: int, temp: bytes) -> None:
+    """Remove this attempt's temporary (a failure to do so is left for the error raised)."""
+    with contextlib.suppress(OSError):
+        os.unlink(temp, dir_fd=dest_parent)
+    with contextlib.suppress(OSError):
+        paths.fsync_dir(dest_parent)

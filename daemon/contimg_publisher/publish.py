@@ -49,7 +49,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from contimg_publisher import content, detect, fits, kinds, paths, space, transfer, writers
+from contimg_publisher import (
+    aliases,
+    content,
+    detect,
+    fits,
+    kinds,
+    paths,
+    space,
+    transfer,
+    writers,
+)
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import (
     FailureOutcome,
@@ -211,6 +221,7 @@ class _Folders:
         self._caches: dict[bytes, paths.DirCache] = {}
         self._same: dict[tuple[tuple[bytes, ...], tuple[bytes, ...]], bool] = {}
         self._taken: dict[tuple[bytes, ...], set[bytes]] = {}
+        self._in_archive: dict[tuple[bytes, ...], bool] = {}
 
     def _cache(self, root: bytes, create_mode: int | None = None) -> paths.DirCache:
         cache = self._caches.get(root)
@@ -222,6 +233,15 @@ class _Folders:
 
     def source(self, folder: tuple[bytes, ...]) -> int:
         return self._cache(self.stage_root).folder(folder, verify=False)
+
+    def source_in_archive(self, folder: tuple[bytes, ...]) -> bool:
+        """Whether a staging folder lies inside the products area by device and inode (a
+        bind mount or another alias made since the configuration was checked): nothing in
+        it is ever renamed or removed."""
+        if folder not in self._in_archive:
+            self._in_archive[folder] = staged_in_archive(self.source(folder),
+                                                         self.products_root)
+        return self._in_archive[folder]
 
     def destination(self, folder: tuple[bytes, ...]) -> int:
         if self.products_root not in self._caches:
@@ -481,6 +501,12 @@ class Publisher:
             raise PublishFailure(
                 FailureKind.SOURCE_CHANGED, f"{product.stage_path}: changed since it "
                 "was registered; it will be examined again")
+        if folders.source_in_archive(parts[:-1]):  # before any folder is made there
+            raise PublishFailure(
+                FailureKind.OTHER, f"{product.stage_path}: its staging folder lies inside the "
+                f"products area {paths.display(folders.products_root)} by device and inode (a "
+                "bind mount or another alias of it); nothing there is moved or removed. Remove "
+                "the alias, then retry")
         try:
             job.dest_fd = folders.destination(folder)
         except paths.UnsafePath as exc:
@@ -993,7 +1019,8 @@ class Publisher:
         published = paths.undisplay(product.published_path)
         if not os.path.lexists(published):
             return Tidied.KEPT
-        with _StagedAndPublished(stage_root, parts, published) as where:
+        with _StagedAndPublished(stage_root, parts, published,
+                                 os.fsencode(str(cfg.products_root))) as where:
             if where.src_parent < 0:
                 return Tidied.KEPT
             final = os.path.basename(published)
@@ -1026,7 +1053,8 @@ class Publisher:
         published = paths.undisplay(product.published_path)
         final = os.path.basename(published)
         out: list[tuple[str, Tidied, str]] = []
-        with _StagedAndPublished(stage_root, parts, published) as where:
+        with _StagedAndPublished(stage_root, parts, published,
+                                 os.fsencode(str(cfg.products_root))) as where:
             if where.src_parent < 0 or where.dest_fd < 0:
                 return []
             job = _Job(product, "auto", Result(product.data_id, product.data_type,
@@ -1124,11 +1152,16 @@ class _StagedAndPublished:
     """The staged product's folder and the published product's folder, opened safely for
     the tidying of one product; a missing one is -1."""
 
-    def __init__(self, stage_root: bytes, parts: tuple[bytes, ...], published: bytes) -> None:
+    def __init__(self, stage_root: bytes, parts: tuple[bytes, ...], published: bytes,
+                 products_root: bytes) -> None:
         self.stage_fd = paths.open_root(stage_root)
         self.src_parent = self.dest_fd = -1
         try:
             self.src_parent = paths.open_dir_under(self.stage_fd, parts[:-1])
+            if staged_in_archive(self.src_parent, products_root):
+                os.close(self.src_parent)  # an alias of the archive: nothing is tidied there
+                self.src_parent = -1
+                return
             self.dest_fd = os.open(os.path.dirname(published),
                                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError, paths.UnsafePath):
@@ -1141,6 +1174,15 @@ class _StagedAndPublished:
         for fd in (self.dest_fd, self.src_parent, self.stage_fd):
             if fd >= 0:
                 os.close(fd)
+
+
+def staged_in_archive(src_parent: int, products_root: bytes) -> bool:
+    """Whether the staging folder `src_parent` is the products area or lies inside it, by
+    device and inode along its parent chain (a bind mount of the archive into staging, or
+    of a staging folder as the archive): then a rename or an unlink there would move or
+    delete an archived file."""
+    area = aliases.identity_of_path(products_root)
+    return area is not None and aliases.lies_inside(src_parent, area)
 
 
 def _name_lost(job: _Job) -> PublishFailure:

@@ -6,6 +6,8 @@ a product of the rule, as its staged counterpart would be (the destination's sub
 back below the glob's fixed prefix), and that no row or logged publish records, gets a row:
 `published`, publish_mode 'rebuilt', its size and checksum computed from its bytes now, its
 FITS header metadata, the sidecars beside it, and the data_id detection would give it.
+A name detection would reject (a newline, an escape, bytes that are not UTF-8, ...) gets no
+row: it is skipped and listed with the reason, as is content detection would reject.
 Existing rows are never changed, and nothing on disk is.
 """
 
@@ -126,6 +128,12 @@ def _walk_rule(config: Config, registry: RegistryBackend, rule: ProductRule, roo
             if registry.is_recorded(published):
                 report.recorded += 1
                 continue
+            stage_parts = base + rel_parts + (os.fsencode(_unversioned(name, rule)),)
+            problem = detect.name_problem(stage_parts, config.max_name_bytes)
+            if problem is not None:
+                report.skipped.append((published, f"not a product detection would take: "
+                                                  f"{problem}"))
+                continue
             try:
                 st = os.stat(raw, dir_fd=dfd, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode):
@@ -148,7 +156,6 @@ def _walk_rule(config: Config, registry: RegistryBackend, rule: ProductRule, roo
                         continue
                     if stat.S_ISREG(sst.st_mode):
                         sidecars.append(sidecar)
-            stage_parts = base + rel_parts + (os.fsencode(_unversioned(name, rule)),)
             stage_bytes = os.path.join(stage_root, *stage_parts)
             item = Rebuilt(
                 data_id=detect.data_id_for(rule, staged), data_type=rule.type,

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from contimg_publisher import detect, fits, kinds, paths, transfer, writers
+from contimg_publisher import temps as temps_mod
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import (
@@ -19,6 +20,7 @@ from contimg_publisher.publish import (
     destination,
     joined_path,
     rule_for,
+    staged_in_archive,
     step_of,
 )
 from contimg_publisher.registry import Product, Published, RegistryBackend, checksum_known
@@ -239,7 +241,12 @@ def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
                 result.how = "legacy"
                 return result
             return None
+        if staged_in_archive(src_parent, products_root):
+            return None  # an alias of the archive: never removed from there (publish says so)
         copy_st, src_st = os.fstat(copy_fd_), os.fstat(src_fd)
+        if copy_st.st_size == src_st.st_size:
+            return _adopt_equal_copy(publisher, row, result, shown, (dest_dir, name, copy_fd_),
+                                     (src_parent, parts[-1], src_fd))
         if copy_st.st_size < src_st.st_size and \
                 transfer.is_prefix(copy_fd_, src_fd, copy_st.st_size):
             current = os.stat(name, dir_fd=dest_dir, follow_symlinks=False)
@@ -259,6 +266,64 @@ def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
         for fd in (copy_fd_, src_fd, src_parent, dest_dir, products_fd, stage_fd):
             if fd >= 0:
                 os.close(fd)
+
+
+def _same_file(dir_fd: int, name: bytes, fd: int) -> bool:
+    """Whether `name` still leads to the unchanged file open as `fd`."""
+    try:
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == (
+        held.st_dev, held.st_ino, held.st_size, held.st_mtime_ns)
+
+
+def _adopt_equal_copy(publisher: Publisher, row: Product, result: Result, shown: str,
+                      copy: tuple[int, bytes, int], staged: tuple[int, bytes, int]
+                      ) -> Result | None:
+    """The older program copied the whole file to its final name and died before its
+    unlink and its row update: a copy of the staged file's size is compared byte for byte
+    (by digest, both read now). Equal: the copy is the product (no second version) and the
+    staged file is removed, once its name still leads to the file that was read. Not equal,
+    or not a valid FITS file: None, and the product is published as usual (another
+    version beside that content)."""
+    config, registry, log = publisher.config, publisher.registry, publisher.log
+    dest_dir, name, copy_fd = copy
+    src_parent, src_name, src_fd = staged
+    algorithm = config.checksum_algorithm
+    try:
+        report = fits.scan_fits(copy_fd, algorithm)
+    except fits.FitsError as exc:
+        if log is not None:
+            log.warning("legacy_copy_invalid", data_id=row.data_id, published_path=shown,
+                        error=exc.reason, reason="left by an older program beside its "
+                                                 "staged file; published as another version")
+        return None
+    if fits.hash_fd(src_fd, algorithm) != (report.size, report.checksum) or \
+            not _same_file(src_parent, src_name, src_fd) or \
+            not _same_file(dest_dir, name, copy_fd):
+        return None
+    if not registry.confirm_published(row.data_id, shown, report.size, report.checksum,
+                                      report.metadata):
+        return None
+    result.status, result.published_path, result.how = Attempt.PUBLISHED, shown, "legacy"
+    # The row names the archived copy now; the staged name goes only if it still leads to
+    # the file that was read (a file written there since is left, and looked at again).
+    kept = None
+    try:
+        if _same_file(src_parent, src_name, src_fd):
+            os.unlink(src_name, dir_fd=src_parent)
+            paths.fsync_dir(src_parent)
+    except OSError as exc:
+        kept = transfer.os_text(exc)
+    if log is not None:
+        log.warning("legacy_copy_adopted", data_id=row.data_id, published_path=shown,
+                    bytes=report.size, checksum=report.checksum,
+                    reason="a complete copy left by an older program, equal to the staged "
+                           "file; it is the product, not copied again",
+                    staged_kept=kept)
+    return result
 
 
 def remove_stray_temps(config: Config, registry: RegistryBackend, owner: str,
@@ -298,17 +363,10 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
         if temps:
             # Every node's claims: a products area shared by several nodes holds their
             # copies in flight too, each recorded in its row before it is created.
-            live = [row for row in registry.publishing(every_node=True)
-                    if row.lease_owner == owner or owner_alive(row.lease_owner) is not False]
-            claimed = {row.publish_temp for row in live if row.publish_temp}
-            live_tokens = {token for row in live if row.publish_temp and (
-                token := paths.parse_temp_name(os.path.basename(
-                    paths.undisplay(row.publish_temp)))) is not None}
-            renames = {row.id for row in live if not row.publish_temp}
+            claims = temps_mod.live(registry, owner)
             for name in temps:
                 full = os.path.join(os.fsencode(top), os.fsencode(name))
-                if paths.display(full) in claimed or tokens[name] in live_tokens or \
-                        paths.temp_row(tokens[name]) in renames:
+                if claims.owns(paths.display(full), tokens[name]):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     paths.remove_tree_under(dfd, os.fsencode(name))

@@ -121,6 +121,8 @@ class FindingKind(StrEnum):
     DARK_FILE = "dark_file"              # a file that no row records
     DARK_FOLDER = "dark_folder"          # a folder with nothing recorded in it
     UNREADABLE = "unreadable"            # cannot be read back (permission, I/O error)
+    STRAY_TEMPORARY = "stray_temporary"  # named like a temporary, no live publish owns it
+    NAME_REJECTED = "name_rejected"      # published under a name detection rejects
 
 
 class StaleKind(StrEnum):
