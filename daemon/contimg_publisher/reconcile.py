@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from contimg_publisher import detect, fits, kinds, paths, transfer, writers
+from contimg_publisher import detect, fits, kinds, paths, transfer, treewalk, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import (
@@ -285,12 +285,32 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
     name (recorded in the row), the sidecars' copied beside it (they carry its token),
     and, for a publish by rename (no temporary name recorded), any of its row's."""
     root = os.fsencode(str(config.products_root))
-    if not os.path.isdir(root):
+    try:
+        root_fd = paths.open_root(root)
+    except OSError:
         return
-    mine = paths.node_tag(config.node_name)
-    for top, dirs, files, dfd in os.fwalk(root, follow_symlinks=False):
+    try:
+        yield from _sweep_folders(root, root_fd, registry, owner, log,
+                                  paths.node_tag(config.node_name))
+    finally:
+        os.close(root_fd)
+
+
+def _sweep_folders(root: bytes, root_fd: int, registry: RegistryBackend, owner: str, log: Any,
+                   mine: str) -> Iterator[int]:
+    """stray_temp_sweep's walk (through descriptors, treewalk): a folder it does not enter,
+    or a temporary tree it cannot remove, is logged with the reason and left alone."""
+    def unwalked(exc: paths.TreeProblem) -> None:
+        if log is not None:
+            log.warning("folder_not_walked", path=exc.path, problem=exc.kind,
+                        error=exc.reason, action="stray temporary names below it are not "
+                                                 "looked for")
+
+    for folder in treewalk.walk(root_fd, on_problem=unwalked, top=root):
+        dirs, files, dfd = folder.dirs, folder.files, folder.fd
+        top = os.path.join(root, *folder.parts)
         tokens = {name: token for name in list(dirs) + files
-                  if (token := paths.parse_temp_name(os.fsencode(name))) is not None}
+                  if (token := paths.parse_temp_name(name)) is not None}
         dirs[:] = [name for name in dirs if name not in tokens]  # never walked into
         temps = [name for name, token in tokens.items()
                  if paths.temp_node(token) in (None, mine)]
@@ -306,13 +326,20 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
                     paths.undisplay(row.publish_temp)))) is not None}
             renames = {row.id for row in live if not row.publish_temp}
             for name in temps:
-                full = os.path.join(os.fsencode(top), os.fsencode(name))
+                full = os.path.join(top, name)
                 if paths.display(full) in claimed or tokens[name] in live_tokens or \
                         paths.temp_row(tokens[name]) in renames:
                     continue
-                with contextlib.suppress(FileNotFoundError):
-                    paths.remove_tree_under(dfd, os.fsencode(name))
-                    removed += 1
+                try:
+                    paths.remove_tree_under(dfd, name)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
                     if log is not None:
-                        log.info("temp_removed", path=paths.display(full))
+                        log.warning("temp_not_removed", path=paths.shown((name,), top),
+                                    error=str(exc.strerror or exc))
+                    continue
+                removed += 1
+                if log is not None:
+                    log.info("temp_removed", path=paths.display(full))
         yield removed
