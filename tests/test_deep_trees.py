@@ -6,14 +6,21 @@ the reason."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from contimg_publisher import paths, treewalk
+from contimg_publisher import detect, paths, treewalk
+from contimg_publisher import fits as fits_mod
+from contimg_publisher.registry import Registry
+from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
+from tests.test_service import NotifySocket
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
@@ -71,6 +78,239 @@ def deep_cleanup(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     subprocess.run(["rm", "-rf", "--one-file-system", str(tmp_path)], check=False,
                    timeout=300)
+
+
+def _events(box: Sandbox, name: str) -> list[dict[str, Any]]:
+    return [e for e in log_events(box) if e.get("event") == name]
+
+
+def _alive(box: Sandbox, proc: subprocess.Popen[str]) -> None:
+    """Fails at once, with the end of its log, when the daemon has exited."""
+    code = proc.poll()
+    if code is not None:
+        raise AssertionError(f"the daemon exited {code}:\n"
+                             + (box.root / "daemon.log").read_text()[-3000:])
+
+
+def _ready(box: Sandbox, proc: subprocess.Popen[str], notify: NotifySocket) -> None:
+    def ready() -> bool:
+        _alive(box, proc)
+        return bool([m for _t, m in notify.with_key("READY") if m["READY"] == "1"])
+    wait_for(ready, timeout=90, interval=0.1, what="READY=1")
+
+
+def _published(box: Sandbox, data_ids: set[str], proc: subprocess.Popen[str] | None = None
+               ) -> dict[str, dict[str, Any]]:
+    def done() -> dict[str, dict[str, Any]] | None:
+        if proc is not None:
+            _alive(box, proc)
+        rows = {r["data_id"]: r for r in box.registry_rows()}
+        if all(rows.get(d, {}).get("status") == "published" for d in data_ids):
+            return rows
+        return None
+    return wait_for(done, timeout=90, interval=0.3, what=f"{sorted(data_ids)} published")
+
+
+def test_staging_tree_2100_deep_daemon_ready_and_publishes_beside_it(
+        deep_cleanup: Path) -> None:
+    """A chain of 2,100 folders (paths over 10,000 bytes) under the mosaics folder: the
+    daemon reaches READY, stays up, says which folder it did not walk and why, and publishes
+    the mosaic beside the chain and one 22 long-named folders down (a path over 4,096 bytes
+    within the depth limit: path length alone never stops a product)."""
+    box = Sandbox(deep_cleanup)
+    box.update(detect={"rescan_seconds": 3})
+    make_chain(box.mosaics, [b"abyss"] + [b"deep"] * 2099)
+    long_names = [bytes([ord("a") + i % 26]) * 200 for i in range(22)]
+    make_chain(box.mosaics, long_names)
+    far = write_fits(deep_cleanup / "far.fits", seed=2)
+    write_at(box.mosaics, long_names, b"far.fits", far)
+    assert len(os.fsencode(str(box.mosaics))) + 22 * 201 + 9 > 4096
+    ordinary = write_fits(box.mosaics / "ordinary.fits", seed=1)
+    notify = NotifySocket(deep_cleanup / "notify.sock")
+    proc = start_daemon(box, notify.path)
+    try:
+        _ready(box, proc, notify)
+        far_id = "/".join(n.decode() for n in long_names) + "/far"
+        rows = _published(box, {"ordinary", far_id}, proc)
+        assert (box.products / "mosaics" / "ordinary.fits").read_bytes() == ordinary
+        assert exists_at(box.products / "mosaics", [*long_names, b"far.fits"])
+        assert not exists_at(box.mosaics, [*long_names, b"far.fits"])
+        assert rows[far_id]["stage_path"].endswith("/far.fits")
+        # Published after READY too (by the watch, or a rescan): the loop goes on.
+        later = write_fits(box.mosaics / "later.fits", seed=3)
+        _published(box, {"later"}, proc)
+        assert (box.products / "mosaics" / "later.fits").read_bytes() == later
+        assert proc.poll() is None, "the daemon exited"
+        said = _events(box, "folder_not_walked")
+        assert said, "the folder not walked was not logged"
+        first = said[0]
+        assert first["problem"] == "too_deep"
+        assert "256 levels" in first["error"]
+        assert first["path"].startswith(str(box.mosaics / "abyss" / "deep"))
+        assert "levels" in first["path"] and len(first["path"]) < 400
+        # Said once while it lasts, not at every rescan.
+        wait_for(lambda: len(_events(box, "rescan")) >= 3, timeout=30, what="two more rescans")
+        assert len(_events(box, "folder_not_walked")) == 1
+        assert not _events(box, "loop_error")
+    finally:
+        code = stop(proc)
+        notify.close()
+    assert code == 0, (box.root / "daemon.log").read_text()[-3000:]
+
+
+def test_deep_folder_moved_in_later_the_watch_comes_back_and_publishing_goes_on(
+        deep_cleanup: Path) -> None:
+    """A chain of 1,100 folders moved into a watched staging area: watchdog's own walk of
+    it (os.walk, which recurses on Python 3.11) kills its thread; the watch reports itself
+    unhealthy, the daemon restarts it (relying on rescans while it cannot be set up), stays
+    up, says which folder it did not walk and why, and publishes a mosaic staged after."""
+    box = Sandbox(deep_cleanup)
+    box.update(detect={"rescan_seconds": 3})
+    first = write_fits(box.mosaics / "first.fits", seed=1)
+    notify = NotifySocket(deep_cleanup / "notify.sock")
+    proc = start_daemon(box, notify.path)
+    try:
+        _ready(box, proc, notify)
+        _published(box, {"first"}, proc)
+        assert _events(box, "started")[0]["watching"] is True
+        make_chain(deep_cleanup, [b"incoming"] + [b"d"] * 1099)
+        os.rename(deep_cleanup / "incoming", box.mosaics / "incoming")
+        wait_for(lambda: _events(box, "folder_not_walked"), timeout=60,
+                 what="the deep folder reported")
+        later = write_fits(box.mosaics / "later.fits", seed=3)
+        _published(box, {"later"}, proc)
+        assert (box.products / "mosaics" / "later.fits").read_bytes() == later
+        assert (box.products / "mosaics" / "first.fits").read_bytes() == first
+        said = _events(box, "folder_not_walked")[0]
+        assert said["problem"] == "too_deep"
+        assert said["path"].startswith(str(box.mosaics / "incoming" / "d" / "d"))
+        assert proc.poll() is None
+        assert not _events(box, "loop_error")
+    finally:
+        code = stop(proc)
+        notify.close()
+    assert code == 0, (box.root / "daemon.log").read_text()[-3000:]
+    # watchdog's thread died on the chain: healthy() said so and the loop restarted the
+    # watch (which cannot be set up again while the chain is there: rescans take over).
+    assert _events(box, "watch_restarting")
+
+
+def test_folder_product_holding_a_1100_level_chain_is_rejected(deep_cleanup: Path) -> None:
+    """A CASA image folder with a chain of 1,100 folders inside: rejected with a reason that
+    names the depth limit; the daemon stays up and the other products publish."""
+    box = Sandbox(deep_cleanup, products=[
+        {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics"},
+        {"type": "image", "glob": "images/*.image", "destination": "images",
+         "kind": "directory", "required": ["table.dat"]},
+    ])
+    bad = box.stage / "images" / "deep.image"
+    bad.mkdir(parents=True)
+    (bad / "table.dat").write_bytes(b"table")
+    make_chain(bad, [b"d"] * 1100)
+    good = box.stage / "images" / "good.image"
+    good.mkdir()
+    (good / "table.dat").write_bytes(b"good table")
+    (good / "sub").mkdir()
+    (good / "sub" / "data.bin").write_bytes(os.urandom(4000))
+    mosaic = write_fits(box.mosaics / "m.fits", seed=4)
+    notify = NotifySocket(deep_cleanup / "notify.sock")
+    proc = start_daemon(box, notify.path)
+    try:
+        _ready(box, proc, notify)
+        _published(box, {"m", "good"}, proc)
+
+        def rejected() -> dict[str, Any] | None:
+            _alive(box, proc)
+            row = box.row("deep")
+            return row if row is not None and row["status"] == "rejected" else None
+        row = wait_for(rejected, timeout=60, interval=0.3, what="deep.image rejected")
+        assert "more than 256 levels of folders deep" in row["publish_error"]
+        assert row["publish_error"].startswith("d/d/d/")
+        assert (box.products / "mosaics" / "m.fits").read_bytes() == mosaic
+        assert (box.products / "images" / "good.image" / "sub" / "data.bin").exists()
+        assert bad.is_dir() and not (box.products / "images" / "deep.image").exists()
+        assert proc.poll() is None, "the daemon exited"
+        assert not _events(box, "loop_error")
+    finally:
+        code = stop(proc)
+        notify.close()
+    assert code == 0, (box.root / "daemon.log").read_text()[-3000:]
+
+
+def test_audit_and_rebuild_report_a_deep_chain_in_the_archive(deep_cleanup: Path) -> None:
+    """An archived folder product with a 1,100-level chain inside, and a dark chain of
+    1,100 folders beside it: the audit reports the product as not read back whole, the
+    rebuild lists what it did not walk; neither crashes, and the rest is still done."""
+    box = Sandbox(deep_cleanup, products=[
+        {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics"},
+        {"type": "image", "glob": "images/*.image", "destination": "images",
+         "kind": "directory", "required": ["table.dat"]},
+    ])
+    image = box.stage / "images" / "x.image"
+    image.mkdir(parents=True)
+    (image / "table.dat").write_bytes(b"table")
+    write_fits(box.mosaics / "a.fits", seed=1)
+    box.cli("scan", check=True)
+    _published(box, {"a", "x"})
+    archived = box.products / "images" / "x.image"
+    make_chain(archived, [b"d"] * 1100)
+    make_chain(box.products / "mosaics", [b"junk"] * 1100)
+
+    out = box.cli("audit", "--json")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["checked"] == 2
+    by_path = {f["path"]: f for f in report["findings"]}
+    finding = by_path[str(archived)]
+    assert finding["kind"] == "unreadable"
+    assert "more than 256 levels of folders deep" in finding["detail"]
+    assert str(box.products / "mosaics" / "junk") in by_path  # the dark chain, not entered
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{box.registry}{suffix}").unlink(missing_ok=True)
+    out = box.cli("rebuild", "--from-archive", "--json")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    rebuilt = json.loads(out.stdout)
+    assert [r["data_id"] for r in rebuilt["created"]] == ["a"]
+    skipped = {s["path"]: s["reason"] for s in rebuilt["skipped"]}
+    assert "more than 256 levels of folders deep" in skipped[str(archived)]
+    deep_junk = [p for p in skipped if p.startswith(str(box.products / "mosaics" / "junk"))]
+    assert len(deep_junk) == 1
+    assert "more than 256 levels of folders deep" in skipped[deep_junk[0]]
+
+
+def test_one_paths_unexpected_failure_does_not_stop_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check that fails in a way nothing expected (here the hash of one file raises) is
+    that path's alone: it is reported with its path and reason and looked at again later,
+    and the other paths of the same pass are registered."""
+    box = Sandbox(tmp_path, products=[
+        {"type": "table", "glob": "tables/*.txt", "destination": "tables"}])
+    (box.stage / "tables").mkdir()
+    (box.stage / "tables" / "bad.txt").write_bytes(b"bad")
+    (box.stage / "tables" / "good.txt").write_bytes(b"good")
+    config = box.config()
+    real_hash = fits_mod.hash_fd
+
+    def hash_fd(fd: int, algorithm: str = "sha256") -> tuple[int, str]:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/bad.txt"):
+            raise RuntimeError("an error nobody expected")
+        return real_hash(fd, algorithm=algorithm)
+
+    monkeypatch.setattr(fits_mod, "hash_fd", hash_fd)
+    with Registry(config.registry) as registry:
+        detector = detect.Detector(config, registry)
+        detector.scan()
+        now = time.time() + config.settle_seconds + 1
+        outcomes = {o.data_id: o for o in detector.process(now=now)}
+        assert outcomes["good"].action == "registered"
+        bad = outcomes["bad"]
+        assert bad.action == "deferred"
+        assert bad.stage_path == str(box.stage / "tables" / "bad.txt")
+        assert bad.reason == "RuntimeError: an error nobody expected"
+        [waiting] = detector.pending.values()
+        assert waiting.check_at == now + detect.DEFER_SECONDS
+        assert [r.data_id for r in registry.products()] == ["good"]
 
 
 def test_walk_reaches_paths_over_path_max_and_stops_at_the_depth_limit(
