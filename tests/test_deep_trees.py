@@ -18,8 +18,19 @@ import pytest
 
 from contimg_publisher import detect, paths, treewalk
 from contimg_publisher import fits as fits_mod
+from contimg_publisher.publish import CRASH_ENV
 from contimg_publisher.registry import Registry
-from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
+from tests.helpers import (
+    Sandbox,
+    fits_bytes,
+    log_events,
+    mount_tmpfs,
+    start_daemon,
+    stop,
+    umount,
+    wait_for,
+    write_fits,
+)
 from tests.test_service import NotifySocket
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -277,6 +288,43 @@ def test_audit_and_rebuild_report_a_deep_chain_in_the_archive(deep_cleanup: Path
     deep_junk = [p for p in skipped if p.startswith(str(box.products / "mosaics" / "junk"))]
     assert len(deep_junk) == 1
     assert "more than 256 levels of folders deep" in skipped[deep_junk[0]]
+
+
+def test_a_copy_interrupted_at_a_path_over_path_max_is_reconciled(deep_cleanup: Path) -> None:
+    """A mosaic 22 long-named folders down (its paths over 4,096 bytes) whose copy to
+    another filesystem is killed after its temporary file is written: the next pass
+    reconciles it through descriptors (the temporary removed) and publishes it, instead of
+    ending on the length of the recorded temporary name."""
+    if os.geteuid() != 0:
+        pytest.skip("a products area on a tmpfs of its own needs root")
+    products = deep_cleanup / "products"
+    mount_tmpfs(products, "64m")
+    try:
+        box = Sandbox(deep_cleanup, products_root=products)
+        long_names = [bytes([ord("a") + i % 26]) * 200 for i in range(22)]
+        make_chain(box.mosaics, long_names)
+        data = fits_bytes(seed=5)
+        write_at(box.mosaics, long_names, b"far.fits", data)
+        time.sleep(box.config().settle_seconds + 0.2)
+        crashed = box.cli("scan", env={CRASH_ENV: "after_temp_write"})
+        assert crashed.returncode == -9, crashed.stderr[-2000:]
+        [row] = box.registry_rows()
+        assert row["status"] == "publishing"
+        again = box.cli("scan")
+        assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
+        [row] = box.registry_rows()
+        assert row["status"] == "published"
+        final = [*long_names, b"far.fits"]
+        assert exists_at(products / "mosaics", final)
+        fd = _open_path(products / "mosaics", long_names)
+        try:
+            assert sorted(os.listdir(fd)) == ["far.fits"]  # the temporary is gone
+            with open(os.open(b"far.fits", os.O_RDONLY, dir_fd=fd), "rb") as f:
+                assert f.read() == data
+        finally:
+            os.close(fd)
+    finally:
+        umount(products)
 
 
 def test_one_paths_unexpected_failure_does_not_stop_the_others(

@@ -327,6 +327,21 @@ def open_root(path: str | bytes) -> int:
     return os.open(os.fsencode(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
+def open_folder(path: bytes, root: bytes) -> int:
+    """A folder recorded by its path (a row's temporary or final name): below `root` it is
+    reached from root's descriptor one component at a time (no length limit on the path,
+    no link followed below the root); elsewhere by its path."""
+    try:
+        parts = relative_components(root, path)
+    except UnsafePath:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = open_root(root)
+    try:
+        return open_dir_under(root_fd, parts)
+    finally:
+        os.close(root_fd)
+
+
 def _open_dir_at(dir_fd: int, name: bytes, shown: bytes) -> int:
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)

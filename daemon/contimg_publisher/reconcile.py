@@ -56,7 +56,15 @@ def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = 
                              action="left alone until it has been quiet for "
                                     f"{config.legacy_quiet_seconds:g} s")
                 continue
-        results.append(_resolve(publisher, row))
+        try:
+            results.append(_resolve(publisher, row))
+        except (OSError, paths.UnsafePath, ValueError) as exc:
+            # One row's odd path never stops the others, nor the daemon's start: this row
+            # stays as it is and is tried again at the next reconciliation.
+            if log is not None:
+                log.error("reconcile_failed", data_id=row.data_id, data_type=row.data_type,
+                          stage_path=row.stage_path, error=f"{type(exc).__name__}: {exc}",
+                          action="tried again at the next reconciliation")
     release_dead_reservations(registry, owner, now, log)
     if sweep:
         remove_stray_temps(config, registry, owner, log)
@@ -120,10 +128,11 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
     result = Result(row.data_id, row.data_type, Attempt.REQUEUED, row.stage_path,
                     how="reconcile")
     step = step_of(row)
+    products_root = os.fsencode(str(config.products_root))
     if step is Step.PLANNED and row.publish_temp:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             temp = paths.undisplay(row.publish_temp)
-            parent = os.open(os.path.dirname(temp), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            parent = paths.open_folder(os.path.dirname(temp), products_root)
             try:
                 paths.remove_tree_under(parent, os.path.basename(temp))
             finally:
@@ -140,7 +149,7 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
         raw = paths.undisplay(target)
         parent_path, final = os.path.dirname(raw), os.path.basename(raw)
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            parent = paths.open_folder(parent_path, products_root)
             try:
                 verified = kinds.of(rule).same_content(parent, final, row.size_bytes,
                                                        row.checksum)
