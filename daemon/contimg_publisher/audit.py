@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from contimg_publisher import content, detect, logs, paths, temps
+from contimg_publisher import content, detect, logs, paths, temps, treewalk
 from contimg_publisher.config import Config
 from contimg_publisher.registry import (
     TRANSIENT,
@@ -212,6 +212,9 @@ def _check_in(config: Config, folder_fd: int, parts: tuple[bytes, ...], row: Pro
         except content.Rejected as exc:
             link = "symbolic link" in str(exc)
             return found(FindingKind.SYMLINK if link else FindingKind.TYPE_CHANGED, str(exc))
+        except paths.TreeProblem as exc:
+            return found(FindingKind.UNREADABLE, f"not read back whole: {exc.path} inside it "
+                                                 f"{exc.reason}")
         finally:
             os.close(fd)
         if row.size_bytes is not None and total != row.size_bytes:
@@ -275,22 +278,28 @@ def dark_data(config: Config, registry: RegistryBackend, throttle: Throttle,
         start_fd = _open_sub(root_fd, sub)
         if start_fd is None:
             return
+        unwalked: list[Finding] = []
+
+        def not_walked(exc: paths.TreeProblem) -> None:
+            unwalked.append(Finding(FindingKind.UNREADABLE, exc.path,
+                                    f"a folder the audit does not enter: {exc.reason}"))
+
         try:
-            for rel, dirs, files, dfd in os.fwalk(".", dir_fd=start_fd, follow_symlinks=False):
+            start = os.path.join(root, *sub)
+            for entry in treewalk.walk(start_fd, on_problem=not_walked, top=start):
                 throttle.wait_idle()
-                dirs.sort()
-                rel_b = os.fsencode(rel)
-                folder = os.path.normpath(os.path.join(root, *sub, rel_b))
+                dirs, dfd = entry.dirs, entry.fd
+                folder = os.path.join(start, *entry.parts)
                 shown = paths.display(folder)
                 recorded = registry.recorded_in(shown)
-                out: list[Finding] = []
+                out: list[Finding] = unwalked[:]
+                unwalked.clear()
                 claims: temps.LiveTemps | None = None
-                for name in sorted(dirs + files):
-                    raw = os.fsencode(name)
-                    is_dir = name in dirs
+                for raw in sorted(dirs + entry.files):
+                    is_dir = raw in dirs
                     if (token := paths.parse_temp_name(raw)) is not None:
                         if is_dir:
-                            dirs.remove(name)
+                            dirs.remove(raw)
                         if claims is None:  # read after the folder was listed (see above)
                             claims = temps.live(registry)
                         stray = _stray_temp(config, dfd, raw, token, folder, claims)
@@ -301,7 +310,7 @@ def dark_data(config: Config, registry: RegistryBackend, throttle: Throttle,
                         st = os.stat(raw, dir_fd=dfd, follow_symlinks=False)
                     except FileNotFoundError:
                         if is_dir:
-                            dirs.remove(name)
+                            dirs.remove(raw)
                         continue
                     where = paths.display(os.path.join(folder, raw))
                     display_name = paths.display(raw)
@@ -321,8 +330,10 @@ def dark_data(config: Config, registry: RegistryBackend, throttle: Throttle,
                         out.append(Finding(FindingKind.DARK_FILE, where,
                                            f"{what} ({st.st_size} bytes) that no row records"))
                     if is_dir:
-                        dirs.remove(name)
+                        dirs.remove(raw)
                 yield out
+            if unwalked:
+                yield unwalked
         finally:
             os.close(start_fd)
     finally:

@@ -757,7 +757,8 @@ def cmd_scan(cfg: Config, args: argparse.Namespace) -> int:
     failed = rejected = 0
     for outcome in report.detected:
         if outcome.action in (Detected.REGISTERED, Detected.UPDATED, Detected.REJECTED,
-                              Detected.VANISHED, Detected.LEFTOVER, Detected.FOUND_PUBLISHED):
+                              Detected.VANISHED, Detected.LEFTOVER, Detected.FOUND_PUBLISHED,
+                              Detected.DEFERRED):
             extra = f" ({outcome.reason})" if outcome.reason else ""
             print(f"{outcome.action:10} {outcome.data_id}  {outcome.stage_path}{extra}")
     for result in report.reconciled:

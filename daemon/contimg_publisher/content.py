@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from contimg_publisher import fits, paths
+from contimg_publisher import fits, paths, treewalk
 from contimg_publisher.config import ProductRule
 from contimg_publisher.registry import Identity, pending_checksum
 
@@ -37,26 +37,28 @@ def tree_digest(dir_fd: int, algorithm: str,
 
     The manifest holds each entry's relative path, type, size and content digest, so two
     folders digest equally exactly when they hold the same files with the same bytes.
-    Raises Rejected on a link or special file inside. `hash_fd` reads each file (the audit
+    Raises Rejected on a link or special file inside, and paths.TreeProblem (an OSError) on
+    a folder it does not enter (deeper than paths.MAX_DEPTH, a loop, unreadable): the
+    digest of a tree not read whole would be wrong. `hash_fd` reads each file (the audit
     passes one that keeps to its rate; default fits.hash_fd, looked up when called).
     """
     read = hash_fd if hash_fd is not None else fits.hash_fd
     lines: list[bytes] = []
     total = 0
     newest = os.fstat(dir_fd).st_ctime_ns
-    for top, dirs, files, top_fd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
-        rel_top = os.fsencode(top)
-        for name in sorted(dirs + files):
+    for folder in treewalk.walk(dir_fd):
+        top_fd = folder.fd
+        for name in sorted(folder.dirs + folder.files):
             st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
             newest = max(newest, st.st_ctime_ns)
-            rel = os.path.normpath(os.path.join(rel_top, os.fsencode(name)))
+            rel = b"/".join((*folder.parts, name))
             if stat.S_ISDIR(st.st_mode):
                 lines.append(b"d\0" + rel + b"\n")
             elif stat.S_ISREG(st.st_mode):
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top_fd)
                 try:
                     if busy is not None and busy(fd, rel):
-                        raise NotReady(f"{paths.display(rel)} is open for writing")
+                        raise NotReady(f"{paths.shown((*folder.parts, name))} is open for writing")
                     size, digest = read(fd, algorithm)
                 finally:
                     os.close(fd)
@@ -64,7 +66,7 @@ def tree_digest(dir_fd: int, algorithm: str,
                 lines.append(b"f\0" + rel + b"\0" + str(size).encode() + b"\0" +
                              digest.encode() + b"\n")
             else:
-                raise Rejected(f"{paths.display(rel)} inside the folder is "
+                raise Rejected(f"{paths.shown((*folder.parts, name))} inside the folder is "
                                f"{paths.type_name(st.st_mode)}")
     manifest = hashlib.new(algorithm)
     for line in sorted(lines):
@@ -74,13 +76,13 @@ def tree_digest(dir_fd: int, algorithm: str,
 
 def tree_digest_quick(dir_fd: int) -> tuple[int, int, int]:
     """(total bytes, file count, newest ctime_ns) without reading content: the settle witness
-    of a folder product."""
+    of a folder product. Raises paths.TreeProblem as tree_digest() does."""
     total = count = 0
     newest = os.fstat(dir_fd).st_ctime_ns
-    for _top, dirs, files, top_fd in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
-        for name in dirs + files:
+    for folder in treewalk.walk(dir_fd):
+        for name in folder.dirs + folder.files:
             try:
-                st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
+                st = os.stat(name, dir_fd=folder.fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             # ctime only: every write moves it, while mtime can be set to any time (cp -p,
@@ -186,13 +188,18 @@ def describe_directory(root_fd: int, parts: tuple[bytes, ...], rule: ProductRule
                 raise Rejected(f"{required} is {paths.type_name(st.st_mode)}, not a regular file")
         try:
             total, checksum, newest = tree_digest(dir_fd, algorithm, busy)
+            _total, files, quick_newest = tree_digest_quick(dir_fd)
         except FileNotFoundError:
             # Something inside went away during the walk: the folder is still changing. (The
             # folder itself is held open; if it is gone, the next check finds that.)
             raise NotReady("changed while being read") from None
-        if tree_digest_quick(dir_fd)[2] != newest:
+        except paths.TreeProblem as exc:
+            if exc.kind is paths.Problem.CHANGED:
+                raise NotReady(str(exc)) from None
+            raise Rejected(f"{exc.path} inside the folder {exc.reason}") from None
+        if quick_newest != newest:
             raise NotReady("changed while being read")
         ident = Identity(before.st_dev, before.st_ino, total, before.st_mtime_ns, newest)
-        return Description(ident, checksum, {"files": tree_digest_quick(dir_fd)[1]})
+        return Description(ident, checksum, {"files": files})
     finally:
         os.close(dir_fd)

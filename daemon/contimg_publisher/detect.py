@@ -28,16 +28,17 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from contimg_publisher import kinds, paths, writers
+from contimg_publisher import kinds, paths, treewalk, writers
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.content import (  # detection's own words, used by its callers too
     NotReady,
     Rejected,
 )
 from contimg_publisher.registry import (
+    TRANSIENT,
     Candidate,
     Identity,
     Product,
@@ -48,6 +49,10 @@ from contimg_publisher.states import Detected, Kind, Status
 
 # How many paths one process() call describes; bounds the time the loop spends away.
 BATCH = 256
+# A path whose check failed unexpectedly is looked at again after this long.
+DEFER_SECONDS = 60.0
+# Failures of the registry itself: the loop's to handle (pause, retry), never one path's.
+_REGISTRY_ERRORS: tuple[type[Exception], ...] = (RegistryError, *TRANSIENT)
 
 
 # --- matching ---------------------------------------------------------------------------------
@@ -325,6 +330,9 @@ class Detector:
         self.root = os.fsencode(str(config.stage_root))
         # Folders the last walk could not list: what is below them was not seen, not gone.
         self.unreadable: list[bytes] = []
+        # Folders the walks did not enter, and those already given by take_problems().
+        self._problems: list[paths.TreeProblem] = []
+        self._reported: set[tuple[str, str]] = set()
         self._parsed = _Compiled(config)
         # Device of each rule's products folder (or of its nearest existing parent), for
         # one process() call: whether a product will be copied or renamed.
@@ -366,46 +374,88 @@ class Detector:
     def note_folder(self, path: str | bytes) -> int:
         """A folder appeared (created or moved in): everything below it is looked at, since
         files may have been created before a watch on it existed."""
+        try:
+            top_parts = paths.relative_components(self.root, os.fsencode(path))
+        except paths.UnsafePath:
+            return 0
         count = 0
-        for entry_path in self._walk(os.fsencode(path)):
-            if self.note(entry_path) is not None:
+        for parts, _fd, _name, _is_dir in self._walk_parts(top_parts):
+            found = _match(self._rules(), parts)
+            if found is not None:
+                self._queue(found)
                 count += 1
         return count
 
-    def _walk(self, top: bytes) -> Iterable[bytes]:
-        """Every path below `top` (folders not followed through links, ignored folders
-        skipped)."""
-        for path, _parts in self._walk_parts(top, ()):
-            yield path
+    def take_problems(self) -> list[paths.TreeProblem]:
+        """Folders of the staging area the walks did not enter, each given once while it
+        lasts (a folder that stops being a problem is given again should it become one)."""
+        current = {(p.path, p.reason): p for p in self._problems}
+        new = [p for key, p in current.items() if key not in self._reported]
+        self._reported |= set(current)
+        self._problems = []
+        return new
 
-    def _walk_parts(self, top: bytes, top_parts: tuple[bytes, ...]
-                    ) -> Iterable[tuple[bytes, tuple[bytes, ...]]]:
-        """(path, components) of everything below `top`, whose components are `top_parts`.
+    def _walk_parts(self, top_parts: tuple[bytes, ...]
+                    ) -> Iterator[tuple[tuple[bytes, ...], int, bytes, bool]]:
+        """(components, folder descriptor, name, is a folder) of everything below the folder
+        at `top_parts` under the staging root (ignored folders skipped, no link followed).
+        The descriptor is the folder the name is in, borrowed until the next item.
 
-        A name read from a folder is a single valid component (never empty, '.', '..', and
-        without '/' or NUL), so the components are built rather than parsed from the path.
+        The walk goes through descriptors (treewalk), so no path length matters; a folder it
+        does not enter (too deep, a loop, unreadable) is kept in `unreadable` (what is below
+        it was not seen, not gone) and in the problems take_problems() gives.
         """
         rules = self._rules()
-        stack = [(top, top_parts)]
-        while stack:
-            folder, folder_parts = stack.pop()
+
+        def unwalked(exc: paths.TreeProblem) -> None:
+            where = top_parts + exc.parts
+            self.unreadable.append(os.path.join(self.root, *where))
+            self._problems.append(paths.TreeProblem(where, exc.kind, exc.reason, self.root))
+
+        try:
+            root_fd = paths.open_root(self.root)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            self.unreadable.append(self.root)
+            unwalked(paths.TreeProblem((), paths.Problem.UNREADABLE,
+                                       f"the staging root cannot be opened: "
+                                       f"{exc.strerror or exc}"))
+            return
+        try:
+            top_fd = self._open_top(root_fd, top_parts, unwalked)
+            if top_fd is None:
+                return
             try:
-                with os.scandir(folder) as it:
-                    entries = list(it)
-            except PermissionError:
-                self.unreadable.append(folder)
-                continue
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for entry in entries:
-                parts = folder_parts + (entry.name,)
-                if entry.is_dir(follow_symlinks=False):
-                    if rules.ignored((os.fsdecode(entry.name),)):
-                        continue
-                    yield entry.path, parts  # folder products are matched by the folder itself
-                    stack.append((entry.path, parts))
-                else:
-                    yield entry.path, parts
+                for folder in treewalk.walk(top_fd, on_problem=unwalked):
+                    base = top_parts + folder.parts
+                    for name in list(folder.dirs):
+                        if rules.ignored((os.fsdecode(name),)):
+                            folder.dirs.remove(name)
+                            continue
+                        # folder products are matched by the folder itself
+                        yield base + (name,), folder.fd, name, True
+                    for name in folder.files:
+                        yield base + (name,), folder.fd, name, False
+            finally:
+                os.close(top_fd)
+        finally:
+            os.close(root_fd)
+
+    def _open_top(self, root_fd: int, top_parts: tuple[bytes, ...],
+                  unwalked: Callable[[paths.TreeProblem], None]) -> int | None:
+        """The folder a walk starts from; None when it is gone or cannot be opened (then
+        kept in `unreadable`; a reason other than permissions is a problem too)."""
+        try:
+            return paths.open_dir_under(root_fd, top_parts)
+        except (FileNotFoundError, NotADirectoryError, paths.UnsafePath):
+            return None
+        except OSError as exc:
+            self.unreadable.append(os.path.join(self.root, *top_parts))
+            if exc.errno not in (errno.EACCES, errno.EPERM):
+                unwalked(paths.TreeProblem((), paths.Problem.UNREADABLE,
+                                           f"cannot be opened: {exc.strerror or exc}"))
+            return None
 
     def scan(self) -> dict[str, int]:
         """Walk every rule's folder: new or changed paths wait to settle; registered rows whose
@@ -414,8 +464,9 @@ class Detector:
         index = self.registry.stage_index()
         seen: set[str] = set()
         present: set[str] = set()  # products whose own path the walk found
-        sidecars: list[tuple[bytes, str, str]] = []  # (path, owner's stage path, owner name)
-        unclaimed: list[tuple[bytes, str]] = []
+        # (path, owner's stage path, owner name, lstat)
+        sidecars: list[tuple[bytes, str, str, os.stat_result]] = []
+        unclaimed: list[tuple[bytes, str, os.stat_result]] = []  # (path, reason, lstat)
         stats = {"walked": 0, "queued": 0, "known": 0, "unreadable": 0, "unclaimed": 0}
         self.unreadable = []
         rules = self._rules()
@@ -434,25 +485,30 @@ class Detector:
                     continue
             else:
                 top_parts = ()
-            for path, parts in self._walk_parts(top, top_parts):
+            for parts, dfd, name, is_dir in self._walk_parts(top_parts):
                 stats["walked"] += 1
+                path = os.path.join(self.root, *parts)
                 found = _match(rules, parts)
                 if found is None:
-                    if not rules.ignored(os.fsdecode(p) for p in parts):
-                        unclaimed.append((path, "matches no product rule"))
+                    if not is_dir and not rules.ignored(os.fsdecode(p) for p in parts):
+                        with contextlib.suppress(FileNotFoundError):
+                            unclaimed.append((path, "matches no product rule",
+                                              os.stat(name, dir_fd=dfd, follow_symlinks=False)))
                     continue
                 key = paths.display(os.path.join(self.root, *found.parts))
                 if found.parts == parts:
                     present.add(key)
-                elif kinds.of(found.rule).has_sidecars:
-                    sidecars.append((path, key, paths.display(found.parts[-1])))
+                elif kinds.of(found.rule).has_sidecars and not is_dir:
+                    with contextlib.suppress(FileNotFoundError):
+                        sidecars.append((path, key, paths.display(found.parts[-1]),
+                                         os.stat(name, dir_fd=dfd, follow_symlinks=False)))
                 if key in seen:
                     continue
                 seen.add(key)
                 known = index.get(key)
                 if known is not None and known[1] is not None:
                     try:
-                        st = os.lstat(path)
+                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                     except FileNotFoundError:
                         continue
                     if kinds.of(found.rule).unchanged(st, known[1]):
@@ -460,19 +516,21 @@ class Detector:
                         continue
                 self._queue(found)
                 stats["queued"] += 1
-        for path, owner, name in sidecars:
+        for path, owner, owner_name, sst in sidecars:
             if owner in present:
                 continue
             if owner not in index and self.registry.published_at(owner):
                 # Queued above: published beside its product, or kept with a warning.
-                unclaimed.append((path, f"sidecar of {name}, which was published before it "
-                                        "arrived"))
+                unclaimed.append((path, f"sidecar of {owner_name}, which was published before "
+                                        "it arrived", sst))
             else:
-                unclaimed.append((path, f"sidecar of {name}, which is not in the staging "
-                                        "area"))
+                unclaimed.append((path, f"sidecar of {owner_name}, which is not in the staging "
+                                        "area", sst))
         stats["unclaimed"] = self._record_unclaimed(unclaimed)
         unseen = tuple(paths.display(folder) + "/" for folder in self.unreadable)
         stats["unreadable"] = len(unseen)
+        # A problem this whole walk no longer meets is given again should it come back.
+        self._reported &= {(p.path, p.reason) for p in self._problems}
         under_root = root_shown + "/"
         for stage_path, (status, _ident) in index.items():
             if status in (Status.STAGING, Status.FAILED) and stage_path not in seen and \
@@ -481,14 +539,11 @@ class Detector:
                 self._vanished(stage_path)
         return stats
 
-    def _record_unclaimed(self, found: list[tuple[bytes, str]]) -> int:
-        """Keep the walk's unclaimed files (not folders) in the registry, for `status`."""
+    def _record_unclaimed(self, found: list[tuple[bytes, str, os.stat_result]]) -> int:
+        """Keep the walk's unclaimed files (not folders) in the registry, for `status`;
+        each with the lstat the walk took through its folder's descriptor."""
         rows = []
-        for path, reason in found:
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
+        for path, reason, st in found:
             if stat.S_ISDIR(st.st_mode):
                 continue
             rows.append((paths.display(path), path, reason,
@@ -605,7 +660,13 @@ class Detector:
         dirs = paths.DirCache(root_fd)
         try:
             for entry in ready:
-                result = self._check(root_fd, entry, now, dirs)
+                try:
+                    result = self._check(root_fd, entry, now, dirs)
+                except _REGISTRY_ERRORS:
+                    raise
+                except Exception as exc:  # one path's failure never stops the others
+                    outcomes.append(self._deferred(entry, now, exc))
+                    continue
                 if isinstance(result, Outcome):
                     self.pending.pop(entry.match.parts, None)
                     outcomes.append(result)
@@ -624,6 +685,15 @@ class Detector:
                                                                       1.0))
             raise
         return outcomes
+
+    def _deferred(self, entry: Pending, now: float, exc: Exception) -> Outcome:
+        """A path whose check failed unexpectedly: it is looked at again after DEFER_SECONDS,
+        and the failure is reported with the path and the reason."""
+        m = entry.match
+        entry.check_at = now + DEFER_SECONDS
+        return Outcome(Detected.DEFERRED, data_id_for(m.rule, m.parts), m.rule.type,
+                       paths.display(os.path.join(self.root, *m.parts)),
+                       reason=f"{type(exc).__name__}: {exc}")
 
     def _check(self, root_fd: int, entry: Pending, now: float,
                dirs: paths.DirCache | None = None) -> Outcome | Candidate | None:

@@ -11,12 +11,13 @@ and remove its staged copy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
 from collections.abc import Callable
 
-from contimg_publisher import content, paths, transfer, writers
+from contimg_publisher import content, paths, transfer, treewalk, writers
 from contimg_publisher.config import ProductRule
 from contimg_publisher.registry import Identity, checksum_known
 from contimg_publisher.states import Kind
@@ -135,6 +136,8 @@ class FolderKind(ProductKind):
         return content.describe_directory(root_fd, parts, rule, algorithm, busy)
 
     def newest_inside(self, root_fd: int, parts: tuple[bytes, ...]) -> int | None:
+        # A tree the walk does not take whole (paths.TreeProblem, an OSError) is left to
+        # describe(), which rejects it with the reason.
         with contextlib.suppress(OSError, paths.UnsafePath):
             dir_fd = paths.open_dir_under(root_fd, parts)
             try:
@@ -147,23 +150,27 @@ class FolderKind(ProductKind):
         return False  # the folder's own inode says nothing of the files in it
 
     def linked_elsewhere(self, fd: int, st: os.stat_result) -> bool:
-        for _rel, _dirs, files, dfd in os.fwalk(".", dir_fd=fd, follow_symlinks=False):
-            for f in files:
+        for folder in treewalk.walk(fd):
+            for f in folder.files:
                 with contextlib.suppress(FileNotFoundError):
-                    if os.stat(f, dir_fd=dfd, follow_symlinks=False).st_nlink != 1:
+                    if os.stat(f, dir_fd=folder.fd, follow_symlinks=False).st_nlink != 1:
                         return True
         return False
 
     def written(self, gate: writers.WriterGate, fd: int, path: bytes) -> bool:
-        for rel, _dirs, files, dfd in os.fwalk(".", dir_fd=fd, follow_symlinks=False):
-            for name in files:
+        for folder in treewalk.walk(fd):
+            for name in folder.files:
                 try:
                     file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC |
-                                      os.O_NONBLOCK, dir_fd=dfd)
+                                      os.O_NONBLOCK, dir_fd=folder.fd)
                 except FileNotFoundError:
                     continue
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        continue  # a link: never written through; the digest rejects it
+                    raise
                 try:
-                    inner = os.path.normpath(os.path.join(os.fsencode(rel), os.fsencode(name)))
+                    inner = b"/".join((*folder.parts, name))
                     if stat.S_ISREG(os.fstat(file_fd).st_mode) and gate.busy(
                             file_fd, os.path.join(path, inner)):
                         return True
@@ -191,8 +198,8 @@ class FolderKind(ProductKind):
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
         try:
             return content.tree_digest(fd, algorithm)[1]
-        except content.Rejected:
-            return None
+        except (content.Rejected, paths.TreeProblem):
+            return None  # a tree not read whole is never the same content
         finally:
             os.close(fd)
 

@@ -19,9 +19,14 @@ import stat
 import unicodedata
 import uuid
 from collections.abc import Sequence
+from enum import StrEnum
 
 TEMP_PREFIX = b".contimg-tmp."
 NAME_MAX = 255
+# How many levels of folders below its top a walk (treewalk.walk) or a removal enters.
+# Products are a few levels deep; 256 leaves room for any layout, while a hostile chain of
+# thousands costs nothing and is reported with this reason.
+MAX_DEPTH = 256
 _TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,64}")
 _RENAME_NOREPLACE = 1
 _SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276}
@@ -42,6 +47,58 @@ class UnsafePath(Exception):
         self.path = display(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class Problem(StrEnum):
+    """Why a walk did not enter a folder."""
+
+    TOO_DEEP = "too_deep"        # more than MAX_DEPTH levels below the top
+    LOOP = "loop"                # the folder is one of its own parents (a bind mount)
+    UNREADABLE = "unreadable"    # cannot be opened or listed
+    CHANGED = "changed"          # moved or replaced while the walk was below it
+
+
+class TreeProblem(OSError):
+    """A folder a walk (or a removal) did not enter, with the reason. An OSError, so that
+    every handler of a filesystem failure also handles it; `strerror` is the reason alone,
+    str() leads with the folder (relative to the walk's top, or under `top` when given)."""
+
+    def __init__(self, parts: tuple[bytes, ...], kind: Problem, reason: str,
+                 top: bytes = b"") -> None:
+        super().__init__(reason)
+        self.strerror = reason
+        self.parts = parts
+        self.kind = kind
+        self.reason = reason
+        self.top = top
+
+    @property
+    def path(self) -> str:
+        """The folder, displayed (shortened when long)."""
+        return shown(self.parts, self.top)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def too_deep_reason(max_depth: int = MAX_DEPTH) -> str:
+    return (f"is more than {max_depth} levels of folders deep (the depth limit of every "
+            "walk); what it holds is not looked at")
+
+
+# A shortened path in a message keeps this many characters at each end.
+_SHOWN_ENDS = 100
+
+
+def shown(parts: Sequence[bytes], top: bytes = b"") -> str:
+    """display() of top/parts for a message, its middle cut out when long (a chain of
+    thousands of folders would fill a log line); the levels and bytes cut are counted."""
+    full = os.path.join(top, *parts) if top else (b"/".join(parts) or b".")
+    text = display(full)
+    if len(text) <= 2 * _SHOWN_ENDS + 40:
+        return text
+    return (f"{text[:_SHOWN_ENDS]}...({len(parts)} levels, {len(full)} bytes)..."
+            f"{text[-_SHOWN_ENDS:]}")
 
 
 # --- display ---------------------------------------------------------------------------
@@ -270,6 +327,21 @@ def open_root(path: str | bytes) -> int:
     return os.open(os.fsencode(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
+def open_folder(path: bytes, root: bytes) -> int:
+    """A folder recorded by its path (a row's temporary or final name): below `root` it is
+    reached from root's descriptor one component at a time (no length limit on the path,
+    no link followed below the root); elsewhere by its path."""
+    try:
+        parts = relative_components(root, path)
+    except UnsafePath:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = open_root(root)
+    try:
+        return open_dir_under(root_fd, parts)
+    finally:
+        os.close(root_fd)
+
+
 def _open_dir_at(dir_fd: int, name: bytes, shown: bytes) -> int:
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
@@ -426,7 +498,12 @@ class DirCache:
             _check_components(components)
 
     def _folder(self, components: tuple[bytes, ...], verify: bool) -> int:
-        """folder() for components already checked."""
+        """folder() for components already checked. A folder more than MAX_DEPTH levels
+        down is refused (UnsafePath): each level would hold a descriptor."""
+        if len(components) > MAX_DEPTH:
+            raise UnsafePath(b"/".join(components),
+                             f"lies {len(components)} levels of folders deep, more than "
+                             f"{MAX_DEPTH} (the depth limit of every walk); not looked at")
         if not verify and (held := self._held.get(components)) is not None:
             return held[0]
         if self.limit is not None and len(self._held) >= self.limit:
@@ -674,9 +751,13 @@ def parse_temp_name(name: bytes) -> str | None:
 # --- removal -----------------------------------------------------------------------------
 
 
-def remove_tree_under(dir_fd: int, name: bytes) -> None:
+def remove_tree_under(dir_fd: int, name: bytes, max_depth: int = MAX_DEPTH) -> None:
     """Remove the file or folder tree `name` in dir_fd, never following a link (a link is
-    removed, its target is left alone). A name that is already gone is fine."""
+    removed, its target is left alone). A name that is already gone is fine.
+
+    Iterative, through descriptors (no path is built, so its length never matters); a
+    folder more than `max_depth` levels below `name` raises TreeProblem before anything
+    below the limit is removed from it (what was removed elsewhere stays removed)."""
     _check_name(name)
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
@@ -688,13 +769,47 @@ def remove_tree_under(dir_fd: int, name: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=dir_fd)
         return
+    # Each frame: (the folder's descriptor, its name, names in it still to remove).
+    stack: list[tuple[int, bytes, list[bytes]]] = []
     try:
-        # Our own copied trees may be read-only; make this folder clearable.
-        with contextlib.suppress(OSError):
-            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRWXU)
-        for entry in os.listdir(fd):
-            remove_tree_under(fd, os.fsencode(entry))
+        stack.append((fd, name, _clearable(fd)))
+        while stack:
+            folder_fd, folder_name, entries = stack[-1]
+            if not entries:
+                stack.pop()
+                os.close(folder_fd)
+                parent = stack[-1][0] if stack else dir_fd
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(folder_name, dir_fd=parent)
+                continue
+            entry = entries.pop()
+            try:
+                sub = os.open(entry, _DIR_FLAGS, dir_fd=folder_fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry, dir_fd=folder_fd)
+                continue
+            if len(stack) > max_depth:
+                os.close(sub)
+                raise TreeProblem((name, *(f[1] for f in stack[1:]), entry),
+                                  Problem.TOO_DEEP, too_deep_reason(max_depth))
+            try:
+                stack.append((sub, entry, _clearable(sub)))
+            except BaseException:
+                os.close(sub)
+                raise
     finally:
-        os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(name, dir_fd=dir_fd)
+        for folder_fd, _name, _entries in stack:
+            os.close(folder_fd)
+
+
+def _clearable(fd: int) -> list[bytes]:
+    """The names in a folder, after making it clearable: our own copied trees may be
+    read-only."""
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRWXU)
+    return [os.fsencode(entry) for entry in os.listdir(fd)]

@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from contimg_publisher import content, detect, fits, paths
+from contimg_publisher import content, detect, fits, paths, treewalk
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import Rebuilt, RegistryBackend
 from contimg_publisher.states import Kind
@@ -108,22 +108,26 @@ def _walk_rule(config: Config, registry: RegistryBackend, rule: ProductRule, roo
                stage_root: bytes, dest: tuple[bytes, ...], dest_fd: int, report: Report,
                progress: Callable[[Report], None] | None) -> None:
     base = tuple(os.fsencode(p) for p in rule.base.parts)
-    for rel, dirs, files, dfd in os.fwalk(".", dir_fd=dest_fd, follow_symlinks=False):
-        dirs.sort()
-        rel_parts = tuple(p for p in os.fsencode(rel).split(b"/") if p not in (b"", b"."))
-        for name in sorted(dirs + files):
-            raw = os.fsencode(name)
-            is_dir = name in dirs
+    top = os.path.join(root, *dest)
+
+    def unwalked(exc: paths.TreeProblem) -> None:
+        report.skipped.append((exc.path, f"not looked into: {exc.reason}"))
+
+    for folder in treewalk.walk(dest_fd, on_problem=unwalked, top=top):
+        dirs, dfd, rel_parts = folder.dirs, folder.fd, folder.parts
+        for raw in sorted(dirs + folder.files):
+            name = os.fsdecode(raw)
+            is_dir = raw in dirs
             if paths.parse_temp_name(raw) is not None:
                 if is_dir:
-                    dirs.remove(name)
+                    dirs.remove(raw)
                 continue
             staged = base + rel_parts + (raw,)
             found = detect.match(config, staged)
             if found is None or found.rule != rule or found.parts != staged:
                 continue  # a sidecar, a file inside a folder product, or no product
             if is_dir:
-                dirs.remove(name)  # a folder product is one product
+                dirs.remove(raw)  # a folder product is one product
             published = paths.display(os.path.join(root, *dest, *rel_parts, raw))
             if registry.is_recorded(published):
                 report.recorded += 1
@@ -143,6 +147,10 @@ def _walk_rule(config: Config, registry: RegistryBackend, rule: ProductRule, roo
             except (content.Rejected, fits.FitsError) as exc:
                 report.skipped.append((published, f"not a product detection would take: "
                                                   f"{exc}"))
+                continue
+            except paths.TreeProblem as exc:
+                report.skipped.append((published, f"not a product detection would take: "
+                                                  f"{exc.path} inside it {exc.reason}"))
                 continue
             except OSError as exc:
                 report.skipped.append((published, f"cannot be read: {exc.strerror or exc}"))

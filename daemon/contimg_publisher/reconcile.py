@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from contimg_publisher import detect, fits, kinds, paths, transfer, writers
+from contimg_publisher import detect, fits, kinds, paths, transfer, treewalk, writers
 from contimg_publisher import temps as temps_mod
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
@@ -58,7 +58,15 @@ def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = 
                              action="left alone until it has been quiet for "
                                     f"{config.legacy_quiet_seconds:g} s")
                 continue
-        results.append(_resolve(publisher, row))
+        try:
+            results.append(_resolve(publisher, row))
+        except (OSError, paths.UnsafePath, ValueError) as exc:
+            # One row's odd path never stops the others, nor the daemon's start: this row
+            # stays as it is and is tried again at the next reconciliation.
+            if log is not None:
+                log.error("reconcile_failed", data_id=row.data_id, data_type=row.data_type,
+                          stage_path=row.stage_path, error=f"{type(exc).__name__}: {exc}",
+                          action="tried again at the next reconciliation")
     release_dead_reservations(registry, owner, now, log)
     if sweep:
         remove_stray_temps(config, registry, owner, log)
@@ -122,10 +130,11 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
     result = Result(row.data_id, row.data_type, Attempt.REQUEUED, row.stage_path,
                     how="reconcile")
     step = step_of(row)
+    products_root = os.fsencode(str(config.products_root))
     if step is Step.PLANNED and row.publish_temp:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             temp = paths.undisplay(row.publish_temp)
-            parent = os.open(os.path.dirname(temp), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            parent = paths.open_folder(os.path.dirname(temp), products_root)
             try:
                 paths.remove_tree_under(parent, os.path.basename(temp))
             finally:
@@ -142,7 +151,7 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
         raw = paths.undisplay(target)
         parent_path, final = os.path.dirname(raw), os.path.basename(raw)
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            parent = paths.open_folder(parent_path, products_root)
             try:
                 verified = kinds.of(rule).same_content(parent, final, row.size_bytes,
                                                        row.checksum)
@@ -350,12 +359,32 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
     name (recorded in the row), the sidecars' copied beside it (they carry its token),
     and, for a publish by rename (no temporary name recorded), any of its row's."""
     root = os.fsencode(str(config.products_root))
-    if not os.path.isdir(root):
+    try:
+        root_fd = paths.open_root(root)
+    except OSError:
         return
-    mine = paths.node_tag(config.node_name)
-    for top, dirs, files, dfd in os.fwalk(root, follow_symlinks=False):
+    try:
+        yield from _sweep_folders(root, root_fd, registry, owner, log,
+                                  paths.node_tag(config.node_name))
+    finally:
+        os.close(root_fd)
+
+
+def _sweep_folders(root: bytes, root_fd: int, registry: RegistryBackend, owner: str, log: Any,
+                   mine: str) -> Iterator[int]:
+    """stray_temp_sweep's walk (through descriptors, treewalk): a folder it does not enter,
+    or a temporary tree it cannot remove, is logged with the reason and left alone."""
+    def unwalked(exc: paths.TreeProblem) -> None:
+        if log is not None:
+            log.warning("folder_not_walked", path=exc.path, problem=exc.kind,
+                        error=exc.reason, action="stray temporary names below it are not "
+                                                 "looked for")
+
+    for folder in treewalk.walk(root_fd, on_problem=unwalked, top=root):
+        dirs, files, dfd = folder.dirs, folder.files, folder.fd
+        top = os.path.join(root, *folder.parts)
         tokens = {name: token for name in list(dirs) + files
-                  if (token := paths.parse_temp_name(os.fsencode(name))) is not None}
+                  if (token := paths.parse_temp_name(name)) is not None}
         dirs[:] = [name for name in dirs if name not in tokens]  # never walked into
         temps = [name for name, token in tokens.items()
                  if paths.temp_node(token) in (None, mine)]
@@ -365,12 +394,19 @@ def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log:
             # copies in flight too, each recorded in its row before it is created.
             claims = temps_mod.live(registry, owner)
             for name in temps:
-                full = os.path.join(os.fsencode(top), os.fsencode(name))
+                full = os.path.join(top, name)
                 if claims.owns(paths.display(full), tokens[name]):
                     continue
-                with contextlib.suppress(FileNotFoundError):
-                    paths.remove_tree_under(dfd, os.fsencode(name))
-                    removed += 1
+                try:
+                    paths.remove_tree_under(dfd, name)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
                     if log is not None:
-                        log.info("temp_removed", path=paths.display(full))
+                        log.warning("temp_not_removed", path=paths.shown((name,), top),
+                                    error=str(exc.strerror or exc))
+                    continue
+                removed += 1
+                if log is not None:
+                    log.info("temp_removed", path=paths.display(full))
         yield removed

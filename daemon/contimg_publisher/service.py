@@ -16,6 +16,7 @@ import select
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,10 @@ def log_outcome(log: Any, outcome: detect.Outcome) -> None:
                        "described again from the verified archived copy")
     elif outcome.action is Detected.VANISHED:
         log.warning("vanished", **fields, error="left the staging area before it was published")
+    elif outcome.action is Detected.DEFERRED:
+        log.warning("detect_deferred", **fields, error=outcome.reason,
+                    action=f"looked at again in {detect.DEFER_SECONDS:.0f} s; the other paths "
+                           "go on")
     else:
         log.debug(outcome.action, **fields)
 
@@ -428,8 +433,18 @@ class Daemon:
             notify(f"EXTEND_TIMEOUT_USEC={int(max(60, self.config.rescan_seconds) * 1e6)}")
         stats = self.detector.scan()
         self.log.info("rescan", seconds=round(time.monotonic() - started, 3), **stats)
+        self._log_walk_problems()
         self.next_rescan = time.monotonic() + self.config.rescan_seconds
         self.rescan_requested = False
+
+    def _log_walk_problems(self) -> None:
+        """Folders of the staging area a walk did not enter: each said once while it lasts."""
+        assert self.detector is not None
+        for problem in self.detector.take_problems():
+            self.log.warning("folder_not_walked", path=problem.path, problem=problem.kind,
+                             error=problem.reason,
+                             action="what lies below it is not published; move it to a "
+                                    "shallower folder or remove it")
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -465,6 +480,11 @@ class Daemon:
                     self.log.error("loop_error", error=f"{type(exc).__name__}: {exc}")
                     self._sleep(1.0)
                     timeout = 0.0
+            except Exception as exc:  # one odd path or event never ends the daemon
+                self.log.error("loop_error", error=f"{type(exc).__name__}: {exc}",
+                               traceback=traceback.format_exc(limit=-8))
+                self._sleep(1.0)
+                timeout = 0.0
             else:
                 if retried and self.outage is not None:
                     self._registry_available()
@@ -635,6 +655,7 @@ class Daemon:
                     not os.path.islink(change.path):
                 self.detector.note(change.path)
                 self.detector.note_folder(change.path)
+                self._log_walk_problems()
             else:
                 self.detector.note(change.path)
 
@@ -974,6 +995,9 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
         registry.mark_exhausted(cfg.max_attempts, owns=lambda row: detect.owns(cfg, row))
         detector = detect.Detector(cfg, registry)
         detector.scan()
+        for problem in detector.take_problems():
+            log.warning("folder_not_walked", path=problem.path, problem=problem.kind,
+                        error=problem.reason)
         # Paths that finish settling within one settle time are taken in this same pass.
         report.detected = detector.settle(deadline=time.time() + cfg.settle_seconds + 0.5)
         report.waiting = len(detector.pending)

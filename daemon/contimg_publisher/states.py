@@ -69,6 +69,7 @@ class Detected(StrEnum):
     VANISHED = "vanished"                    # left the staging area before it was published
     FOUND_PUBLISHED = "found_published"      # gone from staging, found verified in the archive
     FOREIGN = "foreign"                      # registered by another writer as another type
+    DEFERRED = "deferred"                    # its check failed unexpectedly; looked at later
 
 
 class Step(StrEnum):

@@ -6,6 +6,7 @@ inodes that have no other name. The protocol (`publish`) decides when each runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import stat
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from contimg_publisher import fits, paths
+from contimg_publisher import fits, paths, treewalk
 from contimg_publisher.registry import checksum_known
 from contimg_publisher.states import FailureKind
 
@@ -163,21 +164,22 @@ def copy_tree(src_dir: int, dest_fd: int, temp: bytes, file_mode: int, dir_mode:
     top_fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=dest_fd)
     try:
-        for rel, dirs, files, dfd in os.fwalk(".", dir_fd=src_dir, follow_symlinks=False):
-            rel_b = os.fsencode(rel)
-            out_dir = top_fd if rel_b == b"." else os.open(
-                rel_b, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=top_fd)
+        # A folder the walk does not enter fails the copy (paths.TreeProblem, an OSError):
+        # a copy without it would not be the product.
+        for folder in treewalk.walk(src_dir):
+            dfd = folder.fd
+            out_dir = top_fd if not folder.parts else paths.open_dir_under(top_fd, folder.parts)
             try:
-                for d in dirs:
+                for d in folder.dirs:
                     os.mkdir(d, dir_mode, dir_fd=out_dir)
-                for f in files:
-                    fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                for f in folder.files:
+                    fd = _open_member(dfd, f)
                     try:
                         if not stat.S_ISREG(os.fstat(fd).st_mode):
                             raise PublishFailure(FailureKind.SOURCE_CHANGED,
-                                                 f"{f} inside the folder is not a file")
-                        total += copy_file(fd, out_dir, os.fsencode(f), "sha256", file_mode,
+                                                 f"{paths.display(f)} inside the folder is "
+                                                 "not a file")
+                        total += copy_file(fd, out_dir, f, "sha256", file_mode,
                                            cancel, tick).size
                     finally:
                         os.close(fd)
@@ -191,6 +193,17 @@ def copy_tree(src_dir: int, dest_fd: int, temp: bytes, file_mode: int, dir_mode:
     finally:
         os.close(top_fd)
     return total
+
+
+def _open_member(dir_fd: int, name: bytes) -> int:
+    """A file of a folder product, opened for its copy; a link is never followed."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise PublishFailure(FailureKind.SOURCE_CHANGED, f"{paths.display(name)} inside the "
+                             "folder is a symbolic link") from None
 
 
 def exists(dir_fd: int, name: bytes) -> bool:
@@ -267,16 +280,16 @@ def chmod_tree(dir_fd: int, name: bytes, file_mode: int, dir_mode: int) -> None:
                   dir_fd=dir_fd)
     try:
         os.fchmod(top, dir_mode)
-        for _rel, dirs, files, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
-            for d in dirs:
-                _chmod_at_dir(dfd, d, dir_mode)
-            for f in files:
-                chmod_at(dfd, os.fsencode(f), file_mode)
+        for folder in treewalk.walk(top):
+            for d in folder.dirs:
+                _chmod_at_dir(folder.fd, d, dir_mode)
+            for f in folder.files:
+                chmod_at(folder.fd, f, file_mode)
     finally:
         os.close(top)
 
 
-def _chmod_at_dir(dir_fd: int, name: str, mode: int) -> None:
+def _chmod_at_dir(dir_fd: int, name: bytes, mode: int) -> None:
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                  dir_fd=dir_fd)
     try:

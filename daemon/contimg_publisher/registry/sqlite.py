@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import apsw
 
-from contimg_publisher import fsguard, paths
+from contimg_publisher import fsguard, paths, treewalk
 from contimg_publisher.qa import Condition
 from contimg_publisher.registry.model import (
     EVENT_COLUMNS,
@@ -1876,16 +1876,30 @@ def refuse_new_over_archive(path: str | os.PathLike[str], products_root: str | o
     area holds nothing but temporary names."""
     if os.path.lexists(path):
         return
-    for top, _dirs, files, _fd in os.fwalk(products_root, follow_symlinks=False):
-        for name in files:
-            if paths.parse_temp_name(os.fsencode(name)) is None:
-                example = os.path.join(top, name)
-                raise RegistryError(
-                    f"registry {path}: no such file, but {products_root} already holds "
-                    f"published products (e.g. {paths.display(example)}); refusing to start "
-                    "on a new, empty registry. Restore the registry from its backup, or create "
-                    "an empty one on purpose with `contimg-publisher migrate`, or recover the "
-                    "rows of what is archived with `contimg-publisher rebuild --from-archive`")
+    root = os.fsencode(products_root)
+    try:
+        root_fd = paths.open_root(root)
+    except OSError:
+        return  # no products area (yet): nothing to lose
+    example: str | None = None
+    try:
+        # Through descriptors (treewalk): a folder the walk does not enter is passed over.
+        walk = treewalk.walk(root_fd, on_problem=lambda _exc: None)
+        with contextlib.closing(walk):
+            for folder in walk:
+                name = next((n for n in folder.files if paths.parse_temp_name(n) is None), None)
+                if name is not None:
+                    example = paths.shown((*folder.parts, name), root)
+                    break
+    finally:
+        os.close(root_fd)
+    if example is not None:
+        raise RegistryError(
+            f"registry {path}: no such file, but {products_root} already holds "
+            f"published products (e.g. {example}); refusing to start "
+            "on a new, empty registry. Restore the registry from its backup, or create "
+            "an empty one on purpose with `contimg-publisher migrate`, or recover the "
+            "rows of what is archived with `contimg-publisher rebuild --from-archive`")
 
 
 def _one(cur: apsw.Cursor, sql: str, args: Sequence[Any]) -> dict[str, Any] | None:
