@@ -16,7 +16,6 @@ import pytest
 
 from tests.helpers import (
     Sandbox,
-    is_root,
     log_events,
     mount_tmpfs,
     start_daemon,
@@ -414,10 +413,9 @@ def test_quarantine_across_filesystems_copies_verifies_then_removes(tmp_path: Pa
         shutil.rmtree(quarantine, ignore_errors=True)
 
 
+@pytest.mark.root("mounting a small tmpfs for the quarantine folder needs root")
 def test_quarantine_on_a_full_disk_leaves_no_temporary_and_succeeds_once_space_is_freed(
         tmp_path: Path) -> None:
-    if not is_root():
-        pytest.skip("mounting a small tmpfs for the quarantine folder needs root")
     quarantine = tmp_path / "quarantine"
     mount_tmpfs(quarantine, "1m")
     try:

@@ -290,13 +290,12 @@ def test_audit_and_rebuild_report_a_deep_chain_in_the_archive(deep_cleanup: Path
     assert "more than 256 levels of folders deep" in skipped[deep_junk[0]]
 
 
+@pytest.mark.root("a products area on a tmpfs of its own needs root")
 def test_a_copy_interrupted_at_a_path_over_path_max_is_reconciled(deep_cleanup: Path) -> None:
     """A mosaic 22 long-named folders down (its paths over 4,096 bytes) whose copy to
     another filesystem is killed after its temporary file is written: the next pass
     reconciles it through descriptors (the temporary removed) and publishes it, instead of
     ending on the length of the recorded temporary name."""
-    if os.geteuid() != 0:
-        pytest.skip("a products area on a tmpfs of its own needs root")
     products = deep_cleanup / "products"
     mount_tmpfs(products, "64m")
     try:
@@ -423,10 +422,9 @@ def _open_path(top: Path, names: list[bytes]) -> int:
     return fd
 
 
+@pytest.mark.root("a bind mount needs root")
 def test_walk_reports_a_bind_mount_loop(deep_cleanup: Path) -> None:
     """A folder bind-mounted below itself: the walk does not go round; it says where."""
-    if os.geteuid() != 0:
-        pytest.skip("a bind mount needs root")
     top = deep_cleanup / "top"
     (top / "a" / "b").mkdir(parents=True)
     (top / "a" / "file").write_bytes(b"x")

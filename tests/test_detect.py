@@ -71,12 +71,6 @@ def rejected(sandbox: Sandbox, path: Path | bytes) -> Product | None:
 
 
 @pytest.fixture
-def sandbox(tmp_path: Path) -> Sandbox:
-    return Sandbox(tmp_path, detect={"settle_seconds": 0.5, "rescan_seconds": 300},
-                   metrics={"enabled": False})
-
-
-@pytest.fixture
 def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock = NotifySocket(tmp_path / "notify.sock")
     yield sock
@@ -575,12 +569,11 @@ def test_watch_lost_with_its_root_is_restarted_and_logged(tmp_path: Path,
     assert any("went away" in e["reason"] for e in degraded), degraded
 
 
+@pytest.mark.root("lowering fs.inotify.max_queued_events needs root")
 def test_overflowed_event_queue_is_recovered_by_rescan(tmp_path: Path, notify: NotifySocket
                                                        ) -> None:
     """When the kernel drops events (queue overflow), the rescan that the lost events start
     finds every file: the periodic rescan is an hour away."""
-    if not is_root():
-        pytest.skip("lowering fs.inotify.max_queued_events needs root")
     sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.2, "rescan_seconds": 3600},
                       metrics={"enabled": False})
     data = fits_bytes(pixels=4)

@@ -209,12 +209,11 @@ def test_folder_product_with_a_hard_linked_file_is_copied(sandbox_fs: Sandbox) -
     assert not img.exists()
 
 
+@pytest.mark.root("mounting a tmpfs for the products area needs root")
 def test_folder_product_changed_after_its_copy_is_not_removed(tmp_path: Path) -> None:
     """Across filesystems the staged folder is removed only when its bytes, hashed again,
     are still the archived ones: one changed after a crash that came right after the commit
     is a new version, published before its staged folder goes."""
-    if not is_root():
-        pytest.skip("mounting a tmpfs for the products area needs root")
     products = tmp_path / "products"
     mount_tmpfs(products, "64m")
     try:
@@ -237,12 +236,11 @@ def test_folder_product_changed_after_its_copy_is_not_removed(tmp_path: Path) ->
         umount(products)
 
 
+@pytest.mark.root("mounting a tmpfs for the products area needs root")
 def test_file_written_to_in_place_after_its_copy_is_not_removed(tmp_path: Path) -> None:
     """Across filesystems the staged name goes only while it is the file that was copied,
     unchanged: a header updated in place after the commit (same inode) is kept, and
     published as a version of its own."""
-    if not is_root():
-        pytest.skip("mounting a tmpfs for the products area needs root")
     products = tmp_path / "products"
     mount_tmpfs(products, "64m")
     try:
@@ -504,14 +502,13 @@ def test_truncated_fits_is_rejected_from_its_headers(sandbox_fs: Sandbox) -> Non
     assert archive_files(sandbox.products) == {}
 
 
+@pytest.mark.root("mounting a tmpfs for the products area needs root")
 def test_registration_across_filesystems_reads_the_headers_not_the_data(
         tmp_path: Path) -> None:
     """The kernel's count of bytes this process read (rchar): registering a 48 MB mosaic
     that will be copied to another filesystem reads a few blocks; the same registration
     with the products area on the staging filesystem reads all of it (so the count would
     show a read, were there one)."""
-    if not is_root():
-        pytest.skip("mounting a tmpfs for the products area needs root")
     data = write_fits(tmp_path / "big.fits", pixels=3500, seed=14)
     assert len(data) > 48_000_000
     products = tmp_path / "products-tmpfs"
@@ -537,13 +534,12 @@ def test_registration_across_filesystems_reads_the_headers_not_the_data(
         umount(products)
 
 
+@pytest.mark.root("mounting a tmpfs for the products area needs root")
 def test_pending_checksum_is_computed_before_a_rename_too(tmp_path: Path) -> None:
     """Registered for a copy to another filesystem, then the products area moves onto the
     staging filesystem (a reload): the rename path reads and checks the file first, as the
     copy would have; a good file is published with its checksum, a corrupt one rejected
     and left where it was staged."""
-    if not is_root():
-        pytest.skip("mounting a tmpfs for the products area needs root")
     products = tmp_path / "products-tmpfs"
     mount_tmpfs(products, "64m")
     try:

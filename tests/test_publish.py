@@ -198,12 +198,11 @@ def test_crash_point_same_filesystem_recovers(tmp_path: Path, point: str) -> Non
 
 # --- full disk --------------------------------------------------------------------------------
 
+@pytest.mark.root("mounting a tiny tmpfs for the products area needs root")
 def test_full_disk_publishes_what_fits_then_the_rest_after_retry(tmp_path: Path) -> None:
     """A products filesystem with room for a few mosaics: those are published, the others
     fail as no_space with a backoff, leaving no partial file and their sources intact;
     once there is room, `retry` makes them due and the next pass publishes them."""
-    if not is_root():
-        pytest.skip("mounting a tiny tmpfs for the products area needs root")
     products = tmp_path / "products"
     mount_tmpfs(products, "1m")
     try:

@@ -56,10 +56,8 @@ def status_of(db: Path, data_id: str) -> str | None:
         conn.close()
 
 
+@pytest.mark.root("mounting a tmpfs for the products area (so the publish is a copy) needs root")
 def test_write_lock_held_past_the_busy_timeout_during_a_slow_copy(tmp_path: Path) -> None:
-    if not is_root():
-        pytest.skip("mounting a tmpfs for the products area (so the publish is a copy) "
-                    "needs root")
     products = tmp_path / "products"
     mount_tmpfs(products, "256m")
     try:
@@ -258,11 +256,10 @@ def test_reload_that_moves_products_root_publishes_what_comes_next_there(
                               "third": str(root_p / "mosaics/third.fits")}
 
 
+@pytest.mark.root("mounting a small tmpfs for the registry needs root")
 def test_registry_disk_full_pauses_and_resumes_without_a_restart(tmp_path: Path) -> None:
     """The registry's filesystem fills (a small tmpfs): the daemon stays alive, records and
     removes nothing it could not record, and publishes everything once there is room."""
-    if not is_root():
-        pytest.skip("mounting a small tmpfs for the registry needs root")
     state = tmp_path / "state"
     mount_tmpfs(state, "2m")
     try:

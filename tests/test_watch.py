@@ -362,9 +362,8 @@ def _writable(path: str) -> bool:
     return True
 
 
+@pytest.mark.root("lowering fs.inotify.max_queued_events needs root")
 def test_queue_overflow_asks_for_a_rescan(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("lowering fs.inotify.max_queued_events needs root")
     if not _writable(QUEUED_EVENTS):
         pytest.skip(f"{QUEUED_EVENTS} is not writable here")
     root = tmp_path / "stage"

@@ -303,9 +303,8 @@ def test_probe_creates_and_changes_nothing(tmp_path: Path) -> None:
     assert isinstance(method, str) and reason
 
 
+@pytest.mark.root("files of another owner need root (chown)")
 def test_probe_prefers_a_file_of_another_owner(tmp_path: Path) -> None:
-    if not is_root():
-        pytest.skip("files of another owner need root (chown)")
     for name in ("a.fits", "b.fits"):
         (tmp_path / name).write_bytes(b"x")
     os.chown(tmp_path / "b.fits", NOBODY, NOBODY)
@@ -320,9 +319,8 @@ def test_cap_lease_status_here() -> None:
     assert "CAP_LEASE" in reason
 
 
+@pytest.mark.root("mounting a tmpfs needs root")
 def test_filesystem_type_of_a_tmpfs(tmp_path: Path) -> None:
-    if not is_root():
-        pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "with space"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
