@@ -215,3 +215,37 @@ def test_config_from_environment(tmp_path):
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert str(sandbox.config_path) in out.stdout
+
+
+def test_a_publish_after_failures_resets_the_legacy_columns_and_show_keeps_them(tmp_path):
+    """Fail, fail, then succeed: the legacy columns read as after the legacy code's success
+    (publish_attempts 0, publish_error NULL), and `show` still lists both failures."""
+    import sqlite3
+
+    from tests.helpers import write_fits
+    sandbox = Sandbox(tmp_path)
+    data = write_fits(sandbox.mosaics / "m.fits")
+    sandbox.cli("migrate", check=True)
+    (sandbox.products / "mosaics").write_text("a file where the folder goes")
+    assert sandbox.cli("scan").returncode == 1
+    assert sandbox.cli("publish", "m").returncode == 1
+    failing = sandbox.row("m")
+    assert (failing["status"], failing["publish_attempts"]) == ("staging", 2)
+    assert "not a folder" in failing["publish_error"]
+
+    (sandbox.products / "mosaics").unlink()
+    sandbox.cli("publish", "m", check=True)
+    assert (sandbox.products / "mosaics" / "m.fits").read_bytes() == data
+    with sqlite3.connect(sandbox.registry) as db:
+        legacy = db.execute("SELECT status, publish_attempts, publish_error FROM data_registry"
+                            " WHERE data_id = 'm'").fetchone()
+    assert legacy == ("published", 0, None)
+    shown = sandbox.row("m")
+    assert (shown["publish_attempts"], shown["publish_error"]) == (0, None)
+    assert [(f["attempt"], f["kind"]) for f in shown["failures"]] == [(1, "other"),
+                                                                      (2, "other")]
+    assert all("not a folder" in f["error"] for f in shown["failures"])
+    text = sandbox.cli("show", "m", check=True).stdout
+    assert "  attempts    0\n" in text and "  last error  -" in text
+    history = text.split("failure history:\n", 1)[1].splitlines()[1:]
+    assert [line.split()[2:4] for line in history] == [["1", "other"], ["2", "other"]]

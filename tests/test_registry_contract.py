@@ -165,6 +165,24 @@ def test_failures_back_off_then_fail_and_retry_makes_them_due(opener: Opener) ->
     assert [r.data_id for r in reg.claim("owner-1", LEASE)] == [row.data_id]
 
 
+def test_a_publish_after_failures_reads_as_the_legacy_code_left_it(opener: Opener) -> None:
+    """After a success the legacy columns say what the legacy code's success said (attempts
+    0, no error); the earlier failures stay in the failure history."""
+    reg = opener()
+    reg.register(candidate(1))
+    (row,) = reg.claim("owner-1", LEASE)
+    outcome = _fail(reg, row.data_id, "owner-1", row.claim_token)
+    assert outcome is not None and outcome.attempts == 1
+    (again,) = reg.claim("owner-1", LEASE, now=outcome.next_attempt_at + 1)  # type: ignore[operator]
+    assert reg.mark_published(Published(row.data_id, "/products/m_000001.fits", "auto"),
+                              "owner-1", token=again.claim_token)
+    done = reg.get(row.data_id)
+    assert done is not None and done.status == "published"
+    assert (done.publish_attempts, done.publish_error) == (0, None)
+    assert [(f.attempt, f.kind, f.error) for f in reg.history(row.data_id)] == [
+        (1, "other", "boom")]
+
+
 def test_an_interrupted_publish_uses_no_attempt(opener: Opener) -> None:
     reg = opener()
     reg.register(candidate(1))

@@ -1012,6 +1012,7 @@ class PostgresRegistry:
                     " publish_mode = CASE WHEN publish_requested_at IS NOT NULL THEN 'manual'"
                     "   ELSE %(mode)s END, publish_requested_at = NULL,"
                     f" {CLAIM_CLEARED}, next_attempt_at = NULL, publish_error = NULL,"
+                    " publish_attempts = 0,"
                     " finalization_status = COALESCE(finalization_status, 'pending'),"
                     f" updated_at = {at()} WHERE data_id = %(data_id)s"
                     f" AND status = 'publishing' AND {FENCE_OR_NONE}", values) == 0:
@@ -1036,7 +1037,7 @@ class PostgresRegistry:
                     f" published_at = COALESCE(published_at, {at()}), size_bytes = %(size)s,"
                     " checksum = %(checksum)s, metadata_json = COALESCE(metadata_json,"
                     f" %(meta)s), header_json = %(meta)s, {CLAIM_CLEARED},"
-                    " next_attempt_at = NULL, publish_error = NULL,"
+                    " next_attempt_at = NULL, publish_error = NULL, publish_attempts = 0,"
                     f" publish_mode = COALESCE(publish_mode, 'auto'), updated_at = {at()}"
                     " WHERE data_id = %(data_id)s AND status = 'publishing'", values) == 0:
                 return False
@@ -1061,8 +1062,8 @@ class PostgresRegistry:
             " checksum = %(checksum)s, header_json = %(header)s,"
             " metadata_json = COALESCE(metadata_json, %(header)s),"
             " sidecars_json = %(sidecars)s, publish_mode = COALESCE(publish_mode, %(mode)s),"
-            f" publish_error = NULL, next_attempt_at = NULL, {CLAIM_CLEARED},"
-            f" publish_requested_at = NULL, updated_at = {at()}"
+            f" publish_error = NULL, publish_attempts = 0, next_attempt_at = NULL,"
+            f" {CLAIM_CLEARED}, publish_requested_at = NULL, updated_at = {at()}"
             " WHERE id = %(row)s AND status IN ('staging', 'failed')",
             {"path": record.published_path, "at": record.published_at,
              "size": record.size_bytes, "checksum": record.checksum,

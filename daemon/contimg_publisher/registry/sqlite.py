@@ -1096,7 +1096,9 @@ class Registry:
         """Durably record a publish; with owner None the lease is not checked (reconciliation).
         False when the row's claim is no longer `owner`'s (it is left as it is).
 
-        Attempt counts and the failure history are kept: they are the product's history.
+        The legacy columns then read as the legacy code left them after a success
+        (publish_attempts 0, publish_error NULL); every earlier failure stays in the
+        failure history (publish_failures), which `show` lists.
         """
         now = time.time() if now is None else now
         with self.write() as cur:
@@ -1107,9 +1109,9 @@ class Registry:
                 "   ELSE ? END, publish_requested_at = NULL,"
                 " lease_expires_at = NULL, publish_temp = NULL,"
                 " publish_step = NULL, next_attempt_at = NULL,"
-                # Legacy readers take a set publish_error for a failing product; the
-                # failure history keeps every text.
-                " publish_error = NULL,"
+                # Legacy readers take a set publish_error or a count for a failing
+                # product; the failure history keeps every attempt and its text.
+                " publish_error = NULL, publish_attempts = 0,"
                 " finalization_status = COALESCE(finalization_status, 'pending'),"
                 " updated_at = ? WHERE data_id = ? AND status = 'publishing'"
                 " AND (? IS NULL OR lease_owner = ?)",
@@ -1140,6 +1142,7 @@ class Registry:
                 " lease_owner = NULL,"
                 " lease_expires_at = NULL, publish_temp = NULL,"
                 " publish_step = NULL, next_attempt_at = NULL, publish_error = NULL,"
+                " publish_attempts = 0,"
                 " publish_mode = COALESCE(publish_mode, 'auto'), updated_at = ?"
                 " WHERE data_id = ? AND status = 'publishing'",
                 (published_path, now, size_bytes, checksum, json.dumps(metadata, sort_keys=True),
@@ -1346,7 +1349,8 @@ class Registry:
                 " published_at = COALESCE(published_at, ?), size_bytes = ?, checksum = ?,"
                 " header_json = ?, metadata_json = COALESCE(metadata_json, ?),"
                 " sidecars_json = ?, publish_mode = COALESCE(publish_mode, ?),"
-                " publish_error = NULL, next_attempt_at = NULL, lease_owner = NULL,"
+                " publish_error = NULL, publish_attempts = 0, next_attempt_at = NULL,"
+                " lease_owner = NULL,"
                 " lease_expires_at = NULL, publish_target = NULL, publish_temp = NULL,"
                 " publish_step = NULL, publish_requested_at = NULL, updated_at = ?"
                 " WHERE id = ? AND status IN ('staging', 'failed')",
