@@ -381,3 +381,12 @@ def test_registry_uri_is_kept_as_written_and_shown_without_its_password(tmp_path
     assert file_cfg.registry == tmp_path / "state" / "registry.sqlite3"
     assert config_mod.hide_password("postgresql:///x?host=/tmp&password=pw&user=u") == \
         "postgresql:///x?host=/tmp&password=***&user=u"
+
+
+def test_a_rule_may_require_the_photometry_of_the_legacy_gate(tmp_path):
+    """check_auto_publish_criteria waits for photometry_status = 'completed'."""
+    path = write_config(tmp_path / "c.toml", {}, [
+        {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics",
+         "require": {"photometry_status": "completed"}}])
+    (rule,) = config_mod.load(path).products
+    assert rule.require == (("photometry_status", ("completed",)),)

@@ -249,8 +249,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "log": {"level": ("log_level", "level"), "format": ("log_format", "format")},
 }
 _PRODUCT_KEYS = {"type", "glob", "destination", "kind", "sidecars", "required", "require"}
-# The legacy QA columns a rule's `require` may name (see qa.py).
-QA_FIELDS = ("qa_status", "validation_status", "finalization_status")
+# The legacy verdict columns a rule's `require` may name (see qa.py): every column the legacy
+# code gates publishing on (finalize_data, check_auto_publish_criteria).
+QA_FIELDS = ("qa_status", "validation_status", "finalization_status", "photometry_status")
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _FORMATS = ("auto", "console", "json", "journal")
 _ALGORITHMS = ("sha256", "sha512", "blake2b", "sha1")

@@ -7,7 +7,9 @@ only an explicit verdict against a product holds it (`qa_status = 'failed'`,
 `validation_status = 'invalid'`): a site whose pipeline never writes them still publishes
 everything (the columns stay NULL), and a site whose pipeline does never archives a product
 its QA rejected. A rule's `require` makes a positive verdict necessary, which is what the
-legacy code did; a product then waits, held, until its pipeline records that verdict.
+legacy code did; a product then waits, held, until its pipeline records that verdict. The
+legacy `check_auto_publish_criteria` also waits for `photometry_status = 'completed'`:
+`require = { photometry_status = "completed" }` says the same.
 
 The gate is evaluated by the registry inside the claim's own transaction (registry.py turns
 these conditions into SQL), so a verdict committed by the pipeline before the claim always
