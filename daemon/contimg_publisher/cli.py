@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from contimg_publisher import __version__, hygiene, lock, logs, outage, qa, statuspage
+from contimg_publisher import __version__, hygiene, lock, logs, outage, statuspage
 from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, ConfigError
@@ -196,7 +196,6 @@ def _open(cfg: Config) -> RegistryBackend:
                                 f"this program needs {registry.schema_version}: run "
                                 "`contimg-publisher "
                                 "migrate` (or start the daemon, which migrates)")
-    registry.set_qa_gate(qa.conditions(cfg.products))
     return registry
 
 

@@ -27,7 +27,8 @@ from typing import Any, cast
 import apsw
 
 from contimg_publisher import fsguard, paths
-from contimg_publisher.qa import Condition
+from contimg_publisher.qa import Condition, Record
+from contimg_publisher.registry import records as records_sql
 from contimg_publisher.registry.model import (
     EVENT_COLUMNS,
     EVENT_PUBLISHED,
@@ -75,6 +76,11 @@ SCHEMA_VERSION = 8
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
+
+# This program's tables: never a product's own record ([products.record]).
+TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
+          "unclaimed_files", "publish_log", "audit_findings", "audit_state", "quarantine_log",
+          "outbox", "outbox_sinks", "outbox_deliveries")
 
 # What SQLite says when the file (or its -wal/-shm) cannot take a write.
 _UNAVAILABLE = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError)
@@ -374,7 +380,11 @@ class Registry:
         self.guard_reads = guard_reads
         self._depth = 0  # write() nesting: 0 outside a transaction
         self._counts: tuple[tuple[Any, int], dict[str, int]] | None = None  # see counts()
-        self._qa_hold = "NULL"  # set_qa_gate(): no gate until the rules are known
+        # set_qa_gate(): no gate until the rules are known
+        self._gate = "NULL"
+        self._conditions: tuple[Condition, ...] = ()
+        self._records: tuple[Record, ...] = ()
+        self._found: records_sql.Found = {}
         _check_path(self.path)
         if not create and not os.path.exists(self.path):
             raise RegistryError(f"registry {self.path}: no such file")
@@ -482,10 +492,57 @@ class Registry:
                         (PROBE_PATH,))
             cur.execute("DELETE FROM unclaimed_files WHERE path = ?", (PROBE_PATH,))
 
-    def set_qa_gate(self, conditions: Sequence[Condition]) -> None:
+    def set_qa_gate(self, conditions: Sequence[Condition], records: Sequence[Record] = ()
+                    ) -> None:
         """The QA gate claims, due times and hold reasons apply from now on (qa.conditions
-        of the configured rules)."""
-        self._qa_hold = qa_hold_sql(conditions)
+        and qa.records of the configured rules). RegistryError, the gate unchanged, when a
+        record's table exists without a column its rule names, or is one of ours."""
+        records = tuple(records)
+        found = self._record_tables(records)
+        wrong = records_sql.problems(records, found, TABLES)
+        if wrong:
+            raise RegistryError(f"registry {self.path}: {'; '.join(wrong)}")
+        self._conditions, self._records = tuple(conditions), records
+        self._build_gate(found)
+
+    def _build_gate(self, found: records_sql.Found) -> None:
+        self._found = found
+        self._gate = qa_hold_sql(self._conditions, record_whens=[
+            w for r in self._records for w in records_sql.gate_whens(r, found, "quote")])
+
+    @property
+    def _qa_hold(self) -> str:
+        """The gate's SQL expression. While a record's table does not exist yet, whether it
+        does now is asked every time (a catalogue read): its products wait for it, and go
+        as soon as the pipeline has created it."""
+        if any(self._found.get(r.table) is None for r in self._records):
+            found = self._record_tables(self._records)
+            if found != self._found:
+                self._build_gate(found)
+        return self._gate
+
+    def _record_tables(self, records: Sequence[Record]) -> dict[str, frozenset[str] | None]:
+        """The columns of each record's table in this database (None: no such table)."""
+        out: dict[str, frozenset[str] | None] = {}
+        for r in records:
+            columns = frozenset(row[0] for row in self.conn.execute(
+                "SELECT name FROM pragma_table_info(?)", (r.table,)))
+            out[r.table] = columns or None
+        return out
+
+    def _point_record(self, cur: apsw.Cursor, key: str, value: Any, published_path: str
+                      ) -> None:
+        """In the caller's transaction (the one that records the publish): the product's
+        own record ([products.record]) names the published path instead of the staged one,
+        so the pipeline's `SELECT path` names a file that exists once this commits."""
+        if not self._records:
+            return
+        row = _one(cur, f"SELECT data_type, stage_path FROM data_registry WHERE {key} = ?",
+                   (value,))
+        for r in self._records:
+            if row is not None and r.data_type == row["data_type"] and \
+                    self._record_tables([r])[r.table] is not None:
+                cur.execute(records_sql.update_sql(r, "?"), (published_path, row["stage_path"]))
 
     def clock(self) -> float:
         """The clock leases are measured by: this host's (an SQLite file has one host)."""
@@ -1119,6 +1176,7 @@ class Registry:
                  item.publish_mode, now, item.data_id, owner, owner))
             if self.conn.changes() == 0:
                 return False
+            self._point_record(cur, "data_id", item.data_id, item.published_path)
             cur.execute(_LOG_PUBLISH, (item.data_id,))
             if item.supersedes:
                 cur.execute(
@@ -1149,6 +1207,7 @@ class Registry:
                  json.dumps(metadata, sort_keys=True), now, data_id))
             if self.conn.changes() == 0:
                 return False
+            self._point_record(cur, "data_id", data_id, published_path)
             cur.execute(_LOG_PUBLISH, (data_id,))
             # Never recorded as published before, so no consumer was ever told.
             self._emit_published(cur, data_id, None, now)
@@ -1357,7 +1416,10 @@ class Registry:
                 (record.published_path, record.published_at, record.size_bytes,
                  record.checksum, record.header_json, record.header_json,
                  record.sidecars_json, record.publish_mode or "auto", now, row_id))
-            return self.conn.changes() > 0
+            if self.conn.changes() == 0:
+                return False
+            self._point_record(cur, "id", row_id, record.published_path)
+            return True
 
     def record_failure(self, data_id: str, owner: str | None, kind: str, error: str,
                        max_attempts: int, backoff_initial: float, backoff_max: float,
