@@ -336,6 +336,15 @@ def test_a_products_own_record_gates_it_and_follows_its_publish_on_both_backends
                               token=row.claim_token)
     assert _raw_value(reg, "SELECT path FROM mosaics WHERE id = 0") == "/products/m_000000.fits"
     assert _raw_value(reg, "SELECT path FROM mosaics WHERE id = 1") == candidate(1).stage_path
+    # A stale row already naming the published path: the publish is still recorded, and the
+    # pipeline's rows are left as they are (a unique path column cannot hold it twice).
+    _raw(reg, "INSERT INTO mosaics (id, path) VALUES (9, '/products/m_000002.fits')")
+    assert reg.request_publish(ids[2])
+    (row,) = reg.claim("o", LEASE)
+    assert reg.mark_published(Published(row.data_id, "/products/m_000002.fits", "auto"), "o",
+                              token=row.claim_token)
+    assert _raw_value(reg, "SELECT path FROM mosaics WHERE id = 2") == candidate(2).stage_path
+    assert _raw_value(reg, "SELECT path FROM mosaics WHERE id = 9") == "/products/m_000002.fits"
     # A column the rule names and the table lacks: refused, naming it; the gate is kept.
     bad = Record("mosaic", "mosaics", "path", (("verdict", ("PASS",)),), (), "wait")
     with pytest.raises(RegistryError, match="table 'mosaics' has no column 'verdict'"):

@@ -665,7 +665,7 @@ class PostgresRegistry:
             if row is not None and r.data_type == row["data_type"] and \
                     self._record_tables([r])[r.table] is not None:
                 self._rows(records_sql.update_sql(r, "%s"),
-                           (published_path, row["stage_path"]))
+                           (published_path, row["stage_path"], published_path))
 
     def check_identity(self) -> None:
         """Nothing to check: a server has no file that could be replaced under us."""

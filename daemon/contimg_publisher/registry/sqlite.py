@@ -542,7 +542,8 @@ class Registry:
         for r in self._records:
             if row is not None and r.data_type == row["data_type"] and \
                     self._record_tables([r])[r.table] is not None:
-                cur.execute(records_sql.update_sql(r, "?"), (published_path, row["stage_path"]))
+                cur.execute(records_sql.update_sql(r, "?"),
+                            (published_path, row["stage_path"], published_path))
 
     def clock(self) -> float:
         """The clock leases are measured by: this host's (an SQLite file has one host)."""
