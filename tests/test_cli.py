@@ -268,3 +268,93 @@ def test_retry_of_a_product_registered_under_another_stage_root_is_refused(tmp_p
     back = sandbox.cli("retry", "in_a")
     assert back.returncode == 0 and back.stdout.strip() == "in_a: due again", back.stderr
     assert sandbox.row("in_a")["status"] == "staging"
+
+
+def test_a_publish_after_failures_resets_the_legacy_columns_and_show_keeps_them(tmp_path):
+    """Fail, fail, then succeed: the legacy columns read as after the legacy code's success
+    (publish_attempts 0, publish_error NULL), and `show` still lists both failures."""
+    import sqlite3
+
+    from tests.helpers import write_fits
+    sandbox = Sandbox(tmp_path)
+    data = write_fits(sandbox.mosaics / "m.fits")
+    sandbox.cli("migrate", check=True)
+    (sandbox.products / "mosaics").write_text("a file where the folder goes")
+    assert sandbox.cli("scan").returncode == 1
+    assert sandbox.cli("publish", "m").returncode == 1
+    failing = sandbox.row("m")
+    assert (failing["status"], failing["publish_attempts"]) == ("staging", 2)
+    assert "not a folder" in failing["publish_error"]
+
+    (sandbox.products / "mosaics").unlink()
+    sandbox.cli("publish", "m", check=True)
+    assert (sandbox.products / "mosaics" / "m.fits").read_bytes() == data
+    with sqlite3.connect(sandbox.registry) as db:
+        legacy = db.execute("SELECT status, publish_attempts, publish_error FROM data_registry"
+                            " WHERE data_id = 'm'").fetchone()
+    assert legacy == ("published", 0, None)
+    shown = sandbox.row("m")
+    assert (shown["publish_attempts"], shown["publish_error"]) == (0, None)
+    assert [(f["attempt"], f["kind"]) for f in shown["failures"]] == [(1, "other"),
+                                                                      (2, "other")]
+    assert all("not a folder" in f["error"] for f in shown["failures"])
+    text = sandbox.cli("show", "m", check=True).stdout
+    assert "  attempts    0\n" in text and "  last error  -" in text
+    history = text.split("failure history:\n", 1)[1].splitlines()[1:]
+    assert [line.split()[2:4] for line in history] == [["1", "other"], ["2", "other"]]
+
+
+def test_five_publish_commands_at_once_publish_one_product_once(tmp_path):
+    """Five `publish DATA_ID` processes started together on one product: exactly one
+    publishes it, the others say it is published; one copy, no version, no failure."""
+    from tests.helpers import PYTHON, write_fits
+    from tests.test_publish import register_only
+    sandbox = Sandbox(tmp_path, publish={"lock_wait_seconds": 120})
+    data = write_fits(sandbox.mosaics / "m.fits", seed=5)
+    assert register_only(sandbox) == ["m"]
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    assert sandbox.row("m")["status"] == "staging"
+    procs = [subprocess.Popen([PYTHON, "-m", "contimg_publisher", "--config",
+                               str(sandbox.config_path), "publish", "m"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(5)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 1, 1, 1, 1], outputs
+    for code, (out, err) in zip(codes, outputs, strict=True):
+        if code:
+            assert "already published" in err + out, (out, err)
+    assert [p.name for p in (sandbox.products / "mosaics").iterdir()] == ["m.fits"]
+    assert (sandbox.products / "mosaics" / "m.fits").read_bytes() == data
+    row = sandbox.row("m")
+    assert (row["status"], row["publish_attempts"], row["failures"]) == ("published", 0, [])
+
+
+def test_a_row_whose_staged_path_climbs_out_of_staging_is_never_published(tmp_path):
+    """A row another writer registered at `<stage>/mosaics/../../secret.fits` (a file that
+    exists, outside the staging area): neither `scan` nor `publish` copies a byte of it;
+    a `..` inside a name (`nightly..v1.fits`) is an ordinary name and publishes."""
+    import sqlite3
+    import time
+
+    from tests.helpers import write_fits
+    sandbox = Sandbox(tmp_path)
+    secret = tmp_path / "secret.fits"
+    secret_bytes = write_fits(secret, seed=9)
+    dotted = write_fits(sandbox.mosaics / "nightly..v1.fits", seed=10)
+    sandbox.cli("migrate", check=True)
+    climbing = str(sandbox.mosaics / ".." / ".." / "secret.fits")
+    with sqlite3.connect(sandbox.registry) as db:
+        db.execute("INSERT INTO data_registry (data_type, data_id, base_path, status,"
+                   " stage_path, created_at, staged_at) VALUES ('mosaic', 'climber', ?,"
+                   " 'staging', ?, ?, ?)", (str(sandbox.stage), climbing, time.time(),
+                                             time.time()))
+    sandbox.cli("scan", check=True)
+    refused = sandbox.cli("publish", "climber")
+    assert refused.returncode == 1 and "climber" in refused.stderr, refused.stderr
+    archived = {p.read_bytes() for p in sandbox.products.rglob("*") if p.is_file()}
+    assert archived == {dotted}
+    assert secret.read_bytes() == secret_bytes
+    assert (sandbox.products / "mosaics" / "nightly..v1.fits").read_bytes() == dotted
+    row = sandbox.row("climber")
+    assert row["status"] == "staging" and row["published_path"] is None and not row["owned"]

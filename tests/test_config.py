@@ -381,3 +381,60 @@ def test_registry_uri_is_kept_as_written_and_shown_without_its_password(tmp_path
     assert file_cfg.registry == tmp_path / "state" / "registry.sqlite3"
     assert config_mod.hide_password("postgresql:///x?host=/tmp&password=pw&user=u") == \
         "postgresql:///x?host=/tmp&password=***&user=u"
+
+
+def test_a_rule_may_require_the_photometry_of_the_legacy_gate(tmp_path):
+    """check_auto_publish_criteria waits for photometry_status = 'completed'."""
+    path = write_config(tmp_path / "c.toml", {}, [
+        {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics",
+         "require": {"photometry_status": "completed"}}])
+    (rule,) = config_mod.load(path).products
+    assert rule.require == (("photometry_status", ("completed",)),)
+
+
+def _record_rule(tmp_path: Path, **record: Any) -> Path:
+    return write_config(tmp_path / "c.toml", {}, [
+        {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics",
+         "record": {"table": "mosaics", "path_column": "path", **record}}])
+
+
+def test_a_products_record_is_read_and_shown_by_check_config(tmp_path):
+    path = _record_rule(tmp_path, require={"qa_status": ["PASS", "WARN"]},
+                        hold={"qa_status": "FAIL"})
+    (rule,) = config_mod.load(path).products
+    assert rule.record is not None
+    assert (rule.record.table, rule.record.path_column, rule.record.require,
+            rule.record.hold, rule.record.missing) == (
+        "mosaics", "path", (("qa_status", ("PASS", "WARN")),), (("qa_status", ("FAIL",)),),
+        "wait")
+    out = run_cli(path, "check-config")
+    assert out.returncode == 0, out.stderr
+    assert '"record": {"table": "mosaics", "path_column": "path", "require": {"qa_status": ' \
+        '["PASS", "WARN"]}, "hold": {"qa_status": ["FAIL"]}, "missing": "wait"}' in out.stdout
+
+
+@pytest.mark.parametrize(("record", "key", "reason"), [
+    ({"table": "mosaics; DROP TABLE x"}, "record.table", "an SQL identifier"),
+    ({"path_column": "1path"}, "record.path_column", "an SQL identifier"),
+    ({"path_column": None}, "record.path_column", "required"),
+    ({"require": {"qa-status": "PASS"}}, "record.require.qa-status", "SQL identifier"),
+    ({"require": {"qa_status": ""}}, "record.require.qa_status", "non-empty"),
+    ({"hold": {"qa_status": []}}, "record.hold.qa_status", "non-empty"),
+    ({"missing": "skip"}, "record.missing", '"wait" or "publish"'),
+    ({"colour": "red"}, "record.colour", "unknown key"),
+    ({"require": {"path": "x"}}, "record.require.path", "is the path_column"),
+    ({"require": {"qa_status": ["PASS"]}, "hold": {"qa_status": ["PASS", "FAIL"]}},
+     "record.hold.qa_status", "also in require"),
+])
+def test_a_bad_products_record_names_the_key_without_the_database(tmp_path, record, key,
+                                                                   reason):
+    record = {k: v for k, v in record.items() if v is not None}
+    if "path_column" in record or key.endswith("path_column"):
+        path = write_config(tmp_path / "c.toml", {}, [
+            {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics",
+             "record": {"table": "mosaics", **record}}])
+    else:
+        path = _record_rule(tmp_path, **record)
+    out = run_cli(path, "check-config")
+    assert out.returncode == 2
+    assert f"products[0].{key}" in out.stderr and reason in out.stderr, out.stderr

@@ -428,6 +428,39 @@ def test_a_rule_that_requires_qa_waits_for_the_pipelines_verdict(make_site):
     assert (site.dest / "group_7.fits").read_bytes() == data
 
 
+def test_a_rule_that_requires_photometry_waits_for_it_in_the_running_daemon(make_site):
+    """The legacy check_auto_publish_criteria publishes a mosaic only once its photometry
+    is `completed`: the same rule, kept by a running daemon against the pipeline's writes."""
+    rule = {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics",
+            "require": {"photometry_status": "completed"}}
+    site = make_site(products=[rule])
+    path = site.box.mosaics / "nightly_20261201.fits"
+    data = write_fits(path, seed=42)
+    site.register("mosaic", "nightly_20261201", path)
+    site.finalize("nightly_20261201", qa="passed", validation="validated")
+    proc = start_daemon(site.box)
+    try:
+        waiting = "QA gate: waits for photometry_status 'completed' (now NULL)"
+        wait_for(lambda: (site.box.row("nightly_20261201") or {}).get("held_reason")
+                 == waiting, timeout=60, what="the daemon to register it, held")
+        site.db.execute("UPDATE data_registry SET photometry_status = 'running'"
+                        " WHERE data_id = 'nightly_20261201'")
+        site.db.commit()
+        row = site.box.row("nightly_20261201")
+        assert (row["status"], row["held_reason"]) == (
+            "staging", "QA gate: waits for photometry_status 'completed' (now 'running')")
+        assert path.read_bytes() == data and not (site.dest / path.name).exists()
+        site.db.execute("UPDATE data_registry SET photometry_status = 'completed'"
+                        " WHERE data_id = 'nightly_20261201'")
+        site.db.commit()
+        wait_for(lambda: (site.get("nightly_20261201") or {}).get("status") == "published",
+                 timeout=60, what="the publish once photometry completed")
+    finally:
+        assert stop(proc) == 0
+    assert (site.dest / path.name).read_bytes() == data and not path.exists()
+    assert site.get("nightly_20261201")["photometry_status"] == "completed"
+
+
 def test_a_manual_publish_passes_the_qa_gate_only_with_a_logged_reason(site):
     path = site.box.mosaics / "flagged.fits"
     data = write_fits(path, seed=45)

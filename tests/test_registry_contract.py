@@ -165,6 +165,24 @@ def test_failures_back_off_then_fail_and_retry_makes_them_due(opener: Opener) ->
     assert [r.data_id for r in reg.claim("owner-1", LEASE)] == [row.data_id]
 
 
+def test_a_publish_after_failures_reads_as_the_legacy_code_left_it(opener: Opener) -> None:
+    """After a success the legacy columns say what the legacy code's success said (attempts
+    0, no error); the earlier failures stay in the failure history."""
+    reg = opener()
+    reg.register(candidate(1))
+    (row,) = reg.claim("owner-1", LEASE)
+    outcome = _fail(reg, row.data_id, "owner-1", row.claim_token)
+    assert outcome is not None and outcome.attempts == 1
+    (again,) = reg.claim("owner-1", LEASE, now=outcome.next_attempt_at + 1)  # type: ignore[operator]
+    assert reg.mark_published(Published(row.data_id, "/products/m_000001.fits", "auto"),
+                              "owner-1", token=again.claim_token)
+    done = reg.get(row.data_id)
+    assert done is not None and done.status == "published"
+    assert (done.publish_attempts, done.publish_error) == (0, None)
+    assert [(f.attempt, f.kind, f.error) for f in reg.history(row.data_id)] == [
+        (1, "other", "boom")]
+
+
 def test_an_interrupted_publish_uses_no_attempt(opener: Opener) -> None:
     reg = opener()
     reg.register(candidate(1))
@@ -272,6 +290,68 @@ def test_the_qa_gate_holds_and_says_why_alike_on_both_backends(opener: Opener) -
     assert reg.next_due_at() is None and reg.oldest_unheld_waiting() is None
     assert reg.request_publish("m_000002")  # an operator's request passes the gate
     assert [r.data_id for r in reg.claim("o", LEASE)] == ["m_000002"]
+
+
+def _raw_value(reg: RegistryBackend, sql: str) -> Any:
+    """One value, read as other code (the pipeline's API) reads it, on either backend."""
+    if isinstance(reg, PostgresRegistry):
+        with reg.write() as conn:
+            row = conn.execute(sql).fetchone()
+            return None if row is None else next(iter(row.values()))
+    row = reg.conn.execute(sql).fetchone()  # type: ignore[attr-defined]
+    return None if row is None else row[0]
+
+
+def test_a_products_own_record_gates_it_and_follows_its_publish_on_both_backends(
+        opener: Opener) -> None:
+    """[products.record]: the table is found once the pipeline creates it; a row's verdict
+    lets its product go, holds it or keeps it waiting, each with its reason; the commit that
+    records the publish points the row at the published path."""
+    from contimg_publisher.qa import Record
+    from contimg_publisher.registry import RegistryError
+    record = Record("mosaic", "mosaics", "path", (("qa_status", ("PASS", "WARN")),),
+                    (("qa_status", ("FAIL",)),), "wait")
+    reg = opener()
+    reg.set_qa_gate([], [record])
+    ids = [candidate(n).data_id for n in range(4)]
+    for n in range(4):
+        reg.register(candidate(n))
+    no_table = ("record: waits for table mosaics (not in the registry database yet: the "
+                "pipeline creates it when it first runs)")
+    assert reg.qa_holds(ids) == {i: no_table for i in ids}
+    assert reg.claim("o", LEASE, limit=5) == []
+    _raw(reg, "CREATE TABLE mosaics (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL,"
+              " qa_status TEXT CHECK (qa_status IN ('PASS', 'WARN', 'FAIL')))")
+    for n, verdict in ((0, "'PASS'"), (1, "'FAIL'"), (2, "NULL")):
+        _raw(reg, f"INSERT INTO mosaics (id, path, qa_status) VALUES ({n},"
+                  f" '{candidate(n).stage_path}', {verdict})")
+    assert reg.qa_holds(ids) == {
+        ids[1]: "record: mosaics.qa_status is 'FAIL'",
+        ids[2]: "record: waits for mosaics.qa_status one of 'PASS', 'WARN' (now NULL)",
+        ids[3]: f"record: waits for a row of mosaics with path = '{candidate(3).stage_path}'"}
+    assert [p.data_id for p, _why in reg.held(["mosaic"])] == ids[1:]
+    (row,) = reg.claim("o", LEASE, limit=5)
+    assert row.data_id == ids[0]
+    assert reg.mark_published(Published(row.data_id, "/products/m_000000.fits", "auto"), "o",
+                              token=row.claim_token)
+    assert _raw_value(reg, "SELECT path FROM mosaics WHERE id = 0") == "/products/m_000000.fits"
+    assert _raw_value(reg, "SELECT path FROM mosaics WHERE id = 1") == candidate(1).stage_path
+    # A stale row already naming the published path: the publish is still recorded, and the
+    # pipeline's rows are left as they are (a unique path column cannot hold it twice).
+    _raw(reg, "INSERT INTO mosaics (id, path) VALUES (9, '/products/m_000002.fits')")
+    assert reg.request_publish(ids[2])
+    (row,) = reg.claim("o", LEASE)
+    assert reg.mark_published(Published(row.data_id, "/products/m_000002.fits", "auto"), "o",
+                              token=row.claim_token)
+    assert _raw_value(reg, "SELECT path FROM mosaics WHERE id = 2") == candidate(2).stage_path
+    assert _raw_value(reg, "SELECT path FROM mosaics WHERE id = 9") == "/products/m_000002.fits"
+    # A column the rule names and the table lacks: refused, naming it; the gate is kept.
+    bad = Record("mosaic", "mosaics", "path", (("verdict", ("PASS",)),), (), "wait")
+    with pytest.raises(RegistryError, match="table 'mosaics' has no column 'verdict'"):
+        reg.set_qa_gate([], [bad])
+    assert reg.qa_holds([ids[1]]) == {ids[1]: "record: mosaics.qa_status is 'FAIL'"}
+    with pytest.raises(RegistryError, match="one of this program's own tables"):
+        reg.set_qa_gate([], [Record("mosaic", "publish_log", "stage_path", (), (), "wait")])
 
 
 def test_heartbeats_list_a_running_daemon_until_its_clean_stop(opener: Opener,

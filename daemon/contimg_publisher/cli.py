@@ -21,7 +21,6 @@ from contimg_publisher import (
     lock,
     logs,
     outage,
-    qa,
     redact,
     roots,
     space,
@@ -214,7 +213,6 @@ def _open(cfg: Config) -> RegistryBackend:
                                 f"this program needs {registry.schema_version}: run "
                                 "`contimg-publisher "
                                 "migrate` (or start the daemon, which migrates)")
-    registry.set_qa_gate(qa.conditions(cfg.products))
     return registry
 
 

@@ -47,6 +47,32 @@ class ConfigError(Exception):
         super().__init__(f"{self.path}: {key}: {self.reason}")
 
 
+# A table or column name in the registry database a `[products.record]` names: an SQL
+# identifier (quoted wherever it is used), short enough for PostgreSQL (63 bytes).
+SQL_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+RECORD_MISSING = ("wait", "publish")
+
+
+@dataclass(frozen=True)
+class RecordRule:
+    """The pipeline's own record of each product of a rule (`[products.record]`): a row of
+    `table` whose `path_column` holds the product's staged path (absolute). Its `require`
+    columns must hold one of their values before the product is published automatically,
+    a `hold` value holds it, and `missing` says what a product without a row does ("wait"
+    or "publish"). At the publish, the row's path_column becomes the published path."""
+
+    table: str
+    path_column: str
+    require: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    hold: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    missing: str = "wait"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"table": self.table, "path_column": self.path_column,
+                "require": {c: list(v) for c, v in self.require},
+                "hold": {c: list(v) for c, v in self.hold}, "missing": self.missing}
+
+
 @dataclass(frozen=True)
 class ProductRule:
     """Which staged paths are products of one type, and where they publish to."""
@@ -60,6 +86,8 @@ class ProductRule:
     # Legacy QA fields that must hold one of the values before a product is published
     # automatically: ((field, (value, ...)), ...), e.g. (("qa_status", ("passed",)),).
     require: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # The pipeline's own record of each product ([products.record]); None: none is read.
+    record: RecordRule | None = None
 
     @functools.cached_property
     def base(self) -> PurePosixPath:
@@ -195,7 +223,8 @@ class Config:
                 value = [
                     {"type": r.type, "glob": r.glob, "destination": r.destination,
                      "kind": r.kind, "sidecars": list(r.sidecars), "required": list(r.required),
-                     "require": {f: list(v) for f, v in r.require}}
+                     "require": {f: list(v) for f, v in r.require},
+                     **({"record": r.record.as_dict()} if r.record else {})}
                     for r in value
                 ]
             elif isinstance(value, tuple):
@@ -263,9 +292,12 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
                 "quarantine_dir": ("quarantine_dir", "path")},
     "log": {"level": ("log_level", "level"), "format": ("log_format", "format")},
 }
-_PRODUCT_KEYS = {"type", "glob", "destination", "kind", "sidecars", "required", "require"}
-# The legacy QA columns a rule's `require` may name (see qa.py).
-QA_FIELDS = ("qa_status", "validation_status", "finalization_status")
+_PRODUCT_KEYS = {"type", "glob", "destination", "kind", "sidecars", "required", "require",
+                 "record"}
+_RECORD_KEYS = {"table", "path_column", "require", "hold", "missing"}
+# The legacy verdict columns a rule's `require` may name (see qa.py): every column the legacy
+# code gates publishing on (finalize_data, check_auto_publish_criteria).
+QA_FIELDS = ("qa_status", "validation_status", "finalization_status", "photometry_status")
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 _FORMATS = ("auto", "console", "json", "journal")
 _ALGORITHMS = ("sha256", "sha512", "blake2b", "sha1")
@@ -504,8 +536,72 @@ def _parse_products(content: Any, source: Path | None) -> tuple[ProductRule, ...
                                  sidecars=tuple(item.get("sidecars", [])),
                                  required=tuple(required or []),
                                  require=_parse_require(item.get("require", {}), source,
-                                                        f"{where}.require")))
+                                                        f"{where}.require"),
+                                 record=None if "record" not in item else _parse_record(
+                                     item["record"], source, f"{where}.record")))
     return tuple(rules)
+
+
+def _parse_record(value: Any, source: Path | None, where: str) -> RecordRule:
+    """`[products.record]`: names that must be SQL identifiers and values that must be
+    non-empty, checked here without the database (the registry checks that the table and
+    its columns exist when it opens)."""
+    if not isinstance(value, dict):
+        raise ConfigError(source, where, "must be a table ([products.record])")
+    for key in value:
+        if key not in _RECORD_KEYS:
+            raise ConfigError(source, f"{where}.{key}",
+                              f"unknown key; known keys here: {', '.join(sorted(_RECORD_KEYS))}")
+    names = {}
+    for key in ("table", "path_column"):
+        name = value.get(key)
+        if not isinstance(name, str) or not SQL_IDENTIFIER.fullmatch(name):
+            raise ConfigError(source, f"{where}.{key}",
+                              "required, an SQL identifier (letters, digits and _, not "
+                              f"starting with a digit, at most 63), got {name!r}")
+        names[key] = name
+    missing = value.get("missing", "wait")
+    if missing not in RECORD_MISSING:
+        raise ConfigError(source, f"{where}.missing",
+                          f"must be \"wait\" or \"publish\", got {missing!r}")
+    tests = {key: _parse_values(value.get(key, {}), source, f"{where}.{key}")
+             for key in ("require", "hold")}
+    for key, pairs in tests.items():
+        for column, _values in pairs:
+            if column == names["path_column"]:
+                raise ConfigError(source, f"{where}.{key}.{column}",
+                                  "is the path_column, which the publish rewrites")
+    required, held = dict(tests["require"]), dict(tests["hold"])
+    for column in required.keys() & held.keys():
+        both = set(required[column]) & set(held[column])
+        if both:
+            raise ConfigError(source, f"{where}.hold.{column}",
+                              f"{sorted(both)} also in require: a value cannot both let a "
+                              "product go and hold it")
+    return RecordRule(table=names["table"], path_column=names["path_column"],
+                      require=tests["require"], hold=tests["hold"], missing=missing)
+
+
+def _parse_values(value: Any, source: Path | None, where: str
+                  ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`{ qa_status = ["PASS", "WARN"] }`: each column (an SQL identifier) with the value or
+    the non-empty list of values it is tested against."""
+    if not isinstance(value, dict):
+        raise ConfigError(source, where, 'must be a table of columns, e.g. '
+                                         '{ qa_status = ["PASS", "WARN"] }')
+    out = []
+    for column, wanted in value.items():
+        if not SQL_IDENTIFIER.fullmatch(column):
+            raise ConfigError(source, f"{where}.{column}",
+                              "a column name must be an SQL identifier (letters, digits and "
+                              "_, not starting with a digit, at most 63)")
+        values = [wanted] if isinstance(wanted, str) else wanted
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, str) and v and v.isprintable() for v in values):
+            raise ConfigError(source, f"{where}.{column}",
+                              f"must be a value or a non-empty list of values, got {wanted!r}")
+        out.append((column, tuple(values)))
+    return tuple(out)
 
 
 def _parse_require(value: Any, source: Path | None, where: str

@@ -177,11 +177,15 @@ class Worker:
 
     def _run(self) -> None:
         registry: RegistryBackend | None = None
+        gated: Config | None = None  # the configuration whose gate and records it has
         while (job := self.jobs.get()) is not None:
             products, cfg, mode = job
             try:
                 if registry is None:
                     registry = open_registry(cfg, migrate=False)
+                elif cfg is not gated:  # reloaded: the commits point the new records
+                    registry.set_qa_gate(qa.conditions(cfg.products), qa.records(cfg.products))
+                gated = cfg
                 publisher = publish.Publisher(cfg, registry, self.owner, logs.get_logger(),
                                               self.gate)
                 result: Any = publisher.publish_many(products, mode=mode, cancel=self.cancel,
@@ -299,8 +303,7 @@ class Daemon:
         cfg = self.config
         try:
             if self.registry is None:
-                self.registry = open_registry(cfg)
-                self.registry.set_qa_gate(qa.conditions(cfg.products))
+                self.registry = open_registry(cfg)  # with the rules' gate and records
             if self.lock is None:
                 self.lock = lock.acquire(str(cfg.lock_path), "daemon", wait_seconds=0)
             # Before anything can publish: a sink configured for the first time hears of
@@ -834,6 +837,16 @@ class Daemon:
             self.metrics.observe_reload(False)
             notify("READY=1", f"STATUS={self._status_line()}")
             return
+        try:  # a record's table without a column the new rules name: keep the old gate
+            assert self.registry is not None
+            self.registry.set_qa_gate(qa.conditions(new.products), qa.records(new.products))
+        except RegistryError as exc:
+            self.status_note = f"reload failed ({exc}); running on the previous configuration"
+            self.log.error("reload_failed", config=self.config_path, key="products.record",
+                           error=str(exc))
+            self.metrics.observe_reload(False)
+            notify("READY=1", f"STATUS={self._status_line()}")
+            return
         old = self.config
         kept = []
         if new.registry != old.registry or new.lock_path != old.lock_path:
@@ -843,7 +856,6 @@ class Daemon:
         logs.configure(new.log_level, new.log_format, new.error_max_chars)
         self.log = logs.get_logger()
         assert self.detector is not None and self.registry is not None
-        self.registry.set_qa_gate(qa.conditions(new.products))
         self.detector.reconfigure(new)
         if self.delivery is not None:
             self.delivery.reconfigure(new)
@@ -989,7 +1001,6 @@ def scan_once(cfg: Config, log: Any) -> PassReport:
     refuse_new_over_archive(cfg.registry, cfg.products_root)
     with lock.acquire(str(cfg.lock_path), "scan", wait_seconds=cfg.lock_wait_seconds), \
             open_registry(cfg) as registry:
-        registry.set_qa_gate(qa.conditions(cfg.products))
         report.reconciled = reconcile.reconcile(cfg, registry, owner, log)
         park_outside_root(cfg, registry, log)
         registry.mark_exhausted(cfg.max_attempts, owns=lambda row: detect.owns(cfg, row))
@@ -1023,7 +1034,6 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
     owner = lock.owner_id()
     refuse_new_over_archive(cfg.registry, cfg.products_root)
     with open_registry(cfg) as registry:
-        registry.set_qa_gate(qa.conditions(cfg.products))
         row = registry.get(data_id)
         if row is None:
             return f"{data_id}: no such product"

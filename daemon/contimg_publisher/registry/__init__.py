@@ -15,6 +15,7 @@ import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from contimg_publisher import qa
 from contimg_publisher.registry import sqlite
 from contimg_publisher.registry.interface import RegistryBackend
 from contimg_publisher.registry.model import (
@@ -101,7 +102,11 @@ def open_registry(target: Config | str | os.PathLike[str],
     """The backend `target` names (a Config's `[paths] registry`, a file path or a
     `postgresql://` URI), connected. With a Config, its busy timeout and `[node] name` are
     the defaults, and its lease bounds a server's waits too (postgres: pgconn.limits).
-    `create`/`guard_reads` are SQLite's (a server's database exists, or not)."""
+    `create`/`guard_reads` are SQLite's (a server's database exists, or not).
+
+    With a Config the connection also has its rules' QA gate and products' records
+    (set_qa_gate): every connection that may record a publish points the record at it."""
+    cfg: Config | None = None
     if not isinstance(target, str | os.PathLike):
         cfg = target
         target = cfg.registry
@@ -110,11 +115,22 @@ def open_registry(target: Config | str | os.PathLike[str],
         node = cfg.node_name if node is None else node
         lease_seconds = cfg.lease_seconds if lease_seconds is None else lease_seconds
     timeout = 10.0 if busy_timeout_seconds is None else busy_timeout_seconds
+    registry: RegistryBackend
     if is_server(target):
         from contimg_publisher.registry.postgres import PostgresRegistry
-        return PostgresRegistry(str(target), timeout, migrate=migrate,
-                                node=node or socket.gethostname(), lease_seconds=lease_seconds)
-    return Registry(target, timeout, migrate=migrate, create=create, guard_reads=guard_reads)
+        registry = PostgresRegistry(str(target), timeout, migrate=migrate,
+                                    node=node or socket.gethostname(),
+                                    lease_seconds=lease_seconds)
+    else:
+        registry = Registry(target, timeout, migrate=migrate, create=create,
+                            guard_reads=guard_reads)
+    if cfg is not None:
+        try:
+            registry.set_qa_gate(qa.conditions(cfg.products), qa.records(cfg.products))
+        except BaseException:
+            registry.close()
+            raise
+    return registry
 
 
 # --- read queries for metrics, the status page and `status` (each backend answers them) ---

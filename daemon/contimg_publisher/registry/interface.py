@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, Self
 
-from contimg_publisher.qa import Condition
+from contimg_publisher.qa import Condition, Record
 from contimg_publisher.registry.model import (
     Candidate,
     Event,
@@ -57,9 +57,14 @@ class RegistryBackend(Protocol):
         """A real write that leaves nothing behind: whether the registry takes commits again.
         RegistryUnavailable when it does not."""
 
-    def set_qa_gate(self, conditions: Sequence[Condition]) -> None:
-        """The QA gate claims, due times and hold reasons apply from now on (qa.conditions of the
-        configured rules)."""
+    def set_qa_gate(self, conditions: Sequence[Condition], records: Sequence[Record] = ()
+                    ) -> None:
+        """The QA gate claims, due times and hold reasons apply from now on (qa.conditions and
+        qa.records of the configured rules). A record's table that does not exist yet holds
+        its products with that reason until it does; RegistryError, the gate unchanged, when
+        the table exists without a column the rule names. Every commit that records a
+        publish (mark_published, confirm_published, restore_published) also points the
+        product's record at the published path."""
 
     def clock(self) -> float:
         """Now, by the clock leases are measured by (a server's own, for a shared registry):

@@ -81,11 +81,17 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def qa_hold_sql(conditions: Sequence[Condition], quote: str = "quote") -> str:
+def qa_hold_sql(conditions: Sequence[Condition], quote: str = "quote",
+                record_whens: Sequence[str] = ()) -> str:
     """An SQL expression over a data_registry row: NULL when the QA gate lets it be
-    published automatically, else the reason it is held (qa.py says which values hold)."""
-    whens = []
-    for c in conditions:
+    published automatically, else the reason it is held (qa.py says which values hold).
+    `record_whens`, the branches of the products' own records (records.gate_whens), come
+    after the explicit failures of the legacy columns and before what they require."""
+    whens: list[str] = []
+    for c in sorted(conditions, key=lambda c: c.required):
+        if c.required and record_whens:
+            whens += record_whens
+            record_whens = ()
         if c.column not in QA_FIELDS:
             raise ValueError(f"QA gate: {c.column!r} is not a QA column ({', '.join(QA_FIELDS)})")
         values = ", ".join(_literal(v) for v in c.values)
@@ -98,6 +104,7 @@ def qa_hold_sql(conditions: Sequence[Condition], quote: str = "quote") -> str:
             test = f"{c.column} IN ({values})"
             reason = f"{_literal(f'QA gate: {c.column} is ')} || {quote}({c.column})"
         whens.append(f"WHEN data_type = {_literal(c.data_type)} AND ({test}) THEN {reason}")
+    whens += record_whens
     return f"(CASE {' '.join(whens)} END)" if whens else "NULL"
 
 

@@ -48,8 +48,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from contimg_publisher import redact
-from contimg_publisher.qa import Condition
+from contimg_publisher.qa import Condition, Record
 from contimg_publisher.registry import pgconn
+from contimg_publisher.registry import records as records_sql
 from contimg_publisher.registry.model import (
     EVENT_COLUMNS,
     EVENT_PUBLISHED,
@@ -468,7 +469,11 @@ class PostgresRegistry:
         self.busy_timeout_seconds = busy_timeout_seconds
         # Every wait bounded by a fraction of the lease and the busy timeout (see pgconn).
         self.limits = pgconn.limits(busy_timeout_seconds, lease_seconds)
-        self._qa_hold = "NULL"
+        # set_qa_gate(): no gate until the rules are known
+        self._gate = "NULL"
+        self._conditions: tuple[Condition, ...] = ()
+        self._records: tuple[Record, ...] = ()
+        self._found: records_sql.Found = {}
         self._conn: psycopg.Connection[DictRow] | None = None  # inside write()/read()
         self._pool_name = f"contimg-{self.node}-{next(_POOL_NUMBERS)}"
         self._pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
@@ -611,9 +616,56 @@ class PostgresRegistry:
         with self.write() as conn:
             conn.execute("SELECT pg_current_xact_id()")
 
-    def set_qa_gate(self, conditions: Sequence[Condition]) -> None:
+    def set_qa_gate(self, conditions: Sequence[Condition], records: Sequence[Record] = ()
+                    ) -> None:
+        """As the SQLite backend's: a record's table is looked up as an unqualified name
+        is, on the connection's search_path."""
+        records = tuple(records)
+        found = self._record_tables(records)
+        wrong = records_sql.problems(records, found, TABLES)
+        if wrong:
+            raise RegistryError(f"registry {self.location}: {'; '.join(wrong)}")
+        self._conditions, self._records = tuple(conditions), records
+        self._build_gate(found)
+
+    def _build_gate(self, found: records_sql.Found) -> None:
+        self._found = found
         # quote_nullable is PostgreSQL's quote(); a % in a configured value is a literal one.
-        self._qa_hold = qa_hold_sql(conditions, quote="quote_nullable").replace("%", "%%")
+        self._gate = qa_hold_sql(self._conditions, quote="quote_nullable", record_whens=[
+            w for r in self._records for w in records_sql.gate_whens(r, found, "quote_nullable")
+        ]).replace("%", "%%")
+
+    @property
+    def _qa_hold(self) -> str:
+        """The gate's SQL expression; see the SQLite backend's."""
+        if any(self._found.get(r.table) is None for r in self._records):
+            found = self._record_tables(self._records)
+            if found != self._found:
+                self._build_gate(found)
+        return self._gate
+
+    def _record_tables(self, records: Sequence[Record]) -> dict[str, frozenset[str] | None]:
+        """The columns of each record's table as the search_path finds it (None: none)."""
+        out: dict[str, frozenset[str] | None] = {}
+        for r in records:
+            rows = self._rows(
+                "SELECT a.attname AS name FROM pg_attribute a"
+                " WHERE a.attrelid = to_regclass(quote_ident(%(t)s)) AND a.attnum > 0"
+                " AND NOT a.attisdropped", {"t": r.table})
+            out[r.table] = frozenset(row["name"] for row in rows) or None
+        return out
+
+    def _point_record(self, key: str, value: Any, published_path: str) -> None:
+        """As the SQLite backend's, in the caller's transaction."""
+        if not self._records:
+            return
+        row = self._one(f"SELECT data_type, stage_path FROM data_registry WHERE {key} = %s",
+                        (value,))
+        for r in self._records:
+            if row is not None and r.data_type == row["data_type"] and \
+                    self._record_tables([r])[r.table] is not None:
+                self._rows(records_sql.update_sql(r, "%s"),
+                           (published_path, row["stage_path"], published_path))
 
     def check_identity(self) -> None:
         """Nothing to check: a server has no file that could be replaced under us."""
@@ -1012,10 +1064,12 @@ class PostgresRegistry:
                     " publish_mode = CASE WHEN publish_requested_at IS NOT NULL THEN 'manual'"
                     "   ELSE %(mode)s END, publish_requested_at = NULL,"
                     f" {CLAIM_CLEARED}, next_attempt_at = NULL, publish_error = NULL,"
+                    " publish_attempts = 0,"
                     " finalization_status = COALESCE(finalization_status, 'pending'),"
                     f" updated_at = {at()} WHERE data_id = %(data_id)s"
                     f" AND status = 'publishing' AND {FENCE_OR_NONE}", values) == 0:
                 return False
+            self._point_record("data_id", item.data_id, item.published_path)
             self._rows(_LOG_PUBLISH, values)
             if item.supersedes:
                 self._rows("INSERT INTO data_relationships (parent_data_id, child_data_id,"
@@ -1036,10 +1090,11 @@ class PostgresRegistry:
                     f" published_at = COALESCE(published_at, {at()}), size_bytes = %(size)s,"
                     " checksum = %(checksum)s, metadata_json = COALESCE(metadata_json,"
                     f" %(meta)s), header_json = %(meta)s, {CLAIM_CLEARED},"
-                    " next_attempt_at = NULL, publish_error = NULL,"
+                    " next_attempt_at = NULL, publish_error = NULL, publish_attempts = 0,"
                     f" publish_mode = COALESCE(publish_mode, 'auto'), updated_at = {at()}"
                     " WHERE data_id = %(data_id)s AND status = 'publishing'", values) == 0:
                 return False
+            self._point_record("data_id", data_id, published_path)
             self._rows(_LOG_PUBLISH, values)
             # Never recorded as published before, so no consumer was ever told.
             self._emit_published(data_id, None, now)
@@ -1055,19 +1110,27 @@ class PostgresRegistry:
 
     def restore_published(self, row_id: int, record: PublishRecord,
                           now: float | None = None) -> bool:
+        with self.write():
+            if self._restore_published(row_id, record, now) == 0:
+                return False
+            self._point_record("id", row_id, record.published_path)
+        return True
+
+    def _restore_published(self, row_id: int, record: PublishRecord, now: float | None
+                           ) -> int:
         return self._changed(
             "UPDATE data_registry SET status = 'published', published_path = %(path)s,"
             " published_at = COALESCE(published_at, %(at)s), size_bytes = %(size)s,"
             " checksum = %(checksum)s, header_json = %(header)s,"
             " metadata_json = COALESCE(metadata_json, %(header)s),"
             " sidecars_json = %(sidecars)s, publish_mode = COALESCE(publish_mode, %(mode)s),"
-            f" publish_error = NULL, next_attempt_at = NULL, {CLAIM_CLEARED},"
-            f" publish_requested_at = NULL, updated_at = {at()}"
+            f" publish_error = NULL, publish_attempts = 0, next_attempt_at = NULL,"
+            f" {CLAIM_CLEARED}, publish_requested_at = NULL, updated_at = {at()}"
             " WHERE id = %(row)s AND status IN ('staging', 'failed')",
             {"path": record.published_path, "at": record.published_at,
              "size": record.size_bytes, "checksum": record.checksum,
              "header": record.header_json, "sidecars": record.sidecars_json,
-             "mode": record.publish_mode or "auto", "now": now, "row": row_id}) > 0
+             "mode": record.publish_mode or "auto", "now": now, "row": row_id})
 
     def record_failure(self, data_id: str, owner: str | None, kind: str, error: str,
                        max_attempts: int, backoff_initial: float, backoff_max: float,

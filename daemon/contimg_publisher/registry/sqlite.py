@@ -27,7 +27,8 @@ from typing import Any, cast
 import apsw
 
 from contimg_publisher import fsguard, paths, treewalk
-from contimg_publisher.qa import Condition
+from contimg_publisher.qa import Condition, Record
+from contimg_publisher.registry import records as records_sql
 from contimg_publisher.registry.model import (
     EVENT_COLUMNS,
     EVENT_PUBLISHED,
@@ -75,6 +76,11 @@ SCHEMA_VERSION = 8
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
+
+# This program's tables: never a product's own record ([products.record]).
+TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
+          "unclaimed_files", "publish_log", "audit_findings", "audit_state", "quarantine_log",
+          "outbox", "outbox_sinks", "outbox_deliveries")
 
 # What SQLite says when the file (or its -wal/-shm) cannot take a write.
 _UNAVAILABLE = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError)
@@ -374,7 +380,11 @@ class Registry:
         self.guard_reads = guard_reads
         self._depth = 0  # write() nesting: 0 outside a transaction
         self._counts: tuple[tuple[Any, int], dict[str, int]] | None = None  # see counts()
-        self._qa_hold = "NULL"  # set_qa_gate(): no gate until the rules are known
+        # set_qa_gate(): no gate until the rules are known
+        self._gate = "NULL"
+        self._conditions: tuple[Condition, ...] = ()
+        self._records: tuple[Record, ...] = ()
+        self._found: records_sql.Found = {}
         _check_path(self.path)
         if not create and not os.path.exists(self.path):
             raise RegistryError(f"registry {self.path}: no such file")
@@ -482,10 +492,58 @@ class Registry:
                         (PROBE_PATH,))
             cur.execute("DELETE FROM unclaimed_files WHERE path = ?", (PROBE_PATH,))
 
-    def set_qa_gate(self, conditions: Sequence[Condition]) -> None:
+    def set_qa_gate(self, conditions: Sequence[Condition], records: Sequence[Record] = ()
+                    ) -> None:
         """The QA gate claims, due times and hold reasons apply from now on (qa.conditions
-        of the configured rules)."""
-        self._qa_hold = qa_hold_sql(conditions)
+        and qa.records of the configured rules). RegistryError, the gate unchanged, when a
+        record's table exists without a column its rule names, or is one of ours."""
+        records = tuple(records)
+        found = self._record_tables(records)
+        wrong = records_sql.problems(records, found, TABLES)
+        if wrong:
+            raise RegistryError(f"registry {self.path}: {'; '.join(wrong)}")
+        self._conditions, self._records = tuple(conditions), records
+        self._build_gate(found)
+
+    def _build_gate(self, found: records_sql.Found) -> None:
+        self._found = found
+        self._gate = qa_hold_sql(self._conditions, record_whens=[
+            w for r in self._records for w in records_sql.gate_whens(r, found, "quote")])
+
+    @property
+    def _qa_hold(self) -> str:
+        """The gate's SQL expression. While a record's table does not exist yet, whether it
+        does now is asked every time (a catalogue read): its products wait for it, and go
+        as soon as the pipeline has created it."""
+        if any(self._found.get(r.table) is None for r in self._records):
+            found = self._record_tables(self._records)
+            if found != self._found:
+                self._build_gate(found)
+        return self._gate
+
+    def _record_tables(self, records: Sequence[Record]) -> dict[str, frozenset[str] | None]:
+        """The columns of each record's table in this database (None: no such table)."""
+        out: dict[str, frozenset[str] | None] = {}
+        for r in records:
+            columns = frozenset(row[0] for row in self.conn.execute(
+                "SELECT name FROM pragma_table_info(?)", (r.table,)))
+            out[r.table] = columns or None
+        return out
+
+    def _point_record(self, cur: apsw.Cursor, key: str, value: Any, published_path: str
+                      ) -> None:
+        """In the caller's transaction (the one that records the publish): the product's
+        own record ([products.record]) names the published path instead of the staged one,
+        so the pipeline's `SELECT path` names a file that exists once this commits."""
+        if not self._records:
+            return
+        row = _one(cur, f"SELECT data_type, stage_path FROM data_registry WHERE {key} = ?",
+                   (value,))
+        for r in self._records:
+            if row is not None and r.data_type == row["data_type"] and \
+                    self._record_tables([r])[r.table] is not None:
+                cur.execute(records_sql.update_sql(r, "?"),
+                            (published_path, row["stage_path"], published_path))
 
     def clock(self) -> float:
         """The clock leases are measured by: this host's (an SQLite file has one host)."""
@@ -1096,7 +1154,9 @@ class Registry:
         """Durably record a publish; with owner None the lease is not checked (reconciliation).
         False when the row's claim is no longer `owner`'s (it is left as it is).
 
-        Attempt counts and the failure history are kept: they are the product's history.
+        The legacy columns then read as the legacy code left them after a success
+        (publish_attempts 0, publish_error NULL); every earlier failure stays in the
+        failure history (publish_failures), which `show` lists.
         """
         now = time.time() if now is None else now
         with self.write() as cur:
@@ -1107,9 +1167,9 @@ class Registry:
                 "   ELSE ? END, publish_requested_at = NULL,"
                 " lease_expires_at = NULL, publish_temp = NULL,"
                 " publish_step = NULL, next_attempt_at = NULL,"
-                # Legacy readers take a set publish_error for a failing product; the
-                # failure history keeps every text.
-                " publish_error = NULL,"
+                # Legacy readers take a set publish_error or a count for a failing
+                # product; the failure history keeps every attempt and its text.
+                " publish_error = NULL, publish_attempts = 0,"
                 " finalization_status = COALESCE(finalization_status, 'pending'),"
                 " updated_at = ? WHERE data_id = ? AND status = 'publishing'"
                 " AND (? IS NULL OR lease_owner = ?)",
@@ -1117,6 +1177,7 @@ class Registry:
                  item.publish_mode, now, item.data_id, owner, owner))
             if self.conn.changes() == 0:
                 return False
+            self._point_record(cur, "data_id", item.data_id, item.published_path)
             cur.execute(_LOG_PUBLISH, (item.data_id,))
             if item.supersedes:
                 cur.execute(
@@ -1140,12 +1201,14 @@ class Registry:
                 " lease_owner = NULL,"
                 " lease_expires_at = NULL, publish_temp = NULL,"
                 " publish_step = NULL, next_attempt_at = NULL, publish_error = NULL,"
+                " publish_attempts = 0,"
                 " publish_mode = COALESCE(publish_mode, 'auto'), updated_at = ?"
                 " WHERE data_id = ? AND status = 'publishing'",
                 (published_path, now, size_bytes, checksum, json.dumps(metadata, sort_keys=True),
                  json.dumps(metadata, sort_keys=True), now, data_id))
             if self.conn.changes() == 0:
                 return False
+            self._point_record(cur, "data_id", data_id, published_path)
             cur.execute(_LOG_PUBLISH, (data_id,))
             # Never recorded as published before, so no consumer was ever told.
             self._emit_published(cur, data_id, None, now)
@@ -1346,14 +1409,18 @@ class Registry:
                 " published_at = COALESCE(published_at, ?), size_bytes = ?, checksum = ?,"
                 " header_json = ?, metadata_json = COALESCE(metadata_json, ?),"
                 " sidecars_json = ?, publish_mode = COALESCE(publish_mode, ?),"
-                " publish_error = NULL, next_attempt_at = NULL, lease_owner = NULL,"
+                " publish_error = NULL, publish_attempts = 0, next_attempt_at = NULL,"
+                " lease_owner = NULL,"
                 " lease_expires_at = NULL, publish_target = NULL, publish_temp = NULL,"
                 " publish_step = NULL, publish_requested_at = NULL, updated_at = ?"
                 " WHERE id = ? AND status IN ('staging', 'failed')",
                 (record.published_path, record.published_at, record.size_bytes,
                  record.checksum, record.header_json, record.header_json,
                  record.sidecars_json, record.publish_mode or "auto", now, row_id))
-            return self.conn.changes() > 0
+            if self.conn.changes() == 0:
+                return False
+            self._point_record(cur, "id", row_id, record.published_path)
+            return True
 
     def record_failure(self, data_id: str, owner: str | None, kind: str, error: str,
                        max_attempts: int, backoff_initial: float, backoff_max: float,
