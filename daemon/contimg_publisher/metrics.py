@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -35,7 +36,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contimg_publisher import __version__, logs, space, statuspage, statusserver
+from contimg_publisher import __version__, logs, space, statuspage, statusreport, statusserver
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, split_listen
 from contimg_publisher.registry import (
@@ -385,6 +386,9 @@ class _Handler(statusserver.BufferedHandler):
             elif path in ("/", "/index.html"):
                 ctype = "text/html; charset=utf-8"
                 status, data = self._page()
+            elif path == "/status.json":
+                ctype = "application/json"
+                status, data = self._status_json()
             elif path == "/healthz":
                 status, ctype, data = 200, "text/plain; charset=utf-8", b"ok\n"
             else:
@@ -402,6 +406,19 @@ class _Handler(statusserver.BufferedHandler):
         self.end_headers()
         if body:
             self.wfile.write(data)
+
+    def _status_json(self) -> tuple[int, bytes]:
+        """The object `status --json` prints, made by the same function; 503 with the
+        command's unreadable-registry object when the registry cannot be read."""
+        config = self.server.metrics.config
+        daemon = statusreport.daemon_state(config)
+        try:
+            with _reader(config) as registry:
+                data = statusreport.read(config, registry, daemon).data
+        except (RegistryError, apsw.Error, OSError) as exc:
+            _problems, data = statusreport.unreadable(config, exc, daemon)
+            return 503, json.dumps(data, indent=2).encode("utf-8")
+        return 200, json.dumps(data, indent=2).encode("utf-8")
 
     def _page(self) -> tuple[int, bytes]:
         metrics = self.server.metrics
