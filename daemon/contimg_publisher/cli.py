@@ -26,6 +26,7 @@ from contimg_publisher import (
     space,
     statuspage,
     statusreport,
+    unitnet,
 )
 from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
@@ -124,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an SQLite registry to copy, every row and value, into the (empty) "
                         "PostgreSQL registry of [paths] registry; its products belong to "
                         "this node ([node] name)")
-    sub.add_parser("check-config", help="validate the config and print the effective values")
+    p = sub.add_parser("check-config", help="validate the config and print the effective "
+                                            "values")
+    p.add_argument("--unit-drop-in", action="store_true",
+                   help="print instead the systemd drop-in that lets the unit reach the "
+                        "registry server and webhook this config names (their addresses, "
+                        "resolved now)")
     p = sub.add_parser("backup", help="an online, checked copy of the SQLite registry into "
                                       "DEST as registry-<UTC time>.sqlite3")
     p.add_argument("dest", metavar="DEST", help="the backup folder (created if missing)")
@@ -643,6 +649,15 @@ def cmd_migrate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
+    if args.unit_drop_in:
+        try:
+            text = unitnet.drop_in(cfg)
+        except unitnet.DropInError as exc:
+            print(f"contimg-publisher: check-config --unit-drop-in: {exc}; no drop-in printed",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        print(text, end="")
+        return EXIT_OK
     print(f"# {cfg.source}: valid")
     for key, value in cfg.as_dict().items():
         if key == "source":

@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -448,9 +449,10 @@ class _Handler(statusserver.BufferedHandler):
 
 
 class _Server(statusserver.BoundedServer):
-    def __init__(self, address: tuple[str, int], metrics: Metrics) -> None:
+    def __init__(self, address: tuple[str, int], metrics: Metrics,
+                 listener: socket.socket | None = None) -> None:
         self.metrics = metrics
-        super().__init__(address, _Handler, on_event=_say)
+        super().__init__(address, _Handler, on_event=_say, listener=listener)
 
 
 def _say(event: str, **fields: Any) -> None:
@@ -465,13 +467,26 @@ def _say(event: str, **fields: Any) -> None:
 
 
 class Server:
-    """The metrics and status page server, in threads of its own (see statusserver)."""
+    """The metrics and status page server, in threads of its own (see statusserver).
 
-    def __init__(self, metrics: Metrics, listen: str) -> None:
+    `inherited`: the listening socket systemd passed (activation.listening_socket); the
+    server answers on a duplicate of it, so a stop (a reload that changes [metrics]) leaves
+    systemd's socket open for the next start. Without it, the server binds `listen`."""
+
+    def __init__(self, metrics: Metrics, listen: str,
+                 inherited: socket.socket | None = None) -> None:
         self.metrics = metrics
         self.listen = listen
-        self.host, port = split_listen(listen)
-        self._server = _Server((self.host, port), metrics)  # OSError if the port is taken
+        self.inherited = inherited is not None
+        listener = None
+        if inherited is not None:
+            listener = inherited.dup()
+            self.host = str(listener.getsockname()[0])
+            port = 0
+        else:
+            self.host, port = split_listen(listen)
+        # OSError if the port is taken, or the unit allows no Internet socket of our own
+        self._server = _Server((self.host, port), metrics, listener)
         self.port = self._server.server_address[1]
 
     @property
