@@ -153,6 +153,8 @@ def test_daemon_log_status_page_and_events_show_no_secret(tmp_path: Path,
                              for e in log_events(sandbox)), 30, what="event_delivery_failed")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
             page = resp.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=10) as resp:
+            served_json = resp.read().decode()
         status_text = sandbox.cli("status")
         status_json = sandbox.cli("status", "--json")
     finally:
@@ -162,6 +164,7 @@ def test_daemon_log_status_page_and_events_show_no_secret(tmp_path: Path,
     for name, text in (("daemon log", log), ("status page", page),
                        ("status", status_text.stdout + status_text.stderr),
                        ("status --json", status_json.stdout + status_json.stderr),
+                       ("/status.json", served_json),
                        ("event bodies", bodies)):
         assert leaked(text) == [], f"{name} shows {leaked(text)}:\n{text[:3000]}"
     # What is shown instead: the redacted forms, where each surface names them.
@@ -171,6 +174,7 @@ def test_daemon_log_status_page_and_events_show_no_secret(tmp_path: Path,
     assert "alice:***@" in failed[0]["target"] and "token=***" in failed[0]["target"]
     events = json.loads(status_json.stdout)["events"]
     assert events[0]["target"].endswith("/in?token=***&page=1"), events
+    assert json.loads(served_json)["events"][0]["target"] == events[0]["target"]
     assert "carol:***@" in events[0]["last_error"], events
     assert "alice:***@" in status_text.stdout and "carol:***@" in status_text.stdout
     assert "alice:***@" in page and "carol:***@" in page

@@ -58,6 +58,8 @@ def _boot(tmp: Path, scenario: str) -> dict:
         site: "/opt/contimg-publisher/site-packages",
         str(REPO / "systemd" / "contimg-publisher.service"):
             "/etc/systemd/system/contimg-publisher.service",
+        str(REPO / "systemd" / "contimg-publisher.socket"):
+            "/etc/systemd/system/contimg-publisher.socket",
         str(drop_in): "/etc/systemd/system/contimg-publisher.service.d/test.conf",
         str(REPO / "systemd" / "contimg-publisher.sysusers"):
             "/etc/sysusers.d/contimg-publisher.conf",
@@ -98,6 +100,19 @@ def test_starts_as_notify_service_and_publishes(seen):
     assert seen["published_owner_mode"] == "contimg 644"
     assert "0 waiting, 0 publishing, 0 failed" in seen["status_after_publish"]
     assert "last publish: night1 at " in seen["status_after_publish"]
+
+
+def test_status_port_from_the_socket_unit(seen):
+    """The unit lets the daemon open no Internet socket: the port is the socket unit's,
+    started with the service (Wants=) and stopped with it (PartOf=)."""
+    assert seen["socket_after_start"]["ActiveState"] == "active"
+    [listening] = seen["journal_metrics"]
+    assert listening["FROM_SYSTEMD"] == "true", listening
+    assert listening["LISTEN"] == "127.0.0.1:9465"
+    fetched = seen["status_json"]
+    assert fetched["rc"] == 0 and fetched["status"] == "200", fetched
+    assert json.loads(fetched["body"])["last_published"]["data_id"] == "night1"
+    assert seen["socket_after_stop"]["ActiveState"] == "inactive"
 
 
 def test_journal_fields_under_systemd(seen):

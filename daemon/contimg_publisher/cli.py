@@ -20,11 +20,12 @@ from contimg_publisher import (
     hygiene,
     lock,
     logs,
-    outage,
     redact,
     roots,
     space,
     statuspage,
+    statusreport,
+    unitnet,
 )
 from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
@@ -123,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an SQLite registry to copy, every row and value, into the (empty) "
                         "PostgreSQL registry of [paths] registry; its products belong to "
                         "this node ([node] name)")
-    sub.add_parser("check-config", help="validate the config and print the effective values")
+    p = sub.add_parser("check-config", help="validate the config and print the effective "
+                                            "values")
+    p.add_argument("--unit-drop-in", action="store_true",
+                   help="print instead the systemd drop-in that lets the unit reach the "
+                        "registry server and webhook this config names (their addresses, "
+                        "resolved now)")
     p = sub.add_parser("backup", help="an online, checked copy of the SQLite registry into "
                                       "DEST as registry-<UTC time>.sqlite3")
     p.add_argument("dest", metavar="DEST", help="the backup folder (created if missing)")
@@ -263,40 +269,18 @@ def _product_json(cfg: Config, row: Product, qa_reasons: dict[str, str]) -> dict
 
 # --- commands ---------------------------------------------------------------------------------
 
-def _daemon_paused(cfg: Config, running: bool) -> statuspage.Paused | None:
-    """The running daemon's own word that it paused publishing (its lock file's note)."""
-    found = outage.parse_note(lock.read_note(str(cfg.lock_path))) if running else None
-    if found is None:
-        return None
-    since = found.get("since")
-    return statuspage.Paused(str(found.get("reason") or "unknown"),
-                             float(since) if isinstance(since, int | float) else None)
-
-
-def _paused_json(paused: statuspage.Paused | None) -> dict[str, Any] | None:
-    return None if paused is None else {"reason": paused.reason, "since": paused.since}
-
-
 def _status_unreadable(cfg: Config, args: argparse.Namespace, error: RegistryError,
-                       holder: str | None, running: bool,
-                       paused: statuspage.Paused | None) -> int:
+                       daemon: statusreport.Daemon) -> int:
     """The registry cannot be read: say why, and what the daemon says, rather than only
     failing."""
-    now = time.time()
-    problems = ([paused.line(now)] if paused is not None else []) + [
-        f"the registry cannot be read: {error}"]
-    if not running:
-        problems.append("no daemon holds the lock: nothing is being published")
+    problems, data = statusreport.unreadable(cfg, error, daemon)
     if args.json:
-        print(json.dumps({"counts": None, "registry": cfg.registry_shown,
-                          "registry_error": redact.text(str(error)),
-                          "lock": {"path": str(cfg.lock_path), "holder": holder},
-                          "daemon_running": running, "paused": _paused_json(paused),
-                          "problems": problems, "ok": False}, indent=2))
+        print(json.dumps(data, indent=2))
     else:
+        holder, running = daemon.holder, daemon.running
         print(f"registry   {cfg.registry_shown}: cannot be read")
         print(f"daemon     {f'running, {holder}' if running else 'not running'}"
-              + (" (publishing paused)" if paused is not None else ""))
+              + (" (publishing paused)" if daemon.paused is not None else ""))
         print("NEEDS ATTENTION")
         for line in problems:
             print(f"  - {line}")
@@ -306,70 +290,19 @@ def _status_unreadable(cfg: Config, args: argparse.Namespace, error: RegistryErr
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     """Exit 1 when something needs an operator, so cron or a Nagios-style check can alert."""
-    holder = lock.holder(str(cfg.lock_path))
-    running = holder is not None and "daemon" in holder
-    paused = _daemon_paused(cfg, running)
+    daemon = statusreport.daemon_state(cfg)
     try:
         with _open(cfg) as registry:
-            now = time.time()
-            counts = registry.counts()
-            oldest = registry.oldest_waiting()
-            failures = registry.failures_since(now - 3600)
-            last = registry.last_published()
-            health = statuspage.snapshot(registry, limit=0, now=now,
-                                         unclaimed_after=cfg.unclaimed_after_seconds,
-                                         sinks=cfg.notify_sinks)
-            held = registry_mod.held(registry, [r.type for r in cfg.products])
-            health.failed = registry_mod.by_status(registry, Status.FAILED)
-            stale = hygiene.stale(cfg, registry, now)
+            report = statusreport.read(cfg, registry, daemon)
     except RegistryError as exc:
-        return _status_unreadable(cfg, args, exc, holder, running, paused)
-    max_age = cfg.status_max_waiting_age_seconds
-    problems = statuspage.problems(health, max_age, running, paused,
-                                   max_undelivered_age=cfg.status_max_undelivered_age_seconds)
-    beats = health.nodes
-    data: dict[str, Any] = {
-        "counts": counts,
-        "oldest_waiting": None if oldest is None else {
-            "data_id": oldest.data_id, "staged_at": oldest.staged_at,
-            "age_seconds": round(now - oldest.staged_at, 3)},
-        "failures_last_hour": failures,
-        "last_published": None if last is None else {
-            "data_id": last.data_id, "published_at": last.published_at,
-            "published_path": last.published_path},
-        "lock": {"path": str(cfg.lock_path), "holder": holder},
-        "daemon_running": running,
-        "paused": _paused_json(paused),
-        "registry": cfg.registry_shown,
-        "success_rate": {
-            "last_hour": {"published": health.published_hour, "failures": health.failures_hour,
-                          "rate": health.success_rate_hour},
-            "last_day": {"published": health.published_day, "failures": health.failures_day,
-                         "rate": health.success_rate_day}},
-        "max_waiting_age_seconds": max_age,
-        "unclaimed": [u.to_json(now) for u in health.unclaimed],
-        "unclaimed_after_seconds": cfg.unclaimed_after_seconds,
-        "held": [{"data_id": r.data_id, "data_type": r.data_type, "reason": why,
-                  "staged_at": r.staged_at} for r, why in held],
-        "failed": [{"data_id": r.data_id, "data_type": r.data_type,
-                    "publish_error": r.publish_error} for r in health.failed],
-        "events": [dict(k.to_json(now), target=cfg.sink_targets.get(k.sink))
-                   for k in health.sinks],
-        "max_undelivered_age_seconds": cfg.status_max_undelivered_age_seconds,
-        "audit": {"findings": [f.to_json() for f in health.findings],
-                  "counts": health.finding_counts,
-                  "last_pass_finished": health.audit_last_pass},
-        "stale": [s.to_json(now) for s in stale],
-        "hygiene": {"report_after_seconds": cfg.hygiene_report_after_seconds,
-                    "quarantine_dir": None if cfg.quarantine_dir is None
-                    else str(cfg.quarantine_dir)},
-        "nodes": [b.to_json() for b in beats],
-        "problems": problems,
-        "ok": not problems,
-    }
+        return _status_unreadable(cfg, args, exc, daemon)
+    problems = report.problems
     if args.json:
-        print(json.dumps(redact.deep(data), indent=2))  # a URL anywhere: without secrets
+        print(json.dumps(report.data, indent=2))  # a URL anywhere: without secrets
         return EXIT_FAILED if problems else EXIT_OK
+    now, holder, running, paused = report.now, daemon.holder, daemon.running, daemon.paused
+    counts, oldest, failures, last = report.counts, report.oldest, report.failures, report.last
+    health, held, stale, beats = report.health, report.held, report.stale, report.health.nodes
     print(f"registry   {cfg.registry_shown}")
     print(f"daemon     {f'running, {holder}' if running else 'not running'}"
           + (f" (lock held by {holder})" if holder and not running else "")
@@ -714,6 +647,15 @@ def cmd_migrate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
+    if args.unit_drop_in:
+        try:
+            text = unitnet.drop_in(cfg)
+        except unitnet.DropInError as exc:
+            print(f"contimg-publisher: check-config --unit-drop-in: {exc}; no drop-in printed",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        print(text, end="")
+        return EXIT_OK
     print(f"# {cfg.source}: valid")
     for key, value in cfg.as_dict().items():
         if key == "source":

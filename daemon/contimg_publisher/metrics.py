@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -35,7 +37,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contimg_publisher import __version__, logs, space, statuspage, statusserver
+from contimg_publisher import __version__, logs, space, statuspage, statusreport, statusserver
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, split_listen
 from contimg_publisher.registry import (
@@ -385,6 +387,9 @@ class _Handler(statusserver.BufferedHandler):
             elif path in ("/", "/index.html"):
                 ctype = "text/html; charset=utf-8"
                 status, data = self._page()
+            elif path == "/status.json":
+                ctype = "application/json"
+                status, data = self._status_json()
             elif path == "/healthz":
                 status, ctype, data = 200, "text/plain; charset=utf-8", b"ok\n"
             else:
@@ -402,6 +407,19 @@ class _Handler(statusserver.BufferedHandler):
         self.end_headers()
         if body:
             self.wfile.write(data)
+
+    def _status_json(self) -> tuple[int, bytes]:
+        """The object `status --json` prints, made by the same function; 503 with the
+        command's unreadable-registry object when the registry cannot be read."""
+        config = self.server.metrics.config
+        daemon = statusreport.daemon_state(config)
+        try:
+            with _reader(config) as registry:
+                data = statusreport.read(config, registry, daemon).data
+        except (RegistryError, apsw.Error, OSError) as exc:
+            _problems, data = statusreport.unreadable(config, exc, daemon)
+            return 503, json.dumps(data, indent=2).encode("utf-8")
+        return 200, json.dumps(data, indent=2).encode("utf-8")
 
     def _page(self) -> tuple[int, bytes]:
         metrics = self.server.metrics
@@ -431,9 +449,10 @@ class _Handler(statusserver.BufferedHandler):
 
 
 class _Server(statusserver.BoundedServer):
-    def __init__(self, address: tuple[str, int], metrics: Metrics) -> None:
+    def __init__(self, address: tuple[str, int], metrics: Metrics,
+                 listener: socket.socket | None = None) -> None:
         self.metrics = metrics
-        super().__init__(address, _Handler, on_event=_say)
+        super().__init__(address, _Handler, on_event=_say, listener=listener)
 
 
 def _say(event: str, **fields: Any) -> None:
@@ -448,13 +467,26 @@ def _say(event: str, **fields: Any) -> None:
 
 
 class Server:
-    """The metrics and status page server, in threads of its own (see statusserver)."""
+    """The metrics and status page server, in threads of its own (see statusserver).
 
-    def __init__(self, metrics: Metrics, listen: str) -> None:
+    `inherited`: the listening socket systemd passed (activation.listening_socket); the
+    server answers on a duplicate of it, so a stop (a reload that changes [metrics]) leaves
+    systemd's socket open for the next start. Without it, the server binds `listen`."""
+
+    def __init__(self, metrics: Metrics, listen: str,
+                 inherited: socket.socket | None = None) -> None:
         self.metrics = metrics
         self.listen = listen
-        self.host, port = split_listen(listen)
-        self._server = _Server((self.host, port), metrics)  # OSError if the port is taken
+        self.inherited = inherited is not None
+        listener = None
+        if inherited is not None:
+            listener = inherited.dup()
+            self.host = str(listener.getsockname()[0])
+            port = 0
+        else:
+            self.host, port = split_listen(listen)
+        # OSError if the port is taken, or the unit allows no Internet socket of our own
+        self._server = _Server((self.host, port), metrics, listener)
         self.port = self._server.server_address[1]
 
     @property

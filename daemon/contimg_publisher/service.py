@@ -10,6 +10,7 @@ reload, detection, claiming, reconciliation, sd_notify.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import select
@@ -24,6 +25,7 @@ from typing import Any
 
 from contimg_publisher import (
     __version__,
+    activation,
     audit,
     detect,
     fdlimit,
@@ -142,6 +144,11 @@ def log_outcome(log: Any, outcome: detect.Outcome) -> None:
         log.debug(outcome.action, **fields)
 
 
+def _internet_refused(exc: BaseException) -> bool:
+    """socket() refused by the unit's RestrictAddressFamilies= (seccomp: EAFNOSUPPORT)."""
+    return isinstance(exc, OSError) and exc.errno == errno.EAFNOSUPPORT
+
+
 @dataclass
 class Worker:
     """The publish thread: copies run here so the main loop keeps pinging the watchdog.
@@ -245,6 +252,9 @@ class Daemon:
         self.started_at = time.time()
         self.metrics = metrics.Metrics(cfg, start_time=self.started_at)
         self.metrics_server: metrics.Server | None = None
+        # The status port's socket when systemd opened it (the shipped unit allows no
+        # Internet socket of the daemon's own): kept for the process's whole life.
+        self.passed = activation.listening_socket()
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         self.watchdog_interval = (int(usec) / 1e6 / 2 if usec and usec.isdigit() and (
@@ -370,17 +380,40 @@ class Daemon:
     def _start_metrics(self) -> None:
         """Serve /metrics and the status page; a daemon that cannot bind keeps publishing."""
         cfg = self.config
+        for reason in self.passed.refused:
+            self.log.warning("socket_not_used", error=reason)
+        self.passed = activation.Passed(self.passed.listener)  # said once
+        inherited = self.passed.listener
         if not cfg.metrics_enabled:
+            if inherited is not None:
+                self.log.warning("metrics_disabled_socket_passed",
+                                 listen=str(inherited.getsockname()[0:2]),
+                                 error="[metrics] enabled = false, but systemd opened the "
+                                       "status port (contimg-publisher.socket): connections "
+                                       "to it wait unanswered",
+                                 action="mask contimg-publisher.socket")
             return
         try:
-            self.metrics_server = metrics.Server(self.metrics, cfg.metrics_listen).start()
+            self.metrics_server = metrics.Server(self.metrics, cfg.metrics_listen,
+                                                 inherited=inherited).start()
         except (OSError, ValueError) as exc:
             self.log.error("metrics_unavailable", listen=cfg.metrics_listen,
                            error=f"{type(exc).__name__}: {exc}",
-                           action="free the port or change [metrics] listen, then reload")
+                           action="free the port or change [metrics] listen, then reload"
+                           if inherited is None and not _internet_refused(exc) else
+                           "start contimg-publisher.socket (the unit lets the daemon open "
+                           "no Internet socket of its own), or free its port")
             return
         self.log.info("metrics_listening", listen=self.metrics_server.address,
-                      url=f"http://{self.metrics_server.address}/")
+                      url=f"http://{self.metrics_server.address}/",
+                      from_systemd=self.metrics_server.inherited)
+        if self.metrics_server.inherited and \
+                self.metrics_server.address != cfg.metrics_listen:
+            self.log.warning("metrics_listen_differs", listen=self.metrics_server.address,
+                             configured=cfg.metrics_listen,
+                             error="systemd's socket (contimg-publisher.socket, ListenStream=) "
+                                   "decides the status port; [metrics] listen is not used",
+                             action="make them agree")
         if not metrics.is_loopback(self.metrics_server.host):
             self.log.warning("metrics_exposed", listen=self.metrics_server.address,
                              error="metrics and the status page are reachable from other "

@@ -116,6 +116,8 @@ class Request:
 class BoundedServer:
     """Serve `handler` on `address` with the bounds above, from one thread plus WORKERS.
 
+    `listener`: a listening socket made by someone else (systemd's socket activation), used
+    instead of binding `address`; it is closed at stop like one of our own.
     `on_event(name, **fields)` hears what an operator should see (descriptors ran out,
     accepting resumed); it is called from the server's thread."""
 
@@ -123,10 +125,13 @@ class BoundedServer:
                  max_connections: int = MAX_CONNECTIONS, backlog: int = BACKLOG,
                  workers: int = WORKERS, request_seconds: float = REQUEST_SECONDS,
                  idle_seconds: float = IDLE_SECONDS,
-                 on_event: Callable[..., None] | None = None) -> None:
-        host, port = address
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, port), family=family, backlog=backlog)
+                 on_event: Callable[..., None] | None = None,
+                 listener: socket.socket | None = None) -> None:
+        if listener is None:
+            host, port = address
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listener = socket.create_server((host, port), family=family, backlog=backlog)
+        self.listener = listener
         self.listener.setblocking(False)
         self.server_address: tuple[Any, ...] = self.listener.getsockname()
         self.handler = handler

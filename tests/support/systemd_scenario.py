@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.helpers import wait_for, write_fits  # noqa: E402
 
 UNIT = "contimg-publisher.service"
+SOCKET = "contimg-publisher.socket"
 CT = os.environ["CT"]
 ROOT = Path(f"/proc/{CT}/root")
 STAGE = Path("/stage/dsa110-contimg")
@@ -35,6 +36,22 @@ def inside(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
 def show(*props: str) -> dict[str, str]:
     out = inside("systemctl", "show", UNIT, "-p", ",".join(props), check=True).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def show_unit(unit: str, *props: str) -> dict[str, str]:
+    out = inside("systemctl", "show", unit, "-p", ",".join(props), check=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def fetch_inside(url: str) -> dict[str, object]:
+    """GET `url` from the container's network namespace (this Python, its network only)."""
+    code = ("import sys, urllib.request\n"
+            "with urllib.request.urlopen(sys.argv[1], timeout=10) as r:\n"
+            "    sys.stdout.write(str(r.status) + '\\n' + r.read().decode())\n")
+    out = subprocess.run(["nsenter", "-t", CT, "-n", sys.executable, "-c", code, url],
+                         capture_output=True, text=True, timeout=60)
+    status, _, body = out.stdout.partition("\n")
+    return {"rc": out.returncode, "status": status, "body": body, "stderr": out.stderr[-2000:]}
 
 
 def active_with_new_pid(old_pid: str, restarts: int):
@@ -101,6 +118,10 @@ def run(seen: dict[str, object]) -> None:
         lambda: (lambda s: s if "last publish: night1" in s else None)(
             show("StatusText")["StatusText"]), what="STATUS= naming the publish", timeout=15)
     seen["journal_published"] = journal("EVENT=published")
+    # The status port: opened by contimg-publisher.socket, served by the daemon.
+    seen["socket_after_start"] = show_unit(SOCKET, "ActiveState")
+    seen["journal_metrics"] = journal("EVENT=metrics_listening")
+    seen["status_json"] = fetch_inside("http://127.0.0.1:9465/status.json")
 
     reload = inside("systemctl", "reload", UNIT)
     seen["reload_rc"] = reload.returncode
@@ -123,6 +144,7 @@ def run(seen: dict[str, object]) -> None:
     seen["stop_rc"] = stop.returncode
     seen["after_stop"] = show("ActiveState", "Result", "ExecMainStatus", "ExecMainCode")
     seen["journal_stopping"] = [e.get("EVENT") for e in journal()][-5:]
+    seen["socket_after_stop"] = show_unit(SOCKET, "ActiveState")
 
 
 if __name__ == "__main__":
