@@ -68,6 +68,7 @@ def _flip_byte(path: Path, offset: int = -100) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_audit_finds_each_kind_of_damage_and_nothing_else(tmp_path: Path) -> None:
     box = _site(tmp_path)
     _stage(box)
@@ -133,6 +134,7 @@ def _events(box: Sandbox, name: str) -> list[dict[str, Any]]:
     return [e for e in log_events(box) if e.get("event") == name]
 
 
+@pytest.mark.slow
 def test_background_audit_finds_a_flipped_byte_once_and_resolves_it(tmp_path: Path) -> None:
     box = _site(tmp_path, audit={"interval_seconds": 1.0, "bytes_per_second": 0})
     write_fits(box.mosaics / "a.fits", seed=1)
@@ -175,6 +177,7 @@ def test_background_audit_finds_a_flipped_byte_once_and_resolves_it(tmp_path: Pa
         assert stop(proc) == 0
 
 
+@pytest.mark.slow
 def test_background_audit_keeps_to_its_rate(tmp_path: Path) -> None:
     rate = 2 << 20
     box = _site(tmp_path, audit={"interval_seconds": 1.0, "bytes_per_second": rate})
@@ -211,6 +214,7 @@ def _comparable(row: dict[str, Any]) -> dict[str, Any]:
         "object": row["metadata"].get("OBJECT")}
 
 
+@pytest.mark.slow
 def test_rebuild_after_the_registry_was_deleted_restores_every_row(tmp_path: Path) -> None:
     box = _site(tmp_path)
     _stage(box)
@@ -259,6 +263,7 @@ def test_rebuild_after_the_registry_was_deleted_restores_every_row(tmp_path: Pat
         assert stop(proc) == 0
 
 
+@pytest.mark.slow
 def test_rebuild_skips_and_lists_names_detection_rejects(tmp_path: Path) -> None:
     box = _site(tmp_path)
     write_fits(box.mosaics / "a.fits", seed=1)
@@ -288,6 +293,7 @@ def test_rebuild_skips_and_lists_names_detection_rejects(tmp_path: Path) -> None
     assert sorted(os.listdir(os.fsencode(m))) == sorted([b"a.fits", b"b.fits", *hostile])
 
 
+@pytest.mark.slow
 def test_audit_reports_old_unowned_temporaries_and_names_detection_rejects(
         tmp_path: Path) -> None:
     from contimg_publisher import lock
@@ -348,6 +354,7 @@ def test_audit_reports_old_unowned_temporaries_and_names_detection_rejects(
     assert all(p.exists() for p in [*planted, owned])  # the audit changes nothing
 
 
+@pytest.mark.slow
 def test_stale_staged_files_are_listed_and_quarantined_with_a_record(tmp_path: Path) -> None:
     quarantine = tmp_path / "quarantine"
     box = _site(tmp_path, hygiene={"report_after_seconds": 1.0})
@@ -391,6 +398,7 @@ def test_stale_staged_files_are_listed_and_quarantined_with_a_record(tmp_path: P
     assert again == {"moved": [], "kept": []}
 
 
+@pytest.mark.slow
 def test_quarantine_across_filesystems_copies_verifies_then_removes(tmp_path: Path) -> None:
     shm = Path("/dev/shm")
     if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
@@ -413,6 +421,7 @@ def test_quarantine_across_filesystems_copies_verifies_then_removes(tmp_path: Pa
         shutil.rmtree(quarantine, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.root("mounting a small tmpfs for the quarantine folder needs root")
 def test_quarantine_on_a_full_disk_leaves_no_temporary_and_succeeds_once_space_is_freed(
         tmp_path: Path) -> None:

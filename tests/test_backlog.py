@@ -74,6 +74,7 @@ def rows(sandbox: Sandbox) -> list[dict[str, object]]:
             return []  # created, its tables not yet
 
 
+@pytest.mark.slow
 def test_a_burst_is_published_in_batches_that_share_their_commits(tmp_path: Path) -> None:
     sandbox = Sandbox(tmp_path)
     digests = stage_burst(sandbox, 300)
@@ -93,6 +94,7 @@ def test_a_burst_is_published_in_batches_that_share_their_commits(tmp_path: Path
                                                              for r in rows(sandbox))
 
 
+@pytest.mark.slow
 def test_a_stop_during_a_batch_gives_the_rest_back(tmp_path: Path) -> None:
     """Copies made slow (a delay per chunk, in the daemon's copy loop): the watchdog is
     pinged on time meanwhile; SIGTERM once the first copy of a batch is in place. The
@@ -166,6 +168,7 @@ def test_stray_temporary_files_are_swept_after_ready(tmp_path: Path) -> None:
     assert sorted(os.listdir(folder)) == ["m0.fits"]
 
 
+@pytest.mark.slow
 def test_a_burst_moved_in_as_one_folder_is_published_once_each(tmp_path: Path) -> None:
     """The pipeline's nights arrive as folders of folders, moved in at once: the loop walks
     the moved folder on its one event, registering and publishing take turns, and every
@@ -198,6 +201,7 @@ def test_a_burst_moved_in_as_one_folder_is_published_once_each(tmp_path: Path) -
     assert not [e for e in events if e.get("level") in ("warning", "error", "critical")]
 
 
+@pytest.mark.slow
 def test_detection_goes_on_beside_a_long_copy(tmp_path: Path) -> None:
     """Registering waits for a short batch in flight, never for a long copy: a mosaic
     staged while a slow copy runs is registered before that copy is done."""

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from contimg_publisher.registry import Registry
 from tests.helpers import Sandbox, start_daemon, stop, wait_for, write_fits
 from tests.test_service import NotifySocket
@@ -42,6 +44,7 @@ def published(box: Sandbox) -> dict[str, dict[str, object]]:
             for r in rows if r.status == "published"}
 
 
+@pytest.mark.slow
 def test_backups_taken_while_publishing_are_consistent_and_only_the_newest_kept(
         tmp_path: Path) -> None:
     box = Sandbox(tmp_path, detect={"settle_seconds": 0.1})
@@ -93,6 +96,7 @@ def test_backups_taken_while_publishing_are_consistent_and_only_the_newest_kept(
     assert outputs[-1]["products"] == counts[-1]
 
 
+@pytest.mark.slow
 def test_restore_drill_finds_what_was_published_after_the_backup_once(tmp_path: Path) -> None:
     """README's drill: stop, put the backup back, rebuild from the archive, start. Products
     published after the backup are recorded again; nothing is published twice."""

@@ -79,6 +79,7 @@ def test_list_json_objects_carry_the_stable_fields(filled):
     assert by_id["waiting"]["metadata"] == {"NIMAGES": 1, "OBJECT": "obj1"}
 
 
+@pytest.mark.slow
 def test_list_filters_and_limit(filled):
     failed = json.loads(filled.cli("list", "--status", "failed", "--json", check=True).stdout)
     assert [r["data_id"] for r in failed] == ["broken"]
@@ -101,6 +102,7 @@ def test_show_includes_failure_history(filled):
     assert missing.returncode == 1 and "nope" in missing.stderr
 
 
+@pytest.mark.slow
 def test_retry_hold_release(filled):
     out = filled.cli("retry", "broken")
     assert out.returncode == 0, out.stderr
@@ -217,6 +219,7 @@ def test_config_from_environment(tmp_path):
     assert str(sandbox.config_path) in out.stdout
 
 
+@pytest.mark.slow
 def test_retry_of_a_product_registered_under_another_stage_root_is_refused(tmp_path):
     """stage_root A -> B leaves A's waiting product `failed`, naming the change; `retry`
     must not make it wait again where nothing looks at it: it is refused with both roots
@@ -270,6 +273,7 @@ def test_retry_of_a_product_registered_under_another_stage_root_is_refused(tmp_p
     assert sandbox.row("in_a")["status"] == "staging"
 
 
+@pytest.mark.slow
 def test_a_publish_after_failures_resets_the_legacy_columns_and_show_keeps_them(tmp_path):
     """Fail, fail, then succeed: the legacy columns read as after the legacy code's success
     (publish_attempts 0, publish_error NULL), and `show` still lists both failures."""
@@ -304,6 +308,7 @@ def test_a_publish_after_failures_resets_the_legacy_columns_and_show_keeps_them(
     assert [line.split()[2:4] for line in history] == [["1", "other"], ["2", "other"]]
 
 
+@pytest.mark.slow
 def test_five_publish_commands_at_once_publish_one_product_once(tmp_path):
     """Five `publish DATA_ID` processes started together on one product: exactly one
     publishes it, the others say it is published; one copy, no version, no failure."""

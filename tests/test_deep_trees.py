@@ -122,6 +122,7 @@ def _published(box: Sandbox, data_ids: set[str], proc: subprocess.Popen[str] | N
     return wait_for(done, timeout=90, interval=0.3, what=f"{sorted(data_ids)} published")
 
 
+@pytest.mark.slow
 def test_staging_tree_2100_deep_daemon_ready_and_publishes_beside_it(
         deep_cleanup: Path) -> None:
     """A chain of 2,100 folders (paths over 10,000 bytes) under the mosaics folder: the
@@ -169,6 +170,7 @@ def test_staging_tree_2100_deep_daemon_ready_and_publishes_beside_it(
     assert code == 0, (box.root / "daemon.log").read_text()[-3000:]
 
 
+@pytest.mark.slow
 def test_deep_folder_moved_in_later_the_watch_comes_back_and_publishing_goes_on(
         deep_cleanup: Path) -> None:
     """A chain of 1,100 folders moved into a watched staging area: watchdog's own walk of
@@ -206,6 +208,7 @@ def test_deep_folder_moved_in_later_the_watch_comes_back_and_publishing_goes_on(
     assert _events(box, "watch_restarting")
 
 
+@pytest.mark.slow
 def test_folder_product_holding_a_1100_level_chain_is_rejected(deep_cleanup: Path) -> None:
     """A CASA image folder with a chain of 1,100 folders inside: rejected with a reason that
     names the depth limit; the daemon stays up and the other products publish."""
@@ -248,6 +251,7 @@ def test_folder_product_holding_a_1100_level_chain_is_rejected(deep_cleanup: Pat
     assert code == 0, (box.root / "daemon.log").read_text()[-3000:]
 
 
+@pytest.mark.slow
 def test_audit_and_rebuild_report_a_deep_chain_in_the_archive(deep_cleanup: Path) -> None:
     """An archived folder product with a 1,100-level chain inside, and a dark chain of
     1,100 folders beside it: the audit reports the product as not read back whole, the
@@ -290,6 +294,7 @@ def test_audit_and_rebuild_report_a_deep_chain_in_the_archive(deep_cleanup: Path
     assert "more than 256 levels of folders deep" in skipped[deep_junk[0]]
 
 
+@pytest.mark.slow
 @pytest.mark.root("a products area on a tmpfs of its own needs root")
 def test_a_copy_interrupted_at_a_path_over_path_max_is_reconciled(deep_cleanup: Path) -> None:
     """A mosaic 22 long-named folders down (its paths over 4,096 bytes) whose copy to

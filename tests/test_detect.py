@@ -144,6 +144,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["reopen", "held-open"])
 def test_chunked_writer_is_registered_once_only_after_last_write_plus_settle(
         sandbox: Sandbox, notify: NotifySocket, mode: str) -> None:
@@ -196,6 +197,7 @@ def _no_end() -> bytes:
     return data[:at] + b"COMMENT" + b" " * 73 + data[at + 80:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("maker", "reason"), [
     (_truncated, "truncated"),
     (_bad_datasum, "DATASUM mismatch"),
@@ -225,6 +227,7 @@ def test_invalid_fits_is_rejected_with_reason_never_due(sandbox: Sandbox,
         [("rejected", row.publish_error)]
 
 
+@pytest.mark.slow
 def test_rejected_file_fixed_in_place_is_registered(sandbox: Sandbox) -> None:
     """A rejection is not final: once the file changes it is looked at again."""
     path = sandbox.mosaics / "fixed.fits"
@@ -240,6 +243,7 @@ def test_rejected_file_fixed_in_place_is_registered(sandbox: Sandbox) -> None:
     assert row.status == "published" and row.checksum == sha256(data)
 
 
+@pytest.mark.slow
 def test_rename_copy_and_folder_product(sandbox: Sandbox, notify: NotifySocket) -> None:
     """The three other ways a product arrives: renamed into place, copied in with cp, and a
     CASA image folder built file by file (taken only once table.dat exists and all is quiet)."""
@@ -282,6 +286,7 @@ def test_rename_copy_and_folder_product(sandbox: Sandbox, notify: NotifySocket) 
     assert len(rows(sandbox)) == 3
 
 
+@pytest.mark.slow
 def test_files_written_while_no_daemon_ran_are_found_at_startup(
         sandbox: Sandbox, notify: NotifySocket) -> None:
     """The watcher cannot see what happened while it was down; the start-up scan does."""
@@ -339,6 +344,7 @@ def _socket_at(path: Path) -> socket.socket:
     return sock
 
 
+@pytest.mark.slow
 def test_every_bad_input_is_rejected_with_a_reason_and_the_daemon_keeps_running(
         sandbox: Sandbox, notify: NotifySocket, tmp_path: Path) -> None:
     """Links, special files, empty files and unusable names are recorded with an actionable
@@ -507,6 +513,7 @@ def counts_by_path(sandbox: Sandbox) -> dict[bytes, list[str]]:
     return out
 
 
+@pytest.mark.slow
 def test_burst_of_10000_files_all_registered_once(sandbox: Sandbox, notify: NotifySocket
                                                   ) -> None:
     """Files created faster than they can be described, in folders created during the burst
@@ -525,6 +532,7 @@ def test_burst_of_10000_files_all_registered_once(sandbox: Sandbox, notify: Noti
     assert {r.checksum for r in rows(sandbox)} == {sha256(data)}
 
 
+@pytest.mark.slow
 def test_mosaic_staged_after_ready_is_registered_by_the_watch(tmp_path: Path,
                                                              notify: NotifySocket) -> None:
     """The watch, not a rescan, finds a mosaic staged once the daemon is up: the periodic
@@ -544,6 +552,7 @@ def test_mosaic_staged_after_ready_is_registered_by_the_watch(tmp_path: Path,
     assert "watch_unavailable" not in log and "watch_degraded" not in log, log[-2000:]
 
 
+@pytest.mark.slow
 def test_watch_lost_with_its_root_is_restarted_and_logged(tmp_path: Path,
                                                           notify: NotifySocket) -> None:
     """The staging root removed and made again: the watch on the old folder ended with it;
@@ -569,6 +578,7 @@ def test_watch_lost_with_its_root_is_restarted_and_logged(tmp_path: Path,
     assert any("went away" in e["reason"] for e in degraded), degraded
 
 
+@pytest.mark.slow
 @pytest.mark.root("lowering fs.inotify.max_queued_events needs root")
 def test_overflowed_event_queue_is_recovered_by_rescan(tmp_path: Path, notify: NotifySocket
                                                        ) -> None:
@@ -626,6 +636,7 @@ def test_future_mtime_does_not_delay_registration(sandbox: Sandbox, inproc: InPr
     assert by_path[str(image)].status == "staging"
 
 
+@pytest.mark.slow
 def test_folder_product_losing_a_file_while_being_read_is_not_marked_gone(
         sandbox: Sandbox, inproc: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     """CASA rewrites image folders in place, removing files as it goes: a file that vanishes
@@ -705,6 +716,7 @@ def nobody_sandbox() -> Iterator[tuple[Path, Sandbox, Path]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_unreadable_folder_does_not_make_its_products_gone(nobody_sandbox) -> None:
     """A folder the daemon cannot list for a while (a wrong chmod by the pipeline) is not
     proof that the product in it left the staging area: it must stay waiting, and still be

@@ -185,6 +185,7 @@ def assert_received_once_in_order(receiver: Receiver, events: list[dict[str, Any
 
 # --- the webhook ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_each_publish_is_one_event_received_once_in_order_through_failures(tmp_path,
                                                                          receivers):
     """The consumer fails, drops the connection and stalls past the read timeout; every
@@ -218,6 +219,7 @@ def test_each_publish_is_one_event_received_once_in_order_through_failures(tmp_p
     assert sorted(e["event_id"] for e in delivered) == sorted(e["event_id"] for e in events)
 
 
+@pytest.mark.slow
 def test_sigkill_while_the_consumer_stalls_loses_nothing(tmp_path, receivers):
     """The daemon is killed while its request hangs; products published meanwhile were not
     held up by it, and after a restart every event arrives once, in order."""
@@ -256,6 +258,7 @@ def test_sigkill_while_the_consumer_stalls_loses_nothing(tmp_path, receivers):
     assert len(first) >= 2  # the stalled one, and the one after the restart
 
 
+@pytest.mark.slow
 def test_sink_down_for_a_while_then_back_drains_in_order(tmp_path, receivers):
     """Nothing listens at the webhook's port: products are published all the same, the
     events queue (status, metrics, `events`), and they drain in order once it is back."""
@@ -323,6 +326,7 @@ def test_sink_down_for_a_while_then_back_drains_in_order(tmp_path, receivers):
         assert states[0] == "pending" and states[-1] == "delivered", states
 
 
+@pytest.mark.slow
 def test_reload_points_delivery_at_a_new_url(tmp_path, receivers):
     """SIGHUP: the delivery thread takes the new [notify] url at once."""
     box = sandbox_with(tmp_path, {"url": f"http://127.0.0.1:{free_port()}/gone",
@@ -361,6 +365,7 @@ SINK_SCRIPT = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.slow
 def test_command_sink_that_exits_1_then_0_and_a_webhook_outage_apart(tmp_path, receivers):
     """The command fails once and then takes every event in order; the webhook, down at
     the same time, does not hold it back, and when it comes back the command is not run
@@ -404,6 +409,7 @@ def test_command_sink_that_exits_1_then_0_and_a_webhook_outage_apart(tmp_path, r
     assert len(failed) == 1 and "exit status 1: consumer not ready" in failed[0]["error"]
 
 
+@pytest.mark.slow
 def test_max_attempts_gives_up_on_an_event_and_redeliver_dead_sends_it_again(tmp_path,
                                                                            receivers):
     receiver = Receiver()
@@ -488,6 +494,7 @@ def test_a_new_sink_starts_at_the_end_and_restoring_a_row_emits_nothing(tmp_path
         assert state.undelivered == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["after_rename", "after_commit"])
 def test_a_kill_around_the_commit_leaves_exactly_one_event(tmp_path, crash_at):
     """Killed after the final rename (nothing committed: reconciliation completes the

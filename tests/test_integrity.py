@@ -122,6 +122,7 @@ def test_hard_linked_sidecar_is_copied_and_the_other_name_left_alone(sandbox_fs:
     assert_archive_matches_registry(sandbox)
 
 
+@pytest.mark.slow
 def test_same_filesystem_publish_moves_the_inode_so_the_staged_name_is_free(
         tmp_path: Path) -> None:
     """On one filesystem the staged inode is renamed into the archive; the pipeline writing
@@ -316,6 +317,7 @@ def _published(sandbox: Sandbox, data_id: str) -> dict | None:
     return row if row is not None and row["status"] == "published" else None
 
 
+@pytest.mark.slow
 def test_writer_pausing_at_an_hdu_boundary_is_waited_for(sandbox_fs: Sandbox) -> None:
     """The pipeline writes the primary HDU, flushes, and pauses far longer than the settle
     time with its file open, then writes the table: only the whole file is published."""
@@ -338,6 +340,7 @@ def test_writer_pausing_at_an_hdu_boundary_is_waited_for(sandbox_fs: Sandbox) ->
     assert [e["method"] for e in checks] == ["lease"], checks
 
 
+@pytest.mark.slow
 def test_writer_that_appears_after_registration_stops_the_publish(sandbox_fs: Sandbox) -> None:
     """A writer opens the registered file before it is published (an append, an in-place
     update): the publish is source_changed, nothing reaches the archive, and the file is
@@ -363,6 +366,7 @@ def test_writer_that_appears_after_registration_stops_the_publish(sandbox_fs: Sa
     assert_archive_matches_registry(sandbox)
 
 
+@pytest.mark.slow
 def test_without_leases_close_write_events_stand_in(tmp_path: Path) -> None:
     """A daemon without CAP_LEASE, on a staging folder owned by another user: it says it
     falls back to close-write events, and still waits for the paused writer."""
@@ -420,6 +424,7 @@ def _rchar() -> int:
     raise AssertionError("no rchar in /proc/self/io")
 
 
+@pytest.mark.slow
 def test_fits_failing_its_checksum_is_rejected_and_nothing_is_archived(
         sandbox_fs: Sandbox) -> None:
     """A mosaic with one data byte changed behind intact headers (its DATASUM no longer
@@ -458,6 +463,7 @@ def test_fits_failing_its_checksum_is_rejected_and_nothing_is_archived(
     assert archive_files(sandbox.products) == {}
 
 
+@pytest.mark.slow
 def test_fits_across_filesystems_gets_its_checksum_from_the_copy(sandbox_fs: Sandbox) -> None:
     """Registration across filesystems records the identity and what the headers declare
     (size, metadata), the checksum pending; the publish's copy computes it, checks the FITS
@@ -502,6 +508,7 @@ def test_truncated_fits_is_rejected_from_its_headers(sandbox_fs: Sandbox) -> Non
     assert archive_files(sandbox.products) == {}
 
 
+@pytest.mark.slow
 @pytest.mark.root("mounting a tmpfs for the products area needs root")
 def test_registration_across_filesystems_reads_the_headers_not_the_data(
         tmp_path: Path) -> None:
@@ -534,6 +541,7 @@ def test_registration_across_filesystems_reads_the_headers_not_the_data(
         umount(products)
 
 
+@pytest.mark.slow
 @pytest.mark.root("mounting a tmpfs for the products area needs root")
 def test_pending_checksum_is_computed_before_a_rename_too(tmp_path: Path) -> None:
     """Registered for a copy to another filesystem, then the products area moves onto the

@@ -18,6 +18,9 @@ import pytest
 from contimg_publisher.logs import MESSAGE_IDS
 from tests.helpers import REPO, Sandbox, is_root, mount_tmpfs, umount, write_fits
 
+# Each test boots or drives systemd's own pieces: seconds apiece.
+pytestmark = pytest.mark.slow
+
 SUPPORT = REPO / "tests" / "support"
 JOURNALD = Path("/lib/systemd/systemd-journald")
 
@@ -73,6 +76,7 @@ def journal(tmp_path_factory):
         umount(products)
 
 
+@pytest.mark.slow
 def test_publish_success_in_journal(journal):
     [entry] = journal["events"]["published"]
     assert entry["MESSAGE_ID"] == MESSAGE_IDS["published"]

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import (
     Sandbox,
     log_events,
@@ -35,6 +37,7 @@ def events(out: str, name: str) -> list[dict]:
     return found
 
 
+@pytest.mark.slow
 def test_late_sidecar_is_published_beside_its_product(sandbox_fs: Sandbox) -> None:
     sandbox = sandbox_fs
     data = stage(sandbox, "n/a.fits", seed=1)
@@ -114,6 +117,7 @@ def test_rerun_with_other_bytes_is_a_new_version_not_a_leftover(tmp_path: Path) 
     assert archive_files(sandbox.products / "mosaics") == {"a.fits": first, "a.v2.fits": second}
 
 
+@pytest.mark.slow
 def test_orphan_sidecar_and_stray_files_are_listed_never_deleted(tmp_path: Path) -> None:
     port = free_port()
     sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"},

@@ -243,6 +243,7 @@ def test_stuck_publishing_with_truncated_copy_and_no_source_is_not_published(sit
     assert (site.dest / "lost.fits").read_bytes() == data[:5000], "left for an operator"
 
 
+@pytest.mark.slow
 def test_attempts_past_the_limit_wait_for_an_operator(site):
     data = write_fits(site.box.mosaics / "tired.fits", seed=5)
     site.row("tired", "staging", attempts=5)
@@ -307,6 +308,7 @@ def _rows_at(site: LegacySite, path: Path) -> int:
         db.close()
 
 
+@pytest.mark.slow
 def test_rows_of_other_writers_stay_byte_identical_through_scans_and_the_daemon(make_site):
     site = make_site(detect={"rescan_seconds": 0.5}, publish={"reconcile_seconds": 0.5})
     stage = site.box.stage
@@ -374,6 +376,7 @@ def test_a_path_style_id_is_adopted_never_duplicated(site):
     assert [r["data_id"] for r in site.box.registry_rows()] == [str(path)]
 
 
+@pytest.mark.slow
 def test_qa_failed_or_invalid_is_held_by_default_and_no_verdict_publishes(site):
     cases = [("qa_failed", "failed", "validated"), ("invalid", "passed", "invalid"),
              ("no_verdict", None, None), ("warned", "warning", "pending"),
@@ -407,6 +410,7 @@ def test_qa_failed_or_invalid_is_held_by_default_and_no_verdict_publishes(site):
     assert all(f"  {name}  {reason}" in text for name, reason in reasons.items()), text
 
 
+@pytest.mark.slow
 def test_a_rule_that_requires_qa_waits_for_the_pipelines_verdict(make_site):
     rule = {"type": "mosaic", "glob": "mosaics/**/*.fits", "destination": "mosaics",
             "require": {"qa_status": "passed", "validation_status": "validated"}}
@@ -428,6 +432,7 @@ def test_a_rule_that_requires_qa_waits_for_the_pipelines_verdict(make_site):
     assert (site.dest / "group_7.fits").read_bytes() == data
 
 
+@pytest.mark.slow
 def test_a_rule_that_requires_photometry_waits_for_it_in_the_running_daemon(make_site):
     """The legacy check_auto_publish_criteria publishes a mosaic only once its photometry
     is `completed`: the same rule, kept by a running daemon against the pipeline's writes."""
@@ -483,6 +488,7 @@ def test_a_manual_publish_passes_the_qa_gate_only_with_a_logged_reason(site):
     assert (legacy["status"], legacy["publish_mode"]) == ("published", "manual")
 
 
+@pytest.mark.slow
 def test_past_max_attempts_with_the_file_gone_is_failed_keeping_the_legacy_error(site):
     site.row("worn", "staging", attempts=5)  # its file left staging long ago
     site.box.cli("scan", check=True)
@@ -543,6 +549,7 @@ def _event_time(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
+@pytest.mark.slow
 def test_a_legacy_publish_in_flight_is_left_to_finish(make_site):
     site = make_site(publish={"legacy_quiet_seconds": 3, "reconcile_seconds": 0.3},
                      detect={"rescan_seconds": 0.5})
@@ -571,6 +578,7 @@ def test_a_legacy_publish_in_flight_is_left_to_finish(make_site):
     assert not [e for e in events if e.get("event") in ("legacy_partial_removed", "reconciled")]
 
 
+@pytest.mark.slow
 def test_a_crashed_legacy_copy_is_removed_once_quiet_and_published_whole(make_site):
     quiet = 2.0
     site = make_site(publish={"legacy_quiet_seconds": quiet, "reconcile_seconds": 0.3})
@@ -605,6 +613,7 @@ def test_a_crashed_legacy_copy_is_removed_once_quiet_and_published_whole(make_si
     assert _event_time(removed[0]) >= max(killed - 0.05, last_write + quiet)
 
 
+@pytest.mark.slow
 def test_a_reregistered_product_is_described_again_from_the_archive(site):
     path = site.box.mosaics / "group_3.fits"
     data = write_fits(path, seed=51)
@@ -632,6 +641,7 @@ def test_a_reregistered_product_is_described_again_from_the_archive(site):
     assert legacy["status"] == "rejected" and "staging area" in legacy["publish_error"]
 
 
+@pytest.mark.slow
 def test_publish_error_is_cleared_on_success_and_kept_in_the_history(site):
     data = write_fits(site.box.mosaics / "retried.fits", seed=71)
     site.dest.rmdir()

@@ -292,6 +292,7 @@ def test_status_page_lists_each_state_and_escapes_names(site: Site) -> None:
     assert "50.0%" in page.sections["Success rate"]
 
 
+@pytest.mark.slow
 def test_status_page_in_headless_chromium(site: Site, tmp_path: Path) -> None:
     chromium = need("chromium")
     base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -437,6 +438,7 @@ def _query(base: str, expr: str) -> list[dict[str, Any]]:
     return data["data"]["result"]
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_the_published_total(tmp_path: Path) -> None:
     prometheus = need("prometheus")
     port, prom_port = free_port(), free_port()
@@ -510,6 +512,7 @@ def test_metrics_config_is_validated() -> None:
         assert info.value.key == key
 
 
+@pytest.mark.slow
 def test_taken_port_and_exposed_address_are_logged_and_publishing_goes_on(
         tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:

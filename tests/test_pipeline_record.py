@@ -128,6 +128,7 @@ def _held(box: Sandbox, data_id: str) -> str | None:
     return None if row is None else row.get("held_reason")
 
 
+@pytest.mark.slow
 def test_nothing_leaves_staging_before_the_verdict_and_the_row_follows_the_publish(site):
     box, pipeline = site
     data = {name: pipeline.build(name, seed) for seed, name in
@@ -193,6 +194,7 @@ def test_nothing_leaves_staging_before_the_verdict_and_the_row_follows_the_publi
     assert verdicts_now == verdicts
 
 
+@pytest.mark.slow
 def test_a_mosaic_waits_for_the_pipelines_tables_then_its_row_then_its_verdict(tmp_path):
     """The daemon starts before the pipeline has ever run: its mosaic waits, with the reason,
     for the table, then for its row, then for the verdict, and goes once it is PASS."""
@@ -282,6 +284,7 @@ def crash_site(request: pytest.FixtureRequest, tmp_path: Path
             umount(products)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_a_kill_at_each_step_leaves_the_row_naming_a_whole_file(crash_site, point):
     box, pipeline, same_fs = crash_site

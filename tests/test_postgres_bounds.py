@@ -29,6 +29,7 @@ def test_the_bounds_follow_the_busy_timeout_and_the_lease() -> None:
     assert "-c statement_timeout=1750" in kwargs["options"]
 
 
+@pytest.mark.slow
 def test_the_server_enforces_them_on_each_connection(pg_server: Server) -> None:  # noqa: F811
     with PostgresRegistry(pg_server.uri, busy_timeout_seconds=3.0, lease_seconds=5.0) as reg, \
             reg.read() as conn:
@@ -39,6 +40,7 @@ def test_the_server_enforces_them_on_each_connection(pg_server: Server) -> None:
                      "idle_in_transaction_session_timeout": "5s"}
 
 
+@pytest.mark.slow
 def test_a_statement_past_its_bound_is_registry_unavailable(pg_server: Server) -> None:  # noqa: F811
     with PostgresRegistry(pg_server.uri, busy_timeout_seconds=1.0) as reg:
         started = time.monotonic()
@@ -50,6 +52,7 @@ def test_a_statement_past_its_bound_is_registry_unavailable(pg_server: Server) -
         assert reg.clock() > 0  # the connection is usable again
 
 
+@pytest.mark.slow
 def test_a_transaction_left_idle_is_ended_by_the_server(pg_server: Server) -> None:  # noqa: F811
     with PostgresRegistry(pg_server.uri, busy_timeout_seconds=1.0) as reg:
         reg.heartbeat("idle:1:1:1", 1.0, "test")

@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from contimg_publisher import lock, reconcile
 from contimg_publisher.registry import Candidate, Identity, open_registry
 from contimg_publisher.registry.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
@@ -40,6 +42,7 @@ def _rows(server: Server) -> list[tuple[str, ...]]:
     return [tuple(line.split("|")) for line in out.splitlines()]
 
 
+@pytest.mark.slow
 def test_the_daemon_publishes_into_a_postgresql_registry(tmp_path: Path,
                                                          pg_server: Server) -> None:  # noqa: F811
     box = _node_sandbox(tmp_path / "a", pg_server, "node-a")
@@ -71,6 +74,7 @@ def test_the_daemon_publishes_into_a_postgresql_registry(tmp_path: Path,
     assert events.count("published") == 3
 
 
+@pytest.mark.slow
 def test_two_daemons_share_one_archive_and_each_publishes_its_own_once(
         tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
     a = _node_sandbox(tmp_path / "a", pg_server, "node-a")
@@ -112,6 +116,7 @@ def test_two_daemons_share_one_archive_and_each_publishes_its_own_once(
     assert sorted(published_events["b"]) == sorted(d for d, *_ in rows if d.startswith("b"))
 
 
+@pytest.mark.slow
 def test_a_server_restart_pauses_the_daemon_and_it_resumes_by_itself(
         tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
     box = _node_sandbox(tmp_path / "a", pg_server, "node-a")
@@ -142,6 +147,7 @@ def test_a_server_restart_pauses_the_daemon_and_it_resumes_by_itself(
     assert pg_server.psql("SELECT count(*) FROM publish_log") == "4"
 
 
+@pytest.mark.slow
 def test_two_nodes_publishing_one_name_get_two_versions(tmp_path: Path,
                                                          pg_server: Server) -> None:  # noqa: F811
     a = _node_sandbox(tmp_path / "a", pg_server, "node-a")
@@ -163,6 +169,7 @@ def test_two_nodes_publishing_one_name_get_two_versions(tmp_path: Path,
     assert len({r[3] for r in rows}) == 2
 
 
+@pytest.mark.slow
 def test_two_nodes_copying_one_file_name_at_once_get_two_versions_no_attempt_counted(
         tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
     """Two mosaics of one name copied at once (slowed) into one products area: both
@@ -195,6 +202,7 @@ def test_two_nodes_copying_one_file_name_at_once_get_two_versions_no_attempt_cou
     assert failures[0].startswith("interrupted|") and "taken by another publish" in failures[0]
 
 
+@pytest.mark.slow
 def test_two_nodes_publishing_one_folder_name_at_once_get_two_versions(
         tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
     """Two folder products of one name, copied at once (slowed: a second per file) by two
@@ -270,6 +278,7 @@ def test_reconciliation_releases_a_folder_name_whose_claim_died(tmp_path: Path,
         assert reg.get("f2").status == "publishing"  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_status_page_metrics_and_status_show_every_node_and_flag_a_silent_one(
         tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
     import urllib.request
@@ -315,6 +324,7 @@ def _try(get, path: str) -> str | None:  # noqa: ANN001 - a local helper of one 
         return None
 
 
+@pytest.mark.slow
 def test_started_while_the_server_is_down_it_waits_and_resumes_by_itself(
         tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
     """A node booting before its registry server (the first connection and the migration
@@ -358,6 +368,7 @@ def test_started_while_the_server_is_down_it_waits_and_resumes_by_itself(
     assert list(box.mosaics.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_migration_held_up_by_another_node_pauses_the_start_until_it_is_done(
         tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
     """Another node holds the migration lock (a long migration of its own): this daemon's
@@ -388,6 +399,7 @@ def test_a_migration_held_up_by_another_node_pauses_the_start_until_it_is_done(
     assert pg_server.psql("SELECT version FROM contimg_schema") == str(PG_SCHEMA_VERSION)
 
 
+@pytest.mark.slow
 def test_two_nodes_deliver_each_event_once_and_one_audits_the_shared_archive(
         tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
     """Two daemons on two nodes, one webhook consumer and one archive: every publish of
@@ -491,6 +503,7 @@ def test_two_nodes_deliver_each_event_once_and_one_audits_the_shared_archive(
         receiver.close()
 
 
+@pytest.mark.slow
 def test_a_batch_longer_than_its_lease_keeps_every_rows_lease(
         tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
     """One claim takes the whole backlog; its copies (slowed to a second each) outlast the

@@ -22,6 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from contimg_publisher.transfer import DELAY_ENV
 from tests.helpers import Sandbox, log_events, start_daemon, wait_for
 from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
@@ -71,6 +73,7 @@ def _on_disk_is_sound(products: Path, expected: dict[str, str]) -> None:
             f"{rel} under its final name is not the product it names"
 
 
+@pytest.mark.slow
 def test_daemons_killed_at_random_on_three_nodes_publish_each_product_once(
         tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
     seed = int(os.environ.get("TORTURE_SEED", "15"))

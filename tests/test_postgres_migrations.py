@@ -32,6 +32,7 @@ def _schema(server: Server, database: str = DATABASE) -> dict[str, list[str]]:
     return {"columns": columns.splitlines(), "indexes": indexes.splitlines()}
 
 
+@pytest.mark.slow
 def test_steps_are_ordered_and_each_is_recorded(pg_server: Server) -> None:  # noqa: F811
     assert [v for v, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
     with PostgresRegistry(pg_server.uri, migrate=False) as reg:
@@ -44,6 +45,7 @@ def test_steps_are_ordered_and_each_is_recorded(pg_server: Server) -> None:  # n
         assert reg.migrate() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("older", sorted({1, 2, 5, SCHEMA_VERSION - 1}))
 def test_a_database_at_an_older_version_is_brought_forward_and_keeps_its_rows(
         pg_server: Server, older: int) -> None:  # noqa: F811

@@ -72,6 +72,7 @@ def _published(server: Server) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
         tmp_path: Path, pg_server: Server, netns: str,  # noqa: F811
         tmpfs_products: Path) -> None:  # noqa: F811
@@ -131,6 +132,7 @@ def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
         {"published"}
 
 
+@pytest.mark.slow
 def test_no_registry_call_blocks_past_its_bound_on_a_dead_link(
         pg_server: Server, netns: str) -> None:  # noqa: F811
     """Each kind of call the daemon's loop and publish thread make, over a link that went
@@ -188,6 +190,7 @@ BIG_PIXELS = 2880  # 2880 x 2880 float32: about 33 MB, four of the copy's chunks
 BIG_PRODUCTS = 3
 
 
+@pytest.mark.slow
 def test_a_lease_lost_mid_copy_is_abandoned_and_another_daemon_takes_the_claims(
         tmp_path: Path, pg_server: Server, netns: str,  # noqa: F811
         tmpfs_products: Path) -> None:  # noqa: F811

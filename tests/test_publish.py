@@ -182,6 +182,7 @@ def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
                    if p.is_file())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_crash_point_across_filesystems_recovers(tmp_path: Path, tmpfs_products: Path,
                                                  point: str) -> None:
@@ -190,6 +191,7 @@ def test_crash_point_across_filesystems_recovers(tmp_path: Path, tmpfs_products:
     _crash_and_recover(Sandbox(tmp_path, products_root=tmpfs_products), point, same_fs=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", SAME_FS_POINTS)
 def test_crash_point_same_filesystem_recovers(tmp_path: Path, point: str) -> None:
     """The same on one filesystem, where the publish is a rename of the staged inode."""
@@ -198,6 +200,7 @@ def test_crash_point_same_filesystem_recovers(tmp_path: Path, point: str) -> Non
 
 # --- full disk --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.root("mounting a tiny tmpfs for the products area needs root")
 def test_full_disk_publishes_what_fits_then_the_rest_after_retry(tmp_path: Path) -> None:
     """A products filesystem with room for a few mosaics: those are published, the others
@@ -256,6 +259,7 @@ for data_id in ids:
 """
 
 
+@pytest.mark.slow
 def test_six_publishers_at_once_publish_each_product_once(tmp_path: Path) -> None:
     """Three `scan` passes and three processes publishing every product by id, all started
     together on the same 100 products: the lock and the claims let each product through
@@ -311,6 +315,7 @@ def test_source_replaced_by_symlink_to_etc_passwd_is_never_published(tmp_path: P
     assert source.is_symlink()
 
 
+@pytest.mark.slow
 def test_source_replaced_by_another_file_is_not_published_as_the_registered_one(
         tmp_path: Path) -> None:
     """The staged mosaic is replaced by a different file after registration: the publish
@@ -462,6 +467,7 @@ def _check_nothing_wrong_on_disk(sandbox: Sandbox, expected: dict[str, str]) -> 
     return len(published)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_truncates_or_duplicates(
         tmp_path: Path, tmpfs_products: Path) -> None:
     """Publishers (`run`, sometimes `scan`) SIGKILLed at random moments, again and again,

@@ -131,6 +131,7 @@ def receiver() -> Iterator[Redirecting]:
     r.close()
 
 
+@pytest.mark.slow
 def test_daemon_log_status_page_and_events_show_no_secret(tmp_path: Path,
                                                           receiver: Redirecting) -> None:
     port = free_port()

@@ -205,6 +205,7 @@ def test_legacy_adoption_through_registry_keeps_every_value(tmp_path, with_optio
     db.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_optional", [True, False], ids=["publish-columns", "oldest"])
 def test_legacy_adoption_through_cli_migrate(tmp_path, with_optional):
     """The operator's `migrate` adopts the same way, and a second run reports nothing to do."""
@@ -337,6 +338,7 @@ def _claim_worker(path: str, owner: str, start: Any, out: Any) -> None:
     out.put((owner, claimed))
 
 
+@pytest.mark.slow
 def test_concurrent_processes_claim_each_row_exactly_once(tmp_path):
     """Several publishers on one file: no row is published twice and none is lost."""
     path = tmp_path / "registry.sqlite3"
@@ -599,6 +601,7 @@ def test_write_rolls_back_on_error(reg):
     assert list(reg.conn.execute("SELECT * FROM data_tags")) == []
 
 
+@pytest.mark.slow
 def test_migration_blocked_by_a_writer_fails_cleanly_and_leaves_the_file_legacy(tmp_path):
     """An adoption that cannot get the write lock changes nothing, so it can simply be rerun."""
     box = Sandbox(tmp_path, registry={"busy_timeout_seconds": 0.3})
@@ -627,6 +630,7 @@ def _migrate_worker(path: str, start: Any, out: Any) -> None:
         out.put(reg.version())
 
 
+@pytest.mark.slow
 def test_concurrent_migrations_of_one_legacy_file_apply_each_step_once(tmp_path):
     """The daemon and an operator's `migrate` may start together; both must end up at the
     current version with every row kept and no step applied twice."""
@@ -775,6 +779,7 @@ def _plans(reg: Registry, call: Any) -> list[tuple[str, list[str]]]:
     return plans
 
 
+@pytest.mark.slow
 def test_claim_and_next_due_read_only_the_due_rows_index(tmp_path: Path) -> None:
     """A long history and many held rows: the questions the main loop asks on every wake-up
     (what is due next, claim a batch) are answered from the partial indexes of due rows,

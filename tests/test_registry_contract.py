@@ -75,6 +75,7 @@ def _fail(reg: RegistryBackend, data_id: str, owner: str | None, token: str | No
 
 # --- the contract, on both backends ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_register_tells_new_unchanged_updated_and_conflict(opener: Opener) -> None:
     reg = opener()
     assert reg.register(candidate(1))[0] == "new"
@@ -137,6 +138,7 @@ def test_publish_records_the_row_the_log_and_the_counts(opener: Opener) -> None:
     assert reg.register(candidate(7))[0] == "published"  # the staged copy is a leftover
 
 
+@pytest.mark.slow
 def test_failures_back_off_then_fail_and_retry_makes_them_due(opener: Opener) -> None:
     reg = opener()
     reg.register(candidate(1))
@@ -183,6 +185,7 @@ def test_a_publish_after_failures_reads_as_the_legacy_code_left_it(opener: Opene
         (1, "other", "boom")]
 
 
+@pytest.mark.slow
 def test_an_interrupted_publish_uses_no_attempt(opener: Opener) -> None:
     reg = opener()
     reg.register(candidate(1))
@@ -193,6 +196,7 @@ def test_an_interrupted_publish_uses_no_attempt(opener: Opener) -> None:
     assert [r.data_id for r in reg.claim("owner-2", LEASE)] == [row.data_id]
 
 
+@pytest.mark.slow
 def test_hold_keeps_a_product_from_claims_and_a_request_passes_it(opener: Opener) -> None:
     reg = opener()
     reg.register(candidate(1))
@@ -239,6 +243,7 @@ def test_another_owners_writes_change_nothing(opener: Opener) -> None:
     assert still.lease_owner == "owner-1" and still.publish_step == "claimed"
 
 
+@pytest.mark.slow
 def test_two_connections_see_each_others_commits(opener: Opener) -> None:
     a, b = opener(), opener()
     a.register(candidate(1))
@@ -250,6 +255,7 @@ def test_two_connections_see_each_others_commits(opener: Opener) -> None:
     assert claimed.data_id == "m_000001"
 
 
+@pytest.mark.slow
 def test_a_write_around_many_calls_is_one_transaction(opener: Opener) -> None:
     reg = opener()
     with pytest.raises(RuntimeError), reg.write():
@@ -274,6 +280,7 @@ def _raw(reg: RegistryBackend, sql: str) -> None:
         reg.conn.execute(sql)  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_the_qa_gate_holds_and_says_why_alike_on_both_backends(opener: Opener) -> None:
     from contimg_publisher.qa import Condition
     reg = opener()
@@ -354,6 +361,7 @@ def test_a_products_own_record_gates_it_and_follows_its_publish_on_both_backends
         reg.set_qa_gate([], [Record("mosaic", "publish_log", "stage_path", (), (), "wait")])
 
 
+@pytest.mark.slow
 def test_heartbeats_list_a_running_daemon_until_its_clean_stop(opener: Opener,
                                                                 request: pytest.FixtureRequest
                                                                 ) -> None:
@@ -385,6 +393,7 @@ def _publish(reg: RegistryBackend, n: int, supersedes: str | None = None) -> str
     return row.data_id
 
 
+@pytest.mark.slow
 def test_each_publish_writes_one_event_in_its_own_commit(opener: Opener,
                                                          request: pytest.FixtureRequest
                                                          ) -> None:
@@ -421,6 +430,7 @@ def test_each_publish_writes_one_event_in_its_own_commit(opener: Opener,
     assert reg.last_event_seq() == confirmed.seq
 
 
+@pytest.mark.slow
 def test_a_sinks_cursor_keeps_order_through_failures_dead_events_and_redelivery(
         opener: Opener) -> None:
     reg = opener()
@@ -473,6 +483,7 @@ def test_a_sinks_cursor_keeps_order_through_failures_dead_events_and_redelivery(
     assert reg.outbox_head("nobody") is None
 
 
+@pytest.mark.slow
 def test_audit_findings_open_once_stay_open_and_resolve_with_the_state(opener: Opener) -> None:
     from contimg_publisher.registry import Finding
     reg = opener()
@@ -508,6 +519,7 @@ def test_audit_findings_open_once_stay_open_and_resolve_with_the_state(opener: O
     assert reg.audit_state()["cursor"] == 42
 
 
+@pytest.mark.slow
 def test_rebuild_inserts_a_row_once_and_the_audit_sees_it_recorded(opener: Opener) -> None:
     from contimg_publisher.registry import Rebuilt
     reg = opener()
@@ -543,6 +555,7 @@ def test_rebuild_inserts_a_row_once_and_the_audit_sees_it_recorded(opener: Opene
         "r_1"]
 
 
+@pytest.mark.slow
 def test_quarantine_is_recorded_and_the_file_leaves_the_unclaimed_list(opener: Opener) -> None:
     from contimg_publisher.registry import Quarantined
     reg = opener()
@@ -566,6 +579,7 @@ def test_quarantine_is_recorded_and_the_file_leaves_the_unclaimed_list(opener: O
     assert reg.quarantined(limit=1) == [other]
 
 
+@pytest.mark.slow
 def test_a_duty_is_held_by_one_daemon_until_it_resigns(opener: Opener,
                                                        request: pytest.FixtureRequest) -> None:
     a, b = opener(node="node-a"), opener(node="node-b")
@@ -598,6 +612,7 @@ def _pg(server: Server, node: str = "node-a", **kwargs: Any) -> PostgresRegistry
     return reg
 
 
+@pytest.mark.slow
 def test_concurrent_claims_never_take_the_same_row(server: Server) -> None:
     with _pg(server) as setup, setup.write():
         for n in range(300):
@@ -623,6 +638,7 @@ def test_concurrent_claims_never_take_the_same_row(server: Server) -> None:
     assert sum(1 for got in claimed.values() if got) >= 2, claimed.keys()
 
 
+@pytest.mark.slow
 def test_a_claim_skips_rows_another_transaction_holds_without_waiting(server: Server) -> None:
     a, b = _pg(server), _pg(server, busy_timeout_seconds=30)
     try:
@@ -641,6 +657,7 @@ def test_a_claim_skips_rows_another_transaction_holds_without_waiting(server: Se
         b.close()
 
 
+@pytest.mark.slow
 def test_lease_expiry_is_the_servers_clock_not_the_clients(server: Server) -> None:
     with _pg(server) as reg:
         reg.register(candidate(1))
@@ -658,6 +675,7 @@ def test_lease_expiry_is_the_servers_clock_not_the_clients(server: Server) -> No
         assert renewed.lease_expires_at >= server_now + 90 - 2
 
 
+@pytest.mark.slow
 def test_an_expired_claim_taken_again_fences_the_old_owners_writes(server: Server) -> None:
     a, b = _pg(server), _pg(server)
     try:
@@ -695,6 +713,7 @@ def test_an_expired_claim_taken_again_fences_the_old_owners_writes(server: Serve
         b.close()
 
 
+@pytest.mark.slow
 def test_a_node_claims_and_rescans_only_its_own_rows(server: Server) -> None:
     a, b = _pg(server, node="node-a"), _pg(server, node="node-b")
     try:
@@ -716,6 +735,7 @@ def test_a_node_claims_and_rescans_only_its_own_rows(server: Server) -> None:
         b.close()
 
 
+@pytest.mark.slow
 def test_a_server_that_goes_away_is_unavailable_then_used_again(server: Server) -> None:
     with _pg(server, busy_timeout_seconds=2) as reg:
         reg.register(candidate(1))
@@ -739,6 +759,7 @@ def test_a_server_that_goes_away_is_unavailable_then_used_again(server: Server) 
         assert {r.data_id for r in reg.products()} == {"m_000001", "m_000002"}
 
 
+@pytest.mark.slow
 def test_schema_version_is_recorded_and_a_newer_one_refused(server: Server) -> None:
     from contimg_publisher.registry import RegistryError
     with _pg(server) as reg:
@@ -756,6 +777,7 @@ def test_fixture_reason_when_unavailable() -> None:
     assert reason is None or "postgres" in reason.lower()
 
 
+@pytest.mark.slow
 def test_a_heartbeat_that_stopped_is_flagged_stale(server: Server) -> None:
     with _pg(server, node="node-a") as a, _pg(server, node="node-b") as b:
         a.heartbeat("a:1:1:1", 1.0, "0.1.0")
@@ -766,6 +788,7 @@ def test_a_heartbeat_that_stopped_is_flagged_stale(server: Server) -> None:
         assert by_node["node-b"].stale and by_node["node-b"].age_seconds >= 300
 
 
+@pytest.mark.slow
 def test_two_nodes_registering_one_data_id_at_once_get_new_and_conflict(
         server: Server) -> None:
     a, b = _pg(server, node="node-a"), _pg(server, node="node-b")
@@ -864,6 +887,7 @@ def test_a_schema_6_database_gains_the_reservations_table_and_keeps_its_rows(
     assert server.psql("SELECT data_id FROM name_reservations") == "m_000001"
 
 
+@pytest.mark.slow
 def test_a_duty_whose_lease_lapsed_passes_to_another_daemon(server: Server) -> None:
     with _pg(server, node="node-a") as a, _pg(server, node="node-b") as b:
         assert a.lead("audit", "daemon-a", 1.0)
@@ -875,6 +899,7 @@ def test_a_duty_whose_lease_lapsed_passes_to_another_daemon(server: Server) -> N
         assert rows == "audit|daemon-b|node-b"
 
 
+@pytest.mark.slow
 def test_events_of_two_nodes_are_numbered_in_commit_order(server: Server) -> None:
     """A publish whose transaction is still open holds the outbox's order: another node's
     publish waits for its commit, so a sink's cursor can never pass an event that was not
@@ -929,6 +954,7 @@ def test_schema_7_is_migrated_to_8_with_the_outbox_and_audit_tables(server: Serv
         assert _publish(reg, 2) == "m_000002" and len(reg.events_for("m_000002")) == 1
 
 
+@pytest.mark.slow
 def test_a_publish_its_client_stopped_driving_does_not_hold_other_nodes_back(
         server: Server) -> None:
     """node-a's transaction holds the outbox's order, then its client goes silent before

@@ -12,6 +12,7 @@ from typing import Any
 
 import apsw
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 
 from contimg_publisher.registry import Finding, Published, Quarantined, Registry, open_registry
@@ -38,6 +39,7 @@ def _sqlite_rows(path: Path, table: str) -> list[dict[str, Any]]:
         conn.close()
 
 
+@pytest.mark.slow
 def test_migrate_from_copies_every_row_and_value(tmp_path: Path,
                                                  pg_server: Server) -> None:  # noqa: F811
     source = tmp_path / "site" / "data_registry.db"

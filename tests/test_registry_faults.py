@@ -56,6 +56,7 @@ def status_of(db: Path, data_id: str) -> str | None:
         conn.close()
 
 
+@pytest.mark.slow
 @pytest.mark.root("mounting a tmpfs for the products area (so the publish is a copy) needs root")
 def test_write_lock_held_past_the_busy_timeout_during_a_slow_copy(tmp_path: Path) -> None:
     products = tmp_path / "products"
@@ -105,6 +106,7 @@ def _exited_for_the_registry(sandbox: Sandbox, proc: subprocess.Popen[str], why:
     assert gone["level"] == "critical" and why in gone["error"], gone
 
 
+@pytest.mark.slow
 def test_registry_deleted_while_running_stops_publishing(tmp_path: Path) -> None:
     """Nothing is published into a deleted registry, no staged file is removed on its word,
     and the restart refuses to create an empty registry beside the archive."""
@@ -138,6 +140,7 @@ def test_registry_deleted_while_running_stops_publishing(tmp_path: Path) -> None
                                                            "late.fits": late}
 
 
+@pytest.mark.slow
 def test_registry_replaced_by_an_older_copy_stops_publishing(tmp_path: Path) -> None:
     sandbox = Sandbox(tmp_path)
     backup = tmp_path / "backup.sqlite3"
@@ -172,6 +175,7 @@ def _reload(sandbox: Sandbox, proc: subprocess.Popen[str], stage_root: Path) -> 
     proc.send_signal(signal.SIGHUP)
 
 
+@pytest.mark.slow
 def test_reload_that_moves_stage_root_parks_what_waits_under_the_old_one(
         tmp_path: Path) -> None:
     """stage_root A -> B, then B -> A, by SIGHUP. A product waiting under the root that was
@@ -222,6 +226,7 @@ def test_reload_that_moves_stage_root_parks_what_waits_under_the_old_one(
     assert status_of(sandbox.registry, "held_b") == "failed"
 
 
+@pytest.mark.slow
 def test_reload_that_moves_products_root_publishes_what_comes_next_there(
         tmp_path: Path) -> None:
     """products_root P -> Q -> P by SIGHUP: what was published stays recorded where it is,
@@ -256,6 +261,7 @@ def test_reload_that_moves_products_root_publishes_what_comes_next_there(
                               "third": str(root_p / "mosaics/third.fits")}
 
 
+@pytest.mark.slow
 @pytest.mark.root("mounting a small tmpfs for the registry needs root")
 def test_registry_disk_full_pauses_and_resumes_without_a_restart(tmp_path: Path) -> None:
     """The registry's filesystem fills (a small tmpfs): the daemon stays alive, records and
@@ -355,6 +361,7 @@ def _chattr(flag: str, files: list[Path]) -> None:
     subprocess.run(["chattr", flag, *map(str, files)], check=True)
 
 
+@pytest.mark.slow
 def test_registry_made_immutable_pauses_without_sigbus_and_resumes(tmp_path: Path) -> None:
     """chattr +i on the registry, its -wal and its -shm under a running daemon: SQLite's
     writes to the memory-mapped -shm would raise SIGBUS. The daemon stays alive, says once
@@ -463,6 +470,7 @@ def test_stopped_while_the_registry_is_immutable(tmp_path: Path) -> None:
         assert _events(sandbox, "stopped")
 
 
+@pytest.mark.slow
 def test_registry_filesystem_gone_read_only_pauses(tmp_path: Path) -> None:
     """ext4 remounts itself read-only after an error (errors=remount-ro; the error is
     injected through its trigger_fs_error): the daemon pauses and stays alive. A plain
@@ -493,6 +501,7 @@ def test_registry_filesystem_gone_read_only_pauses(tmp_path: Path) -> None:
             assert stop(proc) == 0
 
 
+@pytest.mark.slow
 def test_write_lock_held_past_the_busy_timeout_while_registering(tmp_path: Path) -> None:
     """Another process holds BEGIN IMMEDIATE for longer than the busy timeout when a new
     file is to be registered: the daemon pauses (once, with the reason) and publishes it
@@ -522,6 +531,7 @@ def test_write_lock_held_past_the_busy_timeout_while_registering(tmp_path: Path)
                                                            "late.fits": late}
 
 
+@pytest.mark.slow
 def test_registry_immutable_at_start_waits_instead_of_exiting(tmp_path: Path) -> None:
     """The registry made immutable before the daemon starts (as a full disk at boot would
     be): no exit (under Restart=on-failure that would be a restart loop), one

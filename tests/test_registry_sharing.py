@@ -60,6 +60,7 @@ def posix_locks(pid: int, ino: int) -> list[str]:
                 and f" {pid} " in line and line.split()[5].endswith(f":{ino}")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SQLITE3 is None, reason="the sqlite3 shell (Debian's sqlite3) is not "
                     "installed; .ci/dev test installs it")
 def test_other_processes_never_take_the_daemons_wal(tmp_path: Path) -> None:
@@ -193,6 +194,7 @@ for i in range(count):
 """
 
 
+@pytest.mark.slow
 def test_processes_creating_one_new_registry_at_once_all_open_it(tmp_path: Path) -> None:
     """A new file is in rollback mode until the first switch to WAL; two processes
     switching at once deadlock on the exclusive lock and SQLite answers one of them BUSY

@@ -149,6 +149,7 @@ def _owner(path: Path) -> tuple[int, int, int]:
     return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
 
 
+@pytest.mark.slow
 def test_the_pipeline_and_the_daemon_both_keep_writing_whoever_opened_first(site):
     wal = site.registry.with_name(site.registry.name + "-wal")
 

@@ -99,6 +99,7 @@ def test_quarantine_or_registry_folder_bind_mounted_into_a_root_is_refused(
         assert str(state) in out.stderr and str(box.stage) in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_publish_never_moves_an_archived_file_seen_through_a_bind_mount_in_staging(
         tmp_path: Path) -> None:
     """The archive bind-mounted into staging after the daemon started (so after its

@@ -98,6 +98,7 @@ def test_ready_only_after_reconciliation_and_status(tmp_path, notify):
         assert stop(proc) == 0
 
 
+@pytest.mark.slow
 def test_watchdog_cadence_reload_and_stop(tmp_path, notify):
     sandbox = Sandbox(tmp_path)
     proc = start_daemon(sandbox, notify.path, watchdog_usec=1_000_000)
@@ -126,6 +127,7 @@ def test_watchdog_cadence_reload_and_stop(tmp_path, notify):
         stop(proc)
 
 
+@pytest.mark.slow
 def test_reload_with_broken_config_keeps_running(tmp_path, notify):
     sandbox = Sandbox(tmp_path)
     proc = start_daemon(sandbox, notify.path)
@@ -150,6 +152,7 @@ def test_reload_with_broken_config_keeps_running(tmp_path, notify):
         assert stop(proc) == 0
 
 
+@pytest.mark.slow
 def test_unreachable_notify_socket_is_logged_once_and_publishing_goes_on(tmp_path):
     """NOTIFY_SOCKET names a socket nobody listens on: the daemon says so once, and still
     publishes and stops cleanly."""
@@ -170,6 +173,7 @@ def test_unreachable_notify_socket_is_logged_once_and_publishing_goes_on(tmp_pat
     assert "notify socket" in failed[0]["error"]
 
 
+@pytest.mark.slow
 def test_reload_applies_new_rules_with_same_pid(tmp_path, notify):
     sandbox = Sandbox(tmp_path)
     proc = start_daemon(sandbox, notify.path)
@@ -208,6 +212,7 @@ def test_second_daemon_refuses_naming_the_holder(tmp_path, notify):
         assert stop(proc) == 0
 
 
+@pytest.mark.slow
 def test_blocked_loop_stops_pinging(tmp_path, notify):
     """A main loop stuck on the registry (another process holds its write lock) sends no
     WATCHDOG=1, although the process and its other threads live on."""
@@ -272,6 +277,7 @@ def _temps(folder: Path) -> list[Path]:
     return [p for p in folder.rglob(".contimg-tmp.*")]
 
 
+@pytest.mark.slow
 def test_stop_lets_the_copy_in_flight_finish(tmp_path, notify, shm_products):
     sandbox = Sandbox(tmp_path, products_root=shm_products,
                       service={"stop_timeout_seconds": 30})
@@ -292,6 +298,7 @@ def test_stop_lets_the_copy_in_flight_finish(tmp_path, notify, shm_products):
     assert sandbox.row("big")["status"] == "published"
 
 
+@pytest.mark.slow
 def test_stop_aborts_a_long_copy_cleanly_and_it_resumes(tmp_path, notify, shm_products):
     sandbox = Sandbox(tmp_path, products_root=shm_products,
                       service={"stop_timeout_seconds": 0.5})
@@ -320,6 +327,7 @@ def test_stop_aborts_a_long_copy_cleanly_and_it_resumes(tmp_path, notify, shm_pr
     assert sandbox.row("big")["status"] == "published"
 
 
+@pytest.mark.slow
 def test_reload_during_a_copy_keeps_the_copy(tmp_path, notify, shm_products):
     sandbox = Sandbox(tmp_path, products_root=shm_products)
     data = write_fits(sandbox.mosaics / "big.fits", pixels=2048, seed=7)

@@ -170,6 +170,7 @@ LEAVES_A_CHILD = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("session", ["same", "setsid"])
 def test_a_command_that_leaves_a_child_holding_its_pipes_is_judged_by_its_exit(
         tmp_path, session):
@@ -218,6 +219,7 @@ TALKATIVE = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.slow
 def test_a_command_writing_gigabytes_does_not_grow_the_daemon(tmp_path):
     """1.5 GiB on stdout and 1.5 GiB on stderr: the event is delivered and the daemon's
     peak and resident memory (its own /proc) grow by far less than what was written."""
@@ -246,6 +248,7 @@ def test_a_command_writing_gigabytes_does_not_grow_the_daemon(tmp_path):
 
 # --- a command past its timeout -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_command_past_its_timeout_is_killed_with_its_process_group(tmp_path):
     """The command and the child it started (in its group) are both killed at the timeout;
     the failure names the timeout."""
@@ -273,6 +276,7 @@ def test_a_command_past_its_timeout_is_killed_with_its_process_group(tmp_path):
 
 # --- a webhook that answers a byte a second -------------------------------------------------
 
+@pytest.mark.slow
 def test_a_webhook_answering_a_byte_a_second_is_cut_at_its_deadline(tmp_path, drip):
     """read_timeout_seconds bounds the whole answer, not each read: the attempt ends about
     3 s in (a handful of bytes sent), not after the whole 90-byte answer."""
@@ -296,6 +300,7 @@ def test_a_webhook_answering_a_byte_a_second_is_cut_at_its_deadline(tmp_path, dr
     assert pending["deliveries"]["webhook"]["attempts"] == 1
 
 
+@pytest.mark.slow
 def test_a_command_beside_a_slow_webhook_gets_its_event_at_once(tmp_path, drip):
     """Each sink has its own delivery thread: while the webhook's first attempt is still
     being answered a byte a second (its deadline 30 s away), the command has taken the
@@ -331,6 +336,7 @@ def env_of(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
+@pytest.mark.slow
 def test_a_command_gets_a_minimal_environment_not_the_daemons(tmp_path):
     """The daemon runs with PGPASSWORD, NOTIFY_SOCKET and another secret in its
     environment; the command's `env` shows none of them: only PATH and the like, and the

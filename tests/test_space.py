@@ -49,6 +49,7 @@ def row_of(box: Sandbox, data_id: str):  # noqa: ANN201 - a registry Product
         return reg.get(data_id), reg.history(data_id)
 
 
+@pytest.mark.slow
 def test_a_product_too_big_for_the_products_disk_waits_then_publishes(
         tmp_path: Path, small_products: Path) -> None:
     box = Sandbox(tmp_path, products_root=small_products,

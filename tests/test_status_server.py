@@ -101,6 +101,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, 
         stop(proc)
 
 
+@pytest.mark.slow
 def test_a_partial_request_line_is_cut_off_at_the_request_deadline(
         daemon: tuple[Sandbox, int, int]) -> None:
     """Half a request line, then one byte a second: each byte would restart a per-read
@@ -132,6 +133,7 @@ def test_a_partial_request_line_is_cut_off_at_the_request_deadline(
         assert closed_at >= statusserver.REQUEST_SECONDS - 1, closed_at
 
 
+@pytest.mark.slow
 def test_an_idle_kept_alive_connection_is_closed_after_the_idle_deadline(
         daemon: tuple[Sandbox, int, int]) -> None:
     _sandbox, port, _pid = daemon
@@ -185,6 +187,7 @@ def test_connections_beyond_the_cap_cost_no_descriptor_or_thread(
             s.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not is_root(), reason="needs root: the attack runs as the user nobody "
                     "(setpriv), apart from the daemon's user, as on a real host")
 def test_a_thousand_idle_connections_from_another_user_stop_nothing(tmp_path: Path) -> None:
@@ -237,6 +240,7 @@ def test_a_thousand_idle_connections_from_another_user_stop_nothing(tmp_path: Pa
         stop(proc)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is needed "
                     "to take the running daemon's descriptors away")
 def test_out_of_descriptors_is_said_once_waited_out_and_publishing_resumes(

@@ -21,6 +21,9 @@ import pytest
 from contimg_publisher.logs import MESSAGE_IDS
 from tests.helpers import REPO, is_root
 
+# Each test boots or drives systemd's own pieces: seconds apiece.
+pytestmark = pytest.mark.slow
+
 SUPPORT = REPO / "tests" / "support"
 DROP_IN = """[Service]
 Environment=PYTHONPATH=/opt/contimg-publisher/src:/opt/contimg-publisher/site-packages
@@ -89,6 +92,7 @@ def writer_seen(tmp_path_factory):
     return _boot(tmp_path_factory.mktemp("nspawn-writers"), "writer_check_scenario.py")
 
 
+@pytest.mark.slow
 def test_starts_as_notify_service_and_publishes(seen):
     assert seen["start_rc"] == 0, seen["start_stderr"]
     assert seen["after_start"]["ActiveState"] == "active"
@@ -145,6 +149,7 @@ def test_stops_cleanly(seen):
     assert "stopped" in seen["journal_stopping"]
 
 
+@pytest.mark.slow
 def test_writer_check_under_the_shipped_sandbox(writer_seen):
     """As the daemon runs (its user, CAP_LEASE, sandbox), a lease on a staged file of another
     owner answers: none while idle, writing while a process in the container has it open for

@@ -23,6 +23,9 @@ from tests.helpers import REPO
 from tests.pg import pg_template  # noqa: F401 - a fixture
 from tests.test_systemd_boot import DROP_IN, SUPPORT, _need_nspawn
 
+# Each test boots or drives systemd's own pieces: seconds apiece.
+pytestmark = pytest.mark.slow
+
 REGISTRY = "postgresql://postgres@10.217.7.1:5432/contimg"
 HOOK = "http://10.217.7.1:8080/hook"
 

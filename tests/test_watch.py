@@ -146,6 +146,7 @@ def test_moves_in_and_out_name_the_right_side(running: Running, tmp_path: Path) 
     assert (str(away), "moved_in") not in seen(items)
 
 
+@pytest.mark.slow
 def test_own_moves_out_are_dropped_and_given_back_when_not_published(tmp_path: Path) -> None:
     """The renames the daemon expects (its publishes) reach neither the queue nor the loop's
     wake-up; a path it stops expecting gets its dropped event back; others pass."""

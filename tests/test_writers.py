@@ -205,6 +205,7 @@ print(n)
 """
 
 
+@pytest.mark.slow
 def test_many_checks_while_another_process_opens_and_closes_for_writing(staged: Path) -> None:
     seconds = "3"
     writer = subprocess.Popen([sys.executable, "-c", WRITE_LOOP, str(staged), seconds],
@@ -406,6 +407,7 @@ def test_tracker_fed_by_watchdog_follows_a_real_writer(watched) -> None:
              timeout=5)
 
 
+@pytest.mark.slow
 def test_tracker_ignores_readers_metadata_and_keeps_a_renamed_writer(watched) -> None:
     root, tracker, feed = watched
     done = root / "done.fits"

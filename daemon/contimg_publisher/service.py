@@ -1109,7 +1109,8 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
                 if not claimed:
                     row = registry.get(data_id)
                     if row is not None and row.status == Status.PUBLISHED:
-                        return _result_from_row(row)
+                        # another `publish` took it while this one waited for the lock
+                        return f"{data_id}: already published at {row.published_path}"
                     status = row.status if row else "missing"
                     return f"{data_id}: cannot be claimed (status {status}; not yet described?)"
                 return publish.Publisher(cfg, registry, owner, log).publish(claimed[0],
