@@ -137,6 +137,8 @@ def test_configured_daemon_publishes_under_the_packaged_unit(seen):
     assert seen["after_enable"]["main"]["User"] == "contimg"
     # The backup timer comes with the daemon.
     assert seen["after_enable"]["timer"]["active"] == "active"
+    assert seen["healthz"] == "200", seen["healthz"]
+    assert seen["socket"]["active"] == "active", seen["socket"]
     night1 = seen["night1"]
     assert night1["published_sha256"] == night1["staged_sha256"]
     [row] = night1["listed"]

@@ -151,6 +151,12 @@ def run(seen: dict[str, object], first: str, second: str) -> None:
     seen["after_enable"] = {"daemon": state(UNIT), "timer": state(TIMER),
                             "main": show(UNIT, "MainPID", "User", "ActiveState")}
     seen["night1"] = publish("night1", 11)
+    # The status port comes from the packaged socket unit (the daemon opens no Internet
+    # socket of its own under the unit).
+    health = inside("python3", "-c", "import urllib.request; print(urllib.request.urlopen("
+                    "'http://127.0.0.1:9465/healthz', timeout=10).status)")
+    seen["healthz"] = health.stdout.strip() or health.stderr.strip()
+    seen["socket"] = state("contimg-publisher.socket")
     backup = inside("systemctl", "start", "contimg-publisher-backup.service", timeout=120)
     seen["backup"] = {"rc": backup.returncode, "stderr": backup.stderr,
                       **show("contimg-publisher-backup.service", "Result")}
