@@ -759,15 +759,8 @@ def remove_tree_under(dir_fd: int, name: bytes, max_depth: int = MAX_DEPTH) -> N
     folder more than `max_depth` levels below `name` raises TreeProblem before anything
     below the limit is removed from it (what was removed elsewhere stays removed)."""
     _check_name(name)
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-            raise
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
+    fd = _open_folder_or_unlink(name, dir_fd)
+    if fd is None:
         return
     # Each frame: (the folder's descriptor, its name, names in it still to remove).
     stack: list[tuple[int, bytes, list[bytes]]] = []
@@ -783,15 +776,8 @@ def remove_tree_under(dir_fd: int, name: bytes, max_depth: int = MAX_DEPTH) -> N
                     os.rmdir(folder_name, dir_fd=parent)
                 continue
             entry = entries.pop()
-            try:
-                sub = os.open(entry, _DIR_FLAGS, dir_fd=folder_fd)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-                    raise
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry, dir_fd=folder_fd)
+            sub = _open_folder_or_unlink(entry, folder_fd)
+            if sub is None:
                 continue
             if len(stack) > max_depth:
                 os.close(sub)
@@ -805,6 +791,21 @@ def remove_tree_under(dir_fd: int, name: bytes, max_depth: int = MAX_DEPTH) -> N
     finally:
         for folder_fd, _name, _entries in stack:
             os.close(folder_fd)
+
+
+def _open_folder_or_unlink(name: bytes, dir_fd: int) -> int | None:
+    """`name` opened as a folder (to be emptied), or None once it is gone: a file or a link
+    is unlinked here, a name already gone is left gone."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+    return None
 
 
 def _clearable(fd: int) -> list[bytes]:
