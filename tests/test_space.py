@@ -65,8 +65,11 @@ def test_a_product_too_big_for_the_products_disk_waits_then_publishes(
         wait_for(lambda: any(e.get("event") == "waiting_for_space" for e in log_events(box)),
                  timeout=30, what="the wait for space logged")
         time.sleep(3.0)  # several more tries, after 0.5 s each
-        row, history = row_of(box, "nightly_20250101")
-        assert row is not None and row.status == "staging"
+        # Each try claims it for an instant (publishing) and gives it back (staging).
+        row, history = wait_for(
+            lambda: (got := row_of(box, "nightly_20250101"))[0] is not None
+            and got[0].status == "staging" and got, timeout=10, interval=0.05,
+            what="the product waiting between two tries")
         assert row.publish_attempts == 0 and history == []  # not a failed attempt
         assert list(small_products.rglob("*")) in ([], [small_products / "mosaics"])
         shown = json.loads(box.cli("show", "nightly_20250101", "--json", check=True).stdout)
