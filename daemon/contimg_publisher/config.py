@@ -694,3 +694,169 @@ def _check_relations(config: Config, source: Path | None) -> None:
         raise ConfigError(source, "publish.backoff_max_seconds",
                           f"({config.backoff_max_seconds}) is less than backoff_initial_seconds "
                           f"({config.backoff_initial_seconds})")
+
+
+# --- the reference: docs/config.md is generated from what follows (contimg_publisher.reference)
+
+# What each key is for, as docs/config.md shows it beside the key's type and default. Kept here,
+# beside the schema, so a new key and its description land together: tests/test_docs.py fails
+# on a key without one.
+DESCRIPTIONS: dict[str, dict[str, str]] = {
+    "paths": {
+        "stage_root": "Where the pipeline writes finished products (the SSD staging area).",
+        "products_root": "Where products are published (the HDD archive). Must not overlap "
+                         "stage_root.",
+        "registry": "The SQLite registry file (shared with older pipeline tools that read "
+                    "`data_registry`), or a PostgreSQL URI such as "
+                    "`postgresql://contimg@dbhost/contimg` for several nodes sharing one "
+                    "registry (password from `~/.pgpass` or `PGPASSWORD`).",
+        "lock_file": "The single-writer lock. Unset: the registry's path plus `.lock`; with a "
+                     "PostgreSQL registry `/var/lib/contimg-publisher/publisher.lock`.",
+    },
+    "node": {
+        "name": "This node's name in a shared (PostgreSQL) registry: a product belongs to the "
+                "node whose staging area holds it, and only that node publishes it. Two "
+                "daemons with their own staging areas need two names.",
+    },
+    "registry": {
+        "busy_timeout_seconds": "How long a registry write waits for another process's "
+                                "transaction.",
+    },
+    "detect": {
+        "settle_seconds": "Quiet time after the last write before a file counts as finished.",
+        "rescan_seconds": "Full rescan, to catch events the kernel dropped and files written "
+                          "while the daemon was down.",
+        "ignore": "Names (any path component) that are never products.",
+        "max_name_bytes": "Longest accepted name component, in bytes (leaves room for `.vN` "
+                          "under the filesystem's 255-byte limit).",
+        "unclaimed_after_seconds": "A file in a product folder that no product owns is listed "
+                                   "(`status`, status page, metric) once it has not changed "
+                                   "for this long. Nothing is deleted.",
+    },
+    "publish": {
+        "max_attempts": "Failed attempts before a product waits for an operator (`retry`).",
+        "backoff_initial_seconds": "Backoff between attempts: initial * 2^(attempt-1), at most "
+                                   "backoff_max_seconds.",
+        "backoff_max_seconds": "The longest backoff between attempts.",
+        "error_max_chars": "Error text kept per failure, in characters.",
+        "min_free_bytes": "Free space the products filesystem must keep beyond a copy onto it; "
+                          "otherwise the product waits, without counting an attempt. Unset: "
+                          "1 GiB or 1 % of the filesystem, the larger.",
+        "checksum_algorithm": "Checksum recorded for each product.",
+        "file_mode": "Mode of published files.",
+        "dir_mode": "Mode of published folders.",
+        "lease_seconds": "A claimed product's lease; renewed while a long copy runs.",
+        "reconcile_seconds": "How often interrupted publishes and leftover temporary files are "
+                             "reconciled.",
+        "legacy_quiet_seconds": "A row the pipeline's own code left in `publishing` is judged "
+                                "only once its copy and staged file have not changed for this "
+                                "long and nobody has the copy open for writing.",
+        "lock_wait_seconds": "How long `publish` and `scan` wait for the single-writer lock.",
+    },
+    "service": {
+        "stop_timeout_seconds": "On SIGTERM, how long the copy in flight may run before it is "
+                                "aborted cleanly. Keep it below the unit's TimeoutStopSec.",
+    },
+    "metrics": {
+        "enabled": "Serve Prometheus metrics at /metrics and the status page at /.",
+        "listen": "Address of the metrics port; a non-loopback address is logged as a warning. "
+                  "Under systemd the socket unit decides.",
+    },
+    "notify": {
+        "url": "A webhook: each outbox event is POSTed as JSON with `Idempotency-Key: "
+               "<event_id>`; any 2xx answer is delivery. Unset: no webhook.",
+        "command": "A program and its arguments (no shell), run once per event with the "
+                   "event's JSON on standard input; exit status 0 is delivery. Unset: no "
+                   "command.",
+        "command_environment": "Variables of the daemon's environment passed on to the command, "
+                               "besides PATH, LANG, LC_ALL, HOME and the event's CONTIMG_* "
+                               "(never PG*, NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*).",
+        "connect_timeout_seconds": "Time for the webhook's connect (TCP and TLS).",
+        "read_timeout_seconds": "Time to send the event and read the whole answer (one "
+                                "deadline).",
+        "command_timeout_seconds": "A command still running after this long is killed with its "
+                                   "process group: a failed attempt.",
+        "retry_initial_seconds": "Backoff after a failed delivery: initial * 2^(attempt-1), at "
+                                 "most retry_max_seconds.",
+        "retry_max_seconds": "The longest backoff between deliveries; also caps Retry-After.",
+        "max_attempts": "Failed attempts after which an event is given up on for that sink "
+                        "(`dead`). 0: never give up; a failing event holds back every later "
+                        "one.",
+    },
+    "status": {
+        "max_waiting_age_seconds": "`status` exits 1 when a product (held ones excepted) has "
+                                   "waited longer than this.",
+        "max_undelivered_age_seconds": "`status` exits 1 when an event has waited longer than "
+                                       "this for a sink.",
+    },
+    "audit": {
+        "interval_seconds": "A full background audit pass of the products area this often; 0: "
+                            "no background audit (`audit` still runs one by hand).",
+        "bytes_per_second": "The background audit's read-back rate, on average; 0: unlimited.",
+    },
+    "hygiene": {
+        "report_after_seconds": "Rejected products and unclaimed files in staging unchanged "
+                                "for this long are listed by `status` as stale.",
+        "quarantine_dir": "Where `quarantine` moves stale files, under the same sub-path, each "
+                          "with a record. Unset: nothing is ever moved out of staging.",
+    },
+    "log": {
+        "level": "The lowest level logged.",
+        "format": "`auto`: journald under systemd, console otherwise.",
+    },
+    "products": {
+        "type": "The products' `data_type`; one rule per type.",
+        "glob": "Paths under stage_root that are products of this type.",
+        "destination": "Folder under products_root they publish to, keeping their sub-path "
+                       "below the glob's fixed prefix.",
+        "kind": "`directory` for folder products such as CASA images.",
+        "sidecars": "Files that travel with their product; `{stem}` is the name without its "
+                    "last suffix, `{name}` the full name.",
+        "required": "Files a folder product must hold to count as complete (a `*.image` glob "
+                    "defaults to `[\"table.dat\"]`).",
+        "require": "Legacy QA columns (qa_status, validation_status, finalization_status, "
+                   "photometry_status) that must hold one of the values before the product "
+                   "is published automatically.",
+        "record": "The pipeline's own record of each product: see [products.record].",
+    },
+    "products.record": {
+        "table": "A table in the registry's database holding one row per product.",
+        "path_column": "Its column holding the product's staged path (absolute); the publish "
+                       "sets it to the published path.",
+        "require": "Columns that must hold one of the values before the product is published "
+                   "automatically.",
+        "hold": "Column values that hold the product, with the reason.",
+        "missing": "What a staged product without a row does: `wait` or `publish`.",
+    },
+}
+
+# How each kind of value is written, as docs/config.md shows it in the type column.
+KIND_TEXT: dict[str, str] = {
+    "path": "path",
+    "registry": "path or PostgreSQL URI",
+    "node": "name (letters, digits, `.`, `-`, `_`; at most 63)",
+    "posfloat": "number > 0",
+    "nonnegfloat": "number >= 0",
+    "posint": "integer > 0",
+    "nonnegint": "integer >= 0",
+    "mode": "octal string",
+    "strlist": "list of strings",
+    "level": "one of " + ", ".join(_LEVELS),
+    "format": "one of " + ", ".join(_FORMATS),
+    "bool": "boolean",
+    "listen": "\"host:port\"",
+    "url": "http(s) URL",
+    "command": "list of strings: program, arguments",
+    "envnames": "list of variable names",
+    "algorithm": "one of " + ", ".join(_ALGORITHMS),
+}
+
+
+def schema() -> dict[str, dict[str, tuple[str, str]]]:
+    """Every table a file may hold, each key with (its field, its kind); the keys of
+    [[products]] and [products.record], which are checked by hand, with (the ProductRule or
+    RecordRule field, "rule"). What the generated reference walks."""
+    tables = {table: dict(keys) for table, keys in _SCHEMA.items()}
+    tables["products"] = {key: (key, "rule") for key in sorted(_PRODUCT_KEYS)}
+    tables["products.record"] = {key: (key, "rule") for key in sorted(_RECORD_KEYS)}
+    return tables
