@@ -44,6 +44,11 @@ def test_the_config_reference_is_what_the_schema_renders() -> None:
         f"docs/config.md differs from the config schema, defaults or descriptions: {HOW}"
 
 
+def test_the_check_command_agrees(capsys) -> None:
+    """`python -m contimg_publisher.reference --check`, as a developer would run it."""
+    assert reference.main(["--check", str(DOCS)]) == 0, capsys.readouterr().err
+
+
 def test_every_subcommand_has_a_description() -> None:
     bare = [name for name, text, _sub in reference.subcommands(build_parser())
             if not text.strip()]
