@@ -23,6 +23,8 @@ import pytest
 
 from tests.helpers import (
     REPO,
+    MakeSandbox,
+    MountTmpfs,
     Sandbox,
     find_tool,
     is_root,
@@ -40,6 +42,7 @@ from tests.pg import pg_server, pg_template  # noqa: F401
 # Fixtures that start PostgreSQL (tests/pg.py), and modules that drive systemd's own tools.
 POSTGRES_FIXTURES = {"pg_server", "pg_template"}
 SYSTEMD_MODULES = {"test_systemd_boot", "test_systemd_unit", "test_journald", "test_package"}
+SYSTEMD_FIXTURES = {"systemd_nspawn", "systemd_analyze", "journald"}
 # Fixtures below that only exist for root: a test that uses one is in the root tier.
 ROOT_FIXTURES = {"as_root", "tmpfs_products", "journald", "loop_ext4"}
 
@@ -55,8 +58,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if ROOT_FIXTURES & fixtures and item.get_closest_marker("root") is None:
             item.add_marker(pytest.mark.root(
                 f"{', '.join(sorted(ROOT_FIXTURES & fixtures))} needs root"))
-        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in \
-                SYSTEMD_MODULES:
+        if SYSTEMD_FIXTURES & fixtures or item.module is not None and \
+                item.module.__name__.rsplit(".", 1)[-1] in SYSTEMD_MODULES:
             item.add_marker(pytest.mark.systemd)
 
 
@@ -78,7 +81,7 @@ def sandbox(tmp_path: Path) -> Sandbox:
 
 
 @pytest.fixture
-def make_sandbox(tmp_path: Path) -> Callable[..., Sandbox]:
+def make_sandbox(tmp_path: Path) -> MakeSandbox:
     """`make_sandbox(folder="", products_root=None, **tables)`: a Sandbox in the test's
     folder (or in `folder` under it, for a test with several), with the Sandbox's own
     defaults and the given config tables over them."""
@@ -90,7 +93,7 @@ def make_sandbox(tmp_path: Path) -> Callable[..., Sandbox]:
 
 @pytest.fixture(params=["same_fs", "across"])
 def sandbox_fs(request: pytest.FixtureRequest, tmp_path: Path,
-               tmpfs: Callable[[Path, str], Path]) -> Sandbox:
+               tmpfs: MountTmpfs) -> Sandbox:
     """A sandbox whose products area is on the staging area's filesystem, or on a tmpfs of
     its own (the test then runs once each way)."""
     if request.param == "same_fs":
@@ -101,7 +104,7 @@ def sandbox_fs(request: pytest.FixtureRequest, tmp_path: Path,
 # --- filesystems ------------------------------------------------------------------------------
 
 @pytest.fixture
-def tmpfs() -> Iterator[Callable[[Path, str], Path]]:
+def tmpfs() -> Iterator[MountTmpfs]:
     """`tmpfs(path, size)` mounts a tmpfs there (`size` is mount's size= option, further
     options may follow it) and returns the path; unmounted after the test. Skips the test,
     when called, where the tests do not run as root (so a test parametrized over
@@ -119,7 +122,7 @@ def tmpfs() -> Iterator[Callable[[Path, str], Path]]:
 
 
 @pytest.fixture
-def tmpfs_products(tmp_path: Path, tmpfs: Callable[[Path, str], Path]) -> Path:
+def tmpfs_products(tmp_path: Path, tmpfs: MountTmpfs) -> Path:
     """A products area on its own filesystem, so a publish is a copy through a temp file."""
     need_root("mounting a tmpfs for the products area")
     return tmpfs(tmp_path / "products", "1g")
@@ -170,6 +173,20 @@ def user_namespaces(unshare: str) -> str:
     if probe.returncode != 0:
         skip_with(f"user namespaces are not available here: {probe.stderr.strip()}")
     return unshare
+
+
+@pytest.fixture(scope="session")
+def writable_sysctls() -> None:
+    """Sysctls that root may change here (a container may mount /proc/sys read-only):
+    rewriting fs.inotify.max_queued_events with its own value tells."""
+    path = "/proc/sys/fs/inotify/max_queued_events"
+    try:
+        with open(path) as f:
+            value = f.read()
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        skip_with(f"{path} is not writable here: {e}")
 
 
 # --- tools: each fixture is the tool's path ---------------------------------------------------
@@ -242,7 +259,16 @@ def console_script() -> str:
 
 
 @pytest.fixture(scope="session")
-def system_python() -> str:
+def system_python3() -> str:
+    """/usr/bin/python3 (Debian's python3), which any user can run."""
+    path = "/usr/bin/python3"
+    if not Path(path).exists():
+        skip_with(f"{path} (Debian's python3) is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def system_python_of_this_version() -> str:
     """The system's interpreter of the test's Python version (/usr/bin/python3.N): other
     users can reach it, where the test's own may live in root's home."""
     path = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
@@ -252,7 +278,7 @@ def system_python() -> str:
 
 
 @pytest.fixture(scope="session")
-def debian_python3() -> str:
+def container_python3() -> str:
     """/usr/bin/python3, of the test environment's version: a container runs the daemon
     with it and the test environment's compiled dependencies."""
     path = "/usr/bin/python3"
@@ -264,6 +290,15 @@ def debian_python3() -> str:
         skip_with(f"Debian's python3 is {version}, the test environment's is "
                   f"{sys.version_info[:2]}: its compiled dependencies would not load")
     return path
+
+
+@pytest.fixture(scope="session")
+def debian_12() -> None:
+    """A Debian 12 machine (dpkg, /usr/bin/python3.11): a package and a container are
+    made from this machine's Debian."""
+    if find_tool("dpkg") is None or not Path("/usr/bin/python3.11").exists():
+        skip_with("not a Debian 12 machine (dpkg and /usr/bin/python3.11): the package and "
+                  "the container are made from this machine's Debian")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import pytest
@@ -98,6 +98,18 @@ class Sandbox:
     def row(self, data_id: str) -> dict[str, Any] | None:
         out = self.cli("show", data_id, "--json")
         return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+# The `tmpfs` fixture (tests/conftest.py): tmpfs(path, size) mounts one there, returns path.
+MountTmpfs = Callable[[Path, str], Path]
+
+
+class MakeSandbox(Protocol):
+    """The `make_sandbox` fixture (tests/conftest.py): a Sandbox in the test's folder, or in
+    `folder` under it, with the given config tables over the Sandbox's defaults."""
+
+    def __call__(self, folder: str = "", products_root: Path | None = None,
+                 **tables: Any) -> Sandbox: ...
 
 
 def run_cli(config_path: Path, *args: str, timeout: float = 120,

@@ -566,10 +566,7 @@ def test_good_notify_values_and_sinks():
 
 # --- the alert rule -------------------------------------------------------------------------
 
-def test_promtool_unit_tests_the_undelivered_alert(tmp_path):
-    promtool = next((p for p in ("/usr/bin/promtool",) if os.access(p, os.X_OK)), None)
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+def test_promtool_unit_tests_the_undelivered_alert(tmp_path, promtool):
     job = 'job="contimg-publisher", instance="pub:9465"'
     tests = {
         "rule_files": [str(REPO / "etc" / "prometheus" / "contimg-publisher-rules.yml")],

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -46,20 +45,6 @@ RULES = REPO / "etc" / "prometheus" / "contimg-publisher-rules.yml"
 DASHBOARD = REPO / "etc" / "grafana" / "contimg-publisher-dashboard.json"
 SCRIPT_NAME = "evil<script>alert(1)"
 METRIC_RE = re.compile(r"\bcontimg_publisher_[a-z0-9_]+")
-
-
-def _tool(name: str) -> str | None:
-    return shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK)
-                                  else None)
-
-
-def need(name: str) -> str:
-    path = _tool(name)
-    if path is None:
-        reason = f"{name} is not installed (Debian package: apt-get install {name})"
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    return path
 
 
 def free_port() -> int:
@@ -293,8 +278,7 @@ def test_status_page_lists_each_state_and_escapes_names(site: Site) -> None:
 
 
 @pytest.mark.slow
-def test_status_page_in_headless_chromium(site: Site, tmp_path: Path) -> None:
-    chromium = need("chromium")
+def test_status_page_in_headless_chromium(site: Site, tmp_path: Path, chromium: str) -> None:
     base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
             f"--user-data-dir={tmp_path / 'profile'}", "--no-first-run"]
     dump = subprocess.run([*base, "--dump-dom", f"{site.url}/"], capture_output=True,
@@ -331,17 +315,15 @@ def test_dashboard_and_rules_name_only_exported_metrics(site: Site) -> None:
 
 # --- Prometheus -----------------------------------------------------------------------------
 
-def test_promtool_checks_the_rules() -> None:
-    promtool = need("promtool")
+def test_promtool_checks_the_rules(promtool: str) -> None:
     out = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout + out.stderr
 
 
-def test_promtool_unit_tests_the_alerts(tmp_path: Path) -> None:
+def test_promtool_unit_tests_the_alerts(tmp_path: Path, promtool: str) -> None:
     """Each alert fires on the series it is about, and stays quiet on healthy ones."""
-    promtool = need("promtool")
     job = 'job="contimg-publisher", instance="pub:9465"'
     tests = {
         "rule_files": [str(RULES)],
@@ -439,8 +421,7 @@ def _query(base: str, expr: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_prometheus_scrapes_the_published_total(tmp_path: Path) -> None:
-    prometheus = need("prometheus")
+def test_prometheus_scrapes_the_published_total(tmp_path: Path, prometheus: str) -> None:
     port, prom_port = free_port(), free_port()
     sandbox = Sandbox(tmp_path / "site", metrics={"listen": f"127.0.0.1:{port}"})
     daemon = start_daemon(sandbox)

@@ -16,7 +16,6 @@ import pytest
 
 from tests.helpers import (
     Sandbox,
-    is_root,
     log_events,
     start_daemon,
     stop,
@@ -25,7 +24,7 @@ from tests.helpers import (
     write_fits,
 )
 
-pytestmark = pytest.mark.skipif(not is_root(), reason="bind mounts need root")
+pytestmark = pytest.mark.root("bind mounts")
 
 
 @contextmanager

@@ -6,10 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +15,11 @@ import pytest
 from contimg_publisher.registry import Registry
 from tests.helpers import (
     REPO,
+    MountTmpfs,
     Sandbox,
-    is_root,
     log_events,
-    mount_tmpfs,
     start_daemon,
     stop,
-    umount,
     wait_for,
     write_fits,
 )
@@ -33,15 +29,8 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-def small_products(tmp_path: Path) -> Iterator[Path]:
-    if not is_root():
-        pytest.skip("mounting a small tmpfs for the products area needs root")
-    products = tmp_path / "products"
-    mount_tmpfs(products, "8m")
-    try:
-        yield products
-    finally:
-        umount(products)
+def small_products(tmp_path: Path, tmpfs: MountTmpfs) -> Path:
+    return tmpfs(tmp_path / "products", "8m")
 
 
 def row_of(box: Sandbox, data_id: str):  # noqa: ANN201 - a registry Product
@@ -50,6 +39,7 @@ def row_of(box: Sandbox, data_id: str):  # noqa: ANN201 - a registry Product
 
 
 @pytest.mark.slow
+@pytest.mark.root("mounting a small tmpfs for the products area")
 def test_a_product_too_big_for_the_products_disk_waits_then_publishes(
         tmp_path: Path, small_products: Path) -> None:
     box = Sandbox(tmp_path, products_root=small_products,
@@ -94,6 +84,7 @@ def test_a_product_too_big_for_the_products_disk_waits_then_publishes(
     assert not [p for p in small_products.rglob("*") if ".contimg-tmp" in p.name]
 
 
+@pytest.mark.root("mounting a small tmpfs for the products area")
 def test_the_margin_counts_and_a_product_that_fits_is_copied(
         tmp_path: Path, small_products: Path) -> None:
     """A 3 MiB product fits the 8 MiB disk, but not beside a 6 MiB margin: it waits; the
@@ -120,10 +111,7 @@ def test_the_margin_counts_and_a_product_that_fits_is_copied(
     assert Path(row.published_path).read_bytes() == data
 
 
-def test_promtool_unit_tests_the_filesystem_alert(tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+def test_promtool_unit_tests_the_filesystem_alert(tmp_path: Path, promtool: str) -> None:
     job = 'job="contimg-publisher", instance="pub:9465"'
     size = 1000 * 2**30
     tests = {
