@@ -30,6 +30,7 @@ from contimg_publisher.config import ConfigError, from_mapping
 from contimg_publisher.registry import Candidate, Identity, Published, Registry
 from tests.helpers import (
     REPO,
+    MakeSandbox,
     Sandbox,
     is_root,
     log_events,
@@ -421,9 +422,10 @@ def _query(base: str, expr: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_prometheus_scrapes_the_published_total(tmp_path: Path, prometheus: str) -> None:
+def test_prometheus_scrapes_the_published_total(
+        tmp_path: Path, make_sandbox: MakeSandbox, prometheus: str) -> None:
     port, prom_port = free_port(), free_port()
-    sandbox = Sandbox(tmp_path / "site", metrics={"listen": f"127.0.0.1:{port}"})
+    sandbox = make_sandbox("site", metrics={"listen": f"127.0.0.1:{port}"})
     daemon = start_daemon(sandbox)
     prom: subprocess.Popen[bytes] | None = None
     try:
@@ -495,12 +497,12 @@ def test_metrics_config_is_validated() -> None:
 
 @pytest.mark.slow
 def test_taken_port_and_exposed_address_are_logged_and_publishing_goes_on(
-        tmp_path: Path) -> None:
+        make_sandbox: MakeSandbox) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        sandbox = Sandbox(tmp_path / "a", metrics={"listen": f"127.0.0.1:{port}"})
+        sandbox = make_sandbox("a", metrics={"listen": f"127.0.0.1:{port}"})
         write_fits(sandbox.mosaics / "m.fits")
         proc = start_daemon(sandbox)
         try:
@@ -514,7 +516,7 @@ def test_taken_port_and_exposed_address_are_logged_and_publishing_goes_on(
         finally:
             stop(proc)
     open_port = free_port()
-    exposed = Sandbox(tmp_path / "b", metrics={"listen": f"0.0.0.0:{open_port}"})
+    exposed = make_sandbox("b", metrics={"listen": f"0.0.0.0:{open_port}"})
     proc = start_daemon(exposed)
     try:
         wait_for(lambda: reachable(f"http://127.0.0.1:{open_port}/healthz"), 30,
@@ -523,8 +525,8 @@ def test_taken_port_and_exposed_address_are_logged_and_publishing_goes_on(
         assert warned and warned[0]["level"] == "warning"
     finally:
         stop(proc)
-    quiet = Sandbox(tmp_path / "c", metrics={"listen": f"127.0.0.1:{open_port}",
-                                             "enabled": False})
+    quiet = make_sandbox("c", metrics={"listen": f"127.0.0.1:{open_port}",
+                                       "enabled": False})
     proc = start_daemon(quiet)
     try:
         wait_for(lambda: any(e.get("event") == "started" for e in log_events(quiet)), 30,
@@ -546,9 +548,9 @@ def _candidate(sandbox: Sandbox, data_id: str, n: int) -> Candidate:
 
 
 @pytest.fixture
-def quiet_site(tmp_path: Path) -> Sandbox:
+def quiet_site(make_sandbox: MakeSandbox) -> Sandbox:
     """A registry with one fresh waiting product and one published; no daemon."""
-    sandbox = Sandbox(tmp_path, status={"max_waiting_age_seconds": 600})
+    sandbox = make_sandbox(status={"max_waiting_age_seconds": 600})
     with Registry(sandbox.registry) as reg:
         reg.register(_candidate(sandbox, "fresh", 1))
         reg.register(_candidate(sandbox, "done", 2))
@@ -617,10 +619,10 @@ def test_status_exit_1_when_the_oldest_waiting_is_too_old(quiet_site: Sandbox) -
         assert quiet_site.cli("status").returncode == 0
 
 
-def test_page_escapes_error_text_from_the_registry(tmp_path: Path) -> None:
+def test_page_escapes_error_text_from_the_registry(make_sandbox: MakeSandbox) -> None:
     """Error texts come from exceptions and file contents: markup in them stays text."""
     from contimg_publisher import statuspage
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     reason = 'bad header <img src=x onerror="alert(1)"> & </td></table><h2>Fake</h2>'
     path = sandbox.mosaics / "a&b\"<i>.fits"
     with Registry(sandbox.registry) as reg:
@@ -635,10 +637,10 @@ def test_page_escapes_error_text_from_the_registry(tmp_path: Path) -> None:
     assert 'a&b"<i>' in page.sections["Rejected"]
 
 
-def test_destination_that_is_not_a_folder_ends_in_failed(tmp_path: Path) -> None:
+def test_destination_that_is_not_a_folder_ends_in_failed(make_sandbox: MakeSandbox) -> None:
     port = free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"},
-                      publish={"max_attempts": 1})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"},
+                           publish={"max_attempts": 1})
     (sandbox.products / "mosaics").write_bytes(b"a file where a folder belongs\n")
     write_fits(sandbox.mosaics / "m.fits")
     # A products area that already holds something needs its registry made on purpose.
@@ -657,9 +659,10 @@ def test_destination_that_is_not_a_folder_ends_in_failed(tmp_path: Path) -> None
     assert (sandbox.mosaics / "m.fits").exists(), "the staged file was kept"
 
 
-def test_reload_results_are_counted_and_a_new_listen_address_applies(tmp_path: Path) -> None:
+def test_reload_results_are_counted_and_a_new_listen_address_applies(
+        make_sandbox: MakeSandbox) -> None:
     port, new_port = free_port(), free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"})
     proc = start_daemon(sandbox)
 
     def reloads(url: str) -> tuple[float, float, float]:

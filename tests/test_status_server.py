@@ -24,6 +24,7 @@ import pytest
 from contimg_publisher import statusserver
 from tests.helpers import (
     REPO,
+    MakeSandbox,
     Sandbox,
     log_events,
     start_daemon,
@@ -189,9 +190,9 @@ def test_connections_beyond_the_cap_cost_no_descriptor_or_thread(
 @pytest.mark.root("the attack runs as the user nobody (setpriv), apart from the daemon's "
                   "user, as on a real host")
 def test_a_thousand_idle_connections_from_another_user_stop_nothing(
-        tmp_path: Path, setpriv: str, system_python3: str) -> None:
+        make_sandbox: MakeSandbox, setpriv: str, system_python3: str) -> None:
     port = free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"})
     # systemd's default for a unit without LimitNOFILE: soft 1024, a high hard limit.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     hard = 524288 if hard == resource.RLIM_INFINITY else min(hard, 524288)
@@ -239,11 +240,11 @@ def test_a_thousand_idle_connections_from_another_user_stop_nothing(
 
 @pytest.mark.slow
 def test_out_of_descriptors_is_said_once_waited_out_and_publishing_resumes(
-        tmp_path: Path, prlimit: str) -> None:
+        make_sandbox: MakeSandbox, prlimit: str) -> None:
     """The daemon's limit lowered from outside to what it has open: its turns fail with
     EMFILE. Said once, no spinning; when the limit comes back, the mosaic is published."""
     port = free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"})
     proc = started(sandbox, port)
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
