@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 from tests.helpers import (
     REPO,
     MakeSandbox,
+    MountExt4,
     MountTmpfs,
     Sandbox,
     find_tool,
@@ -129,7 +130,7 @@ def tmpfs_products(tmp_path: Path, tmpfs: MountTmpfs) -> Path:
 
 
 @pytest.fixture
-def loop_ext4() -> Iterator[Callable[..., Path]]:
+def loop_ext4() -> Iterator[MountExt4]:
     """`loop_ext4(path, image, size_mb=64, options="")`: a small ext4 on a loop device at
     `path` (root, chattr, mkfs.ext4, losetup); unmounted after the test. Unlike a tmpfs it
     has the immutable and append-only flags, and ext4's own reaction to errors."""

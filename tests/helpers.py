@@ -102,6 +102,8 @@ class Sandbox:
 
 # The `tmpfs` fixture (tests/conftest.py): tmpfs(path, size) mounts one there, returns path.
 MountTmpfs = Callable[[Path, str], Path]
+# The `loop_ext4` fixture: loop_ext4(path, image, size_mb=64, options="") mounts an ext4.
+MountExt4 = Callable[..., Path]
 
 
 class MakeSandbox(Protocol):

@@ -198,12 +198,9 @@ def test_bad_usage_exit_2(tmp_path):
     assert sandbox.cli("list", "--limit", "-1").returncode == 2
 
 
-def test_console_script_and_module_agree(tmp_path):
+def test_console_script_and_module_agree(tmp_path, console_script):
     sandbox = Sandbox(tmp_path)
-    script = os.path.join(os.path.dirname(sys.executable), "contimg-publisher")
-    if not os.path.exists(script):
-        pytest.skip(f"console script not installed at {script}")
-    a = subprocess.run([script, "--config", str(sandbox.config_path), "status", "--json"],
+    a = subprocess.run([console_script, "--config", str(sandbox.config_path), "status", "--json"],
                        capture_output=True, text=True, cwd=REPO)
     b = sandbox.cli("status", "--json")
     assert a.returncode == b.returncode == 1  # no daemon holds the lock

@@ -700,13 +700,9 @@ def as_nobody(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def nobody_sandbox() -> Iterator[tuple[Path, Sandbox, Path]]:
+def nobody_sandbox(as_root: None, setpriv: str) -> Iterator[tuple[Path, Sandbox, Path]]:
     """(base, sandbox, night folder) in a fresh folder that the user nobody can reach (pytest's
     tmp_path lies under root's private folder); removed afterwards."""
-    if not is_root():
-        pytest.skip("needs root to run as another user (setpriv) and chown the tree")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
     base = Path(tempfile.mkdtemp(prefix="contimg-perm-"))
     try:
         base.chmod(0o755)
@@ -717,6 +713,7 @@ def nobody_sandbox() -> Iterator[tuple[Path, Sandbox, Path]]:
 
 
 @pytest.mark.slow
+@pytest.mark.root("running as the user nobody (setpriv) and chowning the tree")
 def test_unreadable_folder_does_not_make_its_products_gone(nobody_sandbox) -> None:
     """A folder the daemon cannot list for a while (a wrong chmod by the pipeline) is not
     proof that the product in it left the staging area: it must stay waiting, and still be
@@ -768,6 +765,7 @@ CHECK_ONE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.root("running as the user nobody (setpriv) and chowning the tree")
 def test_pending_file_in_a_folder_that_became_unreadable_is_rejected_not_a_crash(
         nobody_sandbox) -> None:
     """An event named a file, then its folder lost its read and search permission before the

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -25,7 +24,6 @@ from contimg_publisher.publish import CRASH_ENV
 from contimg_publisher.registry import Registry
 from tests.helpers import (
     Sandbox,
-    is_root,
     log_events,
     mount_tmpfs,
     start_daemon,
@@ -367,11 +365,10 @@ def test_writer_that_appears_after_registration_stops_the_publish(sandbox_fs: Sa
 
 
 @pytest.mark.slow
-def test_without_leases_close_write_events_stand_in(tmp_path: Path) -> None:
+@pytest.mark.root("dropping CAP_LEASE (setpriv), on a folder owned by another user")
+def test_without_leases_close_write_events_stand_in(tmp_path: Path, setpriv: str) -> None:
     """A daemon without CAP_LEASE, on a staging folder owned by another user: it says it
     falls back to close-write events, and still waits for the paused writer."""
-    if not is_root() or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv (util-linux) to drop CAP_LEASE")
     sandbox = Sandbox(tmp_path)
     os.chown(sandbox.stage, 65534, 65534)
     os.chown(sandbox.mosaics, 65534, 65534)

@@ -18,14 +18,22 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import PYTHON, REPO, Sandbox, log_events, start_daemon, stop, wait_for
-from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
-from tests.test_publish import (  # noqa: F401 - tmpfs_products is a fixture
+from tests.helpers import (
+    PYTHON,
+    REPO,
+    Sandbox,
+    log_events,
+    skip_with,
+    start_daemon,
+    stop,
+    wait_for,
+)
+from tests.pg import Server
+from tests.test_publish import (
     archive_files,
     sha256,
     stage,
     temps,
-    tmpfs_products,
 )
 from tests.test_service import NotifySocket
 
@@ -40,10 +48,11 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def netns() -> Iterator[str]:
+def netns(as_root: None) -> Iterator[str]:
     """A namespace whose only way out is a veth link to this one's HOST_IP."""
-    if _ip("netns", "add", NS, check=False).returncode != 0:
-        pytest.skip("cannot create a network namespace here (ip netns add)")
+    added = _ip("netns", "add", NS, check=False)
+    if added.returncode != 0:
+        skip_with(f"cannot create a network namespace here (ip netns add): {added.stderr}")
     try:
         _ip("link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
         _ip("link", "set", NS_IF, "netns", NS)
@@ -74,8 +83,8 @@ def _published(server: Server) -> int:
 
 @pytest.mark.slow
 def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
-        tmp_path: Path, pg_server: Server, netns: str,  # noqa: F811
-        tmpfs_products: Path) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server, netns: str,
+        tmpfs_products: Path) -> None:
     uri = pg_server.listen_on(HOST_IP, 5432, NET)
     box = Sandbox(tmp_path, products_root=tmpfs_products,
                   paths={"registry": uri, "lock_file": str(tmp_path / "p.lock")},
@@ -134,7 +143,7 @@ def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
 
 @pytest.mark.slow
 def test_no_registry_call_blocks_past_its_bound_on_a_dead_link(
-        pg_server: Server, netns: str) -> None:  # noqa: F811
+        pg_server: Server, netns: str) -> None:
     """Each kind of call the daemon's loop and publish thread make, over a link that went
     down: each gives up with RegistryUnavailable within its bound (a fraction of the lease),
     not after TCP's own half a minute."""
@@ -192,8 +201,8 @@ BIG_PRODUCTS = 3
 
 @pytest.mark.slow
 def test_a_lease_lost_mid_copy_is_abandoned_and_another_daemon_takes_the_claims(
-        tmp_path: Path, pg_server: Server, netns: str,  # noqa: F811
-        tmpfs_products: Path) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server, netns: str,
+        tmpfs_products: Path) -> None:
     """The node's daemon is cut off in the middle of a slow copy: its lease renewals fail
     until a whole lease has gone by, and it says `lease_lost` for the product in hand,
     whose copy stops (no temporary file, nothing under its final name, the staged file

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import apsw
@@ -25,7 +24,7 @@ import pytest
 from contimg_publisher import detect, publish
 from contimg_publisher.publish import CRASH_ENV, CRASH_POINTS
 from contimg_publisher.registry import Registry
-from tests.helpers import REPO, Sandbox, fits_bytes, is_root, mount_tmpfs, umount
+from tests.helpers import REPO, Sandbox, fits_bytes, mount_tmpfs, umount
 
 TEMP_GLOB = ".contimg-tmp.*"
 
@@ -96,17 +95,6 @@ def assert_published_once(sandbox: Sandbox, expected: dict[str, bytes]) -> None:
         assert r["lease_owner"] is None
         name = r["data_id"].rsplit("/", 1)[-1]
         assert r["sidecars"] == [f"{name}.png" for k in expected if k == f"{r['data_id']}.png"]
-
-
-@pytest.fixture
-def tmpfs_products(tmp_path: Path) -> Iterator[Path]:
-    """A products area on its own filesystem, so a publish is a copy through a temp file."""
-    if not is_root():
-        pytest.skip("mounting a tmpfs for the products area needs root")
-    products = tmp_path / "products"
-    mount_tmpfs(products, "1g")
-    yield products
-    umount(products)
 
 
 # --- deterministic crash points ---------------------------------------------------------------

@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from contimg_publisher.registry import Finding, Published, Quarantined, Registry, open_registry
 from contimg_publisher.states import FailureKind
 from tests.helpers import Sandbox
-from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
+from tests.pg import Server
 from tests.test_registry import _build_legacy, candidate
 
 TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
@@ -41,7 +41,7 @@ def _sqlite_rows(path: Path, table: str) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_migrate_from_copies_every_row_and_value(tmp_path: Path,
-                                                 pg_server: Server) -> None:  # noqa: F811
+                                                 pg_server: Server) -> None:
     source = tmp_path / "site" / "data_registry.db"
     _build_legacy(source, with_optional=True)
     with Registry(source) as reg:  # this program's own rows and history on top

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -24,11 +23,11 @@ import pytest
 from contimg_publisher.registry import Registry
 from contimg_publisher.transfer import DELAY_ENV
 from tests.helpers import (
+    MountExt4,
     Sandbox,
-    is_root,
     log_events,
-    mount_ext4,
     mount_tmpfs,
+    skip_with,
     start_daemon,
     stop,
     umount,
@@ -340,21 +339,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _registry_on_ext4(tmp_path: Path, options: str = "") -> Iterator[Path]:
+def _registry_on_ext4(loop_ext4: MountExt4, tmp_path: Path, options: str = ""
+                      ) -> Iterator[Path]:
     """The registry's folder (state/) on a small loop-mounted ext4: a tmpfs has no chattr
-    flags. Skips, saying why, without root or the tools."""
-    missing = [t for t in ("chattr", "mkfs.ext4", "losetup") if shutil.which(t) is None]
-    reason = "needs root (a loop mount and chattr)" if not is_root() else \
-        f"needs {', '.join(missing)}" if missing else None
-    if reason:
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    state = tmp_path / "state"
-    mount_ext4(state, tmp_path / "state.img", 64, options)
-    try:
-        yield state
-    finally:
-        umount(state)
+    flags. The `loop_ext4` fixture unmounts it after the test."""
+    yield loop_ext4(tmp_path / "state", tmp_path / "state.img", 64, options)
 
 
 def _chattr(flag: str, files: list[Path]) -> None:
@@ -362,12 +351,13 @@ def _chattr(flag: str, files: list[Path]) -> None:
 
 
 @pytest.mark.slow
-def test_registry_made_immutable_pauses_without_sigbus_and_resumes(tmp_path: Path) -> None:
+def test_registry_made_immutable_pauses_without_sigbus_and_resumes(
+        tmp_path: Path, loop_ext4: MountExt4) -> None:
     """chattr +i on the registry, its -wal and its -shm under a running daemon: SQLite's
     writes to the memory-mapped -shm would raise SIGBUS. The daemon stays alive, says once
     why it paused (STATUS=, status, the page, the metrics), keeps pinging the watchdog,
     removes and archives nothing without its record, and resumes by itself at chattr -i."""
-    with _registry_on_ext4(tmp_path):
+    with _registry_on_ext4(loop_ext4, tmp_path):
         port = _free_port()
         sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
         files = [sandbox.registry, *(Path(f"{sandbox.registry}{s}") for s in ("-wal", "-shm"))]
@@ -444,10 +434,11 @@ def test_registry_made_immutable_pauses_without_sigbus_and_resumes(tmp_path: Pat
         assert [e["data_id"] for e in _events(sandbox, "published")].count("w0") == 1
 
 
-def test_stopped_while_the_registry_is_immutable(tmp_path: Path) -> None:
+def test_stopped_while_the_registry_is_immutable(
+        tmp_path: Path, loop_ext4: MountExt4) -> None:
     """SIGTERM while paused: a clean exit, without the checkpoint the last connection makes
     on closing (it writes the -shm, so it would be a SIGBUS)."""
-    with _registry_on_ext4(tmp_path):
+    with _registry_on_ext4(loop_ext4, tmp_path):
         sandbox = Sandbox(tmp_path)
         files = [sandbox.registry, *(Path(f"{sandbox.registry}{s}") for s in ("-wal", "-shm"))]
         proc = start_daemon(sandbox)
@@ -471,18 +462,18 @@ def test_stopped_while_the_registry_is_immutable(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_registry_filesystem_gone_read_only_pauses(tmp_path: Path) -> None:
+def test_registry_filesystem_gone_read_only_pauses(
+        tmp_path: Path, loop_ext4: MountExt4) -> None:
     """ext4 remounts itself read-only after an error (errors=remount-ro; the error is
     injected through its trigger_fs_error): the daemon pauses and stays alive. A plain
     `mount -o remount,ro` is refused while the daemon has the files open for writing, and
     an emergency read-only ext4 only comes back by unmounting it, so no resume here."""
-    with _registry_on_ext4(tmp_path, "errors=remount-ro") as state:
+    with _registry_on_ext4(loop_ext4, tmp_path, "errors=remount-ro") as state:
         source = subprocess.run(["findmnt", "-no", "SOURCE", str(state)], check=True,
                                 capture_output=True, text=True).stdout.strip()
         trigger = Path("/sys/fs/ext4") / os.path.basename(source) / "trigger_fs_error"
         if not trigger.exists():
-            print(f"SKIP: no {trigger}")
-            pytest.skip(f"no {trigger}")
+            skip_with(f"no {trigger}")
         sandbox = Sandbox(tmp_path)
         proc = start_daemon(sandbox)
         try:
@@ -532,12 +523,13 @@ def test_write_lock_held_past_the_busy_timeout_while_registering(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_registry_immutable_at_start_waits_instead_of_exiting(tmp_path: Path) -> None:
+def test_registry_immutable_at_start_waits_instead_of_exiting(
+        tmp_path: Path, loop_ext4: MountExt4) -> None:
     """The registry made immutable before the daemon starts (as a full disk at boot would
     be): no exit (under Restart=on-failure that would be a restart loop), one
     registry_unavailable, no READY while it lasts, systemd's start timeout extended; at
     chattr -i it starts by itself and publishes what waited."""
-    with _registry_on_ext4(tmp_path):
+    with _registry_on_ext4(loop_ext4, tmp_path):
         sandbox = Sandbox(tmp_path)
         Registry(sandbox.registry).close()
         waiting = write_fits(sandbox.mosaics / "waiting.fits", seed=3)

@@ -61,8 +61,7 @@ def posix_locks(pid: int, ino: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(SQLITE3 is None, reason="the sqlite3 shell (Debian's sqlite3) is not "
-                    "installed; .ci/dev test installs it")
+@pytest.mark.usefixtures("sqlite3_shell")  # sql() runs it
 def test_other_processes_never_take_the_daemons_wal(tmp_path: Path) -> None:
     port = free_port()
     sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
@@ -156,8 +155,7 @@ def test_other_processes_never_take_the_daemons_wal(tmp_path: Path) -> None:
         "the daemon published something twice, or missed something"
 
 
-@pytest.mark.skipif(SQLITE3 is None, reason="the sqlite3 shell (Debian's sqlite3) is not "
-                    "installed; .ci/dev test installs it")
+@pytest.mark.usefixtures("sqlite3_shell")  # sql() runs it
 def test_opening_a_second_connection_keeps_the_first_ones_locks(tmp_path: Path) -> None:
     """What the daemon does when its publish thread, or a scrape, opens the registry."""
     db = tmp_path / "registry.sqlite3"

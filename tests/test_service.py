@@ -263,11 +263,9 @@ SLOW_COPY = {"CONTIMG_PUBLISHER_TEST_COPY_DELAY": "1.0"}
 
 
 @pytest.fixture
-def shm_products():
-    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev:
-        pytest.skip("/dev/shm is not a separate filesystem here; the copy path needs one")
+def shm_products(dev_shm):
     import tempfile
-    folder = Path(tempfile.mkdtemp(prefix="contimg-products-", dir="/dev/shm"))
+    folder = Path(tempfile.mkdtemp(prefix="contimg-products-", dir=dev_shm))
     yield folder
     import shutil
     shutil.rmtree(folder, ignore_errors=True)
