@@ -29,6 +29,7 @@ from contimg_publisher import fits as fits_mod
 from contimg_publisher.registry import Candidate, Identity, Product, Registry
 from tests.helpers import (
     REPO,
+    MakeSandbox,
     Sandbox,
     fits_bytes,
     is_root,
@@ -533,12 +534,12 @@ def test_burst_of_10000_files_all_registered_once(sandbox: Sandbox, notify: Noti
 
 
 @pytest.mark.slow
-def test_mosaic_staged_after_ready_is_registered_by_the_watch(tmp_path: Path,
+def test_mosaic_staged_after_ready_is_registered_by_the_watch(make_sandbox: MakeSandbox,
                                                              notify: NotifySocket) -> None:
     """The watch, not a rescan, finds a mosaic staged once the daemon is up: the periodic
     rescan is an hour away, and the start-up walk saw an empty staging area."""
-    sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.5, "rescan_seconds": 3600},
-                      metrics={"enabled": False})
+    sandbox = make_sandbox(detect={"settle_seconds": 0.5, "rescan_seconds": 3600},
+                           metrics={"enabled": False})
     with daemon(sandbox, notify):
         staged = sandbox.mosaics / "nightly_20250101.fits"
         data = write_fits(staged, seed=11)
@@ -553,13 +554,13 @@ def test_mosaic_staged_after_ready_is_registered_by_the_watch(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_watch_lost_with_its_root_is_restarted_and_logged(tmp_path: Path,
+def test_watch_lost_with_its_root_is_restarted_and_logged(make_sandbox: MakeSandbox,
                                                           notify: NotifySocket) -> None:
     """The staging root removed and made again: the watch on the old folder ended with it;
     the daemon logs it, restarts the watch, and the watch finds the next mosaic (the
     periodic rescan is an hour away)."""
-    sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.3, "rescan_seconds": 3600},
-                      metrics={"enabled": False})
+    sandbox = make_sandbox(detect={"settle_seconds": 0.3, "rescan_seconds": 3600},
+                           metrics={"enabled": False})
     with daemon(sandbox, notify):
         shutil.rmtree(sandbox.stage)
         wait_for(lambda: "watch_restarting" in (sandbox.root / "daemon.log").read_text(),
@@ -580,12 +581,12 @@ def test_watch_lost_with_its_root_is_restarted_and_logged(tmp_path: Path,
 
 @pytest.mark.slow
 @pytest.mark.root("lowering fs.inotify.max_queued_events needs root")
-def test_overflowed_event_queue_is_recovered_by_rescan(tmp_path: Path, notify: NotifySocket
-                                                       ) -> None:
+def test_overflowed_event_queue_is_recovered_by_rescan(make_sandbox: MakeSandbox,
+                                                       notify: NotifySocket) -> None:
     """When the kernel drops events (queue overflow), the rescan that the lost events start
     finds every file: the periodic rescan is an hour away."""
-    sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.2, "rescan_seconds": 3600},
-                      metrics={"enabled": False})
+    sandbox = make_sandbox(detect={"settle_seconds": 0.2, "rescan_seconds": 3600},
+                           metrics={"enabled": False})
     data = fits_bytes(pixels=4)
     with open(QUEUED_EVENTS) as fh:
         saved = fh.read().strip()

@@ -21,7 +21,7 @@ import pytest
 from tests.helpers import (
     PYTHON,
     REPO,
-    Sandbox,
+    MakeSandbox,
     log_events,
     skip_with,
     start_daemon,
@@ -83,15 +83,15 @@ def _published(server: Server) -> int:
 
 @pytest.mark.slow
 def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
-        tmp_path: Path, pg_server: Server, netns: str,
+        tmp_path: Path, make_sandbox: MakeSandbox, pg_server: Server, netns: str,
         tmpfs_products: Path) -> None:
     uri = pg_server.listen_on(HOST_IP, 5432, NET)
-    box = Sandbox(tmp_path, products_root=tmpfs_products,
-                  paths={"registry": uri, "lock_file": str(tmp_path / "p.lock")},
-                  node={"name": "node-cut"}, metrics={"enabled": False},
-                  registry={"busy_timeout_seconds": 3},
-                  detect={"settle_seconds": 0.0, "rescan_seconds": 300},
-                  publish={"lease_seconds": LEASE, "reconcile_seconds": 3})
+    box = make_sandbox(products_root=tmpfs_products,
+                       paths={"registry": uri, "lock_file": str(tmp_path / "p.lock")},
+                       node={"name": "node-cut"}, metrics={"enabled": False},
+                       registry={"busy_timeout_seconds": 3},
+                       detect={"settle_seconds": 0.0, "rescan_seconds": 300},
+                       publish={"lease_seconds": LEASE, "reconcile_seconds": 3})
     expected = {f"m_{i:02d}.fits": sha256(stage(box, f"m_{i:02d}.fits", pixels=700, seed=i))
                 for i in range(PRODUCTS)}
     notify = NotifySocket(tmp_path / "notify.sock")
@@ -201,7 +201,7 @@ BIG_PRODUCTS = 3
 
 @pytest.mark.slow
 def test_a_lease_lost_mid_copy_is_abandoned_and_another_daemon_takes_the_claims(
-        tmp_path: Path, pg_server: Server, netns: str,
+        tmp_path: Path, make_sandbox: MakeSandbox, pg_server: Server, netns: str,
         tmpfs_products: Path) -> None:
     """The node's daemon is cut off in the middle of a slow copy: its lease renewals fail
     until a whole lease has gone by, and it says `lease_lost` for the product in hand,
@@ -215,8 +215,9 @@ def test_a_lease_lost_mid_copy_is_abandoned_and_another_daemon_takes_the_claims(
         "registry": {"busy_timeout_seconds": 3},
         "detect": {"settle_seconds": 0.0, "rescan_seconds": 300},
         "publish": {"lease_seconds": LEASE, "reconcile_seconds": 3}}
-    box = Sandbox(tmp_path / "cut", products_root=tmpfs_products,
-                  paths={"registry": uri, "lock_file": str(tmp_path / "cut.lock")}, **common)
+    box = make_sandbox("cut", products_root=tmpfs_products,
+                       paths={"registry": uri, "lock_file": str(tmp_path / "cut.lock")},
+                       **common)
     expected = {f"b_{i}.fits": stage(box, f"b_{i}.fits", pixels=BIG_PIXELS, seed=i)
                 for i in range(BIG_PRODUCTS)}
     # Two seconds per chunk: each copy takes longer than a lease.
@@ -249,9 +250,9 @@ def test_a_lease_lost_mid_copy_is_abandoned_and_another_daemon_takes_the_claims(
                                     " WHERE status = 'publishing'").split())
         assert len(owners) == 1, owners
         # Another daemon of the same node, which can reach the server, takes over.
-        box2 = Sandbox(tmp_path / "other", products_root=tmpfs_products,
-                       paths={"registry": pg_server.uri, "stage_root": str(box.stage),
-                              "lock_file": str(tmp_path / "other.lock")}, **common)
+        box2 = make_sandbox("other", products_root=tmpfs_products,
+                            paths={"registry": pg_server.uri, "stage_root": str(box.stage),
+                                   "lock_file": str(tmp_path / "other.lock")}, **common)
         other = start_daemon(box2)
         wait_for(lambda: _published(pg_server) == BIG_PRODUCTS and not temps(box.products),
                  120, interval=0.5, what="the other daemon to publish every product")

@@ -23,7 +23,7 @@ import pytest
 
 from contimg_publisher import detect
 from contimg_publisher.registry import Registry
-from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
+from tests.helpers import MakeSandbox, log_events, start_daemon, stop, wait_for, write_fits
 from tests.test_observability import free_port
 
 SQLITE3 = shutil.which("sqlite3")
@@ -62,9 +62,9 @@ def posix_locks(pid: int, ino: int) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("sqlite3_shell")  # sql() runs it
-def test_other_processes_never_take_the_daemons_wal(tmp_path: Path) -> None:
+def test_other_processes_never_take_the_daemons_wal(make_sandbox: MakeSandbox) -> None:
     port = free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"})
     db = sandbox.registry
     rounds = 6
     # Registered and held before the daemon starts; each is released by another process
