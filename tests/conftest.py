@@ -45,7 +45,7 @@ POSTGRES_FIXTURES = {"pg_server", "pg_template"}
 SYSTEMD_MODULES = {"test_systemd_boot", "test_systemd_unit", "test_journald", "test_package"}
 SYSTEMD_FIXTURES = {"systemd_nspawn", "systemd_analyze", "journald"}
 # Fixtures below that only exist for root: a test that uses one is in the root tier.
-ROOT_FIXTURES = {"as_root", "tmpfs_products", "journald", "loop_ext4"}
+ROOT_FIXTURES = {"as_root", "tmpfs_products", "journald", "loop_ext4", "systemd_nspawn"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
