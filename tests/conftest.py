@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.postgres)
         if ROOT_FIXTURES & fixtures and item.get_closest_marker("root") is None:
             item.add_marker(pytest.mark.root(
-                f"{', '.join(sorted(ROOT_FIXTURES & fixtures))} needs root"))
+                f"for the fixture {', '.join(sorted(ROOT_FIXTURES & fixtures))}"))
         if SYSTEMD_FIXTURES & fixtures or item.module is not None and \
                 item.module.__name__.rsplit(".", 1)[-1] in SYSTEMD_MODULES:
             item.add_marker(pytest.mark.systemd)

@@ -25,6 +25,9 @@ import pytest
 
 from tests.helpers import REPO
 
+# Two package builds and a booted container: minutes.
+pytestmark = pytest.mark.slow
+
 SUPPORT = REPO / "tests" / "support"
 VERSION = re.findall(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(),
                      flags=re.M)[0]
