@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
+import pytest
 from astropy.io import fits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +100,20 @@ class Sandbox:
         return json.loads(out.stdout) if out.returncode == 0 else None
 
 
+# The `tmpfs` fixture (tests/conftest.py): tmpfs(path, size) mounts one there, returns path.
+MountTmpfs = Callable[[Path, str], Path]
+# The `loop_ext4` fixture: loop_ext4(path, image, size_mb=64, options="") mounts an ext4.
+MountExt4 = Callable[..., Path]
+
+
+class MakeSandbox(Protocol):
+    """The `make_sandbox` fixture (tests/conftest.py): a Sandbox in the test's folder, or in
+    `folder` under it, with the given config tables over the Sandbox's defaults."""
+
+    def __call__(self, folder: str = "", products_root: Path | None = None,
+                 **tables: Any) -> Sandbox: ...
+
+
 def run_cli(config_path: Path, *args: str, timeout: float = 120,
             env: dict[str, str] | None = None, check: bool = False
             ) -> subprocess.CompletedProcess[str]:
@@ -154,6 +170,32 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def skip_with(reason: str) -> NoReturn:
+    """Skip the test, printing the reason too: it stands in the test's captured output
+    beside the skip summary, so a skipped check is never mistaken for a passed one."""
+    print(f"SKIP: {reason}")
+    pytest.skip(reason)
+
+
+def need_root(why: str) -> None:
+    if not is_root():
+        skip_with(f"needs root: {why}")
+
+
+def find_tool(name: str) -> str | None:
+    """A command on PATH, or in /usr/bin or /usr/sbin (root's PATH may lack them)."""
+    return shutil.which(name) or next(
+        (path for path in (f"/usr/bin/{name}", f"/usr/sbin/{name}")
+         if os.access(path, os.X_OK)), None)
+
+
+def need_tool(name: str, package: str) -> str:
+    path = find_tool(name)
+    if path is None:
+        skip_with(f"{name} is not installed (Debian package {package})")
+    return path
 
 
 def mount_tmpfs(path: Path, size: str) -> None:

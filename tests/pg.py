@@ -4,7 +4,8 @@
 `initdb` runs once per test session into a template folder; each test gets a copy of it
 (a plain copy: well under a second) started with `pg_ctl` on a unix socket of its own and
 no TCP port, stopped and removed in teardown. Outside root, or without the binaries, the
-tests that need it are skipped with the reason.
+tests that need it are skipped with the reason. tests/conftest.py offers the fixtures
+(`pg_server`, `pg_template`) to every test module by name.
 
 The folders live in a directory of their own under /tmp, not in pytest's tmp_path:
 pytest makes those 0700 for root, where the postgres user could not reach its socket.
@@ -22,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import skip_with
 
 DATABASE = "contimg"
 
@@ -50,8 +53,7 @@ def unavailable() -> str | None:
 def skip_unless_available() -> None:
     reason = unavailable()
     if reason is not None:
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+        skip_with(reason)
 
 
 def _as_postgres(*argv: str | Path, check: bool = True, timeout: float = 60

@@ -399,12 +399,9 @@ def test_stale_staged_files_are_listed_and_quarantined_with_a_record(tmp_path: P
 
 
 @pytest.mark.slow
-def test_quarantine_across_filesystems_copies_verifies_then_removes(tmp_path: Path) -> None:
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
-        import pytest
-        pytest.skip("needs /dev/shm on another filesystem than the test's folder")
-    quarantine = shm / f"contimg-quarantine-{os.getpid()}"
+def test_quarantine_across_filesystems_copies_verifies_then_removes(tmp_path: Path,
+                                                                    dev_shm: Path) -> None:
+    quarantine = dev_shm / f"contimg-quarantine-{os.getpid()}"
     try:
         box = _site(tmp_path, hygiene={"report_after_seconds": 1.0,
                                        "quarantine_dir": str(quarantine)})

@@ -20,13 +20,12 @@ from contimg_publisher.paths import TEMP_PREFIX
 from contimg_publisher.registry import Registry
 from contimg_publisher.transfer import DELAY_ENV
 from tests.helpers import (
+    MakeSandbox,
+    MountTmpfs,
     Sandbox,
-    is_root,
     log_events,
-    mount_tmpfs,
     start_daemon,
     stop,
-    umount,
     wait_for,
     write_fits,
 )
@@ -45,17 +44,10 @@ def stage_burst(sandbox: Sandbox, count: int) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def products_on_tmpfs(tmp_path: Path) -> Iterator[Path]:
+def products_on_tmpfs(tmpfs: MountTmpfs, tmp_path: Path) -> Iterator[Path]:
     """A products area on another filesystem, so that publishing copies (the copy loop's
-    test delay applies) instead of renaming."""
-    if not is_root():
-        pytest.skip("a products area on another filesystem (a tmpfs mount) needs root")
-    products = tmp_path / "products"
-    mount_tmpfs(products, "64m")
-    try:
-        yield products
-    finally:
-        umount(products)
+    test delay applies) instead of renaming; the `tmpfs` fixture unmounts it."""
+    yield tmpfs(tmp_path / "products", "64m")
 
 
 def archived(sandbox: Sandbox) -> dict[str, str]:
@@ -75,8 +67,9 @@ def rows(sandbox: Sandbox) -> list[dict[str, object]]:
 
 
 @pytest.mark.slow
-def test_a_burst_is_published_in_batches_that_share_their_commits(tmp_path: Path) -> None:
-    sandbox = Sandbox(tmp_path)
+def test_a_burst_is_published_in_batches_that_share_their_commits(
+        make_sandbox: MakeSandbox) -> None:
+    sandbox = make_sandbox()
     digests = stage_burst(sandbox, 300)
     proc = start_daemon(sandbox)
     try:
@@ -95,13 +88,15 @@ def test_a_burst_is_published_in_batches_that_share_their_commits(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_a_stop_during_a_batch_gives_the_rest_back(tmp_path: Path) -> None:
+@pytest.mark.root("a products area on another filesystem (a tmpfs mount)")
+def test_a_stop_during_a_batch_gives_the_rest_back(
+        tmp_path: Path, make_sandbox: MakeSandbox, tmpfs: MountTmpfs) -> None:
     """Copies made slow (a delay per chunk, in the daemon's copy loop): the watchdog is
     pinged on time meanwhile; SIGTERM once the first copy of a batch is in place. The
     product in hand is finished, the rest wait again with no attempt counted, and the next
     start publishes each of them exactly once."""
-    with products_on_tmpfs(tmp_path) as products:
-        sandbox = Sandbox(tmp_path, products_root=products)
+    with products_on_tmpfs(tmpfs, tmp_path) as products:
+        sandbox = make_sandbox(products_root=products)
         digests = stage_burst(sandbox, 40)
         notify = NotifySocket(tmp_path / "notify.sock")
         proc = start_daemon(sandbox, notify.path, watchdog_usec=1_000_000,
@@ -145,10 +140,10 @@ def test_a_stop_during_a_batch_gives_the_rest_back(tmp_path: Path) -> None:
         assert archived(sandbox) == digests
 
 
-def test_stray_temporary_files_are_swept_after_ready(tmp_path: Path) -> None:
+def test_stray_temporary_files_are_swept_after_ready(make_sandbox: MakeSandbox) -> None:
     """A temporary copy that a killed publisher left (no row names it) is removed, after
     the daemon said READY; nothing else in the products area is touched."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     folder = sandbox.products / "mosaics" / "2026"
     folder.mkdir(parents=True)
     stray = folder / (TEMP_PREFIX.decode() + "m1.fits.vm-4242-1-boot")
@@ -169,11 +164,12 @@ def test_stray_temporary_files_are_swept_after_ready(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_burst_moved_in_as_one_folder_is_published_once_each(tmp_path: Path) -> None:
+def test_a_burst_moved_in_as_one_folder_is_published_once_each(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     """The pipeline's nights arrive as folders of folders, moved in at once: the loop walks
     the moved folder on its one event, registering and publishing take turns, and every
     product is registered once and published once, with no product reported vanished."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     outside = tmp_path / "incoming"
     digests = {}
     for i in range(300):
@@ -202,11 +198,13 @@ def test_a_burst_moved_in_as_one_folder_is_published_once_each(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_detection_goes_on_beside_a_long_copy(tmp_path: Path) -> None:
+@pytest.mark.root("a products area on another filesystem (a tmpfs mount)")
+def test_detection_goes_on_beside_a_long_copy(
+        tmp_path: Path, make_sandbox: MakeSandbox, tmpfs: MountTmpfs) -> None:
     """Registering waits for a short batch in flight, never for a long copy: a mosaic
     staged while a slow copy runs is registered before that copy is done."""
-    with products_on_tmpfs(tmp_path) as products:
-        sandbox = Sandbox(tmp_path, products_root=products)
+    with products_on_tmpfs(tmpfs, tmp_path) as products:
+        sandbox = make_sandbox(products_root=products)
         big = sandbox.mosaics / "big" / "big.fits"
         big.parent.mkdir(parents=True)
         write_fits(big, pixels=2048, seed=1)  # two chunks of the copy, 3 s each

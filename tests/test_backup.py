@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from contimg_publisher.registry import Registry
-from tests.helpers import Sandbox, start_daemon, stop, wait_for, write_fits
+from tests.helpers import MakeSandbox, Sandbox, start_daemon, stop, wait_for, write_fits
 from tests.test_service import NotifySocket
 
 NAME_PATTERN = r"registry-\d{8}T\d{6}\.\d{6}Z\.sqlite3"
@@ -46,8 +46,8 @@ def published(box: Sandbox) -> dict[str, dict[str, object]]:
 
 @pytest.mark.slow
 def test_backups_taken_while_publishing_are_consistent_and_only_the_newest_kept(
-        tmp_path: Path) -> None:
-    box = Sandbox(tmp_path, detect={"settle_seconds": 0.1})
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
+    box = make_sandbox(detect={"settle_seconds": 0.1})
     dest = tmp_path / "backups"
     notify = NotifySocket(tmp_path / "notify.sock")
     proc = start_daemon(box, notify.path)
@@ -97,10 +97,11 @@ def test_backups_taken_while_publishing_are_consistent_and_only_the_newest_kept(
 
 
 @pytest.mark.slow
-def test_restore_drill_finds_what_was_published_after_the_backup_once(tmp_path: Path) -> None:
+def test_restore_drill_finds_what_was_published_after_the_backup_once(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     """README's drill: stop, put the backup back, rebuild from the archive, start. Products
     published after the backup are recorded again; nothing is published twice."""
-    box = Sandbox(tmp_path, detect={"settle_seconds": 0.1})
+    box = make_sandbox(detect={"settle_seconds": 0.1})
     dest = tmp_path / "backups"
     notify = NotifySocket(tmp_path / "notify.sock")
 
@@ -147,8 +148,9 @@ def test_restore_drill_finds_what_was_published_after_the_backup_once(tmp_path: 
         assert archived[Path(str(row["published_path"])).name] == row["checksum"]
 
 
-def test_backup_refuses_a_postgres_registry_and_names_the_tools(tmp_path: Path) -> None:
-    box = Sandbox(tmp_path)
+def test_backup_refuses_a_postgres_registry_and_names_the_tools(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
+    box = make_sandbox()
     box.update(paths={"registry": "postgresql://contimg@dbhost/contimg"})
     out = box.cli("backup", str(tmp_path / "backups"))
     assert out.returncode == 2
@@ -156,8 +158,9 @@ def test_backup_refuses_a_postgres_registry_and_names_the_tools(tmp_path: Path) 
     assert not (tmp_path / "backups").exists()
 
 
-def test_backup_of_a_missing_registry_fails_and_keeps_nothing(tmp_path: Path) -> None:
-    box = Sandbox(tmp_path)
+def test_backup_of_a_missing_registry_fails_and_keeps_nothing(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
+    box = make_sandbox()
     out = box.cli("backup", str(tmp_path / "backups"), "--keep", "2")
     assert out.returncode == 1
     assert str(box.registry) in out.stderr and "nothing kept" in out.stderr

@@ -23,9 +23,9 @@ def _candidate(sandbox: Sandbox, data_id: str, n: int) -> Candidate:
 
 
 @pytest.fixture
-def filled(tmp_path):
+def filled(make_sandbox):
     """Registry with one product in each status, made through the registry's own operations."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     cfg = sandbox.config()
     with Registry(cfg.registry) as reg:
         for n, data_id in enumerate(["waiting", "done", "broken", "bad", "busy"], start=1):
@@ -123,16 +123,16 @@ def test_retry_all_failed(filled):
     assert json.loads(filled.cli("status", "--json").stdout)["counts"]["failed"] == 0
 
 
-def test_migrate_twice_reports_nothing_to_do(tmp_path):
-    sandbox = Sandbox(tmp_path)
+def test_migrate_twice_reports_nothing_to_do(make_sandbox):
+    sandbox = make_sandbox()
     first = sandbox.cli("migrate", check=True).stdout
     assert f"migrated from schema version 0 to {SCHEMA_VERSION}" in first
     second = sandbox.cli("migrate", check=True).stdout
     assert f"already at schema version {SCHEMA_VERSION}" in second
 
 
-def test_read_commands_do_not_migrate_an_older_file(tmp_path):
-    sandbox = Sandbox(tmp_path)
+def test_read_commands_do_not_migrate_an_older_file(make_sandbox):
+    sandbox = make_sandbox()
     sandbox.registry.parent.mkdir(parents=True)
     import sqlite3
     with sqlite3.connect(sandbox.registry) as db:
@@ -145,14 +145,14 @@ def test_read_commands_do_not_migrate_an_older_file(tmp_path):
         assert db.execute("PRAGMA user_version").fetchone()[0] == 0
 
 
-def test_a_read_command_waits_for_a_migration_in_progress(tmp_path):
+def test_a_read_command_waits_for_a_migration_in_progress(make_sandbox):
     """A daemon's first start migrates step by step while an operator's `list` opens the
     file: the command waits for the steps (the version moves) instead of refusing."""
     import sqlite3
     import time
 
     from contimg_publisher.registry import LEGACY_DDL
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     sandbox.registry.parent.mkdir(parents=True)
     with sqlite3.connect(sandbox.registry) as db:
         db.executescript(LEGACY_DDL)
@@ -173,16 +173,16 @@ def test_a_read_command_waits_for_a_migration_in_progress(tmp_path):
     assert json.loads(out) == []
 
 
-def test_check_config_prints_effective_values(tmp_path):
-    sandbox = Sandbox(tmp_path)
+def test_check_config_prints_effective_values(make_sandbox):
+    sandbox = make_sandbox()
     out = sandbox.cli("check-config", check=True).stdout
     assert "valid" in out.splitlines()[0]
     assert f'stage_root = "{sandbox.stage}"' in out
     assert "max_attempts = 3" in out
 
 
-def test_bad_config_exit_2_one_line(tmp_path):
-    sandbox = Sandbox(tmp_path)
+def test_bad_config_exit_2_one_line(make_sandbox):
+    sandbox = make_sandbox()
     sandbox.update(publish={"max_attempts": -1})
     out = sandbox.cli("status")
     assert out.returncode == 2
@@ -191,27 +191,24 @@ def test_bad_config_exit_2_one_line(tmp_path):
     assert str(sandbox.config_path) in lines[0] and "publish.max_attempts" in lines[0]
 
 
-def test_bad_usage_exit_2(tmp_path):
-    sandbox = Sandbox(tmp_path)
+def test_bad_usage_exit_2(make_sandbox):
+    sandbox = make_sandbox()
     assert sandbox.cli("frobnicate").returncode == 2
     assert sandbox.cli("list", "--status", "bogus").returncode == 2
     assert sandbox.cli("list", "--limit", "-1").returncode == 2
 
 
-def test_console_script_and_module_agree(tmp_path):
-    sandbox = Sandbox(tmp_path)
-    script = os.path.join(os.path.dirname(sys.executable), "contimg-publisher")
-    if not os.path.exists(script):
-        pytest.skip(f"console script not installed at {script}")
-    a = subprocess.run([script, "--config", str(sandbox.config_path), "status", "--json"],
+def test_console_script_and_module_agree(make_sandbox, console_script):
+    sandbox = make_sandbox()
+    a = subprocess.run([console_script, "--config", str(sandbox.config_path), "status", "--json"],
                        capture_output=True, text=True, cwd=REPO)
     b = sandbox.cli("status", "--json")
     assert a.returncode == b.returncode == 1  # no daemon holds the lock
     assert json.loads(a.stdout)["counts"] == json.loads(b.stdout)["counts"]
 
 
-def test_config_from_environment(tmp_path):
-    sandbox = Sandbox(tmp_path)
+def test_config_from_environment(make_sandbox):
+    sandbox = make_sandbox()
     env = dict(os.environ, CONTIMG_PUBLISHER_CONFIG=str(sandbox.config_path))
     out = subprocess.run([sys.executable, "-m", "contimg_publisher", "check-config"],
                          capture_output=True, text=True, env=env, cwd=REPO)
@@ -220,14 +217,14 @@ def test_config_from_environment(tmp_path):
 
 
 @pytest.mark.slow
-def test_retry_of_a_product_registered_under_another_stage_root_is_refused(tmp_path):
+def test_retry_of_a_product_registered_under_another_stage_root_is_refused(tmp_path, make_sandbox):
     """stage_root A -> B leaves A's waiting product `failed`, naming the change; `retry`
     must not make it wait again where nothing looks at it: it is refused with both roots
     and what to do, and the row keeps its operator state. Under B, retry works as ever."""
     from tests.helpers import write_fits
     from tests.test_publish import register_only
 
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     root_a, root_b = sandbox.stage, tmp_path / "stage-b"
     (root_b / "mosaics").mkdir(parents=True)
     write_fits(root_a / "mosaics" / "in_a.fits", seed=1)
@@ -274,13 +271,13 @@ def test_retry_of_a_product_registered_under_another_stage_root_is_refused(tmp_p
 
 
 @pytest.mark.slow
-def test_a_publish_after_failures_resets_the_legacy_columns_and_show_keeps_them(tmp_path):
+def test_a_publish_after_failures_resets_the_legacy_columns_and_show_keeps_them(make_sandbox):
     """Fail, fail, then succeed: the legacy columns read as after the legacy code's success
     (publish_attempts 0, publish_error NULL), and `show` still lists both failures."""
     import sqlite3
 
     from tests.helpers import write_fits
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     data = write_fits(sandbox.mosaics / "m.fits")
     sandbox.cli("migrate", check=True)
     (sandbox.products / "mosaics").write_text("a file where the folder goes")
@@ -309,12 +306,12 @@ def test_a_publish_after_failures_resets_the_legacy_columns_and_show_keeps_them(
 
 
 @pytest.mark.slow
-def test_five_publish_commands_at_once_publish_one_product_once(tmp_path):
+def test_five_publish_commands_at_once_publish_one_product_once(make_sandbox):
     """Five `publish DATA_ID` processes started together on one product: exactly one
     publishes it, the others say it is published; one copy, no version, no failure."""
     from tests.helpers import PYTHON, write_fits
     from tests.test_publish import register_only
-    sandbox = Sandbox(tmp_path, publish={"lock_wait_seconds": 120})
+    sandbox = make_sandbox(publish={"lock_wait_seconds": 120})
     data = write_fits(sandbox.mosaics / "m.fits", seed=5)
     assert register_only(sandbox) == ["m"]
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
@@ -335,7 +332,7 @@ def test_five_publish_commands_at_once_publish_one_product_once(tmp_path):
     assert (row["status"], row["publish_attempts"], row["failures"]) == ("published", 0, [])
 
 
-def test_a_row_whose_staged_path_climbs_out_of_staging_is_never_published(tmp_path):
+def test_a_row_whose_staged_path_climbs_out_of_staging_is_never_published(tmp_path, make_sandbox):
     """A row another writer registered at `<stage>/mosaics/../../secret.fits` (a file that
     exists, outside the staging area): neither `scan` nor `publish` copies a byte of it;
     a `..` inside a name (`nightly..v1.fits`) is an ordinary name and publishes."""
@@ -343,7 +340,7 @@ def test_a_row_whose_staged_path_climbs_out_of_staging_is_never_published(tmp_pa
     import time
 
     from tests.helpers import write_fits
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     secret = tmp_path / "secret.fits"
     secret_bytes = write_fits(secret, seed=9)
     dotted = write_fits(sandbox.mosaics / "nightly..v1.fits", seed=10)

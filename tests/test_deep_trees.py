@@ -21,6 +21,7 @@ from contimg_publisher import fits as fits_mod
 from contimg_publisher.publish import CRASH_ENV
 from contimg_publisher.registry import Registry
 from tests.helpers import (
+    MakeSandbox,
     Sandbox,
     fits_bytes,
     log_events,
@@ -332,11 +333,11 @@ def test_a_copy_interrupted_at_a_path_over_path_max_is_reconciled(deep_cleanup: 
 
 
 def test_one_paths_unexpected_failure_does_not_stop_the_others(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_sandbox: MakeSandbox, monkeypatch: pytest.MonkeyPatch) -> None:
     """A check that fails in a way nothing expected (here the hash of one file raises) is
     that path's alone: it is reported with its path and reason and looked at again later,
     and the other paths of the same pass are registered."""
-    box = Sandbox(tmp_path, products=[
+    box = make_sandbox(products=[
         {"type": "table", "glob": "tables/*.txt", "destination": "tables"}])
     (box.stage / "tables").mkdir()
     (box.stage / "tables" / "bad.txt").write_bytes(b"bad")

@@ -29,6 +29,7 @@ from contimg_publisher import fits as fits_mod
 from contimg_publisher.registry import Candidate, Identity, Product, Registry
 from tests.helpers import (
     REPO,
+    MakeSandbox,
     Sandbox,
     fits_bytes,
     is_root,
@@ -533,12 +534,12 @@ def test_burst_of_10000_files_all_registered_once(sandbox: Sandbox, notify: Noti
 
 
 @pytest.mark.slow
-def test_mosaic_staged_after_ready_is_registered_by_the_watch(tmp_path: Path,
+def test_mosaic_staged_after_ready_is_registered_by_the_watch(make_sandbox: MakeSandbox,
                                                              notify: NotifySocket) -> None:
     """The watch, not a rescan, finds a mosaic staged once the daemon is up: the periodic
     rescan is an hour away, and the start-up walk saw an empty staging area."""
-    sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.5, "rescan_seconds": 3600},
-                      metrics={"enabled": False})
+    sandbox = make_sandbox(detect={"settle_seconds": 0.5, "rescan_seconds": 3600},
+                           metrics={"enabled": False})
     with daemon(sandbox, notify):
         staged = sandbox.mosaics / "nightly_20250101.fits"
         data = write_fits(staged, seed=11)
@@ -553,13 +554,13 @@ def test_mosaic_staged_after_ready_is_registered_by_the_watch(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_watch_lost_with_its_root_is_restarted_and_logged(tmp_path: Path,
+def test_watch_lost_with_its_root_is_restarted_and_logged(make_sandbox: MakeSandbox,
                                                           notify: NotifySocket) -> None:
     """The staging root removed and made again: the watch on the old folder ended with it;
     the daemon logs it, restarts the watch, and the watch finds the next mosaic (the
     periodic rescan is an hour away)."""
-    sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.3, "rescan_seconds": 3600},
-                      metrics={"enabled": False})
+    sandbox = make_sandbox(detect={"settle_seconds": 0.3, "rescan_seconds": 3600},
+                           metrics={"enabled": False})
     with daemon(sandbox, notify):
         shutil.rmtree(sandbox.stage)
         wait_for(lambda: "watch_restarting" in (sandbox.root / "daemon.log").read_text(),
@@ -580,12 +581,12 @@ def test_watch_lost_with_its_root_is_restarted_and_logged(tmp_path: Path,
 
 @pytest.mark.slow
 @pytest.mark.root("lowering fs.inotify.max_queued_events needs root")
-def test_overflowed_event_queue_is_recovered_by_rescan(tmp_path: Path, notify: NotifySocket
-                                                       ) -> None:
+def test_overflowed_event_queue_is_recovered_by_rescan(make_sandbox: MakeSandbox,
+                                                       notify: NotifySocket) -> None:
     """When the kernel drops events (queue overflow), the rescan that the lost events start
     finds every file: the periodic rescan is an hour away."""
-    sandbox = Sandbox(tmp_path, detect={"settle_seconds": 0.2, "rescan_seconds": 3600},
-                      metrics={"enabled": False})
+    sandbox = make_sandbox(detect={"settle_seconds": 0.2, "rescan_seconds": 3600},
+                           metrics={"enabled": False})
     data = fits_bytes(pixels=4)
     with open(QUEUED_EVENTS) as fh:
         saved = fh.read().strip()
@@ -700,13 +701,9 @@ def as_nobody(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def nobody_sandbox() -> Iterator[tuple[Path, Sandbox, Path]]:
+def nobody_sandbox(as_root: None, setpriv: str) -> Iterator[tuple[Path, Sandbox, Path]]:
     """(base, sandbox, night folder) in a fresh folder that the user nobody can reach (pytest's
     tmp_path lies under root's private folder); removed afterwards."""
-    if not is_root():
-        pytest.skip("needs root to run as another user (setpriv) and chown the tree")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
     base = Path(tempfile.mkdtemp(prefix="contimg-perm-"))
     try:
         base.chmod(0o755)
@@ -717,6 +714,7 @@ def nobody_sandbox() -> Iterator[tuple[Path, Sandbox, Path]]:
 
 
 @pytest.mark.slow
+@pytest.mark.root("running as the user nobody (setpriv) and chowning the tree")
 def test_unreadable_folder_does_not_make_its_products_gone(nobody_sandbox) -> None:
     """A folder the daemon cannot list for a while (a wrong chmod by the pipeline) is not
     proof that the product in it left the staging area: it must stay waiting, and still be
@@ -768,6 +766,7 @@ CHECK_ONE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.root("running as the user nobody (setpriv) and chowning the tree")
 def test_pending_file_in_a_folder_that_became_unreadable_is_rejected_not_a_crash(
         nobody_sandbox) -> None:
     """An event named a file, then its folder lost its read and search permission before the

@@ -454,8 +454,8 @@ def _claimed(box: Sandbox, reg: Registry, name: str) -> None:
     assert reg.claim("me", 60, data_id=name)
 
 
-def test_event_commits_and_rolls_back_with_the_publish(tmp_path):
-    box = Sandbox(tmp_path)
+def test_event_commits_and_rolls_back_with_the_publish(make_sandbox):
+    box = make_sandbox()
     with Registry(box.registry) as reg:
         _claimed(box, reg, "rolled")
         with pytest.raises(RuntimeError), reg.write():
@@ -475,10 +475,10 @@ def test_event_commits_and_rolls_back_with_the_publish(tmp_path):
         assert body["checksum"] == "sha256:" + "ab" * 32
 
 
-def test_a_new_sink_starts_at_the_end_and_restoring_a_row_emits_nothing(tmp_path):
+def test_a_new_sink_starts_at_the_end_and_restoring_a_row_emits_nothing(make_sandbox):
     """A consumer configured later is not sent the archive's history; a row described
     again from publish_log (a legacy re-registration) was already announced."""
-    box = Sandbox(tmp_path)
+    box = make_sandbox()
     with Registry(box.registry) as reg:
         _claimed(box, reg, "old")
         assert reg.mark_published(Published("old", "/p/old.fits", "auto"), "me")
@@ -496,10 +496,10 @@ def test_a_new_sink_starts_at_the_end_and_restoring_a_row_emits_nothing(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["after_rename", "after_commit"])
-def test_a_kill_around_the_commit_leaves_exactly_one_event(tmp_path, crash_at):
+def test_a_kill_around_the_commit_leaves_exactly_one_event(make_sandbox, crash_at):
     """Killed after the final rename (nothing committed: reconciliation completes the
     publish, and its event with it) or just after the commit (the event is already in)."""
-    box = Sandbox(tmp_path, detect={"settle_seconds": 0})
+    box = make_sandbox(detect={"settle_seconds": 0})
     box.cli("migrate", check=True)
     write_fits(box.mosaics / "k.fits", seed=3)
     old = time.time() - 60
@@ -566,10 +566,7 @@ def test_good_notify_values_and_sinks():
 
 # --- the alert rule -------------------------------------------------------------------------
 
-def test_promtool_unit_tests_the_undelivered_alert(tmp_path):
-    promtool = next((p for p in ("/usr/bin/promtool",) if os.access(p, os.X_OK)), None)
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+def test_promtool_unit_tests_the_undelivered_alert(tmp_path, promtool):
     job = 'job="contimg-publisher", instance="pub:9465"'
     tests = {
         "rule_files": [str(REPO / "etc" / "prometheus" / "contimg-publisher-rules.yml")],
@@ -613,8 +610,8 @@ def test_promtool_unit_tests_the_undelivered_alert(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_events_command_without_sinks(tmp_path):
-    box = Sandbox(tmp_path)
+def test_events_command_without_sinks(make_sandbox):
+    box = make_sandbox()
     box.cli("migrate", check=True)
     out = box.cli("events", check=True)
     assert "no sink configured" in out.stdout

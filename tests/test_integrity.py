@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -24,8 +23,8 @@ from contimg_publisher import detect
 from contimg_publisher.publish import CRASH_ENV
 from contimg_publisher.registry import Registry
 from tests.helpers import (
+    MakeSandbox,
     Sandbox,
-    is_root,
     log_events,
     mount_tmpfs,
     start_daemon,
@@ -124,11 +123,11 @@ def test_hard_linked_sidecar_is_copied_and_the_other_name_left_alone(sandbox_fs:
 
 @pytest.mark.slow
 def test_same_filesystem_publish_moves_the_inode_so_the_staged_name_is_free(
-        tmp_path: Path) -> None:
+        make_sandbox: MakeSandbox) -> None:
     """On one filesystem the staged inode is renamed into the archive; the pipeline writing
     the same staged name again (in place, astropy's update mode, after a crash before the
     source removal step) writes a new file, and the archived bytes stay as recorded."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     data = stage(sandbox, "n/a.fits", seed=1)
     staged = sandbox.mosaics / "n/a.fits"
     inode = staged.stat().st_ino
@@ -211,14 +210,15 @@ def test_folder_product_with_a_hard_linked_file_is_copied(sandbox_fs: Sandbox) -
 
 
 @pytest.mark.root("mounting a tmpfs for the products area needs root")
-def test_folder_product_changed_after_its_copy_is_not_removed(tmp_path: Path) -> None:
+def test_folder_product_changed_after_its_copy_is_not_removed(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     """Across filesystems the staged folder is removed only when its bytes, hashed again,
     are still the archived ones: one changed after a crash that came right after the commit
     is a new version, published before its staged folder goes."""
     products = tmp_path / "products"
     mount_tmpfs(products, "64m")
     try:
-        sandbox = Sandbox(tmp_path, products_root=products, products=IMAGE_RULES)
+        sandbox = make_sandbox(products_root=products, products=IMAGE_RULES)
         files = _image(sandbox, "late.image")
         crashed = sandbox.cli("scan", env={CRASH_ENV: "after_commit"})
         assert crashed.returncode == -9
@@ -238,14 +238,15 @@ def test_folder_product_changed_after_its_copy_is_not_removed(tmp_path: Path) ->
 
 
 @pytest.mark.root("mounting a tmpfs for the products area needs root")
-def test_file_written_to_in_place_after_its_copy_is_not_removed(tmp_path: Path) -> None:
+def test_file_written_to_in_place_after_its_copy_is_not_removed(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     """Across filesystems the staged name goes only while it is the file that was copied,
     unchanged: a header updated in place after the commit (same inode) is kept, and
     published as a version of its own."""
     products = tmp_path / "products"
     mount_tmpfs(products, "64m")
     try:
-        sandbox = Sandbox(tmp_path, products_root=products)
+        sandbox = make_sandbox(products_root=products)
         data = stage(sandbox, "a.fits", seed=1)
         staged = sandbox.mosaics / "a.fits"
         inode = staged.stat().st_ino
@@ -367,12 +368,12 @@ def test_writer_that_appears_after_registration_stops_the_publish(sandbox_fs: Sa
 
 
 @pytest.mark.slow
-def test_without_leases_close_write_events_stand_in(tmp_path: Path) -> None:
+@pytest.mark.root("dropping CAP_LEASE (setpriv), on a folder owned by another user")
+def test_without_leases_close_write_events_stand_in(
+        make_sandbox: MakeSandbox, setpriv: str) -> None:
     """A daemon without CAP_LEASE, on a staging folder owned by another user: it says it
     falls back to close-write events, and still waits for the paused writer."""
-    if not is_root() or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv (util-linux) to drop CAP_LEASE")
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     os.chown(sandbox.stage, 65534, 65534)
     os.chown(sandbox.mosaics, 65534, 65534)
     head, tail = two_hdus(seed=5)
@@ -511,7 +512,7 @@ def test_truncated_fits_is_rejected_from_its_headers(sandbox_fs: Sandbox) -> Non
 @pytest.mark.slow
 @pytest.mark.root("mounting a tmpfs for the products area needs root")
 def test_registration_across_filesystems_reads_the_headers_not_the_data(
-        tmp_path: Path) -> None:
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     """The kernel's count of bytes this process read (rchar): registering a 48 MB mosaic
     that will be copied to another filesystem reads a few blocks; the same registration
     with the products area on the staging filesystem reads all of it (so the count would
@@ -522,8 +523,8 @@ def test_registration_across_filesystems_reads_the_headers_not_the_data(
     mount_tmpfs(products, "64m")
     try:
         read = {}
-        for name, box in (("across", Sandbox(tmp_path / "across", products_root=products)),
-                          ("same_fs", Sandbox(tmp_path / "same"))):
+        for name, box in (("across", make_sandbox("across", products_root=products)),
+                          ("same_fs", make_sandbox("same"))):
             staged = _stage_bytes(box, "big.fits", data)
             cfg = box.config()
             with Registry(cfg.registry) as registry:
@@ -543,7 +544,8 @@ def test_registration_across_filesystems_reads_the_headers_not_the_data(
 
 @pytest.mark.slow
 @pytest.mark.root("mounting a tmpfs for the products area needs root")
-def test_pending_checksum_is_computed_before_a_rename_too(tmp_path: Path) -> None:
+def test_pending_checksum_is_computed_before_a_rename_too(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     """Registered for a copy to another filesystem, then the products area moves onto the
     staging filesystem (a reload): the rename path reads and checks the file first, as the
     copy would have; a good file is published with its checksum, a corrupt one rejected
@@ -551,7 +553,7 @@ def test_pending_checksum_is_computed_before_a_rename_too(tmp_path: Path) -> Non
     products = tmp_path / "products-tmpfs"
     mount_tmpfs(products, "64m")
     try:
-        sandbox = Sandbox(tmp_path, products_root=products)
+        sandbox = make_sandbox(products_root=products)
         good = fits_bytes_pair(15)
         bad = _corrupt_data(fits_bytes_pair(16), 0)
         _stage_bytes(sandbox, "good.fits", good)

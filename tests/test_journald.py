@@ -8,34 +8,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from contimg_publisher.logs import MESSAGE_IDS
-from tests.helpers import REPO, Sandbox, is_root, mount_tmpfs, umount, write_fits
+from tests.helpers import REPO, Sandbox, mount_tmpfs, umount, write_fits
 
 # Each test boots or drives systemd's own pieces: seconds apiece.
 pytestmark = pytest.mark.slow
 
 SUPPORT = REPO / "tests" / "support"
-JOURNALD = Path("/lib/systemd/systemd-journald")
-
-
-def _need_journald() -> None:
-    if not is_root():
-        pytest.skip("a private journald needs root (mount namespace, tmpfs /run)")
-    if not JOURNALD.exists() or shutil.which("journalctl") is None:
-        pytest.skip("systemd-journald/journalctl are not installed (Debian package systemd)")
 
 
 @pytest.fixture(scope="module")
-def journal(tmp_path_factory):
+def journal(tmp_path_factory, journald):
     """Run the scenario once; the journal entries of contimg-publisher, by EVENT."""
-    _need_journald()
     tmp_path = tmp_path_factory.mktemp("journald")
     products = tmp_path / "products"
     # Full by inodes once the small mosaic is in (the root, mosaics/, small.fits): statvfs

@@ -9,11 +9,11 @@ import json
 import os
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.helpers import (
+    MakeSandbox,
     Sandbox,
     log_events,
     start_daemon,
@@ -56,8 +56,9 @@ def test_late_sidecar_is_published_beside_its_product(sandbox_fs: Sandbox) -> No
     assert json.loads(sandbox.cli("status", "--json").stdout)["unclaimed"] == []
 
 
-def test_late_sidecar_follows_the_version_its_product_was_published_as(tmp_path: Path) -> None:
-    sandbox = Sandbox(tmp_path)
+def test_late_sidecar_follows_the_version_its_product_was_published_as(
+        make_sandbox: MakeSandbox) -> None:
+    sandbox = make_sandbox()
     first = stage(sandbox, "a.fits", seed=1)
     sandbox.cli("scan", check=True)
     second = stage(sandbox, "a.fits", seed=2)
@@ -107,8 +108,8 @@ def test_identical_rerun_loses_only_its_staged_copy(sandbox_fs: Sandbox) -> None
     assert [r["data_id"] for r in sandbox.registry_rows()] == ["n/a"]
 
 
-def test_rerun_with_other_bytes_is_a_new_version_not_a_leftover(tmp_path: Path) -> None:
-    sandbox = Sandbox(tmp_path)
+def test_rerun_with_other_bytes_is_a_new_version_not_a_leftover(make_sandbox: MakeSandbox) -> None:
+    sandbox = make_sandbox()
     first = stage(sandbox, "a.fits", seed=1)
     sandbox.cli("scan", check=True)
     second = stage(sandbox, "a.fits", seed=3)
@@ -118,10 +119,10 @@ def test_rerun_with_other_bytes_is_a_new_version_not_a_leftover(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_orphan_sidecar_and_stray_files_are_listed_never_deleted(tmp_path: Path) -> None:
+def test_orphan_sidecar_and_stray_files_are_listed_never_deleted(make_sandbox: MakeSandbox) -> None:
     port = free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"},
-                      detect={"unclaimed_after_seconds": 3600})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"},
+                           detect={"unclaimed_after_seconds": 3600})
     orphan = sandbox.mosaics / "lost.weights.fits"
     orphan_data = write_fits(orphan, seed=4)
     stray = sandbox.mosaics / "night" / "notes.txt"
@@ -169,10 +170,10 @@ def test_orphan_sidecar_and_stray_files_are_listed_never_deleted(tmp_path: Path)
 
 
 def test_the_sweep_removes_this_nodes_stray_temporary_names_and_no_other_nodes(
-        tmp_path: Path) -> None:
+        make_sandbox: MakeSandbox) -> None:
     """One products area, several nodes: a temporary name another node wrote is its copy
     in flight (or that node's to clean up), never this node's stray."""
-    sandbox = Sandbox(tmp_path, node={"name": "node-a"})
+    sandbox = make_sandbox(node={"name": "node-a"})
     folder = sandbox.products / "mosaics"
     folder.mkdir(parents=True)
     other = folder / ".contimg-tmp.x.fits.node-b-5-abcdef12"
@@ -194,7 +195,7 @@ def test_the_sweep_removes_this_nodes_stray_temporary_names_and_no_other_nodes(
 
 
 def test_the_sweep_keeps_the_temporary_names_of_another_live_daemon_of_this_node(
-        tmp_path: Path) -> None:
+        make_sandbox: MakeSandbox) -> None:
     """Two daemons on one node share its node tag: one's sweep must keep what the other's
     publishes in flight wrote (the product's temporary name, recorded in its row, the
     sidecars' beside it, which carry the same token, and a rename publish's sidecar copy,
@@ -202,7 +203,7 @@ def test_the_sweep_keeps_the_temporary_names_of_another_live_daemon_of_this_node
     from contimg_publisher import lock, reconcile
     from contimg_publisher.registry import Candidate, Identity, Registry
 
-    sandbox = Sandbox(tmp_path, node={"name": "node-a"})
+    sandbox = make_sandbox(node={"name": "node-a"})
     folder = sandbox.products / "mosaics"
     folder.mkdir(parents=True)
     cfg = sandbox.config()

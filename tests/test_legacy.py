@@ -30,12 +30,9 @@ from contimg_publisher.registry import LEGACY_DDL
 from tests.helpers import (
     PYTHON,
     Sandbox,
-    is_root,
     log_events,
-    mount_tmpfs,
     start_daemon,
     stop,
-    umount,
     wait_for,
     write_fits,
 )
@@ -186,22 +183,16 @@ def test_stuck_publishing_with_truncated_copy_is_published_whole_under_its_name(
 
 @pytest.mark.parametrize("products_fs", ["same_fs", "across"])
 def test_stuck_publishing_with_complete_copy_and_staged_file_is_adopted_not_copied_again(
-        tmp_path, products_fs):
+        tmp_path, products_fs, tmpfs):
     """Across filesystems the staged file is registered with its digest pending (the copy
     reads it), so only the bytes on both sides can tell the copy is the product's."""
     if products_fs == "across":
-        if not is_root():
-            pytest.skip("mounting a tmpfs for the products area needs root")
-        mount_tmpfs(tmp_path / "products", "64m")
+        tmpfs(tmp_path / "products", "64m")
+    site = LegacySite(tmp_path, products_root=tmp_path / "products")
     try:
-        site = LegacySite(tmp_path, products_root=tmp_path / "products")
-        try:
-            _adopted_not_copied_again(site)
-        finally:
-            site.db.close()
+        _adopted_not_copied_again(site)
     finally:
-        if products_fs == "across":
-            umount(tmp_path / "products")
+        site.db.close()
 
 
 def _adopted_not_copied_again(site: LegacySite) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from contimg_publisher.config import ConfigError, from_mapping
 from contimg_publisher.registry import Candidate, Identity, Published, Registry
 from tests.helpers import (
     REPO,
+    MakeSandbox,
     Sandbox,
     is_root,
     log_events,
@@ -46,20 +46,6 @@ RULES = REPO / "etc" / "prometheus" / "contimg-publisher-rules.yml"
 DASHBOARD = REPO / "etc" / "grafana" / "contimg-publisher-dashboard.json"
 SCRIPT_NAME = "evil<script>alert(1)"
 METRIC_RE = re.compile(r"\bcontimg_publisher_[a-z0-9_]+")
-
-
-def _tool(name: str) -> str | None:
-    return shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK)
-                                  else None)
-
-
-def need(name: str) -> str:
-    path = _tool(name)
-    if path is None:
-        reason = f"{name} is not installed (Debian package: apt-get install {name})"
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    return path
 
 
 def free_port() -> int:
@@ -293,8 +279,7 @@ def test_status_page_lists_each_state_and_escapes_names(site: Site) -> None:
 
 
 @pytest.mark.slow
-def test_status_page_in_headless_chromium(site: Site, tmp_path: Path) -> None:
-    chromium = need("chromium")
+def test_status_page_in_headless_chromium(site: Site, tmp_path: Path, chromium: str) -> None:
     base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
             f"--user-data-dir={tmp_path / 'profile'}", "--no-first-run"]
     dump = subprocess.run([*base, "--dump-dom", f"{site.url}/"], capture_output=True,
@@ -331,17 +316,15 @@ def test_dashboard_and_rules_name_only_exported_metrics(site: Site) -> None:
 
 # --- Prometheus -----------------------------------------------------------------------------
 
-def test_promtool_checks_the_rules() -> None:
-    promtool = need("promtool")
+def test_promtool_checks_the_rules(promtool: str) -> None:
     out = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout + out.stderr
 
 
-def test_promtool_unit_tests_the_alerts(tmp_path: Path) -> None:
+def test_promtool_unit_tests_the_alerts(tmp_path: Path, promtool: str) -> None:
     """Each alert fires on the series it is about, and stays quiet on healthy ones."""
-    promtool = need("promtool")
     job = 'job="contimg-publisher", instance="pub:9465"'
     tests = {
         "rule_files": [str(RULES)],
@@ -439,10 +422,10 @@ def _query(base: str, expr: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_prometheus_scrapes_the_published_total(tmp_path: Path) -> None:
-    prometheus = need("prometheus")
+def test_prometheus_scrapes_the_published_total(
+        tmp_path: Path, make_sandbox: MakeSandbox, prometheus: str) -> None:
     port, prom_port = free_port(), free_port()
-    sandbox = Sandbox(tmp_path / "site", metrics={"listen": f"127.0.0.1:{port}"})
+    sandbox = make_sandbox("site", metrics={"listen": f"127.0.0.1:{port}"})
     daemon = start_daemon(sandbox)
     prom: subprocess.Popen[bytes] | None = None
     try:
@@ -514,12 +497,12 @@ def test_metrics_config_is_validated() -> None:
 
 @pytest.mark.slow
 def test_taken_port_and_exposed_address_are_logged_and_publishing_goes_on(
-        tmp_path: Path) -> None:
+        make_sandbox: MakeSandbox) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        sandbox = Sandbox(tmp_path / "a", metrics={"listen": f"127.0.0.1:{port}"})
+        sandbox = make_sandbox("a", metrics={"listen": f"127.0.0.1:{port}"})
         write_fits(sandbox.mosaics / "m.fits")
         proc = start_daemon(sandbox)
         try:
@@ -533,7 +516,7 @@ def test_taken_port_and_exposed_address_are_logged_and_publishing_goes_on(
         finally:
             stop(proc)
     open_port = free_port()
-    exposed = Sandbox(tmp_path / "b", metrics={"listen": f"0.0.0.0:{open_port}"})
+    exposed = make_sandbox("b", metrics={"listen": f"0.0.0.0:{open_port}"})
     proc = start_daemon(exposed)
     try:
         wait_for(lambda: reachable(f"http://127.0.0.1:{open_port}/healthz"), 30,
@@ -542,8 +525,8 @@ def test_taken_port_and_exposed_address_are_logged_and_publishing_goes_on(
         assert warned and warned[0]["level"] == "warning"
     finally:
         stop(proc)
-    quiet = Sandbox(tmp_path / "c", metrics={"listen": f"127.0.0.1:{open_port}",
-                                             "enabled": False})
+    quiet = make_sandbox("c", metrics={"listen": f"127.0.0.1:{open_port}",
+                                       "enabled": False})
     proc = start_daemon(quiet)
     try:
         wait_for(lambda: any(e.get("event") == "started" for e in log_events(quiet)), 30,
@@ -565,9 +548,9 @@ def _candidate(sandbox: Sandbox, data_id: str, n: int) -> Candidate:
 
 
 @pytest.fixture
-def quiet_site(tmp_path: Path) -> Sandbox:
+def quiet_site(make_sandbox: MakeSandbox) -> Sandbox:
     """A registry with one fresh waiting product and one published; no daemon."""
-    sandbox = Sandbox(tmp_path, status={"max_waiting_age_seconds": 600})
+    sandbox = make_sandbox(status={"max_waiting_age_seconds": 600})
     with Registry(sandbox.registry) as reg:
         reg.register(_candidate(sandbox, "fresh", 1))
         reg.register(_candidate(sandbox, "done", 2))
@@ -636,10 +619,10 @@ def test_status_exit_1_when_the_oldest_waiting_is_too_old(quiet_site: Sandbox) -
         assert quiet_site.cli("status").returncode == 0
 
 
-def test_page_escapes_error_text_from_the_registry(tmp_path: Path) -> None:
+def test_page_escapes_error_text_from_the_registry(make_sandbox: MakeSandbox) -> None:
     """Error texts come from exceptions and file contents: markup in them stays text."""
     from contimg_publisher import statuspage
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     reason = 'bad header <img src=x onerror="alert(1)"> & </td></table><h2>Fake</h2>'
     path = sandbox.mosaics / "a&b\"<i>.fits"
     with Registry(sandbox.registry) as reg:
@@ -654,10 +637,10 @@ def test_page_escapes_error_text_from_the_registry(tmp_path: Path) -> None:
     assert 'a&b"<i>' in page.sections["Rejected"]
 
 
-def test_destination_that_is_not_a_folder_ends_in_failed(tmp_path: Path) -> None:
+def test_destination_that_is_not_a_folder_ends_in_failed(make_sandbox: MakeSandbox) -> None:
     port = free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"},
-                      publish={"max_attempts": 1})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"},
+                           publish={"max_attempts": 1})
     (sandbox.products / "mosaics").write_bytes(b"a file where a folder belongs\n")
     write_fits(sandbox.mosaics / "m.fits")
     # A products area that already holds something needs its registry made on purpose.
@@ -676,9 +659,10 @@ def test_destination_that_is_not_a_folder_ends_in_failed(tmp_path: Path) -> None
     assert (sandbox.mosaics / "m.fits").exists(), "the staged file was kept"
 
 
-def test_reload_results_are_counted_and_a_new_listen_address_applies(tmp_path: Path) -> None:
+def test_reload_results_are_counted_and_a_new_listen_address_applies(
+        make_sandbox: MakeSandbox) -> None:
     port, new_port = free_port(), free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"})
     proc = start_daemon(sandbox)
 
     def reloads(url: str) -> tuple[float, float, float]:

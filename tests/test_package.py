@@ -23,24 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, is_root
+from tests.helpers import REPO
+
+# Two package builds and a booted container: minutes.
+pytestmark = pytest.mark.slow
 
 SUPPORT = REPO / "tests" / "support"
 VERSION = re.findall(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(),
                      flags=re.M)[0]
 NEXT = re.sub(r"(\d+)$", lambda m: str(int(m.group(1)) + 1), VERSION)
-
-
-def _need_tools() -> None:
-    if not is_root():
-        pytest.skip("installing a package into a booted container needs root")
-    if shutil.which("systemd-nspawn") is None:
-        pytest.skip("systemd-nspawn is missing (Debian package systemd-container)")
-    if shutil.which("dpkg") is None or not Path("/usr/bin/python3.11").exists():
-        pytest.skip("not a Debian 12 machine (dpkg and /usr/bin/python3.11): the package and "
-                    "the container are made from this machine's Debian")
-    if shutil.which("git") is None or not (REPO / ".git").exists():
-        pytest.skip(".ci/dev package builds from the checkout's tracked files (git)")
 
 
 def _build(version: str | None) -> Path:
@@ -56,8 +47,7 @@ def _build(version: str | None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def debs() -> tuple[Path, Path]:
-    _need_tools()
+def debs(systemd_nspawn: str, debian_12: None, git_checkout: Path) -> tuple[Path, Path]:
     return _build(None), _build(NEXT)
 
 

@@ -24,13 +24,12 @@ from astropy.io import fits
 
 from contimg_publisher.publish import CRASH_ENV, CRASH_POINTS
 from tests.helpers import (
+    MountTmpfs,
     Sandbox,
-    is_root,
     log_events,
-    mount_tmpfs,
+    skip_with,
     start_daemon,
     stop,
-    umount,
     wait_for,
     write_fits,
 )
@@ -266,22 +265,17 @@ def test_a_record_table_without_a_named_column_is_a_clear_error_at_start(tmp_pat
 
 
 @pytest.fixture(params=["same_fs", "across"])
-def crash_site(request: pytest.FixtureRequest, tmp_path: Path
+def crash_site(request: pytest.FixtureRequest, tmp_path: Path, tmpfs: MountTmpfs
                ) -> Iterator[tuple[Sandbox, Pipeline, bool]]:
     products = None
     if request.param == "across":
-        if not is_root():
-            pytest.skip("mounting a tmpfs for the products area needs root")
-        products = tmp_path / "products"
-        mount_tmpfs(products, "256m")
+        products = tmpfs(tmp_path / "products", "256m")
     box = _box(tmp_path, products_root=products)
     pipeline = Pipeline(box)
     try:
         yield box, pipeline, request.param == "same_fs"
     finally:
         pipeline.close()
-        if products is not None:
-            umount(products)
 
 
 @pytest.mark.slow
@@ -289,7 +283,7 @@ def crash_site(request: pytest.FixtureRequest, tmp_path: Path
 def test_a_kill_at_each_step_leaves_the_row_naming_a_whole_file(crash_site, point):
     box, pipeline, same_fs = crash_site
     if same_fs and point == "after_temp_write":
-        pytest.skip("a publish on one filesystem is a rename: it writes no temporary file")
+        skip_with("a publish on one filesystem is a rename: it writes no temporary file")
     names = [f"mosaic_20261201_0{i}0000_n10" for i in range(3)]
     data = {name: pipeline.build(name, seed=20 + i) for i, name in enumerate(names)}
     for name in names:

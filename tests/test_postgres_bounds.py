@@ -13,7 +13,7 @@ import pytest
 from contimg_publisher.registry import RegistryBusy, RegistryUnavailable
 from contimg_publisher.registry.pgconn import limits
 from contimg_publisher.registry.postgres import PostgresRegistry
-from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
+from tests.pg import Server
 
 
 def test_the_bounds_follow_the_busy_timeout_and_the_lease() -> None:
@@ -30,7 +30,7 @@ def test_the_bounds_follow_the_busy_timeout_and_the_lease() -> None:
 
 
 @pytest.mark.slow
-def test_the_server_enforces_them_on_each_connection(pg_server: Server) -> None:  # noqa: F811
+def test_the_server_enforces_them_on_each_connection(pg_server: Server) -> None:
     with PostgresRegistry(pg_server.uri, busy_timeout_seconds=3.0, lease_seconds=5.0) as reg, \
             reg.read() as conn:
         shown = {name: conn.execute(f"SHOW {name}").fetchone()[name]  # type: ignore[index]
@@ -41,7 +41,7 @@ def test_the_server_enforces_them_on_each_connection(pg_server: Server) -> None:
 
 
 @pytest.mark.slow
-def test_a_statement_past_its_bound_is_registry_unavailable(pg_server: Server) -> None:  # noqa: F811
+def test_a_statement_past_its_bound_is_registry_unavailable(pg_server: Server) -> None:
     with PostgresRegistry(pg_server.uri, busy_timeout_seconds=1.0) as reg:
         started = time.monotonic()
         with pytest.raises(RegistryUnavailable, match="ran past its bound of 1.5 s") as info, \
@@ -53,7 +53,7 @@ def test_a_statement_past_its_bound_is_registry_unavailable(pg_server: Server) -
 
 
 @pytest.mark.slow
-def test_a_transaction_left_idle_is_ended_by_the_server(pg_server: Server) -> None:  # noqa: F811
+def test_a_transaction_left_idle_is_ended_by_the_server(pg_server: Server) -> None:
     with PostgresRegistry(pg_server.uri, busy_timeout_seconds=1.0) as reg:
         reg.heartbeat("idle:1:1:1", 1.0, "test")
         with pytest.raises(RegistryUnavailable), reg.write():

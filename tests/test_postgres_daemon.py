@@ -18,9 +18,9 @@ from contimg_publisher.registry import Candidate, Identity, open_registry
 from contimg_publisher.registry.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from contimg_publisher.transfer import DELAY_ENV
 from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
-from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
+from tests.pg import Server
 from tests.test_integrity import IMAGE_RULES, _image, tree
-from tests.test_publish import temps, tmpfs_products  # noqa: F401 - tmpfs_products: a fixture
+from tests.test_publish import temps
 
 
 def _node_sandbox(root: Path, server: Server, node: str, products: Path | None = None
@@ -44,7 +44,7 @@ def _rows(server: Server) -> list[tuple[str, ...]]:
 
 @pytest.mark.slow
 def test_the_daemon_publishes_into_a_postgresql_registry(tmp_path: Path,
-                                                         pg_server: Server) -> None:  # noqa: F811
+                                                         pg_server: Server) -> None:
     box = _node_sandbox(tmp_path / "a", pg_server, "node-a")
     sources = {f"m_{i}.fits": write_fits(box.mosaics / f"m_{i}.fits", pixels=32, seed=i)
                for i in range(3)}
@@ -76,7 +76,7 @@ def test_the_daemon_publishes_into_a_postgresql_registry(tmp_path: Path,
 
 @pytest.mark.slow
 def test_two_daemons_share_one_archive_and_each_publishes_its_own_once(
-        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server) -> None:
     a = _node_sandbox(tmp_path / "a", pg_server, "node-a")
     b = _node_sandbox(tmp_path / "b", pg_server, "node-b", products=a.products)
     want: dict[str, bytes] = {}
@@ -118,7 +118,7 @@ def test_two_daemons_share_one_archive_and_each_publishes_its_own_once(
 
 @pytest.mark.slow
 def test_a_server_restart_pauses_the_daemon_and_it_resumes_by_itself(
-        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server) -> None:
     box = _node_sandbox(tmp_path / "a", pg_server, "node-a")
     want = {f"mosaics/m_{i}.fits": write_fits(box.mosaics / f"m_{i}.fits", pixels=32, seed=i)
             for i in range(2)}
@@ -149,7 +149,7 @@ def test_a_server_restart_pauses_the_daemon_and_it_resumes_by_itself(
 
 @pytest.mark.slow
 def test_two_nodes_publishing_one_name_get_two_versions(tmp_path: Path,
-                                                         pg_server: Server) -> None:  # noqa: F811
+                                                         pg_server: Server) -> None:
     a = _node_sandbox(tmp_path / "a", pg_server, "node-a")
     b = _node_sandbox(tmp_path / "b", pg_server, "node-b", products=a.products)
     data_a = write_fits(a.mosaics / "nightly_20260101.fits", pixels=32, seed=1)
@@ -171,7 +171,7 @@ def test_two_nodes_publishing_one_name_get_two_versions(tmp_path: Path,
 
 @pytest.mark.slow
 def test_two_nodes_copying_one_file_name_at_once_get_two_versions_no_attempt_counted(
-        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:
     """Two mosaics of one name copied at once (slowed) into one products area: both
     choose the free name, the no-replace rename gives it to one, and the other's lost
     race is an `interrupted` attempt, not counted and due again at once, that publishes
@@ -204,7 +204,7 @@ def test_two_nodes_copying_one_file_name_at_once_get_two_versions_no_attempt_cou
 
 @pytest.mark.slow
 def test_two_nodes_publishing_one_folder_name_at_once_get_two_versions(
-        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:
     """Two folder products of one name, copied at once (slowed: a second per file) by two
     nodes into one products area: the name is reserved in the registry before either
     copy, so the second node takes version 2 at once, with no failed rename and no
@@ -250,7 +250,7 @@ def test_two_nodes_publishing_one_folder_name_at_once_get_two_versions(
 
 
 def test_reconciliation_releases_a_folder_name_whose_claim_died(tmp_path: Path,
-                                                                pg_server: Server) -> None:  # noqa: F811
+                                                                pg_server: Server) -> None:
     """A publish killed after reserving its folder's name holds it no longer once this
     node reconciles: its row goes back to waiting and the name is free for any product;
     a reservation of a live process's claim stays (a second daemon of this node)."""
@@ -280,7 +280,7 @@ def test_reconciliation_releases_a_folder_name_whose_claim_died(tmp_path: Path,
 
 @pytest.mark.slow
 def test_status_page_metrics_and_status_show_every_node_and_flag_a_silent_one(
-        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server) -> None:
     import urllib.request
 
     from tests.test_observability import free_port
@@ -326,7 +326,7 @@ def _try(get, path: str) -> str | None:  # noqa: ANN001 - a local helper of one 
 
 @pytest.mark.slow
 def test_started_while_the_server_is_down_it_waits_and_resumes_by_itself(
-        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server) -> None:
     """A node booting before its registry server (the first connection and the migration
     both fail): no exit, which under Restart=on-failure would be a restart loop; one
     registry_unavailable with the connection's own reason, and none of the pool's
@@ -370,7 +370,7 @@ def test_started_while_the_server_is_down_it_waits_and_resumes_by_itself(
 
 @pytest.mark.slow
 def test_a_migration_held_up_by_another_node_pauses_the_start_until_it_is_done(
-        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server) -> None:
     """Another node holds the migration lock (a long migration of its own): this daemon's
     start pauses on it like on a server that is down, then migrates and publishes."""
     import psycopg
@@ -401,7 +401,7 @@ def test_a_migration_held_up_by_another_node_pauses_the_start_until_it_is_done(
 
 @pytest.mark.slow
 def test_two_nodes_deliver_each_event_once_and_one_audits_the_shared_archive(
-        tmp_path: Path, pg_server: Server) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server) -> None:
     """Two daemons on two nodes, one webhook consumer and one archive: every publish of
     either node reaches the consumer exactly once, in the order of the shared outbox, sent
     by whichever daemon holds the delivery duty; a flipped byte in the archive is found by
@@ -505,7 +505,7 @@ def test_two_nodes_deliver_each_event_once_and_one_audits_the_shared_archive(
 
 @pytest.mark.slow
 def test_a_batch_longer_than_its_lease_keeps_every_rows_lease(
-        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:
     """One claim takes the whole backlog; its copies (slowed to a second each) outlast the
     lease several times over. No row of the batch waiting its turn may lapse meanwhile:
     another daemon of this node would claim it again and copy it for nothing."""

@@ -26,13 +26,12 @@ import pytest
 
 from contimg_publisher.transfer import DELAY_ENV
 from tests.helpers import Sandbox, log_events, start_daemon, wait_for
-from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
-from tests.test_publish import (  # noqa: F401 - tmpfs_products is a fixture
+from tests.pg import Server
+from tests.test_publish import (
     archive_files,
     sha256,
     stage,
     temps,
-    tmpfs_products,
 )
 
 NODES = ("node-a", "node-b", "node-c")
@@ -75,7 +74,7 @@ def _on_disk_is_sound(products: Path, expected: dict[str, str]) -> None:
 
 @pytest.mark.slow
 def test_daemons_killed_at_random_on_three_nodes_publish_each_product_once(
-        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:  # noqa: F811
+        tmp_path: Path, pg_server: Server, tmpfs_products: Path) -> None:
     seed = int(os.environ.get("TORTURE_SEED", "15"))
     rng = random.Random(seed)
     boxes = {node: _sandbox(tmp_path / node, pg_server, node, tmpfs_products)

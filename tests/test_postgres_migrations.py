@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from contimg_publisher.registry.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresRegistry
-from tests.pg import DATABASE, Server, pg_server, pg_template  # noqa: F401 - fixtures
+from tests.pg import DATABASE, Server
 
 LEGACY_ROW = ("INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
               " published_path, created_at, staged_at, published_at, metadata_json) VALUES"
@@ -33,7 +33,7 @@ def _schema(server: Server, database: str = DATABASE) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_steps_are_ordered_and_each_is_recorded(pg_server: Server) -> None:  # noqa: F811
+def test_steps_are_ordered_and_each_is_recorded(pg_server: Server) -> None:
     assert [v for v, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
     with PostgresRegistry(pg_server.uri, migrate=False) as reg:
         assert reg.version() == 0
@@ -48,7 +48,7 @@ def test_steps_are_ordered_and_each_is_recorded(pg_server: Server) -> None:  # n
 @pytest.mark.slow
 @pytest.mark.parametrize("older", sorted({1, 2, 5, SCHEMA_VERSION - 1}))
 def test_a_database_at_an_older_version_is_brought_forward_and_keeps_its_rows(
-        pg_server: Server, older: int) -> None:  # noqa: F811
+        pg_server: Server, older: int) -> None:
     with PostgresRegistry(pg_server.uri, migrate=False) as reg:
         assert reg.migrate(to=older) == list(range(1, older + 1))
     pg_server.psql(LEGACY_ROW)
@@ -77,7 +77,7 @@ def test_a_database_at_an_older_version_is_brought_forward_and_keeps_its_rows(
     assert _schema(pg_server) == _schema(pg_server, "fresh")
 
 
-def test_two_nodes_starting_at_once_apply_each_step_once(pg_server: Server) -> None:  # noqa: F811
+def test_two_nodes_starting_at_once_apply_each_step_once(pg_server: Server) -> None:
     applied: list[list[int]] = []
     errors: list[BaseException] = []
 

@@ -18,14 +18,22 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import PYTHON, REPO, Sandbox, log_events, start_daemon, stop, wait_for
-from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
-from tests.test_publish import (  # noqa: F401 - tmpfs_products is a fixture
+from tests.helpers import (
+    PYTHON,
+    REPO,
+    MakeSandbox,
+    log_events,
+    skip_with,
+    start_daemon,
+    stop,
+    wait_for,
+)
+from tests.pg import Server
+from tests.test_publish import (
     archive_files,
     sha256,
     stage,
     temps,
-    tmpfs_products,
 )
 from tests.test_service import NotifySocket
 
@@ -40,10 +48,11 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def netns() -> Iterator[str]:
+def netns(as_root: None) -> Iterator[str]:
     """A namespace whose only way out is a veth link to this one's HOST_IP."""
-    if _ip("netns", "add", NS, check=False).returncode != 0:
-        pytest.skip("cannot create a network namespace here (ip netns add)")
+    added = _ip("netns", "add", NS, check=False)
+    if added.returncode != 0:
+        skip_with(f"cannot create a network namespace here (ip netns add): {added.stderr}")
     try:
         _ip("link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
         _ip("link", "set", NS_IF, "netns", NS)
@@ -74,15 +83,15 @@ def _published(server: Server) -> int:
 
 @pytest.mark.slow
 def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
-        tmp_path: Path, pg_server: Server, netns: str,  # noqa: F811
-        tmpfs_products: Path) -> None:  # noqa: F811
+        tmp_path: Path, make_sandbox: MakeSandbox, pg_server: Server, netns: str,
+        tmpfs_products: Path) -> None:
     uri = pg_server.listen_on(HOST_IP, 5432, NET)
-    box = Sandbox(tmp_path, products_root=tmpfs_products,
-                  paths={"registry": uri, "lock_file": str(tmp_path / "p.lock")},
-                  node={"name": "node-cut"}, metrics={"enabled": False},
-                  registry={"busy_timeout_seconds": 3},
-                  detect={"settle_seconds": 0.0, "rescan_seconds": 300},
-                  publish={"lease_seconds": LEASE, "reconcile_seconds": 3})
+    box = make_sandbox(products_root=tmpfs_products,
+                       paths={"registry": uri, "lock_file": str(tmp_path / "p.lock")},
+                       node={"name": "node-cut"}, metrics={"enabled": False},
+                       registry={"busy_timeout_seconds": 3},
+                       detect={"settle_seconds": 0.0, "rescan_seconds": 300},
+                       publish={"lease_seconds": LEASE, "reconcile_seconds": 3})
     expected = {f"m_{i:02d}.fits": sha256(stage(box, f"m_{i:02d}.fits", pixels=700, seed=i))
                 for i in range(PRODUCTS)}
     notify = NotifySocket(tmp_path / "notify.sock")
@@ -134,7 +143,7 @@ def test_a_node_cut_off_stops_within_its_lease_and_publishes_nothing_twice(
 
 @pytest.mark.slow
 def test_no_registry_call_blocks_past_its_bound_on_a_dead_link(
-        pg_server: Server, netns: str) -> None:  # noqa: F811
+        pg_server: Server, netns: str) -> None:
     """Each kind of call the daemon's loop and publish thread make, over a link that went
     down: each gives up with RegistryUnavailable within its bound (a fraction of the lease),
     not after TCP's own half a minute."""
@@ -192,8 +201,8 @@ BIG_PRODUCTS = 3
 
 @pytest.mark.slow
 def test_a_lease_lost_mid_copy_is_abandoned_and_another_daemon_takes_the_claims(
-        tmp_path: Path, pg_server: Server, netns: str,  # noqa: F811
-        tmpfs_products: Path) -> None:  # noqa: F811
+        tmp_path: Path, make_sandbox: MakeSandbox, pg_server: Server, netns: str,
+        tmpfs_products: Path) -> None:
     """The node's daemon is cut off in the middle of a slow copy: its lease renewals fail
     until a whole lease has gone by, and it says `lease_lost` for the product in hand,
     whose copy stops (no temporary file, nothing under its final name, the staged file
@@ -206,8 +215,9 @@ def test_a_lease_lost_mid_copy_is_abandoned_and_another_daemon_takes_the_claims(
         "registry": {"busy_timeout_seconds": 3},
         "detect": {"settle_seconds": 0.0, "rescan_seconds": 300},
         "publish": {"lease_seconds": LEASE, "reconcile_seconds": 3}}
-    box = Sandbox(tmp_path / "cut", products_root=tmpfs_products,
-                  paths={"registry": uri, "lock_file": str(tmp_path / "cut.lock")}, **common)
+    box = make_sandbox("cut", products_root=tmpfs_products,
+                       paths={"registry": uri, "lock_file": str(tmp_path / "cut.lock")},
+                       **common)
     expected = {f"b_{i}.fits": stage(box, f"b_{i}.fits", pixels=BIG_PIXELS, seed=i)
                 for i in range(BIG_PRODUCTS)}
     # Two seconds per chunk: each copy takes longer than a lease.
@@ -240,9 +250,9 @@ def test_a_lease_lost_mid_copy_is_abandoned_and_another_daemon_takes_the_claims(
                                     " WHERE status = 'publishing'").split())
         assert len(owners) == 1, owners
         # Another daemon of the same node, which can reach the server, takes over.
-        box2 = Sandbox(tmp_path / "other", products_root=tmpfs_products,
-                       paths={"registry": pg_server.uri, "stage_root": str(box.stage),
-                              "lock_file": str(tmp_path / "other.lock")}, **common)
+        box2 = make_sandbox("other", products_root=tmpfs_products,
+                            paths={"registry": pg_server.uri, "stage_root": str(box.stage),
+                                   "lock_file": str(tmp_path / "other.lock")}, **common)
         other = start_daemon(box2)
         wait_for(lambda: _published(pg_server) == BIG_PRODUCTS and not temps(box.products),
                  120, interval=0.5, what="the other daemon to publish every product")

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import apsw
@@ -25,7 +24,7 @@ import pytest
 from contimg_publisher import detect, publish
 from contimg_publisher.publish import CRASH_ENV, CRASH_POINTS
 from contimg_publisher.registry import Registry
-from tests.helpers import REPO, Sandbox, fits_bytes, is_root, mount_tmpfs, umount
+from tests.helpers import REPO, MakeSandbox, Sandbox, fits_bytes, mount_tmpfs, umount
 
 TEMP_GLOB = ".contimg-tmp.*"
 
@@ -96,17 +95,6 @@ def assert_published_once(sandbox: Sandbox, expected: dict[str, bytes]) -> None:
         assert r["lease_owner"] is None
         name = r["data_id"].rsplit("/", 1)[-1]
         assert r["sidecars"] == [f"{name}.png" for k in expected if k == f"{r['data_id']}.png"]
-
-
-@pytest.fixture
-def tmpfs_products(tmp_path: Path) -> Iterator[Path]:
-    """A products area on its own filesystem, so a publish is a copy through a temp file."""
-    if not is_root():
-        pytest.skip("mounting a tmpfs for the products area needs root")
-    products = tmp_path / "products"
-    mount_tmpfs(products, "1g")
-    yield products
-    umount(products)
 
 
 # --- deterministic crash points ---------------------------------------------------------------
@@ -184,33 +172,34 @@ def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_crash_point_across_filesystems_recovers(tmp_path: Path, tmpfs_products: Path,
+def test_crash_point_across_filesystems_recovers(make_sandbox: MakeSandbox, tmpfs_products: Path,
                                                  point: str) -> None:
     """The process dies at each step of a copy onto another filesystem; the next pass
     reaches the same end state as an uninterrupted publish."""
-    _crash_and_recover(Sandbox(tmp_path, products_root=tmpfs_products), point, same_fs=False)
+    _crash_and_recover(make_sandbox(products_root=tmpfs_products), point, same_fs=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", SAME_FS_POINTS)
-def test_crash_point_same_filesystem_recovers(tmp_path: Path, point: str) -> None:
+def test_crash_point_same_filesystem_recovers(make_sandbox: MakeSandbox, point: str) -> None:
     """The same on one filesystem, where the publish is a rename of the staged inode."""
-    _crash_and_recover(Sandbox(tmp_path), point, same_fs=True)
+    _crash_and_recover(make_sandbox(), point, same_fs=True)
 
 
 # --- full disk --------------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.root("mounting a tiny tmpfs for the products area needs root")
-def test_full_disk_publishes_what_fits_then_the_rest_after_retry(tmp_path: Path) -> None:
+def test_full_disk_publishes_what_fits_then_the_rest_after_retry(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     """A products filesystem with room for a few mosaics: those are published, the others
     fail as no_space with a backoff, leaving no partial file and their sources intact;
     once there is room, `retry` makes them due and the next pass publishes them."""
     products = tmp_path / "products"
     mount_tmpfs(products, "1m")
     try:
-        sandbox = Sandbox(tmp_path, products_root=products,
-                          publish={"backoff_initial_seconds": 300, "backoff_max_seconds": 600})
+        sandbox = make_sandbox(products_root=products,
+                               publish={"backoff_initial_seconds": 300, "backoff_max_seconds": 600})
         # 256 x 256 float32: about 260 KiB each; 8 of them need twice the space there is.
         expected = {f"n1/m{i}.fits": stage(sandbox, f"n1/m{i}.fits", pixels=256, seed=i)
                     for i in range(8)}
@@ -260,11 +249,11 @@ for data_id in ids:
 
 
 @pytest.mark.slow
-def test_six_publishers_at_once_publish_each_product_once(tmp_path: Path) -> None:
+def test_six_publishers_at_once_publish_each_product_once(make_sandbox: MakeSandbox) -> None:
     """Three `scan` passes and three processes publishing every product by id, all started
     together on the same 100 products: the lock and the claims let each product through
     exactly once, with no version suffix and no supersedes relationship."""
-    sandbox = Sandbox(tmp_path, publish={"lock_wait_seconds": 120})
+    sandbox = make_sandbox(publish={"lock_wait_seconds": 120})
     expected = {f"n{i % 5}/m{i:03d}.fits": stage(sandbox, f"n{i % 5}/m{i:03d}.fits", seed=i)
                 for i in range(100)}
     ids = register_only(sandbox)
@@ -293,10 +282,11 @@ def test_six_publishers_at_once_publish_each_product_once(tmp_path: Path) -> Non
 
 # --- the source swapped under the publisher ---------------------------------------------------
 
-def test_source_replaced_by_symlink_to_etc_passwd_is_never_published(tmp_path: Path) -> None:
+def test_source_replaced_by_symlink_to_etc_passwd_is_never_published(
+        make_sandbox: MakeSandbox) -> None:
     """Between registration and publish the staged mosaic becomes a link to /etc/passwd:
     the publish fails as source_changed and no byte of /etc/passwd reaches the archive."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     stage(sandbox, "n1/a.fits", seed=1)
     assert register_only(sandbox) == ["n1/a"]
     source = sandbox.mosaics / "n1/a.fits"
@@ -317,11 +307,11 @@ def test_source_replaced_by_symlink_to_etc_passwd_is_never_published(tmp_path: P
 
 @pytest.mark.slow
 def test_source_replaced_by_another_file_is_not_published_as_the_registered_one(
-        tmp_path: Path) -> None:
+        make_sandbox: MakeSandbox) -> None:
     """The staged mosaic is replaced by a different file after registration: the publish
     refuses it (source_changed) rather than publish bytes nobody verified; the product goes
     back to detection, which describes the new file before it is published."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     stage(sandbox, "n1/a.fits", seed=1)
     assert register_only(sandbox) == ["n1/a"]
     registered = sandbox.row("n1/a")["checksum"]
@@ -347,10 +337,10 @@ def test_source_replaced_by_another_file_is_not_published_as_the_registered_one(
 
 # --- name collisions --------------------------------------------------------------------------
 
-def test_name_taken_by_identical_bytes_is_idempotent(tmp_path: Path) -> None:
+def test_name_taken_by_identical_bytes_is_idempotent(make_sandbox: MakeSandbox) -> None:
     """The final name already holds exactly the product's bytes (a copy that got there
     another way): the publish adopts it, with no second copy and no version suffix."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     data = stage(sandbox, "n1/a.fits", seed=1)
     existing = sandbox.products / "mosaics/n1/a.fits"
     existing.parent.mkdir(parents=True)
@@ -363,10 +353,10 @@ def test_name_taken_by_identical_bytes_is_idempotent(tmp_path: Path) -> None:
     assert relationships(sandbox) == []
 
 
-def test_name_taken_by_other_bytes_publishes_a_new_version(tmp_path: Path) -> None:
+def test_name_taken_by_other_bytes_publishes_a_new_version(make_sandbox: MakeSandbox) -> None:
     """A second, different mosaic under a published product's name: the first is never
     overwritten; the second becomes `.v2`, supersedes the first, and a warning says so."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     first = stage(sandbox, "n1/a.fits", seed=1)
     sandbox.cli("scan", check=True)
     second = stage(sandbox, "n1/a.fits", seed=2)
@@ -388,11 +378,12 @@ def test_name_taken_by_other_bytes_publishes_a_new_version(tmp_path: Path) -> No
 
 # --- batches ----------------------------------------------------------------------------------
 
-def test_one_batch_publishes_the_good_products_and_records_each_bad_one(tmp_path: Path) -> None:
+def test_one_batch_publishes_the_good_products_and_records_each_bad_one(
+        make_sandbox: MakeSandbox) -> None:
     """`scan` publishes a batch with shared commits and fsyncs; a product that fails inside
     the batch (replaced by a link, gone, changed) is recorded on its own, and the others
     are published whole, each once."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     data = {f"n{i % 2}/m{i}": stage(sandbox, f"n{i % 2}/m{i}.fits", seed=i) for i in range(8)}
     assert register_only(sandbox) == sorted(data)
     (sandbox.mosaics / "n0/m0.fits").unlink()
@@ -419,10 +410,10 @@ def test_one_batch_publishes_the_good_products_and_records_each_bad_one(tmp_path
     assert temps(sandbox.products) == []
 
 
-def test_two_products_of_one_batch_wanting_one_name_both_publish(tmp_path: Path) -> None:
+def test_two_products_of_one_batch_wanting_one_name_both_publish(make_sandbox: MakeSandbox) -> None:
     """n1/a must become a.v2 (a.fits holds other bytes) and the staged n1/a.v2 wants that
     same name: in one batch neither fails and neither overwrites the other."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     first = stage(sandbox, "n1/a.fits", seed=1)
     sandbox.cli("scan", check=True)
     second = stage(sandbox, "n1/a.fits", seed=2)
@@ -469,16 +460,16 @@ def _check_nothing_wrong_on_disk(sandbox: Sandbox, expected: dict[str, str]) -> 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_truncates_or_duplicates(
-        tmp_path: Path, tmpfs_products: Path) -> None:
+        make_sandbox: MakeSandbox, tmpfs_products: Path) -> None:
     """Publishers (`run`, sometimes `scan`) SIGKILLed at random moments, again and again,
     each time restarted; the archive is checked after every kill, not only at the end.
     Copies onto a tmpfs are slowed by a test-only per-chunk delay so that kills land in
     the copy and in the steps after it, not only between products."""
     seed = int(os.environ.get("TORTURE_SEED", "110"))
     rng = random.Random(seed)
-    sandbox = Sandbox(tmp_path, products_root=tmpfs_products,
-                      detect={"settle_seconds": 0.0, "rescan_seconds": 300},
-                      publish={"lease_seconds": 5})
+    sandbox = make_sandbox(products_root=tmpfs_products,
+                           detect={"settle_seconds": 0.0, "rescan_seconds": 300},
+                           publish={"lease_seconds": 5})
     expected: dict[str, str] = {}
     for i in range(TORTURE_PRODUCTS):
         rel = f"night{i % 4}/mosaic_{i:03d}.fits"
@@ -524,11 +515,11 @@ def test_sigkill_at_random_moments_never_loses_truncates_or_duplicates(
 
 
 def test_sidecar_name_taken_by_other_bytes_moves_the_product_to_a_new_version(
-        tmp_path: Path) -> None:
+        make_sandbox: MakeSandbox) -> None:
     """Only the product's own earlier sidecar may be reused under its name; a sidecar name
     holding something else is never overwritten, so the product and its sidecar take the
     next version together."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     data = stage(sandbox, "n1/a.fits", seed=1)
     (sandbox.mosaics / "n1/a.png").write_bytes(b"\x89PNG ours")
     foreign = sandbox.products / "mosaics/n1/a.png"

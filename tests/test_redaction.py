@@ -20,7 +20,15 @@ import pytest
 from astropy.io import fits
 
 from contimg_publisher import redact
-from tests.helpers import Sandbox, log_events, run_cli, start_daemon, stop, wait_for, write_config
+from tests.helpers import (
+    MakeSandbox,
+    log_events,
+    run_cli,
+    start_daemon,
+    stop,
+    wait_for,
+    write_config,
+)
 
 SECRETS = ("PW-SECRET-1", "TOKEN-SECRET-2", "PG-SECRET-3", "PG-SECRET-4", "CMD-SECRET-5",
            "CMD-SECRET-6", "LOC-SECRET-7", "LOC-SECRET-8", "HDR-SECRET-9")
@@ -132,15 +140,15 @@ def receiver() -> Iterator[Redirecting]:
 
 
 @pytest.mark.slow
-def test_daemon_log_status_page_and_events_show_no_secret(tmp_path: Path,
+def test_daemon_log_status_page_and_events_show_no_secret(make_sandbox: MakeSandbox,
                                                           receiver: Redirecting) -> None:
     port = free_port()
     hook = (f"http://alice:PW-SECRET-1@127.0.0.1:{receiver.port}/in"
             "?token=TOKEN-SECRET-2&page=1")
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"},
-                      notify={"url": hook, "connect_timeout_seconds": 2,
-                              "read_timeout_seconds": 2, "retry_initial_seconds": 0.5,
-                              "retry_max_seconds": 1})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"},
+                           notify={"url": hook, "connect_timeout_seconds": 2,
+                                   "read_timeout_seconds": 2, "retry_initial_seconds": 0.5,
+                                   "retry_max_seconds": 1})
     # A header value that is a URL with a secret: it travels in the published event.
     hdu = fits.PrimaryHDU()
     hdu.header["OBJECT"] = "https://dave:HDR-SECRET-9@archive.example/x"

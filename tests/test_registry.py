@@ -27,7 +27,6 @@ from contimg_publisher.registry import (
     RegistryError,
     truncate,
 )
-from tests.helpers import Sandbox
 
 # The legacy schema exactly as design.md gives it, written here rather than imported so the
 # test does not trust the module's own copy.
@@ -207,9 +206,9 @@ def test_legacy_adoption_through_registry_keeps_every_value(tmp_path, with_optio
 
 @pytest.mark.slow
 @pytest.mark.parametrize("with_optional", [True, False], ids=["publish-columns", "oldest"])
-def test_legacy_adoption_through_cli_migrate(tmp_path, with_optional):
+def test_legacy_adoption_through_cli_migrate(make_sandbox, with_optional):
     """The operator's `migrate` adopts the same way, and a second run reports nothing to do."""
-    box = Sandbox(tmp_path)
+    box = make_sandbox()
     _build_legacy(box.registry, with_optional)
     before = _rows(box.registry, "data_registry", _legacy_columns(with_optional))
     relationships, tags = _rows(box.registry, "data_relationships"), _rows(box.registry,
@@ -242,7 +241,7 @@ def _siblings(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("journal", ["delete", "wal"])
-def test_newer_schema_is_refused_and_file_untouched(tmp_path, journal):
+def test_newer_schema_is_refused_and_file_untouched(tmp_path, make_sandbox, journal):
     """A file written by a newer program must not be changed by an older one, not even its
     journal mode."""
     path = tmp_path / "registry.sqlite3"
@@ -264,7 +263,7 @@ def test_newer_schema_is_refused_and_file_untouched(tmp_path, journal):
     assert _sha(path) == digest
     assert _siblings(path) == names
 
-    box = Sandbox(tmp_path / "box")
+    box = make_sandbox("box")
     box.registry.parent.mkdir(parents=True)
     box.registry.write_bytes(path.read_bytes())
     out = box.cli("migrate")
@@ -275,7 +274,7 @@ def test_newer_schema_is_refused_and_file_untouched(tmp_path, journal):
 
 @pytest.mark.parametrize("content", [b"not a database\n" * 100, b"\x00" * 4096,
                                      b"SQLite format 2\x00" + b"x" * 1000])
-def test_non_sqlite_file_is_refused_and_untouched(tmp_path, content):
+def test_non_sqlite_file_is_refused_and_untouched(tmp_path, make_sandbox, content):
     """A wrong path in the config must not turn someone's file into a database."""
     path = tmp_path / "registry.sqlite3"
     path.write_bytes(content)
@@ -286,7 +285,7 @@ def test_non_sqlite_file_is_refused_and_untouched(tmp_path, content):
     assert path.read_bytes() == content
     assert _siblings(path) == names
 
-    box = Sandbox(tmp_path / "box")
+    box = make_sandbox("box")
     box.registry.parent.mkdir(parents=True)
     box.registry.write_bytes(content)
     out = box.cli("migrate")
@@ -602,9 +601,9 @@ def test_write_rolls_back_on_error(reg):
 
 
 @pytest.mark.slow
-def test_migration_blocked_by_a_writer_fails_cleanly_and_leaves_the_file_legacy(tmp_path):
+def test_migration_blocked_by_a_writer_fails_cleanly_and_leaves_the_file_legacy(make_sandbox):
     """An adoption that cannot get the write lock changes nothing, so it can simply be rerun."""
-    box = Sandbox(tmp_path, registry={"busy_timeout_seconds": 0.3})
+    box = make_sandbox(registry={"busy_timeout_seconds": 0.3})
     _build_legacy(box.registry, with_optional=False)
     db = sqlite3.connect(box.registry)
     db.execute("PRAGMA journal_mode=WAL")

@@ -29,7 +29,7 @@ from contimg_publisher.registry.postgres import SCHEMA_VERSION as PG_SCHEMA_VERS
 from contimg_publisher.registry.postgres import PostgresRegistry
 from contimg_publisher.states import FailureKind
 from tests import pg
-from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
+from tests.pg import Server
 
 LEASE = 600.0
 BACKOFF = (60.0, 3600.0)
@@ -601,7 +601,7 @@ def test_a_duty_is_held_by_one_daemon_until_it_resigns(opener: Opener,
 # --- what a shared server adds (PostgreSQL only) --------------------------------------------
 
 @pytest.fixture
-def server(pg_server: Server) -> Server:  # noqa: F811 - the fixture of tests/pg.py
+def server(pg_server: Server) -> Server:
     return pg_server
 
 

@@ -17,8 +17,8 @@ from psycopg.rows import dict_row
 
 from contimg_publisher.registry import Finding, Published, Quarantined, Registry, open_registry
 from contimg_publisher.states import FailureKind
-from tests.helpers import Sandbox
-from tests.pg import Server, pg_server, pg_template  # noqa: F401 - fixtures
+from tests.helpers import MakeSandbox
+from tests.pg import Server
 from tests.test_registry import _build_legacy, candidate
 
 TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
@@ -40,8 +40,8 @@ def _sqlite_rows(path: Path, table: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_migrate_from_copies_every_row_and_value(tmp_path: Path,
-                                                 pg_server: Server) -> None:  # noqa: F811
+def test_migrate_from_copies_every_row_and_value(tmp_path: Path, make_sandbox: MakeSandbox,
+                                                 pg_server: Server) -> None:
     source = tmp_path / "site" / "data_registry.db"
     _build_legacy(source, with_optional=True)
     with Registry(source) as reg:  # this program's own rows and history on top
@@ -76,9 +76,9 @@ def test_migrate_from_copies_every_row_and_value(tmp_path: Path,
     assert len(expected["data_registry"]) == 18 and expected["publish_failures"]
     assert all(expected[t] for t in TABLES)  # each has rows to copy
 
-    box = Sandbox(tmp_path / "box", paths={"registry": pg_server.uri,
-                                           "lock_file": str(tmp_path / "l.lock")},
-                  node={"name": "node-old"})
+    box = make_sandbox("box", paths={"registry": pg_server.uri,
+                                     "lock_file": str(tmp_path / "l.lock")},
+                       node={"name": "node-old"})
     out = box.cli("migrate", "--from", str(source))
     assert out.returncode == 0, out.stderr
     assert "data_registry: 18 rows copied" in out.stdout

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -24,11 +23,12 @@ import pytest
 from contimg_publisher.registry import Registry
 from contimg_publisher.transfer import DELAY_ENV
 from tests.helpers import (
+    MakeSandbox,
+    MountExt4,
     Sandbox,
-    is_root,
     log_events,
-    mount_ext4,
     mount_tmpfs,
+    skip_with,
     start_daemon,
     stop,
     umount,
@@ -58,12 +58,13 @@ def status_of(db: Path, data_id: str) -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.root("mounting a tmpfs for the products area (so the publish is a copy) needs root")
-def test_write_lock_held_past_the_busy_timeout_during_a_slow_copy(tmp_path: Path) -> None:
+def test_write_lock_held_past_the_busy_timeout_during_a_slow_copy(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     products = tmp_path / "products"
     mount_tmpfs(products, "256m")
     try:
-        sandbox = Sandbox(tmp_path, products_root=products,
-                          registry={"busy_timeout_seconds": 0.5})
+        sandbox = make_sandbox(products_root=products,
+                               registry={"busy_timeout_seconds": 0.5})
         data = write_fits(sandbox.mosaics / "big.fits", pixels=3000)  # 36 MB: 5 chunks
         # 1.2 s per 8 MiB chunk: a copy of about 6 s, with lease renewals once a second, so
         # the lock below is taken while it runs even on a loaded machine.
@@ -107,10 +108,10 @@ def _exited_for_the_registry(sandbox: Sandbox, proc: subprocess.Popen[str], why:
 
 
 @pytest.mark.slow
-def test_registry_deleted_while_running_stops_publishing(tmp_path: Path) -> None:
+def test_registry_deleted_while_running_stops_publishing(make_sandbox: MakeSandbox) -> None:
     """Nothing is published into a deleted registry, no staged file is removed on its word,
     and the restart refuses to create an empty registry beside the archive."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     proc = start_daemon(sandbox)
     try:
         first = _published_then(sandbox, "first", seed=1)
@@ -141,8 +142,9 @@ def test_registry_deleted_while_running_stops_publishing(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_registry_replaced_by_an_older_copy_stops_publishing(tmp_path: Path) -> None:
-    sandbox = Sandbox(tmp_path)
+def test_registry_replaced_by_an_older_copy_stops_publishing(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
+    sandbox = make_sandbox()
     backup = tmp_path / "backup.sqlite3"
     proc = start_daemon(sandbox)
     try:
@@ -177,11 +179,11 @@ def _reload(sandbox: Sandbox, proc: subprocess.Popen[str], stage_root: Path) -> 
 
 @pytest.mark.slow
 def test_reload_that_moves_stage_root_parks_what_waits_under_the_old_one(
-        tmp_path: Path) -> None:
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     """stage_root A -> B, then B -> A, by SIGHUP. A product waiting under the root that was
     left becomes `failed` with a reason naming the change (never a silent wait); with the
     root set back and `retry`, it is published."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     root_a, root_b = sandbox.stage, tmp_path / "stage-b"
     (root_b / "mosaics").mkdir(parents=True)
     held_a = write_fits(root_a / "mosaics" / "held_a.fits", seed=2)
@@ -228,10 +230,10 @@ def test_reload_that_moves_stage_root_parks_what_waits_under_the_old_one(
 
 @pytest.mark.slow
 def test_reload_that_moves_products_root_publishes_what_comes_next_there(
-        tmp_path: Path) -> None:
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     """products_root P -> Q -> P by SIGHUP: what was published stays recorded where it is,
     and each product goes where the configuration says when it is published."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     root_p, root_q = sandbox.products, tmp_path / "products-q"
     root_q.mkdir()
     published: dict[str, bytes] = {}
@@ -263,13 +265,14 @@ def test_reload_that_moves_products_root_publishes_what_comes_next_there(
 
 @pytest.mark.slow
 @pytest.mark.root("mounting a small tmpfs for the registry needs root")
-def test_registry_disk_full_pauses_and_resumes_without_a_restart(tmp_path: Path) -> None:
+def test_registry_disk_full_pauses_and_resumes_without_a_restart(
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     """The registry's filesystem fills (a small tmpfs): the daemon stays alive, records and
     removes nothing it could not record, and publishes everything once there is room."""
     state = tmp_path / "state"
     mount_tmpfs(state, "2m")
     try:
-        sandbox = Sandbox(tmp_path)
+        sandbox = make_sandbox()
         proc = start_daemon(sandbox)
         try:
             first = write_fits(sandbox.mosaics / "first.fits", seed=1)
@@ -340,21 +343,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _registry_on_ext4(tmp_path: Path, options: str = "") -> Iterator[Path]:
+def _registry_on_ext4(loop_ext4: MountExt4, tmp_path: Path, options: str = ""
+                      ) -> Iterator[Path]:
     """The registry's folder (state/) on a small loop-mounted ext4: a tmpfs has no chattr
-    flags. Skips, saying why, without root or the tools."""
-    missing = [t for t in ("chattr", "mkfs.ext4", "losetup") if shutil.which(t) is None]
-    reason = "needs root (a loop mount and chattr)" if not is_root() else \
-        f"needs {', '.join(missing)}" if missing else None
-    if reason:
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    state = tmp_path / "state"
-    mount_ext4(state, tmp_path / "state.img", 64, options)
-    try:
-        yield state
-    finally:
-        umount(state)
+    flags. The `loop_ext4` fixture unmounts it after the test."""
+    yield loop_ext4(tmp_path / "state", tmp_path / "state.img", 64, options)
 
 
 def _chattr(flag: str, files: list[Path]) -> None:
@@ -362,14 +355,15 @@ def _chattr(flag: str, files: list[Path]) -> None:
 
 
 @pytest.mark.slow
-def test_registry_made_immutable_pauses_without_sigbus_and_resumes(tmp_path: Path) -> None:
+def test_registry_made_immutable_pauses_without_sigbus_and_resumes(
+        tmp_path: Path, make_sandbox: MakeSandbox, loop_ext4: MountExt4) -> None:
     """chattr +i on the registry, its -wal and its -shm under a running daemon: SQLite's
     writes to the memory-mapped -shm would raise SIGBUS. The daemon stays alive, says once
     why it paused (STATUS=, status, the page, the metrics), keeps pinging the watchdog,
     removes and archives nothing without its record, and resumes by itself at chattr -i."""
-    with _registry_on_ext4(tmp_path):
+    with _registry_on_ext4(loop_ext4, tmp_path):
         port = _free_port()
-        sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+        sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"})
         files = [sandbox.registry, *(Path(f"{sandbox.registry}{s}") for s in ("-wal", "-shm"))]
         notify = NotifySocket(tmp_path / "notify.sock")
         proc = start_daemon(sandbox, notify_path=notify.path, watchdog_usec=2_000_000)
@@ -444,11 +438,12 @@ def test_registry_made_immutable_pauses_without_sigbus_and_resumes(tmp_path: Pat
         assert [e["data_id"] for e in _events(sandbox, "published")].count("w0") == 1
 
 
-def test_stopped_while_the_registry_is_immutable(tmp_path: Path) -> None:
+def test_stopped_while_the_registry_is_immutable(
+        tmp_path: Path, make_sandbox: MakeSandbox, loop_ext4: MountExt4) -> None:
     """SIGTERM while paused: a clean exit, without the checkpoint the last connection makes
     on closing (it writes the -shm, so it would be a SIGBUS)."""
-    with _registry_on_ext4(tmp_path):
-        sandbox = Sandbox(tmp_path)
+    with _registry_on_ext4(loop_ext4, tmp_path):
+        sandbox = make_sandbox()
         files = [sandbox.registry, *(Path(f"{sandbox.registry}{s}") for s in ("-wal", "-shm"))]
         proc = start_daemon(sandbox)
         try:
@@ -471,19 +466,19 @@ def test_stopped_while_the_registry_is_immutable(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_registry_filesystem_gone_read_only_pauses(tmp_path: Path) -> None:
+def test_registry_filesystem_gone_read_only_pauses(
+        tmp_path: Path, make_sandbox: MakeSandbox, loop_ext4: MountExt4) -> None:
     """ext4 remounts itself read-only after an error (errors=remount-ro; the error is
     injected through its trigger_fs_error): the daemon pauses and stays alive. A plain
     `mount -o remount,ro` is refused while the daemon has the files open for writing, and
     an emergency read-only ext4 only comes back by unmounting it, so no resume here."""
-    with _registry_on_ext4(tmp_path, "errors=remount-ro") as state:
+    with _registry_on_ext4(loop_ext4, tmp_path, "errors=remount-ro") as state:
         source = subprocess.run(["findmnt", "-no", "SOURCE", str(state)], check=True,
                                 capture_output=True, text=True).stdout.strip()
         trigger = Path("/sys/fs/ext4") / os.path.basename(source) / "trigger_fs_error"
         if not trigger.exists():
-            print(f"SKIP: no {trigger}")
-            pytest.skip(f"no {trigger}")
-        sandbox = Sandbox(tmp_path)
+            skip_with(f"no {trigger}")
+        sandbox = make_sandbox()
         proc = start_daemon(sandbox)
         try:
             write_fits(sandbox.mosaics / "first.fits", seed=1)
@@ -502,11 +497,11 @@ def test_registry_filesystem_gone_read_only_pauses(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_write_lock_held_past_the_busy_timeout_while_registering(tmp_path: Path) -> None:
+def test_write_lock_held_past_the_busy_timeout_while_registering(make_sandbox: MakeSandbox) -> None:
     """Another process holds BEGIN IMMEDIATE for longer than the busy timeout when a new
     file is to be registered: the daemon pauses (once, with the reason) and publishes it
     by itself when the lock is released."""
-    sandbox = Sandbox(tmp_path, registry={"busy_timeout_seconds": 0.5})
+    sandbox = make_sandbox(registry={"busy_timeout_seconds": 0.5})
     proc = start_daemon(sandbox)
     try:
         first = _published_then(sandbox, "first", seed=1)
@@ -532,13 +527,14 @@ def test_write_lock_held_past_the_busy_timeout_while_registering(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_registry_immutable_at_start_waits_instead_of_exiting(tmp_path: Path) -> None:
+def test_registry_immutable_at_start_waits_instead_of_exiting(
+        tmp_path: Path, make_sandbox: MakeSandbox, loop_ext4: MountExt4) -> None:
     """The registry made immutable before the daemon starts (as a full disk at boot would
     be): no exit (under Restart=on-failure that would be a restart loop), one
     registry_unavailable, no READY while it lasts, systemd's start timeout extended; at
     chattr -i it starts by itself and publishes what waited."""
-    with _registry_on_ext4(tmp_path):
-        sandbox = Sandbox(tmp_path)
+    with _registry_on_ext4(loop_ext4, tmp_path):
+        sandbox = make_sandbox()
         Registry(sandbox.registry).close()
         waiting = write_fits(sandbox.mosaics / "waiting.fits", seed=3)
         notify = NotifySocket(tmp_path / "notify.sock")

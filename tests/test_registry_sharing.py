@@ -23,7 +23,7 @@ import pytest
 
 from contimg_publisher import detect
 from contimg_publisher.registry import Registry
-from tests.helpers import Sandbox, log_events, start_daemon, stop, wait_for, write_fits
+from tests.helpers import MakeSandbox, log_events, start_daemon, stop, wait_for, write_fits
 from tests.test_observability import free_port
 
 SQLITE3 = shutil.which("sqlite3")
@@ -61,11 +61,10 @@ def posix_locks(pid: int, ino: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(SQLITE3 is None, reason="the sqlite3 shell (Debian's sqlite3) is not "
-                    "installed; .ci/dev test installs it")
-def test_other_processes_never_take_the_daemons_wal(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("sqlite3_shell")  # sql() runs it
+def test_other_processes_never_take_the_daemons_wal(make_sandbox: MakeSandbox) -> None:
     port = free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"})
     db = sandbox.registry
     rounds = 6
     # Registered and held before the daemon starts; each is released by another process
@@ -156,8 +155,7 @@ def test_other_processes_never_take_the_daemons_wal(tmp_path: Path) -> None:
         "the daemon published something twice, or missed something"
 
 
-@pytest.mark.skipif(SQLITE3 is None, reason="the sqlite3 shell (Debian's sqlite3) is not "
-                    "installed; .ci/dev test installs it")
+@pytest.mark.usefixtures("sqlite3_shell")  # sql() runs it
 def test_opening_a_second_connection_keeps_the_first_ones_locks(tmp_path: Path) -> None:
     """What the daemon does when its publish thread, or a scrape, opens the registry."""
     db = tmp_path / "registry.sqlite3"

@@ -30,7 +30,6 @@ import pytest
 from tests.helpers import (
     PYTHON,
     Sandbox,
-    is_root,
     log_events,
     mount_tmpfs,
     start_daemon,
@@ -47,9 +46,8 @@ DAEMON_UID, PIPELINE_UID, SHARED_GID = 61001, 61002, 61000
 SYSTEM_PYTHON = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
 PACKAGES = [sysconfig.get_paths()["purelib"], str(Path(__file__).resolve().parents[1] / "daemon")]
 
-pytestmark = pytest.mark.skipif(
-    not is_root() or shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK),
-    reason=f"running as two other users needs root, setpriv and {SYSTEM_PYTHON}")
+pytestmark = [pytest.mark.root("running as two other users"),
+              pytest.mark.usefixtures("setpriv", "system_python_of_this_version")]
 
 
 def as_user(uid: int) -> tuple[str, ...]:

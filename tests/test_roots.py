@@ -15,8 +15,7 @@ import apsw
 import pytest
 
 from tests.helpers import (
-    Sandbox,
-    is_root,
+    MakeSandbox,
     log_events,
     start_daemon,
     stop,
@@ -25,7 +24,7 @@ from tests.helpers import (
     write_fits,
 )
 
-pytestmark = pytest.mark.skipif(not is_root(), reason="bind mounts need root")
+pytestmark = pytest.mark.root("bind mounts")
 
 
 @contextmanager
@@ -51,12 +50,12 @@ def _row(db: Path, data_id: str) -> tuple[str, str] | None:
 
 
 def test_products_root_bind_mounted_from_inside_stage_is_refused_by_check_config_and_run(
-        tmp_path: Path) -> None:
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
     inner = tmp_path / "stage" / "mosaics" / "inner"
     inner.mkdir(parents=True)
     products = tmp_path / "products"
     with bind(inner, products):
-        box = Sandbox(tmp_path, products_root=products)
+        box = make_sandbox(products_root=products)
         out = box.cli("check-config")
         assert out.returncode == 2, out.stdout + out.stderr
         assert "paths.products_root" in out.stderr
@@ -78,8 +77,8 @@ def test_products_root_bind_mounted_from_inside_stage_is_refused_by_check_config
 
 
 def test_quarantine_or_registry_folder_bind_mounted_into_a_root_is_refused(
-        tmp_path: Path) -> None:
-    box = Sandbox(tmp_path)
+        tmp_path: Path, make_sandbox: MakeSandbox) -> None:
+    box = make_sandbox()
     quarantine = tmp_path / "quarantine"
     quarantine.mkdir()
     box.update(hygiene={"quarantine_dir": str(quarantine)})
@@ -101,12 +100,12 @@ def test_quarantine_or_registry_folder_bind_mounted_into_a_root_is_refused(
 
 @pytest.mark.slow
 def test_publish_never_moves_an_archived_file_seen_through_a_bind_mount_in_staging(
-        tmp_path: Path) -> None:
+        make_sandbox: MakeSandbox) -> None:
     """The archive bind-mounted into staging after the daemon started (so after its
     configuration was checked): its files look staged, and a rename or an unlink there
     would move or delete an archived product. Nothing there is touched; the product that
     looks staged fails with the reason and waits for an operator."""
-    box = Sandbox(tmp_path, detect={"settle_seconds": 0.3, "rescan_seconds": 1})
+    box = make_sandbox(detect={"settle_seconds": 0.3, "rescan_seconds": 1})
     data = write_fits(box.mosaics / "a.fits", seed=1)
     archived = box.products / "mosaics" / "a.fits"
     proc = start_daemon(box)

@@ -16,7 +16,7 @@ import apsw
 import pytest
 
 from contimg_publisher.registry import Candidate, Identity, Registry
-from tests.helpers import REPO, Sandbox, log_events, start_daemon, stop, wait_for, write_fits
+from tests.helpers import REPO, log_events, start_daemon, stop, wait_for, write_fits
 
 
 class NotifySocket:
@@ -68,8 +68,8 @@ def notify(tmp_path):
     sock.close()
 
 
-def test_ready_only_after_reconciliation_and_status(tmp_path, notify):
-    sandbox = Sandbox(tmp_path)
+def test_ready_only_after_reconciliation_and_status(make_sandbox, notify):
+    sandbox = make_sandbox()
     cfg = sandbox.config()
     path = sandbox.mosaics / "stuck.fits"
     write_fits(path)
@@ -99,8 +99,8 @@ def test_ready_only_after_reconciliation_and_status(tmp_path, notify):
 
 
 @pytest.mark.slow
-def test_watchdog_cadence_reload_and_stop(tmp_path, notify):
-    sandbox = Sandbox(tmp_path)
+def test_watchdog_cadence_reload_and_stop(make_sandbox, notify):
+    sandbox = make_sandbox()
     proc = start_daemon(sandbox, notify.path, watchdog_usec=1_000_000)
     try:
         t_ready, _ = notify.wait("READY", "1")
@@ -128,8 +128,8 @@ def test_watchdog_cadence_reload_and_stop(tmp_path, notify):
 
 
 @pytest.mark.slow
-def test_reload_with_broken_config_keeps_running(tmp_path, notify):
-    sandbox = Sandbox(tmp_path)
+def test_reload_with_broken_config_keeps_running(make_sandbox, notify):
+    sandbox = make_sandbox()
     proc = start_daemon(sandbox, notify.path)
     try:
         notify.wait("READY", "1")
@@ -153,10 +153,10 @@ def test_reload_with_broken_config_keeps_running(tmp_path, notify):
 
 
 @pytest.mark.slow
-def test_unreachable_notify_socket_is_logged_once_and_publishing_goes_on(tmp_path):
+def test_unreachable_notify_socket_is_logged_once_and_publishing_goes_on(tmp_path, make_sandbox):
     """NOTIFY_SOCKET names a socket nobody listens on: the daemon says so once, and still
     publishes and stops cleanly."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     proc = start_daemon(sandbox, tmp_path / "nobody-listens.sock", watchdog_usec=2_000_000)
     try:
         write_fits(sandbox.mosaics / "published_anyway.fits")
@@ -174,8 +174,8 @@ def test_unreachable_notify_socket_is_logged_once_and_publishing_goes_on(tmp_pat
 
 
 @pytest.mark.slow
-def test_reload_applies_new_rules_with_same_pid(tmp_path, notify):
-    sandbox = Sandbox(tmp_path)
+def test_reload_applies_new_rules_with_same_pid(make_sandbox, notify):
+    sandbox = make_sandbox()
     proc = start_daemon(sandbox, notify.path)
     try:
         notify.wait("READY", "1")
@@ -197,8 +197,8 @@ def test_reload_applies_new_rules_with_same_pid(tmp_path, notify):
         assert stop(proc) == 0
 
 
-def test_second_daemon_refuses_naming_the_holder(tmp_path, notify):
-    sandbox = Sandbox(tmp_path)
+def test_second_daemon_refuses_naming_the_holder(make_sandbox, notify):
+    sandbox = make_sandbox()
     proc = start_daemon(sandbox, notify.path)
     try:
         notify.wait("READY", "1")
@@ -213,10 +213,10 @@ def test_second_daemon_refuses_naming_the_holder(tmp_path, notify):
 
 
 @pytest.mark.slow
-def test_blocked_loop_stops_pinging(tmp_path, notify):
+def test_blocked_loop_stops_pinging(make_sandbox, notify):
     """A main loop stuck on the registry (another process holds its write lock) sends no
     WATCHDOG=1, although the process and its other threads live on."""
-    sandbox = Sandbox(tmp_path)
+    sandbox = make_sandbox()
     sandbox.update(registry={"busy_timeout_seconds": 4.0})
     proc = start_daemon(sandbox, notify.path, watchdog_usec=1_000_000)
     try:
@@ -242,8 +242,8 @@ def test_blocked_loop_stops_pinging(tmp_path, notify):
         assert stop(proc) == 0
 
 
-def test_start_up_scan_extends_the_start_timeout_before_ready(tmp_path, notify):
-    sandbox = Sandbox(tmp_path)
+def test_start_up_scan_extends_the_start_timeout_before_ready(make_sandbox, notify):
+    sandbox = make_sandbox()
     for i in range(3):
         write_fits(sandbox.mosaics / f"before_start_{i}.fits", seed=i)
     proc = start_daemon(sandbox, notify.path)
@@ -263,11 +263,9 @@ SLOW_COPY = {"CONTIMG_PUBLISHER_TEST_COPY_DELAY": "1.0"}
 
 
 @pytest.fixture
-def shm_products():
-    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev:
-        pytest.skip("/dev/shm is not a separate filesystem here; the copy path needs one")
+def shm_products(dev_shm):
     import tempfile
-    folder = Path(tempfile.mkdtemp(prefix="contimg-products-", dir="/dev/shm"))
+    folder = Path(tempfile.mkdtemp(prefix="contimg-products-", dir=dev_shm))
     yield folder
     import shutil
     shutil.rmtree(folder, ignore_errors=True)
@@ -278,9 +276,9 @@ def _temps(folder: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_stop_lets_the_copy_in_flight_finish(tmp_path, notify, shm_products):
-    sandbox = Sandbox(tmp_path, products_root=shm_products,
-                      service={"stop_timeout_seconds": 30})
+def test_stop_lets_the_copy_in_flight_finish(make_sandbox, notify, shm_products):
+    sandbox = make_sandbox(products_root=shm_products,
+                           service={"stop_timeout_seconds": 30})
     data = write_fits(sandbox.mosaics / "big.fits", pixels=2048, seed=5)  # 3 chunks
     proc = start_daemon(sandbox, notify.path, extra_env=SLOW_COPY)
     try:
@@ -299,9 +297,9 @@ def test_stop_lets_the_copy_in_flight_finish(tmp_path, notify, shm_products):
 
 
 @pytest.mark.slow
-def test_stop_aborts_a_long_copy_cleanly_and_it_resumes(tmp_path, notify, shm_products):
-    sandbox = Sandbox(tmp_path, products_root=shm_products,
-                      service={"stop_timeout_seconds": 0.5})
+def test_stop_aborts_a_long_copy_cleanly_and_it_resumes(make_sandbox, notify, shm_products):
+    sandbox = make_sandbox(products_root=shm_products,
+                           service={"stop_timeout_seconds": 0.5})
     data = write_fits(sandbox.mosaics / "big.fits", pixels=2048, seed=6)
     proc = start_daemon(sandbox, notify.path, extra_env=SLOW_COPY)
     try:
@@ -328,8 +326,8 @@ def test_stop_aborts_a_long_copy_cleanly_and_it_resumes(tmp_path, notify, shm_pr
 
 
 @pytest.mark.slow
-def test_reload_during_a_copy_keeps_the_copy(tmp_path, notify, shm_products):
-    sandbox = Sandbox(tmp_path, products_root=shm_products)
+def test_reload_during_a_copy_keeps_the_copy(make_sandbox, notify, shm_products):
+    sandbox = make_sandbox(products_root=shm_products)
     data = write_fits(sandbox.mosaics / "big.fits", pixels=2048, seed=7)
     proc = start_daemon(sandbox, notify.path, extra_env=SLOW_COPY)
     try:

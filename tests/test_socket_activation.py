@@ -13,10 +13,9 @@ import signal
 import socket
 import subprocess
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-from tests.helpers import PYTHON, REPO, Sandbox, log_events, stop, wait_for
+from tests.helpers import PYTHON, REPO, MakeSandbox, Sandbox, log_events, stop, wait_for
 
 
 def _free_port() -> int:
@@ -53,9 +52,9 @@ def _events(sandbox: Sandbox, name: str) -> list[dict[str, Any]]:
     return [e for e in log_events(sandbox) if e.get("event") == name]
 
 
-def test_daemon_serves_on_the_socket_systemd_passed(tmp_path: Path) -> None:
+def test_daemon_serves_on_the_socket_systemd_passed(make_sandbox: MakeSandbox) -> None:
     configured = _free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{configured}"})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{configured}"})
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     proc = _start_activated(sandbox, listener)

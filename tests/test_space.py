@@ -6,10 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +15,12 @@ import pytest
 from contimg_publisher.registry import Registry
 from tests.helpers import (
     REPO,
+    MakeSandbox,
+    MountTmpfs,
     Sandbox,
-    is_root,
     log_events,
-    mount_tmpfs,
     start_daemon,
     stop,
-    umount,
     wait_for,
     write_fits,
 )
@@ -33,15 +30,8 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-def small_products(tmp_path: Path) -> Iterator[Path]:
-    if not is_root():
-        pytest.skip("mounting a small tmpfs for the products area needs root")
-    products = tmp_path / "products"
-    mount_tmpfs(products, "8m")
-    try:
-        yield products
-    finally:
-        umount(products)
+def small_products(tmp_path: Path, tmpfs: MountTmpfs) -> Path:
+    return tmpfs(tmp_path / "products", "8m")
 
 
 def row_of(box: Sandbox, data_id: str):  # noqa: ANN201 - a registry Product
@@ -50,11 +40,12 @@ def row_of(box: Sandbox, data_id: str):  # noqa: ANN201 - a registry Product
 
 
 @pytest.mark.slow
+@pytest.mark.root("mounting a small tmpfs for the products area")
 def test_a_product_too_big_for_the_products_disk_waits_then_publishes(
-        tmp_path: Path, small_products: Path) -> None:
-    box = Sandbox(tmp_path, products_root=small_products,
-                  detect={"settle_seconds": 0.2}, publish={"min_free_bytes": 1 * MIB,
-                                                           "backoff_initial_seconds": 0.5})
+        tmp_path: Path, make_sandbox: MakeSandbox, small_products: Path) -> None:
+    box = make_sandbox(products_root=small_products,
+                       detect={"settle_seconds": 0.2}, publish={"min_free_bytes": 1 * MIB,
+                                                                "backoff_initial_seconds": 0.5})
     staged = box.mosaics / "nightly_20250101.fits"
     data = write_fits(staged, pixels=1500, seed=5)  # 9 MiB: more than the 8 MiB disk
     assert len(data) > 8 * MIB
@@ -94,12 +85,13 @@ def test_a_product_too_big_for_the_products_disk_waits_then_publishes(
     assert not [p for p in small_products.rglob("*") if ".contimg-tmp" in p.name]
 
 
+@pytest.mark.root("mounting a small tmpfs for the products area")
 def test_the_margin_counts_and_a_product_that_fits_is_copied(
-        tmp_path: Path, small_products: Path) -> None:
+        tmp_path: Path, make_sandbox: MakeSandbox, small_products: Path) -> None:
     """A 3 MiB product fits the 8 MiB disk, but not beside a 6 MiB margin: it waits; the
     same product with the margin lowered (a reload) is published."""
-    box = Sandbox(tmp_path, products_root=small_products, detect={"settle_seconds": 0.2},
-                  publish={"min_free_bytes": 6 * MIB, "backoff_initial_seconds": 0.5})
+    box = make_sandbox(products_root=small_products, detect={"settle_seconds": 0.2},
+                       publish={"min_free_bytes": 6 * MIB, "backoff_initial_seconds": 0.5})
     staged = box.mosaics / "group_1.fits"
     data = write_fits(staged, pixels=880, seed=6)
     assert 2 * MIB < len(data) < 4 * MIB
@@ -120,10 +112,7 @@ def test_the_margin_counts_and_a_product_that_fits_is_copied(
     assert Path(row.published_path).read_bytes() == data
 
 
-def test_promtool_unit_tests_the_filesystem_alert(tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+def test_promtool_unit_tests_the_filesystem_alert(tmp_path: Path, promtool: str) -> None:
     job = 'job="contimg-publisher", instance="pub:9465"'
     size = 1000 * 2**30
     tests = {
@@ -167,10 +156,10 @@ def test_promtool_unit_tests_the_filesystem_alert(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_filesystem_gauges_name_each_root(tmp_path: Path) -> None:
+def test_filesystem_gauges_name_each_root(make_sandbox: MakeSandbox) -> None:
     """The gauges come from statvfs of each root, as `df` sees them."""
     from contimg_publisher.metrics import Metrics
-    box = Sandbox(tmp_path)
+    box = make_sandbox()
     box.registry.parent.mkdir()
     metrics = Metrics(box.config())
     text = metrics.exposition().decode()

@@ -46,8 +46,8 @@ def _listen_address(sandbox: Sandbox) -> str | None:
     return None
 
 
-def test_status_json_is_the_object_status_json_prints(tmp_path) -> None:
-    sandbox = Sandbox(tmp_path)
+def test_status_json_is_the_object_status_json_prints(make_sandbox) -> None:
+    sandbox = make_sandbox()
     write_fits(sandbox.mosaics / "good.fits", pixels=8, seed=1)
     (sandbox.mosaics / "bad.fits").write_bytes(b"this is not FITS\n" * 200)
     proc = start_daemon(sandbox)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import resource
 import select
-import shutil
 import socket
 import subprocess
 import time
@@ -25,8 +24,8 @@ import pytest
 from contimg_publisher import statusserver
 from tests.helpers import (
     REPO,
+    MakeSandbox,
     Sandbox,
-    is_root,
     log_events,
     start_daemon,
     stop,
@@ -188,13 +187,12 @@ def test_connections_beyond_the_cap_cost_no_descriptor_or_thread(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not is_root(), reason="needs root: the attack runs as the user nobody "
-                    "(setpriv), apart from the daemon's user, as on a real host")
-def test_a_thousand_idle_connections_from_another_user_stop_nothing(tmp_path: Path) -> None:
-    if shutil.which("setpriv") is None or not Path(SYSTEM_PYTHON).exists():
-        pytest.skip("setpriv (util-linux) and /usr/bin/python3 are needed for the attacker")
+@pytest.mark.root("the attack runs as the user nobody (setpriv), apart from the daemon's "
+                  "user, as on a real host")
+def test_a_thousand_idle_connections_from_another_user_stop_nothing(
+        make_sandbox: MakeSandbox, setpriv: str, system_python3: str) -> None:
     port = free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"})
     # systemd's default for a unit without LimitNOFILE: soft 1024, a high hard limit.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     hard = 524288 if hard == resource.RLIM_INFINITY else min(hard, 524288)
@@ -241,14 +239,12 @@ def test_a_thousand_idle_connections_from_another_user_stop_nothing(tmp_path: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is needed "
-                    "to take the running daemon's descriptors away")
 def test_out_of_descriptors_is_said_once_waited_out_and_publishing_resumes(
-        tmp_path: Path) -> None:
+        make_sandbox: MakeSandbox, prlimit: str) -> None:
     """The daemon's limit lowered from outside to what it has open: its turns fail with
     EMFILE. Said once, no spinning; when the limit comes back, the mosaic is published."""
     port = free_port()
-    sandbox = Sandbox(tmp_path, metrics={"listen": f"127.0.0.1:{port}"})
+    sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"})
     proc = started(sandbox, port)
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -10,7 +10,6 @@ and restart delays so the test is quick. Everything else is the shipped unit.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from contimg_publisher.logs import MESSAGE_IDS
-from tests.helpers import REPO, is_root
+from tests.helpers import REPO
 
 # Each test boots or drives systemd's own pieces: seconds apiece.
 pytestmark = pytest.mark.slow
@@ -35,24 +34,9 @@ RestartSec=1
 """
 
 
-def _need_nspawn() -> None:
-    if not is_root():
-        pytest.skip("booting systemd in a container needs root")
-    if shutil.which("systemd-nspawn") is None:
-        pytest.skip("systemd-nspawn is missing (Debian package systemd-container)")
-    if not Path("/usr/bin/python3").exists():
-        pytest.skip("/usr/bin/python3 (Debian's python3) is missing; the container runs it")
-    version = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"],
-                             capture_output=True, text=True).stdout.strip()
-    if version != str(sys.version_info[:2]):
-        pytest.skip(f"Debian's python3 is {version}, the test environment's is "
-                    f"{sys.version_info[:2]}: its compiled dependencies would not load")
-
-
 def _boot(tmp: Path, scenario: str) -> dict:
     """Boot the container with the program, the shipped unit and the test drop-in bound in,
     run tests/support/SCENARIO against it, and return what the scenario saw."""
-    _need_nspawn()
     drop_in = tmp / "test.conf"
     drop_in.write_text(DROP_IN)
     site = sysconfig.get_paths()["purelib"]
@@ -83,12 +67,12 @@ def _boot(tmp: Path, scenario: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def seen(tmp_path_factory):
+def seen(tmp_path_factory, systemd_nspawn, container_python3):
     return _boot(tmp_path_factory.mktemp("nspawn"), "systemd_scenario.py")
 
 
 @pytest.fixture(scope="module")
-def writer_seen(tmp_path_factory):
+def writer_seen(tmp_path_factory, systemd_nspawn, container_python3):
     return _boot(tmp_path_factory.mktemp("nspawn-writers"), "writer_check_scenario.py")
 
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests import pg
-from tests.helpers import REPO
-from tests.pg import pg_template  # noqa: F401 - a fixture
-from tests.test_systemd_boot import DROP_IN, SUPPORT, _need_nspawn
+from tests.helpers import REPO, skip_with
+from tests.test_systemd_boot import DROP_IN, SUPPORT
 
 # Each test boots or drives systemd's own pieces: seconds apiece.
 pytestmark = pytest.mark.slow
@@ -44,10 +43,7 @@ def _config(tmp: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def seen(tmp_path_factory, pg_template):  # noqa: F811
-    _need_nspawn()
-    if pg.unavailable() is not None:
-        pytest.skip(pg.unavailable())
+def seen(tmp_path_factory, pg_template, systemd_nspawn, container_python3):
     tmp = tmp_path_factory.mktemp("nspawn-net")
     drop_in = tmp / "test.conf"
     drop_in.write_text(DROP_IN)
@@ -97,9 +93,9 @@ def test_ip_firewall_refuses_an_address_not_allowed(seen):
     """With Internet sockets allowed but no address: IPAddressDeny=any drops the connect."""
     run = seen["families_only"]
     if not seen["firewall_active"]:
-        pytest.skip("systemd's IP firewall (cgroup BPF) is not in effect in this container: "
-                    f"a probe unit with IPAccounting=yes counts nothing ({seen['firewall_probe']})"
-                    "; IPAddressDeny= cannot be observed here")
+        skip_with("systemd's IP firewall (cgroup BPF) is not in effect in this container: "
+                  f"a probe unit with IPAccounting=yes counts nothing ({seen['firewall_probe']})"
+                  "; IPAddressDeny= cannot be observed here")
     assert run["event"] == "registry_unavailable", run
     assert "AF_INET" in run["families"] and run["allow"] == "127.0.0.0/8 ::1/128", run
     assert "Operation not permitted" in run["error"], run

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from tests.helpers import REPO
 
@@ -24,16 +21,9 @@ def _copy_with_existing_exec(tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.fixture
-def analyze():
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
-    return tool
-
-
-def test_verify_prints_nothing(tmp_path, analyze):
-    out = subprocess.run([analyze, "verify", "--man=no", str(_copy_with_existing_exec(tmp_path))],
+def test_verify_prints_nothing(tmp_path, systemd_analyze):
+    out = subprocess.run([systemd_analyze, "verify", "--man=no",
+                          str(_copy_with_existing_exec(tmp_path))],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
 
@@ -49,8 +39,8 @@ def _security(analyze: str, unit: Path) -> tuple[float, list[str], str]:
     return float(match.group(1)), failing, text
 
 
-def test_security_exposure_at_most_1_0(tmp_path, analyze):
-    score, failing, text = _security(analyze, _copy_with_existing_exec(tmp_path))
+def test_security_exposure_at_most_1_0(tmp_path, systemd_analyze):
+    score, failing, text = _security(systemd_analyze, _copy_with_existing_exec(tmp_path))
     assert score <= 1.0, text
     # Each exposure left is explained in the unit, by the name systemd-analyze gives it.
     explained = "\n".join(line for line in UNIT.read_text().splitlines()
@@ -68,11 +58,11 @@ def test_unit_opens_no_internet_socket_and_raises_the_descriptor_limit():
     assert "Wants=contimg-publisher.socket" in UNIT.read_text()
 
 
-def test_socket_unit_verifies_and_filters_like_the_service(tmp_path, analyze):
+def test_socket_unit_verifies_and_filters_like_the_service(tmp_path, systemd_analyze):
     service = _copy_with_existing_exec(tmp_path)
     socket_unit = tmp_path / SOCKET.name
     socket_unit.write_text(SOCKET.read_text())
-    out = subprocess.run([analyze, "verify", "--man=no", str(service), str(socket_unit)],
+    out = subprocess.run([systemd_analyze, "verify", "--man=no", str(service), str(socket_unit)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
     text = SOCKET.read_text()
@@ -120,20 +110,20 @@ BACKUP = REPO / "systemd" / "contimg-publisher-backup.service"
 TIMER = REPO / "systemd" / "contimg-publisher-backup.timer"
 
 
-def test_backup_units_verify_and_keep_a_week_of_hourly_backups(tmp_path, analyze):
+def test_backup_units_verify_and_keep_a_week_of_hourly_backups(tmp_path, systemd_analyze):
     service = tmp_path / BACKUP.name
     service.write_text(re.sub(r"^ExecStart=/usr/bin/contimg-publisher ",
                               "ExecStart=/bin/echo ", BACKUP.read_text(), flags=re.M))
     timer = tmp_path / TIMER.name
     timer.write_text(TIMER.read_text())
-    out = subprocess.run([analyze, "verify", "--man=no", str(service), str(timer)],
+    out = subprocess.run([systemd_analyze, "verify", "--man=no", str(service), str(timer)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
     assert re.search(r"^ExecStart=/usr/bin/contimg-publisher backup \S+ --keep 168$",
                      BACKUP.read_text(), flags=re.M)
     assert re.search(r"^OnCalendar=hourly$", TIMER.read_text(), flags=re.M)
     assert re.search(r"^Persistent=true$", TIMER.read_text(), flags=re.M)
-    score = subprocess.run([analyze, "security", "--offline=yes", str(service)],
+    score = subprocess.run([systemd_analyze, "security", "--offline=yes", str(service)],
                            capture_output=True, text=True)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", score.stdout + score.stderr)
     assert match and float(match.group(1)) <= 1.0, score.stdout[-2000:]

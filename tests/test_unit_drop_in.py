@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 
 from contimg_publisher import unitnet
 from contimg_publisher.config import from_mapping, load
-from tests.helpers import PYTHON, REPO, is_root, write_config
+from tests.helpers import PYTHON, REPO, need_root, write_config
 
 UNIT = REPO / "systemd" / "contimg-publisher.service"
 HOSTS = """127.0.0.1 localhost
@@ -40,18 +39,15 @@ def _config(tmp_path: Path, registry: str, url: str | None = None,
     return write_config(tmp_path / "config.toml", tables)
 
 
-def _drop_in_with_hosts(tmp_path: Path, config: Path) -> subprocess.CompletedProcess[str]:
+def _drop_in_with_hosts(tmp_path: Path, config: Path, unshare: str
+                        ) -> subprocess.CompletedProcess[str]:
     """The command, run where /etc/hosts is the test's and there is no network."""
-    if not is_root():
-        pytest.skip("binding a hosts file over /etc/hosts needs root (mount and network "
-                    "namespaces)")
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is missing")
+    need_root("binding a hosts file over /etc/hosts (mount and network namespaces)")
     hosts = tmp_path / "hosts"
     hosts.write_text(HOSTS)
     script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
     env = dict(os.environ, PYTHONPATH=str(REPO / "daemon"))
-    return subprocess.run(["unshare", "--mount", "--net", "--propagation", "private",
+    return subprocess.run([unshare, "--mount", "--net", "--propagation", "private",
                            "sh", "-c", script, "sh", str(hosts), PYTHON, "-m",
                            "contimg_publisher", "--config", str(config), "check-config",
                            "--unit-drop-in"],
@@ -65,10 +61,12 @@ def _allowed(text: str) -> list[tuple[str, str]]:
             if line.startswith("IPAddressAllow=")]
 
 
-def test_drop_in_allows_exactly_the_registry_and_webhook_addresses(tmp_path: Path) -> None:
+@pytest.mark.root("binding a hosts file over /etc/hosts (mount and network namespaces)")
+def test_drop_in_allows_exactly_the_registry_and_webhook_addresses(tmp_path: Path,
+                                                                  unshare: str) -> None:
     config = _config(tmp_path, "postgresql://contimg:DB-PW@dbhost.contimg.test/contimg",
                      url="https://hooks.contimg.test:8443/in?token=T0KEN")
-    out = _drop_in_with_hosts(tmp_path, config)
+    out = _drop_in_with_hosts(tmp_path, config, unshare)
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "[Service]" in text
@@ -82,11 +80,12 @@ def test_drop_in_allows_exactly_the_registry_and_webhook_addresses(tmp_path: Pat
     assert "whenever one of these hosts changes address" in text
 
 
-def test_drop_in_for_literal_addresses_and_several_hosts(tmp_path: Path) -> None:
+@pytest.mark.root("binding a hosts file over /etc/hosts (mount and network namespaces)")
+def test_drop_in_for_literal_addresses_and_several_hosts(tmp_path: Path, unshare: str) -> None:
     registry = ("postgresql://contimg@192.0.2.20:5432,[2001:db8::20]:5433,dbhost.contimg.test"
                 "/contimg?host=/run/postgresql")
     config = _config(tmp_path, registry, url="http://198.51.100.7/hook")
-    out = _drop_in_with_hosts(tmp_path, config)
+    out = _drop_in_with_hosts(tmp_path, config, unshare)
     assert out.returncode == 0, out.stderr
     assert [a for _, a in _allowed(out.stdout)] == ["192.0.2.20", "2001:db8::20", "192.0.2.10",
                                                      "198.51.100.7"]
@@ -94,10 +93,8 @@ def test_drop_in_for_literal_addresses_and_several_hosts(tmp_path: Path) -> None
     assert "host /run/postgresql" not in out.stdout
 
 
-def test_generated_drop_in_is_accepted_by_systemd(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+def test_generated_drop_in_is_accepted_by_systemd(tmp_path: Path,
+                                                   systemd_analyze: str) -> None:
     config = _config(tmp_path, "postgresql://contimg@192.0.2.20/contimg",
                      url="http://[2001:db8::7]:8080/hook")
     units = tmp_path / "units"
@@ -107,10 +104,10 @@ def test_generated_drop_in_is_accepted_by_systemd(tmp_path: Path) -> None:
     text = unitnet.drop_in(load(config))
     (units / "contimg-publisher.service.d" / "network.conf").write_text(text)
     env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{units}:")
-    out = subprocess.run([analyze, "verify", "--man=no", str(units / UNIT.name)],
+    out = subprocess.run([systemd_analyze, "verify", "--man=no", str(units / UNIT.name)],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
-    shown = subprocess.run([analyze, "security", "--offline=yes", str(units / UNIT.name)],
+    shown = subprocess.run([systemd_analyze, "security", "--offline=yes", str(units / UNIT.name)],
                            capture_output=True, text=True, env=env).stdout
     # The drop-in took: the unit now may open Internet sockets, to non-local addresses.
     assert "Service defines IP address allow list with non-localhost entries" in shown, shown
@@ -128,7 +125,7 @@ def test_postgres_hosts_of_libpq_uris() -> None:
         ["192.0.2.1", "192.0.2.2"]
 
 
-def test_nothing_to_add_and_a_name_that_does_not_resolve(tmp_path: Path) -> None:
+def test_nothing_to_add_and_a_name_that_does_not_resolve(tmp_path: Path, unshare: str) -> None:
     cfg = from_mapping({"paths": {"registry": str(tmp_path / "r.sqlite3")},
                         "notify": {"command": ["/usr/local/bin/tell"]}})
     text = unitnet.drop_in(cfg)
@@ -141,6 +138,6 @@ def test_nothing_to_add_and_a_name_that_does_not_resolve(tmp_path: Path) -> None
     with pytest.raises(unitnet.DropInError, match="nohost.invalid"):
         unitnet.drop_in(cfg, resolver=nowhere)
     config = _config(tmp_path, "postgresql://contimg@nohost.contimg.test/contimg")
-    out = _drop_in_with_hosts(tmp_path, config)
+    out = _drop_in_with_hosts(tmp_path, config, unshare)
     assert out.returncode == 1 and out.stdout == ""
     assert "nohost.contimg.test" in out.stderr and "no drop-in printed" in out.stderr

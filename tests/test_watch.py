@@ -352,21 +352,8 @@ def test_a_watch_thread_that_ends_is_noticed(running: Running) -> None:
     assert any("no longer running" in r for r in reasons), reasons
 
 
-def _writable(path: str) -> bool:
-    try:
-        with open(path) as f:
-            value = f.read()
-        with open(path, "w") as f:
-            f.write(value)
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.root("lowering fs.inotify.max_queued_events needs root")
-def test_queue_overflow_asks_for_a_rescan(tmp_path: Path) -> None:
-    if not _writable(QUEUED_EVENTS):
-        pytest.skip(f"{QUEUED_EVENTS} is not writable here")
+def test_queue_overflow_asks_for_a_rescan(tmp_path: Path, writable_sysctls: None) -> None:
     root = tmp_path / "stage"
     root.mkdir()
     run = Running(root)
@@ -432,12 +419,10 @@ def _limit_child(root: str, limit: int) -> None:
         "logs": [[event, fields] for _level, event, fields in log.records]}))
 
 
-def test_watch_limit_reports_unwatched_folders(tmp_path: Path) -> None:
+def test_watch_limit_reports_unwatched_folders(tmp_path: Path, user_namespaces: str) -> None:
     # The watch limit is set for a new user namespace only (user.max_inotify_watches); the
     # kernel refuses inotify_add_watch there with ENOSPC exactly as at the global
     # fs.inotify.max_user_watches, which stays untouched for the other processes of the machine.
-    if shutil.which("unshare") is None:
-        pytest.skip("the unshare command (util-linux) is not installed")
     root = tmp_path / "stage"
     root.mkdir()
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
@@ -445,9 +430,6 @@ def test_watch_limit_reports_unwatched_folders(tmp_path: Path) -> None:
     result = subprocess.run(
         ["unshare", "--user", "--map-root-user", sys.executable, "-c", code, str(REPO),
          str(root)], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0 and ("unshare failed" in result.stderr
-                                   or "Operation not permitted" in result.stderr):
-        pytest.skip(f"user namespaces are not available here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["started"] is True

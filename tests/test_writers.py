@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -224,18 +223,12 @@ def test_many_checks_while_another_process_opens_and_closes_for_writing(staged: 
 # --- capabilities ------------------------------------------------------------------------------
 
 
-def _need_root(tool: str) -> None:
-    if not is_root():
-        pytest.skip("a file of another owner and a process without CAP_LEASE need root")
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} is missing (Debian package util-linux)")
-
-
 NO_CAP_LEASE = ("setpriv", "--inh-caps=-all", "--bounding-set=-lease", "--")
 
 
-def test_other_owners_file_without_cap_lease_is_unknown(tmp_path: Path, staged: Path) -> None:
-    _need_root("setpriv")
+@pytest.mark.root("a file of another owner and a process without CAP_LEASE")
+def test_other_owners_file_without_cap_lease_is_unknown(tmp_path: Path, staged: Path,
+                                                        setpriv: str) -> None:
     os.chown(staged, NOBODY, NOBODY)
     folder, file = cli(tmp_path, staged, prefix=NO_CAP_LEASE)
     assert folder["uid"] == 0 and file["uid"] == 0  # root, but without the capability
@@ -250,10 +243,11 @@ def test_other_owners_file_without_cap_lease_is_unknown(tmp_path: Path, staged: 
     assert writers.lease_method_probe(tmp_path).method is Method.LEASE
 
 
-def test_cap_lease_does_not_count_in_a_user_namespace(tmp_path: Path, staged: Path) -> None:
+@pytest.mark.root("a file of another owner and a process without CAP_LEASE")
+def test_cap_lease_does_not_count_in_a_user_namespace(tmp_path: Path, staged: Path,
+                                                      unshare: str) -> None:
     # What PrivateUsers=yes does to the unit: CAP_LEASE is in CapEff, but only for the
     # namespace the process runs in, and the kernel asks the initial one.
-    _need_root("unshare")
     os.chown(staged, NOBODY, NOBODY)
     folder, file = cli(tmp_path, staged, prefix=("unshare", "--user", "--map-root-user", "--"))
     assert file["check"] == "unknown"
@@ -261,8 +255,8 @@ def test_cap_lease_does_not_count_in_a_user_namespace(tmp_path: Path, staged: Pa
     assert "user namespace" in str(folder["reason"]), folder
 
 
-def test_own_files_need_no_capability(tmp_path: Path, staged: Path) -> None:
-    _need_root("setpriv")
+@pytest.mark.root("a file of another owner and a process without CAP_LEASE")
+def test_own_files_need_no_capability(tmp_path: Path, staged: Path, setpriv: str) -> None:
     # Root without CAP_LEASE owns the file: the lease is granted. The probe still says
     # close-write: another user's files would be refused.
     with held_open(staged, "ab"):
