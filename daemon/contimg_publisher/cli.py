@@ -22,6 +22,7 @@ from contimg_publisher import (
     logs,
     redact,
     roots,
+    rules,
     space,
     statuspage,
     statusreport,
@@ -258,12 +259,11 @@ def held_reason(row: Product, qa_reasons: dict[str, str]) -> str | None:
 
 
 def _product_json(cfg: Config, row: Product, qa_reasons: dict[str, str]) -> dict[str, Any]:
-    from contimg_publisher import detect  # numpy and watchdog: only where needed
     data = row.to_json()
     reason = held_reason(row, qa_reasons)
     data["held"] = data["held"] or reason is not None
     data["held_reason"] = reason
-    data["owned"] = detect.owns(cfg, row)
+    data["owned"] = rules.owns(cfg, row)
     return data
 
 
