@@ -415,7 +415,7 @@ class _Handler(statusserver.BufferedHandler):
         daemon = statusreport.daemon_state(config)
         try:
             with _reader(config) as registry:
-                data = statusreport.read(config, registry, daemon).data
+                data = statusreport.as_json(config, statusreport.read(config, registry, daemon))
         except (RegistryError, apsw.Error, OSError) as exc:
             _problems, data = statusreport.unreadable(config, exc, daemon)
             return 503, json.dumps(data, indent=2).encode("utf-8")
