@@ -27,6 +27,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 
 from contimg_publisher import archive, kinds, paths, treewalk, writers
 from contimg_publisher.config import Config, ProductRule
@@ -80,10 +81,27 @@ class Outcome:
     product: Product | None = None
 
 
-# What registering a described product did (Registry.register), as a detection action.
-REGISTRATION_ACTIONS = {"new": Detected.REGISTERED, "updated": Detected.UPDATED,
-                        "unchanged": Detected.UNCHANGED, "busy": Detected.BUSY,
-                        "published": Detected.LEFTOVER, "foreign": Detected.FOREIGN}
+class Registration(StrEnum):
+    """What Registry.register and Registry.reject answer, as detection reads them (the
+    values are the registry's words)."""
+
+    NEW = "new"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+    BUSY = "busy"              # a publish holds the row
+    PUBLISHED = "published"    # the same content was published from this path
+    FOREIGN = "foreign"        # another writer's row, of another type
+    CONFLICT = "conflict"      # the id is taken by another path or by published content
+    SKIPPED = "skipped"        # reject(): the row was left as it is
+
+
+# What registering a described product did, as a detection action.
+REGISTRATION_ACTIONS = {Registration.NEW: Detected.REGISTERED,
+                        Registration.UPDATED: Detected.UPDATED,
+                        Registration.UNCHANGED: Detected.UNCHANGED,
+                        Registration.BUSY: Detected.BUSY,
+                        Registration.PUBLISHED: Detected.LEFTOVER,
+                        Registration.FOREIGN: Detected.FOREIGN}
 
 
 class Detector:
@@ -598,13 +616,14 @@ class Detector:
         outcome, row = self.registry.reject(
             data_id, m.rule.type, paths.display(self.root), stage_path,
             os.path.join(self.root, *m.parts), reason, ident, self.config.error_max_chars)
-        if outcome == "skipped" and row is not None and row.stage_path != stage_path:
+        if outcome == Registration.SKIPPED and row is not None and \
+                row.stage_path != stage_path:
             # The id belongs to another path: keep this rejection under a path-qualified id.
             outcome, row = self.registry.reject(
                 f"{m.rule.type}:{stage_path}", m.rule.type, paths.display(self.root),
                 stage_path, os.path.join(self.root, *m.parts), reason, ident,
                 self.config.error_max_chars)
-        action = Detected.REJECTED if outcome in ("new", "updated") else \
+        action = Detected.REJECTED if outcome in (Registration.NEW, Registration.UPDATED) else \
             Detected.REJECTED_UNCHANGED
         return Outcome(action, row.data_id if row else data_id, m.rule.type, stage_path,
                        reason=reason, product=row)
@@ -617,14 +636,14 @@ class Detector:
             results = [self.registry.register(c) for c, _m in items]
         for (cand, m), (outcome, row) in zip(items, results, strict=True):
             version = 1
-            while outcome == "conflict" and version < 1000:
+            while outcome == Registration.CONFLICT and version < 1000:
                 # The id is taken by another path, or by content already published from this
                 # path: the new content becomes the next version of the product.
                 version += 1
                 cand = Candidate(**{**cand.__dict__, "data_id": f"{data_id_for(m.rule, m.parts)}"
                                                                 f".v{version}"})
                 outcome, row = self.registry.register(cand)
-            action = REGISTRATION_ACTIONS[outcome]
+            action = REGISTRATION_ACTIONS[Registration(outcome)]
             outcomes.append(Outcome(action, row.data_id, row.data_type, cand.stage_path,
                                     product=row))
         return outcomes
