@@ -851,3 +851,59 @@ def test_folder_replaced_between_passes_is_walked_afresh(sandbox: Sandbox, inpro
     [out] = inproc.settle(night / "a.fits")
     assert out.action in ("registered", "updated"), (out.action, out.reason)
     assert out.product is not None and out.product.checksum == sha256(data)
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each module of the package with the package's modules it imports (at the top or in a
+    function: an import deferred to run time still ties the two)."""
+    import ast
+    top = REPO / "daemon"
+    files = {".".join(f.relative_to(top).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (top / "contimg_publisher").rglob("*.py")}
+
+    def module_of(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 \
+                        else package
+                    base = f"{parent}.{base}" if base else parent
+                found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
+                          for a in node.names}
+        graph[name] = {m for f in found if (m := module_of(f)) not in (None, name)}
+    return graph
+
+
+def test_rule_matching_stands_below_detection_and_the_archive() -> None:
+    """rules.py answers which rule a path belongs to for detection, the archive, rebuild
+    and the audit; it imports none of them, and nothing in the package imports in a loop."""
+    graph = _package_imports()
+    assert "contimg_publisher.rules" in graph
+    below = {"contimg_publisher.detect", "contimg_publisher.archive",
+             "contimg_publisher.kinds", "contimg_publisher.rebuild", "contimg_publisher.audit"}
+    assert not graph["contimg_publisher.rules"] & below
+    assert "contimg_publisher.detect" not in graph["contimg_publisher.archive"]
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                if nxt == goal:
+                    return True
+                seen.add(nxt)
+                todo.append(nxt)
+        return False
+
+    loops = sorted(m for m in graph if reaches(m, m))
+    assert not loops, f"modules in an import cycle: {loops}"

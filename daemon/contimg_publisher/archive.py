@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from contimg_publisher import detect, kinds, paths
+from contimg_publisher import kinds, paths, rules
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import Product, PublishRecord, RegistryBackend
 
@@ -21,7 +21,7 @@ from contimg_publisher.registry import Product, PublishRecord, RegistryBackend
 def find_published(config: Config, registry: RegistryBackend, row: Product) -> PublishRecord | None:
     """The newest publish of this product (by its id or its staged path) whose copy is in
     the archive with the recorded bytes; None when there is none."""
-    rule = detect.owner_rule(config, row.data_type, row.stage_bytes)
+    rule = rules.owner_rule(config, row.data_type, row.stage_bytes)
     if rule is None:
         return None
     for record in registry.publish_records(row.data_id, row.stage_path):

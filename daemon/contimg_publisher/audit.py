@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from contimg_publisher import content, detect, logs, paths, temps, treewalk
+from contimg_publisher import content, logs, paths, rules, temps, treewalk
 from contimg_publisher.config import Config
 from contimg_publisher.registry import (
     TRANSIENT,
@@ -138,7 +138,7 @@ def _is_link_refusal(exc: paths.UnsafePath) -> bool:
 def _kind_of(config: Config, row: Product) -> str | None:
     """The row's product kind by the rule that owns it (None: another writer's row, taken
     as it is on disk)."""
-    rule = detect.owner_rule(config, row.data_type, row.stage_bytes)
+    rule = rules.owner_rule(config, row.data_type, row.stage_bytes)
     return None if rule is None else rule.kind
 
 
@@ -157,7 +157,7 @@ def check_product(config: Config, root_fd: int, row: Product, throttle: Throttle
 
     # Detection's name checks; the length is not judged here (a version suffix may take
     # a name past what detection allows a staged name).
-    problem = detect.name_problem(parts, paths.NAME_MAX)
+    problem = rules.name_problem(parts, paths.NAME_MAX)
     named = [] if problem is None else found(
         FindingKind.NAME_REJECTED, f"{problem}; detection would never have taken it (a row "
                                    "made by an older rebuild, or by another program)")

@@ -22,12 +22,20 @@ import stat
 import time
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from contimg_publisher import paths, transfer
 from contimg_publisher.config import Config
 from contimg_publisher.registry import Quarantined, RegistryBackend
-from contimg_publisher.states import StaleKind
+from contimg_publisher.states import StaleKind, Status
+
+
+class Moved(StrEnum):
+    """How a stale file went into quarantine (quarantine_log.how)."""
+
+    RENAME = "rename"    # the same filesystem: renamed, never copied
+    COPY = "copy"        # another filesystem: copied, verified, then removed
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ def stale(config: Config, registry: RegistryBackend, now: float | None = None) -
     except OSError:
         return []
     candidates: list[tuple[StaleKind, bytes, str | None, str]] = [
-        (StaleKind.REJECTED, row.stage_bytes, row.data_id, row.publish_error or "rejected")
+        (StaleKind.REJECTED, row.stage_bytes, row.data_id, row.publish_error or Status.REJECTED)
         for row in registry.rejected_before(before)]
     candidates += [(StaleKind.UNCLAIMED, u.path_bytes or paths.undisplay(u.path), None,
                     u.reason) for u in registry.unclaimed(before)]
@@ -148,10 +156,10 @@ def _move(config: Config, stage_fd: int, q_fd: int, qroot: bytes, root: bytes, i
             final = _free_name(dest_parent, name)
             if paths.same_filesystem(src_parent, dest_parent):
                 paths.rename_noreplace(src_parent, name, dest_parent, final)
-                how = "rename"
+                how = Moved.RENAME
             elif stat.S_ISREG(st.st_mode):
                 _copy_then_remove(src_parent, name, dest_parent, final, st)
-                how = "copy"
+                how = Moved.COPY
             else:
                 return (f"{paths.type_name(st.st_mode)} on another filesystem than the "
                         "quarantine folder; move it by hand")

@@ -22,6 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from enum import StrEnum
 from typing import Any
 
 import apsw
@@ -47,14 +48,21 @@ from contimg_publisher.registry import (
     RegistryError,
     open_registry,
 )
-from contimg_publisher.states import Attempt, Detected, Sink
+from contimg_publisher.states import Attempt, Detected, FailureKind, Sink
 
 PREFIX = "contimg_publisher"
 
 PUBLISH_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 LATENCY_BUCKETS = (0.5, 1, 2, 3, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 21600)
 # Failures the daemon can see that the registry has no kind for.
-EXTRA_KINDS = ("lost", "crashed")
+EXTRA_KINDS = (Attempt.LOST, "crashed")
+
+
+class Reload(StrEnum):
+    """How a configuration reload ended (the `result` label of the reloads counter)."""
+
+    OK = "ok"
+    FAILED = "failed"
 
 
 def is_loopback(host: str) -> bool:
@@ -282,7 +290,7 @@ class Metrics:
         self.start_time.set(self.started_at)
         self.last_reload_ok.set(1)
         self.last_reload_time.set(self.started_at)
-        for result in ("ok", "failed"):
+        for result in Reload:
             self.reloads.labels(result)
         for kind in (*FAILURE_KINDS, *EXTRA_KINDS):
             self.failures.labels(kind)
@@ -311,12 +319,12 @@ class Metrics:
             self.published_bytes.labels(result.data_type).inc(max(0, int(size or 0)))
             self.publish_duration.labels(result.data_type).observe(max(0.0, result.seconds))
         elif result.status.failed:
-            kind = result.kind if result.kind in FAILURE_KINDS else "other"
+            kind = result.kind if result.kind in FAILURE_KINDS else FailureKind.OTHER
             self.failures.labels(kind).inc()
         elif result.status is Attempt.REJECTED:  # found by the publish's read of the file
             self.rejected.labels(result.data_type).inc()
-        elif result.status == "lost":
-            self.failures.labels("lost").inc()
+        elif result.status is Attempt.LOST:
+            self.failures.labels(Attempt.LOST).inc()
 
     def observe_delivery(self, sink: str, ok: bool, dead: bool = False) -> None:
         """One delivery attempt, from the delivery thread (prometheus_client counters take
@@ -345,7 +353,7 @@ class Metrics:
 
     def observe_reload(self, ok: bool, config: Config | None = None,
                        now: float | None = None) -> None:
-        self.reloads.labels("ok" if ok else "failed").inc()
+        self.reloads.labels(Reload.OK if ok else Reload.FAILED).inc()
         self.last_reload_ok.set(1 if ok else 0)
         self.last_reload_time.set(time.time() if now is None else now)
         if ok and config is not None:
@@ -415,7 +423,7 @@ class _Handler(statusserver.BufferedHandler):
         daemon = statusreport.daemon_state(config)
         try:
             with _reader(config) as registry:
-                data = statusreport.read(config, registry, daemon).data
+                data = statusreport.as_json(config, statusreport.read(config, registry, daemon))
         except (RegistryError, apsw.Error, OSError) as exc:
             _problems, data = statusreport.unreadable(config, exc, daemon)
             return 503, json.dumps(data, indent=2).encode("utf-8")

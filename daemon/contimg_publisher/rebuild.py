@@ -18,8 +18,9 @@ import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-from contimg_publisher import content, detect, fits, paths, treewalk
+from contimg_publisher import content, fits, paths, rules, treewalk
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import Rebuilt, RegistryBackend
 from contimg_publisher.states import Kind
@@ -27,6 +28,14 @@ from contimg_publisher.states import Kind
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _VERSION = re.compile(r"^(.*)\.v([2-9]|[1-9][0-9]+)$")
+
+
+class Inserted(StrEnum):
+    """What Registry.insert_rebuilt did with one archived product (the registry's words)."""
+
+    CREATED = "created"      # a new row
+    RECORDED = "recorded"    # a row or a logged publish already records it
+    ID_TAKEN = "id_taken"    # its data_id belongs to another row, left as it is
 
 
 @dataclass
@@ -39,7 +48,7 @@ class Report:
 def _unversioned(name: str, rule: ProductRule) -> str:
     """nightly.v2.fits -> nightly.fits: the staged name a later version was published
     from (publish.versioned, reversed)."""
-    stem = detect.stem_of(name, rule)
+    stem = rules.stem_of(name, rule)
     m = _VERSION.match(stem)
     return name if m is None else m.group(1) + name[len(stem):]
 
@@ -123,7 +132,7 @@ def _walk_rule(config: Config, registry: RegistryBackend, rule: ProductRule, roo
                     dirs.remove(raw)
                 continue
             staged = base + rel_parts + (raw,)
-            found = detect.match(config, staged)
+            found = rules.match(config, staged)
             if found is None or found.rule != rule or found.parts != staged:
                 continue  # a sidecar, a file inside a folder product, or no product
             if is_dir:
@@ -133,7 +142,7 @@ def _walk_rule(config: Config, registry: RegistryBackend, rule: ProductRule, roo
                 report.recorded += 1
                 continue
             stage_parts = base + rel_parts + (os.fsencode(_unversioned(name, rule)),)
-            problem = detect.name_problem(stage_parts, config.max_name_bytes)
+            problem = rules.name_problem(stage_parts, config.max_name_bytes)
             if problem is not None:
                 report.skipped.append((published, f"not a product detection would take: "
                                                   f"{problem}"))
@@ -157,7 +166,7 @@ def _walk_rule(config: Config, registry: RegistryBackend, rule: ProductRule, roo
                 continue
             sidecars: list[str] = []
             if rule.kind == Kind.FILE:
-                for sidecar in detect.sidecar_names(name, rule):
+                for sidecar in rules.sidecar_names(name, rule):
                     try:
                         sst = os.stat(os.fsencode(sidecar), dir_fd=dfd, follow_symlinks=False)
                     except FileNotFoundError:
@@ -166,15 +175,15 @@ def _walk_rule(config: Config, registry: RegistryBackend, rule: ProductRule, roo
                         sidecars.append(sidecar)
             stage_bytes = os.path.join(stage_root, *stage_parts)
             item = Rebuilt(
-                data_id=detect.data_id_for(rule, staged), data_type=rule.type,
+                data_id=rules.data_id_for(rule, staged), data_type=rule.type,
                 base_path=paths.display(stage_root), stage_path=paths.display(stage_bytes),
                 stage_path_bytes=stage_bytes, published_path=published,
                 published_at=st.st_mtime, size_bytes=size, checksum=checksum,
                 metadata=metadata, sidecars=tuple(sidecars))
             outcome = registry.insert_rebuilt(item)
-            if outcome == "created":
+            if outcome == Inserted.CREATED:
                 report.created.append(item)
-            elif outcome == "recorded":
+            elif outcome == Inserted.RECORDED:
                 report.recorded += 1
             else:
                 holder = registry.get(item.data_id)

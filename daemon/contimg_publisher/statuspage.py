@@ -26,6 +26,7 @@ from contimg_publisher.registry import (
     SinkState,
     Unclaimed,
 )
+from contimg_publisher.states import Status
 
 HOUR, DAY = 3600.0, 86400.0
 
@@ -114,9 +115,9 @@ def snapshot(registry: RegistryBackend, limit: int = 50, now: float | None = Non
             published_day=registry.published_since(now - DAY),
             failures_day=registry.failures_since(now - DAY),
             waiting=registry_mod.waiting(registry, limit),
-            publishing=registry_mod.by_status(registry, "publishing", limit),
-            failed=registry_mod.by_status(registry, "failed", limit),
-            rejected=registry_mod.by_status(registry, "rejected", limit),
+            publishing=registry_mod.by_status(registry, Status.PUBLISHING, limit),
+            failed=registry_mod.by_status(registry, Status.FAILED, limit),
+            rejected=registry_mod.by_status(registry, Status.REJECTED, limit),
             recent=registry_mod.recent_published(registry, 10),
             last=registry.last_published(),
             unclaimed=registry.unclaimed(now - unclaimed_after, limit=limit or None),
@@ -136,8 +137,8 @@ def problems(health: Health, max_waiting_age: float, daemon_running: bool,
         out.append(paused.line(health.now))
     if not daemon_running:
         out.append("no daemon holds the lock: nothing is being published")
-    if health.counts.get("failed", 0):
-        n = health.counts["failed"]
+    if health.counts.get(Status.FAILED, 0):
+        n = health.counts[Status.FAILED]
         names = [p.data_id for p in health.failed[:5]]
         named = (": " + ", ".join(names) + (", …" if n > len(names) else "")) if names else ""
         out.append(f"{n} failed product{'s wait' if n != 1 else ' waits'} for an operator"
@@ -317,7 +318,7 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
           _e(p.data_type), _e(format_age(now - p.staged_at)), _e(p.publish_attempts),
           _e(format_when(p.next_attempt_at)), _path(p.stage_path)] for p in health.waiting],
         "nothing waits", numeric={2, 3}))
-    parts.append(_more(len(health.waiting), health.counts.get("staging", 0)))
+    parts.append(_more(len(health.waiting), health.counts.get(Status.STAGING, 0)))
 
     if health.publishing:
         parts.append("<h2>Publishing now</h2>")
@@ -326,8 +327,8 @@ def render(health: Health, *, refresh_seconds: int = 10, started_at: float | Non
             [[_e(p.data_id), _e(p.data_type), _e(p.lease_owner), _path(p.stage_path)]
              for p in health.publishing], ""))
 
-    for status, rows, why in (("failed", health.failed, "error"),
-                              ("rejected", health.rejected, "reason")):
+    for status, rows, why in ((Status.FAILED, health.failed, "error"),
+                              (Status.REJECTED, health.rejected, "reason")):
         parts.append(f"<h2>{status.capitalize()}</h2>")
         parts.append(_table(
             ["product", "type", "attempts", why, "staged path"],

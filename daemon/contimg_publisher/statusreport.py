@@ -1,9 +1,9 @@
 """The status object: what `status --json` prints and the status server's /status.json.
 
-One function makes it, so the command on the host and the page a monitor fetches can never
-disagree on a key or a count. It reads an open registry and the lock file; opening the
-registry (the command waits for a migration, the server opens read-only) stays with the
-caller, and so does printing.
+One reading (read) and one renderer (as_json) make it, so the command on the host and the
+page a monitor fetches can never disagree on a key or a count. It reads an open registry and
+the lock file; opening the registry (the command waits for a migration, the server opens
+read-only) stays with the caller, and so does printing.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def paused_json(paused: statuspage.Paused | None) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class Report:
-    """One reading, with the pieces `status` prints as text; `data` is the JSON object
-    (secrets in any URL already replaced by ***)."""
+    """One reading of the registry and the staging area: what `status` prints as text, and
+    as_json() as the status object."""
 
     now: float
     daemon: Daemon
@@ -59,12 +59,12 @@ class Report:
     held: list[tuple[Product, str]]
     stale: list[hygiene.Stale]
     problems: list[str]
-    data: dict[str, Any]
 
 
 def read(cfg: Config, registry: RegistryBackend, daemon: Daemon,
          now: float | None = None) -> Report:
-    """Read the registry (RegistryError when it cannot be) and make the status object."""
+    """Read the registry (RegistryError when it cannot be) and the staging area's stale
+    files; what needs an operator follows from them."""
     now = time.time() if now is None else now
     counts = registry.counts()
     oldest = registry.oldest_waiting()
@@ -76,15 +76,22 @@ def read(cfg: Config, registry: RegistryBackend, daemon: Daemon,
     held = registry_mod.held(registry, [r.type for r in cfg.products])
     health.failed = registry_mod.by_status(registry, Status.FAILED)
     stale = hygiene.stale(cfg, registry, now)
-    max_age = cfg.status_max_waiting_age_seconds
-    problems = statuspage.problems(health, max_age, daemon.running, daemon.paused,
+    problems = statuspage.problems(health, cfg.status_max_waiting_age_seconds, daemon.running,
+                                   daemon.paused,
                                    max_undelivered_age=cfg.status_max_undelivered_age_seconds)
+    return Report(now, daemon, counts, oldest, failures, last, health, held, stale, problems)
+
+
+def as_json(cfg: Config, report: Report) -> dict[str, Any]:
+    """The status object, secrets in any URL replaced by ***."""
+    now, daemon, health, oldest, last = (report.now, report.daemon, report.health,
+                                         report.oldest, report.last)
     data: dict[str, Any] = {
-        "counts": counts,
+        "counts": report.counts,
         "oldest_waiting": None if oldest is None else {
             "data_id": oldest.data_id, "staged_at": oldest.staged_at,
             "age_seconds": round(now - oldest.staged_at, 3)},
-        "failures_last_hour": failures,
+        "failures_last_hour": report.failures,
         "last_published": None if last is None else {
             "data_id": last.data_id, "published_at": last.published_at,
             "published_path": last.published_path},
@@ -97,11 +104,11 @@ def read(cfg: Config, registry: RegistryBackend, daemon: Daemon,
                           "rate": health.success_rate_hour},
             "last_day": {"published": health.published_day, "failures": health.failures_day,
                          "rate": health.success_rate_day}},
-        "max_waiting_age_seconds": max_age,
+        "max_waiting_age_seconds": cfg.status_max_waiting_age_seconds,
         "unclaimed": [u.to_json(now) for u in health.unclaimed],
         "unclaimed_after_seconds": cfg.unclaimed_after_seconds,
         "held": [{"data_id": r.data_id, "data_type": r.data_type, "reason": why,
-                  "staged_at": r.staged_at} for r, why in held],
+                  "staged_at": r.staged_at} for r, why in report.held],
         "failed": [{"data_id": r.data_id, "data_type": r.data_type,
                     "publish_error": r.publish_error} for r in health.failed],
         "events": [dict(k.to_json(now), target=cfg.sink_targets.get(k.sink))
@@ -110,16 +117,16 @@ def read(cfg: Config, registry: RegistryBackend, daemon: Daemon,
         "audit": {"findings": [f.to_json() for f in health.findings],
                   "counts": health.finding_counts,
                   "last_pass_finished": health.audit_last_pass},
-        "stale": [s.to_json(now) for s in stale],
+        "stale": [s.to_json(now) for s in report.stale],
         "hygiene": {"report_after_seconds": cfg.hygiene_report_after_seconds,
                     "quarantine_dir": None if cfg.quarantine_dir is None
                     else str(cfg.quarantine_dir)},
         "nodes": [b.to_json() for b in health.nodes],
-        "problems": problems,
-        "ok": not problems,
+        "problems": report.problems,
+        "ok": not report.problems,
     }
-    return Report(now, daemon, counts, oldest, failures, last, health, held, stale, problems,
-                  redact.deep(data))
+    redacted: dict[str, Any] = redact.deep(data)
+    return redacted
 
 
 def unreadable(cfg: Config, error: Exception, daemon: Daemon,
