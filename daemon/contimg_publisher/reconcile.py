@@ -17,6 +17,7 @@ from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import (
     Context,
     How,
+    Mode,
     Result,
     destination,
     joined_path,
@@ -166,7 +167,7 @@ def _resolve(ctx: Context, row: Product) -> Result:
             finally:
                 os.close(parent)
             if verified and registry.mark_published(
-                    Published(row.data_id, target, row.publish_mode or "auto",
+                    Published(row.data_id, target, row.publish_mode or Mode.AUTO,
                               tuple(sidecars)), None):
                 result.status, result.published_path = Attempt.PUBLISHED, target
                 done = registry.get(row.data_id)

@@ -19,7 +19,7 @@ from contimg_publisher.publish.naming import (
     sidecar_destination,
     versioned,
 )
-from contimg_publisher.publish.outcome import How, NoRoom, Result, classify
+from contimg_publisher.publish.outcome import How, Mode, NoRoom, Result, classify
 from contimg_publisher.publish.publisher import Publisher
 from contimg_publisher.publish.steps import (
     CRASH_ENV,
@@ -39,6 +39,7 @@ __all__ = [
     "Context",
     "CrashPoint",
     "How",
+    "Mode",
     "NoRoom",
     "ProtocolStep",
     "Publisher",

@@ -10,6 +10,13 @@ from contimg_publisher.registry import FailureOutcome
 from contimg_publisher.states import Attempt, FailureKind
 
 
+class Mode(StrEnum):
+    """How a publish was asked for (the row's publish_mode)."""
+
+    AUTO = "auto"               # the daemon or `scan`, once the product was ready
+    MANUAL = "manual"           # an operator's `publish` command
+
+
 class How(StrEnum):
     """How a published product reached its final name (Result.how, the `how` log field)."""
 

@@ -9,11 +9,11 @@ import dataclasses
 import os
 
 from contimg_publisher import content, fits, paths, transfer
-from contimg_publisher.publish import sidecars
 from contimg_publisher.publish.batch import Batch
 from contimg_publisher.publish.job import Job, Opened, Plan
 from contimg_publisher.publish.naming import name_lost
 from contimg_publisher.publish.outcome import How
+from contimg_publisher.publish.sidecars import copy_sidecar_to, move_sidecar
 from contimg_publisher.publish.sources import no_writer
 from contimg_publisher.publish.steps import CrashPoint, crash_at
 from contimg_publisher.registry import Identity, Product, checksum_known
@@ -67,8 +67,8 @@ def move_same_fs(batch: Batch, job: Job, opened: Opened, plan: Plan) -> None:
     staging_folder = os.path.join(batch.folders.stage_root, *opened.parts[:-1])
     for sc in plan.sidecars:
         if not sc.placed:
-            sidecars.move(ctx, opened.src_parent, opened.dest_fd, staging_folder, sc,
-                          job.product)
+            move_sidecar(ctx, opened.src_parent, opened.dest_fd, staging_folder, sc,
+                         job.product)
     crash_at(CrashPoint.AFTER_SIDECARS)
     no_writer(ctx.gate, opened.src_fd, job.product.stage_bytes, job.product.stage_path,
               opened.kind)
@@ -107,8 +107,8 @@ def copy(batch: Batch, job: Job, opened: Opened, plan: Plan, temps: list[bytes])
         fd = os.open(sc.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=opened.src_parent)
         try:
-            sidecars.copy_to(ctx, fd, opened.dest_fd, sc, job.product, algorithm, temps,
-                             job.cancel, renew, plan.token)
+            copy_sidecar_to(ctx, fd, opened.dest_fd, sc, job.product, algorithm, temps,
+                            job.cancel, renew, plan.token)
         finally:
             os.close(fd)
     crash_at(CrashPoint.AFTER_SIDECARS)

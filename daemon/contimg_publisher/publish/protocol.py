@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 
 from contimg_publisher import kinds, paths, space, transfer
-from contimg_publisher.publish import sidecars
 from contimg_publisher.publish.batch import Batch, attempt, fail, give_back
 from contimg_publisher.publish.job import Job, Opened, Plan
 from contimg_publisher.publish.naming import (
@@ -34,6 +33,7 @@ from contimg_publisher.publish.naming import (
 )
 from contimg_publisher.publish.outcome import NoRoom, classify
 from contimg_publisher.publish.place import place as place_one
+from contimg_publisher.publish.sidecars import staged_sidecars
 from contimg_publisher.publish.sources import remove_source
 from contimg_publisher.publish.steps import CrashPoint, ProtocolStep, crash_at
 from contimg_publisher.registry import Identity, Published
@@ -111,7 +111,7 @@ def choose(batch: Batch, job: Job) -> None:
     opened = job.opened
     assert opened is not None
     rule, folder, staged_name = opened.rule, opened.folder, opened.staged_name
-    found = sidecars.staged(ctx, opened.src_parent, staged_name, rule)
+    found = staged_sidecars(ctx, opened.src_parent, staged_name, rule)
     token = temp_token(ctx.config, product)
     reservation = Reservation(ctx.registry, ctx.owner, product, folders.products_root,
                               folder) if opened.kind.reserves_name else None

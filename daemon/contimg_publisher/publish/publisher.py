@@ -9,14 +9,15 @@ from typing import Any
 
 from contimg_publisher import detect, writers
 from contimg_publisher.config import Config
-from contimg_publisher.publish import protocol, tidy
 from contimg_publisher.publish.batch import Batch
 from contimg_publisher.publish.context import Context
 from contimg_publisher.publish.folders import Folders
 from contimg_publisher.publish.job import Job
 from contimg_publisher.publish.lease import LeaseKeeper
-from contimg_publisher.publish.outcome import Result
+from contimg_publisher.publish.outcome import Mode, Result
+from contimg_publisher.publish.protocol import run as run_protocol
 from contimg_publisher.publish.steps import armed
+from contimg_publisher.publish.tidy import Tidied, publish_late_sidecars, remove_leftover, tidy
 from contimg_publisher.registry import Product, RegistryBackend
 from contimg_publisher.states import Attempt
 
@@ -35,12 +36,12 @@ class Publisher:
         self.context = Context(config, registry, owner, log, self.gate)
         self.lease = LeaseKeeper(self.context)
 
-    def publish(self, product: Product, mode: str = "auto",
+    def publish(self, product: Product, mode: str = Mode.AUTO,
                 cancel: threading.Event | None = None) -> Result:
         """Publish one row this process has claimed; failures are recorded, not raised."""
         return self.publish_many([product], mode, cancel)[0]
 
-    def publish_many(self, products: list[Product], mode: str = "auto",
+    def publish_many(self, products: list[Product], mode: str = Mode.AUTO,
                      cancel: threading.Event | None = None,
                      stop: threading.Event | None = None) -> list[Result]:
         """Publish rows this process has claimed, grouping the durable steps.
@@ -59,22 +60,22 @@ class Publisher:
                     cancel)
                 for p in products]
         try:
-            protocol.run(batch, jobs)
+            run_protocol(batch, jobs)
         finally:
             for fd in batch.owned_fds:
                 os.close(fd)
             batch.folders.close()
         return [job.result for job in jobs]
 
-    def remove_leftover(self, product: Product) -> tidy.Tidied:
+    def remove_leftover(self, product: Product) -> Tidied:
         """See tidy.remove_leftover."""
-        return tidy.remove_leftover(self.context, product)
+        return remove_leftover(self.context, product)
 
-    def publish_late_sidecars(self, product: Product) -> list[tuple[str, tidy.Tidied, str]]:
+    def publish_late_sidecars(self, product: Product) -> list[tuple[str, Tidied, str]]:
         """See tidy.publish_late_sidecars."""
-        return tidy.publish_late_sidecars(self.context, product)
+        return publish_late_sidecars(self.context, product)
 
     def tidy(self, outcome: detect.Outcome) -> list[tuple[str, dict[str, Any]]]:
         """See tidy.tidy: what a detection outcome leaves to clean up, done; the events
         to log."""
-        return tidy.tidy(self.context, outcome)
+        return tidy(self.context, outcome)

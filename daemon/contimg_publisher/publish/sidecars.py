@@ -19,7 +19,7 @@ from contimg_publisher.states import FailureKind
 from contimg_publisher.transfer import PublishFailure
 
 
-def staged(ctx: Context, src_parent: int, staged_name: bytes, rule: ProductRule
+def staged_sidecars(ctx: Context, src_parent: int, staged_name: bytes, rule: ProductRule
            ) -> list[Sidecar]:
     """Sidecars present beside the staged product (regular files only)."""
     out = []
@@ -37,7 +37,7 @@ def staged(ctx: Context, src_parent: int, staged_name: bytes, rule: ProductRule
     return out
 
 
-def move(ctx: Context, src_parent: int, dest_fd: int, staging_folder: bytes, sc: Sidecar,
+def move_sidecar(ctx: Context, src_parent: int, dest_fd: int, staging_folder: bytes, sc: Sidecar,
          product: Product) -> None:
     """One sidecar on one filesystem: renamed when it has no other name, else copied."""
     fd = os.open(sc.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
@@ -49,7 +49,7 @@ def move(ctx: Context, src_parent: int, dest_fd: int, staging_folder: bytes, sc:
                 FailureKind.SOURCE_CHANGED, f"sidecar {paths.display(sc.name)}: "
                 "is no longer a regular file")
         if st.st_nlink != 1:
-            copy(ctx, dest_fd, sc, fd, product, "sha256", None)
+            copy_sidecar(ctx, dest_fd, sc, fd, product, "sha256", None)
             return
         no_writer(ctx.gate, fd, os.path.join(staging_folder, sc.name), paths.display(sc.name))
         try:
@@ -65,20 +65,20 @@ def move(ctx: Context, src_parent: int, dest_fd: int, staging_folder: bytes, sc:
         os.close(fd)
 
 
-def copy(ctx: Context, dest_fd: int, sc: Sidecar, fd: int, product: Product, algorithm: str,
+def copy_sidecar(ctx: Context, dest_fd: int, sc: Sidecar, fd: int, product: Product, algorithm: str,
          cancel: threading.Event | None) -> None:
     """One sidecar copied on its own, its temporary name removed if the copy fails."""
     temps: list[bytes] = []
     try:
-        copy_to(ctx, fd, dest_fd, sc, product, algorithm, temps, cancel, lambda: None,
-                temp_token(ctx.config, product))
+        copy_sidecar_to(ctx, fd, dest_fd, sc, product, algorithm, temps, cancel, lambda: None,
+                        temp_token(ctx.config, product))
     finally:
         for temp in temps:
             with contextlib.suppress(OSError):
                 paths.remove_tree_under(dest_fd, temp)
 
 
-def copy_to(ctx: Context, fd: int, dest_fd: int, sc: Sidecar, product: Product,
+def copy_sidecar_to(ctx: Context, fd: int, dest_fd: int, sc: Sidecar, product: Product,
             algorithm: str, temps: list[bytes], cancel: threading.Event | None,
             tick: Callable[[], None], token: str) -> None:
     """A sidecar through a temporary name to its final name, never replacing one; its

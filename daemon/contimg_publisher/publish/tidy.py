@@ -11,10 +11,10 @@ from enum import StrEnum
 from typing import Any
 
 from contimg_publisher import detect, kinds, paths, transfer
-from contimg_publisher.publish import sidecars
 from contimg_publisher.publish.context import Context
 from contimg_publisher.publish.folders import StagedAndPublished
 from contimg_publisher.publish.naming import Sidecar, rule_for, sidecar_destination
+from contimg_publisher.publish.sidecars import copy_sidecar, move_sidecar, staged_sidecars
 from contimg_publisher.publish.sources import remove_source
 from contimg_publisher.registry import Product
 from contimg_publisher.states import Detected
@@ -87,7 +87,7 @@ def remove_leftover(ctx: Context, product: Product) -> Tidied:
         final = os.path.basename(published)
         found = [
             Sidecar(sc.name, sidecar_destination(sc.name, parts[-1], final, rule))
-            for sc in sidecars.staged(ctx, where.src_parent, parts[-1], rule)
+            for sc in staged_sidecars(ctx, where.src_parent, parts[-1], rule)
         ] if kinds.of(rule).has_sidecars else []
         before = transfer.exists(where.src_parent, parts[-1])
         remove_source(where.src_parent, parts[-1], product.identity, rule, found,
@@ -122,7 +122,7 @@ def publish_late_sidecars(ctx: Context, product: Product) -> list[tuple[str, Tid
         if src_parent < 0 or dest_fd < 0:
             return []
         placed: list[Sidecar] = []
-        for sc in sidecars.staged(ctx, src_parent, parts[-1], rule):
+        for sc in staged_sidecars(ctx, src_parent, parts[-1], rule):
             sc.dest_name = sidecar_destination(sc.name, parts[-1], final, rule)
             shown = paths.display(os.path.join(staging_folder, sc.name))
             if transfer.exists(dest_fd, sc.dest_name):
@@ -136,12 +136,12 @@ def publish_late_sidecars(ctx: Context, product: Product) -> list[tuple[str, Tid
                                 "archived beside the product"))
                 continue
             if paths.same_filesystem(src_parent, dest_fd):
-                sidecars.move(ctx, src_parent, dest_fd, staging_folder, sc, product)
+                move_sidecar(ctx, src_parent, dest_fd, staging_folder, sc, product)
             else:
                 fd = os.open(sc.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                              dir_fd=src_parent)
                 try:
-                    sidecars.copy(ctx, dest_fd, sc, fd, product, cfg.checksum_algorithm, None)
+                    copy_sidecar(ctx, dest_fd, sc, fd, product, cfg.checksum_algorithm, None)
                 finally:
                     os.close(fd)
             placed.append(sc)
