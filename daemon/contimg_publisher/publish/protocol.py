@@ -104,7 +104,7 @@ def open_source(batch: Batch, job: Job) -> None:
                         ident)
 
 
-def choose(batch: Batch, job: Job) -> None:
+def choose_final_name(batch: Batch, job: Job) -> None:
     """CHOOSE_NAME: the final name (reserved in the registry for a folder), the sidecars'
     names beside it, and for a copy its temporary name and the room it needs."""
     ctx, product, folders = batch.ctx, job.product, batch.folders
@@ -322,7 +322,7 @@ def remove_sources(batch: Batch, jobs: list[Job]) -> list[Job]:
 # The protocol's order, as data: protocol_order() checks it against ProtocolStep's.
 PROTOCOL: tuple[tuple[ProtocolStep, StepFunction], ...] = (
     (ProtocolStep.OPEN_SOURCE, _each(open_source)),
-    (ProtocolStep.CHOOSE_NAME, _each(choose)),
+    (ProtocolStep.CHOOSE_NAME, _each(choose_final_name)),
     (ProtocolStep.RECORD_PLAN, record_plans),
     (ProtocolStep.PLACE, place),
     (ProtocolStep.COMMIT, commit),
