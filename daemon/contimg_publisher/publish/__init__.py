@@ -30,7 +30,12 @@ from contimg_publisher.publish.steps import (
     UnknownCrashPoint,
     step_of,
 )
-from contimg_publisher.publish.tidy import Tidied, publish_late_sidecars, remove_leftover
+from contimg_publisher.publish.tidy import (
+    LateSidecar,
+    Tidied,
+    publish_late_sidecars,
+    remove_leftover,
+)
 
 __all__ = [
     "CRASH_ENV",
@@ -39,6 +44,7 @@ __all__ = [
     "Context",
     "CrashPoint",
     "How",
+    "LateSidecar",
     "Mode",
     "NoRoom",
     "ProtocolStep",

@@ -17,7 +17,13 @@ from contimg_publisher.publish.lease import LeaseKeeper
 from contimg_publisher.publish.outcome import Mode, Result
 from contimg_publisher.publish.protocol import run as run_protocol
 from contimg_publisher.publish.steps import armed
-from contimg_publisher.publish.tidy import Tidied, publish_late_sidecars, remove_leftover, tidy
+from contimg_publisher.publish.tidy import (
+    LateSidecar,
+    Tidied,
+    publish_late_sidecars,
+    remove_leftover,
+    tidy,
+)
 from contimg_publisher.registry import Product, RegistryBackend
 from contimg_publisher.states import Attempt
 
@@ -71,7 +77,7 @@ class Publisher:
         """See tidy.remove_leftover."""
         return remove_leftover(self.context, product)
 
-    def publish_late_sidecars(self, product: Product) -> list[tuple[str, Tidied, str]]:
+    def publish_late_sidecars(self, product: Product) -> list[LateSidecar]:
         """See tidy.publish_late_sidecars."""
         return publish_late_sidecars(self.context, product)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from contimg_publisher import detect, kinds, paths, transfer
 from contimg_publisher.publish.context import Context
@@ -33,6 +33,14 @@ class Tidied(StrEnum):
     def event(self) -> str:
         return {"removed": "leftover_removed",
                 "identical_removed": "identical_rerun_removed"}.get(self.value, "leftover_kept")
+
+
+class LateSidecar(NamedTuple):
+    """One sidecar found beside a published product's staged name, and what became of it."""
+
+    sidecar: str        # its staged path, for display
+    done: Tidied
+    why: str
 
 
 def tidy(ctx: Context, outcome: detect.Outcome) -> list[tuple[str, dict[str, Any]]]:
@@ -101,11 +109,11 @@ def remove_leftover(ctx: Context, product: Product) -> Tidied:
         return Tidied.KEPT
 
 
-def publish_late_sidecars(ctx: Context, product: Product) -> list[tuple[str, Tidied, str]]:
+def publish_late_sidecars(ctx: Context, product: Product) -> list[LateSidecar]:
     """Sidecars that arrived after their product was published go beside it, under the
     name it was published as; one already there with the same bytes only loses its
     staged copy; one there with other bytes is kept in staging, with the reason.
-    Returns (staged sidecar, what was done, why) for each."""
+    Returns what was done with each, and why."""
     cfg = ctx.config
     rule = rule_for(cfg, product.data_type)
     if rule is None or not kinds.of(rule).has_sidecars or not product.published_path:
@@ -115,7 +123,7 @@ def publish_late_sidecars(ctx: Context, product: Product) -> list[tuple[str, Tid
     published = paths.undisplay(product.published_path)
     final = os.path.basename(published)
     staging_folder = os.path.join(stage_root, *parts[:-1])
-    out: list[tuple[str, Tidied, str]] = []
+    out: list[LateSidecar] = []
     with StagedAndPublished(stage_root, parts, published,
                             os.fsencode(str(cfg.products_root))) as where:
         src_parent, dest_fd = where.src_parent, where.dest_fd
@@ -128,12 +136,13 @@ def publish_late_sidecars(ctx: Context, product: Product) -> list[tuple[str, Tid
             if transfer.exists(dest_fd, sc.dest_name):
                 if transfer.files_equal_across(src_parent, sc.name, dest_fd, sc.dest_name):
                     os.unlink(sc.name, dir_fd=src_parent)
-                    out.append((shown, Tidied.IDENTICAL_REMOVED,
-                                "the same bytes are already archived beside the product"))
+                    out.append(LateSidecar(
+                        shown, Tidied.IDENTICAL_REMOVED,
+                        "the same bytes are already archived beside the product"))
                 else:
-                    out.append((shown, Tidied.KEPT,
-                                f"a different {paths.display(sc.dest_name)} is already "
-                                "archived beside the product"))
+                    out.append(LateSidecar(
+                        shown, Tidied.KEPT, f"a different {paths.display(sc.dest_name)} is "
+                        "already archived beside the product"))
                 continue
             if paths.same_filesystem(src_parent, dest_fd):
                 move_sidecar(ctx, src_parent, dest_fd, staging_folder, sc, product)
@@ -146,7 +155,8 @@ def publish_late_sidecars(ctx: Context, product: Product) -> list[tuple[str, Tid
                     os.close(fd)
             placed.append(sc)
             there = os.path.join(os.path.dirname(published), sc.dest_name)
-            out.append((shown, Tidied.PUBLISHED, f"published as {paths.display(there)}"))
+            out.append(LateSidecar(shown, Tidied.PUBLISHED,
+                                   f"published as {paths.display(there)}"))
         if placed:
             paths.fsync_dir(dest_fd)
             paths.fsync_dir(src_parent)
