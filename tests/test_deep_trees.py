@@ -18,7 +18,7 @@ import pytest
 
 from contimg_publisher import detect, paths, treewalk
 from contimg_publisher import fits as fits_mod
-from contimg_publisher.publish import CRASH_ENV
+from contimg_publisher.publish import CRASH_ENV, CrashPoint
 from contimg_publisher.registry import Registry
 from tests.helpers import (
     MakeSandbox,
@@ -311,7 +311,7 @@ def test_a_copy_interrupted_at_a_path_over_path_max_is_reconciled(deep_cleanup: 
         data = fits_bytes(seed=5)
         write_at(box.mosaics, long_names, b"far.fits", data)
         time.sleep(box.config().settle_seconds + 0.2)
-        crashed = box.cli("scan", env={CRASH_ENV: "after_temp_write"})
+        crashed = box.cli("scan", env={CRASH_ENV: CrashPoint.AFTER_TEMP_WRITE})
         assert crashed.returncode == -9, crashed.stderr[-2000:]
         [row] = box.registry_rows()
         assert row["status"] == "publishing"

@@ -26,7 +26,7 @@ import pytest
 
 from contimg_publisher import config as config_mod
 from contimg_publisher.config import ConfigError
-from contimg_publisher.publish import CRASH_ENV
+from contimg_publisher.publish import CRASH_ENV, CrashPoint
 from contimg_publisher.registry import Candidate, Identity, Published, Registry
 from tests.helpers import (
     PYTHON,
@@ -495,7 +495,7 @@ def test_a_new_sink_starts_at_the_end_and_restoring_a_row_emits_nothing(make_san
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crash_at", ["after_rename", "after_commit"])
+@pytest.mark.parametrize("crash_at", [CrashPoint.AFTER_RENAME, CrashPoint.AFTER_COMMIT])
 def test_a_kill_around_the_commit_leaves_exactly_one_event(make_sandbox, crash_at):
     """Killed after the final rename (nothing committed: reconciliation completes the
     publish, and its event with it) or just after the commit (the event is already in)."""
@@ -507,7 +507,7 @@ def test_a_kill_around_the_commit_leaves_exactly_one_event(make_sandbox, crash_a
     crashed = box.cli("scan", env={CRASH_ENV: crash_at})
     assert crashed.returncode == -9
     with Registry(box.registry) as reg:
-        assert len(reg.events_for("k")) == (1 if crash_at == "after_commit" else 0)
+        assert len(reg.events_for("k")) == (1 if crash_at is CrashPoint.AFTER_COMMIT else 0)
     box.cli("scan", check=True)
     assert box.row("k")["status"] == "published"
     assert_one_event_each(box, ["k"])

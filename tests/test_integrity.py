@@ -20,7 +20,7 @@ import pytest
 from astropy.io import fits
 
 from contimg_publisher import detect
-from contimg_publisher.publish import CRASH_ENV
+from contimg_publisher.publish import CRASH_ENV, CrashPoint
 from contimg_publisher.registry import Registry
 from tests.helpers import (
     MakeSandbox,
@@ -131,7 +131,7 @@ def test_same_filesystem_publish_moves_the_inode_so_the_staged_name_is_free(
     data = stage(sandbox, "n/a.fits", seed=1)
     staged = sandbox.mosaics / "n/a.fits"
     inode = staged.stat().st_ino
-    crashed = sandbox.cli("scan", env={CRASH_ENV: "before_source_removal"})
+    crashed = sandbox.cli("scan", env={CRASH_ENV: CrashPoint.BEFORE_SOURCE_REMOVAL})
     assert crashed.returncode == -9
     archived = sandbox.products / "mosaics" / "n/a.fits"
     assert archived.stat().st_ino == inode and archived.stat().st_nlink == 1
@@ -220,7 +220,7 @@ def test_folder_product_changed_after_its_copy_is_not_removed(
     try:
         sandbox = make_sandbox(products_root=products, products=IMAGE_RULES)
         files = _image(sandbox, "late.image")
-        crashed = sandbox.cli("scan", env={CRASH_ENV: "after_commit"})
+        crashed = sandbox.cli("scan", env={CRASH_ENV: CrashPoint.AFTER_COMMIT})
         assert crashed.returncode == -9
         img = sandbox.stage / "images" / "late.image"
         (img / "table.f0").write_bytes(b"rewritten after the publish")
@@ -250,7 +250,7 @@ def test_file_written_to_in_place_after_its_copy_is_not_removed(
         data = stage(sandbox, "a.fits", seed=1)
         staged = sandbox.mosaics / "a.fits"
         inode = staged.stat().st_ino
-        crashed = sandbox.cli("scan", env={CRASH_ENV: "after_commit"})
+        crashed = sandbox.cli("scan", env={CRASH_ENV: CrashPoint.AFTER_COMMIT})
         assert crashed.returncode == -9
         with fits.open(staged, mode="update") as hdul:
             hdul[0].header["MEDRMS"] = 7e-4

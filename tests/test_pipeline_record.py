@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from astropy.io import fits
 
-from contimg_publisher.publish import CRASH_ENV, CRASH_POINTS
+from contimg_publisher.publish import CRASH_ENV, CRASH_POINTS, CrashPoint
 from tests.helpers import (
     MountTmpfs,
     Sandbox,
@@ -282,7 +282,7 @@ def crash_site(request: pytest.FixtureRequest, tmp_path: Path, tmpfs: MountTmpfs
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_a_kill_at_each_step_leaves_the_row_naming_a_whole_file(crash_site, point):
     box, pipeline, same_fs = crash_site
-    if same_fs and point == "after_temp_write":
+    if same_fs and point is CrashPoint.AFTER_TEMP_WRITE:
         skip_with("a publish on one filesystem is a rename: it writes no temporary file")
     names = [f"mosaic_20261201_0{i}0000_n10" for i in range(3)]
     data = {name: pipeline.build(name, seed=20 + i) for i, name in enumerate(names)}

@@ -22,7 +22,7 @@ import apsw
 import pytest
 
 from contimg_publisher import detect, publish
-from contimg_publisher.publish import CRASH_ENV, CRASH_POINTS
+from contimg_publisher.publish import CRASH_ENV, CRASH_POINTS, CrashPoint
 from contimg_publisher.registry import Registry
 from tests.helpers import REPO, MakeSandbox, Sandbox, fits_bytes, mount_tmpfs, umount
 
@@ -99,10 +99,11 @@ def assert_published_once(sandbox: Sandbox, expected: dict[str, bytes]) -> None:
 
 # --- deterministic crash points ---------------------------------------------------------------
 
-SAME_FS_POINTS = [p for p in CRASH_POINTS if p != "after_temp_write"]  # no temp file there
+# On one filesystem there is no temporary file to kill the process after.
+SAME_FS_POINTS = [p for p in CRASH_POINTS if p is not CrashPoint.AFTER_TEMP_WRITE]
 
 
-def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
+def _crash_and_recover(sandbox: Sandbox, point: CrashPoint, same_fs: bool) -> None:
     expected = {f"n1/m{i}.fits": stage(sandbox, f"n1/m{i}.fits", seed=i) for i in range(3)}
     for i in range(3):  # each with a preview sidecar, which must travel with it
         expected[f"n1/m{i}.png"] = b"\x89PNG preview %d" % i
@@ -117,7 +118,8 @@ def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
     assert sorted(rows) == names
     # The step each row records is the one the kill interrupted.
     assert {r["publish_step"] for r in listed} == (
-        {None} if point in ("after_commit", "before_source_removal") else {"planned"})
+        {None} if point in (CrashPoint.AFTER_COMMIT, CrashPoint.BEFORE_SOURCE_REMOVAL)
+        else {"planned"})
     finals = {name: sandbox.products / "mosaics" / f"{name}.fits" for name in names}
     previews = {name: finals[name].parent / f"{finals[name].stem}.png" for name in names}
     left = temps(sandbox.products)
@@ -128,7 +130,7 @@ def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
         there = [p for p in (staged, final) if p.exists()]
         assert there and all(p.read_bytes() == data for p in there), (rel, there)
         assert len(there) == 1 or not same_fs, f"{rel} at both names after a rename"
-    if point in ("after_sidecars", "after_temp_write"):
+    if point in (CrashPoint.AFTER_SIDECARS, CrashPoint.AFTER_TEMP_WRITE):
         # Killed during the first product: only its sidecar (and across filesystems its
         # temporary copy) reached the products area. Across filesystems the copy comes
         # first: its one read checks the file and computes the checksum, which is recorded
@@ -143,10 +145,10 @@ def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
             [copy] = [p.read_bytes() for p in left]
             [victim] = [n for n in names if expected[f"{n}.fits"] == copy]
             assert [n for n in names if previews[n].exists()] == (
-                [victim] if point == "after_sidecars" else [])
+                [victim] if point is CrashPoint.AFTER_SIDECARS else [])
             recorded = {r["data_id"]: r["checksum"] for r in listed}
             assert recorded == {n: f"sha256:{sha256(expected[f'{n}.fits'])}"
-                                if n == victim and point == "after_sidecars" else None
+                                if n == victim and point is CrashPoint.AFTER_SIDECARS else None
                                 for n in names}, recorded
         for name in names:
             assert (sandbox.mosaics / f"{name}.fits").exists()
@@ -154,7 +156,8 @@ def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
                 not same_fs or name != victim)
     else:
         assert left == []
-        assert set(rows.values()) == {"publishing" if point == "after_rename" else "published"}
+        assert set(rows.values()) == {
+            "publishing" if point is CrashPoint.AFTER_RENAME else "published"}
         for name in names:
             assert finals[name].read_bytes() == expected[f"{name}.fits"]
             assert previews[name].read_bytes() == expected[f"{name}.png"]
@@ -173,7 +176,7 @@ def _crash_and_recover(sandbox: Sandbox, point: str, same_fs: bool) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_crash_point_across_filesystems_recovers(make_sandbox: MakeSandbox, tmpfs_products: Path,
-                                                 point: str) -> None:
+                                                 point: CrashPoint) -> None:
     """The process dies at each step of a copy onto another filesystem; the next pass
     reaches the same end state as an uninterrupted publish."""
     _crash_and_recover(make_sandbox(products_root=tmpfs_products), point, same_fs=False)
@@ -181,7 +184,7 @@ def test_crash_point_across_filesystems_recovers(make_sandbox: MakeSandbox, tmpf
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", SAME_FS_POINTS)
-def test_crash_point_same_filesystem_recovers(make_sandbox: MakeSandbox, point: str) -> None:
+def test_crash_point_same_filesystem_recovers(make_sandbox: MakeSandbox, point: CrashPoint) -> None:
     """The same on one filesystem, where the publish is a rename of the staged inode."""
     _crash_and_recover(make_sandbox(), point, same_fs=True)
 
@@ -533,3 +536,49 @@ def test_sidecar_name_taken_by_other_bytes_moves_the_product_to_a_new_version(
     row = sandbox.row("n1/a")
     assert row["status"] == "published" and row["sidecars"] == ["a.v2.png"]
     assert [p for p in sandbox.mosaics.rglob("*") if not p.is_dir()] == []
+
+
+# --- the protocol as code ---------------------------------------------------------------------
+
+def test_the_protocol_takes_its_steps_in_the_enum_order() -> None:
+    """The order the batch runs is the order ProtocolStep names, and every crash point
+    belongs to one step, where the row records what the kill tests find."""
+    from contimg_publisher.publish import protocol
+    from contimg_publisher.publish.steps import CRASH_POINTS_BY_STEP, ProtocolStep
+    assert [step for step, _ in protocol.PROTOCOL] == list(ProtocolStep)
+    assert sorted(p for points in CRASH_POINTS_BY_STEP.values() for p in points) == \
+        sorted(CRASH_POINTS)
+    assert {p: p.step.recorded for p in CRASH_POINTS} == {
+        p: None if p in (CrashPoint.AFTER_COMMIT, CrashPoint.BEFORE_SOURCE_REMOVAL)
+        else "planned" for p in CRASH_POINTS}
+    assert [str(p) for p in CRASH_POINTS] == ["after_sidecars", "after_temp_write",
+                                              "after_rename", "after_commit",
+                                              "before_source_removal"]
+
+
+def test_an_unknown_crash_point_is_refused(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt crash point would make a kill test test nothing: it is refused before
+    anything is published."""
+    from contimg_publisher.publish import UnknownCrashPoint
+    sandbox = Sandbox(tmp_path)
+    monkeypatch.setenv(CRASH_ENV, "after_lunch")
+    with Registry(sandbox.registry) as registry, \
+            pytest.raises(UnknownCrashPoint, match="after_lunch"):
+        publish.Publisher(sandbox.config(), registry, "tester")
+    monkeypatch.setenv(CRASH_ENV, CrashPoint.AFTER_COMMIT)
+    with Registry(sandbox.registry) as registry:
+        publish.Publisher(sandbox.config(), registry, "tester")
+
+
+def test_reconciliation_uses_only_the_protocols_public_names() -> None:
+    """reconcile.py imports from the publish package itself, and nothing private."""
+    import ast
+    source = (REPO / "daemon/contimg_publisher/reconcile.py").read_text()
+    imported = [(node.module, alias.name) for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.ImportFrom) and node.module is not None
+                and node.module.startswith("contimg_publisher.publish")
+                for alias in node.names]
+    assert imported and all(module == "contimg_publisher.publish" for module, _ in imported)
+    assert all(not name.startswith("_") and name in publish.__all__
+               for _, name in imported), imported

@@ -15,10 +15,13 @@ from contimg_publisher import temps as temps_mod
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
 from contimg_publisher.publish import (
-    Publisher,
+    Context,
+    How,
+    Mode,
     Result,
     destination,
     joined_path,
+    remove_leftover,
     rule_for,
     staged_in_archive,
     step_of,
@@ -42,7 +45,7 @@ def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = 
     """
     now = registry.clock() if now is None else now  # leases are the registry's clock
     results: list[Result] = []
-    publisher = Publisher(config, registry, owner, log)
+    ctx = Context(config, registry, owner, log)
     for row in registry.publishing():
         if _claim_live(row, owner, now):
             continue
@@ -59,7 +62,7 @@ def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = 
                                     f"{config.legacy_quiet_seconds:g} s")
                 continue
         try:
-            results.append(_resolve(publisher, row))
+            results.append(_resolve(ctx, row))
         except (OSError, paths.UnsafePath, ValueError) as exc:
             # One row's odd path never stops the others, nor the daemon's start: this row
             # stays as it is and is tried again at the next reconciliation.
@@ -113,22 +116,22 @@ def resolve_own(config: Config, registry: RegistryBackend, owner: str, data_ids:
     """Publishes of this very process that died inside it (an exception in the publish
     thread, a registry error during a commit): resolved now, from disk and the row, as a
     crash would be at the next start, so no row stays `publishing` under a live lease."""
-    publisher = Publisher(config, registry, owner, log)
+    ctx = Context(config, registry, owner, log)
     results = []
     for data_id in data_ids:
         row = registry.get(data_id)
         if row is not None and row.status == Status.PUBLISHING and row.lease_owner == owner:
-            results.append(_resolve(publisher, row))
+            results.append(_resolve(ctx, row))
     return results
 
 
-def _resolve(publisher: Publisher, row: Product) -> Result:
+def _resolve(ctx: Context, row: Product) -> Result:
     """By the step the row records: a legacy copy is judged from disk; a planned publish is
     published when its final name holds the registered bytes; anything else (claimed, or
     planned and not there yet) goes back to waiting, its temporary copy removed."""
-    config, registry = publisher.config, publisher.registry
+    config, registry = ctx.config, ctx.registry
     result = Result(row.data_id, row.data_type, Attempt.REQUEUED, row.stage_path,
-                    how="reconcile")
+                    how=How.RECONCILE)
     step = step_of(row)
     products_root = os.fsencode(str(config.products_root))
     if step is Step.PLANNED and row.publish_temp:
@@ -142,7 +145,7 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
     target = row.publish_target
     rule = rule_for(config, row.data_type)
     if step is Step.LEGACY and rule is not None and kinds.of(rule) is kinds.FILE:
-        legacy = _resolve_legacy(publisher, row, rule, result)
+        legacy = _resolve_legacy(ctx, row, rule, result)
         if legacy is not None:
             return legacy
     # A checksum still pending means the copy never finished its read: the final name was
@@ -164,13 +167,13 @@ def _resolve(publisher: Publisher, row: Product) -> Result:
             finally:
                 os.close(parent)
             if verified and registry.mark_published(
-                    Published(row.data_id, target, row.publish_mode or "auto",
+                    Published(row.data_id, target, row.publish_mode or Mode.AUTO,
                               tuple(sidecars)), None):
                 result.status, result.published_path = Attempt.PUBLISHED, target
                 done = registry.get(row.data_id)
                 if done is not None:
                     with contextlib.suppress(OSError, paths.UnsafePath):
-                        publisher.remove_leftover(done)
+                        remove_leftover(ctx, done)
                 return result
     outcome = registry.record_failure(
         row.data_id, None, FailureKind.INTERRUPTED,
@@ -208,14 +211,14 @@ def legacy_in_progress(config: Config, rule: ProductRule, row: Product, now: flo
     return None
 
 
-def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
+def _resolve_legacy(ctx: Context, row: Product, rule: ProductRule,
                     result: Result) -> Result | None:
     """A row an older program left in `publishing` (it never cleared them). That program
     copied straight to the final name, so what is there is its complete copy (the staged
     file already gone) or a truncated prefix of the staged file. A complete, valid FITS copy
     makes the row published; a provable prefix is removed so the product can be published
     under its own name. Anything else is left alone. None: requeue as usual."""
-    config, registry, log = publisher.config, publisher.registry, publisher.log
+    config, registry, log = ctx.config, ctx.registry, ctx.log
     try:
         parts = paths.relative_components(os.fsencode(str(config.stage_root)), row.stage_bytes)
     except paths.UnsafePath:
@@ -247,14 +250,14 @@ def _resolve_legacy(publisher: Publisher, row: Product, rule: ProductRule,
             if registry.confirm_published(row.data_id, shown, report.size, report.checksum,
                                           report.metadata):
                 result.status, result.published_path = Attempt.PUBLISHED, shown
-                result.how = "legacy"
+                result.how = How.LEGACY
                 return result
             return None
         if staged_in_archive(src_parent, products_root):
             return None  # an alias of the archive: never removed from there (publish says so)
         copy_st, src_st = os.fstat(copy_fd_), os.fstat(src_fd)
         if copy_st.st_size == src_st.st_size:
-            return _adopt_equal_copy(publisher, row, result, shown, (dest_dir, name, copy_fd_),
+            return _adopt_equal_copy(ctx, row, result, shown, (dest_dir, name, copy_fd_),
                                      (src_parent, parts[-1], src_fd))
         if copy_st.st_size < src_st.st_size and \
                 transfer.is_prefix(copy_fd_, src_fd, copy_st.st_size):
@@ -288,7 +291,7 @@ def _same_file(dir_fd: int, name: bytes, fd: int) -> bool:
         held.st_dev, held.st_ino, held.st_size, held.st_mtime_ns)
 
 
-def _adopt_equal_copy(publisher: Publisher, row: Product, result: Result, shown: str,
+def _adopt_equal_copy(ctx: Context, row: Product, result: Result, shown: str,
                       copy: tuple[int, bytes, int], staged: tuple[int, bytes, int]
                       ) -> Result | None:
     """The older program copied the whole file to its final name and died before its
@@ -297,7 +300,7 @@ def _adopt_equal_copy(publisher: Publisher, row: Product, result: Result, shown:
     staged file is removed, once its name still leads to the file that was read. Not equal,
     or not a valid FITS file: None, and the product is published as usual (another
     version beside that content)."""
-    config, registry, log = publisher.config, publisher.registry, publisher.log
+    config, registry, log = ctx.config, ctx.registry, ctx.log
     dest_dir, name, copy_fd = copy
     src_parent, src_name, src_fd = staged
     algorithm = config.checksum_algorithm
@@ -316,7 +319,7 @@ def _adopt_equal_copy(publisher: Publisher, row: Product, result: Result, shown:
     if not registry.confirm_published(row.data_id, shown, report.size, report.checksum,
                                       report.metadata):
         return None
-    result.status, result.published_path, result.how = Attempt.PUBLISHED, shown, "legacy"
+    result.status, result.published_path, result.how = Attempt.PUBLISHED, shown, How.LEGACY
     # The row names the archived copy now; the staged name goes only if it still leads to
     # the file that was read (a file written there since is left, and looked at again).
     kept = None
