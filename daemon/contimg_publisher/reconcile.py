@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from contimg_publisher import detect, fits, kinds, paths, transfer, treewalk, writers
+from contimg_publisher import fits, kinds, paths, rules, transfer, treewalk, writers
 from contimg_publisher import temps as temps_mod
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.lock import owner_alive
@@ -50,7 +50,7 @@ def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = 
         if _claim_live(row, owner, now):
             continue
         if step_of(row) is Step.LEGACY:
-            rule = detect.owner_rule(config, row.data_type, row.stage_bytes)
+            rule = rules.owner_rule(config, row.data_type, row.stage_bytes)
             if rule is None:
                 continue  # another writer's row, and its publish
             busy = legacy_in_progress(config, rule, row, now)
@@ -161,7 +161,7 @@ def _resolve(ctx: Context, row: Product) -> Result:
                 # The sidecars went to their final names before the product did; the row
                 # learns of them only at the commit, which the crash came before.
                 sidecars = row.sidecars or ([
-                    name for name in detect.sidecar_names(os.fsdecode(final), rule)
+                    name for name in rules.sidecar_names(os.fsdecode(final), rule)
                     if transfer.exists(parent, os.fsencode(name))]
                     if kinds.of(rule).has_sidecars else [])
             finally:

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from contimg_publisher import detect, kinds, paths, transfer
+from contimg_publisher import kinds, paths, rules, transfer
 from contimg_publisher.config import Config, ProductRule
 from contimg_publisher.registry import Product, RegistryBackend
 from contimg_publisher.states import FailureKind
@@ -35,7 +35,7 @@ def versioned(name: bytes, rule: ProductRule, version: int) -> bytes:
     if version <= 1:
         return name
     text = os.fsdecode(name)
-    stem = detect.stem_of(text, rule)
+    stem = rules.stem_of(text, rule)
     return os.fsencode(f"{stem}.v{version}{text[len(stem):]}")
 
 
@@ -43,8 +43,8 @@ def sidecar_destination(sidecar: bytes, staged_name: bytes, final_name: bytes,
                         rule: ProductRule) -> bytes:
     """The published name of a sidecar: the product's staged stem in it becomes the stem of
     the name the product publishes under (a.png -> a.v2.png beside a.v2.fits)."""
-    staged_stem = detect.stem_of(os.fsdecode(staged_name), rule)
-    final_stem = detect.stem_of(os.fsdecode(final_name), rule)
+    staged_stem = rules.stem_of(os.fsdecode(staged_name), rule)
+    final_stem = rules.stem_of(os.fsdecode(final_name), rule)
     return os.fsencode(os.fsdecode(sidecar).replace(staged_stem, final_stem, 1))
 
 

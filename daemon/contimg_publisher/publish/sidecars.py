@@ -9,7 +9,7 @@ import stat
 import threading
 from collections.abc import Callable
 
-from contimg_publisher import detect, paths, transfer
+from contimg_publisher import paths, rules, transfer
 from contimg_publisher.config import ProductRule
 from contimg_publisher.publish.context import Context
 from contimg_publisher.publish.naming import Sidecar, temp_token
@@ -23,7 +23,7 @@ def staged_sidecars(ctx: Context, src_parent: int, staged_name: bytes, rule: Pro
            ) -> list[Sidecar]:
     """Sidecars present beside the staged product (regular files only)."""
     out = []
-    for sidecar in detect.sidecar_names(os.fsdecode(staged_name), rule):
+    for sidecar in rules.sidecar_names(os.fsdecode(staged_name), rule):
         raw = os.fsencode(sidecar)
         try:
             st = os.stat(raw, dir_fd=src_parent, follow_symlinks=False)
