@@ -128,6 +128,9 @@ def daemon_burst(base: Path, source: Path, count: int, settle: float) -> tuple[f
         notify.close()
     done = published_count(box)
     assert done == count, done
+    if keep := os.environ.get("CONTIMG_BENCH_LOGS"):  # the daemon's events, for timelines
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(box.root / "daemon.log", Path(keep) / f"burst-{count}-{wall0:.0f}.log")
     return seconds, hwm
 
 
