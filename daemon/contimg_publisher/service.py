@@ -209,15 +209,20 @@ class Daemon:
         cfg = self.config
         self.wakeup.install(tuple(self.handlers))
         notify("STATUS=opening the registry")
-        registry = self._until_ready(self._open)
-        if registry is None:
-            return None
-        run = scanpass.Pass(cfg, registry, self.owner, self.log, self.gate)
-        self.services.start(self.watch)
-        self._watch_started()
-        self._probe_writers()
-        if not self._until_ready(lambda: self._first_pass(run)):
-            return run
+        opened: list[scanpass.Pass] = []
+
+        def prepare() -> scanpass.Pass:
+            if not opened:
+                opened.append(scanpass.Pass(cfg, self._open(), self.owner, self.log, self.gate))
+                self.services.start(self.watch)
+                self._watch_started()
+                self._probe_writers()
+            self._first_pass(opened[0])
+            return opened[0]
+
+        run = self._until_ready(prepare)
+        if run is None:
+            return opened[0] if opened else None
         for service in (self.worker, self.delivery, self.audit, self.status_port):
             self.services.start(service)
         self.log.info("started", stage_root=str(cfg.stage_root),
@@ -242,14 +247,13 @@ class Daemon:
             raise
         return registry
 
-    def _first_pass(self, run: scanpass.Pass) -> bool:
+    def _first_pass(self, run: scanpass.Pass) -> None:
         cfg = self.config
         notify(f"STATUS=reconciling interrupted publishes ({cfg.registry_shown})")
         self._reconcile(run, startup=True)
         run.park()
         notify(f"STATUS=scanning {cfg.stage_root}")
         self._rescan(run, startup=True)
-        return True
 
     def _until_ready(self, attempt: Callable[[], T]) -> T | None:
         """`attempt` until it is done (its value) or a stop comes (None). While the registry
