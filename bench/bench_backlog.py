@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "daemon"))
 
 from bench.bench_detect import cpu_seconds, stage_registered, vm_hwm_mb  # noqa: E402
-from tests.helpers import Sandbox, fits_bytes  # noqa: E402
-from tests.test_service import NotifySocket, start_daemon, stop  # noqa: E402
+from tests.helpers import PYTHON, Sandbox, fits_bytes  # noqa: E402
+from tests.test_service import NotifySocket, stop  # noqa: E402
 
 from contimg_publisher.registry import Registry  # noqa: E402
 
@@ -49,6 +49,23 @@ def sandbox_at(root: Path, settle: float) -> Sandbox:
     root.mkdir(parents=True)
     return Sandbox(root, detect={"settle_seconds": settle, "rescan_seconds": 3600},
                    log={"format": "json", "level": "info"}, metrics={"enabled": False})
+
+
+def daemon_command(box: Sandbox) -> list[str]:
+    """`run` on the sandbox; under cProfile, a profile per thread, when
+    CONTIMG_BENCH_PROFILE names a folder (see bench/profiled.py)."""
+    command = ["-m", "contimg_publisher", "--config", str(box.config_path), "run"]
+    if os.environ.get("CONTIMG_BENCH_PROFILE"):
+        return [PYTHON, str(REPO / "bench" / "profiled.py"), *command[2:]]
+    return [PYTHON, *command]
+
+
+def start_daemon(box: Sandbox, notify_path: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    env["NOTIFY_SOCKET"] = str(notify_path)
+    log = open(box.root / "daemon.log", "a")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(daemon_command(box), cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def write_burst(folder: Path, count: int) -> None:
@@ -111,6 +128,9 @@ def daemon_burst(base: Path, source: Path, count: int, settle: float) -> tuple[f
         notify.close()
     done = published_count(box)
     assert done == count, done
+    if keep := os.environ.get("CONTIMG_BENCH_LOGS"):  # the daemon's events, for timelines
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(box.root / "daemon.log", Path(keep) / f"burst-{count}-{wall0:.0f}.log")
     return seconds, hwm
 
 

@@ -348,3 +348,58 @@ def test_reload_during_a_copy_keeps_the_copy(make_sandbox, notify, shm_products)
     assert sandbox.row("big")["publish_attempts"] == 0
     ok = [e for e in log_events(sandbox) if e.get("event") == "reload_ok"]
     assert ok and "max_attempts" in str(ok[-1]["changed"]), ok
+
+
+def test_deadlines_say_what_is_due_and_how_long_to_sleep():
+    from contimg_publisher.deadlines import Deadlines, Due
+
+    d = Deadlines()
+    assert d.due(100.0) == [] and d.next_timeout(100.0, cap=None) == 1.0
+    d.after(Due.RESCAN, 30.0, 100.0)
+    d.set(Due.HEARTBEAT, 99.0)
+    d.set(Due.STATUS, 98.0)
+    assert d.due(100.0) == [Due.STATUS, Due.HEARTBEAT]  # earliest first
+    assert d.is_due(Due.HEARTBEAT, 100.0) and not d.is_due(Due.RESCAN, 100.0)
+    assert not d.is_due(Due.CLAIM, 100.0)  # never set: never due
+    assert d.next_timeout(100.0) == 0.0  # one is past
+    d.set(Due.STATUS, None)
+    d.set(Due.HEARTBEAT, None)
+    assert d.at(Due.STATUS) is None
+    assert d.next_timeout(100.0) == 1.0  # the cap
+    assert d.next_timeout(100.0, cap=None) == 30.0
+    d.set(Due.WATCHDOG, 104.0)
+    assert d.next_timeout(100.0, among=frozenset({Due.RESCAN, Due.WATCHDOG}),
+                          cap=None) == 4.0
+    assert d.next_timeout(100.0, among=frozenset({Due.RESCAN}), cap=None) == 30.0
+
+
+def test_services_start_in_order_stop_in_reverse_and_report_the_unhealthy():
+    from contimg_publisher.services import Services
+
+    calls: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str, ok: bool = True) -> None:
+            self.name, self.ok = name, ok
+
+        def start(self) -> None:
+            calls.append(f"start {self.name}")
+
+        def stop(self) -> None:
+            calls.append(f"stop {self.name}")
+
+        def healthy(self) -> bool:
+            return self.ok
+
+        def reconfigure(self, config, old) -> None:
+            calls.append(f"reconfigure {self.name}")
+
+    services = Services()
+    a, b = Fake("a"), Fake("b", ok=False)
+    services.start(a)
+    services.start(b)
+    assert services.unhealthy() == [b]
+    services.reconfigure(None, None)  # type: ignore[arg-type]
+    services.stop()
+    services.stop()  # stopped once
+    assert calls == ["start a", "start b", "reconfigure a", "reconfigure b", "stop b", "stop a"]
