@@ -43,14 +43,7 @@ from contimg_publisher.registry import (
     RegistryBackend,
     RegistryError,
 )
-from contimg_publisher.rules import Match, RuleSet, data_id_for, name_problem
-
-# Product-rule matching lives in rules.py; the names that publishing, reconciliation and the
-# daemon still reach through detect stay importable from here.
-from contimg_publisher.rules import owner_rule as owner_rule
-from contimg_publisher.rules import owns as owns
-from contimg_publisher.rules import sidecar_names as sidecar_names
-from contimg_publisher.rules import stem_of as stem_of
+from contimg_publisher.rules import Match, RuleSet, data_id_for, name_problem, owns, sidecar_names
 from contimg_publisher.states import Detected, Status
 
 # How many paths one process() call describes; bounds the time the loop spends away.

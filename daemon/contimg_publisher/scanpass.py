@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contimg_publisher import detect, publish, reconcile, writers
+from contimg_publisher import detect, publish, reconcile, rules, writers
 from contimg_publisher.config import Config
 from contimg_publisher.registry import (
     Product,
@@ -79,7 +79,7 @@ class Pass:
         cfg = self.cfg
         results = reconcile.reconcile(cfg, self.registry, self.owner, self.log, sweep=sweep)
         exhausted = self.registry.mark_exhausted(cfg.max_attempts,
-                                                 owns=lambda row: detect.owns(cfg, row))
+                                                 owns=lambda row: rules.owns(cfg, row))
         return results, exhausted
 
     def park(self, old_root: Path | None = None) -> None:

@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 from contimg_publisher import (
     __version__,
-    detect,
     fdlimit,
     lock,
     logs,
@@ -36,6 +35,7 @@ from contimg_publisher import (
     publish,
     qa,
     reconcile,
+    rules,
     scanpass,
     watch,
     writers,
@@ -812,7 +812,7 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
             return f"{data_id}: already published at {row.published_path}"
         if row.status == Status.REJECTED:
             return f"{data_id}: rejected ({row.publish_error}); fix the staged file first"
-        if not detect.owns(cfg, row):
+        if not rules.owns(cfg, row):
             return (f"{data_id}: no product rule of this configuration owns it (type "
                     f"{row.data_type!r} at {row.stage_path}); it is another writer's row")
         gate = registry_mod.qa_holds(registry, [data_id]).get(data_id)
