@@ -70,6 +70,7 @@ from contimg_publisher.services import (
     WatchService,
 )
 from contimg_publisher.states import Attempt, FailureKind, Status
+from contimg_publisher.watch import ChangeKind
 from contimg_publisher.worker import Worker
 
 try:
@@ -486,16 +487,16 @@ class Daemon:
                 self.rescan_requested = True
                 tracker.clear()  # a close-write may be among the events lost
                 continue
-            if change.kind == "modified":
+            if change.kind == ChangeKind.MODIFIED:
                 tracker.modified(change.path)
-            elif change.kind == "closed":
+            elif change.kind == ChangeKind.CLOSED:
                 tracker.closed_after_write(change.path)
-            elif change.kind in ("deleted", "moved_out"):
+            elif change.kind in (ChangeKind.DELETED, ChangeKind.MOVED_OUT):
                 tracker.moved(change.path, change.dest)
-            if change.kind in ("deleted", "moved_out"):
+            if change.kind in (ChangeKind.DELETED, ChangeKind.MOVED_OUT):
                 detector.forget(change.path)
-            elif change.kind in ("created", "moved_in") and os.path.isdir(change.path) and \
-                    not os.path.islink(change.path):
+            elif change.kind in (ChangeKind.CREATED, ChangeKind.MOVED_IN) and \
+                    os.path.isdir(change.path) and not os.path.islink(change.path):
                 detector.note(change.path)
                 detector.note_folder(change.path)
                 run.log_walk_problems()

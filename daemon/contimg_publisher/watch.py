@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from watchdog.events import (
@@ -71,24 +72,35 @@ EVENT_TYPES: list[type[FileSystemEvent]] = [
 warnings.filterwarnings("ignore", message=r"Callback with id '\d+' already exists",
                         category=RuntimeWarning, module=r"contimg_publisher\.watch")
 
-_KIND_OF: dict[type[FileSystemEvent], str] = {
-    FileCreatedEvent: "created", DirCreatedEvent: "created",
-    FileModifiedEvent: "modified", FileAttribEvent: "attrib", DirAttribEvent: "attrib",
-    FileClosedEvent: "closed",
-    FileDeletedEvent: "deleted", DirDeletedEvent: "deleted",
+class ChangeKind(StrEnum):
+    """What happened to a watched path (Change.kind)."""
+
+    CREATED = "created"
+    MODIFIED = "modified"    # written: IN_MODIFY
+    ATTRIB = "attrib"        # chmod, chown, touch: no write
+    CLOSED = "closed"        # a descriptor open for writing was closed: IN_CLOSE_WRITE
+    MOVED_IN = "moved_in"
+    DELETED = "deleted"
+    MOVED_OUT = "moved_out"  # Change.dest says where it went ("" outside the watch)
+
+
+_KIND_OF: dict[type[FileSystemEvent], ChangeKind] = {
+    FileCreatedEvent: ChangeKind.CREATED, DirCreatedEvent: ChangeKind.CREATED,
+    FileModifiedEvent: ChangeKind.MODIFIED,
+    FileAttribEvent: ChangeKind.ATTRIB, DirAttribEvent: ChangeKind.ATTRIB,
+    FileClosedEvent: ChangeKind.CLOSED,
+    FileDeletedEvent: ChangeKind.DELETED, DirDeletedEvent: ChangeKind.DELETED,
 }
 
 
 @dataclass(frozen=True)
 class Change:
-    """Something happened to `path` (absolute, os.fsdecode form); `kind` is created,
-    modified (written: IN_MODIFY), attrib (chmod, chown, touch: no write), closed (a
-    descriptor open for writing was closed: IN_CLOSE_WRITE), moved_in, deleted or moved_out.
-    A moved_out names in `dest` where it went ("" outside the watch): a rename keeps the
-    writers' descriptors, and the close-write tracker follows it."""
+    """Something happened to `path` (absolute, os.fsdecode form). A moved_out names in
+    `dest` where it went ("" outside the watch): a rename keeps the writers' descriptors,
+    and the close-write tracker follows it."""
 
     path: str
-    kind: str
+    kind: ChangeKind
     dest: str = ""
 
 
@@ -139,7 +151,8 @@ class OwnMoves:
         self.seconds = seconds
         # path -> (monotonic time it stops being expected, whether its publish is done)
         self._until: dict[str, tuple[float, bool]] = {}
-        self._dropped: dict[str, str] = {}  # path -> kind of the event dropped, publish not done
+        # path -> kind of the event dropped, publish not done
+        self._dropped: dict[str, ChangeKind] = {}
 
     def expect(self, paths_: list[str]) -> None:
         now = time.monotonic()
@@ -153,7 +166,7 @@ class OwnMoves:
 
     def take(self, change: Change) -> bool:
         """Whether `change` is the event of one of our own moves (then it is dropped)."""
-        if change.kind not in ("moved_out", "deleted") or change.dest:
+        if change.kind not in (ChangeKind.MOVED_OUT, ChangeKind.DELETED) or change.dest:
             return False
         entry = self._until.pop(change.path, None)
         if entry is None or entry[0] < time.monotonic():
@@ -316,10 +329,12 @@ class _Sink:
         return None
 
     def changes_for(self, event: FileSystemEvent) -> list[Change]:
+        found: list[tuple[bytes | str, ChangeKind | None]]
         if isinstance(event, FileSystemMovedEvent):
-            found = [(event.src_path, "moved_out"), (event.dest_path, "moved_in")]
+            found = [(event.src_path, ChangeKind.MOVED_OUT),
+                     (event.dest_path, ChangeKind.MOVED_IN)]
         else:
-            found = [(event.src_path, _KIND_OF.get(type(event), ""))]
+            found = [(event.src_path, _KIND_OF.get(type(event)))]
         if event.is_synthetic:
             # watchdog's walk of a folder created or moved in: the loop walks that folder
             # itself on the folder's own event, so only the old paths of a move are news.
@@ -327,12 +342,12 @@ class _Sink:
         changes = []
         for raw, kind in found:
             path = self.rebase(raw) if raw and kind else None
-            if path is not None:
+            if path is not None and kind is not None:
                 changes.append(Change(path, kind))
         if isinstance(event, FileSystemMovedEvent) and changes and \
-                changes[0].kind == "moved_out":
+                changes[0].kind == ChangeKind.MOVED_OUT:
             dest = self.rebase(event.dest_path) if event.dest_path else None
-            changes[0] = Change(changes[0].path, "moved_out", dest or "")
+            changes[0] = Change(changes[0].path, ChangeKind.MOVED_OUT, dest or "")
         return changes
 
     def event(self, event: FileSystemEvent) -> None:
