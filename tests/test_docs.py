@@ -55,6 +55,13 @@ def test_every_subcommand_has_a_description() -> None:
     assert not bare, f"subcommands without help= in build_parser(): {bare}"
 
 
+def test_every_option_and_argument_has_a_description() -> None:
+    bare = [f"{name} {action.option_strings[0] if action.option_strings else action.dest}"
+            for name, _text, sub in reference.subcommands(build_parser())
+            for action in reference.options(sub) if not (action.help or "").strip()]
+    assert not bare, f"options and arguments without help= in build_parser(): {bare}"
+
+
 def test_every_config_key_has_a_description_and_a_type() -> None:
     tables = config_mod.schema()
     missing = [f"{table}.{key}" for table, keys in tables.items() for key in keys

@@ -83,7 +83,8 @@ def subcommands(parser: argparse.ArgumentParser
     return found
 
 
-def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The arguments and options a reader sets (not --help, not the subcommand slot)."""
     return [a for a in parser._actions if a.help != argparse.SUPPRESS
             and not isinstance(a, argparse._HelpAction | argparse._SubParsersAction)]
 
@@ -114,9 +115,9 @@ def _usage_of(action: argparse.Action) -> str:
 
 
 def _usage(top: argparse.ArgumentParser, name: str, sub: argparse.ArgumentParser) -> str:
-    general = [_usage_of(a) for a in _options(top)
+    general = [_usage_of(a) for a in options(top)
                if a.option_strings and a.nargs != 0 and not a.required]
-    own = _options(sub)
+    own = options(sub)
     ordered = [a for a in own if a.option_strings] + [a for a in own if not a.option_strings]
     return " ".join([top.prog, *general, name, *(_usage_of(a) for a in ordered)])
 
@@ -159,7 +160,7 @@ def render_cli(parser: argparse.ArgumentParser | None = None) -> str:
         "needs an operator), 2 bad usage or bad config.",
         "",
         "Options before the subcommand:", "",
-        *_option_table(a for a in _options(top)),
+        *_option_table(a for a in options(top)),
         "",
         "| command | does |", "| --- | --- |",
         *(f"| [`{name}`](#{name}) | {_cell(text)} |" for name, text, _sub in commands),
@@ -167,7 +168,7 @@ def render_cli(parser: argparse.ArgumentParser | None = None) -> str:
     for name, text, sub in commands:
         lines += ["", f"## `{name}`", "", _cell(text) or "(no description)", "", "```",
                   _usage(top, name, sub), "```"]
-        table = _option_table(a for a in _options(sub))
+        table = _option_table(a for a in options(sub))
         if table:
             lines += ["", *table]
         if name in _SEE_ALSO:

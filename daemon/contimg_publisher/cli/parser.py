@@ -47,29 +47,29 @@ def _reading(add: AddParser) -> None:
     p = add("status", help="health summary; exit 1 when something needs an "
                            "operator (a failed product, a product waiting too "
                            "long, no daemon)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the same as one JSON document")
     p = add("list", help="products, newest first")
-    p.add_argument("--status", choices=STATUSES)
-    p.add_argument("--type", dest="data_type")
+    p.add_argument("--status", choices=STATUSES, help="only products in this status")
+    p.add_argument("--type", dest="data_type", help="only products of this data type")
     p.add_argument("--limit", type=int, default=50, help="at most N rows (default 50; 0: all)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the same as one JSON document")
     p = add("show", help="one product with its failure history")
-    p.add_argument("data_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("data_id", help="the product's data_id (see list)")
+    p.add_argument("--json", action="store_true", help="the same as one JSON document")
 
 
 def _operating(add: AddParser) -> None:
     p = add("retry", help="clear attempts and make failed products due again")
-    p.add_argument("data_ids", nargs="*", metavar="DATA_ID")
-    p.add_argument("--all-failed", action="store_true")
+    p.add_argument("data_ids", nargs="*", metavar="DATA_ID", help="the products to retry")
+    p.add_argument("--all-failed", action="store_true", help="every failed product")
     p = add("publish", help="publish one product now (manual)")
-    p.add_argument("data_id")
+    p.add_argument("data_id", help="the product's data_id (see list)")
     p.add_argument("--override-qa", metavar="REASON",
                    help="publish a product the QA gate holds; REASON is logged")
     p = add("hold", help="stop automatic publishing of a product")
-    p.add_argument("data_id")
+    p.add_argument("data_id", help="the product's data_id (see list)")
     p = add("release", help="allow automatic publishing of a product again")
-    p.add_argument("data_id")
+    p.add_argument("data_id", help="the product's data_id (see list)")
 
 
 def _events(add: AddParser) -> None:
@@ -90,7 +90,7 @@ def _archive(add: AddParser) -> None:
     p = add("audit", help="read the products area back against the registry: "
                           "missing or changed products, unrecorded files; exit 1 "
                           "when anything is wrong")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the same as one JSON document")
     p.add_argument("--path", metavar="SUBPATH",
                    help="only this folder of the products area (relative to products_root)")
     p.add_argument("--bytes-per-second", type=float, default=0.0, metavar="N",
@@ -98,12 +98,12 @@ def _archive(add: AddParser) -> None:
     p = add("rebuild", help="create rows for archived products that have none")
     p.add_argument("--from-archive", action="store_true", required=True,
                    help="describe them from the products area (required)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the same as one JSON document")
     p = add("quarantine", help="move rejected and unclaimed files older than "
                                "[hygiene] report_after_seconds out of staging, "
                                "into [hygiene] quarantine_dir")
     p.add_argument("--dry-run", action="store_true", help="list them, move nothing")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the same as one JSON document")
 
 
 def _upkeep(add: AddParser) -> None:
@@ -124,4 +124,4 @@ def _upkeep(add: AddParser) -> None:
     p.add_argument("dest", metavar="DEST", help="the backup folder (created if missing)")
     p.add_argument("--keep", type=int, metavar="N",
                    help="then keep only the newest N backups in DEST")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the same as one JSON document")
