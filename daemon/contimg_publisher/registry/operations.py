@@ -124,6 +124,11 @@ class Operations(ABC):
     def _changed(self, sql: str, args: Row) -> int:
         """Run one write; how many rows it changed."""
 
+    def _exec(self, sql: str, args: Row | None = None) -> None:
+        """Run one write whose result nobody reads: a backend may send it with the next
+        statement it waits for, or with the end of the write() it is in."""
+        self._rows(sql, args)
+
     @abstractmethod
     def _many(self, sql: str, args: Sequence[Row]) -> None:
         """Run one write for each set of parameters."""
@@ -724,9 +729,9 @@ class Operations(ABC):
             if row is None:
                 return False
             self._point_record("data_id", item.data_id, item.published_path)
-            self._rows(_LOG_PUBLISH.format(node=self._node_col), values)
+            self._exec(_LOG_PUBLISH.format(node=self._node_col), values)
             if item.supersedes:
-                self._rows("INSERT INTO data_relationships (parent_data_id, child_data_id,"
+                self._exec("INSERT INTO data_relationships (parent_data_id, child_data_id,"
                            " relationship_type) VALUES (:data_id, :supersedes, 'supersedes')"
                            " ON CONFLICT DO NOTHING", values)
             self._emit_published(row, item.supersedes, self._now(now))
@@ -830,7 +835,7 @@ class Operations(ABC):
                 if counted:
                     next_at = when + backoff_delay(attempts, backoff_initial, backoff_max,
                                                    rng=rng)
-            self._rows(
+            self._exec(
                 "UPDATE data_registry SET status = :status, publish_attempts = :attempts,"
                 f" publish_error = :text, next_attempt_at = :next, {d.claim_cleared},"
                 " publish_requested_at = NULL,"
@@ -1099,7 +1104,7 @@ class Operations(ABC):
         self._outbox_lock()
         payload = published_payload(row, supersedes, socket.gethostname(),
                                     self.node if self.dialect.nodes else None)
-        self._rows(
+        self._exec(
             f"INSERT INTO outbox (event_id, type, data_id, payload_json, created_at"
             f"{self._node_col}) VALUES (:event_id, :type, :id, :payload, {self.dialect.at}"
             f"{self._node_val})",

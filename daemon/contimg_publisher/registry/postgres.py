@@ -30,11 +30,13 @@ a dead link pauses the daemon within its lease instead of blocking it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import psycopg
@@ -73,6 +75,8 @@ TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures"
 # (delivered_through) never passes an event another node had not committed yet.
 OUTBOX_LOCK = (MIGRATE_LOCK << 8) | 7
 OUTBOX_IDLE_SECONDS = 5.0
+# A connection that answered this recently is lent without asking the server (_check).
+RECENT_SECONDS = 1.0
 
 # What the server says when it cannot take work now: a lost connection, a server shutting
 # down or in recovery, a full disk, a lock past lock_timeout, a statement past
@@ -104,12 +108,15 @@ class PostgresRegistry(Operations):
         self.limits = pgconn.limits(busy_timeout_seconds, lease_seconds)
         self._init_gate()
         self._conn: psycopg.Connection[DictRow] | None = None  # inside write()/read()
+        self._pipeline: psycopg.Pipeline | None = None  # inside write()
+        self._answered: tuple[int, float] = (0, 0.0)  # see _check
+        self._outbox_held = False  # this transaction took OUTBOX_LOCK
         self._pool_name = f"contimg-{self.node}-{next(_POOL_NUMBERS)}"
         self._pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
             uri, min_size=1, max_size=1, num_workers=1, open=False, name=self._pool_name,
             timeout=self.limits.call_seconds,
             reconnect_timeout=self.limits.reconnect_seconds,
-            check=ConnectionPool.check_connection,
+            check=self._check,
             kwargs={"autocommit": True, "row_factory": dict_row,
                     "application_name": f"{application} {self.node}",
                     **self.limits.connect_kwargs()})
@@ -158,22 +165,44 @@ class PostgresRegistry(Operations):
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from None
 
-    def _rows(self, sql: str, args: Row | None = None) -> list[Row]:
+    def _check(self, conn: psycopg.Connection[DictRow]) -> None:
+        """The pool's check of a connection before it is lent: a round trip to the server,
+        unless this connection answered within RECENT_SECONDS (a check per call would
+        double the round trips of the hot path). A server lost since then is noticed by
+        the statement itself (RegistryUnavailable), and the pool replaces the connection."""
+        if conn.closed or conn.broken:
+            raise psycopg.OperationalError("the connection is closed")
+        key, when = self._answered
+        if key != id(conn) or time.monotonic() - when > RECENT_SECONDS:
+            ConnectionPool.check_connection(conn)
+
+    def _done(self, conn: psycopg.Connection[DictRow]) -> None:
+        self._answered = (id(conn), time.monotonic())
+
+    def _run(self, sql: str, args: Row | None, sync: bool) -> psycopg.Cursor[DictRow]:
         with self._session() as conn:
             try:
                 # Always with parameters, so a literal % (doubled by pg()) means the same
                 # in every statement, those without placeholders included.
                 cur = conn.execute(pg(sql), args or {})
-                return cur.fetchall() if cur.description is not None else []
+                if sync and self._pipeline is not None:
+                    self._pipeline.sync()
+                self._done(conn)
+                return cur
             except _UNAVAILABLE as exc:
                 raise self._unavailable(exc) from None
 
+    def _rows(self, sql: str, args: Row | None = None) -> list[Row]:
+        cur = self._run(sql, args, True)
+        return cur.fetchall() if cur.description is not None else []
+
     def _changed(self, sql: str, args: Row) -> int:
-        with self._session() as conn:
-            try:
-                return int(conn.execute(pg(sql), args).rowcount)
-            except _UNAVAILABLE as exc:
-                raise self._unavailable(exc) from None
+        return int(self._run(sql, args, True).rowcount)
+
+    def _exec(self, sql: str, args: Row | None = None) -> None:
+        """In write(), sent along with the next statement whose answer is awaited (psycopg's
+        pipeline mode): a statement whose result nobody reads costs no round trip."""
+        self._run(sql, args, False)
 
     def _many(self, sql: str, args: Sequence[Row]) -> None:
         if not args:
@@ -200,32 +229,43 @@ class PostgresRegistry(Operations):
         ended by the server after OUTBOX_IDLE_SECONDS (at least; 3 busy timeouts), not
         after the server's TCP keepalives give up, which can take hours."""
         idle = max(OUTBOX_IDLE_SECONDS, 3 * self.busy_timeout_seconds)
-        with self._session() as conn:
-            try:
-                conn.execute(f"SELECT pg_advisory_xact_lock({OUTBOX_LOCK});"
-                             f" SET LOCAL idle_in_transaction_session_timeout = {int(idle * 1000)}")
-            except _UNAVAILABLE as exc:
-                raise self._unavailable(exc) from None
+        self._outbox_held = True
+        self._exec(f"SELECT pg_advisory_xact_lock({OUTBOX_LOCK})")
+        self._exec(f"SET LOCAL idle_in_transaction_session_timeout = {int(idle * 1000)}")
+
+    def write(self) -> AbstractContextManager[psycopg.Connection[DictRow]]:
+        """One transaction, committed on success and rolled back on error; a write inside
+        another is a SAVEPOINT of it, so a caller's write() makes many calls one commit.
+        In pipeline mode: BEGIN, and statements whose results are not read, travel with
+        the next statement that is waited for."""
+        return self._transaction(pipeline=True)
 
     @contextmanager
-    def write(self) -> Iterator[psycopg.Connection[DictRow]]:
-        """One transaction, committed on success and rolled back on error; a write inside
-        another is a SAVEPOINT of it, so a caller's write() makes many calls one commit."""
+    def _transaction(self, pipeline: bool) -> Iterator[psycopg.Connection[DictRow]]:
         if self._conn is not None:
             try:
                 with self._conn.transaction():
                     yield self._conn
+                if self._pipeline is not None and self._outbox_held:
+                    # Its RELEASE sent and waited for: a transaction that holds the outbox's
+                    # order must be idle (not mid-pipeline) while its client does something
+                    # else, for the server to end it after OUTBOX_IDLE_SECONDS.
+                    self._pipeline.sync()
             except _UNAVAILABLE as exc:
                 raise self._unavailable(exc) from None
             return
         try:
             with self._pool.connection() as conn:
-                self._conn = conn
+                self._conn, self._outbox_held = conn, False
                 try:
-                    with conn.transaction():
+                    with contextlib.ExitStack() as stack:
+                        if pipeline:
+                            self._pipeline = stack.enter_context(conn.pipeline())
+                        stack.enter_context(conn.transaction())
                         yield conn
+                    self._done(conn)
                 finally:
-                    self._conn = None
+                    self._conn, self._pipeline = None, None
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from None
 
@@ -289,7 +329,7 @@ class PostgresRegistry(Operations):
         for target, step in MIGRATIONS:
             if target <= current or target > target_version:
                 continue
-            with self.write() as conn:
+            with self._transaction(pipeline=False) as conn:
                 # DDL on a large table may outlast a statement's bound; a dead link is
                 # still noticed (pgconn: tcp_user_timeout, keepalives).
                 conn.execute("SET LOCAL statement_timeout = 0")
