@@ -461,13 +461,16 @@ class Operations(ABC):
         of that id when it is at that path, else the unpublished row at that path (a
         product registered by other code under another id, such as the full path that the
         legacy register_pipeline_data uses), else the row of that id, elsewhere."""
-        row = self._one("SELECT * FROM data_registry WHERE data_id = :id", {"id": data_id})
+        found = self._rows(
+            "SELECT *, 0 AS found_by FROM data_registry WHERE data_id = :id UNION ALL"
+            " SELECT * FROM (SELECT *, 1 AS found_by FROM data_registry WHERE stage_path = :path"
+            f"{self.dialect.mine()} AND status != {_PUBLISHED} ORDER BY id DESC LIMIT 1) AS p",
+            self._args(id=data_id, path=stage_path))  # one statement: one round trip
+        by = [(r.pop("found_by"), r) for r in found]
+        row = next((r for k, r in by if k == 0), None)
         if row is not None and row["stage_path"] == stage_path and self._ours(row):
             return row
-        at_path = self._one(f"SELECT * FROM data_registry WHERE stage_path = :path"
-                            f"{self.dialect.mine()} AND status != {_PUBLISHED}"
-                            " ORDER BY id DESC LIMIT 1", self._args(path=stage_path))
-        return at_path if at_path is not None else row
+        return next((r for k, r in by if k == 1), row)
 
     def _register(self, c: Candidate, now: float | None) -> tuple[Registered, Product]:
         row = self._find(c.data_id, c.stage_path)

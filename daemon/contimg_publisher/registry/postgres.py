@@ -41,6 +41,7 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
+from psycopg import pq
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -194,7 +195,9 @@ class PostgresRegistry(Operations):
 
     def _rows(self, sql: str, args: Row | None = None) -> list[Row]:
         cur = self._run(sql, args, True)
-        return cur.fetchall() if cur.description is not None else []
+        result = cur.pgresult  # not cur.description, which builds every column's object
+        return cur.fetchall() if result is not None and \
+            result.status == pq.ExecStatus.TUPLES_OK else []
 
     def _changed(self, sql: str, args: Row) -> int:
         return int(self._run(sql, args, True).rowcount)
