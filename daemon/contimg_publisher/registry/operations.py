@@ -456,48 +456,60 @@ class Operations(ABC):
         with self.write():
             return self._register(c, self._now(now))
 
-    def _find(self, data_id: str, stage_path: str) -> Row | None:
-        """The row of the product staged at `stage_path` that would take `data_id`: the row
-        of that id when it is at that path, else the unpublished row at that path (a
-        product registered by other code under another id, such as the full path that the
-        legacy register_pipeline_data uses), else the row of that id, elsewhere."""
-        found = self._rows(
-            "SELECT *, 0 AS found_by FROM data_registry WHERE data_id = :id UNION ALL"
-            " SELECT * FROM (SELECT *, 1 AS found_by FROM data_registry WHERE stage_path = :path"
-            f"{self.dialect.mine()} AND status != {_PUBLISHED} ORDER BY id DESC LIMIT 1) AS p",
-            self._args(id=data_id, path=stage_path))  # one statement: one round trip
-        by = [(r.pop("found_by"), r) for r in found]
+    def _find(self, data_id: str, stage_path: str, insert: tuple[str, str] | None = None,
+              values: Row | None = None) -> tuple[Row | None, Row | None]:
+        """(the row of the product staged at `stage_path` that would take `data_id`, the row
+        `insert` made). The row found: that of the id when it is at that path, else the
+        unpublished row at that path (a product registered by other code under another id,
+        such as the full path that the legacy register_pipeline_data uses), else the row of
+        that id, elsewhere. One statement; on a server (DML in a WITH) the INSERT of
+        `insert` (its columns, its values) is in it too, made when nothing was found."""
+        find = ("SELECT *, 0 AS found_by FROM data_registry WHERE data_id = :id UNION ALL"
+                " SELECT * FROM (SELECT *, 1 AS found_by FROM data_registry"
+                f" WHERE stage_path = :path{self.dialect.mine()} AND status != {_PUBLISHED}"
+                " ORDER BY id DESC LIMIT 1) AS p")
+        args = {**self._args(), **(values or {}), "id": data_id, "path": stage_path}
+        if insert is not None:
+            find = (f"WITH f AS ({find}), made AS (INSERT INTO data_registry ({insert[0]})"
+                    f" SELECT {insert[1]} WHERE NOT EXISTS (SELECT 1 FROM f)"
+                    " ON CONFLICT DO NOTHING RETURNING *, 2 AS found_by)"
+                    " SELECT * FROM f UNION ALL SELECT * FROM made")
+        by = [(r.pop("found_by"), r) for r in self._rows(find, args)]
         row = next((r for k, r in by if k == 0), None)
+        made = next((r for k, r in by if k == 2), None)
         if row is not None and row["stage_path"] == stage_path and self._ours(row):
-            return row
-        return next((r for k, r in by if k == 1), row)
+            return row, made
+        return next((r for k, r in by if k == 1), row), made
 
     def _register(self, c: Candidate, now: float | None) -> tuple[Registered, Product]:
-        row = self._find(c.data_id, c.stage_path)
-        here = row is not None and row["stage_path"] == c.stage_path and self._ours(row)
-        if row is not None and here and row["data_type"] != c.data_type:
-            # Registered at this path by another writer as another type: not ours to change.
-            return Registered.FOREIGN, _product(row)
         ident, at = c.identity, self.dialect.at
         values = self._args(
             type=c.data_type, id=c.data_id, base=c.base_path, path=c.stage_path, now=now,
             header=json.dumps(c.metadata, sort_keys=True), size=ident.size,
             checksum=c.checksum, raw=c.stage_path_bytes, dev=ident.dev, ino=ident.ino,
             mtime=ident.mtime_ns, ctime=ident.ctime_ns)
+        insert = ("data_type, data_id, base_path, status, stage_path, created_at, staged_at,"
+                  " metadata_json, header_json, auto_publish_enabled, publish_attempts,"
+                  " size_bytes, checksum, stage_path_bytes, stage_dev, stage_ino,"
+                  f" stage_mtime_ns, stage_ctime_ns, updated_at{self._node_col}",
+                  f":type, :id, :base, {_STAGING}, :path, {at}, {at}, :header, :header, 1, 0,"
+                  f" :size, :checksum, :raw, :dev, :ino, :mtime, :ctime, {at}{self._node_val}")
+        # A server: found, or made, in one round trip.
+        row, made = self._find(c.data_id, c.stage_path, insert if self.dialect.nodes else None,
+                               values)
+        here = row is not None and row["stage_path"] == c.stage_path and self._ours(row)
+        if row is not None and here and row["data_type"] != c.data_type:
+            # Registered at this path by another writer as another type: not ours to change.
+            return Registered.FOREIGN, _product(row)
         if row is None:
-            row = self._one(
-                "INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
-                " created_at, staged_at, metadata_json, header_json, auto_publish_enabled,"
-                " publish_attempts, size_bytes, checksum, stage_path_bytes, stage_dev,"
-                f" stage_ino, stage_mtime_ns, stage_ctime_ns, updated_at{self._node_col})"
-                f" VALUES (:type, :id, :base, {_STAGING}, :path, {at}, {at}, :header, :header,"
-                " 1, 0, :size, :checksum, :raw, :dev, :ino, :mtime, :ctime,"
-                f" {at}{self._node_val}) ON CONFLICT DO NOTHING RETURNING *", values)
-            if row is None:
-                # Another node registered this data_id since _find (its commit came first):
-                # judged again against that row, which is a "conflict" for a new id.
+            if made is None and not self.dialect.nodes:
+                made = self._one(f"INSERT INTO data_registry ({insert[0]}) VALUES ({insert[1]})"
+                                 " ON CONFLICT DO NOTHING RETURNING *", values)
+            if made is None:
+                # Another node registered this data_id since it was looked for (its commit
+                # came first): judged again against that row, a "conflict" for a new id.
                 return self._register(c, now)
-            return Registered.NEW, _product(row)
+            return Registered.NEW, _product(made)
         if not here:
             return Registered.CONFLICT, _product(row)
         if row["status"] == Status.PUBLISHING:
@@ -547,7 +559,7 @@ class Operations(ABC):
                             size=ident.size, dev=ident.dev, ino=ident.ino,
                             mtime=ident.mtime_ns, ctime=ident.ctime_ns)
         with self.write():
-            row = self._find(data_id, stage_path)
+            row, _ = self._find(data_id, stage_path)
             if row is None:
                 row = self._one(
                     "INSERT INTO data_registry (data_type, data_id, base_path, status,"
