@@ -268,6 +268,11 @@ class Operations(ABC):
         return ", :node" if self.dialect.nodes else ""
 
     @property
+    def _if_free(self) -> str:
+        """An INSERT of a new row on a server: another node may have made it meanwhile."""
+        return " ON CONFLICT DO NOTHING" if self.dialect.nodes else ""
+
+    @property
     def _fenced(self) -> str:
         """The claim's fence, or no check at all when owner is None (reconciliation)."""
         return f"(CAST(:owner AS TEXT) IS NULL OR ({self.dialect.fence}))"
@@ -504,7 +509,7 @@ class Operations(ABC):
         if row is None:
             if made is None and not self.dialect.nodes:
                 made = self._one(f"INSERT INTO data_registry ({insert[0]}) VALUES ({insert[1]})"
-                                 " ON CONFLICT DO NOTHING RETURNING *", values)
+                                 " RETURNING *", values)  # one writer: nothing came between
             if made is None:
                 # Another node registered this data_id since it was looked for (its commit
                 # came first): judged again against that row, a "conflict" for a new id.
@@ -568,7 +573,7 @@ class Operations(ABC):
                     f" stage_ino, stage_mtime_ns, stage_ctime_ns, updated_at{self._node_col})"
                     f" VALUES (:type, :id, :base, {_REJECTED}, :path, {at}, {at}, 1, 0,"
                     " :reason, :raw, :size, :dev, :ino, :mtime, :ctime,"
-                    f" {at}{self._node_val}) ON CONFLICT DO NOTHING RETURNING *", values)
+                    f" {at}{self._node_val}){self._if_free} RETURNING *", values)
                 if row is None:  # another node's row took this data_id meanwhile
                     return Rejection.SKIPPED, self.get(data_id)
                 return Rejection.NEW, _product(row)
