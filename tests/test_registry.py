@@ -8,6 +8,7 @@ import hashlib
 import multiprocessing
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -755,8 +756,8 @@ def test_publishes_recorded_together_skip_a_row_whose_claim_was_lost(reg):
 
 
 def _plans(reg: Registry, call: Any) -> list[tuple[str, list[str]]]:
-    """(statement, query plan lines) of every SELECT that `call` runs on reg's connection,
-    captured with APSW's exec tracer and explained by SQLite itself."""
+    """(statement, query plan lines) of every SELECT (or WITH ... SELECT) that `call` runs
+    on reg's connection, captured with APSW's exec tracer and explained by SQLite itself."""
     seen: list[str] = []
 
     def tracer(_cursor: Any, sql: str, _bindings: Any) -> bool:
@@ -770,9 +771,9 @@ def _plans(reg: Registry, call: Any) -> list[tuple[str, list[str]]]:
         reg.conn.exec_trace = None
     plans = []
     for sql in seen:
-        if not sql.lstrip().upper().startswith("SELECT"):
+        if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
             continue
-        args = [0.0] * sql.count("?")
+        args = dict.fromkeys(re.findall(r"(?<![:\w]):([A-Za-z_]\w*)", sql), 0.0)
         plans.append((sql, [str(r[3]) for r in reg.conn.execute(
             "EXPLAIN QUERY PLAN " + sql, args)]))
     return plans

@@ -139,3 +139,69 @@ class Duty(StrEnum):
 
     OUTBOX = "outbox"  # delivering the shared outbox to the sinks
     AUDIT = "audit"    # the background fixity audit of the shared archive
+
+
+class Move(StrEnum):
+    """A registry operation that changes a row's status (TRANSITIONS: from which, to which)."""
+
+    CLAIM = "claim"              # due (or asked for) -> publishing, under a lease
+    CLAIM_ASKED = "claim_asked"  # a manual publish of one row: held or failed ones too
+    PUBLISH = "publish"          # a claim's publish committed
+    RESTORE = "restore"          # a waiting row found published in the archive (publish_log)
+    FAIL = "fail"                # a claim's attempt failed: due again, or failed
+    REQUEUE = "requeue"          # a claim given back unfinished
+    REJECT = "reject"            # bad input found at registration
+    REJECT_CLAIMED = "reject_claimed"  # bad input found by the publish's read
+    FORGET = "forget"            # the staged file is gone
+    PARK = "park"                # staged outside the configured root: an operator's
+    EXHAUST = "exhaust"          # attempts already at the limit
+    RETRY = "retry"              # an operator's `retry`
+    REQUEST = "request"          # an operator's `publish`
+
+
+_S = Status
+# Which statuses each move takes a row from, and the one it leaves it in (FAIL: STAGING or
+# FAILED by its attempts; REJECT from None: a new row). The SQL (sql_from) and the Python
+# checks (may) both read this one table.
+TRANSITIONS: dict[Move, tuple[frozenset[Status], Status]] = {
+    Move.CLAIM: (frozenset({_S.STAGING}), _S.PUBLISHING),
+    Move.CLAIM_ASKED: (frozenset({_S.STAGING, _S.FAILED}), _S.PUBLISHING),
+    Move.PUBLISH: (frozenset({_S.PUBLISHING}), _S.PUBLISHED),
+    Move.RESTORE: (frozenset({_S.STAGING, _S.FAILED}), _S.PUBLISHED),
+    Move.FAIL: (frozenset({_S.PUBLISHING}), _S.STAGING),
+    Move.REQUEUE: (frozenset({_S.PUBLISHING}), _S.STAGING),
+    Move.REJECT: (frozenset({_S.STAGING, _S.FAILED, _S.REJECTED}), _S.REJECTED),
+    Move.REJECT_CLAIMED: (frozenset({_S.PUBLISHING}), _S.REJECTED),
+    Move.FORGET: (frozenset({_S.STAGING}), _S.REJECTED),
+    Move.PARK: (frozenset({_S.STAGING}), _S.FAILED),
+    Move.EXHAUST: (frozenset({_S.STAGING}), _S.FAILED),
+    Move.RETRY: (frozenset({_S.FAILED, _S.STAGING, _S.REJECTED}), _S.STAGING),
+    Move.REQUEST: (frozenset({_S.STAGING, _S.FAILED}), _S.STAGING),
+}
+
+# Rows that wait for a publish: an operator may still act on a failed one.
+WAITING = frozenset({_S.STAGING, _S.FAILED})
+
+
+def may(move: Move, status: str | None) -> bool:
+    """Whether `move` applies to a row in `status`."""
+    return status in TRANSITIONS[move][0]
+
+
+def to(move: Move) -> Status:
+    """The status `move` leaves a row in."""
+    return TRANSITIONS[move][1]
+
+
+def sql(value: StrEnum) -> str:
+    """A state (a status, a step, ...) as an SQL literal."""
+    return f"'{value.value}'"
+
+
+def sql_in(statuses: frozenset[Status] | Move) -> str:
+    """`status IN (...)` for a set of statuses, or for the statuses a move starts from."""
+    if isinstance(statuses, Move):
+        statuses = TRANSITIONS[statuses][0]
+    if len(statuses) == 1:
+        return f"status = {sql(next(iter(statuses)))}"
+    return f"status IN ({', '.join(sql(s) for s in sorted(statuses))})"

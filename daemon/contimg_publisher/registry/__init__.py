@@ -1,9 +1,10 @@
 """The product registry: every SQL statement of the project lives in this package.
 
-One contract (interface.RegistryBackend) and one module per backend: sqlite.py, the
-embedded default that needs no server (a file shared with the pipeline's older code), and
-postgres.py, one registry for several nodes. `open_registry` picks the backend from
-`[paths] registry`: a file path, or a `postgresql://` URI.
+Every operation is written once (operations.py) against a session and a dialect
+(dialect.py), over one numbered schema history (schema.py); each backend keeps only what
+truly differs: sqlite.py, the embedded default that needs no server (a file shared with the
+pipeline's older code), and postgres.py, one registry for several nodes. `open_registry`
+picks the backend from `[paths] registry`: a file path, or a `postgresql://` URI.
 
 `Registry` is the SQLite backend, under the name the code and its tests always used.
 """
@@ -37,12 +38,15 @@ from contimg_publisher.registry.model import (
     Published,
     PublishRecord,
     Quarantined,
+    RebuildOutcome,
     Rebuilt,
     Recorded,
+    Registered,
     RegistryBusy,
     RegistryError,
     RegistryGone,
     RegistryUnavailable,
+    Rejection,
     Reservation,
     SinkState,
     Unclaimed,
@@ -68,15 +72,16 @@ SQLiteRegistry = Registry
 URI_SCHEMES = ("postgresql://", "postgres://")
 
 __all__ = [
-    "Candidate", "EVENT_PUBLISHED", "Event", "FAILURE_KINDS", "FINDING_KINDS", "Failure",
-    "FailureOutcome", "Finding", "HEARTBEAT_SECONDS", "HELD_BY_OPERATOR", "Heartbeat", "Identity",
-    "LEGACY_DDL", "PENDING", "Product", "PublishRecord", "Published", "Quarantined", "Rebuilt",
-    "Recorded", "Registry", "RegistryBackend", "RegistryBusy", "RegistryError", "RegistryGone",
-    "RegistryUnavailable", "Reservation", "SCHEMA_VERSION", "SQLiteRegistry", "STATUSES",
-    "SinkState", "TRANSIENT", "Unclaimed", "backoff_delay", "by_status", "checksum_known", "held",
-    "is_server", "oldest_unheld_waiting", "open_registry", "pending_checksum", "qa_hold_sql",
-    "qa_holds", "recent_published", "refuse_new_over_archive", "truncate",
-    "unavailable", "waiting",
+    "backoff_delay", "by_status", "Candidate", "checksum_known", "Event", "EVENT_PUBLISHED",
+    "Failure", "FAILURE_KINDS", "FailureOutcome", "Finding", "FINDING_KINDS", "Heartbeat",
+    "HEARTBEAT_SECONDS", "held", "HELD_BY_OPERATOR", "Identity", "is_server", "LEGACY_DDL",
+    "oldest_unheld_waiting", "open_registry", "PENDING", "pending_checksum", "Product",
+    "Published", "PublishRecord", "qa_hold_sql", "qa_holds", "Quarantined", "RebuildOutcome",
+    "Rebuilt", "recent_published", "Recorded", "refuse_new_over_archive", "Registered",
+    "Registry", "RegistryBackend", "RegistryBusy", "RegistryError", "RegistryGone",
+    "RegistryUnavailable", "Rejection", "Reservation", "SCHEMA_VERSION", "SinkState",
+    "SQLiteRegistry", "STATUSES", "TRANSIENT", "truncate", "unavailable", "Unclaimed",
+    "waiting",
 ]
 
 

@@ -9,6 +9,7 @@ import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, TypeGuard
 
 from contimg_publisher import paths, redact
@@ -74,6 +75,35 @@ class PublishRecord:
     header_json: str | None
     publish_mode: str | None
     published_at: float
+
+
+class Registered(StrEnum):
+    """What `register` did with a finished product."""
+
+    NEW = "new"
+    UPDATED = "updated"      # content changed: waits again
+    UNCHANGED = "unchanged"
+    BUSY = "busy"            # a publish holds it
+    PUBLISHED = "published"  # the same content was already published from this path
+    CONFLICT = "conflict"    # the data_id belongs to another path or other content
+    FOREIGN = "foreign"      # another writer registered this path as another type
+
+
+class Rejection(StrEnum):
+    """What `reject` did with bad input."""
+
+    NEW = "new"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+    SKIPPED = "skipped"      # a published or publishing row, or another node's: untouched
+
+
+class RebuildOutcome(StrEnum):
+    """What `insert_rebuilt` did for an archived product."""
+
+    CREATED = "created"
+    RECORDED = "recorded"    # some row names the path by now: nothing written
+    ID_TAKEN = "id_taken"    # the data_id belongs to another row, which is never changed
 
 
 def _literal(text: str) -> str:

@@ -106,11 +106,11 @@ def gate_whens(r: Record, found: Found, quote: str) -> list[str]:
     return out
 
 
-def update_sql(r: Record, placeholder: str) -> str:
-    """The publish's UPDATE of the record: (published path, staged path, published path) as
-    parameters. A row of the table that already names the published path (a stale row of
-    the pipeline's, whose file had left that name) leaves the record as it is: a unique
-    path column would otherwise fail the commit of the publish, every time it is tried."""
+def update_sql(r: Record) -> str:
+    """The publish's UPDATE of the record (`:published`, `:staged`: the paths). A row of
+    the table that already names the published path (a stale row of the pipeline's, whose
+    file had left that name) leaves the record as it is: a unique path column would
+    otherwise fail the commit of the publish, every time it is tried."""
     t, p = ident(r.table), ident(r.path_column)
-    return (f"UPDATE {t} SET {p} = {placeholder} WHERE {p} = {placeholder}"
-            f" AND NOT EXISTS (SELECT 1 FROM {t} AS other WHERE other.{p} = {placeholder})")
+    return (f"UPDATE {t} SET {p} = :published WHERE {p} = :staged"
+            f" AND NOT EXISTS (SELECT 1 FROM {t} AS other WHERE other.{p} = :published)")
