@@ -27,7 +27,6 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from enum import StrEnum
 
 from contimg_publisher import archive, kinds, paths, treewalk, writers
 from contimg_publisher.config import Config, ProductRule
@@ -40,8 +39,10 @@ from contimg_publisher.registry import (
     Candidate,
     Identity,
     Product,
+    Registered,
     RegistryBackend,
     RegistryError,
+    Rejection,
 )
 from contimg_publisher.rules import Match, RuleSet, data_id_for, name_problem, owns, sidecar_names
 from contimg_publisher.states import Detected, Status
@@ -74,27 +75,13 @@ class Outcome:
     product: Product | None = None
 
 
-class Registration(StrEnum):
-    """What Registry.register and Registry.reject answer, as detection reads them (the
-    values are the registry's words)."""
-
-    NEW = "new"
-    UPDATED = "updated"
-    UNCHANGED = "unchanged"
-    BUSY = "busy"              # a publish holds the row
-    PUBLISHED = "published"    # the same content was published from this path
-    FOREIGN = "foreign"        # another writer's row, of another type
-    CONFLICT = "conflict"      # the id is taken by another path or by published content
-    SKIPPED = "skipped"        # reject(): the row was left as it is
-
-
 # What registering a described product did, as a detection action.
-REGISTRATION_ACTIONS = {Registration.NEW: Detected.REGISTERED,
-                        Registration.UPDATED: Detected.UPDATED,
-                        Registration.UNCHANGED: Detected.UNCHANGED,
-                        Registration.BUSY: Detected.BUSY,
-                        Registration.PUBLISHED: Detected.LEFTOVER,
-                        Registration.FOREIGN: Detected.FOREIGN}
+REGISTRATION_ACTIONS = {Registered.NEW: Detected.REGISTERED,
+                        Registered.UPDATED: Detected.UPDATED,
+                        Registered.UNCHANGED: Detected.UNCHANGED,
+                        Registered.BUSY: Detected.BUSY,
+                        Registered.PUBLISHED: Detected.LEFTOVER,
+                        Registered.FOREIGN: Detected.FOREIGN}
 
 
 class Detector:
@@ -609,14 +596,14 @@ class Detector:
         outcome, row = self.registry.reject(
             data_id, m.rule.type, paths.display(self.root), stage_path,
             os.path.join(self.root, *m.parts), reason, ident, self.config.error_max_chars)
-        if outcome == Registration.SKIPPED and row is not None and \
+        if outcome == Rejection.SKIPPED and row is not None and \
                 row.stage_path != stage_path:
             # The id belongs to another path: keep this rejection under a path-qualified id.
             outcome, row = self.registry.reject(
                 f"{m.rule.type}:{stage_path}", m.rule.type, paths.display(self.root),
                 stage_path, os.path.join(self.root, *m.parts), reason, ident,
                 self.config.error_max_chars)
-        action = Detected.REJECTED if outcome in (Registration.NEW, Registration.UPDATED) else \
+        action = Detected.REJECTED if outcome in (Rejection.NEW, Rejection.UPDATED) else \
             Detected.REJECTED_UNCHANGED
         return Outcome(action, row.data_id if row else data_id, m.rule.type, stage_path,
                        reason=reason, product=row)
@@ -629,14 +616,14 @@ class Detector:
             results = [self.registry.register(c) for c, _m in items]
         for (cand, m), (outcome, row) in zip(items, results, strict=True):
             version = 1
-            while outcome == Registration.CONFLICT and version < 1000:
+            while outcome == Registered.CONFLICT and version < 1000:
                 # The id is taken by another path, or by content already published from this
                 # path: the new content becomes the next version of the product.
                 version += 1
                 cand = Candidate(**{**cand.__dict__, "data_id": f"{data_id_for(m.rule, m.parts)}"
                                                                 f".v{version}"})
                 outcome, row = self.registry.register(cand)
-            action = REGISTRATION_ACTIONS[Registration(outcome)]
+            action = REGISTRATION_ACTIONS[outcome]
             outcomes.append(Outcome(action, row.data_id, row.data_type, cand.stage_path,
                                     product=row))
         return outcomes

@@ -18,24 +18,15 @@ import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from contimg_publisher import content, fits, paths, rules, treewalk
 from contimg_publisher.config import Config, ProductRule
-from contimg_publisher.registry import Rebuilt, RegistryBackend
+from contimg_publisher.registry import RebuildOutcome, Rebuilt, RegistryBackend
 from contimg_publisher.states import Kind
 
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _VERSION = re.compile(r"^(.*)\.v([2-9]|[1-9][0-9]+)$")
-
-
-class Inserted(StrEnum):
-    """What Registry.insert_rebuilt did with one archived product (the registry's words)."""
-
-    CREATED = "created"      # a new row
-    RECORDED = "recorded"    # a row or a logged publish already records it
-    ID_TAKEN = "id_taken"    # its data_id belongs to another row, left as it is
 
 
 @dataclass
@@ -181,9 +172,9 @@ def _walk_rule(config: Config, registry: RegistryBackend, rule: ProductRule, roo
                 published_at=st.st_mtime, size_bytes=size, checksum=checksum,
                 metadata=metadata, sidecars=tuple(sidecars))
             outcome = registry.insert_rebuilt(item)
-            if outcome == Inserted.CREATED:
+            if outcome == RebuildOutcome.CREATED:
                 report.created.append(item)
-            elif outcome == Inserted.RECORDED:
+            elif outcome == RebuildOutcome.RECORDED:
                 report.recorded += 1
             else:
                 holder = registry.get(item.data_id)
