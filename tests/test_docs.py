@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from contimg_publisher import config as config_mod
-from contimg_publisher import reference
+from contimg_publisher import reference, states
 from contimg_publisher.cli import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,3 +138,16 @@ def test_the_readme_starts_with_the_two_commands_and_stays_short() -> None:
     assert len(lines) <= 150, f"README.md has {len(lines)} lines; the details go in docs/"
     first_block = "\n".join(lines[: lines.index("```", lines.index("```sh") + 1)])
     assert "./.ci/dev run" in first_block and "./.ci/dev test" in first_block
+
+
+def test_the_design_page_shows_every_status_transition_of_states_py() -> None:
+    """The diagram and table of docs/design.md are rendered from states.TRANSITIONS: a move
+    added there without regenerating fails here."""
+    design = (DOCS / reference.DESIGN_FILE).read_text(encoding="utf-8")
+    assert reference.TRANSITIONS_BEGIN in design and reference.TRANSITIONS_END in design, \
+        "docs/design.md lost the markers around its generated transitions"
+    rows = set(re.findall(r"^\| `([a-z_]+)` \| `", design, re.MULTILINE))
+    missing = [move.value for move in states.TRANSITIONS if move.value not in rows]
+    assert not missing, f"docs/design.md lacks the moves {missing}: {HOW}"
+    assert reference.render_transitions() in design, \
+        f"docs/design.md's transitions differ from states.TRANSITIONS: {HOW}"

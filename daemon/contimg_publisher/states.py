@@ -142,22 +142,43 @@ class Duty(StrEnum):
 
 
 class Move(StrEnum):
-    """A registry operation that changes a row's status (TRANSITIONS: from which, to which)."""
+    """A registry operation that changes a row's status (TRANSITIONS: from which, to which;
+    MOVE_TEXT: when it happens)."""
 
-    CLAIM = "claim"              # due (or asked for) -> publishing, under a lease
-    CLAIM_ASKED = "claim_asked"  # a manual publish of one row: held or failed ones too
-    PUBLISH = "publish"          # a claim's publish committed
-    RESTORE = "restore"          # a waiting row found published in the archive (publish_log)
-    FAIL = "fail"                # a claim's attempt failed: due again, or failed
-    REQUEUE = "requeue"          # a claim given back unfinished
-    REJECT = "reject"            # bad input found at registration
-    REJECT_CLAIMED = "reject_claimed"  # bad input found by the publish's read
-    FORGET = "forget"            # the staged file is gone
-    PARK = "park"                # staged outside the configured root: an operator's
-    EXHAUST = "exhaust"          # attempts already at the limit
-    RETRY = "retry"              # an operator's `retry`
-    REQUEST = "request"          # an operator's `publish`
+    CLAIM = "claim"
+    CLAIM_ASKED = "claim_asked"
+    PUBLISH = "publish"
+    RESTORE = "restore"
+    FAIL = "fail"
+    REQUEUE = "requeue"
+    REJECT = "reject"
+    REJECT_CLAIMED = "reject_claimed"
+    FORGET = "forget"
+    PARK = "park"
+    EXHAUST = "exhaust"
+    RETRY = "retry"
+    REQUEST = "request"
 
+
+# When each move happens (docs/design.md's table of transitions is rendered from these).
+MOVE_TEXT: dict[Move, str] = {
+    Move.CLAIM: "claimed under a lease, due (or asked for) and not held",
+    Move.CLAIM_ASKED: "claimed for a manual `publish` of one product, held or failed too",
+    Move.PUBLISH: "the publish committed, or reconciliation completed it",
+    Move.RESTORE: "a waiting product found published in the archive (the publish log)",
+    Move.FAIL: "an attempt failed: due again after its backoff, or `failed` once "
+               "`max_attempts` is reached",
+    Move.REQUEUE: "given back unfinished (a stop, an interrupted publish, no room yet): "
+                  "no attempt counted",
+    Move.REJECT: "bad input found at registration (a new row, or its file changed into "
+                 "bad input)",
+    Move.REJECT_CLAIMED: "the publish's read found it not publishable",
+    Move.FORGET: "its staged file left the staging area before it was published",
+    Move.PARK: "staged outside the configured `stage_root`: waits for an operator",
+    Move.EXHAUST: "its attempts already reach `max_attempts`",
+    Move.RETRY: "an operator's `retry` (or a rejected file changed into a product)",
+    Move.REQUEST: "an operator's `publish` asks for it",
+}
 
 _S = Status
 # Which statuses each move takes a row from, and the one it leaves it in (FAIL: STAGING or
@@ -191,6 +212,11 @@ def may(move: Move, status: str | None) -> bool:
 def to(move: Move) -> Status:
     """The status `move` leaves a row in."""
     return TRANSITIONS[move][1]
+
+
+def ends(move: Move) -> tuple[Status, ...]:
+    """Every status `move` may leave a row in (FAIL: staging, or failed by its attempts)."""
+    return (to(move), Status.FAILED) if move is Move.FAIL else (to(move),)
 
 
 def sql(value: StrEnum) -> str:
