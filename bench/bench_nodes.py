@@ -5,9 +5,9 @@
 1. claims/s: each worker process is one node's daemon, claiming its own node's rows one
    at a time and recording each as published (claim, then mark_published: two commits),
    until none is left; 1, 2 and 4 workers on PostgreSQL, 1 on SQLite.
-2. products/s: real daemons (`run`), each with a staging folder of its own, publishing
-   real FITS files into one products folder; from the first publish to the last, as the
-   registry records them; 1, 2 and 4 daemons on PostgreSQL, 1 on SQLite.
+2. products/s: real daemons (`run`), each with a staging folder of its own, registering
+   and publishing real FITS files into one products folder; from every daemon's `started`
+   to the last product's arrival; 1, 2 and 4 daemons on PostgreSQL, 1 on SQLite.
 
 The server is a throw-away cluster (tests/pg.py) on a unix socket, fsync off (as in the
 tests); SQLite keeps synchronous=FULL. Prints a Markdown table for the README.
@@ -137,8 +137,9 @@ def products_per_second(top: Path, target: str | None, daemons: int, products: i
     procs = [start_daemon(box, profile) for box in boxes]
     want = (products // daemons) * daemons
     try:
-        # Each daemon registers what it finds before it says `started`; publishing is
-        # timed from the moment every daemon has said it to the last product's arrival.
+        # Each daemon has walked its staging folder before it says `started`; registering
+        # and publishing are timed from the moment every daemon has said it to the last
+        # product's arrival in the products folder.
         wait_for(lambda: all('"event": "started"' in (box.root / "daemon.log").read_text()
                              for box in boxes), 120, interval=0.01, what="every daemon ready")
         t0 = time.perf_counter()
