@@ -5,12 +5,17 @@
 1. claims/s: each worker process is one node's daemon, claiming its own node's rows one
    at a time and recording each as published (claim, then mark_published: two commits),
    until none is left; 1, 2 and 4 workers on PostgreSQL, 1 on SQLite.
-2. products/s: real daemons (`run`), each with a staging folder of its own, publishing
-   real FITS files into one products folder; from the first publish to the last, as the
-   registry records them; 1, 2 and 4 daemons on PostgreSQL, 1 on SQLite.
+2. products/s: real daemons (`run`), each with a staging folder of its own, registering
+   and publishing real FITS files into one products folder; from every daemon's `started`
+   to the last product's arrival; 1, 2 and 4 daemons on PostgreSQL, 1 on SQLite.
 
 The server is a throw-away cluster (tests/pg.py) on a unix socket, fsync off (as in the
 tests); SQLite keeps synchronous=FULL. Prints a Markdown table for the README.
+
+`--only sqlite1,pg1` runs some of the rows (the target is PostgreSQL x1 against SQLite
+x1, same run); `--no-claims` skips the claims/s half. With CONTIMG_BENCH_PROFILE=DIR every
+daemon runs under cProfile, one profile per thread (bench/profiled.py), written to
+DIR/<row>/ when it stops.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +37,7 @@ sys.path.insert(0, str(REPO / "daemon"))
 sys.path.insert(0, str(REPO))
 
 from tests import pg  # noqa: E402
-from tests.helpers import Sandbox, fits_bytes, start_daemon, wait_for  # noqa: E402
+from tests.helpers import PYTHON, Sandbox, fits_bytes, wait_for  # noqa: E402
 
 from contimg_publisher.registry import Candidate, Identity, Published, open_registry  # noqa: E402
 
@@ -90,8 +96,25 @@ def _published_times(target: str) -> list[float]:
     return times
 
 
+ROWS = {"sqlite1": ("SQLite", 1), "pg1": ("PostgreSQL", 1), "pg2": ("PostgreSQL", 2),
+        "pg4": ("PostgreSQL", 4)}
+
+
+def start_daemon(box: Sandbox, profile: Path | None) -> subprocess.Popen[str]:
+    """`run` on the sandbox, its log appended to daemon.log; under bench/profiled.py, a
+    profile per thread into `profile`, when given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    command = [PYTHON, "-m", "contimg_publisher"]
+    if profile is not None:
+        env["CONTIMG_BENCH_PROFILE"] = str(profile)
+        command = [PYTHON, str(REPO / "bench" / "profiled.py")]
+    log = open(box.root / "daemon.log", "a")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([*command, "--config", str(box.config_path), "run"], cwd=REPO,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
 def products_per_second(top: Path, target: str | None, daemons: int, products: int,
-                        pixels: int) -> float:
+                        pixels: int, profile: Path | None = None) -> float:
     shared = top / "products"
     boxes = []
     for d in range(daemons):
@@ -111,11 +134,12 @@ def products_per_second(top: Path, target: str | None, daemons: int, products: i
     registry = target or str(boxes[0].registry)
     if target is None:
         assert daemons == 1
-    procs = [start_daemon(box) for box in boxes]
+    procs = [start_daemon(box, profile) for box in boxes]
     want = (products // daemons) * daemons
     try:
-        # Each daemon registers what it finds before it says `started`; publishing is
-        # timed from the moment every daemon has said it to the last product's arrival.
+        # Each daemon has walked its staging folder before it says `started`; registering
+        # and publishing are timed from the moment every daemon has said it to the last
+        # product's arrival in the products folder.
         wait_for(lambda: all('"event": "started"' in (box.root / "daemon.log").read_text()
                              for box in boxes), 120, interval=0.01, what="every daemon ready")
         t0 = time.perf_counter()
@@ -136,7 +160,12 @@ def main() -> int:
     parser.add_argument("--claims", type=int, default=2000)
     parser.add_argument("--products", type=int, default=120)
     parser.add_argument("--pixels", type=int, default=256)
+    parser.add_argument("--only", default=",".join(ROWS),
+                        help=f"rows to run, comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--no-claims", action="store_true", help="products/s only")
     args = parser.parse_args()
+    wanted = [ROWS[name] for name in args.only.split(",")]
+    profiles = os.environ.get("CONTIMG_BENCH_PROFILE")
     reason = pg.unavailable()
     if reason is not None:
         print(f"cannot run: {reason}", file=sys.stderr)
@@ -144,8 +173,7 @@ def main() -> int:
     template = pg.make_template()
     rows: list[tuple[str, int, float, float]] = []
     try:
-        for backend, workers in (("SQLite", 1), ("PostgreSQL", 1), ("PostgreSQL", 2),
-                                 ("PostgreSQL", 4)):
+        for backend, workers in wanted:
             top = Path(tempfile.mkdtemp(prefix="bench-nodes-"))
             server = None
             try:
@@ -155,14 +183,17 @@ def main() -> int:
                     target: str = server.uri
                 else:
                     target = str(top / "claims.sqlite3")
-                claims = claims_per_second(target, workers, args.claims)
-                if server is not None:
+                claims = float("nan") if args.no_claims else \
+                    claims_per_second(target, workers, args.claims)
+                if server is not None and not args.no_claims:
                     server.remove()
                     server = pg.Server(template)
                     server.start()
                 published = products_per_second(top / "daemons",
                                                 server.uri if server else None, workers,
-                                                args.products, args.pixels)
+                                                args.products, args.pixels,
+                                                Path(profiles) / f"{backend}{workers}"
+                                                if profiles else None)
                 rows.append((backend, workers, claims, published))
                 print(f"{backend} x{workers}: {claims:.0f} claims/s, {published:.1f} "
                       "products/s", file=sys.stderr)

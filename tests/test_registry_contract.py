@@ -20,6 +20,7 @@ from contimg_publisher import paths
 from contimg_publisher.registry import (
     Candidate,
     Identity,
+    Planned,
     Published,
     RegistryBackend,
     RegistryUnavailable,
@@ -225,6 +226,61 @@ def test_requeue_gives_a_claim_back_due_now(opener: Opener) -> None:
     assert back.lease_owner is None and back.lease_expires_at is None
     assert reg.next_due_at() == 0.0
     assert reg.requeue(row.data_id, "owner-1", token=row.claim_token) is False
+
+
+def test_a_batch_registers_plans_and_publishes_as_each_one_would(opener: Opener) -> None:
+    """register_many, set_publish_plans and mark_published_many: the outcomes, rows, records
+    and events of the single calls, in the items' order; fenced row by row."""
+    reg = opener()
+    reg.register(candidate(1))
+    reg.register(candidate(2, path="/stage/mosaics/other/m_000002.fits"))
+    burst = [candidate(0), candidate(1), candidate(2), candidate(3), candidate(4)]
+    outcomes = reg.register_many(burst)
+    assert [(o, r.data_id) for o, r in outcomes] == [
+        ("new", "m_000000"), ("unchanged", "m_000001"), ("conflict", "m_000002"),
+        ("new", "m_000003"), ("new", "m_000004")]
+    made = reg.get("m_000003")
+    assert made is not None and made.status == "staging" and made.identity == \
+        candidate(3).identity and made.metadata == {"NIMAGES": 10, "n": 3}
+    assert made.stage_path_bytes == os.fsencode(candidate(3).stage_path)
+    assert reg.register_many([]) == []
+    at = reg.by_stage_paths([candidate(3).stage_path, candidate(2).stage_path, "/nowhere"])
+    assert [r.data_id for r in at[candidate(3).stage_path]] == ["m_000003"]
+    assert at[candidate(2).stage_path] == [] and at["/nowhere"] == []
+    assert reg.by_stage_paths([]) == {}
+    claimed = {r.data_id: r for r in reg.claim("owner-1", LEASE, limit=10)}
+    assert set(claimed) == {"m_000000", "m_000001", "m_000002", "m_000003", "m_000004"}
+    ids = ["m_000004", "m_000000", "m_000003"]
+    plans = [Planned(i, f"/products/{i}.fits", f"/products/.t.{i}", ("w.fits",),
+                     claimed[i].claim_token) for i in ids]
+    assert reg.set_publish_plans("owner-1", plans) == set(ids)
+    assert reg.set_publish_plans("intruder", plans) == set()
+    planned = reg.get("m_000004")
+    assert planned is not None and planned.publish_step == "planned"
+    assert planned.publish_temp == "/products/.t.m_000004" and planned.sidecars == ["w.fits"]
+    assert reg.set_publish_plans("owner-1", []) == set()
+    items = [(Published(i, f"/products/{i}.fits", "auto", ("w.fits",),
+                        "m_000001" if i == "m_000000" else None), claimed[i].claim_token)
+             for i in ids]
+    assert reg.mark_published_many(items, "intruder", now=5000.0) == set()
+    assert reg.mark_published_many(items, "owner-1", now=5000.0) == set(ids)
+    assert reg.mark_published_many(items, "owner-1", now=5000.0) == set()  # done already
+    for i in ids:
+        row = reg.get(i)
+        assert row is not None and row.status == "published" and row.lease_owner is None
+        assert row.published_path == f"/products/{i}.fits" and row.published_at == 5000.0
+        assert row.sidecars == ["w.fits"] and row.publish_mode == "auto"
+        (record,) = reg.publish_records(i, row.stage_path)
+        assert record.published_path == f"/products/{i}.fits"
+    events = [reg.events_for(i) for i in ids]
+    assert all(len(e) == 1 for e in events)
+    assert [e[0].seq for e in events] == sorted(e[0].seq for e in events)
+    assert events[1][0].payload["supersedes"] == "m_000001"
+    assert events[0][0].payload["published_path"] == "/products/m_000004.fits"
+    assert reg.relationships("m_000000") == [
+        {"parent": "m_000000", "child": "m_000001", "type": "supersedes"}]
+    assert reg.counts()["published"] == 3 and reg.counts()["publishing"] == 2
+    assert reg.mark_published_many([], "owner-1") == set()
 
 
 def test_another_owners_writes_change_nothing(opener: Opener) -> None:

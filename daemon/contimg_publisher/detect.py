@@ -424,10 +424,13 @@ class Detector:
         # The folders on the way are opened once for all the paths of this call, and closed
         # with it: a folder renamed before the next call is walked afresh.
         dirs = paths.DirCache(root_fd)
+        # The rows at every path of this call, asked for once (a round trip each, on a server).
+        rows_at = self.registry.by_stage_paths(
+            [paths.display(os.path.join(self.root, *entry.match.parts)) for entry in ready])
         try:
             for entry in ready:
                 try:
-                    result = self._check(root_fd, entry, now, dirs)
+                    result = self._check(root_fd, entry, now, dirs, rows_at)
                 except _REGISTRY_ERRORS:
                     raise
                 except Exception as exc:  # one path's failure never stops the others
@@ -462,10 +465,12 @@ class Detector:
                        reason=f"{type(exc).__name__}: {exc}")
 
     def _check(self, root_fd: int, entry: Pending, now: float,
-               dirs: paths.DirCache | None = None) -> Outcome | Candidate | None:
+               dirs: paths.DirCache | None = None,
+               rows_at: dict[str, list[Product]] | None = None
+               ) -> Outcome | Candidate | None:
         if dirs is None:
             with paths.DirCache(root_fd) as own:
-                return self._check(root_fd, entry, now, own)
+                return self._check(root_fd, entry, now, own, rows_at)
         m = entry.match
         stage_path = paths.display(os.path.join(self.root, *m.parts))
         data_id = data_id_for(m.rule, m.parts)
@@ -503,7 +508,8 @@ class Detector:
         if now - quiet_since < settle:
             entry.check_at = quiet_since + settle
             return None
-        rows = self.registry.by_stage_path(stage_path)
+        rows = rows_at[stage_path] if rows_at is not None and stage_path in rows_at else \
+            self.registry.by_stage_path(stage_path)
         if rows and all(r.data_type != m.rule.type for r in rows) and \
                 any(r.status != Status.PUBLISHED for r in rows):
             # Registered by another writer as another type: not this daemon's to describe.
@@ -612,8 +618,8 @@ class Detector:
         if not items:
             return []
         outcomes: list[Outcome] = []
-        with self.registry.write():  # one commit for the whole burst
-            results = [self.registry.register(c) for c, _m in items]
+        # One commit for the whole burst.
+        results = self.registry.register_many([c for c, _m in items])
         for (cand, m), (outcome, row) in zip(items, results, strict=True):
             version = 1
             while outcome == Registered.CONFLICT and version < 1000:

@@ -36,7 +36,7 @@ from contimg_publisher.publish.place import place as place_one
 from contimg_publisher.publish.sidecars import staged_sidecars
 from contimg_publisher.publish.sources import remove_source
 from contimg_publisher.publish.steps import CrashPoint, ProtocolStep, crash_at
-from contimg_publisher.registry import Identity, Published
+from contimg_publisher.registry import Identity, Planned, Published
 from contimg_publisher.states import Attempt, FailureKind
 from contimg_publisher.transfer import Cancelled, PublishFailure
 
@@ -191,15 +191,12 @@ def record_plans(batch: Batch, jobs: list[Job]) -> list[Job]:
     products area; a product whose claim was lost meanwhile goes no further."""
     registry, owner = batch.ctx.registry, batch.ctx.owner
     registry.check_identity()  # nothing is moved on a registry nobody reads
-    with registry.write():
-        planned = set()
-        for job in jobs:
-            _, plan = job.steps_done()
-            if not plan.identical and registry.set_publish_plan(
-                    owner, job.product.data_id, plan.published_path, plan.temp_shown,
-                    [os.fsdecode(s.dest_name) for s in plan.sidecars],
-                    token=job.product.claim_token):
-                planned.add(job.product.data_id)
+    plans = [(job, job.steps_done()[1]) for job in jobs]
+    planned = registry.set_publish_plans(owner, [
+        Planned(job.product.data_id, plan.published_path, plan.temp_shown,
+                tuple(os.fsdecode(s.dest_name) for s in plan.sidecars),
+                job.product.claim_token)
+        for job, plan in plans if not plan.identical])
     going = []
     for job in jobs:
         if job.steps_done()[1].identical or job.product.data_id in planned:
@@ -269,16 +266,11 @@ def commit(batch: Batch, jobs: list[Job]) -> list[Job]:
     registry, owner = batch.ctx.registry, batch.ctx.owner
     registry.check_identity()  # the commit below lets the sources go
     now = time.time()
-    with registry.write():
-        done = set()
-        for job in jobs:
-            _, plan = job.steps_done()
-            if registry.mark_published(
-                    Published(job.product.data_id, plan.published_path, job.mode,
-                              tuple(os.fsdecode(s.dest_name) for s in plan.sidecars),
-                              job.result.supersedes), owner, now,
-                    token=job.product.claim_token):
-                done.add(job.product.data_id)
+    done = registry.mark_published_many([
+        (Published(job.product.data_id, plan.published_path, job.mode,
+                   tuple(os.fsdecode(s.dest_name) for s in plan.sidecars),
+                   job.result.supersedes), job.product.claim_token)
+        for job, plan in ((job, job.steps_done()[1]) for job in jobs)], owner, now)
     published = []
     for job in jobs:
         if job.product.data_id in done:

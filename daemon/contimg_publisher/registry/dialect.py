@@ -69,12 +69,18 @@ SQLITE = Dialect(
     unpublished=(f"(status < {sql(Status.PUBLISHED)} OR status > {sql(Status.PUBLISHED)}"
                  " OR status IS NULL)"))
 
+def pg_fence(token: str = ":token") -> str:
+    """A server's claim fence, the claim's token read from `token` (a parameter, or a
+    column of the rows a batch's statement joins)."""
+    return (f"status = {_PUBLISHING} AND lease_owner = :owner"
+            f" AND (CAST({token} AS TEXT) IS NULL OR claim_token = {token})")
+
+
 POSTGRES = Dialect(
     name="postgresql", nodes=True,
     at=f"COALESCE(CAST(:now AS DOUBLE PRECISION), {PG_NOW})", lease_clock=PG_NOW,
     quote="quote_nullable", skip_locked=" FOR UPDATE SKIP LOCKED", for_update=" FOR UPDATE",
-    fence=(f"status = {_PUBLISHING} AND lease_owner = :owner"
-           " AND (CAST(:token AS TEXT) IS NULL OR claim_token = :token)"),
+    fence=pg_fence(),
     claim_cleared=_CLEARED + ", claim_token = NULL",
     claim_sets=", claim_token = gen_random_uuid()::text",
     unpublished=f"status IS DISTINCT FROM {sql(Status.PUBLISHED)}")

@@ -304,6 +304,17 @@ class Published:
     supersedes: str | None = None
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One claimed row's publish plan, as set_publish_plan records it (with its claim)."""
+
+    data_id: str
+    target: str
+    temp: str | None
+    sidecars: tuple[str, ...] = ()
+    token: str | None = None
+
+
 # A daemon renews its heartbeat this often; one not renewed for STALE_AFTER_BEATS of these
 # is flagged: its daemon stopped without saying so (killed, its host down or cut off).
 HEARTBEAT_SECONDS = 10.0

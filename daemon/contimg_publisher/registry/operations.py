@@ -36,6 +36,7 @@ from contimg_publisher.registry.model import (
     Finding,
     Heartbeat,
     Identity,
+    Planned,
     Product,
     Published,
     PublishRecord,
@@ -350,6 +351,18 @@ class Operations(ABC):
                               f"{self.dialect.mine()} ORDER BY id",
                               self._args(path=stage_path))
 
+    def by_stage_paths(self, stage_paths: Sequence[str]) -> dict[str, list[Product]]:
+        """by_stage_path of each path, in one statement (a burst's checks ask once)."""
+        found: dict[str, list[Product]] = {path: [] for path in stage_paths}
+        if found:
+            args = self._args()
+            for row in self._products(
+                    "SELECT * FROM data_registry WHERE stage_path IN"
+                    f" {self._in('p', list(found), args)}{self.dialect.mine()} ORDER BY id",
+                    args):
+                found[row.stage_path].append(row)
+        return found
+
     def by_published_path(self, published_path: str) -> Product | None:
         rows = self._products(
             "SELECT * FROM data_registry WHERE published_path = :path"
@@ -460,6 +473,13 @@ class Operations(ABC):
         """Record a finished product staged here; idempotent. See Registered."""
         with self.write():
             return self._register(c, self._now(now))
+
+    def register_many(self, candidates: Sequence[Candidate], now: float | None = None
+                      ) -> list[tuple[Registered, Product]]:
+        """register() of each candidate in order, in one transaction (a backend on a server
+        inserts the new ones in one statement)."""
+        with self.write():
+            return [self.register(c, now) for c in candidates]
 
     def _find(self, data_id: str, stage_path: str, insert: tuple[str, str] | None = None,
               values: Row | None = None) -> tuple[Row | None, Row | None]:
@@ -677,6 +697,13 @@ class Operations(ABC):
             {"target": target, "temp": temp, "sidecars": json.dumps(list(sidecars)),
              "data_id": data_id, "owner": owner, "token": token}) > 0
 
+    def set_publish_plans(self, owner: str, plans: Sequence[Planned]) -> set[str]:
+        """set_publish_plan of each plan, in one transaction; the data_ids whose claim held
+        (a backend on a server records them in one statement)."""
+        with self.write():
+            return {p.data_id for p in plans if self.set_publish_plan(
+                owner, p.data_id, p.target, p.temp, p.sidecars, token=p.token)}
+
     def record_checksum(self, data_id: str, owner: str, checksum: str,
                         fits_checksums: str | None, now: float | None = None,
                         token: str | None = None) -> bool:
@@ -756,6 +783,14 @@ class Operations(ABC):
                            " ON CONFLICT DO NOTHING", values)
             self._emit_published(row, item.supersedes, self._now(now))
         return True
+
+    def mark_published_many(self, items: Sequence[tuple[Published, str | None]],
+                            owner: str | None, now: float | None = None) -> set[str]:
+        """mark_published of each (item, its claim token), in one durable commit; the
+        data_ids recorded (a backend on a server records them in a few statements)."""
+        with self.write():
+            return {item.data_id for item, token in items
+                    if self.mark_published(item, owner, now, token=token)}
 
     def confirm_published(self, data_id: str, published_path: str, size_bytes: int,
                           checksum: str, metadata: dict[str, Any],

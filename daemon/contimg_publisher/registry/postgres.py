@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -48,17 +50,26 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from contimg_publisher import redact
 from contimg_publisher.registry import pgconn
-from contimg_publisher.registry.dialect import PG_NOW, POSTGRES, pg
+from contimg_publisher.registry.dialect import PG_NOW, POSTGRES, pg, pg_fence
 from contimg_publisher.registry.model import (
+    EVENT_COLUMNS,
+    EVENT_PUBLISHED,
+    Candidate,
     Heartbeat,
+    Planned,
+    Product,
+    Published,
+    Registered,
     RegistryBusy,
     RegistryError,
     RegistryUnavailable,
     Reservation,
+    _product,
+    published_payload,
 )
 from contimg_publisher.registry.operations import Operations, Row
 from contimg_publisher.registry.schema import MIGRATIONS, SCHEMA_VERSION
-from contimg_publisher.states import Status, sql
+from contimg_publisher.states import Move, Status, Step, sql, sql_in, to
 
 __all__ = ["MIGRATE_LOCK", "MIGRATIONS", "SCHEMA_VERSION", "PostgresRegistry"]
 
@@ -87,6 +98,11 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction,
     psycopg.errors.IdleInTransactionSessionTimeout)
 _POOL_NUMBERS = itertools.count(1)  # each registry's pool has a name of its own
+
+
+def _texts(*names: str) -> str:
+    """Parameters holding lists, as the text arrays unnest() takes side by side."""
+    return ", ".join(f"CAST(:{name} AS TEXT[])" for name in names)
 
 
 class PostgresRegistry(Operations):
@@ -364,6 +380,138 @@ class PostgresRegistry(Operations):
         return int(self._scalar(
             "SELECT COALESCE(SUM(pg_total_relation_size(to_regclass(t))), 0) AS n"
             " FROM unnest(CAST(:t AS TEXT[])) AS t", {"t": list(TABLES)}))
+
+    # --- a burst's registrations, a batch's plans and publishes: a statement each ----------
+
+    def register_many(self, candidates: Sequence[Candidate], now: float | None = None
+                      ) -> list[tuple[Registered, Product]]:
+        """The candidates nothing is registered for (no row of their id, no unpublished row
+        of this node at their path: what register() would insert) inserted in one
+        statement; the others registered one by one, as register() does."""
+        if not candidates:
+            return []
+        if len({c.data_id for c in candidates}) < len(candidates) or \
+                len({c.stage_path for c in candidates}) < len(candidates):
+            return super().register_many(candidates, now)
+        at = POSTGRES.at
+        listed = ", ".join((_texts("types", "ids", "bases", "paths", "headers", "checksums"),
+                            "CAST(:raws AS BYTEA[])",
+                            *(f"CAST(:{n} AS BIGINT[])"
+                              for n in ("sizes", "devs", "inos", "mtimes", "ctimes"))))
+        values: dict[str, Any] = {
+            "node": self.node, "now": self._now(now),
+            "types": [c.data_type for c in candidates], "ids": [c.data_id for c in candidates],
+            "bases": [c.base_path for c in candidates],
+            "paths": [c.stage_path for c in candidates],
+            "headers": [json.dumps(c.metadata, sort_keys=True) for c in candidates],
+            "checksums": [c.checksum for c in candidates],
+            "raws": [c.stage_path_bytes for c in candidates],
+            "sizes": [c.identity.size for c in candidates],
+            "devs": [c.identity.dev for c in candidates],
+            "inos": [c.identity.ino for c in candidates],
+            "mtimes": [c.identity.mtime_ns for c in candidates],
+            "ctimes": [c.identity.ctime_ns for c in candidates]}
+        with self.write():
+            made = {r["data_id"]: r for r in self._rows(
+                "INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
+                " created_at, staged_at, metadata_json, header_json, auto_publish_enabled,"
+                " publish_attempts, size_bytes, checksum, stage_path_bytes, stage_dev,"
+                " stage_ino, stage_mtime_ns, stage_ctime_ns, updated_at, node)"
+                f" SELECT v.type, v.id, v.base, {sql(Status.STAGING)}, v.path, {at}, {at},"
+                " v.header, v.header, 1, 0, v.size, v.checksum, v.raw, v.dev, v.ino, v.mtime,"
+                f" v.ctime, {at}, :node FROM unnest({listed}) WITH ORDINALITY AS v(type, id,"
+                " base, path, header, checksum, raw, size, dev, ino, mtime, ctime, n)"
+                " WHERE NOT EXISTS (SELECT 1 FROM data_registry d WHERE d.data_id = v.id)"
+                " AND NOT EXISTS (SELECT 1 FROM data_registry d WHERE d.stage_path = v.path"
+                f" AND d.node = :node AND d.status != {sql(Status.PUBLISHED)})"
+                " ORDER BY v.n ON CONFLICT DO NOTHING RETURNING *", values)}
+            return [(Registered.NEW, _product(made[c.data_id])) if c.data_id in made
+                    else self._register(c, self._now(now)) for c in candidates]
+
+    # the plans and publishes of a batch
+
+    def set_publish_plans(self, owner: str, plans: Sequence[Planned]) -> set[str]:
+        """One UPDATE for the batch, each row fenced by its own claim token."""
+        if not plans:
+            return set()
+        if len({p.data_id for p in plans}) < len(plans):
+            return super().set_publish_plans(owner, plans)
+        rows = self._rows(
+            "UPDATE data_registry SET publish_target = v.target, publish_temp = v.temp,"
+            f" publish_step = {sql(Step.PLANNED)}, sidecars_json = v.sidecars"
+            f" FROM unnest({_texts('ids', 'targets', 'temps', 'sidecars', 'tokens')})"
+            " AS v(data_id, target, temp, sidecars, token)"
+            f" WHERE data_registry.data_id = v.data_id AND {pg_fence('v.token')}"
+            " RETURNING data_registry.data_id",
+            {"owner": owner, "ids": [p.data_id for p in plans],
+             "targets": [p.target for p in plans], "temps": [p.temp for p in plans],
+             "sidecars": [json.dumps(list(p.sidecars)) for p in plans],
+             "tokens": [p.token for p in plans]})
+        return {r["data_id"] for r in rows}
+
+    def mark_published_many(self, items: Sequence[tuple[Published, str | None]],
+                            owner: str | None, now: float | None = None) -> set[str]:
+        """What mark_published does for each item, in three statements for the batch: the
+        rows and their publish_log records (one UPDATE, its RETURNING inserted), then
+        OUTBOX_LOCK, then every event (one INSERT, in the items' order)."""
+        ids = [item.data_id for item, _ in items]
+        if not ids:
+            return set()
+        if self._records or len(set(ids)) < len(ids):
+            return super().mark_published_many(items, owner, now)
+        d = POSTGRES
+        values = {"now": self._now(now), "owner": owner, "ids": ids,
+                  "paths": [item.published_path for item, _ in items],
+                  "sidecars": [json.dumps(list(item.sidecars)) for item, _ in items],
+                  "modes": [item.publish_mode for item, _ in items],
+                  "tokens": [token for _, token in items]}
+        returned = ", ".join(f"data_registry.{c.strip()}"
+                             for c in (*EVENT_COLUMNS.split(","), "node"))
+        listed = _texts("ids", "paths", "sidecars", "modes", "tokens")
+        with self.write():
+            rows = self._rows(
+                f"WITH v AS (SELECT * FROM unnest({listed}) WITH ORDINALITY"
+                " AS v(data_id, path, sidecars, mode, token, n)),"
+                f" done AS (UPDATE data_registry SET status = {sql(to(Move.PUBLISH))},"
+                f" published_path = v.path, published_at = {d.at},"
+                " sidecars_json = v.sidecars, publish_mode = CASE WHEN"
+                " publish_requested_at IS NOT NULL THEN 'manual' ELSE v.mode END,"
+                f" publish_requested_at = NULL, {d.claim_cleared}, next_attempt_at = NULL,"
+                " publish_error = NULL, publish_attempts = 0,"
+                " finalization_status = COALESCE(finalization_status, 'pending'),"
+                f" updated_at = {d.at} FROM v WHERE data_registry.data_id = v.data_id"
+                f" AND {sql_in(Move.PUBLISH)} AND (CAST(:owner AS TEXT) IS NULL"
+                f" OR ({pg_fence('v.token')})) RETURNING {returned}, v.n),"
+                " logged AS (INSERT INTO publish_log (data_id, data_type, stage_path,"
+                " published_path, size_bytes, checksum, sidecars_json, header_json,"
+                " publish_mode, published_at, node) SELECT data_id, data_type, stage_path,"
+                " published_path, size_bytes, checksum, sidecars_json, header_json,"
+                " publish_mode, published_at, node FROM done ORDER BY n)"
+                " SELECT * FROM done ORDER BY n", values)
+            if not rows:
+                return set()
+            supersedes = {item.data_id: item.supersedes for item, _ in items}
+            for row in rows:
+                if supersedes[row["data_id"]]:
+                    self._exec(
+                        "INSERT INTO data_relationships (parent_data_id, child_data_id,"
+                        " relationship_type) VALUES (:data_id, :supersedes, 'supersedes')"
+                        " ON CONFLICT DO NOTHING",
+                        {"data_id": row["data_id"], "supersedes": supersedes[row["data_id"]]})
+            self._outbox_lock()
+            host = socket.gethostname()
+            self._exec(
+                "INSERT INTO outbox (event_id, type, data_id, payload_json, created_at, node)"
+                f" SELECT e.event_id, :type, e.data_id, e.payload, {d.at}, :node"
+                f" FROM unnest({_texts('events', 'ids', 'payloads')}) WITH ORDINALITY"
+                " AS e(event_id, data_id, payload, n) ORDER BY e.n",
+                {"type": EVENT_PUBLISHED, "now": values["now"], "node": self.node,
+                 "events": [str(uuid.uuid4()) for _ in rows],
+                 "ids": [row["data_id"] for row in rows],
+                 "payloads": [json.dumps(published_payload(
+                     row, supersedes[row["data_id"]], host, self.node), sort_keys=True,
+                     default=str) for row in rows]})
+        return {row["data_id"] for row in rows}
 
     def heartbeat(self, owner: str, started: float, version: str) -> None:
         """This daemon is alive now (the server's clock): its row, made or renewed."""
