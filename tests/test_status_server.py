@@ -69,6 +69,20 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fds(pid: int, timeout: float = 10.0) -> int:
+    """The daemon's open descriptors once the count holds still for a second: right after
+    start a /healthz connection or a registry handle may still be open for a moment, and
+    a limit set to that count would leave a descriptor free later."""
+    deadline = time.monotonic() + timeout
+    seen = [open_fds(pid)]
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        seen.append(open_fds(pid))
+        if len(seen) >= 5 and len(set(seen[-5:])) == 1:
+            break
+    return min(seen)
+
+
 def started(sandbox: Sandbox, port: int, prefix: tuple[str, ...] = ()
             ) -> subprocess.Popen[str]:
     proc = start_daemon(sandbox, prefix=prefix)
@@ -248,7 +262,7 @@ def test_out_of_descriptors_is_said_once_waited_out_and_publishing_resumes(
     proc = started(sandbox, port)
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        tight = open_fds(proc.pid)
+        tight = settled_fds(proc.pid)
         subprocess.run(["prlimit", f"--pid={proc.pid}", f"--nofile={tight}:{hard}"],
                        check=True)
         data = write_fits(sandbox.mosaics / "starved.fits", pixels=16, seed=7)
