@@ -38,7 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "daemon"))
 
-from bench.bench_detect import cpu_seconds, stage_registered, vm_hwm_mb  # noqa: E402
+from bench.bench_detect import (  # noqa: E402
+    cpu_seconds,
+    find_seconds,
+    stage_registered,
+    vm_hwm_mb,
+)
 from tests.helpers import PYTHON, Sandbox, fits_bytes  # noqa: E402
 from tests.test_service import NotifySocket, stop  # noqa: E402
 
@@ -220,12 +225,7 @@ def bench_history(base: Path, rows: int, staged: int, idle_seconds: float) -> di
     box = sandbox_at(base / "history", 2.0)
     stage_registered(box, staged, hold=True)
     build_s = add_history(box.registry, box.stage, rows - staged)
-    subprocess.run(["sync"], check=False)
-    t0 = time.monotonic()
-    out = subprocess.run(f"find {box.stage} -type f | wc -l", shell=True, check=True,
-                         capture_output=True, text=True)
-    walk_s = time.monotonic() - t0
-    assert int(out.stdout) == staged, out.stdout
+    walk_s = find_seconds(box.stage, staged)
     notify = NotifySocket(base / "history.sock")
     t0 = time.monotonic()
     proc = start_daemon(box, notify.path)

@@ -46,6 +46,7 @@ from bench.bench_publish import (  # noqa: E402
     drop_caches,
     fs_of,
     median,
+    print_table,
     sha256_file,
     write_big_fits,
 )
@@ -177,10 +178,7 @@ def main() -> int:
         rows += bench_bursts(args.workdir, [int(c) for c in args.bursts.split(",")],
                              args.rounds, args.settle)
     print()
-    print("| Benchmark | Throughput | Ratio to baseline (median; each pair) |")
-    print("|---|---:|---:|")
-    for what, figure, ratio in rows:
-        print(f"| {what} | {figure} | {ratio} |")
+    print_table(rows, "Ratio to baseline (median; each pair)")
     return 0
 
 

@@ -149,17 +149,23 @@ def rescan_seconds(sandbox: Sandbox) -> float | None:
     return None
 
 
+def find_seconds(folder: Path, expected: int) -> float:
+    """The baseline walk: `find -type f | wc -l` over a synced folder, checked to see all."""
+    subprocess.run(["sync"], check=False)
+    t0 = time.monotonic()
+    out = subprocess.run(f"find {folder} -type f | wc -l", shell=True, check=True,
+                         capture_output=True, text=True)
+    took = time.monotonic() - t0
+    assert int(out.stdout) == expected, out.stdout
+    return took
+
+
 # --- 2. start-up scan ------------------------------------------------------------------------
 
 def bench_startup(root: Path, count: int) -> dict[str, float]:
     sandbox = new_sandbox(root, 2.0)
     stage_registered(sandbox, count, hold=False)
-    subprocess.run(["sync"], check=False)
-    t0 = time.monotonic()
-    out = subprocess.run(f"find {sandbox.stage} -type f | wc -l", shell=True, check=True,
-                         capture_output=True, text=True)
-    find_s = time.monotonic() - t0
-    assert int(out.stdout) == count, out.stdout
+    find_s = find_seconds(sandbox.stage, count)
     notify = NotifySocket(root / "notify.sock")
     t0 = time.monotonic()
     proc = start_daemon(sandbox, notify.path)

@@ -388,6 +388,14 @@ def bench_hdd_size(hdd: Hdd, scratch: Path, gib: int, repeat: int
              f"{median(pub_rates) / MB:,.0f} MB/s", f"{median(pub_ratios):.2f}")]
 
 
+def print_table(rows: list[tuple[str, str, str]], ratio_heading: str) -> None:
+    """The benchmark's rows as a Markdown table (docs/benchmarks.md takes them as printed)."""
+    print(f"| Benchmark | Throughput | {ratio_heading} |")
+    print("|---|---:|---:|")
+    for what, figure, ratio in rows:
+        print(f"| {what} | {figure} | {ratio} |")
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -555,10 +563,7 @@ def main() -> int:
                           args.hdd_mbps, args.loop_direct_io)
     print()
     print(f"Medians of {args.repeat} paired runs; ratio: median of the per-run ratios.\n")
-    print("| Benchmark | Throughput | Ratio to baseline |")
-    print("|---|---:|---:|")
-    for what, figure, ratio in rows:
-        print(f"| {what} | {figure} | {ratio} |")
+    print_table(rows, "Ratio to baseline")
     return 0
 
 
