@@ -18,5 +18,3 @@ from __future__ import annotations
 from contimg_publisher.registry.operations import Operations
 
 RegistryBackend = Operations
-
-__all__ = ["RegistryBackend"]

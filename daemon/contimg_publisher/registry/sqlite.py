@@ -36,11 +36,8 @@ from contimg_publisher.registry.model import (
     RegistryUnavailable,
 )
 from contimg_publisher.registry.operations import Operations, Row
-from contimg_publisher.registry.schema import LEGACY_DDL, MIGRATIONS, SCHEMA_VERSION
+from contimg_publisher.registry.schema import MIGRATIONS, SCHEMA_VERSION
 from contimg_publisher.states import Status, sql
-
-__all__ = ["LEGACY_DDL", "SCHEMA_VERSION", "TRANSIENT", "Registry", "refuse_new_over_archive",
-           "unavailable"]
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
