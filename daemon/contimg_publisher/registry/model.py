@@ -8,13 +8,14 @@ import json
 import os
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, TypeGuard
 
 from contimg_publisher import paths, redact
 from contimg_publisher.config import QA_FIELDS
 from contimg_publisher.qa import Condition
+from contimg_publisher.registry.records import literal
 from contimg_publisher.states import Delivery, FailureKind, FindingKind, Kind, Status
 
 STATUSES = tuple(Status)
@@ -37,7 +38,6 @@ def checksum_known(checksum: str | None) -> TypeGuard[str]:
     return checksum is not None and checksum.partition(":")[2] not in ("", PENDING)
 
 
-
 class RegistryError(Exception):
     """The registry cannot be used; the message names the file and the reason."""
 
@@ -52,13 +52,10 @@ class RegistryBusy(RegistryUnavailable):
     """Another process held the write lock for longer than the busy timeout."""
 
 
-
-
 class RegistryGone(RegistryError):
     """The file at the configured path is no longer the one this connection writes: deleted
     or replaced while in use. Every later commit would be lost, so nothing may be
     published or removed on its word."""
-
 
 
 @dataclass(frozen=True)
@@ -106,11 +103,6 @@ class RebuildOutcome(StrEnum):
     ID_TAKEN = "id_taken"    # the data_id belongs to another row, which is never changed
 
 
-def _literal(text: str) -> str:
-    """An SQL string literal (the QA gate's values come from the config file)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
 def qa_hold_sql(conditions: Sequence[Condition], quote: str = "quote",
                 record_whens: Sequence[str] = ()) -> str:
     """An SQL expression over a data_registry row: NULL when the QA gate lets it be
@@ -124,16 +116,16 @@ def qa_hold_sql(conditions: Sequence[Condition], quote: str = "quote",
             record_whens = ()
         if c.column not in QA_FIELDS:
             raise ValueError(f"QA gate: {c.column!r} is not a QA column ({', '.join(QA_FIELDS)})")
-        values = ", ".join(_literal(v) for v in c.values)
+        values = ", ".join(literal(v) for v in c.values)
         if c.required:
             wanted = values if len(c.values) == 1 else f"one of {values}"
             test = f"{c.column} IS NULL OR {c.column} NOT IN ({values})"
-            reason = (f"{_literal(f'QA gate: waits for {c.column} {wanted} (now ')}"
+            reason = (f"{literal(f'QA gate: waits for {c.column} {wanted} (now ')}"
                       f" || {quote}({c.column}) || ')'")
         else:
             test = f"{c.column} IN ({values})"
-            reason = f"{_literal(f'QA gate: {c.column} is ')} || {quote}({c.column})"
-        whens.append(f"WHEN data_type = {_literal(c.data_type)} AND ({test}) THEN {reason}")
+            reason = f"{literal(f'QA gate: {c.column} is ')} || {quote}({c.column})"
+        whens.append(f"WHEN data_type = {literal(c.data_type)} AND ({test}) THEN {reason}")
     whens += record_whens
     return f"(CASE {' '.join(whens)} END)" if whens else "NULL"
 
@@ -239,29 +231,18 @@ class Product:
         return self.checksum is not None and not checksum_known(self.checksum)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "data_id": self.data_id,
-            "data_type": self.data_type,
-            "status": self.status,
-            "stage_path": self.stage_path,
-            "published_path": self.published_path,
-            "publish_attempts": self.publish_attempts,
-            "publish_error": self.publish_error,
-            "size_bytes": self.size_bytes,
-            "checksum": self.checksum if checksum_known(self.checksum) else None,
-            "checksum_pending": self.checksum_pending,
-            "metadata": self.metadata,
-            "held": not self.auto_publish_enabled,
-            "publish_mode": self.publish_mode,
-            "created_at": self.created_at,
-            "staged_at": self.staged_at,
-            "published_at": self.published_at,
-            "next_attempt_at": self.next_attempt_at,
-            "lease_owner": self.lease_owner,
-            "lease_expires_at": self.lease_expires_at,
-            "publish_step": self.publish_step,
-            "sidecars": self.sidecars,
-        }
+        """PRODUCT_JSON's fields; the checksum only once it is a digest."""
+        shown = {"checksum": self.checksum if checksum_known(self.checksum) else None,
+                 "held": not self.auto_publish_enabled}
+        return {k: shown[k] if k in shown else getattr(self, k) for k in PRODUCT_JSON}
+
+
+# A product's fields as its JSON gives them, in this order (Product.to_json).
+PRODUCT_JSON = (
+    "data_id", "data_type", "status", "stage_path", "published_path", "publish_attempts",
+    "publish_error", "size_bytes", "checksum", "checksum_pending", "metadata", "held",
+    "publish_mode", "created_at", "staged_at", "published_at", "next_attempt_at",
+    "lease_owner", "lease_expires_at", "publish_step", "sidecars")
 
 
 @dataclass(frozen=True)
@@ -393,28 +374,27 @@ def _sidecars(row: dict[str, Any]) -> list[str]:
     return sidecars  # type: ignore[no-any-return]
 
 
+def identity_of(row: dict[str, Any]) -> Identity | None:
+    """The staged file a row describes (None: not described by this program)."""
+    if row.get("stage_ino") is None:
+        return None
+    return Identity(row["stage_dev"], row["stage_ino"], row["size_bytes"],
+                    row["stage_mtime_ns"], row["stage_ctime_ns"])
+
+
+_DERIVED = ("metadata", "identity", "sidecars", "auto_publish_enabled", "publish_attempts")
+# The Product fields that are data_registry's columns as they are (a column a registry
+# lacks, such as a server's claim_token in an SQLite file, reads as None).
+_AS_STORED = tuple(f.name for f in fields(Product) if f.name not in _DERIVED)
+
+
 def _product(row: dict[str, Any]) -> Product:
-    metadata, sidecars = _metadata(row), _sidecars(row)
-    ident = None
-    if row.get("stage_ino") is not None:
-        ident = Identity(row["stage_dev"], row["stage_ino"], row["size_bytes"],
-                         row["stage_mtime_ns"], row["stage_ctime_ns"])
     enabled = row.get("auto_publish_enabled")
-    return Product(
-        id=row["id"], data_id=row["data_id"], data_type=row["data_type"], status=row["status"],
-        base_path=row["base_path"], stage_path=row["stage_path"],
-        stage_path_bytes=row.get("stage_path_bytes"), published_path=row["published_path"],
-        created_at=row["created_at"], staged_at=row["staged_at"],
-        published_at=row["published_at"], publish_mode=row["publish_mode"], metadata=metadata,
-        auto_publish_enabled=enabled is None or bool(enabled),
-        publish_attempts=int(row.get("publish_attempts") or 0),
-        publish_error=row.get("publish_error"), next_attempt_at=row.get("next_attempt_at"),
-        lease_owner=row.get("lease_owner"), lease_expires_at=row.get("lease_expires_at"),
-        size_bytes=row.get("size_bytes"), checksum=row.get("checksum"), identity=ident,
-        publish_target=row.get("publish_target"), publish_temp=row.get("publish_temp"),
-        publish_step=row.get("publish_step"),
-        sidecars=sidecars, publish_requested_at=row.get("publish_requested_at"),
-        claim_token=row.get("claim_token"), node=row.get("node"))
+    stored: dict[str, Any] = {name: row.get(name) for name in _AS_STORED}
+    return Product(**stored,
+                   metadata=_metadata(row), identity=identity_of(row), sidecars=_sidecars(row),
+                   auto_publish_enabled=enabled is None or bool(enabled),
+                   publish_attempts=int(row.get("publish_attempts") or 0))
 
 
 # --- folder-name reservations (a products area several nodes share) ---------------------------

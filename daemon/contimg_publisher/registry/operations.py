@@ -58,6 +58,7 @@ from contimg_publisher.registry.model import (
     delivery_states,
     event_of,
     folder_range,
+    identity_of,
     published_payload,
     qa_hold_sql,
     recorded_under,
@@ -386,10 +387,7 @@ class Operations(ABC):
                 "SELECT stage_path, status, stage_dev, stage_ino, size_bytes, stage_mtime_ns,"
                 f" stage_ctime_ns FROM data_registry WHERE {self.dialect.unpublished}"
                 f"{self.dialect.mine()}", self._args()):
-            ident = Identity(r["stage_dev"], r["stage_ino"], r["size_bytes"],
-                             r["stage_mtime_ns"], r["stage_ctime_ns"]) \
-                if r["stage_ino"] is not None else None
-            out[r["stage_path"]] = (r["status"], ident)
+            out[r["stage_path"]] = (r["status"], identity_of(r))
         return out
 
     def waiting_at(self, stage_path: str) -> bool:
