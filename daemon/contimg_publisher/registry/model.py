@@ -74,6 +74,11 @@ class PublishRecord:
     published_at: float
 
 
+def columns(cls: type[Any]) -> str:
+    """The SELECT list of rows read as `cls(**row)`: its fields, in order."""
+    return ", ".join(f.name for f in fields(cls))
+
+
 class Registered(StrEnum):
     """What `register` did with a finished product."""
 

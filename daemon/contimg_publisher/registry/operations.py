@@ -55,6 +55,7 @@ from contimg_publisher.registry.model import (
     _same_file,
     backoff_delay,
     checksum_known,
+    columns,
     delivery_states,
     event_of,
     folder_range,
@@ -85,15 +86,11 @@ _FAILED = sql(Status.FAILED)
 _REJECTED = sql(Status.REJECTED)
 
 # Copies a row's publish into publish_log (the row was just made `published`).
-_LOG_PUBLISH = (
-    "INSERT INTO publish_log (data_id, data_type, stage_path, published_path, size_bytes,"
-    " checksum, sidecars_json, header_json, publish_mode, published_at{node})"
-    " SELECT data_id, data_type, stage_path, published_path, size_bytes, checksum,"
-    " sidecars_json, header_json, publish_mode, published_at{node} FROM data_registry"
-    f" WHERE data_id = :data_id AND status = {_PUBLISHED}")
+_LOGGED = columns(PublishRecord)
+_LOG_PUBLISH = (f"INSERT INTO publish_log ({_LOGGED}{{node}}) SELECT {_LOGGED}{{node}}"
+                f" FROM data_registry WHERE data_id = :data_id AND status = {_PUBLISHED}")
 _FAILURE = ("INSERT INTO publish_failures (data_id, attempt, kind, error, at, host, pid)"
             " VALUES (:data_id, :attempt, :kind, :text, :at, :host, :pid)")
-_FINDING = "kind, path, detail, data_id, first_seen, last_seen, resolved_at"
 
 
 class Operations(ABC):
@@ -405,8 +402,8 @@ class Operations(ABC):
 
     def history(self, data_id: str) -> list[Failure]:
         return [Failure(**r) for r in self._rows(
-            "SELECT data_id, attempt, kind, error, at, host, pid FROM publish_failures"
-            " WHERE data_id = :id ORDER BY at, id", {"id": data_id})]
+            f"SELECT {columns(Failure)} FROM publish_failures WHERE data_id = :id"
+            " ORDER BY at, id", {"id": data_id})]
 
     def relationships(self, data_id: str) -> list[dict[str, str]]:
         return [{"parent": r["parent_data_id"], "child": r["child_data_id"],
@@ -822,8 +819,7 @@ class Operations(ABC):
         node), newest first."""
         mine = " AND (node IS NULL OR node = :node)" if self.dialect.nodes else ""
         return [PublishRecord(**r) for r in self._rows(
-            "SELECT data_id, data_type, stage_path, published_path, size_bytes, checksum,"
-            " sidecars_json, header_json, publish_mode, published_at FROM publish_log"
+            f"SELECT {_LOGGED} FROM publish_log"
             f" WHERE data_id = :id OR (stage_path = :path{mine}) ORDER BY id DESC",
             self._args(id=data_id, path=stage_path))]
 
@@ -1079,8 +1075,8 @@ class Operations(ABC):
         unchanged since then."""
         args = self._args(before=changed_before)
         return [Unclaimed(**r) for r in self._rows(
-            "SELECT path, path_bytes, reason, first_seen, changed_at, size_bytes"
-            " FROM unclaimed_files WHERE (CAST(:before AS DOUBLE PRECISION) IS NULL"
+            f"SELECT {columns(Unclaimed)} FROM unclaimed_files"
+            " WHERE (CAST(:before AS DOUBLE PRECISION) IS NULL"
             f" OR changed_at <= :before){self.dialect.mine()} ORDER BY changed_at, path"
             f"{self._limit(limit, args)}", args)]
 
@@ -1392,7 +1388,7 @@ class Operations(ABC):
         with self.write():
             rows = self._rows(
                 f"UPDATE audit_findings SET resolved_at = {self.dialect.at}"
-                f" WHERE resolved_at IS NULL AND last_seen < :before RETURNING {_FINDING}",
+                f" WHERE resolved_at IS NULL AND last_seen < :before RETURNING {columns(Finding)}",
                 {"now": self._now(now), "before": seen_before})
             if state:
                 self._save_audit_state(state)
@@ -1402,7 +1398,7 @@ class Operations(ABC):
         args: Row = {}
         where = " WHERE resolved_at IS NULL" if open_only else ""
         return [Finding(**r) for r in self._rows(
-            f"SELECT {_FINDING} FROM audit_findings{where} ORDER BY first_seen, id"
+            f"SELECT {columns(Finding)} FROM audit_findings{where} ORDER BY first_seen, id"
             f"{self._limit(limit, args)}", args)]
 
     def finding_counts(self) -> dict[str, int]:
@@ -1484,7 +1480,6 @@ class Operations(ABC):
         """Every node's files moved into quarantine, newest first."""
         args: Row = {}
         return [Quarantined(**r) for r in self._rows(
-            "SELECT kind, data_id, original_path, quarantine_path, reason, size_bytes, how,"
-            " moved_at FROM quarantine_log ORDER BY moved_at DESC, id DESC"
+            f"SELECT {columns(Quarantined)} FROM quarantine_log ORDER BY moved_at DESC, id DESC"
             f"{self._limit(limit, args)}", args)]
 

@@ -59,12 +59,14 @@ from contimg_publisher.registry.model import (
     Planned,
     Product,
     Published,
+    PublishRecord,
     Registered,
     RegistryBusy,
     RegistryError,
     RegistryUnavailable,
     Reservation,
     _product,
+    columns,
     published_payload,
 )
 from contimg_publisher.registry.operations import Operations, Row
@@ -75,7 +77,6 @@ __all__ = ["MIGRATE_LOCK", "MIGRATIONS", "SCHEMA_VERSION", "PostgresRegistry"]
 
 # The transaction-level advisory lock that serialises migrations of one database.
 MIGRATE_LOCK = 0x43494D50
-NOW = PG_NOW
 
 TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
           "unclaimed_files", "publish_log", "heartbeats", "contimg_schema",
@@ -171,16 +172,21 @@ class PostgresRegistry(Operations):
                                    f"({type(exc).__name__}: {why}); nothing was recorded")
 
     @contextmanager
+    def _told(self) -> Iterator[None]:
+        """What the server says when it cannot take work now, as RegistryUnavailable."""
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from None
+
+    @contextmanager
     def _session(self) -> Iterator[psycopg.Connection[DictRow]]:
         """The connection of the transaction in progress, or one from the pool (autocommit)."""
         if self._conn is not None:
             yield self._conn
             return
-        try:
-            with self._pool.connection() as conn:
-                yield conn
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from None
+        with self._told(), self._pool.connection() as conn:
+            yield conn
 
     def _check(self, conn: psycopg.Connection[DictRow]) -> None:
         """The pool's check of a connection before it is lent: a round trip to the server,
@@ -197,17 +203,14 @@ class PostgresRegistry(Operations):
         self._answered = (id(conn), time.monotonic())
 
     def _run(self, sql: str, args: Row | None, sync: bool) -> psycopg.Cursor[DictRow]:
-        with self._session() as conn:
-            try:
-                # Always with parameters, so a literal % (doubled by pg()) means the same
-                # in every statement, those without placeholders included.
-                cur = conn.execute(pg(sql), args or {})
-                if sync and self._pipeline is not None:
-                    self._pipeline.sync()
-                self._done(conn)
-                return cur
-            except _UNAVAILABLE as exc:
-                raise self._unavailable(exc) from None
+        with self._session() as conn, self._told():
+            # Always with parameters, so a literal % (doubled by pg()) means the same in
+            # every statement, those without placeholders included.
+            cur = conn.execute(pg(sql), args or {})
+            if sync and self._pipeline is not None:
+                self._pipeline.sync()
+            self._done(conn)
+            return cur
 
     def _rows(self, sql: str, args: Row | None = None) -> list[Row]:
         cur = self._run(sql, args, True)
@@ -226,11 +229,8 @@ class PostgresRegistry(Operations):
     def _many(self, sql: str, args: Sequence[Row]) -> None:
         if not args:
             return
-        with self._session() as conn, conn.cursor() as cur:
-            try:
-                cur.executemany(pg(sql), args)
-            except _UNAVAILABLE as exc:
-                raise self._unavailable(exc) from None
+        with self._session() as conn, conn.cursor() as cur, self._told():
+            cur.executemany(pg(sql), args)
 
     def _table_columns(self, table: str) -> frozenset[str]:
         """As the search_path finds an unqualified name."""
@@ -262,7 +262,7 @@ class PostgresRegistry(Operations):
     @contextmanager
     def _transaction(self, pipeline: bool) -> Iterator[psycopg.Connection[DictRow]]:
         if self._conn is not None:
-            try:
+            with self._told():
                 with self._conn.transaction():
                     yield self._conn
                 if self._pipeline is not None and self._outbox_held:
@@ -270,23 +270,18 @@ class PostgresRegistry(Operations):
                     # order must be idle (not mid-pipeline) while its client does something
                     # else, for the server to end it after OUTBOX_IDLE_SECONDS.
                     self._pipeline.sync()
-            except _UNAVAILABLE as exc:
-                raise self._unavailable(exc) from None
             return
-        try:
-            with self._pool.connection() as conn:
-                self._conn, self._outbox_held = conn, False
-                try:
-                    with contextlib.ExitStack() as stack:
-                        if pipeline:
-                            self._pipeline = stack.enter_context(conn.pipeline())
-                        stack.enter_context(conn.transaction())
-                        yield conn
-                    self._done(conn)
-                finally:
-                    self._conn, self._pipeline = None, None
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from None
+        with self._session() as conn:
+            self._conn, self._outbox_held = conn, False
+            try:
+                with contextlib.ExitStack() as stack:
+                    if pipeline:
+                        self._pipeline = stack.enter_context(conn.pipeline())
+                    stack.enter_context(conn.transaction())
+                    yield conn
+                self._done(conn)
+            finally:
+                self._conn, self._pipeline = None, None
 
     @contextmanager
     def read(self) -> Iterator[psycopg.Connection[DictRow]]:
@@ -294,17 +289,14 @@ class PostgresRegistry(Operations):
         if self._conn is not None:
             yield self._conn
             return
-        try:
-            with self._pool.connection() as conn:
-                self._conn = conn
-                try:
-                    with conn.transaction():
-                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                        yield conn
-                finally:
-                    self._conn = None
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from None
+        with self._session() as conn:
+            self._conn = conn
+            try:
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    yield conn
+            finally:
+                self._conn = None
 
     def close(self) -> None:
         self._pool.close()
@@ -321,7 +313,7 @@ class PostgresRegistry(Operations):
 
     def clock(self) -> float:
         """The server's clock, which every lease is measured by."""
-        return float(self._scalar(f"SELECT {NOW} AS now"))
+        return float(self._scalar(f"SELECT {PG_NOW} AS now"))
 
     # --- schema -------------------------------------------------------------------------
 
@@ -482,11 +474,8 @@ class PostgresRegistry(Operations):
                 f" updated_at = {d.at} FROM v WHERE data_registry.data_id = v.data_id"
                 f" AND {sql_in(Move.PUBLISH)} AND (CAST(:owner AS TEXT) IS NULL"
                 f" OR ({pg_fence('v.token')})) RETURNING {returned}, v.n),"
-                " logged AS (INSERT INTO publish_log (data_id, data_type, stage_path,"
-                " published_path, size_bytes, checksum, sidecars_json, header_json,"
-                " publish_mode, published_at, node) SELECT data_id, data_type, stage_path,"
-                " published_path, size_bytes, checksum, sidecars_json, header_json,"
-                " publish_mode, published_at, node FROM done ORDER BY n)"
+                f" logged AS (INSERT INTO publish_log ({columns(PublishRecord)}, node)"
+                f" SELECT {columns(PublishRecord)}, node FROM done ORDER BY n)"
                 " SELECT * FROM done ORDER BY n", values)
             if not rows:
                 return set()
@@ -517,7 +506,7 @@ class PostgresRegistry(Operations):
         """This daemon is alive now (the server's clock): its row, made or renewed."""
         self._rows(
             "INSERT INTO heartbeats (owner, node, host, pid, started, last_seen, version)"
-            f" VALUES (:owner, :node, :host, :pid, :started, {NOW}, :version)"
+            f" VALUES (:owner, :node, :host, :pid, :started, {PG_NOW}, :version)"
             " ON CONFLICT (owner) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
             " node = EXCLUDED.node, version = EXCLUDED.version",
             {"owner": owner, "node": self.node, "host": socket.gethostname(),
@@ -531,7 +520,7 @@ class PostgresRegistry(Operations):
         """Every node's daemons, with how long ago each was last heard from."""
         return [Heartbeat(**r) for r in self._rows(
             "SELECT owner, node, host, pid, started, last_seen, version,"
-            f" {NOW} - last_seen AS age_seconds FROM heartbeats ORDER BY node, started")]
+            f" {PG_NOW} - last_seen AS age_seconds FROM heartbeats ORDER BY node, started")]
 
     # --- folder-name reservations (a products area several nodes share) -------------------
 
@@ -546,7 +535,7 @@ class PostgresRegistry(Operations):
             if self._one(
                     "INSERT INTO name_reservations (published_path, data_id, node, owner,"
                     f" claim_token, reserved_at) VALUES (:path, :id, :node,"
-                    f" :owner, :token, {NOW}) ON CONFLICT (published_path) DO UPDATE"
+                    f" :owner, :token, {PG_NOW}) ON CONFLICT (published_path) DO UPDATE"
                     " SET node = EXCLUDED.node, owner = EXCLUDED.owner,"
                     " claim_token = EXCLUDED.claim_token, reserved_at = EXCLUDED.reserved_at"
                     " WHERE name_reservations.data_id = EXCLUDED.data_id RETURNING data_id",
@@ -580,7 +569,7 @@ class PostgresRegistry(Operations):
         clock); False while another daemon's lease runs."""
         return self._one(
             "INSERT INTO duties (duty, owner, node, since, expires_at) VALUES"
-            f" (:duty, :owner, :node, {NOW}, {NOW} + CAST(:lease AS DOUBLE PRECISION))"
+            f" (:duty, :owner, :node, {PG_NOW}, {PG_NOW} + CAST(:lease AS DOUBLE PRECISION))"
             " ON CONFLICT (duty) DO UPDATE SET owner = EXCLUDED.owner, node = EXCLUDED.node,"
             " since = CASE WHEN duties.owner = EXCLUDED.owner THEN duties.since"
             "   ELSE EXCLUDED.since END, expires_at = EXCLUDED.expires_at"
