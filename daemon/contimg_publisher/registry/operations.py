@@ -164,6 +164,12 @@ class Operations(ABC):
     def migrate(self) -> list[int]:
         """Bring the registry to its schema version; returns the steps applied."""
 
+    def _refuse_newer(self, version: int) -> None:
+        if version > self.schema_version:
+            raise RegistryError(
+                f"registry {self.location}: schema version {version} is newer than this "
+                f"program understands ({self.schema_version}); upgrade contimg-publisher")
+
     @abstractmethod
     def size_bytes(self) -> int: ...
 
@@ -194,7 +200,6 @@ class Operations(ABC):
         return None
 
     def end_heartbeat(self, owner: str) -> None:
-        """Nothing to remove."""
         return None
 
     def heartbeats(self) -> list[Heartbeat]:
@@ -240,6 +245,10 @@ class Operations(ABC):
 
     def _products(self, sql: str, args: Row | None = None) -> list[Product]:
         return [_product(r) for r in self._rows(sql, args)]
+
+    def _first(self, sql: str, args: Row | None = None) -> Product | None:
+        row = self._one(sql, args)
+        return None if row is None else _product(row)
 
     def _args(self, **values: Any) -> Row:
         return {"node": self.node, **values}
@@ -340,8 +349,7 @@ class Operations(ABC):
     # --- reads ----------------------------------------------------------------------------
 
     def get(self, data_id: str) -> Product | None:
-        rows = self._products("SELECT * FROM data_registry WHERE data_id = :id", {"id": data_id})
-        return rows[0] if rows else None
+        return self._first("SELECT * FROM data_registry WHERE data_id = :id", {"id": data_id})
 
     def by_stage_path(self, stage_path: str) -> list[Product]:
         """This node's rows staged at a path (another node's path names another disk)."""
@@ -362,10 +370,9 @@ class Operations(ABC):
         return found
 
     def by_published_path(self, published_path: str) -> Product | None:
-        rows = self._products(
+        return self._first(
             "SELECT * FROM data_registry WHERE published_path = :path"
             f" AND status = {_PUBLISHED} ORDER BY id DESC LIMIT 1", {"path": published_path})
-        return rows[0] if rows else None
 
     def products(self, status: str | None = None, data_type: str | None = None,
                  limit: int | None = None, newest_first: bool = True) -> list[Product]:
@@ -424,9 +431,8 @@ class Operations(ABC):
             " GROUP BY data_type, status")}
 
     def oldest_waiting(self) -> Product | None:
-        rows = self._products(f"SELECT * FROM data_registry WHERE status = {_STAGING}"
-                              " ORDER BY staged_at LIMIT 1")
-        return rows[0] if rows else None
+        return self._first(f"SELECT * FROM data_registry WHERE status = {_STAGING}"
+                           " ORDER BY staged_at LIMIT 1")
 
     def failures_since(self, since: float) -> int:
         return int(self._scalar("SELECT COUNT(*) AS n FROM publish_failures WHERE at >= :t",
@@ -437,9 +443,8 @@ class Operations(ABC):
                                 " WHERE published_at >= :t", {"t": since}))
 
     def last_published(self) -> Product | None:
-        rows = self._products("SELECT * FROM data_registry WHERE published_at IS NOT NULL"
-                              " ORDER BY published_at DESC LIMIT 1")
-        return rows[0] if rows else None
+        return self._first("SELECT * FROM data_registry WHERE published_at IS NOT NULL"
+                           " ORDER BY published_at DESC LIMIT 1")
 
     def next_due_at(self) -> float | None:
         """When the earliest of this node's waiting products becomes due (None: nothing
@@ -501,6 +506,18 @@ class Operations(ABC):
             return row, made
         return next((r for k, r in by if k == 1), row), made
 
+    def _registered(self, p: str = ":") -> tuple[str, str]:
+        """The columns a registration gives a new row, and their values: `p`type, `p`id, ...
+        (its parameters, or the rows of a server's batch)."""
+        at = self.dialect.at
+        return ("data_type, data_id, base_path, status, stage_path, created_at, staged_at,"
+                " metadata_json, header_json, auto_publish_enabled, publish_attempts,"
+                " size_bytes, checksum, stage_path_bytes, stage_dev, stage_ino,"
+                f" stage_mtime_ns, stage_ctime_ns, updated_at{self._node_col}",
+                f"{p}type, {p}id, {p}base, {_STAGING}, {p}path, {at}, {at}, {p}header,"
+                f" {p}header, 1, 0, {p}size, {p}checksum, {p}raw, {p}dev, {p}ino, {p}mtime,"
+                f" {p}ctime, {at}{self._node_val}")
+
     def _register(self, c: Candidate, now: float | None) -> tuple[Registered, Product]:
         ident, at = c.identity, self.dialect.at
         values = self._args(
@@ -508,12 +525,7 @@ class Operations(ABC):
             header=json.dumps(c.metadata, sort_keys=True), size=ident.size,
             checksum=c.checksum, raw=c.stage_path_bytes, dev=ident.dev, ino=ident.ino,
             mtime=ident.mtime_ns, ctime=ident.ctime_ns)
-        insert = ("data_type, data_id, base_path, status, stage_path, created_at, staged_at,"
-                  " metadata_json, header_json, auto_publish_enabled, publish_attempts,"
-                  " size_bytes, checksum, stage_path_bytes, stage_dev, stage_ino,"
-                  f" stage_mtime_ns, stage_ctime_ns, updated_at{self._node_col}",
-                  f":type, :id, :base, {_STAGING}, :path, {at}, {at}, :header, :header, 1, 0,"
-                  f" :size, :checksum, :raw, :dev, :ino, :mtime, :ctime, {at}{self._node_val}")
+        insert = self._registered()
         # A server: found, or made, in one round trip.
         row, made = self._find(c.data_id, c.stage_path, insert if self.dialect.nodes else None,
                                values)
@@ -742,6 +754,18 @@ class Operations(ABC):
                                                row["updated_at"], host, pid))
         return True
 
+    def _published_sets(self, p: str = ":") -> str:
+        """What recording a publish sets, from `p`path, `p`sidecars and `p`mode (its
+        parameters, or the rows of a server's batch)."""
+        d = self.dialect
+        return (f"status = {sql(to(Move.PUBLISH))}, published_path = {p}path,"
+                f" published_at = {d.at}, sidecars_json = {p}sidecars, publish_mode = CASE"
+                f" WHEN publish_requested_at IS NOT NULL THEN 'manual' ELSE {p}mode END,"
+                f" publish_requested_at = NULL, {d.claim_cleared}, next_attempt_at = NULL,"
+                " publish_error = NULL, publish_attempts = 0,"
+                " finalization_status = COALESCE(finalization_status, 'pending'),"
+                f" updated_at = {d.at}")
+
     def mark_published(self, item: Published, owner: str | None, now: float | None = None,
                        token: str | None = None) -> bool:
         """Durably record a publish, its publish_log record and its outbox event; with owner
@@ -751,21 +775,13 @@ class Operations(ABC):
         The legacy columns then read as the legacy code left them after a success
         (publish_attempts 0, publish_error NULL): legacy readers take a set publish_error or
         a count for a failing product; publish_failures keeps every attempt."""
-        d = self.dialect
         values = {"path": item.published_path, "now": self._now(now),
                   "sidecars": json.dumps(list(item.sidecars)), "mode": item.publish_mode,
                   "data_id": item.data_id, "owner": owner, "token": token,
                   "supersedes": item.supersedes}
         with self.write():
             row = self._one(
-                f"UPDATE data_registry SET status = {sql(to(Move.PUBLISH))},"
-                f" published_path = :path, published_at = {d.at}, sidecars_json = :sidecars,"
-                " publish_mode = CASE WHEN publish_requested_at IS NOT NULL THEN 'manual'"
-                "   ELSE :mode END, publish_requested_at = NULL,"
-                f" {d.claim_cleared}, next_attempt_at = NULL, publish_error = NULL,"
-                " publish_attempts = 0,"
-                " finalization_status = COALESCE(finalization_status, 'pending'),"
-                f" updated_at = {d.at} WHERE data_id = :data_id"
+                f"UPDATE data_registry SET {self._published_sets()} WHERE data_id = :data_id"
                 f" AND {sql_in(Move.PUBLISH)} AND {self._fenced} RETURNING {EVENT_COLUMNS}",
                 values)
             if row is None:
@@ -1091,12 +1107,11 @@ class Operations(ABC):
     def oldest_unheld_waiting(self) -> Product | None:
         """The longest-waiting product the daemon is expected to publish (held ones wait on
         purpose, unless an operator asked for a publish)."""
-        rows = self._products(
+        return self._first(
             f"SELECT * FROM data_registry WHERE status = {_STAGING} AND checksum IS NOT NULL"
             " AND (COALESCE(auto_publish_enabled, 1) = 1 OR publish_requested_at IS NOT NULL)"
             f" AND ({self._qa_hold} IS NULL OR publish_requested_at IS NOT NULL)"
             " ORDER BY staged_at, id LIMIT 1")
-        return rows[0] if rows else None
 
     def held(self, data_types: Sequence[str], limit: int | None = None
              ) -> list[tuple[Product, str]]:

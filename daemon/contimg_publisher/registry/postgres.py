@@ -62,7 +62,6 @@ from contimg_publisher.registry.model import (
     PublishRecord,
     Registered,
     RegistryBusy,
-    RegistryError,
     RegistryUnavailable,
     Reservation,
     _product,
@@ -71,7 +70,7 @@ from contimg_publisher.registry.model import (
 )
 from contimg_publisher.registry.operations import Operations, Row
 from contimg_publisher.registry.schema import MIGRATIONS, SCHEMA_VERSION
-from contimg_publisher.states import Move, Status, Step, sql, sql_in, to
+from contimg_publisher.states import Move, Status, Step, sql, sql_in
 
 __all__ = ["MIGRATE_LOCK", "MIGRATIONS", "SCHEMA_VERSION", "PostgresRegistry"]
 
@@ -143,7 +142,7 @@ class PostgresRegistry(Operations):
             if migrate:
                 self.migrate()
             else:
-                self._check_version(self.version())
+                self._refuse_newer(self.version())
         except BaseException:
             self.close()
             raise
@@ -253,10 +252,8 @@ class PostgresRegistry(Operations):
         self._exec(f"SET LOCAL idle_in_transaction_session_timeout = {int(idle * 1000)}")
 
     def write(self) -> AbstractContextManager[psycopg.Connection[DictRow]]:
-        """One transaction, committed on success and rolled back on error; a write inside
-        another is a SAVEPOINT of it, so a caller's write() makes many calls one commit.
-        In pipeline mode: BEGIN, and statements whose results are not read, travel with
-        the next statement that is waited for."""
+        """Operations.write in pipeline mode: BEGIN, and statements whose results are not
+        read, travel with the next statement that is waited for."""
         return self._transaction(pipeline=True)
 
     @contextmanager
@@ -323,19 +320,13 @@ class PostgresRegistry(Operations):
         value = self._scalar("SELECT version FROM contimg_schema WHERE id = 1")
         return 0 if value is None else int(value)
 
-    def _check_version(self, version: int) -> None:
-        if version > SCHEMA_VERSION:
-            raise RegistryError(
-                f"registry {self.location}: schema version {version} is newer than this "
-                f"program understands ({SCHEMA_VERSION}); upgrade contimg-publisher")
-
     def migrate(self, to: int | None = None) -> list[int]:
         """Bring the database to SCHEMA_VERSION (or `to`), one step of MIGRATIONS at a time;
         returns the versions applied. Steps another node applied meanwhile are skipped: the
         version is read again under the lock."""
         target_version = SCHEMA_VERSION if to is None else to
         current = self.version()
-        self._check_version(current)
+        self._refuse_newer(current)
         applied: list[int] = []
         for target, step in MIGRATIONS:
             if target <= current or target > target_version:
@@ -350,7 +341,7 @@ class PostgresRegistry(Operations):
                              " application TEXT NOT NULL)")
                 row = conn.execute("SELECT version FROM contimg_schema WHERE id = 1").fetchone()
                 version = 0 if row is None else int(row["version"])
-                self._check_version(version)
+                self._refuse_newer(version)
                 if version >= target:
                     continue
                 step(self)
@@ -385,7 +376,6 @@ class PostgresRegistry(Operations):
         if len({c.data_id for c in candidates}) < len(candidates) or \
                 len({c.stage_path for c in candidates}) < len(candidates):
             return super().register_many(candidates, now)
-        at = POSTGRES.at
         listed = ", ".join((_texts("types", "ids", "bases", "paths", "headers", "checksums"),
                             "CAST(:raws AS BYTEA[])",
                             *(f"CAST(:{n} AS BIGINT[])"
@@ -403,15 +393,11 @@ class PostgresRegistry(Operations):
             "inos": [c.identity.ino for c in candidates],
             "mtimes": [c.identity.mtime_ns for c in candidates],
             "ctimes": [c.identity.ctime_ns for c in candidates]}
+        columns, registered = self._registered("v.")
         with self.write():
             made = {r["data_id"]: r for r in self._rows(
-                "INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
-                " created_at, staged_at, metadata_json, header_json, auto_publish_enabled,"
-                " publish_attempts, size_bytes, checksum, stage_path_bytes, stage_dev,"
-                " stage_ino, stage_mtime_ns, stage_ctime_ns, updated_at, node)"
-                f" SELECT v.type, v.id, v.base, {sql(Status.STAGING)}, v.path, {at}, {at},"
-                " v.header, v.header, 1, 0, v.size, v.checksum, v.raw, v.dev, v.ino, v.mtime,"
-                f" v.ctime, {at}, :node FROM unnest({listed}) WITH ORDINALITY AS v(type, id,"
+                f"INSERT INTO data_registry ({columns}) SELECT {registered}"
+                f" FROM unnest({listed}) WITH ORDINALITY AS v(type, id,"
                 " base, path, header, checksum, raw, size, dev, ino, mtime, ctime, n)"
                 " WHERE NOT EXISTS (SELECT 1 FROM data_registry d WHERE d.data_id = v.id)"
                 " AND NOT EXISTS (SELECT 1 FROM data_registry d WHERE d.stage_path = v.path"
@@ -451,7 +437,6 @@ class PostgresRegistry(Operations):
             return set()
         if self._records or len(set(ids)) < len(ids):
             return super().mark_published_many(items, owner, now)
-        d = POSTGRES
         values = {"now": self._now(now), "owner": owner, "ids": ids,
                   "paths": [item.published_path for item, _ in items],
                   "sidecars": [json.dumps(list(item.sidecars)) for item, _ in items],
@@ -464,14 +449,8 @@ class PostgresRegistry(Operations):
             rows = self._rows(
                 f"WITH v AS (SELECT * FROM unnest({listed}) WITH ORDINALITY"
                 " AS v(data_id, path, sidecars, mode, token, n)),"
-                f" done AS (UPDATE data_registry SET status = {sql(to(Move.PUBLISH))},"
-                f" published_path = v.path, published_at = {d.at},"
-                " sidecars_json = v.sidecars, publish_mode = CASE WHEN"
-                " publish_requested_at IS NOT NULL THEN 'manual' ELSE v.mode END,"
-                f" publish_requested_at = NULL, {d.claim_cleared}, next_attempt_at = NULL,"
-                " publish_error = NULL, publish_attempts = 0,"
-                " finalization_status = COALESCE(finalization_status, 'pending'),"
-                f" updated_at = {d.at} FROM v WHERE data_registry.data_id = v.data_id"
+                f" done AS (UPDATE data_registry SET {self._published_sets('v.')}"
+                " FROM v WHERE data_registry.data_id = v.data_id"
                 f" AND {sql_in(Move.PUBLISH)} AND (CAST(:owner AS TEXT) IS NULL"
                 f" OR ({pg_fence('v.token')})) RETURNING {returned}, v.n),"
                 f" logged AS (INSERT INTO publish_log ({columns(PublishRecord)}, node)"
@@ -491,7 +470,7 @@ class PostgresRegistry(Operations):
             host = socket.gethostname()
             self._exec(
                 "INSERT INTO outbox (event_id, type, data_id, payload_json, created_at, node)"
-                f" SELECT e.event_id, :type, e.data_id, e.payload, {d.at}, :node"
+                f" SELECT e.event_id, :type, e.data_id, e.payload, {POSTGRES.at}, :node"
                 f" FROM unnest({_texts('events', 'ids', 'payloads')}) WITH ORDINALITY"
                 " AS e(event_id, data_id, payload, n) ORDER BY e.n",
                 {"type": EVENT_PUBLISHED, "now": values["now"], "node": self.node,
@@ -556,7 +535,6 @@ class PostgresRegistry(Operations):
             {"path": published_path, "id": data_id, "token": token}) > 0
 
     def reservations(self) -> list[Reservation]:
-        """This node's reservations not settled by a publish under the reserved name."""
         return [Reservation(**r) for r in self._rows(
             "SELECT r.published_path, r.data_id, r.owner, r.claim_token, r.reserved_at"
             " FROM name_reservations r LEFT JOIN data_registry d ON d.data_id = r.data_id"

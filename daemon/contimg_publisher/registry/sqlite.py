@@ -268,11 +268,8 @@ class Registry(Operations):
 
     @contextmanager
     def write(self) -> Iterator[apsw.Cursor]:
-        """One explicit BEGIN IMMEDIATE transaction: committed on success, rolled back on error.
-
-        Writes compose: a write inside another is a SAVEPOINT of the outer transaction, so
-        one method records one row and a caller that wraps many calls in a write() of its
-        own gets them all in one durable commit (one fsync for a burst)."""
+        """Operations.write as one explicit BEGIN IMMEDIATE transaction: a caller's write()
+        around many calls makes one durable commit (one fsync for a burst)."""
         cursor = self.conn.cursor()
         if self._depth:
             savepoint = f"contimg_{self._depth}"
@@ -299,30 +296,23 @@ class Registry(Operations):
                 f"registry {self.path}: locked by another process for longer than the busy "
                 f"timeout ({self.busy_timeout_seconds:g} s); nothing was written") from None
         self._depth = 1
-        try:
-            yield cursor
+        try:  # whatever fails, from the caller's statements to the COMMIT, rolls back
+            try:
+                yield cursor
+            finally:
+                self._depth = 0
+            self.guard(write=True)  # made immutable during the transaction: no commit
+            try:
+                cursor.execute("COMMIT")
+            except apsw.BusyError:
+                raise RegistryBusy(f"registry {self.path}: commit blocked by another process;"
+                                   " rolled back") from None
         except _UNAVAILABLE as exc:
             self._rollback(cursor)
             raise self._unavailable(exc) from None
         except BaseException:
             self._rollback(cursor)
             raise
-        finally:
-            self._depth = 0
-        try:
-            self.guard(write=True)  # made immutable during the transaction: no commit
-        except RegistryUnavailable:
-            self._rollback(cursor)
-            raise
-        try:
-            cursor.execute("COMMIT")
-        except apsw.BusyError:
-            self._rollback(cursor)
-            raise RegistryBusy(f"registry {self.path}: commit blocked by another process; "
-                               "rolled back") from None
-        except _UNAVAILABLE as exc:
-            self._rollback(cursor)
-            raise self._unavailable(exc) from None
 
     def _rollback(self, cursor: apsw.Cursor) -> None:
         if self._conn.in_transaction:
@@ -335,7 +325,6 @@ class Registry(Operations):
 
     @contextmanager
     def read(self) -> Iterator[apsw.Cursor]:
-        """A consistent snapshot for several SELECTs."""
         cursor = self.conn.cursor()
         cursor.execute("BEGIN")
         try:
@@ -353,11 +342,7 @@ class Registry(Operations):
         return int(self._scalar("PRAGMA user_version"))
 
     def _check_version(self) -> None:
-        version = self.version()
-        if version > SCHEMA_VERSION:
-            raise RegistryError(
-                f"registry {self.path}: schema version {version} is newer than this program "
-                f"understands ({SCHEMA_VERSION}); upgrade contimg-publisher")
+        self._refuse_newer(self.version())
         app = int(self._scalar("PRAGMA application_id"))
         if app not in (0, APPLICATION_ID):
             raise RegistryError(f"registry {self.path}: belongs to another application "
