@@ -21,11 +21,9 @@ from psycopg.types.json import Jsonb
 
 from contimg_publisher.registry.model import RegistryError
 from contimg_publisher.registry.postgres import PostgresRegistry
+from contimg_publisher.registry.schema import TABLES
 
-# Copied in this order; the tables a node's rows carry `node` in.
-TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
-          "unclaimed_files", "publish_log", "outbox", "outbox_sinks", "outbox_deliveries",
-          "audit_findings", "audit_state", "quarantine_log")
+# The tables a node's rows carry `node` in.
 NODE_TABLES = ("data_registry", "unclaimed_files", "publish_log", "outbox", "quarantine_log")
 # Columns SQLite leaves untyped that the server keeps as JSONB.
 JSON_COLUMNS = {("audit_state", "value")}

@@ -49,7 +49,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from contimg_publisher import redact
-from contimg_publisher.registry import pgconn
+from contimg_publisher.registry import pgconn, schema
 from contimg_publisher.registry.dialect import PG_NOW, POSTGRES, pg, pg_fence
 from contimg_publisher.registry.model import (
     EVENT_COLUMNS,
@@ -77,10 +77,7 @@ __all__ = ["MIGRATE_LOCK", "MIGRATIONS", "SCHEMA_VERSION", "PostgresRegistry"]
 # The transaction-level advisory lock that serialises migrations of one database.
 MIGRATE_LOCK = 0x43494D50
 
-TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
-          "unclaimed_files", "publish_log", "heartbeats", "contimg_schema",
-          "name_reservations", "outbox", "outbox_sinks", "outbox_deliveries", "duties",
-          "audit_findings", "audit_state", "quarantine_log")
+TABLES = (*schema.TABLES, "heartbeats", "contimg_schema", "name_reservations", "duties")
 
 # The transaction-level advisory lock every transaction that writes an outbox event takes
 # first (and holds to its commit): events get their ids in commit order, so a sink's cursor

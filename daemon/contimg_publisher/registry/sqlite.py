@@ -36,16 +36,11 @@ from contimg_publisher.registry.model import (
     RegistryUnavailable,
 )
 from contimg_publisher.registry.operations import Operations, Row
-from contimg_publisher.registry.schema import MIGRATIONS, SCHEMA_VERSION
+from contimg_publisher.registry.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
 from contimg_publisher.states import Status, sql
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
-
-# This program's tables: never a product's own record ([products.record]).
-TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
-          "unclaimed_files", "publish_log", "audit_findings", "audit_state", "quarantine_log",
-          "outbox", "outbox_sinks", "outbox_deliveries")
 
 # What SQLite says when the file (or its -wal/-shm) cannot take a write.
 _UNAVAILABLE = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError)
