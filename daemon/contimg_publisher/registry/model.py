@@ -360,20 +360,23 @@ def _same_bytes(row: dict[str, Any], c: Candidate) -> bool:
     return row["checksum"] is not None and _same_file(row, c)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object as a dict; any other text is kept, wrapped (_unparsed, _value)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"_unparsed": text}
+    return value if isinstance(value, dict) else {"_value": value}
+
+
 def _metadata(row: dict[str, Any]) -> dict[str, Any]:
     """A row's metadata as Product.metadata has it (the header's, else the legacy column)."""
-    try:
-        metadata = json.loads(row.get("header_json") or row.get("metadata_json") or "{}")
-    except ValueError:
-        metadata = {"_unparsed": row.get("header_json") or row.get("metadata_json")}
-    if not isinstance(metadata, dict):
-        metadata = {"_value": metadata}
-    return metadata
+    return _json_object(row.get("header_json") or row.get("metadata_json") or "{}")
 
 
-def _sidecars(row: dict[str, Any]) -> list[str]:
+def sidecars_of(sidecars_json: str | None) -> list[str]:
     try:
-        sidecars = json.loads(row.get("sidecars_json") or "[]")
+        sidecars = json.loads(sidecars_json or "[]")
     except ValueError:
         sidecars = []
     return sidecars  # type: ignore[no-any-return]
@@ -396,8 +399,8 @@ _AS_STORED = tuple(f.name for f in fields(Product) if f.name not in _DERIVED)
 def _product(row: dict[str, Any]) -> Product:
     enabled = row.get("auto_publish_enabled")
     stored: dict[str, Any] = {name: row.get(name) for name in _AS_STORED}
-    return Product(**stored,
-                   metadata=_metadata(row), identity=identity_of(row), sidecars=_sidecars(row),
+    return Product(**stored, metadata=_metadata(row), identity=identity_of(row),
+                   sidecars=sidecars_of(row.get("sidecars_json")),
                    auto_publish_enabled=enabled is None or bool(enabled),
                    publish_attempts=int(row.get("publish_attempts") or 0))
 
@@ -551,7 +554,7 @@ def published_payload(row: dict[str, Any], supersedes: str | None, host: str,
         "published_path": row["published_path"], "stage_path": row["stage_path"],
         "checksum": checksum if checksum_known(checksum) else None,
         "size_bytes": row["size_bytes"], "metadata": _metadata(row),
-        "sidecars": _sidecars(row), "supersedes": supersedes,
+        "sidecars": sidecars_of(row["sidecars_json"]), "supersedes": supersedes,
         "published_at": row["published_at"], "publish_mode": row["publish_mode"],
         "host": host}
     if node is not None:
@@ -563,12 +566,7 @@ def published_payload(row: dict[str, Any], supersedes: str | None, host: str,
 def event_of(seq: int, event_id: str, type_: str, data_id: str, payload: str,
              created_at: float) -> Event:
     """An outbox row as an Event (a payload that is not a JSON object is kept, wrapped)."""
-    try:
-        body = json.loads(payload)
-    except ValueError:
-        body = {"_unparsed": payload}
-    return Event(seq, event_id, type_, data_id, created_at,
-                 body if isinstance(body, dict) else {"_value": body})
+    return Event(seq, event_id, type_, data_id, created_at, _json_object(payload))
 
 
 def folder_range(folder: str) -> tuple[str, str]:
@@ -592,10 +590,7 @@ def recorded_under(prefix: str, rows: Iterable[tuple[str | None, str | None]]) -
             folders.add(head)
             continue
         names.add(rest)
-        try:
-            sidecars = json.loads(sidecars_json or "[]")
-        except ValueError:
-            sidecars = []
+        sidecars = sidecars_of(sidecars_json)
         if isinstance(sidecars, list):
             names.update(paths.display(os.fsencode(n)) for n in sidecars if isinstance(n, str))
     return Recorded(frozenset(names), frozenset(folders))

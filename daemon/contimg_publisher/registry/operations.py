@@ -63,6 +63,7 @@ from contimg_publisher.registry.model import (
     published_payload,
     qa_hold_sql,
     recorded_under,
+    sidecars_of,
     truncate,
 )
 from contimg_publisher.states import (
@@ -353,9 +354,7 @@ class Operations(ABC):
 
     def by_stage_path(self, stage_path: str) -> list[Product]:
         """This node's rows staged at a path (another node's path names another disk)."""
-        return self._products(f"SELECT * FROM data_registry WHERE stage_path = :path"
-                              f"{self.dialect.mine()} ORDER BY id",
-                              self._args(path=stage_path))
+        return self.by_stage_paths([stage_path])[stage_path]
 
     def by_stage_paths(self, stage_paths: Sequence[str]) -> dict[str, list[Product]]:
         """by_stage_path of each path, in one statement (a burst's checks ask once)."""
@@ -1048,10 +1047,7 @@ class Operations(ABC):
                             {"id": data_id})
             if row is None:
                 return False
-            try:
-                have = list(json.loads(row["sidecars_json"] or "[]"))
-            except ValueError:
-                have = []
+            have = list(sidecars_of(row["sidecars_json"]))
             values = {"merged": json.dumps(have + [n for n in names if n not in have]),
                       "now": self._now(now), "id": data_id}
             self._rows("UPDATE data_registry SET sidecars_json = :merged,"

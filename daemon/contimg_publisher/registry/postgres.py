@@ -403,8 +403,6 @@ class PostgresRegistry(Operations):
             return [(Registered.NEW, _product(made[c.data_id])) if c.data_id in made
                     else self._register(c, self._now(now)) for c in candidates]
 
-    # the plans and publishes of a batch
-
     def set_publish_plans(self, owner: str, plans: Sequence[Planned]) -> set[str]:
         """One UPDATE for the batch, each row fenced by its own claim token."""
         if not plans:
