@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from contimg_publisher import qa
 from contimg_publisher.registry import sqlite
-from contimg_publisher.registry.interface import RegistryBackend
 from contimg_publisher.registry.model import (
     FAILURE_KINDS,
     HEARTBEAT_SECONDS,
@@ -51,6 +50,7 @@ from contimg_publisher.registry.model import (
     pending_checksum,
     truncate,
 )
+from contimg_publisher.registry.operations import Operations as RegistryBackend
 from contimg_publisher.registry.schema import LEGACY_DDL, SCHEMA_VERSION
 from contimg_publisher.registry.sqlite import TRANSIENT, Registry, unavailable
 

@@ -30,10 +30,6 @@ JSON_COLUMNS = {("audit_state", "value")}
 BATCH = 1000
 
 
-def _json(value: object) -> Jsonb | None:
-    return None if value is None else Jsonb(value)
-
-
 @dataclass(frozen=True)
 class Copied:
     table: str
@@ -87,7 +83,7 @@ def copy_sqlite(path: str | os.PathLike[str], target: PostgresRegistry, node: st
                         values = [list(row) + ([node] if with_node else []) for row in batch]
                         for row in values:
                             for i in as_json:
-                                row[i] = _json(row[i])
+                                row[i] = None if row[i] is None else Jsonb(row[i])
                         cur.executemany(sql, [tuple(row) for row in values])
                         rows += len(batch)
                 if "id" in columns:

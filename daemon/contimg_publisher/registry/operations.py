@@ -5,6 +5,14 @@ statement runs (`_rows`, `_changed`, `_many`), transactions (`write`, `read`), t
 and what only it has (file identity, advisory locks, heartbeats, duties, reservations).
 The SQL fragments that differ are its `dialect` (dialect.py). Statements name their
 parameters (`:name`); a backend on a server also fences and scopes rows by its `node`.
+
+`Operations` is the registry's contract, whichever backend keeps it: the rest of the program
+knows it as RegistryBackend. Every backend raises the errors of model.py: RegistryUnavailable
+(and RegistryBusy) for "cannot be used now, nothing was recorded", a state the daemon waits
+out; RegistryGone when the records went away under it; RegistryError for a registry that
+cannot be used at all. Owner-checked writes (those after a claim) also take the claim's
+token (Product.claim_token): a backend that issues tokens makes such a write change nothing
+once another claim took the row, even one by the same owner.
 """
 
 from __future__ import annotations
@@ -787,12 +795,15 @@ class Operations(ABC):
                 return False
             self._point_record("data_id", item.data_id, item.published_path)
             self._exec(_LOG_PUBLISH.format(node=self._node_col), values)
-            if item.supersedes:
-                self._exec("INSERT INTO data_relationships (parent_data_id, child_data_id,"
-                           " relationship_type) VALUES (:data_id, :supersedes, 'supersedes')"
-                           " ON CONFLICT DO NOTHING", values)
+            self._supersede(item.data_id, item.supersedes)
             self._emit_published(row, item.supersedes, self._now(now))
         return True
+
+    def _supersede(self, data_id: str, supersedes: str | None) -> None:
+        if supersedes:
+            self._exec("INSERT INTO data_relationships (parent_data_id, child_data_id,"
+                       " relationship_type) VALUES (:data_id, :supersedes, 'supersedes')"
+                       " ON CONFLICT DO NOTHING", {"data_id": data_id, "supersedes": supersedes})
 
     def mark_published_many(self, items: Sequence[tuple[Published, str | None]],
                             owner: str | None, now: float | None = None) -> set[str]:

@@ -455,12 +455,7 @@ class PostgresRegistry(Operations):
                 return set()
             supersedes = {item.data_id: item.supersedes for item, _ in items}
             for row in rows:
-                if supersedes[row["data_id"]]:
-                    self._exec(
-                        "INSERT INTO data_relationships (parent_data_id, child_data_id,"
-                        " relationship_type) VALUES (:data_id, :supersedes, 'supersedes')"
-                        " ON CONFLICT DO NOTHING",
-                        {"data_id": row["data_id"], "supersedes": supersedes[row["data_id"]]})
+                self._supersede(row["data_id"], supersedes[row["data_id"]])
             self._outbox_lock()
             host = socket.gethostname()
             self._exec(
