@@ -784,8 +784,7 @@ class Operations(ABC):
         a count for a failing product; publish_failures keeps every attempt."""
         values = {"path": item.published_path, "now": self._now(now),
                   "sidecars": json.dumps(list(item.sidecars)), "mode": item.publish_mode,
-                  "data_id": item.data_id, "owner": owner, "token": token,
-                  "supersedes": item.supersedes}
+                  "data_id": item.data_id, "owner": owner, "token": token}
         with self.write():
             row = self._one(
                 f"UPDATE data_registry SET {self._published_sets()} WHERE data_id = :data_id"

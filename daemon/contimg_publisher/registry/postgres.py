@@ -390,12 +390,12 @@ class PostgresRegistry(Operations):
             "inos": [c.identity.ino for c in candidates],
             "mtimes": [c.identity.mtime_ns for c in candidates],
             "ctimes": [c.identity.ctime_ns for c in candidates]}
-        columns, registered = self._registered("v.")
+        into, registered = self._registered("v.")
         with self.write():
             made = {r["data_id"]: r for r in self._rows(
-                f"INSERT INTO data_registry ({columns}) SELECT {registered}"
-                f" FROM unnest({listed}) WITH ORDINALITY AS v(type, id,"
-                " base, path, header, checksum, raw, size, dev, ino, mtime, ctime, n)"
+                f"INSERT INTO data_registry ({into}) SELECT {registered} FROM unnest({listed})"
+                " WITH ORDINALITY AS v(type, id, base, path, header, checksum, raw, size, dev,"
+                " ino, mtime, ctime, n)"
                 " WHERE NOT EXISTS (SELECT 1 FROM data_registry d WHERE d.data_id = v.id)"
                 " AND NOT EXISTS (SELECT 1 FROM data_registry d WHERE d.stage_path = v.path"
                 f" AND d.node = :node AND d.status != {sql(Status.PUBLISHED)})"
