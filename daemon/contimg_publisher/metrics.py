@@ -39,7 +39,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from contimg_publisher import __version__, logs, space, statuspage, statusreport, statusserver
-from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config, split_listen
 from contimg_publisher.registry import (
     FAILURE_KINDS,
@@ -148,7 +147,7 @@ class RegistryCollector(Collector):
                 finding_counts = registry.finding_counts()
                 audit_state = registry.audit_state()
                 by_type = registry.counts_by_type()
-                waiting = registry_mod.oldest_unheld_waiting(registry)
+                waiting = registry.oldest_unheld_waiting()
                 newest = registry.last_published()
                 size_bytes = registry.size_bytes()
                 strays = registry.unclaimed(now - config.unclaimed_after_seconds)

@@ -816,7 +816,7 @@ def publish_now(cfg: Config, data_id: str, log: Any, wait_seconds: float | None 
         if not rules.owns(cfg, row):
             return (f"{data_id}: no product rule of this configuration owns it (type "
                     f"{row.data_type!r} at {row.stage_path}); it is another writer's row")
-        gate = registry_mod.qa_holds(registry, [data_id]).get(data_id)
+        gate = registry.qa_holds([data_id]).get(data_id)
         if gate is not None:
             if not override_qa:
                 return (f"{data_id}: {gate}; to publish it anyway: contimg-publisher publish "

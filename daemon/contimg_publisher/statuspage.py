@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 
 from contimg_publisher import redact
-from contimg_publisher import registry as registry_mod
 from contimg_publisher.registry import (
     STATUSES,
     Finding,
@@ -109,16 +108,16 @@ def snapshot(registry: RegistryBackend, limit: int = 50, now: float | None = Non
             now=now,
             counts=registry.counts(),
             counts_by_type=registry.counts_by_type(),
-            oldest=registry_mod.oldest_unheld_waiting(registry),
+            oldest=registry.oldest_unheld_waiting(),
             published_hour=registry.published_since(now - HOUR),
             failures_hour=registry.failures_since(now - HOUR),
             published_day=registry.published_since(now - DAY),
             failures_day=registry.failures_since(now - DAY),
-            waiting=registry_mod.waiting(registry, limit),
-            publishing=registry_mod.by_status(registry, Status.PUBLISHING, limit),
-            failed=registry_mod.by_status(registry, Status.FAILED, limit),
-            rejected=registry_mod.by_status(registry, Status.REJECTED, limit),
-            recent=registry_mod.recent_published(registry, 10),
+            waiting=registry.waiting(limit),
+            publishing=registry.by_status(Status.PUBLISHING, limit),
+            failed=registry.by_status(Status.FAILED, limit),
+            rejected=registry.by_status(Status.REJECTED, limit),
+            recent=registry.recent_published(10),
             last=registry.last_published(),
             unclaimed=registry.unclaimed(now - unclaimed_after, limit=limit or None),
             sinks=registry.sink_states(sinks),

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from contimg_publisher import hygiene, lock, outage, redact, statuspage
-from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config
 from contimg_publisher.registry import Product, RegistryBackend
 from contimg_publisher.states import Status
@@ -73,8 +72,8 @@ def read(cfg: Config, registry: RegistryBackend, daemon: Daemon,
     health = statuspage.snapshot(registry, limit=0, now=now,
                                  unclaimed_after=cfg.unclaimed_after_seconds,
                                  sinks=cfg.notify_sinks)
-    held = registry_mod.held(registry, [r.type for r in cfg.products])
-    health.failed = registry_mod.by_status(registry, Status.FAILED)
+    held = registry.held([r.type for r in cfg.products])
+    health.failed = registry.by_status(Status.FAILED)
     stale = hygiene.stale(cfg, registry, now)
     problems = statuspage.problems(health, cfg.status_max_waiting_age_seconds, daemon.running,
                                    daemon.paused,

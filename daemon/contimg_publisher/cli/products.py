@@ -9,7 +9,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from contimg_publisher import registry as registry_mod
 from contimg_publisher import rules, space
 from contimg_publisher.cli.common import EXIT_FAILED, EXIT_OK, UsageError, open_for_reading
 from contimg_publisher.cli.text import one_line, table, when
@@ -32,7 +31,7 @@ def _products_room(cfg: Config) -> space.Room | None:
 def wait_reasons(cfg: Config, registry: RegistryBackend, rows: list[Product]) -> dict[str, str]:
     """Why waiting rows wait: the QA gate's reasons, then the room a copy needs."""
     waiting = [r for r in rows if r.status == Status.STAGING]
-    reasons = registry_mod.qa_holds(registry, [r.data_id for r in waiting])
+    reasons = registry.qa_holds([r.data_id for r in waiting])
     room = _products_room(cfg) if waiting else None
     if room is None:
         return reasons

@@ -6,26 +6,22 @@ truly differs: sqlite.py, the embedded default that needs no server (a file shar
 pipeline's older code), and postgres.py, one registry for several nodes. `open_registry`
 picks the backend from `[paths] registry`: a file path, or a `postgresql://` URI.
 
-`Registry` is the SQLite backend, under the name the code and its tests always used.
+`Registry` is the SQLite backend, under the name the code and its tests always used. The
+names imported here are the package's public names (re-exported: see pyproject.toml).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from contimg_publisher import qa
 from contimg_publisher.registry import sqlite
-from contimg_publisher.registry.interface import RegistryBackend
 from contimg_publisher.registry.model import (
-    EVENT_PUBLISHED,
     FAILURE_KINDS,
-    FINDING_KINDS,
     HEARTBEAT_SECONDS,
     HELD_BY_OPERATOR,
-    PENDING,
     STATUSES,
     Candidate,
     Event,
@@ -41,50 +37,27 @@ from contimg_publisher.registry.model import (
     Quarantined,
     RebuildOutcome,
     Rebuilt,
-    Recorded,
     Registered,
     RegistryBusy,
     RegistryError,
     RegistryGone,
     RegistryUnavailable,
     Rejection,
-    Reservation,
     SinkState,
     Unclaimed,
     backoff_delay,
     checksum_known,
     pending_checksum,
-    qa_hold_sql,
     truncate,
 )
-from contimg_publisher.registry.sqlite import (
-    LEGACY_DDL,
-    SCHEMA_VERSION,
-    TRANSIENT,
-    Registry,
-    unavailable,
-)
+from contimg_publisher.registry.operations import Operations as RegistryBackend
+from contimg_publisher.registry.schema import LEGACY_DDL, SCHEMA_VERSION
+from contimg_publisher.registry.sqlite import TRANSIENT, Registry, unavailable
 
 if TYPE_CHECKING:
     from contimg_publisher.config import Config
 
-SQLiteRegistry = Registry
-
 URI_SCHEMES = ("postgresql://", "postgres://")
-
-__all__ = [
-    "backoff_delay", "by_status", "Candidate", "checksum_known", "Event", "EVENT_PUBLISHED",
-    "Failure", "FAILURE_KINDS", "FailureOutcome", "Finding", "FINDING_KINDS", "Heartbeat",
-    "HEARTBEAT_SECONDS", "held", "HELD_BY_OPERATOR", "Identity", "is_server", "LEGACY_DDL",
-    "oldest_unheld_waiting", "open_registry", "PENDING", "pending_checksum", "Planned",
-    "Product", "Published", "PublishRecord", "qa_hold_sql", "qa_holds", "Quarantined",
-    "RebuildOutcome",
-    "Rebuilt", "recent_published", "Recorded", "refuse_new_over_archive", "Registered",
-    "Registry", "RegistryBackend", "RegistryBusy", "RegistryError", "RegistryGone",
-    "RegistryUnavailable", "Rejection", "Reservation", "SCHEMA_VERSION", "SinkState",
-    "SQLiteRegistry", "STATUSES", "TRANSIENT", "truncate", "unavailable", "Unclaimed",
-    "waiting",
-]
 
 
 def is_server(target: str | os.PathLike[str]) -> bool:
@@ -139,36 +112,3 @@ def open_registry(target: Config | str | os.PathLike[str],
             raise
     return registry
 
-
-# --- read queries for metrics, the status page and `status` (each backend answers them) ---
-
-def waiting(registry: RegistryBackend, limit: int | None = None) -> list[Product]:
-    """Products waiting to be published, longest-waiting first."""
-    return registry.waiting(limit)
-
-
-def oldest_unheld_waiting(registry: RegistryBackend) -> Product | None:
-    """The longest-waiting product the daemon is expected to publish."""
-    return registry.oldest_unheld_waiting()
-
-
-def held(registry: RegistryBackend, data_types: Sequence[str], limit: int | None = None
-         ) -> list[tuple[Product, str]]:
-    """Waiting products of these types not published automatically, with the reason."""
-    return registry.held(data_types, limit)
-
-
-def qa_holds(registry: RegistryBackend, data_ids: Sequence[str]) -> dict[str, str]:
-    """data_id -> the reason the QA gate holds it, for the rows it holds."""
-    return registry.qa_holds(data_ids)
-
-
-def recent_published(registry: RegistryBackend, limit: int = 10) -> list[Product]:
-    """The last publishes, newest first."""
-    return registry.recent_published(limit)
-
-
-def by_status(registry: RegistryBackend, status: str, limit: int | None = None
-              ) -> list[Product]:
-    """Rows in one status, most recently changed first."""
-    return registry.by_status(status, limit)

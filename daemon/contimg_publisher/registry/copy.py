@@ -21,19 +21,13 @@ from psycopg.types.json import Jsonb
 
 from contimg_publisher.registry.model import RegistryError
 from contimg_publisher.registry.postgres import PostgresRegistry
+from contimg_publisher.registry.schema import TABLES
 
-# Copied in this order; the tables a node's rows carry `node` in.
-TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
-          "unclaimed_files", "publish_log", "outbox", "outbox_sinks", "outbox_deliveries",
-          "audit_findings", "audit_state", "quarantine_log")
+# The tables a node's rows carry `node` in.
 NODE_TABLES = ("data_registry", "unclaimed_files", "publish_log", "outbox", "quarantine_log")
 # Columns SQLite leaves untyped that the server keeps as JSONB.
 JSON_COLUMNS = {("audit_state", "value")}
 BATCH = 1000
-
-
-def _json(value: object) -> Jsonb | None:
-    return None if value is None else Jsonb(value)
 
 
 @dataclass(frozen=True)
@@ -89,7 +83,7 @@ def copy_sqlite(path: str | os.PathLike[str], target: PostgresRegistry, node: st
                         values = [list(row) + ([node] if with_node else []) for row in batch]
                         for row in values:
                             for i in as_json:
-                                row[i] = _json(row[i])
+                                row[i] = None if row[i] is None else Jsonb(row[i])
                         cur.executemany(sql, [tuple(row) for row in values])
                         rows += len(batch)
                 if "id" in columns:

@@ -8,13 +8,14 @@ import json
 import os
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, TypeGuard
 
 from contimg_publisher import paths, redact
 from contimg_publisher.config import QA_FIELDS
 from contimg_publisher.qa import Condition
+from contimg_publisher.registry.records import literal
 from contimg_publisher.states import Delivery, FailureKind, FindingKind, Kind, Status
 
 STATUSES = tuple(Status)
@@ -37,7 +38,6 @@ def checksum_known(checksum: str | None) -> TypeGuard[str]:
     return checksum is not None and checksum.partition(":")[2] not in ("", PENDING)
 
 
-
 class RegistryError(Exception):
     """The registry cannot be used; the message names the file and the reason."""
 
@@ -52,13 +52,10 @@ class RegistryBusy(RegistryUnavailable):
     """Another process held the write lock for longer than the busy timeout."""
 
 
-
-
 class RegistryGone(RegistryError):
     """The file at the configured path is no longer the one this connection writes: deleted
     or replaced while in use. Every later commit would be lost, so nothing may be
     published or removed on its word."""
-
 
 
 @dataclass(frozen=True)
@@ -75,6 +72,11 @@ class PublishRecord:
     header_json: str | None
     publish_mode: str | None
     published_at: float
+
+
+def columns(cls: type[Any]) -> str:
+    """The SELECT list of rows read as `cls(**row)`: its fields, in order."""
+    return ", ".join(f.name for f in fields(cls))
 
 
 class Registered(StrEnum):
@@ -106,11 +108,6 @@ class RebuildOutcome(StrEnum):
     ID_TAKEN = "id_taken"    # the data_id belongs to another row, which is never changed
 
 
-def _literal(text: str) -> str:
-    """An SQL string literal (the QA gate's values come from the config file)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
 def qa_hold_sql(conditions: Sequence[Condition], quote: str = "quote",
                 record_whens: Sequence[str] = ()) -> str:
     """An SQL expression over a data_registry row: NULL when the QA gate lets it be
@@ -124,16 +121,16 @@ def qa_hold_sql(conditions: Sequence[Condition], quote: str = "quote",
             record_whens = ()
         if c.column not in QA_FIELDS:
             raise ValueError(f"QA gate: {c.column!r} is not a QA column ({', '.join(QA_FIELDS)})")
-        values = ", ".join(_literal(v) for v in c.values)
+        values = ", ".join(literal(v) for v in c.values)
         if c.required:
             wanted = values if len(c.values) == 1 else f"one of {values}"
             test = f"{c.column} IS NULL OR {c.column} NOT IN ({values})"
-            reason = (f"{_literal(f'QA gate: waits for {c.column} {wanted} (now ')}"
+            reason = (f"{literal(f'QA gate: waits for {c.column} {wanted} (now ')}"
                       f" || {quote}({c.column}) || ')'")
         else:
             test = f"{c.column} IN ({values})"
-            reason = f"{_literal(f'QA gate: {c.column} is ')} || {quote}({c.column})"
-        whens.append(f"WHEN data_type = {_literal(c.data_type)} AND ({test}) THEN {reason}")
+            reason = f"{literal(f'QA gate: {c.column} is ')} || {quote}({c.column})"
+        whens.append(f"WHEN data_type = {literal(c.data_type)} AND ({test}) THEN {reason}")
     whens += record_whens
     return f"(CASE {' '.join(whens)} END)" if whens else "NULL"
 
@@ -239,29 +236,18 @@ class Product:
         return self.checksum is not None and not checksum_known(self.checksum)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "data_id": self.data_id,
-            "data_type": self.data_type,
-            "status": self.status,
-            "stage_path": self.stage_path,
-            "published_path": self.published_path,
-            "publish_attempts": self.publish_attempts,
-            "publish_error": self.publish_error,
-            "size_bytes": self.size_bytes,
-            "checksum": self.checksum if checksum_known(self.checksum) else None,
-            "checksum_pending": self.checksum_pending,
-            "metadata": self.metadata,
-            "held": not self.auto_publish_enabled,
-            "publish_mode": self.publish_mode,
-            "created_at": self.created_at,
-            "staged_at": self.staged_at,
-            "published_at": self.published_at,
-            "next_attempt_at": self.next_attempt_at,
-            "lease_owner": self.lease_owner,
-            "lease_expires_at": self.lease_expires_at,
-            "publish_step": self.publish_step,
-            "sidecars": self.sidecars,
-        }
+        """PRODUCT_JSON's fields; the checksum only once it is a digest."""
+        shown = {"checksum": self.checksum if checksum_known(self.checksum) else None,
+                 "held": not self.auto_publish_enabled}
+        return {k: shown[k] if k in shown else getattr(self, k) for k in PRODUCT_JSON}
+
+
+# A product's fields as its JSON gives them, in this order (Product.to_json).
+PRODUCT_JSON = (
+    "data_id", "data_type", "status", "stage_path", "published_path", "publish_attempts",
+    "publish_error", "size_bytes", "checksum", "checksum_pending", "metadata", "held",
+    "publish_mode", "created_at", "staged_at", "published_at", "next_attempt_at",
+    "lease_owner", "lease_expires_at", "publish_step", "sidecars")
 
 
 @dataclass(frozen=True)
@@ -374,47 +360,49 @@ def _same_bytes(row: dict[str, Any], c: Candidate) -> bool:
     return row["checksum"] is not None and _same_file(row, c)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object as a dict; any other text is kept, wrapped (_unparsed, _value)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"_unparsed": text}
+    return value if isinstance(value, dict) else {"_value": value}
+
+
 def _metadata(row: dict[str, Any]) -> dict[str, Any]:
     """A row's metadata as Product.metadata has it (the header's, else the legacy column)."""
-    try:
-        metadata = json.loads(row.get("header_json") or row.get("metadata_json") or "{}")
-    except ValueError:
-        metadata = {"_unparsed": row.get("header_json") or row.get("metadata_json")}
-    if not isinstance(metadata, dict):
-        metadata = {"_value": metadata}
-    return metadata
+    return _json_object(row.get("header_json") or row.get("metadata_json") or "{}")
 
 
-def _sidecars(row: dict[str, Any]) -> list[str]:
+def sidecars_of(sidecars_json: str | None) -> list[str]:
     try:
-        sidecars = json.loads(row.get("sidecars_json") or "[]")
+        sidecars = json.loads(sidecars_json or "[]")
     except ValueError:
         sidecars = []
     return sidecars  # type: ignore[no-any-return]
 
 
+def identity_of(row: dict[str, Any]) -> Identity | None:
+    """The staged file a row describes (None: not described by this program)."""
+    if row.get("stage_ino") is None:
+        return None
+    return Identity(row["stage_dev"], row["stage_ino"], row["size_bytes"],
+                    row["stage_mtime_ns"], row["stage_ctime_ns"])
+
+
+_DERIVED = ("metadata", "identity", "sidecars", "auto_publish_enabled", "publish_attempts")
+# The Product fields that are data_registry's columns as they are (a column a registry
+# lacks, such as a server's claim_token in an SQLite file, reads as None).
+_AS_STORED = tuple(f.name for f in fields(Product) if f.name not in _DERIVED)
+
+
 def _product(row: dict[str, Any]) -> Product:
-    metadata, sidecars = _metadata(row), _sidecars(row)
-    ident = None
-    if row.get("stage_ino") is not None:
-        ident = Identity(row["stage_dev"], row["stage_ino"], row["size_bytes"],
-                         row["stage_mtime_ns"], row["stage_ctime_ns"])
     enabled = row.get("auto_publish_enabled")
-    return Product(
-        id=row["id"], data_id=row["data_id"], data_type=row["data_type"], status=row["status"],
-        base_path=row["base_path"], stage_path=row["stage_path"],
-        stage_path_bytes=row.get("stage_path_bytes"), published_path=row["published_path"],
-        created_at=row["created_at"], staged_at=row["staged_at"],
-        published_at=row["published_at"], publish_mode=row["publish_mode"], metadata=metadata,
-        auto_publish_enabled=enabled is None or bool(enabled),
-        publish_attempts=int(row.get("publish_attempts") or 0),
-        publish_error=row.get("publish_error"), next_attempt_at=row.get("next_attempt_at"),
-        lease_owner=row.get("lease_owner"), lease_expires_at=row.get("lease_expires_at"),
-        size_bytes=row.get("size_bytes"), checksum=row.get("checksum"), identity=ident,
-        publish_target=row.get("publish_target"), publish_temp=row.get("publish_temp"),
-        publish_step=row.get("publish_step"),
-        sidecars=sidecars, publish_requested_at=row.get("publish_requested_at"),
-        claim_token=row.get("claim_token"), node=row.get("node"))
+    stored: dict[str, Any] = {name: row.get(name) for name in _AS_STORED}
+    return Product(**stored, metadata=_metadata(row), identity=identity_of(row),
+                   sidecars=sidecars_of(row.get("sidecars_json")),
+                   auto_publish_enabled=enabled is None or bool(enabled),
+                   publish_attempts=int(row.get("publish_attempts") or 0))
 
 
 # --- folder-name reservations (a products area several nodes share) ---------------------------
@@ -566,7 +554,7 @@ def published_payload(row: dict[str, Any], supersedes: str | None, host: str,
         "published_path": row["published_path"], "stage_path": row["stage_path"],
         "checksum": checksum if checksum_known(checksum) else None,
         "size_bytes": row["size_bytes"], "metadata": _metadata(row),
-        "sidecars": _sidecars(row), "supersedes": supersedes,
+        "sidecars": sidecars_of(row["sidecars_json"]), "supersedes": supersedes,
         "published_at": row["published_at"], "publish_mode": row["publish_mode"],
         "host": host}
     if node is not None:
@@ -578,12 +566,7 @@ def published_payload(row: dict[str, Any], supersedes: str | None, host: str,
 def event_of(seq: int, event_id: str, type_: str, data_id: str, payload: str,
              created_at: float) -> Event:
     """An outbox row as an Event (a payload that is not a JSON object is kept, wrapped)."""
-    try:
-        body = json.loads(payload)
-    except ValueError:
-        body = {"_unparsed": payload}
-    return Event(seq, event_id, type_, data_id, created_at,
-                 body if isinstance(body, dict) else {"_value": body})
+    return Event(seq, event_id, type_, data_id, created_at, _json_object(payload))
 
 
 def folder_range(folder: str) -> tuple[str, str]:
@@ -607,10 +590,7 @@ def recorded_under(prefix: str, rows: Iterable[tuple[str | None, str | None]]) -
             folders.add(head)
             continue
         names.add(rest)
-        try:
-            sidecars = json.loads(sidecars_json or "[]")
-        except ValueError:
-            sidecars = []
+        sidecars = sidecars_of(sidecars_json)
         if isinstance(sidecars, list):
             names.update(paths.display(os.fsencode(n)) for n in sidecars if isinstance(n, str))
     return Recorded(frozenset(names), frozenset(folders))

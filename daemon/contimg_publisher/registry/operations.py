@@ -5,6 +5,14 @@ statement runs (`_rows`, `_changed`, `_many`), transactions (`write`, `read`), t
 and what only it has (file identity, advisory locks, heartbeats, duties, reservations).
 The SQL fragments that differ are its `dialect` (dialect.py). Statements name their
 parameters (`:name`); a backend on a server also fences and scopes rows by its `node`.
+
+`Operations` is the registry's contract, whichever backend keeps it: the rest of the program
+knows it as RegistryBackend. Every backend raises the errors of model.py: RegistryUnavailable
+(and RegistryBusy) for "cannot be used now, nothing was recorded", a state the daemon waits
+out; RegistryGone when the records went away under it; RegistryError for a registry that
+cannot be used at all. Owner-checked writes (those after a claim) also take the claim's
+token (Product.claim_token): a backend that issues tokens makes such a write change nothing
+once another claim took the row, even one by the same owner.
 """
 
 from __future__ import annotations
@@ -55,12 +63,15 @@ from contimg_publisher.registry.model import (
     _same_file,
     backoff_delay,
     checksum_known,
+    columns,
     delivery_states,
     event_of,
     folder_range,
+    identity_of,
     published_payload,
     qa_hold_sql,
     recorded_under,
+    sidecars_of,
     truncate,
 )
 from contimg_publisher.states import (
@@ -84,15 +95,11 @@ _FAILED = sql(Status.FAILED)
 _REJECTED = sql(Status.REJECTED)
 
 # Copies a row's publish into publish_log (the row was just made `published`).
-_LOG_PUBLISH = (
-    "INSERT INTO publish_log (data_id, data_type, stage_path, published_path, size_bytes,"
-    " checksum, sidecars_json, header_json, publish_mode, published_at{node})"
-    " SELECT data_id, data_type, stage_path, published_path, size_bytes, checksum,"
-    " sidecars_json, header_json, publish_mode, published_at{node} FROM data_registry"
-    f" WHERE data_id = :data_id AND status = {_PUBLISHED}")
+_LOGGED = columns(PublishRecord)
+_LOG_PUBLISH = (f"INSERT INTO publish_log ({_LOGGED}{{node}}) SELECT {_LOGGED}{{node}}"
+                f" FROM data_registry WHERE data_id = :data_id AND status = {_PUBLISHED}")
 _FAILURE = ("INSERT INTO publish_failures (data_id, attempt, kind, error, at, host, pid)"
             " VALUES (:data_id, :attempt, :kind, :text, :at, :host, :pid)")
-_FINDING = "kind, path, detail, data_id, first_seen, last_seen, resolved_at"
 
 
 class Operations(ABC):
@@ -166,6 +173,12 @@ class Operations(ABC):
     def migrate(self) -> list[int]:
         """Bring the registry to its schema version; returns the steps applied."""
 
+    def _refuse_newer(self, version: int) -> None:
+        if version > self.schema_version:
+            raise RegistryError(
+                f"registry {self.location}: schema version {version} is newer than this "
+                f"program understands ({self.schema_version}); upgrade contimg-publisher")
+
     @abstractmethod
     def size_bytes(self) -> int: ...
 
@@ -196,7 +209,6 @@ class Operations(ABC):
         return None
 
     def end_heartbeat(self, owner: str) -> None:
-        """Nothing to remove."""
         return None
 
     def heartbeats(self) -> list[Heartbeat]:
@@ -242,6 +254,10 @@ class Operations(ABC):
 
     def _products(self, sql: str, args: Row | None = None) -> list[Product]:
         return [_product(r) for r in self._rows(sql, args)]
+
+    def _first(self, sql: str, args: Row | None = None) -> Product | None:
+        row = self._one(sql, args)
+        return None if row is None else _product(row)
 
     def _args(self, **values: Any) -> Row:
         return {"node": self.node, **values}
@@ -342,14 +358,11 @@ class Operations(ABC):
     # --- reads ----------------------------------------------------------------------------
 
     def get(self, data_id: str) -> Product | None:
-        rows = self._products("SELECT * FROM data_registry WHERE data_id = :id", {"id": data_id})
-        return rows[0] if rows else None
+        return self._first("SELECT * FROM data_registry WHERE data_id = :id", {"id": data_id})
 
     def by_stage_path(self, stage_path: str) -> list[Product]:
         """This node's rows staged at a path (another node's path names another disk)."""
-        return self._products(f"SELECT * FROM data_registry WHERE stage_path = :path"
-                              f"{self.dialect.mine()} ORDER BY id",
-                              self._args(path=stage_path))
+        return self.by_stage_paths([stage_path])[stage_path]
 
     def by_stage_paths(self, stage_paths: Sequence[str]) -> dict[str, list[Product]]:
         """by_stage_path of each path, in one statement (a burst's checks ask once)."""
@@ -364,10 +377,9 @@ class Operations(ABC):
         return found
 
     def by_published_path(self, published_path: str) -> Product | None:
-        rows = self._products(
+        return self._first(
             "SELECT * FROM data_registry WHERE published_path = :path"
             f" AND status = {_PUBLISHED} ORDER BY id DESC LIMIT 1", {"path": published_path})
-        return rows[0] if rows else None
 
     def products(self, status: str | None = None, data_type: str | None = None,
                  limit: int | None = None, newest_first: bool = True) -> list[Product]:
@@ -386,10 +398,7 @@ class Operations(ABC):
                 "SELECT stage_path, status, stage_dev, stage_ino, size_bytes, stage_mtime_ns,"
                 f" stage_ctime_ns FROM data_registry WHERE {self.dialect.unpublished}"
                 f"{self.dialect.mine()}", self._args()):
-            ident = Identity(r["stage_dev"], r["stage_ino"], r["size_bytes"],
-                             r["stage_mtime_ns"], r["stage_ctime_ns"]) \
-                if r["stage_ino"] is not None else None
-            out[r["stage_path"]] = (r["status"], ident)
+            out[r["stage_path"]] = (r["status"], identity_of(r))
         return out
 
     def waiting_at(self, stage_path: str) -> bool:
@@ -407,8 +416,8 @@ class Operations(ABC):
 
     def history(self, data_id: str) -> list[Failure]:
         return [Failure(**r) for r in self._rows(
-            "SELECT data_id, attempt, kind, error, at, host, pid FROM publish_failures"
-            " WHERE data_id = :id ORDER BY at, id", {"id": data_id})]
+            f"SELECT {columns(Failure)} FROM publish_failures WHERE data_id = :id"
+            " ORDER BY at, id", {"id": data_id})]
 
     def relationships(self, data_id: str) -> list[dict[str, str]]:
         return [{"parent": r["parent_data_id"], "child": r["child_data_id"],
@@ -429,9 +438,8 @@ class Operations(ABC):
             " GROUP BY data_type, status")}
 
     def oldest_waiting(self) -> Product | None:
-        rows = self._products(f"SELECT * FROM data_registry WHERE status = {_STAGING}"
-                              " ORDER BY staged_at LIMIT 1")
-        return rows[0] if rows else None
+        return self._first(f"SELECT * FROM data_registry WHERE status = {_STAGING}"
+                           " ORDER BY staged_at LIMIT 1")
 
     def failures_since(self, since: float) -> int:
         return int(self._scalar("SELECT COUNT(*) AS n FROM publish_failures WHERE at >= :t",
@@ -442,9 +450,8 @@ class Operations(ABC):
                                 " WHERE published_at >= :t", {"t": since}))
 
     def last_published(self) -> Product | None:
-        rows = self._products("SELECT * FROM data_registry WHERE published_at IS NOT NULL"
-                              " ORDER BY published_at DESC LIMIT 1")
-        return rows[0] if rows else None
+        return self._first("SELECT * FROM data_registry WHERE published_at IS NOT NULL"
+                           " ORDER BY published_at DESC LIMIT 1")
 
     def next_due_at(self) -> float | None:
         """When the earliest of this node's waiting products becomes due (None: nothing
@@ -506,6 +513,18 @@ class Operations(ABC):
             return row, made
         return next((r for k, r in by if k == 1), row), made
 
+    def _registered(self, p: str = ":") -> tuple[str, str]:
+        """The columns a registration gives a new row, and their values: `p`type, `p`id, ...
+        (its parameters, or the rows of a server's batch)."""
+        at = self.dialect.at
+        return ("data_type, data_id, base_path, status, stage_path, created_at, staged_at,"
+                " metadata_json, header_json, auto_publish_enabled, publish_attempts,"
+                " size_bytes, checksum, stage_path_bytes, stage_dev, stage_ino,"
+                f" stage_mtime_ns, stage_ctime_ns, updated_at{self._node_col}",
+                f"{p}type, {p}id, {p}base, {_STAGING}, {p}path, {at}, {at}, {p}header,"
+                f" {p}header, 1, 0, {p}size, {p}checksum, {p}raw, {p}dev, {p}ino, {p}mtime,"
+                f" {p}ctime, {at}{self._node_val}")
+
     def _register(self, c: Candidate, now: float | None) -> tuple[Registered, Product]:
         ident, at = c.identity, self.dialect.at
         values = self._args(
@@ -513,12 +532,7 @@ class Operations(ABC):
             header=json.dumps(c.metadata, sort_keys=True), size=ident.size,
             checksum=c.checksum, raw=c.stage_path_bytes, dev=ident.dev, ino=ident.ino,
             mtime=ident.mtime_ns, ctime=ident.ctime_ns)
-        insert = ("data_type, data_id, base_path, status, stage_path, created_at, staged_at,"
-                  " metadata_json, header_json, auto_publish_enabled, publish_attempts,"
-                  " size_bytes, checksum, stage_path_bytes, stage_dev, stage_ino,"
-                  f" stage_mtime_ns, stage_ctime_ns, updated_at{self._node_col}",
-                  f":type, :id, :base, {_STAGING}, :path, {at}, {at}, :header, :header, 1, 0,"
-                  f" :size, :checksum, :raw, :dev, :ino, :mtime, :ctime, {at}{self._node_val}")
+        insert = self._registered()
         # A server: found, or made, in one round trip.
         row, made = self._find(c.data_id, c.stage_path, insert if self.dialect.nodes else None,
                                values)
@@ -747,6 +761,18 @@ class Operations(ABC):
                                                row["updated_at"], host, pid))
         return True
 
+    def _published_sets(self, p: str = ":") -> str:
+        """What recording a publish sets, from `p`path, `p`sidecars and `p`mode (its
+        parameters, or the rows of a server's batch)."""
+        d = self.dialect
+        return (f"status = {sql(to(Move.PUBLISH))}, published_path = {p}path,"
+                f" published_at = {d.at}, sidecars_json = {p}sidecars, publish_mode = CASE"
+                f" WHEN publish_requested_at IS NOT NULL THEN 'manual' ELSE {p}mode END,"
+                f" publish_requested_at = NULL, {d.claim_cleared}, next_attempt_at = NULL,"
+                " publish_error = NULL, publish_attempts = 0,"
+                " finalization_status = COALESCE(finalization_status, 'pending'),"
+                f" updated_at = {d.at}")
+
     def mark_published(self, item: Published, owner: str | None, now: float | None = None,
                        token: str | None = None) -> bool:
         """Durably record a publish, its publish_log record and its outbox event; with owner
@@ -756,33 +782,27 @@ class Operations(ABC):
         The legacy columns then read as the legacy code left them after a success
         (publish_attempts 0, publish_error NULL): legacy readers take a set publish_error or
         a count for a failing product; publish_failures keeps every attempt."""
-        d = self.dialect
         values = {"path": item.published_path, "now": self._now(now),
                   "sidecars": json.dumps(list(item.sidecars)), "mode": item.publish_mode,
-                  "data_id": item.data_id, "owner": owner, "token": token,
-                  "supersedes": item.supersedes}
+                  "data_id": item.data_id, "owner": owner, "token": token}
         with self.write():
             row = self._one(
-                f"UPDATE data_registry SET status = {sql(to(Move.PUBLISH))},"
-                f" published_path = :path, published_at = {d.at}, sidecars_json = :sidecars,"
-                " publish_mode = CASE WHEN publish_requested_at IS NOT NULL THEN 'manual'"
-                "   ELSE :mode END, publish_requested_at = NULL,"
-                f" {d.claim_cleared}, next_attempt_at = NULL, publish_error = NULL,"
-                " publish_attempts = 0,"
-                " finalization_status = COALESCE(finalization_status, 'pending'),"
-                f" updated_at = {d.at} WHERE data_id = :data_id"
+                f"UPDATE data_registry SET {self._published_sets()} WHERE data_id = :data_id"
                 f" AND {sql_in(Move.PUBLISH)} AND {self._fenced} RETURNING {EVENT_COLUMNS}",
                 values)
             if row is None:
                 return False
             self._point_record("data_id", item.data_id, item.published_path)
             self._exec(_LOG_PUBLISH.format(node=self._node_col), values)
-            if item.supersedes:
-                self._exec("INSERT INTO data_relationships (parent_data_id, child_data_id,"
-                           " relationship_type) VALUES (:data_id, :supersedes, 'supersedes')"
-                           " ON CONFLICT DO NOTHING", values)
+            self._supersede(item.data_id, item.supersedes)
             self._emit_published(row, item.supersedes, self._now(now))
         return True
+
+    def _supersede(self, data_id: str, supersedes: str | None) -> None:
+        if supersedes:
+            self._exec("INSERT INTO data_relationships (parent_data_id, child_data_id,"
+                       " relationship_type) VALUES (:data_id, :supersedes, 'supersedes')"
+                       " ON CONFLICT DO NOTHING", {"data_id": data_id, "supersedes": supersedes})
 
     def mark_published_many(self, items: Sequence[tuple[Published, str | None]],
                             owner: str | None, now: float | None = None) -> set[str]:
@@ -824,8 +844,7 @@ class Operations(ABC):
         node), newest first."""
         mine = " AND (node IS NULL OR node = :node)" if self.dialect.nodes else ""
         return [PublishRecord(**r) for r in self._rows(
-            "SELECT data_id, data_type, stage_path, published_path, size_bytes, checksum,"
-            " sidecars_json, header_json, publish_mode, published_at FROM publish_log"
+            f"SELECT {_LOGGED} FROM publish_log"
             f" WHERE data_id = :id OR (stage_path = :path{mine}) ORDER BY id DESC",
             self._args(id=data_id, path=stage_path))]
 
@@ -1038,10 +1057,7 @@ class Operations(ABC):
                             {"id": data_id})
             if row is None:
                 return False
-            try:
-                have = list(json.loads(row["sidecars_json"] or "[]"))
-            except ValueError:
-                have = []
+            have = list(sidecars_of(row["sidecars_json"]))
             values = {"merged": json.dumps(have + [n for n in names if n not in have]),
                       "now": self._now(now), "id": data_id}
             self._rows("UPDATE data_registry SET sidecars_json = :merged,"
@@ -1081,8 +1097,8 @@ class Operations(ABC):
         unchanged since then."""
         args = self._args(before=changed_before)
         return [Unclaimed(**r) for r in self._rows(
-            "SELECT path, path_bytes, reason, first_seen, changed_at, size_bytes"
-            " FROM unclaimed_files WHERE (CAST(:before AS DOUBLE PRECISION) IS NULL"
+            f"SELECT {columns(Unclaimed)} FROM unclaimed_files"
+            " WHERE (CAST(:before AS DOUBLE PRECISION) IS NULL"
             f" OR changed_at <= :before){self.dialect.mine()} ORDER BY changed_at, path"
             f"{self._limit(limit, args)}", args)]
 
@@ -1097,12 +1113,11 @@ class Operations(ABC):
     def oldest_unheld_waiting(self) -> Product | None:
         """The longest-waiting product the daemon is expected to publish (held ones wait on
         purpose, unless an operator asked for a publish)."""
-        rows = self._products(
+        return self._first(
             f"SELECT * FROM data_registry WHERE status = {_STAGING} AND checksum IS NOT NULL"
             " AND (COALESCE(auto_publish_enabled, 1) = 1 OR publish_requested_at IS NOT NULL)"
             f" AND ({self._qa_hold} IS NULL OR publish_requested_at IS NOT NULL)"
             " ORDER BY staged_at, id LIMIT 1")
-        return rows[0] if rows else None
 
     def held(self, data_types: Sequence[str], limit: int | None = None
              ) -> list[tuple[Product, str]]:
@@ -1394,7 +1409,7 @@ class Operations(ABC):
         with self.write():
             rows = self._rows(
                 f"UPDATE audit_findings SET resolved_at = {self.dialect.at}"
-                f" WHERE resolved_at IS NULL AND last_seen < :before RETURNING {_FINDING}",
+                f" WHERE resolved_at IS NULL AND last_seen < :before RETURNING {columns(Finding)}",
                 {"now": self._now(now), "before": seen_before})
             if state:
                 self._save_audit_state(state)
@@ -1404,7 +1419,7 @@ class Operations(ABC):
         args: Row = {}
         where = " WHERE resolved_at IS NULL" if open_only else ""
         return [Finding(**r) for r in self._rows(
-            f"SELECT {_FINDING} FROM audit_findings{where} ORDER BY first_seen, id"
+            f"SELECT {columns(Finding)} FROM audit_findings{where} ORDER BY first_seen, id"
             f"{self._limit(limit, args)}", args)]
 
     def finding_counts(self) -> dict[str, int]:
@@ -1486,7 +1501,6 @@ class Operations(ABC):
         """Every node's files moved into quarantine, newest first."""
         args: Row = {}
         return [Quarantined(**r) for r in self._rows(
-            "SELECT kind, data_id, original_path, quarantine_path, reason, size_bytes, how,"
-            " moved_at FROM quarantine_log ORDER BY moved_at DESC, id DESC"
+            f"SELECT {columns(Quarantined)} FROM quarantine_log ORDER BY moved_at DESC, id DESC"
             f"{self._limit(limit, args)}", args)]
 

@@ -49,7 +49,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from contimg_publisher import redact
-from contimg_publisher.registry import pgconn
+from contimg_publisher.registry import pgconn, schema
 from contimg_publisher.registry.dialect import PG_NOW, POSTGRES, pg, pg_fence
 from contimg_publisher.registry.model import (
     EVENT_COLUMNS,
@@ -59,28 +59,25 @@ from contimg_publisher.registry.model import (
     Planned,
     Product,
     Published,
+    PublishRecord,
     Registered,
     RegistryBusy,
-    RegistryError,
     RegistryUnavailable,
     Reservation,
     _product,
+    columns,
     published_payload,
 )
 from contimg_publisher.registry.operations import Operations, Row
 from contimg_publisher.registry.schema import MIGRATIONS, SCHEMA_VERSION
-from contimg_publisher.states import Move, Status, Step, sql, sql_in, to
+from contimg_publisher.states import Move, Status, Step, sql, sql_in
 
 __all__ = ["MIGRATE_LOCK", "MIGRATIONS", "SCHEMA_VERSION", "PostgresRegistry"]
 
 # The transaction-level advisory lock that serialises migrations of one database.
 MIGRATE_LOCK = 0x43494D50
-NOW = PG_NOW
 
-TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
-          "unclaimed_files", "publish_log", "heartbeats", "contimg_schema",
-          "name_reservations", "outbox", "outbox_sinks", "outbox_deliveries", "duties",
-          "audit_findings", "audit_state", "quarantine_log")
+TABLES = (*schema.TABLES, "heartbeats", "contimg_schema", "name_reservations", "duties")
 
 # The transaction-level advisory lock every transaction that writes an outbox event takes
 # first (and holds to its commit): events get their ids in commit order, so a sink's cursor
@@ -142,7 +139,7 @@ class PostgresRegistry(Operations):
             if migrate:
                 self.migrate()
             else:
-                self._check_version(self.version())
+                self._refuse_newer(self.version())
         except BaseException:
             self.close()
             raise
@@ -171,16 +168,21 @@ class PostgresRegistry(Operations):
                                    f"({type(exc).__name__}: {why}); nothing was recorded")
 
     @contextmanager
+    def _told(self) -> Iterator[None]:
+        """What the server says when it cannot take work now, as RegistryUnavailable."""
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from None
+
+    @contextmanager
     def _session(self) -> Iterator[psycopg.Connection[DictRow]]:
         """The connection of the transaction in progress, or one from the pool (autocommit)."""
         if self._conn is not None:
             yield self._conn
             return
-        try:
-            with self._pool.connection() as conn:
-                yield conn
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from None
+        with self._told(), self._pool.connection() as conn:
+            yield conn
 
     def _check(self, conn: psycopg.Connection[DictRow]) -> None:
         """The pool's check of a connection before it is lent: a round trip to the server,
@@ -197,17 +199,14 @@ class PostgresRegistry(Operations):
         self._answered = (id(conn), time.monotonic())
 
     def _run(self, sql: str, args: Row | None, sync: bool) -> psycopg.Cursor[DictRow]:
-        with self._session() as conn:
-            try:
-                # Always with parameters, so a literal % (doubled by pg()) means the same
-                # in every statement, those without placeholders included.
-                cur = conn.execute(pg(sql), args or {})
-                if sync and self._pipeline is not None:
-                    self._pipeline.sync()
-                self._done(conn)
-                return cur
-            except _UNAVAILABLE as exc:
-                raise self._unavailable(exc) from None
+        with self._session() as conn, self._told():
+            # Always with parameters, so a literal % (doubled by pg()) means the same in
+            # every statement, those without placeholders included.
+            cur = conn.execute(pg(sql), args or {})
+            if sync and self._pipeline is not None:
+                self._pipeline.sync()
+            self._done(conn)
+            return cur
 
     def _rows(self, sql: str, args: Row | None = None) -> list[Row]:
         cur = self._run(sql, args, True)
@@ -226,11 +225,8 @@ class PostgresRegistry(Operations):
     def _many(self, sql: str, args: Sequence[Row]) -> None:
         if not args:
             return
-        with self._session() as conn, conn.cursor() as cur:
-            try:
-                cur.executemany(pg(sql), args)
-            except _UNAVAILABLE as exc:
-                raise self._unavailable(exc) from None
+        with self._session() as conn, conn.cursor() as cur, self._told():
+            cur.executemany(pg(sql), args)
 
     def _table_columns(self, table: str) -> frozenset[str]:
         """As the search_path finds an unqualified name."""
@@ -253,16 +249,14 @@ class PostgresRegistry(Operations):
         self._exec(f"SET LOCAL idle_in_transaction_session_timeout = {int(idle * 1000)}")
 
     def write(self) -> AbstractContextManager[psycopg.Connection[DictRow]]:
-        """One transaction, committed on success and rolled back on error; a write inside
-        another is a SAVEPOINT of it, so a caller's write() makes many calls one commit.
-        In pipeline mode: BEGIN, and statements whose results are not read, travel with
-        the next statement that is waited for."""
+        """Operations.write in pipeline mode: BEGIN, and statements whose results are not
+        read, travel with the next statement that is waited for."""
         return self._transaction(pipeline=True)
 
     @contextmanager
     def _transaction(self, pipeline: bool) -> Iterator[psycopg.Connection[DictRow]]:
         if self._conn is not None:
-            try:
+            with self._told():
                 with self._conn.transaction():
                     yield self._conn
                 if self._pipeline is not None and self._outbox_held:
@@ -270,23 +264,18 @@ class PostgresRegistry(Operations):
                     # order must be idle (not mid-pipeline) while its client does something
                     # else, for the server to end it after OUTBOX_IDLE_SECONDS.
                     self._pipeline.sync()
-            except _UNAVAILABLE as exc:
-                raise self._unavailable(exc) from None
             return
-        try:
-            with self._pool.connection() as conn:
-                self._conn, self._outbox_held = conn, False
-                try:
-                    with contextlib.ExitStack() as stack:
-                        if pipeline:
-                            self._pipeline = stack.enter_context(conn.pipeline())
-                        stack.enter_context(conn.transaction())
-                        yield conn
-                    self._done(conn)
-                finally:
-                    self._conn, self._pipeline = None, None
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from None
+        with self._session() as conn:
+            self._conn, self._outbox_held = conn, False
+            try:
+                with contextlib.ExitStack() as stack:
+                    if pipeline:
+                        self._pipeline = stack.enter_context(conn.pipeline())
+                    stack.enter_context(conn.transaction())
+                    yield conn
+                self._done(conn)
+            finally:
+                self._conn, self._pipeline = None, None
 
     @contextmanager
     def read(self) -> Iterator[psycopg.Connection[DictRow]]:
@@ -294,17 +283,14 @@ class PostgresRegistry(Operations):
         if self._conn is not None:
             yield self._conn
             return
-        try:
-            with self._pool.connection() as conn:
-                self._conn = conn
-                try:
-                    with conn.transaction():
-                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                        yield conn
-                finally:
-                    self._conn = None
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from None
+        with self._session() as conn:
+            self._conn = conn
+            try:
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    yield conn
+            finally:
+                self._conn = None
 
     def close(self) -> None:
         self._pool.close()
@@ -321,7 +307,7 @@ class PostgresRegistry(Operations):
 
     def clock(self) -> float:
         """The server's clock, which every lease is measured by."""
-        return float(self._scalar(f"SELECT {NOW} AS now"))
+        return float(self._scalar(f"SELECT {PG_NOW} AS now"))
 
     # --- schema -------------------------------------------------------------------------
 
@@ -331,19 +317,13 @@ class PostgresRegistry(Operations):
         value = self._scalar("SELECT version FROM contimg_schema WHERE id = 1")
         return 0 if value is None else int(value)
 
-    def _check_version(self, version: int) -> None:
-        if version > SCHEMA_VERSION:
-            raise RegistryError(
-                f"registry {self.location}: schema version {version} is newer than this "
-                f"program understands ({SCHEMA_VERSION}); upgrade contimg-publisher")
-
     def migrate(self, to: int | None = None) -> list[int]:
         """Bring the database to SCHEMA_VERSION (or `to`), one step of MIGRATIONS at a time;
         returns the versions applied. Steps another node applied meanwhile are skipped: the
         version is read again under the lock."""
         target_version = SCHEMA_VERSION if to is None else to
         current = self.version()
-        self._check_version(current)
+        self._refuse_newer(current)
         applied: list[int] = []
         for target, step in MIGRATIONS:
             if target <= current or target > target_version:
@@ -358,7 +338,7 @@ class PostgresRegistry(Operations):
                              " application TEXT NOT NULL)")
                 row = conn.execute("SELECT version FROM contimg_schema WHERE id = 1").fetchone()
                 version = 0 if row is None else int(row["version"])
-                self._check_version(version)
+                self._refuse_newer(version)
                 if version >= target:
                     continue
                 step(self)
@@ -393,7 +373,6 @@ class PostgresRegistry(Operations):
         if len({c.data_id for c in candidates}) < len(candidates) or \
                 len({c.stage_path for c in candidates}) < len(candidates):
             return super().register_many(candidates, now)
-        at = POSTGRES.at
         listed = ", ".join((_texts("types", "ids", "bases", "paths", "headers", "checksums"),
                             "CAST(:raws AS BYTEA[])",
                             *(f"CAST(:{n} AS BIGINT[])"
@@ -411,24 +390,18 @@ class PostgresRegistry(Operations):
             "inos": [c.identity.ino for c in candidates],
             "mtimes": [c.identity.mtime_ns for c in candidates],
             "ctimes": [c.identity.ctime_ns for c in candidates]}
+        into, registered = self._registered("v.")
         with self.write():
             made = {r["data_id"]: r for r in self._rows(
-                "INSERT INTO data_registry (data_type, data_id, base_path, status, stage_path,"
-                " created_at, staged_at, metadata_json, header_json, auto_publish_enabled,"
-                " publish_attempts, size_bytes, checksum, stage_path_bytes, stage_dev,"
-                " stage_ino, stage_mtime_ns, stage_ctime_ns, updated_at, node)"
-                f" SELECT v.type, v.id, v.base, {sql(Status.STAGING)}, v.path, {at}, {at},"
-                " v.header, v.header, 1, 0, v.size, v.checksum, v.raw, v.dev, v.ino, v.mtime,"
-                f" v.ctime, {at}, :node FROM unnest({listed}) WITH ORDINALITY AS v(type, id,"
-                " base, path, header, checksum, raw, size, dev, ino, mtime, ctime, n)"
+                f"INSERT INTO data_registry ({into}) SELECT {registered} FROM unnest({listed})"
+                " WITH ORDINALITY AS v(type, id, base, path, header, checksum, raw, size, dev,"
+                " ino, mtime, ctime, n)"
                 " WHERE NOT EXISTS (SELECT 1 FROM data_registry d WHERE d.data_id = v.id)"
                 " AND NOT EXISTS (SELECT 1 FROM data_registry d WHERE d.stage_path = v.path"
                 f" AND d.node = :node AND d.status != {sql(Status.PUBLISHED)})"
                 " ORDER BY v.n ON CONFLICT DO NOTHING RETURNING *", values)}
             return [(Registered.NEW, _product(made[c.data_id])) if c.data_id in made
                     else self._register(c, self._now(now)) for c in candidates]
-
-    # the plans and publishes of a batch
 
     def set_publish_plans(self, owner: str, plans: Sequence[Planned]) -> set[str]:
         """One UPDATE for the batch, each row fenced by its own claim token."""
@@ -459,7 +432,6 @@ class PostgresRegistry(Operations):
             return set()
         if self._records or len(set(ids)) < len(ids):
             return super().mark_published_many(items, owner, now)
-        d = POSTGRES
         values = {"now": self._now(now), "owner": owner, "ids": ids,
                   "paths": [item.published_path for item, _ in items],
                   "sidecars": [json.dumps(list(item.sidecars)) for item, _ in items],
@@ -472,37 +444,23 @@ class PostgresRegistry(Operations):
             rows = self._rows(
                 f"WITH v AS (SELECT * FROM unnest({listed}) WITH ORDINALITY"
                 " AS v(data_id, path, sidecars, mode, token, n)),"
-                f" done AS (UPDATE data_registry SET status = {sql(to(Move.PUBLISH))},"
-                f" published_path = v.path, published_at = {d.at},"
-                " sidecars_json = v.sidecars, publish_mode = CASE WHEN"
-                " publish_requested_at IS NOT NULL THEN 'manual' ELSE v.mode END,"
-                f" publish_requested_at = NULL, {d.claim_cleared}, next_attempt_at = NULL,"
-                " publish_error = NULL, publish_attempts = 0,"
-                " finalization_status = COALESCE(finalization_status, 'pending'),"
-                f" updated_at = {d.at} FROM v WHERE data_registry.data_id = v.data_id"
+                f" done AS (UPDATE data_registry SET {self._published_sets('v.')}"
+                " FROM v WHERE data_registry.data_id = v.data_id"
                 f" AND {sql_in(Move.PUBLISH)} AND (CAST(:owner AS TEXT) IS NULL"
                 f" OR ({pg_fence('v.token')})) RETURNING {returned}, v.n),"
-                " logged AS (INSERT INTO publish_log (data_id, data_type, stage_path,"
-                " published_path, size_bytes, checksum, sidecars_json, header_json,"
-                " publish_mode, published_at, node) SELECT data_id, data_type, stage_path,"
-                " published_path, size_bytes, checksum, sidecars_json, header_json,"
-                " publish_mode, published_at, node FROM done ORDER BY n)"
+                f" logged AS (INSERT INTO publish_log ({columns(PublishRecord)}, node)"
+                f" SELECT {columns(PublishRecord)}, node FROM done ORDER BY n)"
                 " SELECT * FROM done ORDER BY n", values)
             if not rows:
                 return set()
             supersedes = {item.data_id: item.supersedes for item, _ in items}
             for row in rows:
-                if supersedes[row["data_id"]]:
-                    self._exec(
-                        "INSERT INTO data_relationships (parent_data_id, child_data_id,"
-                        " relationship_type) VALUES (:data_id, :supersedes, 'supersedes')"
-                        " ON CONFLICT DO NOTHING",
-                        {"data_id": row["data_id"], "supersedes": supersedes[row["data_id"]]})
+                self._supersede(row["data_id"], supersedes[row["data_id"]])
             self._outbox_lock()
             host = socket.gethostname()
             self._exec(
                 "INSERT INTO outbox (event_id, type, data_id, payload_json, created_at, node)"
-                f" SELECT e.event_id, :type, e.data_id, e.payload, {d.at}, :node"
+                f" SELECT e.event_id, :type, e.data_id, e.payload, {POSTGRES.at}, :node"
                 f" FROM unnest({_texts('events', 'ids', 'payloads')}) WITH ORDINALITY"
                 " AS e(event_id, data_id, payload, n) ORDER BY e.n",
                 {"type": EVENT_PUBLISHED, "now": values["now"], "node": self.node,
@@ -517,7 +475,7 @@ class PostgresRegistry(Operations):
         """This daemon is alive now (the server's clock): its row, made or renewed."""
         self._rows(
             "INSERT INTO heartbeats (owner, node, host, pid, started, last_seen, version)"
-            f" VALUES (:owner, :node, :host, :pid, :started, {NOW}, :version)"
+            f" VALUES (:owner, :node, :host, :pid, :started, {PG_NOW}, :version)"
             " ON CONFLICT (owner) DO UPDATE SET last_seen = EXCLUDED.last_seen,"
             " node = EXCLUDED.node, version = EXCLUDED.version",
             {"owner": owner, "node": self.node, "host": socket.gethostname(),
@@ -531,7 +489,7 @@ class PostgresRegistry(Operations):
         """Every node's daemons, with how long ago each was last heard from."""
         return [Heartbeat(**r) for r in self._rows(
             "SELECT owner, node, host, pid, started, last_seen, version,"
-            f" {NOW} - last_seen AS age_seconds FROM heartbeats ORDER BY node, started")]
+            f" {PG_NOW} - last_seen AS age_seconds FROM heartbeats ORDER BY node, started")]
 
     # --- folder-name reservations (a products area several nodes share) -------------------
 
@@ -546,7 +504,7 @@ class PostgresRegistry(Operations):
             if self._one(
                     "INSERT INTO name_reservations (published_path, data_id, node, owner,"
                     f" claim_token, reserved_at) VALUES (:path, :id, :node,"
-                    f" :owner, :token, {NOW}) ON CONFLICT (published_path) DO UPDATE"
+                    f" :owner, :token, {PG_NOW}) ON CONFLICT (published_path) DO UPDATE"
                     " SET node = EXCLUDED.node, owner = EXCLUDED.owner,"
                     " claim_token = EXCLUDED.claim_token, reserved_at = EXCLUDED.reserved_at"
                     " WHERE name_reservations.data_id = EXCLUDED.data_id RETURNING data_id",
@@ -567,7 +525,6 @@ class PostgresRegistry(Operations):
             {"path": published_path, "id": data_id, "token": token}) > 0
 
     def reservations(self) -> list[Reservation]:
-        """This node's reservations not settled by a publish under the reserved name."""
         return [Reservation(**r) for r in self._rows(
             "SELECT r.published_path, r.data_id, r.owner, r.claim_token, r.reserved_at"
             " FROM name_reservations r LEFT JOIN data_registry d ON d.data_id = r.data_id"
@@ -580,7 +537,7 @@ class PostgresRegistry(Operations):
         clock); False while another daemon's lease runs."""
         return self._one(
             "INSERT INTO duties (duty, owner, node, since, expires_at) VALUES"
-            f" (:duty, :owner, :node, {NOW}, {NOW} + CAST(:lease AS DOUBLE PRECISION))"
+            f" (:duty, :owner, :node, {PG_NOW}, {PG_NOW} + CAST(:lease AS DOUBLE PRECISION))"
             " ON CONFLICT (duty) DO UPDATE SET owner = EXCLUDED.owner, node = EXCLUDED.node,"
             " since = CASE WHEN duties.owner = EXCLUDED.owner THEN duties.since"
             "   ELSE EXCLUDED.since END, expires_at = EXCLUDED.expires_at"

@@ -279,6 +279,13 @@ CREATE TABLE IF NOT EXISTS duties (
 """
 
 
+# This program's tables (never a product's own record, [products.record]), in the order a
+# copy to a server takes them (copy.py); a server has a few more of its own (postgres.py).
+TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
+          "unclaimed_files", "publish_log", "outbox", "outbox_sinks", "outbox_deliveries",
+          "audit_findings", "audit_state", "quarantine_log")
+
+
 def render(ddl: str, d: Dialect) -> str:
     """DDL in a dialect's types."""
     types = _TYPES[d.name]

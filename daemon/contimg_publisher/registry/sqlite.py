@@ -36,19 +36,11 @@ from contimg_publisher.registry.model import (
     RegistryUnavailable,
 )
 from contimg_publisher.registry.operations import Operations, Row
-from contimg_publisher.registry.schema import LEGACY_DDL, MIGRATIONS, SCHEMA_VERSION
+from contimg_publisher.registry.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
 from contimg_publisher.states import Status, sql
-
-__all__ = ["LEGACY_DDL", "SCHEMA_VERSION", "TRANSIENT", "Registry", "refuse_new_over_archive",
-           "unavailable"]
 
 APPLICATION_ID = 0x43494D50  # "CIMP"
 PROBE_PATH = "\0contimg-publisher probe"  # never a file's name: no path holds a NUL
-
-# This program's tables: never a product's own record ([products.record]).
-TABLES = ("data_registry", "data_relationships", "data_tags", "publish_failures",
-          "unclaimed_files", "publish_log", "audit_findings", "audit_state", "quarantine_log",
-          "outbox", "outbox_sinks", "outbox_deliveries")
 
 # What SQLite says when the file (or its -wal/-shm) cannot take a write.
 _UNAVAILABLE = (apsw.FullError, apsw.IOError, apsw.ReadOnlyError, apsw.CantOpenError)
@@ -271,11 +263,8 @@ class Registry(Operations):
 
     @contextmanager
     def write(self) -> Iterator[apsw.Cursor]:
-        """One explicit BEGIN IMMEDIATE transaction: committed on success, rolled back on error.
-
-        Writes compose: a write inside another is a SAVEPOINT of the outer transaction, so
-        one method records one row and a caller that wraps many calls in a write() of its
-        own gets them all in one durable commit (one fsync for a burst)."""
+        """Operations.write as one explicit BEGIN IMMEDIATE transaction: a caller's write()
+        around many calls makes one durable commit (one fsync for a burst)."""
         cursor = self.conn.cursor()
         if self._depth:
             savepoint = f"contimg_{self._depth}"
@@ -302,30 +291,23 @@ class Registry(Operations):
                 f"registry {self.path}: locked by another process for longer than the busy "
                 f"timeout ({self.busy_timeout_seconds:g} s); nothing was written") from None
         self._depth = 1
-        try:
-            yield cursor
+        try:  # whatever fails, from the caller's statements to the COMMIT, rolls back
+            try:
+                yield cursor
+            finally:
+                self._depth = 0
+            self.guard(write=True)  # made immutable during the transaction: no commit
+            try:
+                cursor.execute("COMMIT")
+            except apsw.BusyError:
+                raise RegistryBusy(f"registry {self.path}: commit blocked by another process;"
+                                   " rolled back") from None
         except _UNAVAILABLE as exc:
             self._rollback(cursor)
             raise self._unavailable(exc) from None
         except BaseException:
             self._rollback(cursor)
             raise
-        finally:
-            self._depth = 0
-        try:
-            self.guard(write=True)  # made immutable during the transaction: no commit
-        except RegistryUnavailable:
-            self._rollback(cursor)
-            raise
-        try:
-            cursor.execute("COMMIT")
-        except apsw.BusyError:
-            self._rollback(cursor)
-            raise RegistryBusy(f"registry {self.path}: commit blocked by another process; "
-                               "rolled back") from None
-        except _UNAVAILABLE as exc:
-            self._rollback(cursor)
-            raise self._unavailable(exc) from None
 
     def _rollback(self, cursor: apsw.Cursor) -> None:
         if self._conn.in_transaction:
@@ -338,7 +320,6 @@ class Registry(Operations):
 
     @contextmanager
     def read(self) -> Iterator[apsw.Cursor]:
-        """A consistent snapshot for several SELECTs."""
         cursor = self.conn.cursor()
         cursor.execute("BEGIN")
         try:
@@ -356,11 +337,7 @@ class Registry(Operations):
         return int(self._scalar("PRAGMA user_version"))
 
     def _check_version(self) -> None:
-        version = self.version()
-        if version > SCHEMA_VERSION:
-            raise RegistryError(
-                f"registry {self.path}: schema version {version} is newer than this program "
-                f"understands ({SCHEMA_VERSION}); upgrade contimg-publisher")
+        self._refuse_newer(self.version())
         app = int(self._scalar("PRAGMA application_id"))
         if app not in (0, APPLICATION_ID):
             raise RegistryError(f"registry {self.path}: belongs to another application "
