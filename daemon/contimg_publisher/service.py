@@ -336,8 +336,10 @@ class Daemon:
             self._ping(run)
             return self.deadlines.next_timeout(time.monotonic(), PAUSED, cap=None)
         except (RegistryError, OSError) as exc:
-            if fdlimit.exhausted(exc):
-                return self._out_of_descriptors(run, exc)
+            if fdlimit.exhausted(exc):  # said once, then waited out with a growing pause
+                self.shortage = fdlimit.short(self.shortage, exc, time.monotonic(), self.log)
+                self._ping(run)
+                return self.shortage.pause
             # A staging area that went away: say so and try again on the next turn; the
             # watchdog still sees a loop that turns.
             self.log.error("loop_error", error=f"{type(exc).__name__}: {exc}")
@@ -351,7 +353,8 @@ class Daemon:
         if retried is not None and self.outage is not None:
             self._registry_available(self.outage)
         if self.shortage is not None:
-            self._descriptors_available(self.shortage)
+            fdlimit.ended(self.shortage, time.monotonic(), self.log)
+            self.shortage = None
         return timeout
 
     def _step(self, run: scanpass.Pass) -> None:
@@ -553,33 +556,6 @@ class Daemon:
         self.abandoned = []
         for result in results:
             self._log_reconciled(result)
-
-    # --- out of descriptors -----------------------------------------------------------------
-
-    def _out_of_descriptors(self, run: scanpass.Pass, exc: BaseException) -> float:
-        """A turn failed for lack of descriptors: said once, then the loop waits a growing
-        pause (pinging the watchdog) instead of failing again at once."""
-        error = f"{type(exc).__name__}: {exc}"
-        if self.shortage is None:
-            self.shortage = fdlimit.Shortage(time.monotonic(), error)
-            soft, hard = fdlimit.limits()
-            self.log.error("descriptors_exhausted", error=error, limit_soft=soft,
-                           limit_hard=hard, retry_in_seconds=self.shortage.pause,
-                           reason="publishing waits until descriptors are free again; "
-                                  "retried with backoff, resumes by itself",
-                           action="see what holds this process's descriptors (ls -l "
-                                  f"/proc/{os.getpid()}/fd) or the system's (fs.file-nr)")
-            pause = self.shortage.pause
-        else:
-            pause = self.shortage.again()
-        self._ping(run)
-        return pause
-
-    def _descriptors_available(self, was: fdlimit.Shortage) -> None:
-        self.shortage = None
-        self.log.info("descriptors_available", seconds=round(time.monotonic() - was.since, 1),
-                      failed_turns=was.turns, error_was=was.error,
-                      open_descriptors=fdlimit.open_count(), reason="publishing resumed")
 
     # --- the registry unavailable ---------------------------------------------------------
 
