@@ -16,6 +16,7 @@ except ImportError:  # pragma: no cover - systemd-python is a dependency; keep r
     sd_daemon = None
 
 
+STATUS_SECONDS = 5.0  # STATUS= refreshed at least this often
 _NOTIFY_FAILED: list[str] = []  # the first failure to reach systemd, said once
 
 

@@ -35,6 +35,7 @@ from contimg_publisher import (
     publish,
     qa,
     reconcile,
+    registrypause,
     rules,
     scanpass,
     watch,
@@ -62,7 +63,7 @@ from contimg_publisher.scanpass import (  # noqa: F401 (names `scan` and the tes
     log_tidied,
     park_outside_root,
 )
-from contimg_publisher.sdnotify import monotonic_usec, notify
+from contimg_publisher.sdnotify import STATUS_SECONDS, monotonic_usec, notify
 from contimg_publisher.services import (
     AuditService,
     DeliveryService,
@@ -79,7 +80,6 @@ T = TypeVar("T")
 # How long detection waits for a batch in flight (Daemon._publish_turn): longer than a batch
 # of small products takes, shorter than a copy worth overlapping.
 PUBLISH_TURN_SECONDS = 0.5
-STATUS_SECONDS = 5.0        # STATUS= refreshed at least this often
 WATCH_RETRY_SECONDS = 60.0  # a watch that could not be set up is tried again after this
 TICK_SECONDS = 1.0          # the loop turns at least this often
 # What a paused loop (the registry unavailable) still wakes for.
@@ -325,7 +325,8 @@ class Daemon:
         retried = self.outage
         try:
             if retried is not None:
-                self._retry_registry(run)
+                registrypause.retry(run, self.pending_park)
+                self.pending_park = None
             self._step(run)
             timeout = self._timeout(run)
         except RegistryGone as exc:
@@ -557,67 +558,22 @@ class Daemon:
         for result in results:
             self._log_reconciled(result)
 
-    # --- the registry unavailable ---------------------------------------------------------
+    # --- the registry unavailable (registrypause) -----------------------------------------
 
     def _registry_unavailable(self, exc: Exception) -> outage.Outage:
-        """Publishing pauses: nothing is claimed, registered or removed until a retry
-        proves the registry takes commits again. Said once, then at most once a minute."""
-        error = str(unavailable(exc, self.config.registry_shown))
         now = time.monotonic()
-        if self.outage is None:
-            self.outage = current = outage.begin(error, now, time.time())
-            self.log.error("registry_unavailable", registry=self.config.registry_shown,
-                           error=error, retry_in_seconds=outage.RETRY_INITIAL_SECONDS,
-                           reason="publishing paused: nothing leaves staging without its "
-                                  "record; retried with backoff, resumes by itself",
-                           action=_outage_action(self.config))
-        else:
-            current = self.outage
-            if outage.failed_again(current, error, now):
-                self.log.warning("registry_still_unavailable",
-                                 registry=self.config.registry_shown, error=error,
-                                 seconds=round(current.seconds(now), 1), tries=current.tries,
-                                 retry_in_seconds=round(current.next_try - now, 1))
-        self.deadlines.set(Due.REGISTRY_RETRY, current.next_try)
-        self._say_outage()
-        return current
-
-    def _retry_registry(self, run: scanpass.Pass) -> None:
-        """A real write first (a turn with nothing to record proves nothing), then what a
-        reload could not record while the registry was unavailable."""
-        run.registry.probe()
-        if self.pending_park is not None:
-            run.park(self.pending_park)
-            self.pending_park = None
+        self.outage = registrypause.unavailable(self.outage, exc, self.config, self.log, now)
+        registrypause.tell(self.outage, self.metrics, self.lock, self.deadlines, now)
+        return self.outage
 
     def _registry_available(self, was: outage.Outage) -> None:
+        now = time.monotonic()
         self.outage = None
-        self.deadlines.set(Due.REGISTRY_RETRY, None)
-        self.log.info("registry_available", registry=self.config.registry_shown,
-                      seconds=round(was.seconds(time.monotonic()), 1), tries=was.tries,
-                      error_was=was.reason, reason="publishing resumed")
-        self._say_outage()
-
-    def _say_outage(self) -> None:
-        """The pause (or its end) in STATUS=, the metrics and the lock file's note."""
-        self.metrics.observe_registry(None if self.outage is None else self.outage.reason,
-                                      None if self.outage is None else self.outage.since)
-        if self.lock is not None:
-            self.lock.note(outage.note(self.outage))
-        if self.outage is not None:
-            notify(f"STATUS={outage.status_line(self.outage)}")
-            self.deadlines.after(Due.STATUS, STATUS_SECONDS, time.monotonic())
-        else:  # the next turn says the counts
-            self.deadlines.set(Due.STATUS, time.monotonic())
+        registrypause.available(was, self.config, self.log, now)
+        registrypause.tell(None, self.metrics, self.lock, self.deadlines, now)
 
     def _registry_gone(self, exc: RegistryError) -> None:
-        """The registry file was deleted or replaced under the daemon: publish nothing more,
-        remove nothing, say so loudly, and exit non-zero (systemd's restart then meets the
-        start-up check, which will not create an empty registry beside the archive)."""
-        self.log.critical("registry_gone", registry=self.config.registry_shown, error=str(exc),
-                          action="restore the registry file (from the copy the daemon had "
-                                 "open, or a backup), then start the daemon")
-        notify(f"STATUS=stopped: {exc}")
+        registrypause.gone(exc, self.config, self.log)
         self.exit_code = 1
         self.stopping = True
 
@@ -713,15 +669,6 @@ class Daemon:
             while self.worker.busy is not None:
                 self.wakeup.sleep(0.5)
                 self._collect_results(run)
-
-
-def _outage_action(cfg: Config) -> str:
-    """What an operator can do about a registry that cannot be used, per backend."""
-    if cfg.registry_is_server:
-        return ("start the PostgreSQL server, restore the network to it, or make it "
-                "writable again (free space, promote a standby)")
-    return ("free space, make the registry files writable again (chattr -i, remount "
-            "read-write) or end the process that holds its write lock")
 
 
 def _event_path(product: Product) -> str:
