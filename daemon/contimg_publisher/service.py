@@ -20,7 +20,6 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,9 +32,9 @@ from contimg_publisher import (
     outage,
     paths,
     publish,
-    qa,
     reconcile,
     registrypause,
+    reload,
     rules,
     scanpass,
     watch,
@@ -43,7 +42,7 @@ from contimg_publisher import (
 )
 from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
-from contimg_publisher.config import Config, ConfigError
+from contimg_publisher.config import Config
 from contimg_publisher.deadlines import Deadlines, Due
 from contimg_publisher.registry import (
     TRANSIENT,
@@ -588,26 +587,17 @@ class Daemon:
 
     def _reload(self, run: scanpass.Pass) -> None:
         notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
-        try:
-            new = config_mod.load(self.config_path)
-            # A record's table without a column the new rules name: keep the old gate.
-            run.registry.set_qa_gate(qa.conditions(new.products), qa.records(new.products))
-        except ConfigError as exc:
-            self._reload_failed(run, f"{exc.key}: {exc.reason}", config=exc.path,
-                                key=exc.key, error=exc.reason)
-            return
-        except RegistryError as exc:
-            self._reload_failed(run, str(exc), config=self.config_path,
-                                key="products.record", error=str(exc))
-            return
-        old = self.config
-        kept = []
-        if new.registry != old.registry or new.lock_path != old.lock_path:
-            kept.append("paths.registry/lock_file (take effect at restart)")
-            new = replace(new, registry=old.registry, lock_file=old.lock_file)
+        loaded = reload.load(self.config_path, self.config, run.registry)
+        if isinstance(loaded, reload.Failed):
+            self.status_note = reload.failed(loaded, self.log, self.metrics)
+        else:
+            self._reconfigure(run, loaded)
+        notify("READY=1", f"STATUS={self._status_line(run)}")
+
+    def _reconfigure(self, run: scanpass.Pass, loaded: reload.Loaded) -> None:
+        old, new = self.config, loaded.config
         self.config = new
-        logs.configure(new.log_level, new.log_format, new.error_max_chars)
-        self.log = run.log = logs.get_logger()
+        self.log = run.log = reload.logger(new)
         run.reconfigure(new)
         self.services.reconfigure(new, old)
         if new.stage_root != old.stage_root:
@@ -623,18 +613,7 @@ class Daemon:
             self._start_sweep(run)
         self.rescan_requested = True
         self.status_note = ""
-        self.metrics.observe_reload(True, new)
-        self.log.info("reload_ok", config=self.config_path,
-                      changed=sorted(k for k, v in new.as_dict().items()
-                                     if old.as_dict().get(k) != v and k != "source"),
-                      kept=kept)
-        notify("READY=1", f"STATUS={self._status_line(run)}")
-
-    def _reload_failed(self, run: scanpass.Pass, why: str, **fields: str) -> None:
-        self.status_note = f"reload failed ({why}); running on the previous configuration"
-        self.log.error("reload_failed", **fields)
-        self.metrics.observe_reload(False)
-        notify("READY=1", f"STATUS={self._status_line(run)}")
+        reload.done(loaded, old, self.config_path, self.log, self.metrics)
 
     # --- shutdown -------------------------------------------------------------------------
 
