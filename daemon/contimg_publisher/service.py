@@ -35,6 +35,7 @@ from contimg_publisher import (
     reconcile,
     registrypause,
     reload,
+    results,
     rules,
     scanpass,
     watch,
@@ -70,7 +71,7 @@ from contimg_publisher.services import (
     Services,
     WatchService,
 )
-from contimg_publisher.states import Attempt, FailureKind, Status
+from contimg_publisher.states import Attempt, Status
 from contimg_publisher.watch import ChangeKind
 from contimg_publisher.worker import Worker
 
@@ -147,11 +148,7 @@ class Daemon:
         self.lock: lock.Lock | None = None
         self.stopping = False
         self.rescan_requested = False
-        self.waiting_for_space: set[str] = set()  # data_ids whose wait for room was logged
-        self.last_published: str | None = None
-        # Publishes that died inside the publish thread: resolved by the loop, not left
-        # `publishing` under this process's live lease until a restart.
-        self.abandoned: list[str] = []
+        self.results = results.Results(self.own_moves, self.changes, self.tracker)
         self.next_due: float | None = None  # when the next row is due, asked once per wake
         self.sweep: Iterator[int] | None = None  # stray temporary files, a folder at a time
         self.exit_code = 0
@@ -274,9 +271,9 @@ class Daemon:
 
     def _reconcile(self, run: scanpass.Pass, startup: bool = False) -> None:
         cfg = self.config
-        results, exhausted = run.reconcile(sweep=False)
-        for result in results:
-            self._log_reconciled(result)
+        reconciled, exhausted = run.reconcile(sweep=False)
+        for result in reconciled:
+            results.log_reconciled(self.log, result)
             if result.status is Attempt.REQUEUED and not startup:
                 # A legacy row requeued has never been described: look at its file now.
                 run.detector.note(paths.undisplay(result.stage_path))
@@ -286,11 +283,6 @@ class Daemon:
                            error="attempts already at the limit when the daemon started",
                            action=f"contimg-publisher show {data_id}; then retry")
         self.deadlines.after(Due.RECONCILE, cfg.reconcile_seconds, time.monotonic())
-
-    def _log_reconciled(self, result: publish.Result) -> None:
-        self.log.warning("reconciled", data_id=result.data_id, data_type=result.data_type,
-                         stage_path=result.stage_path, outcome=result.status,
-                         published_path=result.published_path)
 
     def _rescan(self, run: scanpass.Pass, startup: bool = False) -> None:
         started = time.monotonic()
@@ -381,8 +373,9 @@ class Daemon:
                 log_outcome(self.log, outcome)
                 self.metrics.observe_detect(outcome)
                 run.tidy(outcome)
-        if self.abandoned and self.worker.busy is None:
-            self._resolve_abandoned(run)
+        if self.results.abandoned and self.worker.busy is None:
+            results.resolve_abandoned(self.results, self.config, run.registry, self.owner,
+                                      self.log)
         if self.worker.busy is None:
             self._claim_next(run)
         self._advance_sweep()
@@ -441,7 +434,7 @@ class Daemon:
         line = (f"{watching} {self.config.stage_root}: {c[Status.STAGING]} waiting, "
                 f"{c[Status.PUBLISHING]} publishing, {c[Status.FAILED]} failed, "
                 f"{c[Status.REJECTED]} rejected; "
-                f"last publish: {self.last_published or 'none yet'}")
+                f"last publish: {self.results.last_published or 'none yet'}")
         return f"{self.status_note}; {line}" if self.status_note else line
 
     # --- detection and publishing ---------------------------------------------------------
@@ -481,81 +474,27 @@ class Daemon:
             return
         claimed = run.claim()
         if claimed:
-            self.own_moves.expect([_event_path(p) for p in claimed])
+            self.own_moves.expect([results.event_path(p) for p in claimed])
             self.worker.submit(claimed, self.config)
 
     def _collect_results(self, run: scanpass.Pass) -> None:
         while (done := self.worker.take()) is not None:
-            products, results = done
-            if isinstance(results, Exception):
-                for product in products:
-                    self._not_moved(product)
-            if isinstance(results, RegistryGone):
-                self._registry_gone(results)
+            products, outcome = done
+            if not isinstance(outcome, Exception):
+                if results.batch_done(self.results, run.detector, products, outcome, self.log,
+                                      self.metrics, self.config.max_attempts):
+                    # The batch's events are committed; never waited for. Once a batch, not
+                    # once a product: each wake-up is the delivery thread taking the GIL.
+                    self.delivery.wake()
                 continue
-            if isinstance(results, TRANSIENT):  # nothing was removed; resolved once back
-                self._registry_unavailable(results)
-                self.abandoned.extend(product.data_id for product in products)
-                continue
-            if isinstance(results, Exception):
-                for product in products:
-                    self.log.error("publish_crashed", data_id=product.data_id,
-                                   data_type=product.data_type, stage_path=product.stage_path,
-                                   error=f"{type(results).__name__}: {results}",
-                                   action="resolved from disk and the row by this process")
-                    self.metrics.observe_crash()
-                    self.abandoned.append(product.data_id)
-                continue
-            for product, result in zip(products, results, strict=True):
-                self._after_publish(run, product, result)
-            if any(result.status is Attempt.PUBLISHED for result in results):
-                # The batch's events are committed; never waited for. Once a batch, not once
-                # a product: each wake-up is the delivery thread taking the GIL.
-                self.delivery.wake()
-
-    def _not_moved(self, product: Product) -> None:
-        """The publish from this path did not happen: an event the watch dropped for it
-        (another hand moved the file) is handled as any other."""
-        change = self.own_moves.release(_event_path(product))
-        if change is not None:
-            self.changes.put(change)
-
-    def _moved_out(self, run: scanpass.Pass, product: Product) -> None:
-        """What the event of our own rename out of staging would have done (see _drain_changes:
-        the tracker and the detector forget the path; the registry need not be asked whether
-        a row still waits there, its row is the one just published)."""
-        path = _event_path(product)
-        self.own_moves.published(path)
-        self.tracker.moved(path, "")
-        run.detector.drop(path)
-
-    def _after_publish(self, run: scanpass.Pass, product: Product,
-                       result: publish.Result) -> None:
-        if result.status is Attempt.PUBLISHED:
-            self._moved_out(run, product)
-        else:
-            self._not_moved(product)
-        if result.status is Attempt.DEFERRED:
-            if result.data_id in self.waiting_for_space:
-                return  # said once; tried again after the backoff, quietly
-            self.waiting_for_space.add(result.data_id)
-        else:
-            self.waiting_for_space.discard(result.data_id)
-        log_result(self.log, result, self.config.max_attempts)
-        self.metrics.observe_result(result, product.size_bytes)
-        if result.status is Attempt.PUBLISHED:
-            self.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
-        if result.kind == FailureKind.SOURCE_CHANGED:
-            run.detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
-                              is None else product.stage_path_bytes)
-
-    def _resolve_abandoned(self, run: scanpass.Pass) -> None:
-        """A RegistryError here leaves them for the next turn (the loop logs it)."""
-        results = reconcile.resolve_own(self.config, run.registry, self.owner,
-                                        self.abandoned, self.log)
-        self.abandoned = []
-        for result in results:
-            self._log_reconciled(result)
+            results.not_moved(self.results, products)
+            if isinstance(outcome, RegistryGone):
+                self._registry_gone(outcome)
+            elif isinstance(outcome, TRANSIENT):  # nothing was removed; resolved once back
+                self._registry_unavailable(outcome)
+                self.results.abandoned.extend(product.data_id for product in products)
+            else:
+                results.crashed(self.results, products, outcome, self.log, self.metrics)
 
     # --- the registry unavailable (registrypause) -----------------------------------------
 
@@ -648,11 +587,6 @@ class Daemon:
             while self.worker.busy is not None:
                 self.wakeup.sleep(0.5)
                 self._collect_results(run)
-
-
-def _event_path(product: Product) -> str:
-    """The product's staged path as the watch names it in its events (os.fsdecode form)."""
-    return os.fsdecode(product.stage_bytes)
 
 
 # --- one-shot work for the CLI --------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""What the main loop does with the publish thread's results.
+
+Each outcome is logged and counted once (a product waiting for room is said once, not at
+every try), the watch is kept in step with the daemon's own renames out of staging (their
+events are dropped, see watch.OwnMoves), and a publish that died in the thread is
+resolved by the loop rather than left `publishing` under this process's live lease until
+a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from contimg_publisher import detect, metrics, publish, reconcile, watch, writers
+from contimg_publisher.config import Config
+from contimg_publisher.registry import Product, RegistryBackend
+from contimg_publisher.scanpass import log_result
+from contimg_publisher.states import Attempt, FailureKind
+
+
+@dataclass
+class Results:
+    """What the loop keeps of the results between turns, and what it keeps in step."""
+
+    own_moves: watch.OwnMoves
+    changes: queue.SimpleQueue[watch.Change | str]  # the watch's, for an event given back
+    tracker: writers.WriteTracker
+    waiting_for_space: set[str] = field(default_factory=set)  # whose wait was logged
+    last_published: str | None = None  # for STATUS=
+    # Publishes that died inside the publish thread, resolved by the loop.
+    abandoned: list[str] = field(default_factory=list)
+
+
+def event_path(product: Product) -> str:
+    """The product's staged path as the watch names it in its events (os.fsdecode form)."""
+    return os.fsdecode(product.stage_bytes)
+
+
+def not_moved(kept: Results, products: Iterable[Product]) -> None:
+    """The publishes from these paths did not happen: an event the watch dropped for one
+    (another hand moved the file) is handled as any other."""
+    for product in products:
+        change = kept.own_moves.release(event_path(product))
+        if change is not None:
+            kept.changes.put(change)
+
+
+def moved_out(kept: Results, detector: detect.Detector, product: Product) -> None:
+    """What the event of our own rename out of staging would have done (the tracker and the
+    detector forget the path; the registry need not be asked whether a row still waits
+    there, its row is the one just published)."""
+    path = event_path(product)
+    kept.own_moves.published(path)
+    kept.tracker.moved(path, "")
+    detector.drop(path)
+
+
+def batch_done(kept: Results, detector: detect.Detector, products: list[Product],
+               results: list[publish.Result], log: Any, observed: metrics.Metrics,
+               max_attempts: int) -> bool:
+    """A batch's results, in order; True when any was published."""
+    for product, result in zip(products, results, strict=True):
+        _after_publish(kept, detector, product, result, log, observed, max_attempts)
+    return any(result.status is Attempt.PUBLISHED for result in results)
+
+
+def _after_publish(kept: Results, detector: detect.Detector, product: Product,
+                   result: publish.Result, log: Any, observed: metrics.Metrics,
+                   max_attempts: int) -> None:
+    if result.status is Attempt.PUBLISHED:
+        moved_out(kept, detector, product)
+    else:
+        not_moved(kept, [product])
+    if result.status is Attempt.DEFERRED:
+        if result.data_id in kept.waiting_for_space:
+            return  # said once; tried again after the backoff, quietly
+        kept.waiting_for_space.add(result.data_id)
+    else:
+        kept.waiting_for_space.discard(result.data_id)
+    log_result(log, result, max_attempts)
+    observed.observe_result(result, product.size_bytes)
+    if result.status is Attempt.PUBLISHED:
+        kept.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
+    if result.kind == FailureKind.SOURCE_CHANGED:
+        detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
+                      is None else product.stage_path_bytes)
+
+
+def crashed(kept: Results, products: list[Product], exc: Exception, log: Any,
+            observed: metrics.Metrics) -> None:
+    """The publish thread raised on this batch: said per product, resolved by the loop."""
+    for product in products:
+        log.error("publish_crashed", data_id=product.data_id,
+                  data_type=product.data_type, stage_path=product.stage_path,
+                  error=f"{type(exc).__name__}: {exc}",
+                  action="resolved from disk and the row by this process")
+        observed.observe_crash()
+        kept.abandoned.append(product.data_id)
+
+
+def resolve_abandoned(kept: Results, cfg: Config, registry: RegistryBackend, owner: str,
+                      log: Any) -> None:
+    """A RegistryError here leaves them for the next turn (the loop logs it)."""
+    resolved = reconcile.resolve_own(cfg, registry, owner, kept.abandoned, log)
+    kept.abandoned = []
+    for result in resolved:
+        log_reconciled(log, result)
+
+
+def log_reconciled(log: Any, result: publish.Result) -> None:
+    log.warning("reconciled", data_id=result.data_id, data_type=result.data_type,
+                stage_path=result.stage_path, outcome=result.status,
+                published_path=result.published_path)
