@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from contimg_publisher import (
     __version__,
+    changes,
     fdlimit,
     lock,
     logs,
@@ -72,7 +73,6 @@ from contimg_publisher.services import (
     WatchService,
 )
 from contimg_publisher.states import Attempt, Status
-from contimg_publisher.watch import ChangeKind
 from contimg_publisher.worker import Worker
 
 T = TypeVar("T")
@@ -353,8 +353,8 @@ class Daemon:
         run.registry.check_identity()  # a stat: every turn, before anything is recorded
         now = time.monotonic()
         detecting = not self._publish_turn(now)
-        if detecting:
-            self._drain_changes(run)
+        if detecting and changes.drain(self.changes, self.tracker, run):
+            self.rescan_requested = True
         for service in self.services.unhealthy():
             self.log.warning(f"{service.name}_restarting",
                              stage_root=str(self.config.stage_root))
@@ -438,33 +438,6 @@ class Daemon:
         return f"{self.status_note}; {line}" if self.status_note else line
 
     # --- detection and publishing ---------------------------------------------------------
-
-    def _drain_changes(self, run: scanpass.Pass) -> None:
-        detector, tracker = run.detector, self.tracker
-        for _ in range(100_000):
-            try:
-                change = self.changes.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(change, str):  # watch.RESCAN, the only string the watcher queues
-                self.rescan_requested = True
-                tracker.clear()  # a close-write may be among the events lost
-                continue
-            if change.kind == ChangeKind.MODIFIED:
-                tracker.modified(change.path)
-            elif change.kind == ChangeKind.CLOSED:
-                tracker.closed_after_write(change.path)
-            elif change.kind in (ChangeKind.DELETED, ChangeKind.MOVED_OUT):
-                tracker.moved(change.path, change.dest)
-            if change.kind in (ChangeKind.DELETED, ChangeKind.MOVED_OUT):
-                detector.forget(change.path)
-            elif change.kind in (ChangeKind.CREATED, ChangeKind.MOVED_IN) and \
-                    os.path.isdir(change.path) and not os.path.islink(change.path):
-                detector.note(change.path)
-                detector.note_folder(change.path)
-                run.log_walk_problems()
-            else:
-                detector.note(change.path)
 
     def _claim_next(self, run: scanpass.Pass) -> None:
         """Once per wake-up: when is the next row due (an indexed read, no write transaction
