@@ -1,4 +1,5 @@
-"""What the daemon tells systemd (sd_notify), in one module the loop's helpers share.
+"""What the daemon tells systemd (sd_notify and STATUS=), in one module the loop's helpers
+share.
 
 A socket that cannot be reached must not stop publishing, so sending never raises.
 """
@@ -7,8 +8,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
-from contimg_publisher import logs
+from contimg_publisher import logs, outage
+from contimg_publisher import registry as registry_mod
+from contimg_publisher.config import Config
+from contimg_publisher.registry import TRANSIENT, RegistryBackend
+from contimg_publisher.states import Status
 
 try:
     from systemd import daemon as sd_daemon
@@ -43,3 +49,31 @@ def notify(*lines: str) -> bool:
 
 def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def watchdog_interval() -> float | None:
+    """How often WATCHDOG=1 is due (half systemd's WatchdogSec), None without a watchdog
+    for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    return (int(usec) / 1e6 / 2 if usec and usec.isdigit() and (
+        not pid or pid == str(os.getpid())) else None)
+
+
+def status_line(cfg: Config, registry: RegistryBackend | None, paused: outage.Outage | None,
+                watching: Callable[[], bool], note: str, last_published: str | None) -> str:
+    """STATUS=: the pause, or the counts and the last publish (after `note`, if any)."""
+    if paused is not None:
+        return outage.status_line(paused)
+    if registry is None:
+        return "starting"
+    try:
+        c = registry.counts()
+    except TRANSIENT as exc:  # the loop's next turn pauses on it
+        return f"registry unavailable: {registry_mod.unavailable(exc, cfg.registry_shown)}"
+    how = "watching" if watching() else f"scanning every {cfg.rescan_seconds:g} s"
+    line = (f"{how} {cfg.stage_root}: {c[Status.STAGING]} waiting, "
+            f"{c[Status.PUBLISHING]} publishing, {c[Status.FAILED]} failed, "
+            f"{c[Status.REJECTED]} rejected; "
+            f"last publish: {last_published or 'none yet'}")
+    return f"{note}; {line}" if note else line

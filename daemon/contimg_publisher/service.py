@@ -39,6 +39,7 @@ from contimg_publisher import (
     results,
     rules,
     scanpass,
+    sdnotify,
     watch,
     writers,
 )
@@ -52,7 +53,6 @@ from contimg_publisher.registry import (
     RegistryBackend,
     RegistryError,
     RegistryGone,
-    unavailable,
 )
 from contimg_publisher.scanpass import (  # noqa: F401 (names `scan` and the tests import)
     SCAN_BATCH,
@@ -159,10 +159,7 @@ class Daemon:
         # While turns fail for lack of descriptors: said once, waited out with backoff.
         self.shortage: fdlimit.Shortage | None = None
         self.status_note = ""
-        usec = os.environ.get("WATCHDOG_USEC")
-        pid = os.environ.get("WATCHDOG_PID")
-        self.watchdog_interval = (int(usec) / 1e6 / 2 if usec and usec.isdigit() and (
-            not pid or pid == str(os.getpid())) else None)
+        self.watchdog_interval = sdnotify.watchdog_interval()
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -421,21 +418,9 @@ class Daemon:
             self.deadlines.after(Due.WATCHDOG, self.watchdog_interval * 0.9, now)
 
     def _status_line(self, run: scanpass.Pass | None) -> str:
-        if self.outage is not None:
-            return outage.status_line(self.outage)
-        if run is None:
-            return "starting"
-        try:
-            c = run.registry.counts()
-        except TRANSIENT as exc:  # the loop's next turn pauses on it
-            return f"registry unavailable: {unavailable(exc, self.config.registry_shown)}"
-        watching = "watching" if self.watch.watching() else "scanning every " \
-            f"{self.config.rescan_seconds:g} s"
-        line = (f"{watching} {self.config.stage_root}: {c[Status.STAGING]} waiting, "
-                f"{c[Status.PUBLISHING]} publishing, {c[Status.FAILED]} failed, "
-                f"{c[Status.REJECTED]} rejected; "
-                f"last publish: {self.results.last_published or 'none yet'}")
-        return f"{self.status_note}; {line}" if self.status_note else line
+        return sdnotify.status_line(self.config, None if run is None else run.registry,
+                                    self.outage, self.watch.watching, self.status_note,
+                                    self.results.last_published)
 
     # --- detection and publishing ---------------------------------------------------------
 
