@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from contimg_publisher import detect, metrics, publish, reconcile, watch, writers
+from contimg_publisher import detect, metrics, paths, publish, reconcile, watch, writers
 from contimg_publisher.config import Config
 from contimg_publisher.registry import Product, RegistryBackend
 from contimg_publisher.scanpass import log_result
@@ -110,6 +110,20 @@ def resolve_abandoned(kept: Results, cfg: Config, registry: RegistryBackend, own
     kept.abandoned = []
     for result in resolved:
         log_reconciled(log, result)
+
+
+def reconciled(log: Any, detector: detect.Detector, done: list[publish.Result],
+               exhausted: list[str], max_attempts: int, startup: bool) -> None:
+    """Interrupted publishes resolved, each said; a legacy row requeued has never been
+    described, so its file is looked at now (at start-up the first scan does that)."""
+    for result in done:
+        log_reconciled(log, result)
+        if result.status is Attempt.REQUEUED and not startup:
+            detector.note(paths.undisplay(result.stage_path))
+    for data_id in exhausted:
+        log.error("max_attempts_reached", data_id=data_id, max_attempts=max_attempts,
+                  error="attempts already at the limit when the daemon started",
+                  action=f"contimg-publisher show {data_id}; then retry")
 
 
 def log_reconciled(log: Any, result: publish.Result) -> None:

@@ -31,7 +31,6 @@ from contimg_publisher import (
     logs,
     metrics,
     outage,
-    paths,
     publish,
     reconcile,
     registrypause,
@@ -257,29 +256,11 @@ class Daemon:
         self.sweep = reconcile.stray_temp_sweep(self.config, run.registry, self.owner,
                                                 self.log)
 
-    def _advance_sweep(self, budget: float = 0.02) -> None:
-        if self.sweep is None or self.worker.busy is not None:
-            return
-        until = time.monotonic() + budget
-        for _removed in self.sweep:
-            if time.monotonic() >= until:
-                return
-        self.sweep = None
-
     def _reconcile(self, run: scanpass.Pass, startup: bool = False) -> None:
-        cfg = self.config
         reconciled, exhausted = run.reconcile(sweep=False)
-        for result in reconciled:
-            results.log_reconciled(self.log, result)
-            if result.status is Attempt.REQUEUED and not startup:
-                # A legacy row requeued has never been described: look at its file now.
-                run.detector.note(paths.undisplay(result.stage_path))
-        for data_id in exhausted:
-            self.log.error("max_attempts_reached", data_id=data_id,
-                           max_attempts=cfg.max_attempts,
-                           error="attempts already at the limit when the daemon started",
-                           action=f"contimg-publisher show {data_id}; then retry")
-        self.deadlines.after(Due.RECONCILE, cfg.reconcile_seconds, time.monotonic())
+        results.reconciled(self.log, run.detector, reconciled, exhausted,
+                           self.config.max_attempts, startup)
+        self.deadlines.after(Due.RECONCILE, self.config.reconcile_seconds, time.monotonic())
 
     def _rescan(self, run: scanpass.Pass, startup: bool = False) -> None:
         started = time.monotonic()
@@ -375,7 +356,8 @@ class Daemon:
                                       self.log)
         if self.worker.busy is None:
             self._claim_next(run)
-        self._advance_sweep()
+        if self.sweep is not None and self.worker.busy is None:  # between publishes
+            self.sweep = reconcile.advance_sweep(self.sweep)
         now = time.monotonic()
         if self.deadlines.is_due(Due.RECONCILE, now):
             self._reconcile(run)
