@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contimg_publisher import logs, outage
 from contimg_publisher import registry as registry_mod
 from contimg_publisher.config import Config
+from contimg_publisher.deadlines import Deadlines, Due
 from contimg_publisher.registry import TRANSIENT, RegistryBackend
 from contimg_publisher.states import Status
 
@@ -77,3 +78,15 @@ def status_line(cfg: Config, registry: RegistryBackend | None, paused: outage.Ou
             f"{c[Status.REJECTED]} rejected; "
             f"last publish: {last_published or 'none yet'}")
     return f"{note}; {line}" if note else line
+
+
+def ping(deadlines: Deadlines, status: Callable[[], str], watchdog_interval: float | None,
+         now: float) -> None:
+    """STATUS= when due (or not said yet), WATCHDOG=1 when due."""
+    if deadlines.at(Due.STATUS) is None or deadlines.is_due(Due.STATUS, now):
+        notify(f"STATUS={status()}")
+        deadlines.after(Due.STATUS, STATUS_SECONDS, now)
+    if watchdog_interval and (deadlines.at(Due.WATCHDOG) is None or
+                              deadlines.is_due(Due.WATCHDOG, now)):
+        notify("WATCHDOG=1")
+        deadlines.after(Due.WATCHDOG, watchdog_interval * 0.9, now)

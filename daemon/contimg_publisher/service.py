@@ -63,7 +63,7 @@ from contimg_publisher.scanpass import (  # noqa: F401 (names `scan` and the tes
     log_tidied,
     park_outside_root,
 )
-from contimg_publisher.sdnotify import STATUS_SECONDS, monotonic_usec, notify
+from contimg_publisher.sdnotify import monotonic_usec, notify
 from contimg_publisher.services import (
     AuditService,
     DeliveryService,
@@ -333,11 +333,7 @@ class Daemon:
         detecting = not self._publish_turn(now)
         if detecting and changes.drain(self.changes, self.tracker, run):
             self.rescan_requested = True
-        for service in self.services.unhealthy():
-            self.log.warning(f"{service.name}_restarting",
-                             stage_root=str(self.config.stage_root))
-            service.stop()
-            service.start()
+        if self.services.restart_unhealthy(self.log, str(self.config.stage_root)):
             self._watch_started()
             self.rescan_requested = True
         if not self.watch.running and self.deadlines.is_due(Due.WATCH_RETRY, now):
@@ -390,14 +386,8 @@ class Daemon:
         return d.next_timeout(now, cap=TICK_SECONDS)
 
     def _ping(self, run: scanpass.Pass) -> None:
-        now = time.monotonic()
-        if self.deadlines.at(Due.STATUS) is None or self.deadlines.is_due(Due.STATUS, now):
-            notify(f"STATUS={self._status_line(run)}")
-            self.deadlines.after(Due.STATUS, STATUS_SECONDS, now)
-        if self.watchdog_interval and (self.deadlines.at(Due.WATCHDOG) is None or
-                                       self.deadlines.is_due(Due.WATCHDOG, now)):
-            notify("WATCHDOG=1")
-            self.deadlines.after(Due.WATCHDOG, self.watchdog_interval * 0.9, now)
+        sdnotify.ping(self.deadlines, lambda: self._status_line(run), self.watchdog_interval,
+                      time.monotonic())
 
     def _status_line(self, run: scanpass.Pass | None) -> str:
         return sdnotify.status_line(self.config, None if run is None else run.registry,
