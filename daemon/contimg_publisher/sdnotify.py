@@ -1,5 +1,5 @@
-"""What the daemon tells systemd (sd_notify and STATUS=), in one module the loop's helpers
-share.
+"""What the daemon tells systemd: sd_notify itself, the STATUS= line, and when STATUS= and
+WATCHDOG=1 are due; in a module of its own so that the loop's helpers can say things too.
 
 A socket that cannot be reached must not stop publishing, so sending never raises.
 """

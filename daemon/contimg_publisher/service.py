@@ -7,7 +7,10 @@ signal handlers only record the signal number. Each of them writes a byte to a w
 the loop sleeps on that pipe until the next deadline (deadlines.Deadlines), then handles
 the signals (each number mapped to a method) and does what is due. What runs beside it
 (the watch, the publish thread, the outbox, the audit, the status port) is a service with
-start/stop/healthy (services.Services).
+start/stop/healthy (services.Services). The class keeps the loop, start-up and shutdown;
+what it does on a reload, a registry outage, a descriptor shortage and a publish result
+are plain functions it calls (reload, registrypause, fdlimit, results), and they never
+import this module.
 """
 
 from __future__ import annotations
