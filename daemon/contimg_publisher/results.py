@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import queue
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from contimg_publisher import detect, metrics, paths, publish, reconcile, watch, writers
+from contimg_publisher import detect, metrics, paths, publish, reconcile, watch, worker, writers
 from contimg_publisher.config import Config
-from contimg_publisher.registry import Product, RegistryBackend
+from contimg_publisher.registry import TRANSIENT, Product, RegistryBackend, RegistryGone
 from contimg_publisher.scanpass import log_result
 from contimg_publisher.states import Attempt, FailureKind
 
@@ -41,7 +41,7 @@ def event_path(product: Product) -> str:
     return os.fsdecode(product.stage_bytes)
 
 
-def not_moved(kept: Results, products: Iterable[Product]) -> None:
+def _not_moved(kept: Results, products: Iterable[Product]) -> None:
     """The publishes from these paths did not happen: an event the watch dropped for one
     (another hand moved the file) is handled as any other."""
     for product in products:
@@ -50,7 +50,7 @@ def not_moved(kept: Results, products: Iterable[Product]) -> None:
             kept.changes.put(change)
 
 
-def moved_out(kept: Results, detector: detect.Detector, product: Product) -> None:
+def _moved_out(kept: Results, detector: detect.Detector, product: Product) -> None:
     """What the event of our own rename out of staging would have done (the tracker and the
     detector forget the path; the registry need not be asked whether a row still waits
     there, its row is the one just published)."""
@@ -60,7 +60,29 @@ def moved_out(kept: Results, detector: detect.Detector, product: Product) -> Non
     detector.drop(path)
 
 
-def batch_done(kept: Results, detector: detect.Detector, products: list[Product],
+def collect(kept: Results, detector: detect.Detector, products: list[Product],
+            outcome: worker.Outcome, log: Any, observed: metrics.Metrics, max_attempts: int,
+            wake_delivery: Callable[[], None]) -> Exception | None:
+    """A batch the publish thread finished (its results, or what it raised). Returns the
+    registry's error when the registry is gone or unavailable, for the loop to stop or
+    pause on; the batch's rows are then resolved once the registry is back."""
+    if not isinstance(outcome, Exception):
+        if _batch_done(kept, detector, products, outcome, log, observed, max_attempts):
+            # The batch's events are committed; never waited for. Once a batch, not once a
+            # product: each wake-up is the delivery thread taking the GIL.
+            wake_delivery()
+        return None
+    _not_moved(kept, products)
+    if isinstance(outcome, RegistryGone):
+        return outcome
+    if isinstance(outcome, TRANSIENT):  # nothing was removed; resolved once back
+        kept.abandoned.extend(product.data_id for product in products)
+        return outcome
+    _crashed(kept, products, outcome, log, observed)
+    return None
+
+
+def _batch_done(kept: Results, detector: detect.Detector, products: list[Product],
                results: list[publish.Result], log: Any, observed: metrics.Metrics,
                max_attempts: int) -> bool:
     """A batch's results, in order; True when any was published."""
@@ -73,9 +95,9 @@ def _after_publish(kept: Results, detector: detect.Detector, product: Product,
                    result: publish.Result, log: Any, observed: metrics.Metrics,
                    max_attempts: int) -> None:
     if result.status is Attempt.PUBLISHED:
-        moved_out(kept, detector, product)
+        _moved_out(kept, detector, product)
     else:
-        not_moved(kept, [product])
+        _not_moved(kept, [product])
     if result.status is Attempt.DEFERRED:
         if result.data_id in kept.waiting_for_space:
             return  # said once; tried again after the backoff, quietly
@@ -91,7 +113,7 @@ def _after_publish(kept: Results, detector: detect.Detector, product: Product,
                       is None else product.stage_path_bytes)
 
 
-def crashed(kept: Results, products: list[Product], exc: Exception, log: Any,
+def _crashed(kept: Results, products: list[Product], exc: Exception, log: Any,
             observed: metrics.Metrics) -> None:
     """The publish thread raised on this batch: said per product, resolved by the loop."""
     for product in products:
@@ -109,7 +131,7 @@ def resolve_abandoned(kept: Results, cfg: Config, registry: RegistryBackend, own
     resolved = reconcile.resolve_own(cfg, registry, owner, kept.abandoned, log)
     kept.abandoned = []
     for result in resolved:
-        log_reconciled(log, result)
+        _log_reconciled(log, result)
 
 
 def reconciled(log: Any, detector: detect.Detector, done: list[publish.Result],
@@ -117,7 +139,7 @@ def reconciled(log: Any, detector: detect.Detector, done: list[publish.Result],
     """Interrupted publishes resolved, each said; a legacy row requeued has never been
     described, so its file is looked at now (at start-up the first scan does that)."""
     for result in done:
-        log_reconciled(log, result)
+        _log_reconciled(log, result)
         if result.status is Attempt.REQUEUED and not startup:
             detector.note(paths.undisplay(result.stage_path))
     for data_id in exhausted:
@@ -126,7 +148,7 @@ def reconciled(log: Any, detector: detect.Detector, done: list[publish.Result],
                   action=f"contimg-publisher show {data_id}; then retry")
 
 
-def log_reconciled(log: Any, result: publish.Result) -> None:
+def _log_reconciled(log: Any, result: publish.Result) -> None:
     log.warning("reconciled", data_id=result.data_id, data_type=result.data_type,
                 stage_path=result.stage_path, outcome=result.status,
                 published_path=result.published_path)

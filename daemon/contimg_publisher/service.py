@@ -413,21 +413,12 @@ class Daemon:
     def _collect_results(self, run: scanpass.Pass) -> None:
         while (done := self.worker.take()) is not None:
             products, outcome = done
-            if not isinstance(outcome, Exception):
-                if results.batch_done(self.results, run.detector, products, outcome, self.log,
-                                      self.metrics, self.config.max_attempts):
-                    # The batch's events are committed; never waited for. Once a batch, not
-                    # once a product: each wake-up is the delivery thread taking the GIL.
-                    self.delivery.wake()
-                continue
-            results.not_moved(self.results, products)
-            if isinstance(outcome, RegistryGone):
-                self._registry_gone(outcome)
-            elif isinstance(outcome, TRANSIENT):  # nothing was removed; resolved once back
-                self._registry_unavailable(outcome)
-                self.results.abandoned.extend(product.data_id for product in products)
-            else:
-                results.crashed(self.results, products, outcome, self.log, self.metrics)
+            error = results.collect(self.results, run.detector, products, outcome, self.log,
+                                    self.metrics, self.config.max_attempts, self.delivery.wake)
+            if isinstance(error, RegistryGone):
+                self._registry_gone(error)
+            elif error is not None:
+                self._registry_unavailable(error)
 
     # --- the registry unavailable (registrypause) -----------------------------------------
 
