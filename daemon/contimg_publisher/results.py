@@ -67,7 +67,9 @@ def collect(kept: Results, detector: detect.Detector, products: list[Product],
     registry's error when the registry is gone or unavailable, for the loop to stop or
     pause on; the batch's rows are then resolved once the registry is back."""
     if not isinstance(outcome, Exception):
-        if _batch_done(kept, detector, products, outcome, log, observed, max_attempts):
+        for product, result in zip(products, outcome, strict=True):
+            _after_publish(kept, detector, product, result, log, observed, max_attempts)
+        if any(result.status is Attempt.PUBLISHED for result in outcome):
             # The batch's events are committed; never waited for. Once a batch, not once a
             # product: each wake-up is the delivery thread taking the GIL.
             wake_delivery()
@@ -80,15 +82,6 @@ def collect(kept: Results, detector: detect.Detector, products: list[Product],
         return outcome
     _crashed(kept, products, outcome, log, observed)
     return None
-
-
-def _batch_done(kept: Results, detector: detect.Detector, products: list[Product],
-               results: list[publish.Result], log: Any, observed: metrics.Metrics,
-               max_attempts: int) -> bool:
-    """A batch's results, in order; True when any was published."""
-    for product, result in zip(products, results, strict=True):
-        _after_publish(kept, detector, product, result, log, observed, max_attempts)
-    return any(result.status is Attempt.PUBLISHED for result in results)
 
 
 def _after_publish(kept: Results, detector: detect.Detector, product: Product,

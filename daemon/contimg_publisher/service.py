@@ -79,9 +79,6 @@ from contimg_publisher.worker import Worker
 
 T = TypeVar("T")
 
-# How long detection waits for a batch in flight (Daemon._publish_turn): longer than a batch
-# of small products takes, shorter than a copy worth overlapping.
-PUBLISH_TURN_SECONDS = 0.5
 WATCH_RETRY_SECONDS = 60.0  # a watch that could not be set up is tried again after this
 TICK_SECONDS = 1.0          # the loop turns at least this often
 # What a paused loop (the registry unavailable) still wakes for.
@@ -333,7 +330,7 @@ class Daemon:
     def _step(self, run: scanpass.Pass) -> None:
         run.registry.check_identity()  # a stat: every turn, before anything is recorded
         now = time.monotonic()
-        detecting = not self._publish_turn(now)
+        detecting = self.worker.turn_until(now) is None
         if detecting and changes.drain(self.changes, self.tracker, run):
             self.rescan_requested = True
         if self.services.restart_unhealthy(self.log, str(self.config.stage_root)):
@@ -366,23 +363,13 @@ class Daemon:
             self.deadlines.after(Due.HEARTBEAT, registry_mod.HEARTBEAT_SECONDS, now)
         self._ping(run)
 
-    def _publish_turn(self, now: float) -> bool:
-        """Whether detection waits for the batch in flight. Two threads busy in Python at
-        once hand the GIL to each other at every system call, which on two cores costs more
-        than either does: a burst drains fastest when registering and publishing take turns,
-        as in `scan`. A batch still running after PUBLISH_TURN_SECONDS is in a long copy
-        (system calls, no Python to compete with), and detection goes on beside it."""
-        worker = self.worker
-        return worker.busy is not None and worker.results.empty() and \
-            now - worker.busy_since < PUBLISH_TURN_SECONDS
-
     def _timeout(self, run: scanpass.Pass) -> float:
         """Until the earliest deadline, at most TICK_SECONDS."""
         now, wall = time.monotonic(), time.time()
-        turn = self._publish_turn(now)
-        check = None if turn else run.detector.next_check()
+        turn = self.worker.turn_until(now)
+        check = None if turn is not None else run.detector.next_check()
         d = self.deadlines
-        d.set(Due.TURN, self.worker.busy_since + PUBLISH_TURN_SECONDS if turn else None)
+        d.set(Due.TURN, turn)
         d.set(Due.SETTLE, None if check is None else now + (check - wall))
         d.set(Due.CLAIM, now + (self.next_due - wall)  # asked by _claim_next
               if self.worker.busy is None and self.next_due is not None else None)
