@@ -4,7 +4,7 @@ Each stretch between two consecutive events is charged to the later one's kind: 
 `registered` event the loop was detecting and registering, up to a `published` event the
 publish thread was publishing (the loop logs a batch's results together once it is done),
 anything else is "other". The loop alternates the two on a burst (see
-service.Daemon._publish_turn), so the sums say how much each took.
+worker.Worker.turn_until), so the sums say how much each took.
 
     .venv/bin/python bench/timeline.py DAEMON_LOG [--from EVENT]
 """

@@ -14,6 +14,7 @@ import errno
 import os
 import resource
 from dataclasses import dataclass
+from typing import Any
 
 PAUSE_INITIAL_SECONDS = 0.5
 PAUSE_MAX_SECONDS = 30.0
@@ -94,3 +95,28 @@ class Shortage:
         self.turns += 1
         self.pause = min(PAUSE_MAX_SECONDS, self.pause * 2)
         return self.pause
+
+
+def short(shortage: Shortage | None, exc: BaseException, now: float, log: Any) -> Shortage:
+    """A turn failed for lack of descriptors: said once; each further failure grows the
+    pause (Shortage.pause) the loop waits, pinging the watchdog, before its next turn."""
+    if shortage is not None:
+        shortage.again()
+        return shortage
+    error = f"{type(exc).__name__}: {exc}"
+    shortage = Shortage(now, error)
+    soft, hard = limits()
+    log.error("descriptors_exhausted", error=error, limit_soft=soft,
+              limit_hard=hard, retry_in_seconds=shortage.pause,
+              reason="publishing waits until descriptors are free again; "
+                     "retried with backoff, resumes by itself",
+              action="see what holds this process's descriptors (ls -l "
+                     f"/proc/{os.getpid()}/fd) or the system's (fs.file-nr)")
+    return shortage
+
+
+def ended(was: Shortage, now: float, log: Any) -> None:
+    """A turn went through again: the shortage is over, said once with how long it lasted."""
+    log.info("descriptors_available", seconds=round(now - was.since, 1),
+             failed_turns=was.turns, error_was=was.error,
+             open_descriptors=open_count(), reason="publishing resumed")

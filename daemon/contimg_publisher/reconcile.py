@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,8 @@ from contimg_publisher.publish import (
 )
 from contimg_publisher.registry import Product, Published, RegistryBackend, checksum_known
 from contimg_publisher.states import Attempt, FailureKind, Status, Step
+
+SWEEP_SLICE_SECONDS = 0.02  # of a stray-temporary sweep per turn of the daemon's loop
 
 
 def reconcile(config: Config, registry: RegistryBackend, owner: str, log: Any = None,
@@ -343,6 +346,17 @@ def remove_stray_temps(config: Config, registry: RegistryBackend, owner: str,
     """Remove temporary names (ours, by their prefix) that no live publish claims. Nothing
     else in the products area is ever touched."""
     return sum(stray_temp_sweep(config, registry, owner, log))
+
+
+def advance_sweep(sweep: Iterator[int], budget: float = SWEEP_SLICE_SECONDS
+                  ) -> Iterator[int] | None:
+    """A slice of a stray_temp_sweep, at most `budget` seconds of it: the sweep while
+    folders remain, None once it is done."""
+    until = time.monotonic() + budget
+    for _removed in sweep:
+        if time.monotonic() >= until:
+            return sweep
+    return None
 
 
 def stray_temp_sweep(config: Config, registry: RegistryBackend, owner: str, log: Any = None

@@ -7,7 +7,10 @@ signal handlers only record the signal number. Each of them writes a byte to a w
 the loop sleeps on that pipe until the next deadline (deadlines.Deadlines), then handles
 the signals (each number mapped to a method) and does what is due. What runs beside it
 (the watch, the publish thread, the outbox, the audit, the status port) is a service with
-start/stop/healthy (services.Services).
+start/stop/healthy (services.Services). The class keeps the loop, start-up and shutdown;
+what it does on a reload, a registry outage, a descriptor shortage and a publish result
+are plain functions it calls (reload, registrypause, fdlimit, results), and they never
+import this module.
 """
 
 from __future__ import annotations
@@ -20,29 +23,31 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from contimg_publisher import (
     __version__,
+    changes,
     fdlimit,
     lock,
     logs,
     metrics,
     outage,
-    paths,
     publish,
-    qa,
     reconcile,
+    registrypause,
+    reload,
+    results,
     rules,
     scanpass,
+    sdnotify,
     watch,
     writers,
 )
 from contimg_publisher import config as config_mod
 from contimg_publisher import registry as registry_mod
-from contimg_publisher.config import Config, ConfigError
+from contimg_publisher.config import Config
 from contimg_publisher.deadlines import Deadlines, Due
 from contimg_publisher.registry import (
     TRANSIENT,
@@ -50,7 +55,6 @@ from contimg_publisher.registry import (
     RegistryBackend,
     RegistryError,
     RegistryGone,
-    unavailable,
 )
 from contimg_publisher.scanpass import (  # noqa: F401 (names `scan` and the tests import)
     SCAN_BATCH,
@@ -62,6 +66,7 @@ from contimg_publisher.scanpass import (  # noqa: F401 (names `scan` and the tes
     log_tidied,
     park_outside_root,
 )
+from contimg_publisher.sdnotify import monotonic_usec, notify
 from contimg_publisher.services import (
     AuditService,
     DeliveryService,
@@ -69,50 +74,11 @@ from contimg_publisher.services import (
     Services,
     WatchService,
 )
-from contimg_publisher.states import Attempt, FailureKind, Status
-from contimg_publisher.watch import ChangeKind
+from contimg_publisher.states import Attempt, Status
 from contimg_publisher.worker import Worker
-
-try:
-    from systemd import daemon as sd_daemon
-except ImportError:  # pragma: no cover - systemd-python is a dependency; keep running without
-    sd_daemon = None
-
-
-_NOTIFY_FAILED: list[str] = []  # the first failure to reach systemd, said once
-
-
-def notify(*lines: str) -> bool:
-    """sd_notify; a no-op returning False outside systemd (NOTIFY_SOCKET unset).
-
-    A socket that cannot be reached (gone, refused, full) must not stop publishing: the
-    first failure is logged, and the call returns False."""
-    socket_path = os.environ.get("NOTIFY_SOCKET")
-    if sd_daemon is None or not socket_path:
-        return False
-    try:
-        return bool(sd_daemon.notify("\n".join(lines)))
-    except OSError as exc:
-        if not _NOTIFY_FAILED:
-            _NOTIFY_FAILED.append(socket_path)
-            logs.get_logger().warning(
-                "notify_failed", notify_socket=socket_path, sent=lines[0],
-                error=f"cannot reach systemd's notify socket: {exc.strerror or exc}",
-                reason="publishing goes on; systemd may report a start timeout or a "
-                       "watchdog timeout for this service")
-        return False
-
-
-def monotonic_usec() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-
 
 T = TypeVar("T")
 
-# How long detection waits for a batch in flight (Daemon._publish_turn): longer than a batch
-# of small products takes, shorter than a copy worth overlapping.
-PUBLISH_TURN_SECONDS = 0.5
-STATUS_SECONDS = 5.0        # STATUS= refreshed at least this often
 WATCH_RETRY_SECONDS = 60.0  # a watch that could not be set up is tried again after this
 TICK_SECONDS = 1.0          # the loop turns at least this often
 # What a paused loop (the registry unavailable) still wakes for.
@@ -181,11 +147,7 @@ class Daemon:
         self.lock: lock.Lock | None = None
         self.stopping = False
         self.rescan_requested = False
-        self.waiting_for_space: set[str] = set()  # data_ids whose wait for room was logged
-        self.last_published: str | None = None
-        # Publishes that died inside the publish thread: resolved by the loop, not left
-        # `publishing` under this process's live lease until a restart.
-        self.abandoned: list[str] = []
+        self.results = results.Results(self.own_moves, self.changes, self.tracker)
         self.next_due: float | None = None  # when the next row is due, asked once per wake
         self.sweep: Iterator[int] | None = None  # stray temporary files, a folder at a time
         self.exit_code = 0
@@ -196,10 +158,7 @@ class Daemon:
         # While turns fail for lack of descriptors: said once, waited out with backoff.
         self.shortage: fdlimit.Shortage | None = None
         self.status_note = ""
-        usec = os.environ.get("WATCHDOG_USEC")
-        pid = os.environ.get("WATCHDOG_PID")
-        self.watchdog_interval = (int(usec) / 1e6 / 2 if usec and usec.isdigit() and (
-            not pid or pid == str(os.getpid())) else None)
+        self.watchdog_interval = sdnotify.watchdog_interval()
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -297,34 +256,11 @@ class Daemon:
         self.sweep = reconcile.stray_temp_sweep(self.config, run.registry, self.owner,
                                                 self.log)
 
-    def _advance_sweep(self, budget: float = 0.02) -> None:
-        if self.sweep is None or self.worker.busy is not None:
-            return
-        until = time.monotonic() + budget
-        for _removed in self.sweep:
-            if time.monotonic() >= until:
-                return
-        self.sweep = None
-
     def _reconcile(self, run: scanpass.Pass, startup: bool = False) -> None:
-        cfg = self.config
-        results, exhausted = run.reconcile(sweep=False)
-        for result in results:
-            self._log_reconciled(result)
-            if result.status is Attempt.REQUEUED and not startup:
-                # A legacy row requeued has never been described: look at its file now.
-                run.detector.note(paths.undisplay(result.stage_path))
-        for data_id in exhausted:
-            self.log.error("max_attempts_reached", data_id=data_id,
-                           max_attempts=cfg.max_attempts,
-                           error="attempts already at the limit when the daemon started",
-                           action=f"contimg-publisher show {data_id}; then retry")
-        self.deadlines.after(Due.RECONCILE, cfg.reconcile_seconds, time.monotonic())
-
-    def _log_reconciled(self, result: publish.Result) -> None:
-        self.log.warning("reconciled", data_id=result.data_id, data_type=result.data_type,
-                         stage_path=result.stage_path, outcome=result.status,
-                         published_path=result.published_path)
+        reconciled, exhausted = run.reconcile(sweep=False)
+        results.reconciled(self.log, run.detector, reconciled, exhausted,
+                           self.config.max_attempts, startup)
+        self.deadlines.after(Due.RECONCILE, self.config.reconcile_seconds, time.monotonic())
 
     def _rescan(self, run: scanpass.Pass, startup: bool = False) -> None:
         started = time.monotonic()
@@ -358,7 +294,8 @@ class Daemon:
         retried = self.outage
         try:
             if retried is not None:
-                self._retry_registry(run)
+                registrypause.retry(run, self.pending_park)
+                self.pending_park = None
             self._step(run)
             timeout = self._timeout(run)
         except RegistryGone as exc:
@@ -369,8 +306,10 @@ class Daemon:
             self._ping(run)
             return self.deadlines.next_timeout(time.monotonic(), PAUSED, cap=None)
         except (RegistryError, OSError) as exc:
-            if fdlimit.exhausted(exc):
-                return self._out_of_descriptors(run, exc)
+            if fdlimit.exhausted(exc):  # said once, then waited out with a growing pause
+                self.shortage = fdlimit.short(self.shortage, exc, time.monotonic(), self.log)
+                self._ping(run)
+                return self.shortage.pause
             # A staging area that went away: say so and try again on the next turn; the
             # watchdog still sees a loop that turns.
             self.log.error("loop_error", error=f"{type(exc).__name__}: {exc}")
@@ -384,20 +323,17 @@ class Daemon:
         if retried is not None and self.outage is not None:
             self._registry_available(self.outage)
         if self.shortage is not None:
-            self._descriptors_available(self.shortage)
+            fdlimit.ended(self.shortage, time.monotonic(), self.log)
+            self.shortage = None
         return timeout
 
     def _step(self, run: scanpass.Pass) -> None:
         run.registry.check_identity()  # a stat: every turn, before anything is recorded
         now = time.monotonic()
-        detecting = not self._publish_turn(now)
-        if detecting:
-            self._drain_changes(run)
-        for service in self.services.unhealthy():
-            self.log.warning(f"{service.name}_restarting",
-                             stage_root=str(self.config.stage_root))
-            service.stop()
-            service.start()
+        detecting = self.worker.turn_until(now) is None
+        if detecting and changes.drain(self.changes, self.tracker, run):
+            self.rescan_requested = True
+        if self.services.restart_unhealthy(self.log, str(self.config.stage_root)):
             self._watch_started()
             self.rescan_requested = True
         if not self.watch.running and self.deadlines.is_due(Due.WATCH_RETRY, now):
@@ -411,11 +347,13 @@ class Daemon:
                 log_outcome(self.log, outcome)
                 self.metrics.observe_detect(outcome)
                 run.tidy(outcome)
-        if self.abandoned and self.worker.busy is None:
-            self._resolve_abandoned(run)
+        if self.results.abandoned and self.worker.busy is None:
+            results.resolve_abandoned(self.results, self.config, run.registry, self.owner,
+                                      self.log)
         if self.worker.busy is None:
             self._claim_next(run)
-        self._advance_sweep()
+        if self.sweep is not None and self.worker.busy is None:  # between publishes
+            self.sweep = reconcile.advance_sweep(self.sweep)
         now = time.monotonic()
         if self.deadlines.is_due(Due.RECONCILE, now):
             self._reconcile(run)
@@ -425,83 +363,28 @@ class Daemon:
             self.deadlines.after(Due.HEARTBEAT, registry_mod.HEARTBEAT_SECONDS, now)
         self._ping(run)
 
-    def _publish_turn(self, now: float) -> bool:
-        """Whether detection waits for the batch in flight. Two threads busy in Python at
-        once hand the GIL to each other at every system call, which on two cores costs more
-        than either does: a burst drains fastest when registering and publishing take turns,
-        as in `scan`. A batch still running after PUBLISH_TURN_SECONDS is in a long copy
-        (system calls, no Python to compete with), and detection goes on beside it."""
-        worker = self.worker
-        return worker.busy is not None and worker.results.empty() and \
-            now - worker.busy_since < PUBLISH_TURN_SECONDS
-
     def _timeout(self, run: scanpass.Pass) -> float:
         """Until the earliest deadline, at most TICK_SECONDS."""
         now, wall = time.monotonic(), time.time()
-        turn = self._publish_turn(now)
-        check = None if turn else run.detector.next_check()
+        turn = self.worker.turn_until(now)
+        check = None if turn is not None else run.detector.next_check()
         d = self.deadlines
-        d.set(Due.TURN, self.worker.busy_since + PUBLISH_TURN_SECONDS if turn else None)
+        d.set(Due.TURN, turn)
         d.set(Due.SETTLE, None if check is None else now + (check - wall))
         d.set(Due.CLAIM, now + (self.next_due - wall)  # asked by _claim_next
               if self.worker.busy is None and self.next_due is not None else None)
         return d.next_timeout(now, cap=TICK_SECONDS)
 
     def _ping(self, run: scanpass.Pass) -> None:
-        now = time.monotonic()
-        if self.deadlines.at(Due.STATUS) is None or self.deadlines.is_due(Due.STATUS, now):
-            notify(f"STATUS={self._status_line(run)}")
-            self.deadlines.after(Due.STATUS, STATUS_SECONDS, now)
-        if self.watchdog_interval and (self.deadlines.at(Due.WATCHDOG) is None or
-                                       self.deadlines.is_due(Due.WATCHDOG, now)):
-            notify("WATCHDOG=1")
-            self.deadlines.after(Due.WATCHDOG, self.watchdog_interval * 0.9, now)
+        sdnotify.ping(self.deadlines, lambda: self._status_line(run), self.watchdog_interval,
+                      time.monotonic())
 
     def _status_line(self, run: scanpass.Pass | None) -> str:
-        if self.outage is not None:
-            return outage.status_line(self.outage)
-        if run is None:
-            return "starting"
-        try:
-            c = run.registry.counts()
-        except TRANSIENT as exc:  # the loop's next turn pauses on it
-            return f"registry unavailable: {unavailable(exc, self.config.registry_shown)}"
-        watching = "watching" if self.watch.watching() else "scanning every " \
-            f"{self.config.rescan_seconds:g} s"
-        line = (f"{watching} {self.config.stage_root}: {c[Status.STAGING]} waiting, "
-                f"{c[Status.PUBLISHING]} publishing, {c[Status.FAILED]} failed, "
-                f"{c[Status.REJECTED]} rejected; "
-                f"last publish: {self.last_published or 'none yet'}")
-        return f"{self.status_note}; {line}" if self.status_note else line
+        return sdnotify.status_line(self.config, None if run is None else run.registry,
+                                    self.outage, self.watch.watching, self.status_note,
+                                    self.results.last_published)
 
     # --- detection and publishing ---------------------------------------------------------
-
-    def _drain_changes(self, run: scanpass.Pass) -> None:
-        detector, tracker = run.detector, self.tracker
-        for _ in range(100_000):
-            try:
-                change = self.changes.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(change, str):  # watch.RESCAN, the only string the watcher queues
-                self.rescan_requested = True
-                tracker.clear()  # a close-write may be among the events lost
-                continue
-            if change.kind == ChangeKind.MODIFIED:
-                tracker.modified(change.path)
-            elif change.kind == ChangeKind.CLOSED:
-                tracker.closed_after_write(change.path)
-            elif change.kind in (ChangeKind.DELETED, ChangeKind.MOVED_OUT):
-                tracker.moved(change.path, change.dest)
-            if change.kind in (ChangeKind.DELETED, ChangeKind.MOVED_OUT):
-                detector.forget(change.path)
-            elif change.kind in (ChangeKind.CREATED, ChangeKind.MOVED_IN) and \
-                    os.path.isdir(change.path) and not os.path.islink(change.path):
-                detector.note(change.path)
-                detector.note_folder(change.path)
-                run.log_walk_problems()
-            else:
-                detector.note(change.path)
 
     def _claim_next(self, run: scanpass.Pass) -> None:
         """Once per wake-up: when is the next row due (an indexed read, no write transaction
@@ -511,170 +394,35 @@ class Daemon:
             return
         claimed = run.claim()
         if claimed:
-            self.own_moves.expect([_event_path(p) for p in claimed])
+            self.own_moves.expect([results.event_path(p) for p in claimed])
             self.worker.submit(claimed, self.config)
 
     def _collect_results(self, run: scanpass.Pass) -> None:
         while (done := self.worker.take()) is not None:
-            products, results = done
-            if isinstance(results, Exception):
-                for product in products:
-                    self._not_moved(product)
-            if isinstance(results, RegistryGone):
-                self._registry_gone(results)
-                continue
-            if isinstance(results, TRANSIENT):  # nothing was removed; resolved once back
-                self._registry_unavailable(results)
-                self.abandoned.extend(product.data_id for product in products)
-                continue
-            if isinstance(results, Exception):
-                for product in products:
-                    self.log.error("publish_crashed", data_id=product.data_id,
-                                   data_type=product.data_type, stage_path=product.stage_path,
-                                   error=f"{type(results).__name__}: {results}",
-                                   action="resolved from disk and the row by this process")
-                    self.metrics.observe_crash()
-                    self.abandoned.append(product.data_id)
-                continue
-            for product, result in zip(products, results, strict=True):
-                self._after_publish(run, product, result)
-            if any(result.status is Attempt.PUBLISHED for result in results):
-                # The batch's events are committed; never waited for. Once a batch, not once
-                # a product: each wake-up is the delivery thread taking the GIL.
-                self.delivery.wake()
+            products, outcome = done
+            error = results.collect(self.results, run.detector, products, outcome, self.log,
+                                    self.metrics, self.config.max_attempts, self.delivery.wake)
+            if isinstance(error, RegistryGone):
+                self._registry_gone(error)
+            elif error is not None:
+                self._registry_unavailable(error)
 
-    def _not_moved(self, product: Product) -> None:
-        """The publish from this path did not happen: an event the watch dropped for it
-        (another hand moved the file) is handled as any other."""
-        change = self.own_moves.release(_event_path(product))
-        if change is not None:
-            self.changes.put(change)
-
-    def _moved_out(self, run: scanpass.Pass, product: Product) -> None:
-        """What the event of our own rename out of staging would have done (see _drain_changes:
-        the tracker and the detector forget the path; the registry need not be asked whether
-        a row still waits there, its row is the one just published)."""
-        path = _event_path(product)
-        self.own_moves.published(path)
-        self.tracker.moved(path, "")
-        run.detector.drop(path)
-
-    def _after_publish(self, run: scanpass.Pass, product: Product,
-                       result: publish.Result) -> None:
-        if result.status is Attempt.PUBLISHED:
-            self._moved_out(run, product)
-        else:
-            self._not_moved(product)
-        if result.status is Attempt.DEFERRED:
-            if result.data_id in self.waiting_for_space:
-                return  # said once; tried again after the backoff, quietly
-            self.waiting_for_space.add(result.data_id)
-        else:
-            self.waiting_for_space.discard(result.data_id)
-        log_result(self.log, result, self.config.max_attempts)
-        self.metrics.observe_result(result, product.size_bytes)
-        if result.status is Attempt.PUBLISHED:
-            self.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
-        if result.kind == FailureKind.SOURCE_CHANGED:
-            run.detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
-                              is None else product.stage_path_bytes)
-
-    def _resolve_abandoned(self, run: scanpass.Pass) -> None:
-        """A RegistryError here leaves them for the next turn (the loop logs it)."""
-        results = reconcile.resolve_own(self.config, run.registry, self.owner,
-                                        self.abandoned, self.log)
-        self.abandoned = []
-        for result in results:
-            self._log_reconciled(result)
-
-    # --- out of descriptors -----------------------------------------------------------------
-
-    def _out_of_descriptors(self, run: scanpass.Pass, exc: BaseException) -> float:
-        """A turn failed for lack of descriptors: said once, then the loop waits a growing
-        pause (pinging the watchdog) instead of failing again at once."""
-        error = f"{type(exc).__name__}: {exc}"
-        if self.shortage is None:
-            self.shortage = fdlimit.Shortage(time.monotonic(), error)
-            soft, hard = fdlimit.limits()
-            self.log.error("descriptors_exhausted", error=error, limit_soft=soft,
-                           limit_hard=hard, retry_in_seconds=self.shortage.pause,
-                           reason="publishing waits until descriptors are free again; "
-                                  "retried with backoff, resumes by itself",
-                           action="see what holds this process's descriptors (ls -l "
-                                  f"/proc/{os.getpid()}/fd) or the system's (fs.file-nr)")
-            pause = self.shortage.pause
-        else:
-            pause = self.shortage.again()
-        self._ping(run)
-        return pause
-
-    def _descriptors_available(self, was: fdlimit.Shortage) -> None:
-        self.shortage = None
-        self.log.info("descriptors_available", seconds=round(time.monotonic() - was.since, 1),
-                      failed_turns=was.turns, error_was=was.error,
-                      open_descriptors=fdlimit.open_count(), reason="publishing resumed")
-
-    # --- the registry unavailable ---------------------------------------------------------
+    # --- the registry unavailable (registrypause) -----------------------------------------
 
     def _registry_unavailable(self, exc: Exception) -> outage.Outage:
-        """Publishing pauses: nothing is claimed, registered or removed until a retry
-        proves the registry takes commits again. Said once, then at most once a minute."""
-        error = str(unavailable(exc, self.config.registry_shown))
         now = time.monotonic()
-        if self.outage is None:
-            self.outage = current = outage.begin(error, now, time.time())
-            self.log.error("registry_unavailable", registry=self.config.registry_shown,
-                           error=error, retry_in_seconds=outage.RETRY_INITIAL_SECONDS,
-                           reason="publishing paused: nothing leaves staging without its "
-                                  "record; retried with backoff, resumes by itself",
-                           action=_outage_action(self.config))
-        else:
-            current = self.outage
-            if outage.failed_again(current, error, now):
-                self.log.warning("registry_still_unavailable",
-                                 registry=self.config.registry_shown, error=error,
-                                 seconds=round(current.seconds(now), 1), tries=current.tries,
-                                 retry_in_seconds=round(current.next_try - now, 1))
-        self.deadlines.set(Due.REGISTRY_RETRY, current.next_try)
-        self._say_outage()
-        return current
-
-    def _retry_registry(self, run: scanpass.Pass) -> None:
-        """A real write first (a turn with nothing to record proves nothing), then what a
-        reload could not record while the registry was unavailable."""
-        run.registry.probe()
-        if self.pending_park is not None:
-            run.park(self.pending_park)
-            self.pending_park = None
+        self.outage = registrypause.unavailable(self.outage, exc, self.config, self.log, now)
+        registrypause.tell(self.outage, self.metrics, self.lock, self.deadlines, now)
+        return self.outage
 
     def _registry_available(self, was: outage.Outage) -> None:
+        now = time.monotonic()
         self.outage = None
-        self.deadlines.set(Due.REGISTRY_RETRY, None)
-        self.log.info("registry_available", registry=self.config.registry_shown,
-                      seconds=round(was.seconds(time.monotonic()), 1), tries=was.tries,
-                      error_was=was.reason, reason="publishing resumed")
-        self._say_outage()
-
-    def _say_outage(self) -> None:
-        """The pause (or its end) in STATUS=, the metrics and the lock file's note."""
-        self.metrics.observe_registry(None if self.outage is None else self.outage.reason,
-                                      None if self.outage is None else self.outage.since)
-        if self.lock is not None:
-            self.lock.note(outage.note(self.outage))
-        if self.outage is not None:
-            notify(f"STATUS={outage.status_line(self.outage)}")
-            self.deadlines.after(Due.STATUS, STATUS_SECONDS, time.monotonic())
-        else:  # the next turn says the counts
-            self.deadlines.set(Due.STATUS, time.monotonic())
+        registrypause.available(was, self.config, self.log, now)
+        registrypause.tell(None, self.metrics, self.lock, self.deadlines, now)
 
     def _registry_gone(self, exc: RegistryError) -> None:
-        """The registry file was deleted or replaced under the daemon: publish nothing more,
-        remove nothing, say so loudly, and exit non-zero (systemd's restart then meets the
-        start-up check, which will not create an empty registry beside the archive)."""
-        self.log.critical("registry_gone", registry=self.config.registry_shown, error=str(exc),
-                          action="restore the registry file (from the copy the daemon had "
-                                 "open, or a backup), then start the daemon")
-        notify(f"STATUS=stopped: {exc}")
+        registrypause.gone(exc, self.config, self.log)
         self.exit_code = 1
         self.stopping = True
 
@@ -689,26 +437,17 @@ class Daemon:
 
     def _reload(self, run: scanpass.Pass) -> None:
         notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
-        try:
-            new = config_mod.load(self.config_path)
-            # A record's table without a column the new rules name: keep the old gate.
-            run.registry.set_qa_gate(qa.conditions(new.products), qa.records(new.products))
-        except ConfigError as exc:
-            self._reload_failed(run, f"{exc.key}: {exc.reason}", config=exc.path,
-                                key=exc.key, error=exc.reason)
-            return
-        except RegistryError as exc:
-            self._reload_failed(run, str(exc), config=self.config_path,
-                                key="products.record", error=str(exc))
-            return
-        old = self.config
-        kept = []
-        if new.registry != old.registry or new.lock_path != old.lock_path:
-            kept.append("paths.registry/lock_file (take effect at restart)")
-            new = replace(new, registry=old.registry, lock_file=old.lock_file)
+        loaded = reload.load(self.config_path, self.config, run.registry)
+        if isinstance(loaded, reload.Failed):
+            self.status_note = reload.failed(loaded, self.log, self.metrics)
+        else:
+            self._reconfigure(run, loaded)
+        notify("READY=1", f"STATUS={self._status_line(run)}")
+
+    def _reconfigure(self, run: scanpass.Pass, loaded: reload.Loaded) -> None:
+        old, new = self.config, loaded.config
         self.config = new
-        logs.configure(new.log_level, new.log_format, new.error_max_chars)
-        self.log = run.log = logs.get_logger()
+        self.log = run.log = reload.logger(new)
         run.reconfigure(new)
         self.services.reconfigure(new, old)
         if new.stage_root != old.stage_root:
@@ -724,18 +463,7 @@ class Daemon:
             self._start_sweep(run)
         self.rescan_requested = True
         self.status_note = ""
-        self.metrics.observe_reload(True, new)
-        self.log.info("reload_ok", config=self.config_path,
-                      changed=sorted(k for k, v in new.as_dict().items()
-                                     if old.as_dict().get(k) != v and k != "source"),
-                      kept=kept)
-        notify("READY=1", f"STATUS={self._status_line(run)}")
-
-    def _reload_failed(self, run: scanpass.Pass, why: str, **fields: str) -> None:
-        self.status_note = f"reload failed ({why}); running on the previous configuration"
-        self.log.error("reload_failed", **fields)
-        self.metrics.observe_reload(False)
-        notify("READY=1", f"STATUS={self._status_line(run)}")
+        reload.done(loaded, old, self.config_path, self.log, self.metrics)
 
     # --- shutdown -------------------------------------------------------------------------
 
@@ -770,20 +498,6 @@ class Daemon:
             while self.worker.busy is not None:
                 self.wakeup.sleep(0.5)
                 self._collect_results(run)
-
-
-def _outage_action(cfg: Config) -> str:
-    """What an operator can do about a registry that cannot be used, per backend."""
-    if cfg.registry_is_server:
-        return ("start the PostgreSQL server, restore the network to it, or make it "
-                "writable again (free space, promote a standby)")
-    return ("free space, make the registry files writable again (chattr -i, remount "
-            "read-write) or end the process that holds its write lock")
-
-
-def _event_path(product: Product) -> str:
-    """The product's staged path as the watch names it in its events (os.fsdecode form)."""
-    return os.fsdecode(product.stage_bytes)
 
 
 # --- one-shot work for the CLI --------------------------------------------------------------

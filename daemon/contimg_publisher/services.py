@@ -46,6 +46,16 @@ class Services:
     def unhealthy(self) -> list[Service]:
         return [service for service in self._all if not service.healthy()]
 
+    def restart_unhealthy(self, log: Any, stage_root: str) -> bool:
+        """Each service that stopped by itself restarted, and said; True when any was."""
+        restarted = False
+        for service in self.unhealthy():
+            log.warning(f"{service.name}_restarting", stage_root=stage_root)
+            service.stop()
+            service.start()
+            restarted = True
+        return restarted
+
     def stop(self) -> None:
         while self._all:
             self._all.pop().stop()

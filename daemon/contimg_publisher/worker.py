@@ -18,6 +18,10 @@ from contimg_publisher.registry import Product, RegistryBackend
 
 Outcome = list[publish.Result] | Exception
 
+# How long the loop's detection waits for a batch in flight (Worker.turn_until): longer
+# than a batch of small products takes, shorter than a copy worth overlapping.
+PUBLISH_TURN_SECONDS = 0.5
+
 
 class Worker:
     def __init__(self, config: Config, owner: str, wake: Callable[[], None],
@@ -58,6 +62,18 @@ class Worker:
         self.busy = products
         self.busy_since = time.monotonic()
         self.jobs.put((products, config, mode))
+
+    def turn_until(self, now: float) -> float | None:
+        """Until when the loop's detection waits for the batch in flight; None: it does not.
+        Two threads busy in Python at once hand the GIL to each other at every system
+        call, which on two cores costs more than either does: a burst drains fastest when
+        registering and publishing take turns, as in `scan`. A batch still running after
+        PUBLISH_TURN_SECONDS is in a long copy (system calls, no Python to compete with),
+        and detection goes on beside it."""
+        if self.busy is not None and self.results.empty() and \
+                now - self.busy_since < PUBLISH_TURN_SECONDS:
+            return self.busy_since + PUBLISH_TURN_SECONDS
+        return None
 
     def take(self) -> tuple[list[Product], Outcome] | None:
         """A finished batch and its results (or what it raised), if one is waiting."""
