@@ -192,44 +192,22 @@ def writable_sysctls() -> None:
 
 # --- tools: each fixture is the tool's path ---------------------------------------------------
 
-@pytest.fixture(scope="session")
-def setpriv() -> str:
-    return need_tool("setpriv", "util-linux")
+def _tool(command: str, package: str, name: str | None = None) -> Any:
+    """A session fixture: the path of `command`, or a skip naming its Debian package."""
+    def fixture() -> str:
+        return need_tool(command, package)
+    fixture.__doc__ = f"The path of `{command}` (Debian package {package})."
+    return pytest.fixture(scope="session", name=name or command.replace("-", "_"))(fixture)
 
 
-@pytest.fixture(scope="session")
-def unshare() -> str:
-    return need_tool("unshare", "util-linux")
-
-
-@pytest.fixture(scope="session")
-def prlimit() -> str:
-    return need_tool("prlimit", "util-linux")
-
-
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    return need_tool("promtool", "prometheus")
-
-
-@pytest.fixture(scope="session")
-def prometheus() -> str:
-    return need_tool("prometheus", "prometheus")
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    return need_tool("chromium", "chromium")
-
-
-@pytest.fixture(scope="session")
-def sqlite3_shell() -> str:
-    return need_tool("sqlite3", "sqlite3")
-
-
-@pytest.fixture(scope="session")
-def systemd_analyze() -> str:
-    return need_tool("systemd-analyze", "systemd")
+setpriv = _tool("setpriv", "util-linux")
+unshare = _tool("unshare", "util-linux")
+prlimit = _tool("prlimit", "util-linux")
+promtool = _tool("promtool", "prometheus")
+prometheus = _tool("prometheus", "prometheus")
+chromium = _tool("chromium", "chromium")
+systemd_analyze = _tool("systemd-analyze", "systemd")
+sqlite3_shell = _tool("sqlite3", "sqlite3", name="sqlite3_shell")
 
 
 @pytest.fixture(scope="session")

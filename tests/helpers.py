@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,6 +155,13 @@ def fits_bytes(pixels: int = 64, seed: int = 0, checksum: bool = True) -> bytes:
     buf = io.BytesIO()
     mosaic_hdu(pixels, seed).writeto(buf, checksum=checksum)
     return buf.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (the OS picked it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,

@@ -32,6 +32,7 @@ from tests.helpers import (
     PYTHON,
     REPO,
     Sandbox,
+    free_port,
     log_events,
     run_cli,
     start_daemon,
@@ -40,12 +41,6 @@ from tests.helpers import (
     write_config,
     write_fits,
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver:

@@ -32,6 +32,7 @@ from tests.helpers import (
     REPO,
     MakeSandbox,
     Sandbox,
+    free_port,
     is_root,
     log_events,
     mount_tmpfs,
@@ -47,11 +48,6 @@ DASHBOARD = REPO / "etc" / "grafana" / "contimg-publisher-dashboard.json"
 SCRIPT_NAME = "evil<script>alert(1)"
 METRIC_RE = re.compile(r"\bcontimg_publisher_[a-z0-9_]+")
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fetch(url: str, timeout: float = 10) -> tuple[int, str, bytes]:

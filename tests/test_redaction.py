@@ -8,7 +8,6 @@ got) and must not contain any of them, while showing the redacted form.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from astropy.io import fits
 from contimg_publisher import redact
 from tests.helpers import (
     MakeSandbox,
+    free_port,
     log_events,
     run_cli,
     start_daemon,
@@ -37,11 +37,6 @@ SECRETS = ("PW-SECRET-1", "TOKEN-SECRET-2", "PG-SECRET-3", "PG-SECRET-4", "CMD-S
 def leaked(text: str) -> list[str]:
     return [s for s in SECRETS if s in text]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_one_function_hides_passwords_and_secret_query_values() -> None:

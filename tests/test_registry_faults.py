@@ -26,6 +26,7 @@ from tests.helpers import (
     MakeSandbox,
     MountExt4,
     Sandbox,
+    free_port,
     log_events,
     mount_tmpfs,
     skip_with,
@@ -335,12 +336,6 @@ def _gauge(metrics_text: str, name: str) -> float:
     return float(line.split()[1])
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @contextlib.contextmanager
 def _registry_on_ext4(loop_ext4: MountExt4, tmp_path: Path, options: str = ""
@@ -362,7 +357,7 @@ def test_registry_made_immutable_pauses_without_sigbus_and_resumes(
     why it paused (STATUS=, status, the page, the metrics), keeps pinging the watchdog,
     removes and archives nothing without its record, and resumes by itself at chattr -i."""
     with _registry_on_ext4(loop_ext4, tmp_path):
-        port = _free_port()
+        port = free_port()
         sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{port}"})
         files = [sandbox.registry, *(Path(f"{sandbox.registry}{s}") for s in ("-wal", "-shm"))]
         notify = NotifySocket(tmp_path / "notify.sock")

@@ -15,13 +15,7 @@ import subprocess
 import urllib.request
 from typing import Any
 
-from tests.helpers import PYTHON, REPO, MakeSandbox, Sandbox, log_events, stop, wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import PYTHON, REPO, MakeSandbox, Sandbox, free_port, log_events, stop, wait_for
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -53,7 +47,7 @@ def _events(sandbox: Sandbox, name: str) -> list[dict[str, Any]]:
 
 
 def test_daemon_serves_on_the_socket_systemd_passed(make_sandbox: MakeSandbox) -> None:
-    configured = _free_port()
+    configured = free_port()
     sandbox = make_sandbox(metrics={"listen": f"127.0.0.1:{configured}"})
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]

@@ -26,6 +26,7 @@ from tests.helpers import (
     REPO,
     MakeSandbox,
     Sandbox,
+    free_port,
     log_events,
     start_daemon,
     stop,
@@ -36,11 +37,6 @@ from tests.helpers import (
 SLOWLORIS = REPO / "tests" / "support" / "slowloris.py"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def healthz(port: int, timeout: float = 5.0) -> bool:
