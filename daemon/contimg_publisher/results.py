@@ -102,8 +102,7 @@ def _after_publish(kept: Results, detector: detect.Detector, product: Product,
     if result.status is Attempt.PUBLISHED:
         kept.last_published = f"{result.data_id} at {time.strftime('%H:%M:%S')}"
     if result.kind == FailureKind.SOURCE_CHANGED:
-        detector.note(os.fsencode(product.stage_path) if product.stage_path_bytes
-                      is None else product.stage_path_bytes)
+        detector.note(product.stage_bytes)
 
 
 def _crashed(kept: Results, products: list[Product], exc: Exception, log: Any,
